@@ -1,0 +1,37 @@
+"""Self-correction workbench: run LLMs through rounds of intrinsic self-correction, capture every
+round's residual stream, measure uncertainty and latent concepts, store it all in one HDF5 file.
+
+The Python API a notebook needs::
+
+    from workbench import run_protocol, RunFile, load_model
+    run = run_protocol(model="organism", task="organism", protocol="organism", limit=64,
+                       out="artifacts/runs/demo.h5")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any
+
+__all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "load_model", "WorkbenchError"]
+
+
+def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads only when needed
+    if name in ("run_protocol", "RunConfig"):
+        from workbench import run
+
+        return getattr(run, name)
+    if name == "RunFile":
+        from workbench.store import RunFile
+
+        return RunFile
+    if name == "load_model":
+        from workbench.models import load_model
+
+        return load_model
+    if name == "WorkbenchError":
+        from workbench.errors import WorkbenchError
+
+        return WorkbenchError
+    raise AttributeError(name)

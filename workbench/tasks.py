@@ -1,0 +1,213 @@
+"""Tasks: where samples come from, how their options are written, and how answers are read.
+
+A task is a frozen dataclass of plain functions (no hierarchy). The engine only ever calls:
+
+* ``format_choices(options) -> str`` – the ``{choices}`` text of the first-round template;
+* ``option_continuations(sample) -> list[str]`` – the text scored for each option
+  (option confidence, DESIGN §6); empty for open-ended tasks;
+* ``lead_length(response_ids, tokenizer) -> int`` – how many generated tokens come before the
+  answer, so options are scored after them (0 when the assistant prefix already leads to it);
+* ``parse_answer(sample, response_text) -> int`` – the option the text names, or ``-1``;
+* ``round_fields(sample, instructions, responses) -> dict[str, np.ndarray]`` – extra per-round
+  arrays stored in the run file (the organism's exact posterior), each ``[n_rounds, ...]``.
+
+Built-in tasks: ``bbq`` (BBQ JSONL files as published), ``prompts`` (open-ended prompts from
+JSONL), and ``organism`` (the shipped synthetic world, :mod:`workbench.organism.task`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+LETTERS = "abcdefghij"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One item of a dataset. ``index`` is its stable global position in the (filtered) dataset."""
+
+    index: int
+    id: str
+    context: str
+    question: str
+    options: tuple[str, ...] = ()
+    gold: int = -1  # index into options; -1 when the task has no gold label
+    category: str = ""
+    condition: str = ""  # "ambig" / "disambig" for BBQ-shaped tasks
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific fields, stored as JSON
+
+
+def _no_round_fields(sample: Sample, instructions: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+    return {}
+
+
+def _no_lead(response_ids: list[int], tokenizer: Any) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """How the engine talks to one kind of data (see the module docstring)."""
+
+    name: str
+    multiple_choice: bool
+    format_choices: Callable[[tuple[str, ...]], str]
+    option_continuations: Callable[[Sample], list[str]]
+    parse_answer: Callable[[Sample, str], int]
+    lead_length: Callable[[list[int], Any], int] = _no_lead
+    round_fields: Callable[[Sample, list[str], list[str]], dict[str, np.ndarray]] = _no_round_fields
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def letter_choices(options: tuple[str, ...]) -> str:
+    """``"(a) X (b) Y (c) Z"`` – the choice list of the study's BBQ prompt."""
+    return " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+
+
+def letter_continuations(sample: Sample) -> list[str]:
+    """``[" (a) X", " (b) Y", ...]`` – each option as the model would write it after the prefix."""
+    return [f" ({LETTERS[i]}) {o}" for i, o in enumerate(sample.options)]
+
+
+def parse_letter_or_text(sample: Sample, text: str) -> int:
+    """The option a response names: a letter in parentheses first, else exactly one option's text.
+
+    Returns the option index, or -1 when the response names none or several.
+    """
+    n = len(sample.options)
+    letters = set(re.findall(r"\(([a-j])\)", text.lower()))
+    picked = {LETTERS.index(c) for c in letters if LETTERS.index(c) < n}
+    if len(picked) == 1:
+        return picked.pop()
+    if picked:
+        return -1
+    lowered = text.lower()
+    named = [i for i, o in enumerate(sample.options) if o and o.lower() in lowered]
+    return named[0] if len(named) == 1 else -1
+
+
+BBQ = Task(
+    name="bbq",
+    multiple_choice=True,
+    format_choices=letter_choices,
+    option_continuations=letter_continuations,
+    parse_answer=parse_letter_or_text,
+)
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    if not path.exists():
+        raise WorkbenchError(f"data file not found: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
+            rows.append((lineno, row))
+    return rows
+
+
+BBQ_FIELDS = ("example_id", "context", "question", "ans0", "ans1", "ans2", "label", "context_condition", "category")
+
+
+def load_bbq(
+    paths: list[Path],
+    condition: str | None = None,
+    category: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> list[Sample]:
+    """Samples from BBQ JSONL files exactly as published (Parrish et al., 2022).
+
+    ``condition`` keeps ``ambig`` or ``disambig`` items; ``category`` keeps one category
+    (case-insensitive); ``offset``/``limit`` then slice. Indices are positions after filtering.
+    """
+    if condition not in (None, "ambig", "disambig"):
+        raise WorkbenchError(f"--condition must be ambig or disambig, not {condition!r}")
+    kept: list[Sample] = []
+    for path in paths:
+        for lineno, row in _read_jsonl(Path(path)):
+            missing = [k for k in BBQ_FIELDS if k not in row]
+            if missing:
+                raise WorkbenchError(f"{path}:{lineno}: not a BBQ line (missing {', '.join(missing)})")
+            if condition and row["context_condition"] != condition:
+                continue
+            if category and str(row["category"]).lower() != category.lower():
+                continue
+            kept.append(
+                Sample(
+                    index=len(kept),
+                    id=f"{row['category']}-{row['example_id']}",
+                    context=row["context"],
+                    question=row["question"],
+                    options=(row["ans0"], row["ans1"], row["ans2"]),
+                    gold=int(row["label"]),
+                    category=str(row["category"]),
+                    condition=str(row["context_condition"]),
+                    extra={k: row[k] for k in ("question_polarity", "answer_info", "additional_metadata") if k in row},
+                )
+            )
+    return _slice(kept, offset, limit)
+
+
+def _slice(samples: list[Sample], offset: int, limit: int | None) -> list[Sample]:
+    if offset < 0 or (limit is not None and limit < 1):
+        raise WorkbenchError("--offset must be ≥ 0 and --limit ≥ 1")
+    chosen = samples[offset : None if limit is None else offset + limit]
+    if not chosen:
+        raise WorkbenchError("no samples left after filtering (check --condition, --category, --offset)")
+    # re-index so indices are the stable global positions of this run's dataset
+    return [Sample(**{**s.__dict__, "index": offset + i}) for i, s in enumerate(chosen)]
+
+
+# ----------------------------------------------------------------------------- open-ended
+
+PROMPTS = Task(
+    name="prompts",
+    multiple_choice=False,
+    format_choices=lambda options: "",
+    option_continuations=lambda sample: [],
+    parse_answer=lambda sample, text: -1,
+)
+
+
+def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limit: int | None = None) -> list[Sample]:
+    """Open-ended samples: one JSON object per line; the prompt is ``row[prompt_field]``."""
+    samples = []
+    for lineno, row in _read_jsonl(Path(path)):
+        if prompt_field not in row:
+            raise WorkbenchError(f"{path}:{lineno}: no field {prompt_field!r} (set --prompt-field)")
+        extra = {k: v for k, v in row.items() if k != prompt_field}
+        samples.append(
+            Sample(index=len(samples), id=str(row.get("id", lineno)), context=str(row[prompt_field]), question="", extra=extra)
+        )
+    return _slice(samples, offset, limit)
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (``bbq``, ``prompts``, ``organism``)."""
+    if name == "bbq":
+        return BBQ
+    if name == "prompts":
+        return PROMPTS
+    if name == "organism":
+        from workbench.organism.task import ORGANISM
+
+        return ORGANISM
+    raise WorkbenchError(f"unknown task {name!r} (choose bbq, prompts or organism)")
