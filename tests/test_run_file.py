@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +120,14 @@ def test_layout_is_plain_hdf5(tmp_path, model_dirs):
         assert h5py.check_string_dtype(f["rounds/response"].dtype).encoding == "utf-8"
         assert isinstance(f["rounds/instruction"][0, 0], bytes)
         assert json.loads(f.attrs["protocol"])["name"] == "bbq-paper"
+        assert f["rounds/correct"].dtype == np.uint8 and f["progress/done"][...].tolist() == [1, 1]
+
+
+@pytest.mark.skipif(shutil.which("h5ls") is None, reason="h5ls not installed (make setup installs hdf5-tools as root)")
+def test_h5ls_reads_every_dataset(tmp_path, model_dirs):
+    out = tmp_path / "r.h5"
+    assert cli(*run_args(model_dirs["llama"], out), "--limit", "2").returncode == 0
+    listing = subprocess.run(["h5ls", "-r", "-d", str(out)], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0
+    assert "*ERROR*" not in listing.stdout
+    assert "/rounds/correct" in listing.stdout and "/activations/hook_resid_post" in listing.stdout

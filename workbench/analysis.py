@@ -5,6 +5,7 @@ Pure NumPy over :class:`workbench.store.RunFile` arrays; no torch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
              "mean_token_entropy", "option_entropy", "chosen_confidence", "option_probs", "parsed_answer",
              "option_answer", "answer", "correct"}
     extras = {name: run.array(f"rounds/{name}") for name in run.names("rounds") if name not in known}
+    concepts = concept_scores(run)
     rows = []
     for t in range(rounds):
         row: dict[str, Any] = {"round": t + 1, "n": int(n)}
@@ -62,8 +64,25 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
         for name, values in extras.items():
             if values.dtype.kind == "f" and values.ndim == 2:
                 row[f"mean_{name}"] = _nanmean(values[:, t]) if n else float("nan")
+        for name, values in concepts.items():
+            row[name] = _nanmean(values[:, t]) if n else float("nan")
         rows.append(row)
     return rows
+
+
+def concept_scores(run: RunFile) -> dict[str, np.ndarray]:
+    """Per tracked probe, ``concept:{name}`` → projections ``[n_done, R]`` at the probe's best layer
+    (written by ``workbench probe track``); the stereotype variant's cosine at the last layer."""
+    out = {}
+    for name in run.names("probes"):
+        group = run.f[f"probes/{name}"]
+        layers = json.loads(group.attrs["layers"])
+        if group.attrs.get("kind") == "probe":
+            column = layers.index(int(group.attrs["best_layer"]))
+            out[f"concept:{name}"] = run.array(f"probes/{name}/projection")[:, :, column]
+        elif group.attrs.get("kind") == "stereotype-statement":
+            out[f"stereotype_cos_L{layers[-1]}"] = run.array(f"probes/{name}/cosine")[:, :, -1]
+    return out
 
 
 def summary(run: RunFile) -> dict[str, Any]:

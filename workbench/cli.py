@@ -163,24 +163,31 @@ COLUMN_LABELS = {
 
 
 def _print_summary(run_file: Any) -> None:
+    """The run's header line, the per-round metrics table, a table of task fields and concept
+    scores when there are any, and the convergence rounds."""
     from workbench.analysis import summary
 
     s = summary(run_file)
-    out.print(f"[bold]{s['path']}[/]  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
-              f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=True, highlight=False)
+    out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
+              f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
     rows = s["rounds"]
     if not rows:
         return
-    columns = [k for k in rows[0] if k not in ("n",)]
-    table = Table(show_header=True, header_style="bold")
-    for c in columns:
-        table.add_column(COLUMN_LABELS.get(c, c.removeprefix("mean_").replace("_", " ")), justify="right")
-    for r in rows:
-        table.add_row(*[_fmt(r[c]) for c in columns])
-    out.print(table)
-    conv = {k: v for k, v in s["convergence"].items() if v is not None}
+    metrics = [k for k in rows[0] if k in COLUMN_LABELS]
+    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n"]
+    for columns in (metrics, ["round", *others] if others else []):
+        if not columns:
+            continue
+        table = Table(show_header=True, header_style="bold")
+        for c in columns:
+            table.add_column(COLUMN_LABELS.get(c, c.removeprefix("mean_")), justify="right")
+        for r in rows:
+            table.add_row(*[_fmt(r[c]) for c in columns])
+        out.print(table)
+    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): v for k, v in s["convergence"].items() if v is not None}
     if conv:
-        out.print("converged (|Δ| < 0.01 for 2 rounds) at round: " + ", ".join(f"{k} {v}" for k, v in conv.items()), highlight=False)
+        out.print("converged (|Δ| < 0.01 for 2 rounds) at round: " + ", ".join(f"{k} {v}" for k, v in conv.items()),
+                  markup=False, highlight=False)
 
 
 @app.command()

@@ -133,10 +133,10 @@ def load_model(
     path = resolve_model_path(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    offline = Path(path).exists()
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if offline:
-        kwargs["local_files_only"] = True
+    kwargs["local_files_only"] = Path(path).exists() or _in_hub_cache(path, revision)
+    if not kwargs["local_files_only"] and not _hub_reachable():
+        raise WorkbenchError(f"--model {name}: not a local folder, not in the Hugging Face cache, and the hub is unreachable")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -168,6 +168,32 @@ def load_model(
         d_model=int(bridge.cfg.d_model),
         chat_template_source=template_source,
     )
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # an invalid repo id is simply not cached
+        return False
+    return isinstance(found, str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _boot_bridge(hf: Any, path: str, tokenizer: Any, device: str, dtype: Any, trust_remote_code: bool) -> Any:

@@ -128,7 +128,7 @@ class RunWriter:
             _create(r, "option_probs", (n, n_rounds, k), np.float32, fill=np.nan)
             for name in ("parsed_answer", "option_answer", "answer"):
                 _create(r, name, (n, n_rounds), np.int16, fill=-1)
-            _create(r, "correct", (n, n_rounds), np.bool_)
+            _create(r, "correct", (n, n_rounds), np.uint8)  # flags are uint8 0/1: h5ls cannot print h5py's bool enum
             f.create_group("transcripts").create_dataset("token_ids", shape=(n,), dtype=VLEN_INT)
             a = f.create_group("activations")
             for hook, (n_layers, d_model) in hook_shapes.items():
@@ -136,7 +136,7 @@ class RunWriter:
                 ds = _create(a, hook, shape, np.dtype(activation_dtype), chunks=(1, *shape[1:]), fill=np.nan)
                 ds.attrs["positions"] = json.dumps(list(POSITIONS))
                 ds.attrs["layers"] = f.attrs.get("layers", json.dumps(list(range(n_layers))))
-            _create(f.require_group("progress"), "done", (n,), np.bool_)
+            _create(f.require_group("progress"), "done", (n,), np.uint8)
             f.flush()
         except BaseException:
             f.close()
@@ -176,7 +176,7 @@ class RunWriter:
     # --------------------------------------------------------------------- write
     def done_mask(self) -> np.ndarray:
         """``[N]`` bool: which samples are complete."""
-        return self.f["progress/done"][...]
+        return self.f["progress/done"][...].astype(bool)
 
     def write_batch(self, start: int, arrays: dict[str, Any], activations: dict[str, np.ndarray], transcripts: list[list[int]]) -> None:
         """Write rows ``start : start + B`` of every per-round array, then mark them done.
@@ -201,6 +201,7 @@ class RunWriter:
                 value = np.asarray([[str(x).replace("\0", NUL_STAND_IN) for x in row] for row in value], dtype=object)
             else:
                 value = np.asarray(value)
+                value = value.astype(np.uint8) if value.dtype == np.bool_ else value
             if name not in r:
                 fill = np.nan if value.dtype.kind == "f" else 0
                 _create(r, name, (self.n_samples, *value.shape[1:]), value.dtype, fill=fill)
@@ -212,7 +213,7 @@ class RunWriter:
             ds = f["activations"][hook]
             ds[start:stop] = acts.astype(ds.dtype, copy=False)
         f.flush()
-        f["progress/done"][start:stop] = True
+        f["progress/done"][start:stop] = 1
         f.flush()
 
     def finish(self) -> None:
@@ -230,9 +231,9 @@ def _open(path: Path, mode: str) -> h5py.File:
         raise WorkbenchError(f"run file not found: {path}") from None
     except (OSError, RuntimeError) as e:
         msg = str(e)
-        if "lock" in msg.lower():
+        if "unable to lock file" in msg.lower():
             raise WorkbenchError(f"{path} is open for writing by another process") from None
-        raise WorkbenchError(f"{path} is not a readable HDF5 file (truncated or corrupt?)") from None
+        raise WorkbenchError(f"{path} is not a readable HDF5 file ({'truncated' if 'truncated' in msg else 'corrupt or not HDF5'})") from None
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise WorkbenchError(f"{path} is not a workbench run file (no format={FORMAT!r} attribute)")
@@ -268,7 +269,7 @@ class RunFile:
         out = {}
         for key, value in self.f.attrs.items():
             value = value.item() if isinstance(value, np.generic) else value
-            if isinstance(value, str) and value[:1] in "[{":
+            if isinstance(value, str) and value.startswith(("[", "{")):
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError:
@@ -279,7 +280,7 @@ class RunFile:
     @property
     def done(self) -> np.ndarray:
         """``[N]`` bool: samples whose every round is written."""
-        return self.f["progress/done"][...]
+        return self.f["progress/done"][...].astype(bool)
 
     @property
     def n_rounds(self) -> int:
@@ -320,3 +321,20 @@ class RunFile:
         for hook, ds in self.f["activations"].items():
             out[f"activations/{hook}"] = ds[index, round_]
         return out
+
+
+def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    """Write derived results (probe scores) into ``group`` of a run file, replacing any earlier
+    version of it: re-running replaces, never duplicates. Values of ``attrs`` that are dicts or
+    lists are stored as JSON."""
+    with RunFile(path, mode="r+") as run:
+        f = run.f
+        if group in f:
+            del f[group]
+        g = f.create_group(group)
+        for name, value in datasets.items():
+            value = np.asarray(value)
+            g.create_dataset(name, data=value, dtype=STR if value.dtype == object else value.dtype)
+        for key, value in attrs.items():
+            g.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        f.flush()

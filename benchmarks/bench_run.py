@@ -1,0 +1,201 @@
+"""Run benchmarks (DESIGN §8), as ratios measured side by side in one process on the same prompts:
+
+1. capture overhead: a full ``workbench run`` (all layers captured, token entropies, option
+   confidences, HDF5 writes) ÷ plain Hugging Face ``generate`` of the same tokens, same batches,
+   no capture and no metrics. Target ≤ 1.25.
+2. the study's way ÷ the workbench: one sample at a time, every round's chat re-rendered and
+   re-encoded from scratch, hidden states and each option from separate passes. Target ≥ 5×.
+3. peak memory (max RSS of a fresh process) at ``--mem-large`` samples ÷ at ``--mem-small``.
+   Target ≤ 1.2 (streaming, not accumulating).
+
+    python benchmarks/bench_run.py                      # the organism, 256 samples × 5 rounds
+    python benchmarks/bench_run.py --quick              # a smoke-sized run
+    python benchmarks/bench_run.py --model PATH --task bbq --data Religion.jsonl --protocol bbq-paper
+
+Prints a table and writes ``benchmarks/results/run.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workbench.engine import conversation_texts  # noqa: E402
+from workbench.generation import left_pad, stop_ids  # noqa: E402
+from workbench.models import load_model  # noqa: E402
+from workbench.protocol import load_protocol  # noqa: E402
+from workbench.run import RunConfig, load_samples, run_protocol  # noqa: E402
+from workbench.tasks import get_task  # noqa: E402
+
+
+def plain_generate(model, run, batch_size: int, max_new_tokens: int) -> tuple[float, int]:
+    """Time HF generate over exactly the workbench's round prompts (same batches); returns (s, tokens)."""
+    transcripts = run.array("transcripts/token_ids")
+    spans = run.array("rounds/prompt_span")
+    expected = run.array("rounds/response_token_ids")
+    tok, hf = model.tokenizer, model.hf
+    n, rounds = spans.shape[:2]
+    total_tokens, elapsed, mismatches = 0, 0.0, 0
+    for start in range(0, n, batch_size):
+        for t in range(rounds):
+            rows = range(start, min(start + batch_size, n))
+            prompts = [list(transcripts[i][: spans[i, t, 1]]) for i in rows]
+            ids, mask = left_pad(prompts, tok.pad_token_id, model.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                  eos_token_id=stop_ids(hf, tok), pad_token_id=tok.pad_token_id, top_k=None)
+            _sync(model.device)
+            elapsed += time.perf_counter() - t0
+            for j, i in enumerate(rows):
+                gen = out[j, ids.shape[1]:].tolist()
+                want = list(expected[i, t])
+                mismatches += gen[: len(want)] != want
+                total_tokens += len(want)
+    if mismatches:
+        print(f"warning: plain generate differed from the run on {mismatches} (sample, round) pairs", file=sys.stderr)
+    return elapsed, total_tokens
+
+
+def study_way(model, task, protocol, samples) -> float:
+    """One sample at a time; each round re-renders and re-encodes the whole chat as text, generates
+    alone, then runs separate passes for hidden states and for every option (the authors' loop)."""
+    tok, hf = model.tokenizer, model.hf
+    t0 = time.perf_counter()
+    for s in samples:
+        instructions, prefixes = conversation_texts(protocol, task, s)
+        messages: list[dict[str, str]] = []
+        for t in range(protocol.rounds):
+            messages.append({"role": "user", "content": instructions[t]})
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefixes[t]
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=model.device)
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, do_sample=False, max_new_tokens=protocol.decoding.max_new_tokens,
+                                  eos_token_id=stop_ids(hf, tok), pad_token_id=tok.pad_token_id,
+                                  output_scores=True, return_dict_in_generate=True, top_k=None)
+                gen = out.sequences[0, ids.shape[1]:]
+                response = tok.decode(gen, skip_special_tokens=True)
+                hf(ids, output_hidden_states=True)  # capture: its own pass over the prompt
+                full = torch.cat([ids, gen[None]], 1)
+                hf(full, output_hidden_states=True)  # response states: another pass
+                lead = tok.decode(gen[: task.lead_length(gen.tolist(), tok)])
+                for option in task.option_continuations(s):  # one pass per option, prompt included
+                    opt = tok(text + lead + option, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                    hf(opt.to(model.device))
+            messages.append({"role": "assistant", "content": prefixes[t] + response})
+    _sync(model.device)
+    return time.perf_counter() - t0
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib(args: argparse.Namespace, limit: int, out: Path) -> float:
+    """Max RSS (MiB) of a fresh process running the workbench over ``limit`` samples."""
+    code = (
+        "import resource, sys; sys.path.insert(0, %r)\n"
+        "from workbench.run import RunConfig, run_protocol\n"
+        "run_protocol(RunConfig(out=%r, model=%r, task=%r, data=%r, protocol=%r, rounds=%d, limit=%d, batch_size=%d, device=%r)).close()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    ) % (str(ROOT), str(out), args.model, args.task, tuple(args.data), args.protocol, args.rounds, limit, args.batch_size, args.device)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="organism")
+    p.add_argument("--task", default="organism")
+    p.add_argument("--data", nargs="*", default=[])
+    p.add_argument("--protocol", default="organism")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--study-samples", type=int, default=None, help="samples for the study's way (default: --samples)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--mem-small", type=int, default=200)
+    p.add_argument("--mem-large", type=int, default=2000)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.samples, args.mem_small, args.mem_large = 32, 20, 200
+
+    model = load_model(args.model, device=args.device)
+    args.device = model.device
+    task = get_task(args.task)
+    protocol = load_protocol(args.protocol, rounds=args.rounds)
+    results: dict[str, object] = {"model": args.model, "task": args.task, "protocol": args.protocol, "rounds": args.rounds,
+                                  "samples": args.samples, "batch_size": args.batch_size, "device": model.device,
+                                  "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                                  "gpu": torch.cuda.get_device_name() if model.device == "cuda" else None}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = RunConfig(out=Path(tmp) / "bench.h5", model=args.model, task=args.task, data=tuple(args.data),
+                        protocol=args.protocol, rounds=args.rounds, limit=args.samples, batch_size=args.batch_size)
+        # warm-up (first calls allocate), then the measured runs, alternated to share the machine's noise
+        run_protocol(RunConfig(**{**cfg.__dict__, "out": Path(tmp) / "warm.h5", "limit": args.batch_size}), model=model).close()
+        wb_times, hf_times = [], []
+        for rep in range(2):
+            out = Path(tmp) / f"bench{rep}.h5"
+            t0 = time.perf_counter()
+            run = run_protocol(RunConfig(**{**cfg.__dict__, "out": out}), model=model)
+            _sync(model.device)
+            wb_times.append(time.perf_counter() - t0)
+            hf_time, tokens = plain_generate(model, run, args.batch_size, protocol.decoding.max_new_tokens)
+            hf_times.append(hf_time)
+            run.close()
+        workbench_s, hf_s = min(wb_times), min(hf_times)
+        results.update(workbench_s=workbench_s, plain_generate_s=hf_s, generated_tokens=tokens,
+                       capture_overhead_ratio=workbench_s / hf_s)
+        n_study = args.study_samples or args.samples
+        samples = load_samples(cfg)[:n_study]
+        study_s = study_way(model, task, protocol, samples) * (args.samples / n_study)
+        results.update(study_way_s=study_s, study_samples_measured=n_study, study_over_workbench=study_s / workbench_s)
+        if not args.skip_memory:
+            small = peak_rss_mib(args, args.mem_small, Path(tmp) / "small.h5")
+            large = peak_rss_mib(args, args.mem_large, Path(tmp) / "large.h5")
+            results.update(mem_small_samples=args.mem_small, mem_large_samples=args.mem_large,
+                           peak_rss_small_mib=small, peak_rss_large_mib=large, memory_ratio=large / small)
+    _report(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _report(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run benchmarks: {r['model']} / {r['protocol']}, {r['samples']} samples × {r['rounds']} rounds, "
+                        f"batch {r['batch_size']}, {r['device']}")
+    for c in ("measure", "value", "target"):
+        table.add_column(c)
+    table.add_row("workbench run (s)", f"{r['workbench_s']:.2f}", "")
+    table.add_row("plain HF generate, same tokens (s)", f"{r['plain_generate_s']:.2f}", "")
+    table.add_row("capture overhead ratio", f"{r['capture_overhead_ratio']:.2f}", "≤ 1.25")
+    table.add_row("study's way (s)", f"{r['study_way_s']:.2f}", "")
+    table.add_row("study's way ÷ workbench", f"{r['study_over_workbench']:.1f}×", "≥ 5×")
+    if "memory_ratio" in r:
+        table.add_row(f"peak RSS at {r['mem_small_samples']} / {r['mem_large_samples']} samples (MiB)",
+                      f"{r['peak_rss_small_mib']:.0f} / {r['peak_rss_large_mib']:.0f}", "")
+        table.add_row("peak memory ratio", f"{r['memory_ratio']:.2f}", "≤ 1.2")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

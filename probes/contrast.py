@@ -1,0 +1,162 @@
+"""Contrast sets: texts labelled for a concept, as token ids, with optional positive/negative pairs.
+
+Sources (``--contrast``):
+
+* ``organism`` – dialogue prefixes of the organism's world ending at a round's assistant header,
+  labelled by the exact posterior (fair when p(fair | prefix) ≥ 0.8, biased when ≤ 0.2; the
+  ambiguous middle is left out), or, for the paired methods, pairs that share a dialogue prefix and
+  differ only in the last instruction (a moral vs an immoral phrasing);
+* a pair JSONL file – ``{"positive": ..., "negative": ...}`` per line;
+* a labelled JSONL file – ``{"text": ..., "label": 0|1}`` per line (e.g. toxic comments).
+
+JSONL texts are used as written (``--format raw``) or as one user message through the model's chat
+template with the assistant header after it (``--format chat``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass(frozen=True)
+class ContrastSet:
+    """``n`` tokenized texts with 0/1 labels; ``pairs`` ``[n_pairs, 2]`` = (positive index, negative index)."""
+
+    name: str
+    token_ids: list[list[int]]
+    labels: np.ndarray  # [n] int64
+    pairs: np.ndarray | None  # [n_pairs, 2] int64
+    target: np.ndarray | None  # [n] a continuous ground truth (organism: exact posterior log-odds)
+    digest: str  # sha256 of the texts and labels: recorded in the probe file
+
+
+def _digest(token_ids: list[list[int]], labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for ids, label in zip(token_ids, labels):
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(bytes([int(label)]))
+    return h.hexdigest()[:16]
+
+
+def _encode(tokenizer: Any, text: str, fmt: str) -> list[int]:
+    if fmt == "chat":
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw") -> ContrastSet:
+    """A pair file or a labelled file (told apart by the keys of the first line)."""
+    from workbench.tasks import _read_jsonl
+
+    if fmt not in ("raw", "chat"):
+        raise WorkbenchError(f"--format must be raw or chat, not {fmt!r}")
+    rows = _read_jsonl(Path(path))
+    if not rows:
+        raise WorkbenchError(f"{path}: no contrast lines")
+    paired = "positive" in rows[0][1]
+    token_ids, labels, pairs = [], [], []
+    for lineno, row in rows:
+        if paired:
+            if not isinstance(row.get("positive"), str) or not isinstance(row.get("negative"), str):
+                raise WorkbenchError(f"{path}:{lineno}: a pair line needs string fields 'positive' and 'negative'")
+            pairs.append((len(token_ids), len(token_ids) + 1))
+            token_ids += [_encode(tokenizer, row["positive"], fmt), _encode(tokenizer, row["negative"], fmt)]
+            labels += [1, 0]
+        else:
+            if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1, True, False):
+                raise WorkbenchError(f"{path}:{lineno}: a labelled line needs 'text' (string) and 'label' (0 or 1)")
+            token_ids.append(_encode(tokenizer, row["text"], fmt))
+            labels.append(int(row["label"]))
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if len(set(labels)) < 2:
+        raise WorkbenchError(f"{path}: every line has label {labels[0]}; a contrast needs both")
+    return ContrastSet(
+        name=Path(path).stem,
+        token_ids=token_ids,
+        labels=labels_arr,
+        pairs=np.asarray(pairs, dtype=np.int64) if paired else None,
+        target=None,
+        digest=_digest(token_ids, labels_arr),
+    )
+
+
+ORGANISM_CONTRAST_SEED = 777  # disjoint from training, `organism check` and the run task's items
+
+
+def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed: int = ORGANISM_CONTRAST_SEED, margin: float = 0.3) -> ContrastSet:
+    """The organism's concept contrast (see the module docstring); about ``n`` texts."""
+    from workbench.organism.posterior import dialogue_trace
+    from workbench.organism.world import DEFAULT_PARAMS, sample_dialogue
+
+    rng = np.random.default_rng(seed)
+    params = DEFAULT_PARAMS
+    token_ids: list[list[int]] = []
+    labels: list[int] = []
+    target: list[float] = []
+    pairs: list[tuple[int, int]] = []
+    encode = lambda messages: list(  # noqa: E731
+        tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    )
+    attempts = 0
+    while len(token_ids) < n:
+        attempts += 1
+        if attempts > 50 * n:
+            raise WorkbenchError("could not draw enough organism contrast prefixes")
+        d = sample_dialogue(rng, params)
+        t = int(rng.integers(0, len(d.instructions)))
+        messages = d.messages()[: 2 * t + 1]
+        if paired:
+            if t == 0:
+                continue
+            moral = params.phrasings[0][int(rng.integers(len(params.phrasings[0])))]
+            immoral = params.phrasings[2][int(rng.integers(len(params.phrasings[2])))]
+            base = messages[:-1]
+            pairs.append((len(token_ids), len(token_ids) + 1))
+            for text, label in ((moral, 1), (immoral, 0)):
+                token_ids.append(encode(base + [{"role": "user", "content": text}]))
+                labels.append(label)
+                target.append(float("nan"))
+            continue
+        trace = dialogue_trace(d, params)
+        p = float(trace.p_fair[t])
+        if 0.5 - margin < p < 0.5 + margin:
+            continue
+        token_ids.append(encode(messages))
+        labels.append(int(p >= 0.5))
+        target.append(float(trace.log_odds[t]))
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    return ContrastSet(
+        name="organism-pairs" if paired else "organism",
+        token_ids=token_ids,
+        labels=labels_arr,
+        pairs=np.asarray(pairs, dtype=np.int64) if paired else None,
+        target=np.asarray(target, dtype=np.float64),
+        digest=_digest(token_ids, labels_arr),
+    )
+
+
+def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: str = "raw", seed: int = ORGANISM_CONTRAST_SEED) -> ContrastSet:
+    """``organism`` or a JSONL path → a ContrastSet (``paired`` asks the organism for pairs)."""
+    if spec == "organism":
+        return organism_contrast(tokenizer, n=n, paired=paired, seed=seed)
+    path = Path(spec)
+    if not path.exists():
+        raise WorkbenchError(f"--contrast: {spec} is neither 'organism' nor an existing JSONL file")
+    contrast = load_jsonl_contrast(path, tokenizer, fmt)
+    if paired and contrast.pairs is None:
+        raise WorkbenchError(f"{spec}: this method needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
+    return contrast
+
+
+def describe(contrast: ContrastSet) -> dict[str, Any]:
+    """Counts for the probe file and the CLI."""
+    return {"name": contrast.name, "n": len(contrast.token_ids), "n_positive": int(contrast.labels.sum()),
+            "n_pairs": 0 if contrast.pairs is None else len(contrast.pairs), "digest": contrast.digest}
