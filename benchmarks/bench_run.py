@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workbench.engine import conversation_texts  # noqa: E402
-from workbench.generation import left_pad, stop_ids  # noqa: E402
+from workbench.generation import pad, stop_ids  # noqa: E402
 from workbench.models import load_model  # noqa: E402
 from workbench.protocol import load_protocol  # noqa: E402
 from workbench.run import RunConfig, load_samples, run_protocol  # noqa: E402
@@ -52,7 +52,7 @@ def plain_generate(model, run, batch_size: int, max_new_tokens: int) -> tuple[fl
         for t in range(rounds):
             rows = range(start, min(start + batch_size, n))
             prompts = [list(transcripts[i][: spans[i, t, 1]]) for i in rows]
-            ids, mask = left_pad(prompts, tok.pad_token_id, model.device)
+            ids, mask = pad(prompts, tok.pad_token_id, model.device, "left")
             t0 = time.perf_counter()
             with torch.no_grad():
                 out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,

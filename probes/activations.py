@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from workbench.capture import capture_pooled
-from workbench.generation import right_pad
+from workbench.generation import pad
 
 TEXT_POSITIONS = ("last", "mean")
 
@@ -35,7 +35,7 @@ def text_activations(
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         seqs = [token_ids[i] for i in rows]
-        ids, _ = right_pad(seqs, model.tokenizer.pad_token_id, model.device)
+        ids, _ = pad(seqs, model.tokenizer.pad_token_id, model.device, "right")
         lengths = torch.tensor([len(s) for s in seqs])
         spans = torch.stack([torch.zeros_like(lengths), lengths, torch.zeros_like(lengths), lengths], -1)[:, None, :]
         acts = capture_pooled(model.bridge, ids, spans.to(model.device), [hook], layers)[hook]  # [b, 1, 2, L, d]

@@ -8,7 +8,7 @@ import torch
 from conftest import ARCHS, BBQ_FIXTURE
 from transformers import AutoModelForCausalLM
 
-from workbench.generation import generate_round, left_pad
+from workbench.generation import generate_round, pad
 from workbench.protocol import Decoding
 from workbench.run import RunConfig, run_protocol
 from workbench.tasks import BBQ, Sample, Task
@@ -70,7 +70,7 @@ def test_pooled_residuals_equal_hf_hidden_states(arch, runs, loaded):
 
 def recompute_greedy(hf, prompts, pad_id, n_new):
     """Greedy decoding with no KV cache: the whole sequence is re-run for every new token."""
-    ids, mask = left_pad(prompts, pad_id, "cpu")
+    ids, mask = pad(prompts, pad_id, "cpu", "left")
     logits_per_step = []
     for _ in range(n_new):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -17,7 +17,7 @@ import torch
 
 from workbench.capture import capture_pooled
 from workbench.chat import encode, plan_conversation
-from workbench.generation import generate_round, right_pad, score_options
+from workbench.generation import generate_round, pad, score_options
 from workbench.models import LoadedModel
 from workbench.protocol import Protocol
 from workbench.tasks import Sample, Task
@@ -112,7 +112,7 @@ def run_batch(
     parsed = np.array([[task.parse_answer(s, r) for r in rs] for s, rs in zip(samples, responses)], dtype=np.int16)
     mean_ent = np.array([[np.mean(e) if e else np.nan for e in es] for es in token_ent], dtype=np.float32)
 
-    ids, _ = right_pad(transcripts, tok.pad_token_id, device)
+    ids, _ = pad(transcripts, tok.pad_token_id, device, "right")
     spans = torch.from_numpy(np.concatenate([prompt_spans, response_spans], axis=-1)).to(device)
     acts = capture_pooled(model.bridge, ids, spans, hooks, layers)
 

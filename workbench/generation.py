@@ -30,25 +30,16 @@ class RoundOutput:
     prompt_mask: torch.Tensor  # [batch, prompt_len] left-padded attention mask
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists → ids ``[batch, max_len]`` and attention mask ``[batch, max_len]``."""
+def pad(seqs: list[list[int]], pad_id: int, device: str, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists on the ``left`` (generation) or ``right`` (one causal pass, where pads after a
+    sequence cannot touch it) → ids ``[batch, max_len]`` and attention mask ``[batch, max_len]``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists → ids ``[batch, max_len]`` and attention mask ``[batch, max_len]``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+        where = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, where] = torch.tensor(s, dtype=torch.long)
+        mask[i, where] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -64,7 +55,7 @@ def stop_ids(hf: Any, tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def generate_round(hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str) -> RoundOutput:
     """Generate one assistant turn for every prompt of the batch (see the module docstring)."""
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+    ids, mask = pad(prompts, tokenizer.pad_token_id, device, "left")
     stops = stop_ids(hf, tokenizer)
     sampling = {"temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.do_sample else {}
     out = hf.generate(
@@ -129,11 +120,7 @@ def score_options(
             conts.append(lead + opt)
             owners.append((i, k, len(lead), len(opt)))
     device = rnd.prompt_mask.device
-    cont_ids = torch.full((len(conts), max(len(c) for c in conts)), pad_id, dtype=torch.long)
-    cont_mask = torch.zeros_like(cont_ids)
-    for r, c in enumerate(conts):
-        cont_ids[r, : len(c)] = torch.tensor(c)
-        cont_mask[r, : len(c)] = 1
+    cont_ids, cont_mask = pad(conts, pad_id, device, "right")
     rows = torch.tensor([i for i, *_ in owners])
     cache = rnd.cache
     cache.batch_select_indices(rows.to(device))
@@ -141,8 +128,8 @@ def score_options(
     prompt_len = prompt_mask.sum(-1, keepdim=True)
     position_ids = prompt_len + torch.arange(cont_ids.shape[1], device=device)[None, :]
     logits = hf(
-        input_ids=cont_ids.to(device),
-        attention_mask=torch.cat([prompt_mask, cont_mask.to(device)], dim=1),
+        input_ids=cont_ids,
+        attention_mask=torch.cat([prompt_mask, cont_mask], dim=1),
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
