@@ -11,6 +11,7 @@ layer turns the activation into every pool at once.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -79,55 +80,29 @@ def capture_pooled(
     tokens ``[batch, seq]`` (right-padded; causal attention keeps pads out of real positions),
     spans ``[batch, rounds, 4]`` → ``{hook: [batch, rounds, 2, n_layers, d_model]}`` in float32,
     the 2 positions being ``POSITIONS``. A round with an empty response gets NaN in its mean.
+    The pass stops after the last chosen layer: no unembedding is computed.
     """
     batch, seq = tokens.shape
     rounds = spans.shape[1]
     weights = pool_weights(spans, seq)
-    empty = (spans[..., 3] <= spans[..., 2])  # [batch, rounds]
-    out: dict[str, list[torch.Tensor | None]] = {h: [None] * len(layers) for h in hooks}
+    pooled: dict[tuple[str, int], torch.Tensor] = {}
 
-    def make_hook(hook: str, j: int) -> Callable:
-        def fn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:  # noqa: ARG001 - TL passes hook=
-            w = weights.to(act.device)
-            out[_hook][j] = einops.einsum(w, act.float(), "b p t, b t d -> b p d")
-            return act
+    def pool(act: torch.Tensor, hook: Any, key: tuple[str, int]) -> torch.Tensor:
+        pooled[key] = einops.einsum(weights.to(act.device), act.float(), "b p t, b t d -> b p d")
+        return act
 
-        _hook = hook
-        return fn
-
-    fwd = []
-    for hook in hooks:
-        for j, name in enumerate(hook_point_names(bridge, hook, layers)):
-            fwd.append((name, make_hook(hook, j)))
+    fwd = [
+        (name, functools.partial(pool, key=(h, j)))
+        for h in hooks
+        for j, name in enumerate(hook_point_names(bridge, h, layers))
+    ]
     with hooked(bridge, fwd):
         bridge(tokens, return_type=None, stop_at_layer=max(layers) + 1)
+    empty = spans[..., 3] <= spans[..., 2]  # [batch, rounds]
     result = {}
-    for hook, per_layer in out.items():
-        stacked = torch.stack(per_layer, dim=2)  # [batch, rounds*2, n_layers, d]
+    for h in hooks:
+        stacked = torch.stack([pooled[(h, j)] for j in range(len(layers))], dim=2)  # [batch, rounds*2, L, d]
         stacked = stacked.reshape(batch, rounds, 2, len(layers), -1)
         stacked[:, :, 1][empty] = float("nan")
-        result[hook] = stacked.cpu()
-    return result
-
-
-@torch.no_grad()
-def capture_full(bridge: Any, tokens: torch.Tensor, lengths: list[int], hooks: list[str], layers: list[int]) -> dict[str, list[torch.Tensor]]:
-    """Per-token activations for export: ``{hook: [per sample: [length, n_layers, d_model]]}``."""
-    out: dict[str, list[torch.Tensor | None]] = {h: [None] * len(layers) for h in hooks}
-
-    def make_hook(hook: str, j: int) -> Callable:
-        def fn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:  # noqa: ARG001
-            out[_hook][j] = act.detach().cpu()
-            return act
-
-        _hook = hook
-        return fn
-
-    fwd = [(name, make_hook(h, j)) for h in hooks for j, name in enumerate(hook_point_names(bridge, h, layers))]
-    with hooked(bridge, fwd):
-        bridge(tokens, return_type=None, stop_at_layer=max(layers) + 1)
-    result = {}
-    for hook, per_layer in out.items():
-        stacked = torch.stack(per_layer, dim=2)  # [batch, seq, n_layers, d]
-        result[hook] = [stacked[b, : lengths[b]] for b in range(len(lengths))]
+        result[h] = stacked.cpu()
     return result
