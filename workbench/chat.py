@@ -57,12 +57,15 @@ def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[st
             raise WorkbenchError("the chat template drops or rewrites assistant messages; cannot build a transcript")
         pieces.append(head + prefixes[t])
     for t in range(rounds):
-        with_header = _render(tokenizer, messages[: 2 * t + 1], add_generation_prompt=True) + prefixes[t]
-        expected = "".join(p + _SENTINEL.format(i) for i, p in enumerate(pieces[:t])) + pieces[t]
-        if with_header != expected:
+        # What `add_generation_prompt=True` renders must be the conversation as rendered later, up
+        # to whitespace the template puts between the assistant header and the content (the
+        # round input keeps that separator, as the rendered conversation does).
+        with_header = _render(tokenizer, messages[: 2 * t + 1], add_generation_prompt=True)
+        history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(pieces[:t])) + pieces[t][: len(pieces[t]) - len(prefixes[t])]
+        if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
             raise WorkbenchError(
-                "the chat template is not prefix-stable (round prompts are not the start of the next round's "
-                "input); the workbench needs a template that renders earlier turns unchanged"
+                "the chat template is not prefix-stable (a round's prompt is not the start of the conversation "
+                "rendered with its answer); the workbench needs a template that renders earlier turns unchanged"
             )
     return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), rest)
 
