@@ -39,15 +39,10 @@ def _mount_subcommands() -> None:
     if _mounted:
         return
     _mounted.append("yes")
-    try:  # TEMP until the organism CLI lands
-        from workbench.organism.cli import app as organism_app
-    except ImportError:
-        organism_app = typer.Typer()
+    from workbench.organism.cli import app as organism_app
+    from probes.cli import app as probe_app
+
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
-    try:
-        from probes.cli import app as probe_app
-    except ImportError:  # the probes CLI lands with the probes issue
-        return
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
 
 

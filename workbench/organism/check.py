@@ -1,0 +1,231 @@
+"""Measuring an organism checkpoint against the exact answers of its world.
+
+Two measurements:
+
+* **fidelity** on held-out dialogues drawn from the world, teacher-forced: at every assistant turn the
+  model's option distribution (softmax of the three letter logits at the answer position) against the
+  exact predictive given the prefix and the turn's opener, plus the same for the opener word at the
+  ``<assistant>`` position. The two reference predictors (exact Bayes ignoring instructions, ignoring
+  previous answers) are scored the same way, so the table shows what each kind of evidence is worth.
+* **self-correction**: the model answers for itself, greedily, through the built-in organism protocols;
+  per round the exact p(fair) of the prefix it built, its accuracy and its option entropy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.organism.posterior import dialogue_trace, exact_trace, instruction_kind, parse_response
+from workbench.organism.tokenizer import ASSISTANT, render
+from workbench.organism.world import (
+    DEFAULT_PARAMS,
+    LETTER_TOKENS,
+    Dialogue,
+    WorldParams,
+    first_message,
+    heldout_rng,
+    sample_dialogue,
+    sample_item,
+)
+
+CHECK_SEED = 4321  # held-out dialogues of `organism check` and of the tests
+
+
+def load_checkpoint(path: Path | None = None) -> tuple[Any, Any, WorldParams, dict[str, Any]]:
+    """``(model, tokenizer, world params, organism.json)`` of a checkpoint folder (default: the shipped one)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from workbench.organism import organism_path
+
+    path = Path(path) if path is not None else organism_path()
+    meta_file = path / "organism.json"
+    if not (path / "config.json").is_file() or not meta_file.is_file():
+        raise WorkbenchError(f"not an organism checkpoint (no config.json or organism.json): {path}")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    params = WorldParams.from_dict(meta["world"])
+    model = LlamaForCausalLM.from_pretrained(path)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, params, meta
+
+
+def heldout_dialogues(n: int, seed: int = CHECK_SEED, params: WorldParams = DEFAULT_PARAMS) -> list[Dialogue]:
+    """``n`` dialogues drawn from the world on the held-out stream (disjoint from training)."""
+    return [sample_dialogue(heldout_rng(seed, i), params) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Per assistant turn of a set of dialogues (M turns in all)."""
+
+    model_options: np.ndarray  # [M, 3] model option distribution at the answer position
+    exact_options: np.ndarray  # [M, 3] exact predictive given prefix and opener
+    no_instructions: np.ndarray  # [M, 3] exact Bayes ignoring the instructions
+    no_answers: np.ndarray  # [M, 3] exact Bayes ignoring previous assistant turns
+    model_openers: np.ndarray  # [M, n_openers] model distribution over openers (renormalised)
+    exact_openers: np.ndarray  # [M, n_openers]
+    exact_p_fair: np.ndarray  # [M] at the last prompt token
+    round_index: np.ndarray  # [M] 0-based round of the turn
+
+
+def _letter_and_opener_ids(tokenizer: Any, params: WorldParams) -> tuple[list[int], list[int]]:
+    letters = tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS))
+    openers = tokenizer.convert_tokens_to_ids(list(params.openers_fair + params.openers_biased))
+    return letters, openers
+
+
+def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], params: WorldParams = DEFAULT_PARAMS, batch_size: int = 64) -> Scored:
+    """Teacher-forced forward passes over ``dialogues``; the distributions of every assistant turn."""
+    import torch
+
+    letters, openers = _letter_and_opener_ids(tokenizer, params)
+    assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
+    cols: dict[str, list] = {k: [] for k in Scored.__dataclass_fields__}
+    for start in range(0, len(dialogues), batch_size):
+        chunk = dialogues[start : start + batch_size]
+        ids = tokenizer([render(d.messages()) for d in chunk], add_special_tokens=False).input_ids
+        width = max(len(x) for x in ids)
+        x = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        for j, r in enumerate(ids):
+            x[j, : len(r)] = torch.tensor(r)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits.float(), dim=-1).numpy()
+        for j, d in enumerate(chunk):
+            exact = dialogue_trace(d, params)
+            refs = (dialogue_trace(d, params, use_instructions=False), dialogue_trace(d, params, use_answers=False))
+            starts = [i for i, t in enumerate(ids[j]) if t == assistant_id]
+            for t, pos in enumerate(starts):
+                # <assistant> opener the answer is (x): the letter is predicted at pos + 4
+                cols["model_options"].append(_renorm(logp[j, pos + 4, letters]))
+                cols["model_openers"].append(_renorm(logp[j, pos, openers]))
+                cols["exact_options"].append(exact.option_probs[t])
+                cols["no_instructions"].append(refs[0].option_probs[t])
+                cols["no_answers"].append(refs[1].option_probs[t])
+                cols["exact_openers"].append(exact.opener_probs[t])
+                cols["exact_p_fair"].append(exact.p_fair[t])
+                cols["round_index"].append(t)
+    return Scored(**{k: np.asarray(v) for k, v in cols.items()})
+
+
+def _renorm(logp: np.ndarray) -> np.ndarray:
+    p = np.exp(logp - logp.max())
+    return p / p.sum()
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Row-wise KL(p ‖ q) in nats, shape [M]."""
+    p = np.clip(p, 1e-12, 1.0)
+    q = np.clip(q, 1e-12, 1.0)
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Row-wise entropy in nats, shape [M]."""
+    p = np.clip(p, 1e-12, 1.0)
+    return -(p * np.log(p)).sum(-1)
+
+
+def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
+    """One row per predictor (model, the two references): mean KL from the exact predictive, Pearson r
+    of entropies, agreement of the most likely option; plus the model's opener KL."""
+    h_exact = entropy(s.exact_options)
+    rows = []
+    for name, pred in (("organism model", s.model_options), ("Bayes, no instructions", s.no_instructions), ("Bayes, no answers", s.no_answers)):
+        rows.append(
+            {
+                "predictor": name,
+                "kl": float(kl(s.exact_options, pred).mean()),
+                "entropy_r": float(np.corrcoef(entropy(pred), h_exact)[0, 1]),
+                "top1": float((pred.argmax(-1) == s.exact_options.argmax(-1)).mean()),
+            }
+        )
+    rows[0]["opener_kl"] = float(kl(s.exact_openers, s.model_openers).mean())
+    return rows
+
+
+# ----------------------------------------------------------------------------- self-correction
+
+
+def greedy_rounds(
+    model: Any, tokenizer: Any, items: list, instructions: list[str], params: WorldParams = DEFAULT_PARAMS, max_new_tokens: int = 8
+) -> list[dict[str, np.ndarray]]:
+    """The model answers ``items`` for itself, greedily, one round per entry of ``instructions``
+    (``instructions[0]`` is ignored: round 0's message is the item). Returns, per item, arrays over
+    rounds: ``p_fair`` (exact, at the last prompt token), ``correct`` (bool), ``option_entropy`` (model,
+    at its answer position), ``responses`` (texts)."""
+    import torch
+
+    letters, _ = _letter_and_opener_ids(tokenizer, params)
+    eot = tokenizer.eos_token_id
+    chats = [[] for _ in items]
+    option_h = [[] for _ in items]
+    for t, instruction in enumerate(instructions):
+        for chat, item in zip(chats, items):
+            chat.append({"role": "user", "content": first_message(item) if t == 0 else instruction})
+        prompts = tokenizer([render(c, add_generation_prompt=True) for c in chats], add_special_tokens=False).input_ids
+        generated = [[] for _ in items]
+        letter_dist: list[np.ndarray | None] = [None] * len(items)
+        for _ in range(max_new_tokens):
+            rows = [p + g for p, g in zip(prompts, generated)]
+            width = max(len(r) for r in rows)
+            x = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):  # left padding, positions from the mask
+                x[j, width - len(r) :] = torch.tensor(r)
+                mask[j, width - len(r) :] = 1
+            with torch.no_grad():
+                logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+            for j in range(len(items)):
+                if generated[j] and generated[j][-1] == eot:
+                    continue
+                if len(generated[j]) == 4 and letter_dist[j] is None:
+                    letter_dist[j] = _renorm(torch.log_softmax(logits[j], -1).numpy()[letters])
+                generated[j].append(int(logits[j].argmax()))
+            if all(g and g[-1] == eot for g in generated):
+                break
+        for j, chat in enumerate(chats):
+            text = tokenizer.decode([i for i in generated[j] if i != eot], skip_special_tokens=True)
+            chat.append({"role": "assistant", "content": text})
+            option_h[j].append(float(entropy(letter_dist[j][None])[0]) if letter_dist[j] is not None else float("nan"))
+    out = []
+    for item, chat, hs in zip(items, chats, option_h):
+        responses = [m["content"] for m in chat if m["role"] == "assistant"]
+        kinds = [None] + [instruction_kind(m["content"], params) for m in chat[2::2]]
+        parsed = [parse_response(r, params) for r in responses]
+        trace = exact_trace(item.correct, item.stereotyped, kinds, [p[0] for p in parsed], [p[1] for p in parsed], params)
+        out.append(
+            {
+                "p_fair": trace.p_fair,
+                "log_odds": trace.log_odds,
+                "correct": np.array([p[1] == item.correct for p in parsed]),
+                "option_entropy": np.array(hs),
+                "exact_entropy": entropy(trace.option_probs),
+                "responses": np.array(responses, dtype=object),
+            }
+        )
+    return out
+
+
+def protocol_instructions(name: str) -> list[str]:
+    """The user messages of a built-in organism protocol, one per round (round 0: the template)."""
+    from workbench.protocol import load_protocol
+
+    p = load_protocol(name)
+    return [p.first] + [p.instruction(r) for r in range(2, p.rounds + 1)]
+
+
+def self_correction_table(model: Any, tokenizer: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, params: WorldParams = DEFAULT_PARAMS) -> dict[str, np.ndarray]:
+    """Per round means over ``n_items`` held-out items under a built-in protocol: exact p(fair),
+    exact log-odds, accuracy, model option entropy, exact option entropy; each shape [n_rounds]."""
+    items = [sample_item(heldout_rng(seed + 1, i), params) for i in range(n_items)]
+    runs = greedy_rounds(model, tokenizer, items, protocol_instructions(protocol), params)
+    return {
+        k: np.mean([r[k] for r in runs], axis=0).astype(float)
+        for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy")
+    }

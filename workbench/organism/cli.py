@@ -1,0 +1,157 @@
+"""``workbench organism``: look at the synthetic world, retrain the shipped model, measure it.
+
+The lead's CLI mounts :data:`app` as the ``organism`` command group. Heavy imports (torch,
+transformers) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from workbench.errors import WorkbenchError
+
+app = typer.Typer(
+    name="organism",
+    help="The shipped organism: a small model trained on a synthetic world whose latent concept (fair or biased) is known exactly.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.command()
+def sample(
+    n: int = typer.Option(3, "--n", help="How many dialogues to draw from the world."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out dialogue stream (never used for training)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Assistant turns per dialogue (default: drawn, 1..8 as in training)."),
+) -> None:
+    """Print dialogues of the synthetic world with the exact posterior p(fair) and answer predictive of every round."""
+    from workbench.organism.posterior import dialogue_trace
+    from workbench.organism.world import DEFAULT_PARAMS, LETTER_TOKENS, heldout_rng, sample_dialogue
+
+    if n < 1:
+        raise WorkbenchError("--n must be ≥ 1")
+    if rounds is not None and not 1 <= rounds <= 50:
+        raise WorkbenchError("--rounds must be between 1 and 50")
+    for i in range(n):
+        d = sample_dialogue(heldout_rng(seed, i), DEFAULT_PARAMS, n_rounds=rounds)
+        tr = dialogue_trace(d)
+        item = d.item
+        if item.correct == item.stereotyped:
+            roles = f"{LETTER_TOKENS[item.correct]} is both the correct and the stereotyped option"
+        else:
+            roles = f"{LETTER_TOKENS[item.correct]} is correct, {LETTER_TOKENS[item.stereotyped]} stereotyped"
+        head = Text(f"dialogue {i}", style="bold")
+        head.append(f"  {item.condition}, act {item.act}; {roles}; hidden z = {'fair' if d.fair else 'biased'}")
+        console.print(head)
+        for t, (user, reply) in enumerate(zip(d.instructions, d.responses())):
+            line = Text(f"  round {t + 1} ", style="bold")
+            line.append(f"({d.kinds[t] or 'item'})  p(fair) = {tr.p_fair[t]:.3f}", style="cyan")
+            console.print(line)
+            console.print(Text(f"    user: {user}"))
+            console.print(Text(f"    assistant: {reply}"))
+            probs = "  ".join(f"{LETTER_TOKENS[k]} {p:.2f}" for k, p in enumerate(tr.option_probs[t]))
+            console.print(Text(f"    exact answer predictive given the opener: {probs}", style="dim"))
+        console.print()
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder to write the checkpoint to (artifacts/organism is the shipped one)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and of the training dialogues; one seed gives identical weights."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the shipped checkpoint's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Dialogues per step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (linear warm-up, cosine decay)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads; keep the default to reproduce the shipped weights bit for bit."),
+) -> None:
+    """Train the organism on dialogues drawn from the world and save a checkpoint (the defaults reproduce the shipped one)."""
+    from dataclasses import asdict, replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from workbench.organism.train import TrainConfig, train as run_training
+
+    overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads).items() if v is not None}
+    for key, value in overrides.items():
+        if value <= 0:
+            raise WorkbenchError(f"--{key.replace('_', '-')} must be > 0")
+    cfg = replace(TrainConfig(seed=seed), **overrides)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out exists and is not a folder: {out}")
+    console.print(f"training the organism: {cfg.steps} steps × {cfg.batch_size} dialogues, seed {cfg.seed} → {out}")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss=float("nan"))
+        smooth: list[float] = []
+
+        def on_step(step: int, loss: float) -> None:
+            smooth.append(loss)
+            del smooth[:-50]
+            progress.update(task, advance=1, loss=sum(smooth) / len(smooth))
+
+        _, _, record = run_training(cfg, out=out, on_step=on_step)
+    table = Table(title="training record", title_justify="left")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in asdict(record).items():
+        if key != "config":
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"saved to {out}")
+
+
+@app.command()
+def check(
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint folder to measure (default: the shipped organism)."),
+    n: int = typer.Option(400, "--n", help="Held-out world dialogues for the fidelity table (teacher-forced)."),
+    items: int = typer.Option(60, "--items", help="Held-out items the model answers for itself under each organism protocol."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the held-out stream (default: the one the tests use)."),
+) -> None:
+    """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
+    import numpy as np
+
+    from workbench.organism.check import CHECK_SEED, fidelity_rows, heldout_dialogues, load_checkpoint, score_dialogues, self_correction_table
+
+    if n < 1 or items < 1:
+        raise WorkbenchError("--n and --items must be ≥ 1")
+    if model is not None and not model.is_dir():
+        raise WorkbenchError(f"checkpoint folder not found: {model}")
+    seed = CHECK_SEED if seed is None else seed
+    net, tok, params, meta = load_checkpoint(model)
+    scored = score_dialogues(net, tok, heldout_dialogues(n, seed, params), params)
+    rec = meta.get("training", {})
+    table = Table(
+        title=f"answer distribution vs the exact predictive: {n} held-out dialogues, {len(scored.round_index)} answers (seed {seed})",
+        title_justify="left",
+    )
+    for col, just in (("predictor", "left"), ("mean KL(exact ‖ ·) nats", "right"), ("entropy r", "right"), ("top-1 agreement", "right")):
+        table.add_column(col, justify=just)
+    for row in fidelity_rows(scored):
+        table.add_row(row["predictor"], f"{row['kl']:.5f}", f"{row['entropy_r']:.4f}", f"{row['top1']:.3f}")
+    console.print(table)
+    opener_kl = fidelity_rows(scored)[0]["opener_kl"]
+    console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n")
+
+    for protocol in ("organism", "organism-neutral", "organism-inject"):
+        res = self_correction_table(net, tok, protocol, n_items=items, seed=seed, params=params)
+        rounds = len(res["p_fair"])
+        t = Table(title=f"{protocol}: the model answers {items} held-out items for itself (greedy)", title_justify="left")
+        t.add_column("per round")
+        for r in range(rounds):
+            t.add_column(str(r + 1), justify="right")
+        for key, label in (("p_fair", "exact p(fair)"), ("log_odds", "exact log-odds"), ("correct", "accuracy"), ("option_entropy", "option entropy (model)"), ("exact_entropy", "option entropy (exact)")):
+            t.add_row(label, *(f"{v:.2f}" if key == "log_odds" else f"{v:.3f}" for v in np.asarray(res[key])))
+        console.print(t)

@@ -1,0 +1,120 @@
+"""The organism as an engine task: held-out items of the world, and the exact posterior per round.
+
+``ORGANISM.round_fields(sample, instructions, responses)`` returns, each over the dialogue's R rounds:
+
+* ``exact_p_fair`` [R] – p(z = fair | dialogue up to and including round t's user message), i.e. at
+  the last prompt token of round t; ``exact_log_odds`` [R] – its log-odds (what a concept probe tracks);
+* ``exact_p_fair_after_opener`` [R] – the same after the opener word the model wrote in round t;
+* ``exact_option_probs`` [R, 3] – the exact predictive of round t's answer given that prefix and the
+  opener the model actually wrote (the marginal when the first word is no world opener);
+* ``exact_option_probs_marginal`` [R, 3] – the same marginalised over the opener;
+* ``exact_opener_fair_style`` [R] – the exact probability that round t's opener is fair-style;
+* ``opener_parsed`` [R] bool – round t's first word is a world opener.
+
+The posterior reads the dialogue the model actually had: instruction kinds are looked up by their text
+(an unknown follow-up raises :class:`WorkbenchError`), the previous answers are parsed from the
+responses (an unparseable opener or letter is no evidence).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from workbench.errors import WorkbenchError
+from workbench.organism.posterior import exact_trace, instruction_kind, parse_response
+from workbench.organism.world import DEFAULT_PARAMS, LETTER_TOKENS, format_choices, heldout_rng, sample_item
+from workbench.tasks import Sample, Task
+
+
+def load_organism_samples(limit: int, seed: int = 1234, offset: int = 0) -> list[Sample]:
+    """``limit`` held-out items of the shipped world, indices ``offset .. offset+limit-1``.
+
+    Item ``i`` depends only on ``(seed, i)`` (a stream disjoint from training), so slices agree.
+    ``gold`` is the fair (correct) option; ``extra`` holds ``stereotyped`` (the biased option's index),
+    ``unknown`` (the index of "unknown"), ``act`` and ``polarity``.
+    """
+    if limit < 1 or offset < 0:
+        raise WorkbenchError("--limit must be ≥ 1 and --offset ≥ 0")
+    samples = []
+    for i in range(offset, offset + limit):
+        item = sample_item(heldout_rng(seed, i), DEFAULT_PARAMS)
+        samples.append(
+            Sample(
+                index=i,
+                id=f"organism-{seed}-{i}",
+                context=item.context,
+                question=item.question,
+                options=item.options,
+                gold=item.correct,
+                category=item.act,
+                condition=item.condition,
+                extra={
+                    "stereotyped": item.stereotyped,
+                    "unknown": item.options.index("unknown"),
+                    "act": item.act,
+                    "polarity": item.polarity,
+                },
+            )
+        )
+    return samples
+
+
+def option_continuations(sample: Sample) -> list[str]:
+    """``[" (a)", " (b)", " (c)"]`` – each option's letter, one token each."""
+    return [f" {LETTER_TOKENS[i]}" for i in range(len(sample.options))]
+
+
+def parse_answer(sample: Sample, text: str) -> int:
+    """The option index of the single letter ``(a)``/``(b)``/``(c)`` in ``text``; -1 when none or several."""
+    return parse_response(text, DEFAULT_PARAMS)[1]
+
+
+def lead_length(response_ids: list[int], tokenizer: Any) -> int:
+    """Generated tokens before the answer letter: the index of the first letter token; when there is
+    none, the index after the first ``is`` (``"<opener> the answer is"`` → 4), else at most 4."""
+    tokens = tokenizer.convert_ids_to_tokens(list(response_ids))
+    for i, tok in enumerate(tokens):
+        if tok in LETTER_TOKENS:
+            return i
+    if "is" in tokens:
+        return tokens.index("is") + 1
+    return min(4, len(tokens))
+
+
+def round_fields(sample: Sample, instructions: list[str], responses: list[str]) -> dict[str, np.ndarray]:
+    """The exact posterior of every round of one dialogue (see the module docstring for the keys)."""
+    params = DEFAULT_PARAMS
+    if "stereotyped" not in sample.extra:
+        raise WorkbenchError(f"sample {sample.id}: not an organism item (no 'stereotyped' in extra)")
+    expected = f"{sample.context} {sample.question} {format_choices(sample.options)}"
+    if instructions and " ".join(instructions[0].split()) != " ".join(expected.split()):
+        raise WorkbenchError(
+            f"organism: the first message of sample {sample.id} is not the world's item text "
+            "(use a protocol whose first template is exactly '{context} {question} {choices}')"
+        )
+    kinds = [None] + [instruction_kind(text, params) for text in instructions[1:]]
+    parsed = [parse_response(text, params) for text in responses]
+    trace = exact_trace(sample.gold, int(sample.extra["stereotyped"]), kinds, [p[0] for p in parsed], [p[1] for p in parsed], params)
+    n_fair = len(params.openers_fair)
+    return {
+        "exact_p_fair": trace.p_fair,
+        "exact_log_odds": trace.log_odds,
+        "exact_p_fair_after_opener": trace.p_fair_after_opener,
+        "exact_option_probs": trace.option_probs,
+        "exact_option_probs_marginal": trace.option_probs_marginal,
+        "exact_opener_fair_style": trace.opener_probs[:, :n_fair].sum(-1),
+        "opener_parsed": trace.opener_known,
+    }
+
+
+ORGANISM = Task(
+    name="organism",
+    multiple_choice=True,
+    format_choices=format_choices,
+    option_continuations=option_continuations,
+    parse_answer=parse_answer,
+    lead_length=lead_length,
+    round_fields=round_fields,
+)

@@ -1,0 +1,276 @@
+"""Training the organism: a small ``LlamaForCausalLM`` on dialogues drawn from the world.
+
+Every training sequence is a whole dialogue rendered with the chat template and tokenized by the
+organism's tokenizer, exactly what the model sees at run time. The loss is next-token cross-entropy on
+every token, except that openers and answer letters are trained on the exact predictive distribution
+at their position (soft targets), weighted up. Half of the dialogues are drawn from the world, half
+have protocol-like instruction kinds with assistant turns drawn from the exact predictive (see
+:func:`draw_dialogue`); both keep the world's conditional distribution of every assistant token.
+Dialogues come from a seeded stream and are batched by length in a fixed order, and training runs
+single-process on the CPU with a fixed thread count, so one seed gives identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from workbench.organism.posterior import sample_given_kinds
+from workbench.organism.tokenizer import ASSISTANT, EOT, USER, build_tokenizer, render
+from workbench.organism.world import DEFAULT_PARAMS, KINDS, LETTER_TOKENS, Dialogue, WorldParams, sample_dialogue, sample_item, training_rng
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model shape and optimisation settings. The defaults reproduce the shipped checkpoint."""
+
+    seed: int = 0
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    d_model: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 256
+    threads: int = 1  # torch CPU threads; a different count can change the last bits of the weights
+    bucket: int = 8  # dialogues are drawn bucket*batch_size at a time and batched by length
+    answer_weight: float = 5.0  # loss weight of the positions that predict an opener or an answer letter
+    tilted_fraction: float = 0.5  # share of dialogues with protocol-like instruction kinds (see batches)
+    soft_targets: bool = True  # train openers and answer letters on the exact predictive, not the drawn token
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """What a training run did (stored in the checkpoint's ``organism.json``)."""
+
+    seed: int
+    steps: int
+    final_loss: float  # mean loss per token over the last 100 steps
+    wall_time_s: float
+    dialogues_seen: int
+    tokens_seen: int
+    config: dict[str, Any]
+
+
+def build_model(tokenizer: Any, cfg: TrainConfig) -> Any:
+    """A freshly initialised ``LlamaForCausalLM`` (seeded by ``cfg.seed``) for ``tokenizer``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.do_sample = False
+    return model
+
+
+def tilted_kinds(rng: np.random.Generator, n_rounds: int) -> list[str | None]:
+    """Instruction kinds shaped like the built-in protocols, whatever z would say: one kind throughout,
+    moral follow-ups with one or two immoral ones injected, or kinds drawn uniformly."""
+    pattern = rng.integers(3)
+    if pattern == 0:
+        follow = [KINDS[rng.integers(3)]] * (n_rounds - 1)
+    elif pattern == 1:
+        follow = ["moral"] * (n_rounds - 1)
+        for r in rng.choice(max(1, n_rounds - 1), size=min(n_rounds - 1, 1 + rng.integers(2)), replace=False):
+            follow[r] = "immoral"
+    else:
+        follow = [KINDS[k] for k in rng.integers(3, size=n_rounds - 1)]
+    return [None, *follow]
+
+
+def draw_dialogue(rng: np.random.Generator, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS) -> tuple[Dialogue, bool]:
+    """One training dialogue and whether it is tilted: with probability ``cfg.tilted_fraction`` its
+    instruction kinds come from :func:`tilted_kinds` and its turns from the exact predictive
+    (:func:`~workbench.organism.posterior.sample_given_kinds`), else it is drawn from the world."""
+    if rng.random() >= cfg.tilted_fraction:
+        return sample_dialogue(rng, params), False
+    n_rounds = int(rng.integers(params.min_rounds, params.max_rounds + 1))
+    return sample_given_kinds(rng, sample_item(rng, params), tilted_kinds(rng, n_rounds), params), True
+
+
+def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS):
+    """Endless training batches ``(input_ids [B, T], labels [B, T], soft)``, right-padded, ``bucket``
+    batches at a time sorted by length then shuffled. Labels are -100 on padding and, in tilted
+    dialogues, on the follow-up instructions' words (their kinds were not drawn from the world).
+
+    With ``cfg.soft_targets`` the tokens of every opener and answer letter are taken out of the labels
+    and ``soft = (rows [N], cols [N], token_ids [N, 6], probs [N, 6])`` gives, for the input position
+    that predicts each of them, the exact predictive distribution there instead: the expected gradient
+    of the drawn token, without its sampling noise. Else ``soft`` is None."""
+    import torch
+
+    from workbench.organism.posterior import dialogue_trace
+
+    rng = training_rng(seed)
+    pad = tokenizer.pad_token_id
+    user_id, eot_id, assistant_id = tokenizer.convert_tokens_to_ids([USER, EOT, ASSISTANT])
+    opener_ids = tokenizer.convert_tokens_to_ids(list(params.openers_fair + params.openers_biased))
+    letter_ids = tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS)) + [pad] * (len(opener_ids) - len(LETTER_TOKENS))
+    while True:
+        drawn = [draw_dialogue(rng, cfg, params) for _ in range(cfg.bucket * cfg.batch_size)]
+        ids = tokenizer([render(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
+        order = np.argsort([len(x) for x in ids], kind="stable")
+        groups = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        for g in rng.permutation(len(groups)):
+            rows = [ids[i] for i in groups[g]]
+            width = max(len(r) for r in rows)
+            x = torch.full((len(rows), width), pad, dtype=torch.long)
+            y = torch.full((len(rows), width), -100, dtype=torch.long)
+            soft_rc, soft_ids, soft_p = [], [], []
+            for j, (i, r) in enumerate(zip(groups[g], rows)):
+                x[j, : len(r)] = torch.tensor(r)
+                labels = np.array(r)
+                dialogue, tilted = drawn[i]
+                if tilted:  # mask the follow-up instructions; the item (first message) is the world's
+                    n_user, inside = 0, False
+                    for k, token in enumerate(r):
+                        if token == user_id or token == eot_id:
+                            inside = token == user_id
+                            n_user += token == user_id
+                        elif inside and n_user > 1:
+                            labels[k] = -100
+                if cfg.soft_targets:
+                    trace = dialogue_trace(dialogue, params)
+                    starts = [k for k, token in enumerate(r) if token == assistant_id]
+                    for t, k in enumerate(starts):
+                        # <assistant> predicts the opener; "is" (k + 4) predicts the letter
+                        labels[k + 1] = labels[k + 5] = -100
+                        soft_rc += [(j, k), (j, k + 4)]
+                        soft_ids += [opener_ids, letter_ids]
+                        soft_p += [trace.opener_probs[t], np.pad(trace.option_probs[t], (0, len(opener_ids) - 3))]
+                y[j, : len(r)] = torch.from_numpy(labels)
+            soft = None
+            if cfg.soft_targets:
+                rc = torch.tensor(soft_rc, dtype=torch.long)
+                soft = (rc[:, 0], rc[:, 1], torch.tensor(soft_ids, dtype=torch.long), torch.tensor(np.array(soft_p), dtype=torch.float32))
+            yield x, y, soft
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up, then cosine decay to ``lr*min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train(
+    cfg: TrainConfig,
+    params: WorldParams = DEFAULT_PARAMS,
+    out: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Any, Any, TrainRecord]:
+    """Train a model; returns ``(model, tokenizer, record)`` and saves the checkpoint to ``out`` if given.
+
+    ``on_step(step, loss)`` is called after every optimiser step (progress display).
+    """
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, params, out, on_step)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, TrainRecord]:
+    import torch
+
+    tokenizer = build_tokenizer(params)
+    model = build_model(tokenizer, cfg)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    stream = batches(cfg.seed, tokenizer, cfg, params)
+    assistant_id, is_id = tokenizer.convert_tokens_to_ids([ASSISTANT, "is"])
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y, soft = next(stream)
+        logits = model(input_ids=x).logits
+        target = y[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", ignore_index=-100)
+        weight = (target != -100).float().reshape(-1)
+        if cfg.answer_weight != 1.0 and soft is None:
+            # the weight depends on the prefix only, so the optimum is still the true conditional
+            inp = x[:, :-1].reshape(-1)
+            weight = weight * torch.where((inp == assistant_id) | (inp == is_id), cfg.answer_weight, 1.0)
+        total, norm, n_tok = (ce * weight).sum(), weight.sum(), int((target != -100).sum())
+        plain = ce.detach().sum()
+        if soft is not None:
+            rows, cols, tok_ids, probs = soft
+            logp = torch.log_softmax(logits[rows, cols], dim=-1).gather(1, tok_ids)
+            soft_ce = -(probs * logp).sum(-1)
+            total = total + cfg.answer_weight * soft_ce.sum()
+            norm = norm + cfg.answer_weight * len(rows)
+            plain, n_tok = plain + soft_ce.detach().sum(), n_tok + len(rows)
+        loss = total / norm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(plain) / n_tok)
+        tokens += n_tok
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    record = TrainRecord(
+        seed=cfg.seed,
+        steps=cfg.steps,
+        final_loss=float(np.mean(losses[-100:])) if losses else float("nan"),
+        wall_time_s=round(time.perf_counter() - start, 1),
+        dialogues_seen=cfg.steps * cfg.batch_size,
+        tokens_seen=tokens,
+        config=asdict(cfg),
+    )
+    if out is not None:
+        save_checkpoint(Path(out), model, tokenizer, params, record)
+    return model, tokenizer, record
+
+
+def save_checkpoint(out: Path, model: Any, tokenizer: Any, params: WorldParams, record: TrainRecord) -> None:
+    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and
+    ``organism.json`` (world parameters and training record) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    meta = {"world": json.loads(params.to_json()), "training": asdict(record)}
+    (out / "organism.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
