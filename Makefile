@@ -24,8 +24,14 @@ system-tools:
 	  (apt-get update -qq && apt-get install -y -qq hdf5-tools >/dev/null) || \
 	  echo "note: h5ls not installed (install hdf5-tools); its test will be skipped"; }
 
+PROBE  ?= artifacts/probes/organism-fair.h5
+
+# A self-correction run on the shipped organism, a concept probe fitted on every layer, its scores
+# tracked through the run, and the per-round table (accuracy, uncertainty, concept score).
 demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
+	$(BIN)/workbench probe fit --model organism --contrast organism --method logreg --out $(PROBE)
+	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
 	$(BIN)/workbench info $(DEMO)
 
 test: setup
