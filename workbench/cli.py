@@ -175,7 +175,7 @@ def _print_summary(run_file: Any) -> None:
             continue
         table = Table(show_header=True, header_style="bold")
         for c in columns:
-            table.add_column(COLUMN_LABELS.get(c, c.removeprefix("mean_")), justify="right")
+            table.add_column(COLUMN_LABELS.get(c, c.removeprefix("mean_").replace("_", " ").replace(":", " ")), justify="right", overflow="fold")
         for r in rows:
             table.add_row(*[_fmt(r[c]) for c in columns])
         out.print(table)

@@ -191,11 +191,7 @@ class RunWriter:
         stop = start + batch
         for name, value in arrays.items():
             if name in ("response_token_ids", "token_entropy"):
-                dtype = np.int32 if name == "response_token_ids" else np.float32
-                ds = r[name]
-                for i, per_round in enumerate(value):
-                    for t, seq in enumerate(per_round):
-                        ds[start + i, t] = np.asarray(seq, dtype=dtype)
+                _write_ragged(r[name], start, value, np.int32 if name == "response_token_ids" else np.float32)
                 continue
             if name in ("instruction", "response"):
                 value = np.asarray([[str(x).replace("\0", NUL_STAND_IN) for x in row] for row in value], dtype=object)
@@ -206,9 +202,7 @@ class RunWriter:
                 fill = np.nan if value.dtype.kind == "f" else 0
                 _create(r, name, (self.n_samples, *value.shape[1:]), value.dtype, fill=fill)
             r[name][start:stop] = value
-        t = f["transcripts/token_ids"]
-        for i, ids in enumerate(transcripts):
-            t[start + i] = np.asarray(ids, dtype=np.int32)
+        _write_ragged(f["transcripts/token_ids"], start, transcripts, np.int32)
         for hook, acts in activations.items():
             ds = f["activations"][hook]
             ds[start:stop] = acts.astype(ds.dtype, copy=False)
@@ -222,6 +216,19 @@ class RunWriter:
             self.f.attrs["status"] = "complete"
             self.f.attrs["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.f.flush()
+
+
+def _write_ragged(ds: h5py.Dataset, start: int, rows: list, dtype: Any) -> None:
+    """Write nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``) to a vlen dataset in one call."""
+    two_d = ds.ndim == 2
+    shape = (len(rows), ds.shape[1]) if two_d else (len(rows),)
+    out = np.empty(shape, dtype=object)
+    for index in np.ndindex(shape):
+        out[index] = np.asarray(rows[index[0]][index[1]] if two_d else rows[index[0]], dtype=dtype)
+    if not two_d and len(rows) == 1:
+        ds[start] = out[0]  # h5py cannot broadcast a one-row 1-D object array
+    else:
+        ds[start : start + len(rows)] = out
 
 
 def _open(path: Path, mode: str) -> h5py.File:
