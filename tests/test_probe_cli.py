@@ -1,0 +1,68 @@
+"""`workbench probe` as a user runs it: fit from a pair file, show, track into a run, the stereotype variant."""
+
+from __future__ import annotations
+
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from conftest import BBQ_FIXTURE
+
+from workbench import cli
+
+
+def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["workbench", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, model_dirs):
+    out = tmp_path_factory.mktemp("probe-cli") / "run.h5"
+    from workbench.run import RunConfig, run_protocol
+
+    run_protocol(RunConfig(out=out, model=str(model_dirs["llama"]), task="bbq", data=(str(BBQ_FIXTURE),),
+                           protocol="bbq-paper", rounds=2, max_new_tokens=4, batch_size=4, device="cpu")).close()
+    return out
+
+
+def test_fit_show_track_stereotype(capsys, monkeypatch, tmp_path, model_dirs, tiny_run):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"positive": "hello world {i}", "negative": "the answer is {i}"}}\n' for i in range(24)))
+    probe = tmp_path / "p.h5"
+    code, out, err = workbench(capsys, monkeypatch, "probe", "fit", "--model", str(model_dirs["llama"]), "--contrast", str(pairs),
+                               "--method", "pca", "--device", "cpu", "--out", str(probe))
+    assert code == 0, err
+    assert "best layer" in out and "test AUROC" in out
+    with h5py.File(probe) as f:
+        assert f.attrs["method"] == "pca" and f["directions"].shape == (3, 64)
+        assert np.allclose(np.linalg.norm(f["directions"][...], axis=1), 1.0, atol=1e-5)
+    code, out, _ = workbench(capsys, monkeypatch, "probe", "show", str(probe))
+    assert code == 0 and "60 texts" not in out and "48 texts (24 positive, 24 pairs)" in out
+    code, out, err = workbench(capsys, monkeypatch, "probe", "track", str(tiny_run), str(probe), "--name", "hello")
+    assert code == 0, err
+    with h5py.File(tiny_run) as f:
+        assert f["probes/hello/projection"].shape == (8, 2, 3)
+    code, out, err = workbench(capsys, monkeypatch, "probe", "stereotype", str(tiny_run), "--device", "cpu")
+    assert code == 0, err
+    with h5py.File(tiny_run) as f:
+        statements = [s.decode() for s in f["probes/stereotype/statement"][...]]
+        assert statements[0] == "The tall person was late to the meeting."
+        assert np.isfinite(f["probes/stereotype/cosine"][...]).all()
+    code, out, _ = workbench(capsys, monkeypatch, "info", str(tiny_run))
+    assert "concept hello" in out
+
+
+def test_fit_refuses_unpaired_data_for_ccs(capsys, monkeypatch, tmp_path, model_dirs):
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(f'{{"text": "text {i}", "label": {i % 2}}}\n' for i in range(10)))
+    code, _, err = workbench(capsys, monkeypatch, "probe", "fit", "--model", str(model_dirs["llama"]), "--contrast", str(labelled),
+                             "--method", "ccs", "--device", "cpu", "--out", str(tmp_path / "x.h5"))
+    assert code == 2 and "needs pairs" in err and "Traceback" not in err
