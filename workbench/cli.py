@@ -6,6 +6,7 @@ and exits with status 2, without a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -32,13 +33,9 @@ err = Console(stderr=True)
 out = Console()
 
 
-_mounted: list[str] = []
-
-
+@functools.cache
 def _mount_subcommands() -> None:
-    if _mounted:
-        return
-    _mounted.append("yes")
+    """Add the `organism` and `probe` command groups (once, however often main() is called)."""
     from workbench.organism.cli import app as organism_app
     from probes.cli import app as probe_app
 
