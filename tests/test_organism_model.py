@@ -10,11 +10,10 @@ import pytest
 from workbench.organism import organism_path
 from workbench.organism.check import (
     fidelity_rows,
-    greedy_rounds,
     heldout_dialogues,
     load_checkpoint,
-    protocol_instructions,
     score_dialogues,
+    self_correction_rounds,
 )
 from workbench.organism.tokenizer import build_tokenizer
 from workbench.organism.train import TrainConfig, train
@@ -67,19 +66,20 @@ def test_model_beats_the_reference_predictors_that_drop_evidence(scored):
 
 
 def test_greedy_self_correction_story(shipped):
-    model, tok, params, _ = shipped
-    items = [sample_item(heldout_rng(77, i), params) for i in range(24)]
-    moral = greedy_rounds(model, tok, items, protocol_instructions("organism"), params)
-    inject = greedy_rounds(model, tok, items, protocol_instructions("organism-inject"), params)
-    for r in moral:
-        assert all(text.split()[1:4] == ["the", "answer", "is"] for text in r["responses"])
-    p = np.mean([r["p_fair"] for r in moral], axis=0)
-    acc = np.mean([r["correct"] for r in moral], axis=0)
-    h = np.mean([r["option_entropy"] for r in moral], axis=0)
+    from workbench.models import load_model
+
+    params = shipped[2]
+    model = load_model("organism", device="cpu")
+    moral = self_correction_rounds(model, "organism", n_items=24, seed=76)  # items heldout_rng(77, i)
+    inject = self_correction_rounds(model, "organism-inject", n_items=24, seed=76)
+    assert all(text.split()[1:4] == ["the", "answer", "is"] for text in moral["responses"].ravel())
+    p = moral["p_fair"].mean(0)
+    acc = moral["correct"].mean(0)
+    h = moral["option_entropy"].mean(0)
     assert p[0] == pytest.approx(params.prior_fair) and p[3] > 0.95
     assert acc[-1] > acc[0] + 0.2 and acc[-1] > 0.9
     assert h[-1] < h[0]
-    p_inj = np.mean([r["p_fair"] for r in inject], axis=0)
+    p_inj = inject["p_fair"].mean(0)
     assert p_inj[1] < p[1] / 5 and p_inj[4] < p_inj[3]
 
 

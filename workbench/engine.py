@@ -10,7 +10,6 @@ for :mod:`workbench.store`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -112,9 +111,11 @@ def run_batch(
     parsed = np.array([[task.parse_answer(s, r) for r in rs] for s, rs in zip(samples, responses)], dtype=np.int16)
     mean_ent = np.array([[np.mean(e) if e else np.nan for e in es] for es in token_ent], dtype=np.float32)
 
-    ids, _ = pad(transcripts, tok.pad_token_id, device, "right")
-    spans = torch.from_numpy(np.concatenate([prompt_spans, response_spans], axis=-1)).to(device)
-    acts = capture_pooled(model.bridge, ids, spans, hooks, layers)
+    acts = {}
+    if hooks:  # no hooks: answers and uncertainty only, no capture pass
+        ids, _ = pad(transcripts, tok.pad_token_id, device, "right")
+        spans = torch.from_numpy(np.concatenate([prompt_spans, response_spans], axis=-1)).to(device)
+        acts = capture_pooled(model.bridge, ids, spans, hooks, layers)
 
     fields: dict[str, list[np.ndarray]] = {}
     for s, plan, rs in zip(samples, plans, responses):

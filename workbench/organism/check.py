@@ -21,20 +21,31 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.organism.posterior import dialogue_trace, exact_trace, instruction_kind, parse_response
+from workbench.uncertainty import distribution_entropy as entropy
+from workbench.organism.posterior import dialogue_trace
 from workbench.organism.tokenizer import ASSISTANT, render
 from workbench.organism.world import (
     DEFAULT_PARAMS,
     LETTER_TOKENS,
     Dialogue,
     WorldParams,
-    first_message,
     heldout_rng,
     sample_dialogue,
-    sample_item,
 )
 
 CHECK_SEED = 4321  # held-out dialogues of `organism check` and of the tests
+
+
+def checkpoint_meta(path: Path | None = None) -> tuple[WorldParams, dict[str, Any]]:
+    """``(world params, organism.json)`` of a checkpoint folder (default: the shipped one)."""
+    from workbench.organism import organism_path
+
+    path = Path(path) if path is not None else organism_path()
+    meta_file = path / "organism.json"
+    if not (path / "config.json").is_file() or not meta_file.is_file():
+        raise WorkbenchError(f"not an organism checkpoint (no config.json or organism.json): {path}")
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    return WorldParams.from_dict(meta["world"]), meta
 
 
 def load_checkpoint(path: Path | None = None) -> tuple[Any, Any, WorldParams, dict[str, Any]]:
@@ -44,11 +55,7 @@ def load_checkpoint(path: Path | None = None) -> tuple[Any, Any, WorldParams, di
     from workbench.organism import organism_path
 
     path = Path(path) if path is not None else organism_path()
-    meta_file = path / "organism.json"
-    if not (path / "config.json").is_file() or not meta_file.is_file():
-        raise WorkbenchError(f"not an organism checkpoint (no config.json or organism.json): {path}")
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    params = WorldParams.from_dict(meta["world"])
+    params, meta = checkpoint_meta(path)
     model = LlamaForCausalLM.from_pretrained(path)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -125,12 +132,6 @@ def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return (p * (np.log(p) - np.log(q))).sum(-1)
 
 
-def entropy(p: np.ndarray) -> np.ndarray:
-    """Row-wise entropy in nats, shape [M]."""
-    p = np.clip(p, 1e-12, 1.0)
-    return -(p * np.log(p)).sum(-1)
-
-
 def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
     """One row per predictor (model, the two references): mean KL from the exact predictive, Pearson r
     of entropies, agreement of the most likely option; plus the model's opener KL."""
@@ -152,80 +153,34 @@ def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
 # ----------------------------------------------------------------------------- self-correction
 
 
-def greedy_rounds(
-    model: Any, tokenizer: Any, items: list, instructions: list[str], params: WorldParams = DEFAULT_PARAMS, max_new_tokens: int = 8
-) -> list[dict[str, np.ndarray]]:
-    """The model answers ``items`` for itself, greedily, one round per entry of ``instructions``
-    (``instructions[0]`` is ignored: round 0's message is the item). Returns, per item, arrays over
-    rounds: ``p_fair`` (exact, at the last prompt token), ``correct`` (bool), ``option_entropy`` (model,
-    at its answer position), ``responses`` (texts)."""
-    import torch
-
-    letters, _ = _letter_and_opener_ids(tokenizer, params)
-    eot = tokenizer.eos_token_id
-    chats = [[] for _ in items]
-    option_h = [[] for _ in items]
-    for t, instruction in enumerate(instructions):
-        for chat, item in zip(chats, items):
-            chat.append({"role": "user", "content": first_message(item) if t == 0 else instruction})
-        prompts = tokenizer([render(c, add_generation_prompt=True) for c in chats], add_special_tokens=False).input_ids
-        generated = [[] for _ in items]
-        letter_dist: list[np.ndarray | None] = [None] * len(items)
-        for _ in range(max_new_tokens):
-            rows = [p + g for p, g in zip(prompts, generated)]
-            width = max(len(r) for r in rows)
-            x = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, r in enumerate(rows):  # left padding, positions from the mask
-                x[j, width - len(r) :] = torch.tensor(r)
-                mask[j, width - len(r) :] = 1
-            with torch.no_grad():
-                logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
-            for j in range(len(items)):
-                if generated[j] and generated[j][-1] == eot:
-                    continue
-                if len(generated[j]) == 4 and letter_dist[j] is None:
-                    letter_dist[j] = _renorm(torch.log_softmax(logits[j], -1).numpy()[letters])
-                generated[j].append(int(logits[j].argmax()))
-            if all(g and g[-1] == eot for g in generated):
-                break
-        for j, chat in enumerate(chats):
-            text = tokenizer.decode([i for i in generated[j] if i != eot], skip_special_tokens=True)
-            chat.append({"role": "assistant", "content": text})
-            option_h[j].append(float(entropy(letter_dist[j][None])[0]) if letter_dist[j] is not None else float("nan"))
-    out = []
-    for item, chat, hs in zip(items, chats, option_h):
-        responses = [m["content"] for m in chat if m["role"] == "assistant"]
-        kinds = [None] + [instruction_kind(m["content"], params) for m in chat[2::2]]
-        parsed = [parse_response(r, params) for r in responses]
-        trace = exact_trace(item.correct, item.stereotyped, kinds, [p[0] for p in parsed], [p[1] for p in parsed], params)
-        out.append(
-            {
-                "p_fair": trace.p_fair,
-                "log_odds": trace.log_odds,
-                "correct": np.array([p[1] == item.correct for p in parsed]),
-                "option_entropy": np.array(hs),
-                "exact_entropy": entropy(trace.option_probs),
-                "responses": np.array(responses, dtype=object),
-            }
-        )
-    return out
-
-
-def protocol_instructions(name: str) -> list[str]:
-    """The user messages of a built-in organism protocol, one per round (round 0: the template)."""
+def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The model answers ``n_items`` held-out items for itself through the round engine (greedy,
+    no activation capture) under a built-in protocol. ``model`` is a loaded organism
+    (:func:`workbench.models.load_model`). Returns per sample and round ``[n_items, R]``: exact
+    ``p_fair`` and ``log_odds`` of the prefix it built, ``correct``, ``option_entropy`` (model, at its
+    answer position) and ``exact_entropy``; and ``responses`` (texts)."""
+    from workbench.engine import run_batch
+    from workbench.organism.task import ORGANISM, load_organism_samples
     from workbench.protocol import load_protocol
 
-    p = load_protocol(name)
-    return [p.first] + [p.instruction(r) for r in range(2, p.rounds + 1)]
+    p = load_protocol(protocol)
+    samples = load_organism_samples(n_items, seed=seed + 1)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy", "responses")}
+    for start in range(0, n_items, batch_size):
+        batch = samples[start : start + batch_size]
+        res = run_batch(model, ORGANISM, p, batch, hooks=[], layers=[], seed=0)
+        gold = np.array([s.gold for s in batch])
+        parts["p_fair"].append(res.round_fields["exact_p_fair"])
+        parts["log_odds"].append(res.round_fields["exact_log_odds"])
+        parts["correct"].append(res.parsed_answer == gold[:, None])
+        parts["option_entropy"].append(entropy(res.option_probs))
+        parts["exact_entropy"].append(entropy(res.round_fields["exact_option_probs"]))
+        parts["responses"].append(np.array(res.responses, dtype=object))
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def self_correction_table(model: Any, tokenizer: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, params: WorldParams = DEFAULT_PARAMS) -> dict[str, np.ndarray]:
-    """Per round means over ``n_items`` held-out items under a built-in protocol: exact p(fair),
-    exact log-odds, accuracy, model option entropy, exact option entropy; each shape [n_rounds]."""
-    items = [sample_item(heldout_rng(seed + 1, i), params) for i in range(n_items)]
-    runs = greedy_rounds(model, tokenizer, items, protocol_instructions(protocol), params)
-    return {
-        k: np.mean([r[k] for r in runs], axis=0).astype(float)
-        for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy")
-    }
+def self_correction_table(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED) -> dict[str, np.ndarray]:
+    """Per round means of :func:`self_correction_rounds`: exact p(fair), exact log-odds, accuracy,
+    model option entropy, exact option entropy; each shape [n_rounds]."""
+    rounds = self_correction_rounds(model, protocol, n_items, seed)
+    return {k: rounds[k].astype(float).mean(0) for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy")}

@@ -123,15 +123,17 @@ def check(
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np
 
-    from workbench.organism.check import CHECK_SEED, fidelity_rows, heldout_dialogues, load_checkpoint, score_dialogues, self_correction_table
+    from workbench.models import load_model
+    from workbench.organism.check import CHECK_SEED, checkpoint_meta, fidelity_rows, heldout_dialogues, score_dialogues, self_correction_table
 
     if n < 1 or items < 1:
         raise WorkbenchError("--n and --items must be ≥ 1")
     if model is not None and not model.is_dir():
         raise WorkbenchError(f"checkpoint folder not found: {model}")
     seed = CHECK_SEED if seed is None else seed
-    net, tok, params, meta = load_checkpoint(model)
-    scored = score_dialogues(net, tok, heldout_dialogues(n, seed, params), params)
+    params, meta = checkpoint_meta(model)
+    loaded = load_model(str(model) if model is not None else "organism", device="cpu")
+    scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params)
     rec = meta.get("training", {})
     table = Table(
         title=f"answer distribution vs the exact predictive: {n} held-out dialogues, {len(scored.round_index)} answers (seed {seed})",
@@ -146,7 +148,7 @@ def check(
     console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n")
 
     for protocol in ("organism", "organism-neutral", "organism-inject"):
-        res = self_correction_table(net, tok, protocol, n_items=items, seed=seed, params=params)
+        res = self_correction_table(loaded, protocol, n_items=items, seed=seed)
         rounds = len(res["p_fair"])
         t = Table(title=f"{protocol}: the model answers {items} held-out items for itself (greedy)", title_justify="left")
         t.add_column("per round")
