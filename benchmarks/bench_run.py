@@ -150,7 +150,7 @@ def main() -> None:
         # warm-up (first calls allocate), then the measured runs, alternated to share the machine's noise
         run_protocol(RunConfig(**{**cfg.__dict__, "out": Path(tmp) / "warm.h5", "limit": args.batch_size}), model=model).close()
         wb_times, hf_times = [], []
-        for rep in range(2):
+        for rep in range(5):
             out = Path(tmp) / f"bench{rep}.h5"
             t0 = time.perf_counter()
             run = run_protocol(RunConfig(**{**cfg.__dict__, "out": out}), model=model)

@@ -1,4 +1,4 @@
-"""Residual-stream activations of texts at one hook, every chosen layer, in one hooked pass per batch."""
+"""Residual-stream activations of texts at one hook, every chosen layer, in one pass per batch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from workbench.capture import capture_pooled
+from workbench.capture import capture_pooled, hook_sites
 from workbench.generation import pad
 
 TEXT_POSITIONS = ("last", "mean")
@@ -30,6 +30,7 @@ def text_activations(
     if position not in TEXT_POSITIONS:
         raise ValueError(f"position must be one of {TEXT_POSITIONS}")
     which = TEXT_POSITIONS.index(position)
+    sites = hook_sites(model, [hook], layers)
     order = np.argsort([len(t) for t in token_ids], kind="stable")
     out = torch.empty((len(layers), len(token_ids), model.d_model))
     for start in range(0, len(order), batch_size):
@@ -38,7 +39,7 @@ def text_activations(
         ids, _ = pad(seqs, model.tokenizer.pad_token_id, model.device, "right")
         lengths = torch.tensor([len(s) for s in seqs])
         spans = torch.stack([torch.zeros_like(lengths), lengths, torch.zeros_like(lengths), lengths], -1)[:, None, :]
-        acts = capture_pooled(model.bridge, ids, spans.to(model.device), [hook], layers)[hook]  # [b, 1, 2, L, d]
+        acts = capture_pooled(model.hf, ids, spans.to(model.device), sites)[hook]  # [b, 1, 2, L, d]
         out[:, torch.from_numpy(rows)] = acts[:, 0, which].permute(1, 0, 2)
         if on_batch is not None:
             on_batch(len(rows))

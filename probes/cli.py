@@ -40,7 +40,7 @@ def fit(
     from probes.contrast import load_contrast
     from probes.fit import fit_probe, save_fitted
     from probes.methods import METHODS, PAIRED_METHODS
-    from workbench.capture import check_layers, hook_point_names
+    from workbench.capture import check_layers, hook_sites
     from workbench.models import load_model
 
     if method not in METHODS:
@@ -51,7 +51,7 @@ def fit(
         raise WorkbenchError("--test-fraction must be between 0 and 1")
     loaded = load_model(model, device, dtype)
     chosen = check_layers(_ints(layers), loaded.n_layers)
-    hook_point_names(loaded.bridge, hook, chosen)
+    hook_sites(loaded, [hook], chosen)
     data = load_contrast(contrast, loaded.tokenizer, paired=method in PAIRED_METHODS, n=n, fmt=text_format)
     with _progress(len(data.token_ids)) as advance:
         ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, advance)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import build_tokenizer
 
-from workbench.chat import plan_conversation
+from workbench.chat import check_prefix_stable, plan_conversation
 from workbench.errors import WorkbenchError
 
 SPACED = ("{% for m in messages %}{{ ' <' + m['role'] + '> ' + m['content'] + ' <end>' }}{% endfor %}"
@@ -29,6 +29,7 @@ def test_pieces_reassemble_the_rendered_conversation(tmp_path):
 def test_a_space_between_header_and_content_is_allowed(tmp_path):
     tok = build_tokenizer(tmp_path, chat_template=SPACED)
     plan = plan_conversation(tok, ["hello", "again"], ["", ""])
+    check_prefix_stable(tok, plan)
     assert plan.round_inputs[0] == " <user> hello <end> <assistant> "
     assert plan.round_inputs[1] == " <end> <user> again <end> <assistant> "
 
@@ -36,4 +37,4 @@ def test_a_space_between_header_and_content_is_allowed(tmp_path):
 def test_a_template_that_drops_earlier_turns_is_refused(tmp_path):
     tok = build_tokenizer(tmp_path, chat_template=LAST_TURN_ONLY)
     with pytest.raises(WorkbenchError, match="drops or rewrites|not prefix-stable"):
-        plan_conversation(tok, ["hello", "again"], ["", ""])
+        check_prefix_stable(tok, plan_conversation(tok, ["hello", "again"], ["", ""]))

@@ -183,12 +183,14 @@ def test_option_probabilities_equal_direct_computation(arch, runs, loaded):
     np.testing.assert_allclose(entropy, hand, rtol=1e-5, atol=1e-6)
 
 
-def test_single_token_options_after_a_lead_equal_direct_computation(tmp_path, loaded):
-    """The fast path (reading the generation's own logits) and the lead handling agree with direct passes."""
+@pytest.mark.parametrize("letters", [[" a", " b", " c"], [" a b", " c", " b a c"]], ids=["single-token", "multi-token"])
+def test_options_after_a_lead_equal_direct_computation(letters, loaded):
+    """The fast path (single tokens: the generation's own logits) and the shared-row pass (several
+    options after one lead in one row) agree with a separate unpadded pass per option."""
     model = loaded("llama")
     tok = model.tokenizer
-    letters = [" a", " b", " c"]
-    assert all(len(tok(x, add_special_tokens=False)["input_ids"]) == 1 for x in letters)
+    lengths = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in letters]
+    assert (max(lengths) == 1) == (letters[0] == " a")
     lead = 2
     task = Task(name="letters", multiple_choice=True, format_choices=BBQ.format_choices,
                 option_continuations=lambda s: letters, parse_answer=lambda s, text: -1,
@@ -196,11 +198,12 @@ def test_single_token_options_after_a_lead_equal_direct_computation(tmp_path, lo
     from workbench import tasks as tasks_module
 
     samples = tasks_module.load_bbq([BBQ_FIXTURE], limit=3)
+    from workbench.capture import hook_sites
     from workbench.engine import run_batch
     from workbench.protocol import load_protocol
 
     protocol = load_protocol("bbq-paper", rounds=2)
-    res = run_batch(model, task, protocol, samples, ["hook_resid_post"], [0], seed=0)
+    res = run_batch(model, task, protocol, samples, hook_sites(model, ["hook_resid_post"], [0]), seed=0)
     hf = reference_model(model.path)
     option_ids = [tok(x, add_special_tokens=False)["input_ids"] for x in letters]
     for i in range(3):

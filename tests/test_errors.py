@@ -83,6 +83,9 @@ def test_layer_out_of_range_and_unknown_hook(capsys, monkeypatch, tmp_path, mode
     code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "hook_resid_sideways"))
     assert code == 2
     one_clean_line(err, "hook_resid_sideways", "hook_resid_post")
+    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "attn.hook_pattern"))
+    assert code == 2
+    one_clean_line(err, "attn.hook_pattern", "inside a module", "hook_resid_mid")
     assert not (tmp_path / "o.h5").exists()
 
 

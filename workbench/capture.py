@@ -1,19 +1,28 @@
-"""Capturing the residual stream through TransformerLens hook points.
+"""Capturing TransformerLens hook points from the passes the model makes anyway.
 
 A hook is named the TransformerLens way without its block, e.g. ``hook_resid_post``; it is
-captured at every chosen layer (``blocks.{i}.hook_resid_post``). Hooks pool as they fire, so a
-pass keeps ``[batch, n_pools, d_model]`` per layer instead of ``[batch, pos, d_model]``.
+captured at every chosen layer (``blocks.{i}.hook_resid_post``). The TransformerBridge knows,
+for each architecture, which Hugging Face module boundary a hook point observes:
+``blocks.3.hook_resid_mid`` is the input of layer 3's ``post_attention_layernorm`` on Llama and
+of ``ln_2`` on GPT-2. :func:`hook_sites` asks the bridge once; :func:`pooling` then attaches plain
+PyTorch hooks at those boundaries of the untouched HF model. So capture rides along the prefill
+of ``generate`` (the model's own attention kernel, the KV cache) instead of making an eager pass
+of its own through the bridge. ``tests/test_capture.py`` checks every site against the bridge's
+own hook values, and :func:`hook_sites` checks each chosen site against the bridge once when a run
+starts. Hook points computed *inside* a module (``attn.hook_pattern``) or not ``d_model`` wide
+(``attn.hook_z``) are refused with the list of those that can be captured.
 
-Pools are rows of a weight matrix over positions: the last prompt token of a round is a one-hot
-row, the mean over a round's response is a row of 1/len over its span. One einsum per hook and
-layer turns the activation into every pool at once.
+Hooks pool as they fire, so a pass keeps ``[batch, n_pools, d_model]`` per site instead of
+``[batch, pos, d_model]``. Pools are rows of a weight matrix over positions: the last prompt token
+of a round is a one-hot row, the mean over a round's response is a row of 1/len over its span.
 """
 
 from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import einops
 import torch
@@ -22,16 +31,17 @@ from workbench.errors import WorkbenchError
 
 POSITIONS = ("last_prompt", "response_mean")
 DEFAULT_HOOKS = ("hook_resid_post",)
+_BRIDGE_WRAPPER = "._original_component"  # the bridge inserts this between a component and the HF module it wraps
 
 
-def hook_point_names(bridge: Any, hook: str, layers: list[int]) -> list[str]:
-    """``blocks.{i}.{hook}`` for each layer, checked against the bridge's hook points."""
-    names = [f"blocks.{i}.{hook}" for i in layers]
-    missing = [n for n in names if n not in bridge.hook_dict]
-    if missing:
-        known = sorted({k.split(".", 2)[2] for k in bridge.hook_dict if k.startswith("blocks.0.")})
-        raise WorkbenchError(f"unknown hook {hook!r} (hooks of block 0: {', '.join(known)})")
-    return names
+@dataclass(frozen=True)
+class HookSite:
+    """Where the hook point ``blocks.{layer}.{hook}`` is observed on the plain HF model."""
+
+    hook: str
+    layer: int
+    module: str  # path in the HF model, e.g. "model.layers.3.post_attention_layernorm"
+    side: str  # "input" or "output" of that module
 
 
 def check_layers(layers: list[int] | None, n_layers: int) -> list[int]:
@@ -44,18 +54,92 @@ def check_layers(layers: list[int] | None, n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
-@contextmanager
-def hooked(bridge: Any, fwd_hooks: list[tuple[str, Callable]]) -> Iterator[None]:
-    """Attach forward hooks to bridge hook points for the duration of the block; removes only them."""
-    with bridge.hooks(fwd_hooks=fwd_hooks):
-        yield
+def hook_sites(model: Any, hooks: list[str], layers: list[int]) -> list[HookSite]:
+    """Each ``(hook, layer)`` of a :class:`~workbench.models.LoadedModel` resolved to its HF module
+    boundary, hooks outer and layers inner.
+
+    Every site is checked once on a short text: the HF boundary must give the bridge's own hook
+    value, ``[batch, pos, d_model]``. Raises :class:`WorkbenchError` for a hook the model does not
+    have, or one that cannot be captured this way, naming the block-0 hooks that can.
+    """
+    bridge = model.bridge
+    boundaries = _boundaries(bridge, model.hf)
+    sites = []
+    for hook in hooks:
+        for layer in layers:
+            name = f"blocks.{layer}.{hook}"
+            if name not in bridge.hook_dict:
+                known = sorted({k.split(".", 2)[2] for k in bridge.hook_dict if k.startswith("blocks.0.")})
+                raise WorkbenchError(f"unknown hook {hook!r} (hooks of block 0: {', '.join(known)})")
+            if name not in boundaries:
+                raise _not_capturable(model, hook, "it is computed inside a module")
+            sites.append(HookSite(hook, layer, *boundaries[name]))
+    problem = site_disagreement(model, sites)
+    if problem:
+        hook, why = problem
+        raise _not_capturable(model, hook, why)
+    return sites
+
+
+def _boundaries(bridge: Any, hf: Any) -> dict[str, tuple[str, str]]:
+    """Hook point name → (HF module path, "input"|"output") for every hook point that observes the
+    input or output of a module the plain HF model has."""
+    paths = {id(m): name for name, m in bridge.original_model.named_modules()}
+    modules = dict(hf.named_modules())
+    found = {}
+    for name, point in bridge.hook_dict.items():
+        module, _, leaf = paths.get(id(point), "").replace(_BRIDGE_WRAPPER, "").rpartition(".")
+        if leaf in ("hook_in", "hook_out") and module in modules:
+            found[name] = (module, "input" if leaf == "hook_in" else "output")
+    return found
+
+
+@torch.no_grad()
+def site_disagreement(model: Any, sites: list[HookSite]) -> tuple[str, str] | None:
+    """Run a short text through the bridge (its hook points) and the HF model (the sites); the first
+    site whose value differs from its hook point's in shape or number, as ``(hook, why)``, else None.
+
+    Relative tolerance 1e-3 in float32, 5e-2 in half precision (the bridge's eager attention and the
+    model's own kernel round differently)."""
+    if not sites:
+        return None
+    tokens = torch.tensor([model.tokenizer("Hooks are checked once, on a short text.")["input_ids"]], device=model.device)
+    seq = tokens.shape[1]
+    want: dict[HookSite, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any, site: HookSite) -> torch.Tensor:
+        want[site] = act.detach().float()
+        return act
+
+    fwd = [(f"blocks.{s.layer}.{s.hook}", functools.partial(keep, site=s)) for s in sites]
+    with model.bridge.hooks(fwd_hooks=fwd):
+        model.bridge(tokens, return_type=None, stop_at_layer=max(s.layer for s in sites) + 1)
+    with pooling(model.hf, sites, torch.eye(seq, device=model.device)[None]) as got:  # identity pools: every position
+        model.hf(input_ids=tokens, logits_to_keep=1)
+    tolerance = 1e-3 if model.dtype == "float32" else 5e-2
+    for site in sites:
+        a, b = got.get(site), want.get(site)
+        if a is None or b is None or a.shape != b.shape or b.shape[-1] != model.d_model:
+            shape = None if b is None else tuple(b.shape)
+            return site.hook, f"its bridge value has shape {shape}, not [batch, pos, d_model]"
+        error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-6))
+        if not error <= tolerance:
+            return site.hook, f"{site.module} ({site.side}) differs from the bridge's value by {error:.2g} relative at layer {site.layer}"
+    return None
+
+
+def _not_capturable(model: Any, hook: str, why: str) -> WorkbenchError:
+    block0 = [HookSite(name.split(".", 2)[2], 0, *where) for name, where in _boundaries(model.bridge, model.hf).items()
+              if name.startswith("blocks.0.")]
+    good = sorted(s.hook for s in block0 if site_disagreement(model, [s]) is None)
+    return WorkbenchError(f"hook {hook!r} cannot be captured from the model's own passes: {why} (capturable: {', '.join(good)})")
 
 
 def pool_weights(spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Pooling rows for every round's two positions.
 
     spans ``[batch, rounds, 4]`` = (prompt_start, prompt_end, response_start, response_end) token
-    offsets in the transcript → weights ``[batch, rounds * 2, seq_len]``: row 2t is the last prompt
+    offsets in the sequence → weights ``[batch, rounds * 2, seq_len]``: row 2t is the last prompt
     token of round t, row 2t+1 the mean over round t's response (all zero when it is empty, which
     the caller turns into NaN).
     """
@@ -67,42 +151,73 @@ def pool_weights(spans: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.stack([last, mean], dim=2).reshape(batch, rounds * 2, seq_len)
 
 
+@contextmanager
+def pooling(hf: Any, sites: list[HookSite], weights: torch.Tensor) -> Iterator[dict[HookSite, torch.Tensor]]:
+    """Pool every site over the *first* forward call of ``hf`` inside the block.
+
+    weights ``[batch, n_pools, seq]`` → yields a dict, filled as that call runs, of site →
+    ``[batch, n_pools, d_model]`` float32. Later calls (the decode steps of ``generate``) pass
+    untouched. Raises if the first call's input is not ``[batch, seq]`` (e.g. a chunked prefill).
+    """
+    pooled: dict[HookSite, torch.Tensor] = {}
+    calls = [0]
+    weights = weights.to(next(hf.parameters()).device)
+
+    def count(module: Any, args: Any, kwargs: Any) -> None:
+        calls[0] += 1
+
+    def pool(site: HookSite, act: Any) -> None:
+        if calls[0] != 1:
+            return
+        act = act[0] if isinstance(act, tuple) else act
+        if act.shape[:2] != (weights.shape[0], weights.shape[2]):
+            raise RuntimeError(f"{site.module} saw {tuple(act.shape[:2])}, expected (batch, seq) {weights.shape[0], weights.shape[2]}")
+        pooled[site] = einops.einsum(weights, act.float(), "b p t, b t d -> b p d")
+
+    def on_input(site: HookSite, module: Any, args: Any, kwargs: Any) -> None:
+        pool(site, args[0] if args else kwargs["hidden_states"])
+
+    def on_output(site: HookSite, module: Any, args: Any, output: Any) -> None:
+        pool(site, output)
+
+    handles = [hf.register_forward_pre_hook(count, with_kwargs=True)]
+    try:
+        for site in sites:
+            module = hf.get_submodule(site.module)
+            if site.side == "input":
+                handles.append(module.register_forward_pre_hook(functools.partial(on_input, site), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(functools.partial(on_output, site)))
+        yield pooled
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_sites(pooled: dict[HookSite, torch.Tensor], sites: list[HookSite]) -> dict[str, torch.Tensor]:
+    """Per-site pools ``[batch, n_pools, d_model]`` → ``{hook: [batch, n_pools, n_layers, d_model]}``,
+    layers in the order of ``sites``."""
+    hooks = list(dict.fromkeys(s.hook for s in sites))
+    return {h: torch.stack([pooled[s] for s in sites if s.hook == h], dim=2) for h in hooks}
+
+
 @torch.no_grad()
-def capture_pooled(
-    bridge: Any,
-    tokens: torch.Tensor,
-    spans: torch.Tensor,
-    hooks: list[str],
-    layers: list[int],
-) -> dict[str, torch.Tensor]:
-    """One hooked forward over right-padded transcripts, pooled per round.
+def capture_pooled(hf: Any, tokens: torch.Tensor, spans: torch.Tensor, sites: list[HookSite]) -> dict[str, torch.Tensor]:
+    """One forward over right-padded sequences, pooled per round.
 
     tokens ``[batch, seq]`` (right-padded; causal attention keeps pads out of real positions),
-    spans ``[batch, rounds, 4]`` → ``{hook: [batch, rounds, 2, n_layers, d_model]}`` in float32,
-    the 2 positions being ``POSITIONS``. A round with an empty response gets NaN in its mean.
-    The pass stops after the last chosen layer: no unembedding is computed.
+    spans ``[batch, rounds, 4]`` (see :func:`pool_weights`) → ``{hook: [batch, rounds, 2, n_layers,
+    d_model]}`` float32 on the CPU, the 2 positions being ``POSITIONS``. A round with an empty
+    response gets NaN in its mean.
     """
     batch, seq = tokens.shape
     rounds = spans.shape[1]
-    weights = pool_weights(spans, seq)
-    pooled: dict[tuple[str, int], torch.Tensor] = {}
-
-    def pool(act: torch.Tensor, hook: Any, key: tuple[str, int]) -> torch.Tensor:
-        pooled[key] = einops.einsum(weights.to(act.device), act.float(), "b p t, b t d -> b p d")
-        return act
-
-    fwd = [
-        (name, functools.partial(pool, key=(h, j)))
-        for h in hooks
-        for j, name in enumerate(hook_point_names(bridge, h, layers))
-    ]
-    with hooked(bridge, fwd):
-        bridge(tokens, return_type=None, stop_at_layer=max(layers) + 1)
-    empty = spans[..., 3] <= spans[..., 2]  # [batch, rounds]
+    with pooling(hf, sites, pool_weights(spans, seq)) as pooled:
+        hf(input_ids=tokens, logits_to_keep=1)
+    empty = (spans[..., 3] <= spans[..., 2]).cpu()
     result = {}
-    for h in hooks:
-        stacked = torch.stack([pooled[(h, j)] for j in range(len(layers))], dim=2)  # [batch, rounds*2, L, d]
-        stacked = stacked.reshape(batch, rounds, 2, len(layers), -1)
-        stacked[:, :, 1][empty] = float("nan")
-        result[h] = stacked.cpu()
+    for hook, acts in stack_sites(pooled, sites).items():
+        acts = acts.reshape(batch, rounds, 2, acts.shape[-2], acts.shape[-1]).cpu()
+        acts[:, :, 1][empty] = float("nan")
+        result[hook] = acts
     return result

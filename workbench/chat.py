@@ -40,26 +40,29 @@ class ConversationPlan:
 def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[str]) -> ConversationPlan:
     """Split a conversation of ``len(instructions)`` rounds into the template's text pieces.
 
-    Raises WorkbenchError when the chat template is not prefix-stable (its rendering with
-    ``add_generation_prompt=True`` is not the start of the rendering with the answer appended).
+    Raises WorkbenchError when the chat template drops or rewrites assistant messages.
     """
-    rounds = len(instructions)
-    messages: list[dict[str, str]] = []
-    for t, text in enumerate(instructions):
-        messages.append({"role": "user", "content": text})
-        messages.append({"role": "assistant", "content": prefixes[t] + _SENTINEL.format(t)})
+    messages = _messages(instructions, prefixes)
     full = _render(tokenizer, messages, add_generation_prompt=False)
     pieces, rest = [], full
-    for t in range(rounds):
+    for t in range(len(instructions)):
         marker = prefixes[t] + _SENTINEL.format(t)
         head, sep, rest = rest.partition(marker)
         if not sep:
             raise WorkbenchError("the chat template drops or rewrites assistant messages; cannot build a transcript")
         pieces.append(head + prefixes[t])
-    for t in range(rounds):
-        # What `add_generation_prompt=True` renders must be the conversation as rendered later, up
-        # to whitespace the template puts between the assistant header and the content (the
-        # round input keeps that separator, as the rendered conversation does).
+    return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), rest)
+
+
+def check_prefix_stable(tokenizer: Any, plan: ConversationPlan) -> None:
+    """Raise WorkbenchError unless every round's ``add_generation_prompt=True`` rendering is the
+    start of the conversation rendered with its answers (up to whitespace the template puts between
+    the assistant header and the content, which the round input keeps, as the conversation does).
+
+    The check renders the template once per round; the engine makes it on one sample per batch."""
+    messages = _messages(list(plan.instructions), list(plan.prefixes))
+    pieces, prefixes = plan.round_inputs, plan.prefixes
+    for t in range(len(pieces)):
         with_header = _render(tokenizer, messages[: 2 * t + 1], add_generation_prompt=True)
         history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(pieces[:t])) + pieces[t][: len(pieces[t]) - len(prefixes[t])]
         if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
@@ -67,7 +70,15 @@ def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[st
                 "the chat template is not prefix-stable (a round's prompt is not the start of the conversation "
                 "rendered with its answer); the workbench needs a template that renders earlier turns unchanged"
             )
-    return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), rest)
+
+
+def _messages(instructions: list[str], prefixes: list[str]) -> list[dict[str, str]]:
+    """The conversation with each assistant content replaced by its prefix and a sentinel."""
+    messages = []
+    for t, text in enumerate(instructions):
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": prefixes[t] + _SENTINEL.format(t)})
+    return messages
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -77,6 +88,9 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
         raise WorkbenchError(f"the model's chat template failed to render ({type(e).__name__}: {e})") from None
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of template text (special-token text such as ``<|im_start|>`` is recognised)."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each template text, in one tokenizer call (special-token text such as
+    ``<|im_start|>`` is recognised)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -58,7 +58,7 @@ def run(
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
     inject: list[str] = typer.Option([], help="Inject an instruction at a round, replacing its follow-up: ROUND:TEXT (repeatable)."),
     batch_size: int = typer.Option(16, help="Samples generated together (left padding, KV cache)."),
-    hooks: str = typer.Option("hook_resid_post", help="Comma-separated hook names captured at every layer, e.g. hook_resid_post,hook_resid_mid."),
+    hooks: str = typer.Option("hook_resid_post", help="Comma-separated TransformerLens hook names captured at every layer, e.g. hook_resid_post,hook_resid_mid (any d_model-wide hook at a module boundary)."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers to capture (default: all)."),
     activation_dtype: str = typer.Option("float32", help="Stored activation dtype: float32 or float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),

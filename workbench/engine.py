@@ -2,9 +2,11 @@
 
 For each round the batch's conversations (every earlier turn, the new instruction, the assistant
 prefix) are generated with the KV cache; token entropies come with the generation and options
-are scored on the prompt's cache. After the last round one hooked pass over the final transcripts
-captures every round's residual stream at once (DESIGN §3). The result is plain arrays, ready
-for :mod:`workbench.store`.
+are scored on the prompt's cache. Activations are pooled from the passes generation makes anyway
+(DESIGN §3): round t's prefill holds round t's last prompt token and every earlier response, so
+it gives round t's ``last_prompt`` and round t−1's ``response_mean``; the last round's responses
+get one short pass on that round's prompt cache. The result is plain arrays, ready for
+:mod:`workbench.store`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workbench.capture import capture_pooled
-from workbench.chat import encode, plan_conversation
-from workbench.generation import generate_round, pad, score_options
+from workbench.capture import HookSite, pool_weights, pooling, stack_sites
+from workbench.chat import check_prefix_stable, encode, plan_conversation
+from workbench.generation import RoundOutput, crop_cache, forward_after_prompt, generate_round, score_options
 from workbench.models import LoadedModel
 from workbench.protocol import Protocol
 from workbench.tasks import Sample, Task
@@ -61,11 +63,11 @@ def run_batch(
     task: Task,
     protocol: Protocol,
     samples: list[Sample],
-    hooks: list[str],
-    layers: list[int],
+    sites: list[HookSite],
     seed: int,
 ) -> BatchResult:
-    """Run ``samples`` through every round of ``protocol`` (see the module docstring)."""
+    """Run ``samples`` through every round of ``protocol`` (see the module docstring), capturing
+    ``sites`` (from :func:`workbench.capture.hook_sites`; none: answers and uncertainty only)."""
     tok, device = model.tokenizer, model.device
     rounds, batch = protocol.rounds, len(samples)
     if protocol.decoding.do_sample:
@@ -74,7 +76,10 @@ def run_batch(
     for s in samples:
         instructions, prefixes = conversation_texts(protocol, task, s)
         plans.append(plan_conversation(tok, instructions, prefixes))
-    option_tokens = [[encode(tok, text) for text in task.option_continuations(s)] for s in samples]
+    check_prefix_stable(tok, plans[0])  # a property of the template, not of the sample's text
+    continuations = [task.option_continuations(s) for s in samples]
+    flat = iter(encode(tok, [text for texts in continuations for text in texts]))
+    option_tokens = [[next(flat) for _ in texts] for texts in continuations]
     width = max((len(o) for o in option_tokens), default=0)
 
     transcripts: list[list[int]] = [[] for _ in samples]
@@ -83,14 +88,20 @@ def run_batch(
     prompt_spans = np.zeros((batch, rounds, 2), dtype=np.int64)
     response_spans = np.zeros((batch, rounds, 2), dtype=np.int64)
     option_nll = np.full((batch, rounds, width), np.nan, dtype=np.float32)
+    pools: list[dict[str, torch.Tensor]] = []  # per round: {hook: [batch, 2, L, d]}, (last prompt of t, response mean of t-1)
     for t in range(rounds):
         prompts = []
-        for i, plan in enumerate(plans):
+        for i, ids in enumerate(encode(tok, [plan.round_inputs[t] for plan in plans])):
             start = len(transcripts[i])
-            transcripts[i] = transcripts[i] + encode(tok, plan.round_inputs[t])
+            transcripts[i] = transcripts[i] + ids
             prompt_spans[i, t] = (start, len(transcripts[i]))
             prompts.append(transcripts[i])
-        out = generate_round(model.hf, tok, prompts, protocol.decoding, device)
+        weights = _prefill_weights(prompt_spans[:, t], response_spans[:, t - 1] if t else None)
+        with pooling(model.hf, sites, weights) as pooled:
+            out = generate_round(model.hf, tok, prompts, protocol.decoding, device)
+        pools.append(stack_sites(pooled, sites))
+        if t == rounds - 1 and sites:
+            pools.append(_last_responses(model.hf, out, sites, tok.pad_token_id))
         if width:
             leads = [task.lead_length(ids, tok) for ids in out.response_ids]
             option_nll[:, t] = score_options(model.hf, out, leads, option_tokens, tok.pad_token_id).numpy()
@@ -100,8 +111,8 @@ def run_batch(
             token_ent[i][t] = out.token_entropies[i]
             response_spans[i, t] = (len(transcripts[i]), len(transcripts[i]) + len(ids))
             transcripts[i] = transcripts[i] + ids
-    for i, plan in enumerate(plans):
-        transcripts[i] = transcripts[i] + encode(tok, plan.closing)
+    for i, ids in enumerate(encode(tok, [plan.closing for plan in plans])):
+        transcripts[i] = transcripts[i] + ids
 
     responses = [[tok.decode(ids) for ids in per_sample] for per_sample in response_ids]
     probs = np.full_like(option_nll, np.nan)
@@ -111,11 +122,7 @@ def run_batch(
     parsed = np.array([[task.parse_answer(s, r) for r in rs] for s, rs in zip(samples, responses)], dtype=np.int16)
     mean_ent = np.array([[np.mean(e) if e else np.nan for e in es] for es in token_ent], dtype=np.float32)
 
-    acts = {}
-    if hooks:  # no hooks: answers and uncertainty only, no capture pass
-        ids, _ = pad(transcripts, tok.pad_token_id, device, "right")
-        spans = torch.from_numpy(np.concatenate([prompt_spans, response_spans], axis=-1)).to(device)
-        acts = capture_pooled(model.bridge, ids, spans, hooks, layers)
+    acts = _round_activations(pools, response_spans) if sites else {}
 
     fields: dict[str, list[np.ndarray]] = {}
     for s, plan, rs in zip(samples, plans, responses):
@@ -132,9 +139,50 @@ def run_batch(
         mean_token_entropy=mean_ent,
         option_probs=probs,
         parsed_answer=parsed,
-        activations={h: a.numpy() for h, a in acts.items()},
+        activations=acts,
         round_fields={k: np.stack(v) for k, v in fields.items()},
     )
+
+
+def _prefill_weights(prompt_span: np.ndarray, prev_response_span: np.ndarray | None) -> torch.Tensor:
+    """Pooling rows over round t's left-padded prefill: ``[batch, 2, width]`` = (its last prompt
+    token, the mean over round t−1's response; zero in round 1)."""
+    width = int(prompt_span[:, 1].max())
+    offset = width - prompt_span[:, 1:2]  # left padding shifts every position of a row
+    previous = prev_response_span if prev_response_span is not None else np.zeros_like(prompt_span)
+    spans = np.concatenate([prompt_span + offset, previous + offset], -1)
+    return pool_weights(torch.from_numpy(spans)[:, None], width)
+
+
+def _last_responses(hf: object, out: RoundOutput, sites: list[HookSite], pad_id: int) -> dict[str, torch.Tensor]:
+    """The last round's response means, from one pass of its responses on its prompt cache:
+    ``{hook: [batch, 2, L, d]}`` with row 1 filled (row 0 unused). Crops the cache back after."""
+    lengths = [len(ids) for ids in out.response_ids]
+    longest = max(lengths)
+    if longest == 0:
+        return {}
+    spans = torch.tensor([[0, 1, 0, n] for n in lengths])[:, None]
+    prompt_len = out.prompt_mask.shape[1]
+    with pooling(hf, sites, pool_weights(spans, longest)) as pooled:
+        with torch.no_grad():
+            forward_after_prompt(hf, out, out.response_ids, pad_id, logits_to_keep=1)
+    crop_cache(out.cache, prompt_len)
+    return stack_sites(pooled, sites)
+
+
+def _round_activations(pools: list[dict[str, torch.Tensor]], response_spans: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-round prefill pools (plus the last-response pool) → ``{hook: [B, R, 2, L, d]}`` float32,
+    NaN for the mean of an empty response."""
+    rounds = len(response_spans[0])
+    empty = torch.from_numpy(response_spans[..., 1] <= response_spans[..., 0])  # [B, R]
+    result = {}
+    for hook in pools[0]:
+        last_prompt = torch.stack([pools[t][hook][:, 0] for t in range(rounds)], 1)
+        means = [pools[t + 1][hook][:, 1] if hook in pools[t + 1] else torch.zeros_like(last_prompt[:, 0]) for t in range(rounds)]
+        acts = torch.stack([last_prompt, torch.stack(means, 1)], 2).cpu()  # [B, R, 2, L, d]
+        acts[:, :, 1][empty] = float("nan")
+        result[hook] = acts.numpy()
+    return result
 
 
 def option_summary(option_probs: np.ndarray, parsed: np.ndarray, gold: np.ndarray) -> dict[str, np.ndarray]:

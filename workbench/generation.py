@@ -3,7 +3,8 @@
 Generation uses ``hf.generate`` (left padding, attention mask, the KV cache); the logits of every
 generated step come back with it, so token entropies cost nothing extra. Options are scored
 after the prompt (and after the response's lead, see ``Task.lead_length``) by reusing the
-prompt's KV cache: only the option tokens are run, never the prompt again. When every option is
+prompt's KV cache: only the option tokens are run, never the prompt again, all options of a sample
+in one row (an attention mask keeps them apart). When every option is
 a single token and the model already generated up to the answer, its logits at that step are
 read directly and no pass is made at all.
 """
@@ -82,10 +83,15 @@ def generate_round(hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: 
         response_ids.append(seq[:n])
         token_entropies.append(entropies[i, : min(n + 1, len(seq))].tolist())
     cache = out.past_key_values
-    extra = cache.get_seq_length() - prompt_len
+    crop_cache(cache, prompt_len)
+    return RoundOutput(response_ids, token_entropies, step_logits, cache, mask)
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Drop a KV cache's positions beyond ``length``, in place."""
+    extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)  # transformers 5: a negative count removes that many trailing tokens
-    return RoundOutput(response_ids, token_entropies, step_logits, cache, mask)
 
 
 @torch.no_grad()
@@ -99,7 +105,9 @@ def score_options(
     """Mean NLL of each option's tokens after the prompt and the response's first ``leads[i]`` tokens.
 
     options ``[batch][n_options][tokens]`` → ``[batch, n_options]`` float32 (NaN where a sample
-    has fewer options than the widest one). Reuses ``rnd.cache``; consumes it.
+    has fewer options than the widest one). One pass on ``rnd.cache`` with one row per sample: the
+    lead, then every option, each option seeing only the prompt, the lead and itself (so the prompt's
+    keys and values are never copied per option). The cache grows by that pass; crop it to reuse it.
     """
     batch = len(options)
     width = max(len(o) for o in options)
@@ -113,33 +121,72 @@ def score_options(
             logp = torch.log_softmax(rnd.step_logits[i, leads[i]].float(), -1)
             nll[i, : len(options[i])] = -logp[[o[0] for o in options[i]]].cpu()
         return nll
-    conts, owners = [], []
+    conts, groups, positions = [], [], []
+    owner, predictor, target = [], [], []  # per option token: (sample, option), the position predicting it, its id
     for i in range(batch):
         lead = rnd.response_ids[i][: leads[i]]
+        seq, group, pos = list(lead), [-1] * len(lead), list(range(len(lead)))
         for k, opt in enumerate(options[i]):
-            conts.append(lead + opt)
-            owners.append((i, k, len(lead), len(opt)))
+            for j, token in enumerate(opt):
+                owner.append(i * width + k)
+                predictor.append(len(seq) if j else len(lead))  # +1 below: index 0 is the prompt's last step
+                target.append(token)
+                seq.append(token)
+                group.append(k)
+                pos.append(len(lead) + j)
+        conts.append(seq)
+        groups.append(group)
+        positions.append(pos)
+    logits = forward_after_prompt(hf, rnd, conts, pad_id, positions, groups).float()  # [batch, n, vocab]
+    first = rnd.step_logits[:, 0].float()  # predicts the first token after the prompt
+    logp = torch.log_softmax(torch.cat([first[:, None].to(logits.device), logits], 1), -1)  # [batch, 1 + n, vocab]
+    rows = torch.tensor(owner) // width
+    token_logp = logp[rows, torch.tensor(predictor), torch.tensor(target)].cpu()
+    total = torch.zeros(batch * width).index_add_(0, torch.tensor(owner), -token_logp)
+    count = torch.zeros(batch * width).index_add_(0, torch.tensor(owner), torch.ones(len(owner)))
+    scored = count > 0
+    nll.view(-1)[scored] = total[scored] / count[scored]
+    return nll
+
+
+def forward_after_prompt(
+    hf: Any,
+    rnd: RoundOutput,
+    conts: list[list[int]],
+    pad_id: int,
+    positions: list[list[int]] | None = None,
+    groups: list[list[int]] | None = None,
+    logits_to_keep: int = 0,
+) -> torch.Tensor:
+    """Run ``conts[i]`` after row i's prompt, on the prompt's KV cache.
+
+    → logits ``[batch, cont_len, vocab]`` (the last ``logits_to_keep`` positions when it is not 0).
+    ``positions[i][j]`` is token j's offset after the prompt (default ``j``); ``groups[i][j]`` lets
+    several continuations share a row: a token sees the prompt and the earlier tokens of its own
+    group and of group −1 (default: one group, plain causal attention). Continuations are
+    right-padded; pads see only the prompt and nothing sees them. The cache grows by the
+    continuation: :func:`crop_cache` it to ``rnd.prompt_mask.shape[1]`` to reuse it.
+    """
     device = rnd.prompt_mask.device
     cont_ids, cont_mask = pad(conts, pad_id, device, "right")
-    rows = torch.tensor([i for i, *_ in owners])
-    cache = rnd.cache
-    cache.batch_select_indices(rows.to(device))
-    prompt_mask = rnd.prompt_mask[rows.to(device)]
-    prompt_len = prompt_mask.sum(-1, keepdim=True)
-    position_ids = prompt_len + torch.arange(cont_ids.shape[1], device=device)[None, :]
-    logits = hf(
+    n = cont_ids.shape[1]
+    positions = positions if positions is not None else [list(range(len(c))) for c in conts]
+    groups = groups if groups is not None else [[0] * len(c) for c in conts]
+    pos, _ = pad(positions, 0, device, "right")
+    group, _ = pad([[g + 1 for g in gs] for gs in groups], -1, device, "right")  # 0: shared (−1), −1: padding
+    real = cont_mask.bool()
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    same = (group[:, :, None] == group[:, None, :]) | (group[:, None, :] == 0)
+    sees = causal[None] & same & real[:, None, :] & real[:, :, None]  # [batch, query, key]
+    allowed = torch.cat([rnd.prompt_mask.bool()[:, None, :].expand(-1, n, -1), sees], dim=-1)
+    dtype = next(hf.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    prompt_len = rnd.prompt_mask.sum(-1, keepdim=True)
+    return hf(
         input_ids=cont_ids,
-        attention_mask=torch.cat([prompt_mask, cont_mask], dim=1),
-        position_ids=position_ids,
-        cache=cache,
+        attention_mask=mask[:, None],  # [batch, 1, query, prompt + continuation], additive
+        position_ids=prompt_len + pos,
+        cache=rnd.cache,
         use_cache=True,
-    ).logits.float()
-    first = torch.log_softmax(rnd.step_logits[:, 0].float(), -1)  # predicts the first continuation token
-    logp = torch.log_softmax(logits, -1)
-    for r, (i, k, lead_len, opt_len) in enumerate(owners):
-        total = 0.0
-        for j in range(lead_len, lead_len + opt_len):
-            dist = first[i] if j == 0 else logp[r, j - 1]
-            total -= float(dist[conts[r][j]])
-        nll[i, k] = total / max(1, opt_len)
-    return nll
+        logits_to_keep=logits_to_keep,
+    ).logits

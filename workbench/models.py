@@ -10,8 +10,9 @@ of weights:
   buffers are the same tensors (no second copy of the weights): every forward through it fires
   TransformerLens hook points (``blocks.{i}.hook_resid_post`` …).
 
-The bridge forces eager attention; ``hf`` keeps the model's default. Both compute the same
-function; ``tests/test_engine.py`` checks the bridge's residuals against ``hf``'s hidden states.
+The bridge forces eager attention; ``hf`` keeps the model's default. Runs capture on ``hf``, at
+the module boundaries the bridge names (:mod:`workbench.capture`), so capture rides along
+generation; ``model.bridge`` stays for names, for that check and for users' own hooked passes.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def run_protocol(
     """
     from dataclasses import replace
 
-    from workbench.capture import check_layers, hook_point_names
+    from workbench.capture import check_layers, hook_sites
     from workbench.engine import option_summary, run_batch
     from workbench.models import load_model
     from workbench.protocol import load_protocol
@@ -150,8 +150,7 @@ def run_protocol(
     if model is None:
         model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code)
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
-    for hook in cfg.hooks:
-        hook_point_names(model.bridge, hook, layers)
+    sites = hook_sites(model, list(cfg.hooks), layers)
     settings = {
         **model.metadata(),
         "task": cfg.task,
@@ -184,7 +183,7 @@ def run_protocol(
             if done[start:stop].all():
                 continue
             batch = samples[start:stop]
-            res = run_batch(model, task, protocol, batch, list(cfg.hooks), layers, cfg.seed)
+            res = run_batch(model, task, protocol, batch, sites, cfg.seed)
             derived = option_summary(res.option_probs, res.parsed_answer, gold[start:stop])
             arrays = {
                 "instruction": res.instructions,

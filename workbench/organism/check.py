@@ -168,7 +168,7 @@ def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: i
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy", "responses")}
     for start in range(0, n_items, batch_size):
         batch = samples[start : start + batch_size]
-        res = run_batch(model, ORGANISM, p, batch, hooks=[], layers=[], seed=0)
+        res = run_batch(model, ORGANISM, p, batch, sites=[], seed=0)
         gold = np.array([s.gold for s in batch])
         parts["p_fair"].append(res.round_fields["exact_p_fair"])
         parts["log_odds"].append(res.round_fields["exact_log_odds"])
