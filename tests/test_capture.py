@@ -55,15 +55,30 @@ def test_pooled_sites_equal_the_bridges_hook_points(arch, loaded):
                 torch.testing.assert_close(acts[h][i, 0, 1, l], ref[1 : len(t) - 1].mean(0), rtol=1e-4, atol=1e-4)
 
 
-def test_the_engine_captures_every_round_at_several_hooks(loaded):
-    """Prefill capture (rounds 1..R−1 and every last prompt token) and the last round's response
-    pass give the bridge's values over the transcript, for hooks other than hook_resid_post."""
-    model = loaded("qwen2")
+@pytest.fixture(scope="module")
+def organism():
+    from workbench.models import load_model
+
+    return load_model("organism", device="cpu")
+
+
+@pytest.mark.parametrize("case", ["cut-off", "stopped"])
+def test_the_engine_captures_every_round_at_several_hooks(case, loaded, organism):
+    """Prefill capture (every last prompt token, rounds 1..R−1's responses) and the last round's
+    responses give the bridge's values over the transcript, for hooks other than hook_resid_post.
+    ``cut-off``: a random tiny Qwen2 whose last answers hit max_new_tokens (one extra pass);
+    ``stopped``: the organism, whose answers end with a stop token (read from the decode steps)."""
+    from workbench.organism.task import ORGANISM, load_organism_samples
+
+    if case == "cut-off":
+        model, task, samples, protocol = loaded("qwen2"), BBQ, load_bbq([BBQ_FIXTURE], limit=3), load_protocol("bbq-paper", rounds=3)
+        protocol = dataclasses.replace(protocol, decoding=dataclasses.replace(protocol.decoding, max_new_tokens=5))
+    else:
+        model, task, samples, protocol = organism, ORGANISM, load_organism_samples(4), load_protocol("organism", rounds=3)
     hooks = ["hook_resid_mid", "hook_attn_out"]
-    sites = hook_sites(model, hooks, [0, 1])
-    protocol = load_protocol("bbq-paper", rounds=3)
-    protocol = dataclasses.replace(protocol, decoding=dataclasses.replace(protocol.decoding, max_new_tokens=5))
-    res = run_batch(model, BBQ, protocol, load_bbq([BBQ_FIXTURE], limit=3), sites, seed=0)
+    res = run_batch(model, task, protocol, samples, hook_sites(model, hooks, [0, 1]), seed=0)
+    cut_off = any(len(r[-1]) == protocol.decoding.max_new_tokens for r in res.response_ids)
+    assert cut_off == (case == "cut-off")
     for i, transcript in enumerate(res.transcripts):
         want = bridge_values(model, transcript, [f"blocks.{l}.{h}" for h in hooks for l in (0, 1)])
         for h in hooks:

@@ -152,27 +152,38 @@ def pool_weights(spans: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 @contextmanager
-def pooling(hf: Any, sites: list[HookSite], weights: torch.Tensor) -> Iterator[dict[HookSite, torch.Tensor]]:
+def pooling(
+    hf: Any, sites: list[HookSite], weights: torch.Tensor, steps: dict[HookSite, list[torch.Tensor]] | None = None
+) -> Iterator[dict[HookSite, torch.Tensor]]:
     """Pool every site over the *first* forward call of ``hf`` inside the block.
 
     weights ``[batch, n_pools, seq]`` → yields a dict, filled as that call runs, of site →
-    ``[batch, n_pools, d_model]`` float32. Later calls (the decode steps of ``generate``) pass
-    untouched. Raises if the first call's input is not ``[batch, seq]`` (e.g. a chunked prefill).
+    ``[batch, n_pools, d_model]`` float32. Raises if the first call's input is not ``[batch, seq]``
+    (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
+    step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
+    last position, ``[batch, d_model]`` float32, to ``steps[site]``.
     """
     pooled: dict[HookSite, torch.Tensor] = {}
     calls = [0]
-    weights = weights.to(next(hf.parameters()).device)
+    batch, seq = weights.shape[0], weights.shape[2]
+    used = weights.abs().sum((0, 1)).nonzero()
+    start = int(used[0]) if len(used) else seq  # positions before every pooled one are never read
+    window = {weights.device: weights[..., start:]}  # per device: a model split over GPUs hands over there
 
     def count(module: Any, args: Any, kwargs: Any) -> None:
         calls[0] += 1
 
     def pool(site: HookSite, act: Any) -> None:
-        if calls[0] != 1:
-            return
         act = act[0] if isinstance(act, tuple) else act
-        if act.shape[:2] != (weights.shape[0], weights.shape[2]):
-            raise RuntimeError(f"{site.module} saw {tuple(act.shape[:2])}, expected (batch, seq) {weights.shape[0], weights.shape[2]}")
-        pooled[site] = einops.einsum(weights, act.float(), "b p t, b t d -> b p d")
+        if calls[0] != 1:
+            if steps is not None:
+                steps.setdefault(site, []).append(act[:, -1].float())
+            return
+        if act.shape[:2] != (batch, seq):
+            raise RuntimeError(f"{site.module} saw {tuple(act.shape[:2])}, expected (batch, seq) {batch, seq}")
+        if act.device not in window:
+            window[act.device] = weights[..., start:].to(act.device)
+        pooled[site] = einops.einsum(window[act.device], act[:, start:].float(), "b p t, b t d -> b p d")
 
     def on_input(site: HookSite, module: Any, args: Any, kwargs: Any) -> None:
         pool(site, args[0] if args else kwargs["hidden_states"])

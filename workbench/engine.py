@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import einops
 import numpy as np
 import torch
 
@@ -89,19 +90,22 @@ def run_batch(
     response_spans = np.zeros((batch, rounds, 2), dtype=np.int64)
     option_nll = np.full((batch, rounds, width), np.nan, dtype=np.float32)
     pools: list[dict[str, torch.Tensor]] = []  # per round: {hook: [batch, 2, L, d]}, (last prompt of t, response mean of t-1)
+    pieces = iter(encode(tok, [text for plan in plans for text in (*plan.round_inputs, plan.closing)]))
+    piece_ids = [[next(pieces) for _ in range(rounds + 1)] for _ in plans]  # [B][R + 1]: round inputs, closing
     for t in range(rounds):
         prompts = []
-        for i, ids in enumerate(encode(tok, [plan.round_inputs[t] for plan in plans])):
+        for i, ids in enumerate(p[t] for p in piece_ids):
             start = len(transcripts[i])
             transcripts[i] = transcripts[i] + ids
             prompt_spans[i, t] = (start, len(transcripts[i]))
             prompts.append(transcripts[i])
         weights = _prefill_weights(prompt_spans[:, t], response_spans[:, t - 1] if t else None)
-        with pooling(model.hf, sites, weights) as pooled:
+        steps: dict[HookSite, list[torch.Tensor]] | None = {} if t == rounds - 1 else None  # no later prefill holds them
+        with pooling(model.hf, sites, weights, steps) as pooled:
             out = generate_round(model.hf, tok, prompts, protocol.decoding, device)
         pools.append(stack_sites(pooled, sites))
-        if t == rounds - 1 and sites:
-            pools.append(_last_responses(model.hf, out, sites, tok.pad_token_id))
+        if steps is not None and sites:
+            pools.append(_last_responses(model.hf, out, sites, steps, tok.pad_token_id))
         if width:
             leads = [task.lead_length(ids, tok) for ids in out.response_ids]
             option_nll[:, t] = score_options(model.hf, out, leads, option_tokens, tok.pad_token_id).numpy()
@@ -111,8 +115,9 @@ def run_batch(
             token_ent[i][t] = out.token_entropies[i]
             response_spans[i, t] = (len(transcripts[i]), len(transcripts[i]) + len(ids))
             transcripts[i] = transcripts[i] + ids
-    for i, ids in enumerate(encode(tok, [plan.closing for plan in plans])):
-        transcripts[i] = transcripts[i] + ids
+        del out  # its KV cache and logits would otherwise live on through the next round's generation
+    for i, p in enumerate(piece_ids):
+        transcripts[i] = transcripts[i] + p[rounds]
 
     responses = [[tok.decode(ids) for ids in per_sample] for per_sample in response_ids]
     probs = np.full_like(option_nll, np.nan)
@@ -154,16 +159,30 @@ def _prefill_weights(prompt_span: np.ndarray, prev_response_span: np.ndarray | N
     return pool_weights(torch.from_numpy(spans)[:, None], width)
 
 
-def _last_responses(hf: object, out: RoundOutput, sites: list[HookSite], pad_id: int) -> dict[str, torch.Tensor]:
-    """The last round's response means, from one pass of its responses on its prompt cache:
-    ``{hook: [batch, 2, L, d]}`` with row 1 filled (row 0 unused). Crops the cache back after."""
+def _last_responses(
+    hf: object, out: RoundOutput, sites: list[HookSite], steps: dict[HookSite, list[torch.Tensor]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The last round's response means: ``{hook: [batch, 2, L, d]}`` with row 1 filled (row 0 unused).
+
+    ``generate`` feeds response token j back at decode step j+1, so when every response ended with a
+    stop token its decode steps (``steps``, from :func:`pooling`) hold all of them. A response cut
+    off by ``max_new_tokens`` never had its last token fed back; then the responses get one pass on
+    the round's prompt cache, which is cropped back after.
+    """
     lengths = [len(ids) for ids in out.response_ids]
-    longest = max(lengths)
-    if longest == 0:
+    if max(lengths) == 0:
         return {}
+    fed = len(next(iter(steps.values()), []))
+    if max(lengths) <= fed:
+        weights = torch.zeros(len(lengths), 2, fed)  # row 1: the mean over each response's steps
+        for i, n in enumerate(lengths):
+            weights[i, 1, :n] = 1.0 / max(n, 1)
+        pooled = {site: einops.einsum(weights.to(acts[0].device), torch.stack(acts, 1), "b p t, b t d -> b p d")
+                  for site, acts in steps.items()}
+        return stack_sites(pooled, sites)
     spans = torch.tensor([[0, 1, 0, n] for n in lengths])[:, None]
     prompt_len = out.prompt_mask.shape[1]
-    with pooling(hf, sites, pool_weights(spans, longest)) as pooled:
+    with pooling(hf, sites, pool_weights(spans, max(lengths))) as pooled:
         with torch.no_grad():
             forward_after_prompt(hf, out, out.response_ids, pad_id, logits_to_keep=1)
     crop_cache(out.cache, prompt_len)

@@ -75,6 +75,12 @@ class RunWriter:
     def __init__(self, f: h5py.File, n_samples: int):
         self.f = f
         self.n_samples = n_samples
+        self._datasets: dict[str, h5py.Dataset] = {}  # looking a dataset up by path costs more than writing a batch row
+
+    def _dataset(self, path: str) -> h5py.Dataset:
+        if path not in self._datasets:
+            self._datasets[path] = self.f[path]
+        return self._datasets[path]
 
     # --------------------------------------------------------------------- open
     @classmethod
@@ -186,28 +192,28 @@ class RunWriter:
         task fields and get a dataset of their own on first write.
         """
         f = self.f
-        r = f["rounds"]
         batch = len(transcripts)
         stop = start + batch
         for name, value in arrays.items():
+            path = f"rounds/{name}"
             if name in ("response_token_ids", "token_entropy"):
-                _write_ragged(r[name], start, value, np.int32 if name == "response_token_ids" else np.float32)
+                _write_ragged(self._dataset(path), start, value, np.int32 if name == "response_token_ids" else np.float32)
                 continue
             if name in ("instruction", "response"):
                 value = np.asarray([[str(x).replace("\0", NUL_STAND_IN) for x in row] for row in value], dtype=object)
             else:
                 value = np.asarray(value)
                 value = value.astype(np.uint8) if value.dtype == np.bool_ else value
-            if name not in r:
+            if path not in self._datasets and name not in f["rounds"]:
                 fill = np.nan if value.dtype.kind == "f" else 0
-                _create(r, name, (self.n_samples, *value.shape[1:]), value.dtype, fill=fill)
-            r[name][start:stop] = value
-        _write_ragged(f["transcripts/token_ids"], start, transcripts, np.int32)
+                _create(f["rounds"], name, (self.n_samples, *value.shape[1:]), value.dtype, fill=fill)
+            self._dataset(path)[start:stop] = value
+        _write_ragged(self._dataset("transcripts/token_ids"), start, transcripts, np.int32)
         for hook, acts in activations.items():
-            ds = f["activations"][hook]
+            ds = self._dataset(f"activations/{hook}")
             ds[start:stop] = acts.astype(ds.dtype, copy=False)
         f.flush()
-        f["progress/done"][start:stop] = 1
+        self._dataset("progress/done")[start:stop] = 1
         f.flush()
 
     def finish(self) -> None:
