@@ -5,7 +5,7 @@ prefix) are generated with the KV cache; token entropies come with the generatio
 are scored on the prompt's cache. Activations are pooled from the passes generation makes anyway
 (DESIGN §3): round t's prefill holds round t's last prompt token and every earlier response, so
 it gives round t's ``last_prompt`` and round t−1's ``response_mean``; the last round's responses
-get one short pass on that round's prompt cache. The result is plain arrays, ready for
+come from its decode steps (see :func:`_last_responses`). The result is plain arrays, ready for
 :mod:`workbench.store`.
 """
 
