@@ -106,6 +106,15 @@ def test_pooling_reads_only_the_first_forward_call(loaded):
     torch.testing.assert_close(pooled[sites[0]][0], want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_first_call_of_another_length_is_an_error_not_a_wrong_pool(loaded):
+    """A generation config that chunks the prefill would hand capture part of the prompt."""
+    model = loaded("llama")
+    sites = hook_sites(model, ["hook_resid_post"], [0])
+    with pytest.raises(WorkbenchError, match="one forward pass"), torch.no_grad():
+        with pooling(model.hf, sites, torch.eye(4)[None]):
+            model.hf(input_ids=torch.tensor([[5, 6, 7]]))
+
+
 def test_hooks_that_cannot_be_captured_are_refused(loaded):
     model = loaded("gpt2")
     with pytest.raises(WorkbenchError, match=r"'attn.hook_pattern' .*inside a module.*hook_resid_post"):

@@ -158,7 +158,7 @@ def pooling(
     """Pool every site over the *first* forward call of ``hf`` inside the block.
 
     weights ``[batch, n_pools, seq]`` → yields a dict, filled as that call runs, of site →
-    ``[batch, n_pools, d_model]`` float32. Raises if the first call's input is not ``[batch, seq]``
+    ``[batch, n_pools, d_model]`` float32. Raises WorkbenchError if the first call's input is not ``[batch, seq]``
     (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
     step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
     last position, ``[batch, d_model]`` float32, to ``steps[site]``.
@@ -180,7 +180,10 @@ def pooling(
                 steps.setdefault(site, []).append(act[:, -1].float())
             return
         if act.shape[:2] != (batch, seq):
-            raise RuntimeError(f"{site.module} saw {tuple(act.shape[:2])}, expected (batch, seq) {batch, seq}")
+            raise WorkbenchError(
+                f"capture expected the prompt in one forward pass, but {site.module} saw {tuple(act.shape[:2])} "
+                f"tokens, not {(batch, seq)} (does the model's generation config chunk the prefill?)"
+            )
         if act.device not in window:
             window[act.device] = weights[..., start:].to(act.device)
         pooled[site] = einops.einsum(window[act.device], act[:, start:].float(), "b p t, b t d -> b p d")
