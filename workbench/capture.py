@@ -94,15 +94,22 @@ def _boundaries(bridge: Any, hf: Any) -> dict[str, tuple[str, str]]:
     return found
 
 
-@torch.no_grad()
 def site_disagreement(model: Any, sites: list[HookSite]) -> tuple[str, str] | None:
     """Run a short text through the bridge (its hook points) and the HF model (the sites); the first
     site whose value differs from its hook point's in shape or number, as ``(hook, why)``, else None.
 
     Relative tolerance 1e-3 in float32, 5e-2 in half precision (the bridge's eager attention and the
     model's own kernel round differently)."""
+    problems = _site_problems(model, sites)
+    first = next((s for s in sites if s in problems), None)
+    return None if first is None else (first.hook, problems[first])
+
+
+@torch.no_grad()
+def _site_problems(model: Any, sites: list[HookSite]) -> dict[HookSite, str]:
+    """Every site whose value disagrees with its bridge hook point, and why, from one pass of each."""
     if not sites:
-        return None
+        return {}
     tokens = torch.tensor([model.tokenizer("Hooks are checked once, on a short text.")["input_ids"]], device=model.device)
     seq = tokens.shape[1]
     want: dict[HookSite, torch.Tensor] = {}
@@ -117,21 +124,24 @@ def site_disagreement(model: Any, sites: list[HookSite]) -> tuple[str, str] | No
     with pooling(model.hf, sites, torch.eye(seq, device=model.device)[None]) as got:  # identity pools: every position
         model.hf(input_ids=tokens, logits_to_keep=1)
     tolerance = 1e-3 if model.dtype == "float32" else 5e-2
+    problems = {}
     for site in sites:
         a, b = got.get(site), want.get(site)
         if a is None or b is None or a.shape != b.shape or b.shape[-1] != model.d_model:
             shape = None if b is None else tuple(b.shape)
-            return site.hook, f"its bridge value has shape {shape}, not [batch, pos, d_model]"
+            problems[site] = f"its bridge value has shape {shape}, not [batch, pos, d_model]"
+            continue
         error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-6))
         if not error <= tolerance:
-            return site.hook, f"{site.module} ({site.side}) differs from the bridge's value by {error:.2g} relative at layer {site.layer}"
-    return None
+            problems[site] = f"{site.module} ({site.side}) differs from the bridge's value by {error:.2g} relative at layer {site.layer}"
+    return problems
 
 
 def _not_capturable(model: Any, hook: str, why: str) -> WorkbenchError:
     block0 = [HookSite(name.split(".", 2)[2], 0, *where) for name, where in _boundaries(model.bridge, model.hf).items()
               if name.startswith("blocks.0.")]
-    good = sorted(s.hook for s in block0 if site_disagreement(model, [s]) is None)
+    problems = _site_problems(model, block0)
+    good = sorted(s.hook for s in block0 if s not in problems)
     return WorkbenchError(f"hook {hook!r} cannot be captured from the model's own passes: {why} (capturable: {', '.join(good)})")
 
 
