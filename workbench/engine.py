@@ -172,15 +172,13 @@ def _last_responses(
     lengths = [len(ids) for ids in out.response_ids]
     if max(lengths) == 0:
         return {}
+    spans = torch.tensor([[0, 1, 0, n] for n in lengths])[:, None]  # row 1 of the pools: the mean over each response
     fed = len(next(iter(steps.values()), []))
     if max(lengths) <= fed:
-        weights = torch.zeros(len(lengths), 2, fed)  # row 1: the mean over each response's steps
-        for i, n in enumerate(lengths):
-            weights[i, 1, :n] = 1.0 / max(n, 1)
+        weights = pool_weights(spans, fed)
         pooled = {site: einops.einsum(weights.to(acts[0].device), torch.stack(acts, 1), "b p t, b t d -> b p d")
                   for site, acts in steps.items()}
         return stack_sites(pooled, sites)
-    spans = torch.tensor([[0, 1, 0, n] for n in lengths])[:, None]
     prompt_len = out.prompt_mask.shape[1]
     with pooling(hf, sites, pool_weights(spans, max(lengths))) as pooled:
         with torch.no_grad():
