@@ -18,11 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-# h5ls (hdf5-tools) for the file-format tests; installed when we may (root), else the test says why it skipped.
+# System tools the tests drive: h5ls (hdf5-tools) for the file-format tests, tmux for the TUI's terminal
+# test, chromium for headless screenshots. Installed when we may (root + apt-get), else the tests that
+# need them say why they skipped.
+SYSTEM_TOOLS := h5ls:hdf5-tools tmux:tmux chromium:chromium
 system-tools:
-	@command -v h5ls >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && apt-get install -y -qq hdf5-tools >/dev/null) || \
-	  echo "note: h5ls not installed (install hdf5-tools); its test will be skipped"; }
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing system tools:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) || echo "note: could not install$$missing; their tests will be skipped"; \
+	  else echo "note: not installed:$$missing (no root/apt-get); their tests will be skipped"; fi; \
+	fi
 
 PROBE  ?= artifacts/probes/organism-fair.h5
 
