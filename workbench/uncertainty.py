@@ -1,15 +1,18 @@
 """Per-round uncertainty: token entropy, option confidence, calibration, semantic entropy (DESIGN §6).
 
 All functions are pure; the torch ones take logits and return tensors, the calibration ones take
-NumPy arrays. Entropies are in nats.
+NumPy arrays. Entropies are in nats. torch is imported inside the two functions that take tensors,
+so the NumPy ones (what :mod:`workbench.analysis` and ``workbench info`` use) never load it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -17,6 +20,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     logits ``[..., vocab]`` → ``[...]`` (float32, computed in float32 whatever the model dtype).
     """
+    import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -26,6 +31,8 @@ def option_confidence(mean_nll: torch.Tensor) -> torch.Tensor:
 
     mean_nll ``[..., n_options]`` → p̂ ``[..., n_options]`` summing to 1 (a softmax of −mean NLL).
     """
+    import torch
+
     return torch.softmax(-mean_nll.float(), dim=-1)
 
 
