@@ -21,6 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench.errors import WorkbenchError
+from workbench.models import Device, ModelDtype
+from workbench.terminal import Spinner
 
 app = typer.Typer(
     name="workbench",
@@ -35,8 +37,6 @@ err = Console(stderr=True)
 out = Console()
 
 Task = Literal["organism", "bbq", "prompts"]
-Device = Literal["auto", "cpu", "cuda", "mps"]
-ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -188,7 +188,7 @@ class _ProgressReporter:
 
     def __init__(self) -> None:
         self.progress: Any = None
-        self.spinner: Any = None
+        self.status = Spinner(err)  # what loading the model is doing, until the first batch
         self.task_id: Any = None
         self.tokens = 0
         self.t0 = time.perf_counter()
@@ -197,29 +197,15 @@ class _ProgressReporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.spinner is not None:
-            self.spinner.stop()
+        self.status.stop()
         if self.progress is not None:
             self.progress.stop()
-
-    def status(self, message: str) -> None:
-        """What the model loading is doing now: a spinner on a terminal (nothing in a log, so an
-        error stays the only line)."""
-        if not err.is_terminal:
-            return
-        if self.spinner is None:
-            self.spinner = err.status(Text(f"{message} …"))
-            self.spinner.start()
-        else:
-            self.spinner.update(Text(f"{message} …"))
 
     def update(self, p: Any) -> None:
         """Called once before the first batch (new_tokens = 0) and after every batch."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if self.spinner is not None:
-            self.spinner.stop()
-            self.spinner = None
+        self.status.stop()
 
         total, done = p.total_samples * p.rounds, p.done_samples * p.rounds
         if p.new_tokens == 0:

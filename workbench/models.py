@@ -24,12 +24,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 from workbench.errors import WorkbenchError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+Device = Literal["auto", "cpu", "cuda", "mps"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 # A plain format for tokenizers without a chat template (documented in README "Real models").
 PLAIN_CHAT_TEMPLATE = (
