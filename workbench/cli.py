@@ -326,7 +326,7 @@ def main() -> None:
 
     try:
         _mount_subcommands()
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="workbench")
     except WorkbenchError as e:
         _error_line(str(e))
         sys.exit(2)
