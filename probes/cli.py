@@ -120,7 +120,7 @@ class _progress:
 def _show(probe) -> None:
     """The probe's metadata, its per-layer table (best layer in bold green) and how the best layer won.
     Every string from the file is printed literally (no Rich markup)."""
-    from probes.evaluate import tie_break
+    from probes.probe_file import tie_break
 
     m = probe.meta
     c = m.get("contrast") if isinstance(m.get("contrast"), dict) else {}

@@ -24,7 +24,6 @@ __all__ = [
     "fit_and_evaluate",
     "projection_scores",
     "split",
-    "tie_break",
 ]
 
 
@@ -136,21 +135,6 @@ def best_layer(acc: Tensor | np.ndarray, auroc: Tensor | np.ndarray, margin: Ten
     if not acc or not len(acc) == len(auc) == len(gap):
         raise ValueError(f"acc, auroc and margin must be non-empty [n_layers]; got {len(acc)}, {len(auc)} and {len(gap)}")
     return min(range(len(acc)), key=lambda layer: (-acc[layer], -auc[layer], -gap[layer], layer))
-
-
-def tie_break(acc: np.ndarray, auroc: np.ndarray, margin: np.ndarray | None, best: int) -> str:
-    """How ``best`` (a row) won: ``""`` when its held-out accuracy is the highest alone, else
-    ``"auroc"`` or ``"margin"`` (what broke the tie) or ``"index"`` (everything tied)."""
-    acc, auroc = np.asarray(acc), np.asarray(auroc)
-    tied = np.flatnonzero(acc == acc[best])
-    if len(tied) == 1:
-        return ""
-    tied = tied[auroc[tied] == auroc[best]]
-    if len(tied) == 1:
-        return "auroc"
-    if margin is not None and (np.asarray(margin)[tied] == np.asarray(margin)[best]).sum() == 1:
-        return "margin"
-    return "index"
 
 
 def projection_scores(acts: Tensor | np.ndarray, direction: Tensor | np.ndarray) -> Tensor:

@@ -125,3 +125,18 @@ def _check(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> N
             raise WorkbenchError(f"{path}: {name} must be [{n}] numbers, one per layer")
     if int(meta["best_layer"]) not in {int(x) for x in layers}:
         raise WorkbenchError(f"{path}: best_layer {meta['best_layer']} is not among its layers {[int(x) for x in layers]}")
+
+
+def tie_break(acc: np.ndarray, auroc: np.ndarray, margin: np.ndarray | None, best: int) -> str:
+    """How ``best`` (a row) won: ``""`` when its held-out accuracy is the highest alone, else
+    ``"auroc"`` or ``"margin"`` (what broke the tie) or ``"index"`` (everything tied)."""
+    acc, auroc = np.asarray(acc), np.asarray(auroc)
+    tied = np.flatnonzero(acc == acc[best])
+    if len(tied) == 1:
+        return ""
+    tied = tied[auroc[tied] == auroc[best]]
+    if len(tied) == 1:
+        return "auroc"
+    if margin is not None and (np.asarray(margin)[tied] == np.asarray(margin)[best]).sum() == 1:
+        return "margin"
+    return "index"

@@ -477,7 +477,8 @@ def test_probe_track_refuses_bad_names_before_writing(capsys, monkeypatch, tmp_p
 
 
 def test_best_layer_tie_break():
-    from probes.evaluate import best_layer, tie_break
+    from probes.evaluate import best_layer
+    from probes.probe_file import tie_break
 
     acc, auc = np.array([0.9, 0.9, 0.9]), np.array([0.95, 0.97, 0.97])
     assert best_layer(acc, auc, np.array([3.0, 1.0, 2.0])) == 2
