@@ -81,7 +81,7 @@ def load_probe(path: Path) -> Probe:
         raise WorkbenchError(f"{path} is not a readable HDF5 file") from None
     try:
         with f:
-            if f.attrs.get("format") != FORMAT:
+            if not (isinstance(f.attrs.get("format"), str) and f.attrs["format"] == FORMAT):
                 raise WorkbenchError(f"{path} is not a probe file (no format={FORMAT!r} attribute)")
             meta = {}
             for key, value in f.attrs.items():

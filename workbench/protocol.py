@@ -216,6 +216,9 @@ def load_protocol(
         task=raw.get("task", ""),
         option_scoring=scoring,
     )
+    for r, text in (inject or {}).items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or not isinstance(text, str) or not text.strip():
+            raise WorkbenchError(f"--inject {r}:{text!r}: expected ROUND:TEXT with ROUND an integer ≥ 2 and some text")
     beyond = sorted(r for r in protocol.inject if r > protocol.rounds)
     if beyond:
         source = "--inject" if inject and beyond[0] in inject else f"{where}: inject"
