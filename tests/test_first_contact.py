@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE
+from probe_files import write_probe
 
 from workbench import cli
 
@@ -413,30 +414,8 @@ def test_probe_fit_inputs_checked_before_loading(capsys, monkeypatch, tmp_path, 
         error_line(err, *needles)
 
 
-def _probe_file(path: Path, **changes) -> Path:
-    from probes.probe_file import save_probe
-
-    meta = {"model_name": "organism", "model_path": "x", "model_revision": "", "d_model": 4, "n_layers": 3,
-            "hook": "hook_resid_post", "position": "last", "method": "diffmean",
-            "contrast": {"name": "c", "n": 8, "n_positive": 4, "n_pairs": 0, "digest": "d"},
-            "test_fraction": 0.25, "seed": 0, "best_layer": 1}
-    arrays = {"layers": np.arange(3), "directions": np.eye(3, 4, dtype=np.float32), "thresholds": np.zeros(3),
-              "train_accuracy": np.ones(3), "test_accuracy": np.array([1.0, 1.0, 0.5]),
-              "test_auroc": np.array([1.0, 1.0, 0.5]), "test_margin": np.array([0.5, 2.0, 0.1])}
-    meta.update({k: v for k, v in changes.items() if k in meta and v is not None})
-    arrays.update({k: v for k, v in changes.items() if k in arrays and v is not None})
-    save_probe(path, meta, arrays)
-    with h5py.File(path, "a") as f:  # None: leave it out
-        for k in [k for k, v in changes.items() if v is None]:
-            if k in f:
-                del f[k]
-            else:
-                del f.attrs[k]
-    return path
-
-
 def test_probe_show_names_a_tie_and_bad_probe_files_are_one_line(capsys, monkeypatch, tmp_path):
-    good = _probe_file(tmp_path / "[bold]good[/].h5")
+    good = write_probe(tmp_path / "[bold]good[/].h5")
     code, out, err = workbench(capsys, monkeypatch, "probe", "show", str(good))
     assert code == 0, err
     assert "[bold]good[/].h5" in out
@@ -448,7 +427,7 @@ def test_probe_show_names_a_tie_and_bad_probe_files_are_one_line(capsys, monkeyp
         "short-acc": ({"test_accuracy": np.ones(2)}, "test_accuracy must be [3]"),
     }
     for name, (changes, needle) in broken.items():
-        path = _probe_file(tmp_path / f"{name}.h5", **changes)
+        path = write_probe(tmp_path / f"{name}.h5", **changes)
         code, _, err = workbench(capsys, monkeypatch, "probe", "show", str(path))
         assert code == 2
         error_line(err, f"{name}.h5", needle)
@@ -466,7 +445,7 @@ def test_probe_track_refuses_bad_names_before_writing(capsys, monkeypatch, tmp_p
     run_path = tmp_path / "run.h5"
     run_protocol(model="organism", task="organism", limit=4, rounds=3, out=run_path).close()
     before = run_path.read_bytes()
-    probe = _probe_file(tmp_path / "p.h5")
+    probe = write_probe(tmp_path / "p.h5")
     for name in ("a/b", ".", "[bold]"):
         code, _, err = workbench(capsys, monkeypatch, "probe", "track", str(run_path), str(probe), "--name", name)
         assert code == 2

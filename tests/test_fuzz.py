@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE
+from probe_files import write_probe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,18 +116,6 @@ def test_protocol_reader_on_mutated_files(tmp_path, key, value, rounds, inject):
         assert protocol.decoding.max_new_tokens >= 1 and isinstance(protocol.first, str)
 
 
-def _probe(path: Path) -> Path:
-    from probes.probe_file import save_probe
-
-    save_probe(path, {"model_name": "organism", "model_path": "x", "model_revision": "", "d_model": 4, "n_layers": 3,
-                      "hook": "hook_resid_post", "position": "last", "method": "diffmean",
-                      "contrast": {"name": "c", "n": 8, "n_positive": 4, "n_pairs": 0, "digest": "d"},
-                      "test_fraction": 0.25, "seed": 0, "best_layer": 1},
-               {"layers": np.arange(3), "directions": np.eye(3, 4, dtype=np.float32), "thresholds": np.zeros(3),
-                "train_accuracy": np.ones(3), "test_accuracy": np.ones(3), "test_auroc": np.ones(3)})
-    return path
-
-
 h5_values = st.one_of(st.integers(-3, 9), st.floats(allow_nan=True), st.text(st.characters(blacklist_characters="\0"), max_size=10), st.just("{bad json"),
                       st.just("[1, 2, 3]"), st.just(b"\xff\xfe"), st.lists(st.integers(0, 3), min_size=0, max_size=3))
 
@@ -152,7 +141,7 @@ def test_probe_reader_on_mutated_files(tmp_path, target, value, action):
     from probes.cli import _show
     from probes.probe_file import load_probe
 
-    path = _probe(tmp_path / "p.h5")
+    path = write_probe(tmp_path / "p.h5")
     with h5py.File(path, "a") as f:
         _mutate(f, target, value, action)
     probe = accepts_or_refuses(load_probe, path)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 HEAVY = ("torch", "transformers", "transformer_lens", "sklearn", "textual")
@@ -40,17 +39,13 @@ def imported_by(args: list[str], tmp_path: Path) -> tuple[int, set[str]]:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A real organism run file and a probe file, made in this (torch-importing) process."""
-    from probes.probe_file import save_probe
+    from probe_files import write_probe
+
     from workbench import run_protocol
 
     root = tmp_path_factory.mktemp("startup")
     run_protocol(model="organism", task="organism", limit=4, rounds=3, out=root / "run.h5").close()
-    save_probe(root / "probe.h5", {"model_name": "organism", "model_path": "x", "model_revision": "", "d_model": 4,
-                                   "n_layers": 2, "hook": "hook_resid_post", "position": "last", "method": "diffmean",
-                                   "contrast": {"name": "c", "n": 4, "n_positive": 2, "n_pairs": 0, "digest": "d"},
-                                   "test_fraction": 0.25, "seed": 0, "best_layer": 1},
-               {"layers": np.arange(2), "directions": np.eye(2, 4, dtype=np.float32), "thresholds": np.zeros(2),
-                "train_accuracy": np.ones(2), "test_accuracy": np.ones(2), "test_auroc": np.ones(2)})
+    write_probe(root / "probe.h5")
     return root
 
 
