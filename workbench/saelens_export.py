@@ -66,6 +66,9 @@ def write_saelens(
     and save them as a ``datasets`` folder at ``out`` (built beside it, then renamed)."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # the export's own progress bar is the one that matters
 
     from workbench.cache_file import fsync_path
 
