@@ -443,12 +443,14 @@ def export_run(
 
     ``hooks`` are glob patterns over the bridge's hook names; ``rows`` run-file rows (default: every
     finished sample); ``rounds`` 0-based (default all); ``roles`` among prompt/response/template.
-    ``model``: a loaded model (default: load the run's own). ``format``: ``hdf5`` (docs/CACHE.md) or
+    ``model``: a loaded model or a name to load (default: the run's own; it must be the run's model). ``format``: ``hdf5`` (docs/CACHE.md) or
     ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.saelens_export`).
     ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each."""
     from workbench.models import load_model
 
     run_path, out = Path(run_path), Path(out)
+    if not hooks:
+        resolve_hooks([], {})  # the one-line "--hooks is required", before a model is loaded
     if format not in FORMATS:
         raise WorkbenchError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if format == "saelens":
@@ -464,15 +466,15 @@ def export_run(
     if not len(run.rows):
         raise WorkbenchError(f"{run_path} has no finished samples to export")
     meta = run.meta
-    if model is None:
-        model = load_model(str(meta.get("model_name", "organism")), device=device, dtype=str(meta.get("model_dtype", "auto")),
-                           revision=meta.get("model_revision") or None)
+    if model is None or isinstance(model, str):
+        model = load_model(model or str(meta.get("model_name", "organism")), device=device,
+                           dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
     check_same_model(model, meta, run_path)
     names = resolve_hooks(list(hooks), available_hooks(model))
     if format == "saelens":
         from workbench.saelens_export import check_saelens_hooks
 
-        check_saelens_hooks(names, available_hooks(model))
+        check_saelens_hooks(names)
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
@@ -512,7 +514,7 @@ def export_run(
         if on_batch:
             on_batch(done, total)
     tokens = _token_table(run, plan, chosen, model.tokenizer)
-    layouts = [_layout(name, arrays_shape, plan) for name, arrays_shape in _part_shapes(parts, plan).items()]
+    layouts = [HookLayout(name, per_token, plan.dtype) for name, per_token in _part_shapes(parts, plan).items()]
     attrs = _cache_attrs(meta, model, plan)
     with _disk_full_is_one_line(out, plan, parts):
         if format == "saelens":
@@ -530,10 +532,6 @@ def _part_shapes(parts: Path, plan: ExportPlan) -> dict[str, tuple[int, ...]]:
 
     with h5py.File(_part_path(parts, 0), "r") as f:
         return {h: tuple(f[h].shape[1:]) for h in plan.hooks}
-
-
-def _layout(name: str, per_token: tuple[int, ...], plan: ExportPlan) -> HookLayout:
-    return HookLayout(name, per_token, plan.dtype)
 
 
 def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str, Any]:
@@ -587,26 +585,27 @@ def export_command(
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes, and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
-    from workbench.models import load_model
     from workbench.store import RunFile
 
     with RunFile(run_path) as run:
         meta = run.meta
-    loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
-                        dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
     if list_hooks:
+        from workbench.models import load_model
+
+        loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
+                            dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
         for name, shape in available_hooks(loaded).items():
             print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}")
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
     wanted_rounds = _int_list(rounds, "--rounds")
-    reporter = _Progress()
-    with reporter:
-        export_run(run_path, out, patterns, model=loaded, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
+    with _Progress() as reporter:
+        export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
                    rounds=None if wanted_rounds is None else [r - 1 for r in wanted_rounds],
                    roles=tuple(r.strip() for r in roles.split(",") if r.strip()), dtype=dtype, batch_size=batch_size,
-                   format=format, context_size=context_size, resume=resume, overwrite=overwrite, on_batch=reporter.update)
+                   format=format, context_size=context_size, device=device, resume=resume, overwrite=overwrite,
+                   on_batch=reporter.update)
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -38,7 +38,7 @@ def check_saelens_ready(context_size: int) -> None:
         raise WorkbenchError("--context-size must be at least 1")
 
 
-def check_saelens_hooks(names: Sequence[str], available: dict[str, tuple[int, ...]]) -> None:
+def check_saelens_hooks(names: Sequence[str]) -> None:
     """SAELens reads one vector per token: attention maps (with a key axis) cannot go there."""
     bad = [n for n in names if is_attention_map(n)]
     if bad:
