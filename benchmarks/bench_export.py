@@ -90,7 +90,8 @@ def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: i
         write_part(parts, k, {name: acts[i, start : start + size] for i, name in enumerate(names)})
         start += size
     t_parts = time.perf_counter() - t0
-    write_cache_file(tmp / "c.h5", {}, tokens, [HookLayout(n, (d,), "float32") for n in names], read_parts(parts, plan))
+    write_cache_file(tmp / "c.h5", {}, tokens, [HookLayout(n, (d,), "float32") for n in names], read_parts(parts, plan),
+                     samples=np.arange(len(sizes)))
     total = time.perf_counter() - t0
     return {"bytes": nbytes, "numpy_save_s": npy, "numpy_save_fsync_s": npy_fsync, "export_parts_s": t_parts, "export_write_s": total,
             "ratio_vs_numpy_save": npy / total, "ratio_vs_numpy_save_fsync": npy_fsync / total}

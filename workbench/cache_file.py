@@ -111,14 +111,15 @@ def write_cache_file(
     tokens: TokenTable,
     layouts: Sequence[HookLayout],
     blocks: Iterable[tuple[int, dict[str, np.ndarray]]],
+    samples: np.ndarray,
     sample_index: np.ndarray | None = None,
-    compression: str | None = None,
 ) -> Path:
     """Write a whole cache file atomically (``PATH.tmp``, fsync, rename) and return ``path``.
 
     ``blocks`` yields ``(first_token_row, {hook: [n, *per_token]})`` covering every token row once,
-    in any order; ``attrs`` are the root attributes (dicts and lists stored as JSON);
-    ``sample_index`` ``[S]`` the stable global index of each sample (default: the sample itself)."""
+    in any order; ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples``
+    ``[S]`` each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its
+    stable global index (default: the row)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -135,8 +136,7 @@ def write_cache_file(
         f.attrs["hooks"] = json.dumps([h.name for h in layouts])
         t = f.create_group("tokens")
         t.create_dataset("offsets", data=np.asarray(tokens.offsets, dtype=np.int64))
-        first = np.asarray(tokens.offsets[:-1], dtype=np.int64)
-        samples = np.asarray(tokens.sample[first] if n else [], dtype=np.int64)
+        samples = np.asarray(samples, dtype=np.int64)
         s = f.create_group("samples")
         s.create_dataset("sample", data=samples)
         s.create_dataset("index", data=samples if sample_index is None else np.asarray(sample_index, dtype=np.int64))
@@ -153,7 +153,7 @@ def write_cache_file(
         for h in layouts:
             dtype = np.dtype(h.dtype)
             chunks = (_chunk_rows(h.per_token, dtype.itemsize, n), *h.per_token) if n else None
-            ds = a.create_dataset(h.name, shape=(n, *h.per_token), dtype=dtype, chunks=chunks, compression=compression)
+            ds = a.create_dataset(h.name, shape=(n, *h.per_token), dtype=dtype, chunks=chunks)
             ds.attrs["axes"] = json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
                                                       [f"dim{i}" for i in range(len(h.per_token))])])
             ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
@@ -437,4 +437,4 @@ def save_activation_cache(
 
     attrs["workbench_version"] = __version__
     blocks = ((i * pos, {name: v[i] for name, v in values.items()}) for i in range(batch))
-    return write_cache_file(Path(path), attrs, table, layouts, blocks)
+    return write_cache_file(Path(path), attrs, table, layouts, blocks, samples=np.arange(batch))

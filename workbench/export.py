@@ -522,7 +522,8 @@ def export_run(
 
             write_saelens(out, attrs, tokens, layouts, read_parts(parts, plan), context_size)
         else:
-            write_cache_file(out, attrs, tokens, layouts, read_parts(parts, plan), sample_index=np.asarray(plan.sample_index))
+            write_cache_file(out, attrs, tokens, layouts, read_parts(parts, plan), samples=np.asarray(plan.rows),
+                             sample_index=np.asarray(plan.sample_index))
     shutil.rmtree(parts)
     return out
 
