@@ -119,7 +119,7 @@ def run_protocol(
     from dataclasses import replace
 
     from workbench.capture import check_layers, hook_sites
-    from workbench.engine import option_summary, run_batch
+    from workbench.engine import batch_arrays, run_batch
     from workbench.models import load_model
     from workbench.protocol import load_protocol
     from workbench.tasks import get_task
@@ -184,20 +184,7 @@ def run_protocol(
                 continue
             batch = samples[start:stop]
             res = run_batch(model, task, protocol, batch, sites, cfg.seed)
-            derived = option_summary(res.option_probs, res.parsed_answer, gold[start:stop])
-            arrays = {
-                "instruction": res.instructions,
-                "response": res.responses,
-                "response_token_ids": res.response_ids,
-                "token_entropy": res.token_entropies,
-                "prompt_span": res.prompt_spans,
-                "response_span": res.response_spans,
-                "mean_token_entropy": res.mean_token_entropy,
-                "option_probs": _pad_options(res.option_probs, int(writer.f.attrs["n_options"])),
-                "parsed_answer": res.parsed_answer,
-                **derived,
-                **res.round_fields,
-            }
+            arrays = batch_arrays(res, gold[start:stop], int(writer.f.attrs["n_options"]))
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)
             if on_batch is not None:
@@ -206,10 +193,3 @@ def run_protocol(
         writer.finish()
     return RunFile(out)
 
-
-def _pad_options(probs: np.ndarray, width: int) -> np.ndarray:
-    if probs.shape[-1] == width:
-        return probs
-    padded = np.full((*probs.shape[:-1], width), np.nan, dtype=np.float32)
-    padded[..., : probs.shape[-1]] = probs
-    return padded
