@@ -245,3 +245,31 @@ def test_bad_session_arguments_are_one_line_errors(loaded):
         Session(loaded("llama"), "bbq", "bbq-paper", [])
     with pytest.raises(WorkbenchError, match="no rounds yet"):
         Session(loaded("llama"), "bbq", "bbq-paper", load_bbq([BBQ_FIXTURE], limit=1)).result()
+
+
+def test_the_run_progress_moves_every_round_with_an_eta(tmp_path, loaded, monkeypatch):
+    """``run_protocol`` reports after every round of a batch, and the CLI's bar counts them and
+    estimates the time left from them."""
+    import io
+
+    from rich.console import Console
+
+    from workbench import cli
+    from workbench.run import RunConfig, run_protocol
+
+    model = loaded("llama")
+    seen = []
+    cfg = RunConfig(out=tmp_path / "r.h5", model=str(model.path), task="bbq", data=(str(BBQ_FIXTURE),), protocol="bbq-paper",
+                    rounds=3, batch_size=2, limit=4, max_new_tokens=3)
+    run_protocol(cfg, model=model, on_batch=seen.append).close()
+    assert [(p.done_samples, p.batch_rounds) for p in seen] == [(0, 0), (0, 1), (0, 2), (0, 3), (2, 0), (2, 1), (2, 2), (2, 3), (4, 0)]
+    assert [p.done_rounds for p in seen] == [0, 2, 4, 6, 6, 8, 10, 12, 12]
+    assert all(p.new_tokens == 2 * 3 for p in seen if p.batch_rounds)  # 2 samples × 3 tokens (cut off)
+
+    monkeypatch.setattr(cli, "err", Console(file=io.StringIO(), force_terminal=True, width=100))
+    with cli._ProgressReporter() as reporter:
+        for p in seen[:4]:
+            reporter.update(p)
+        task = reporter.progress.tasks[0]
+        assert (task.completed, task.total) == (6, 12)
+        assert task.time_remaining is not None and task.time_remaining >= 0

@@ -16,7 +16,7 @@ import numpy as np
 from workbench.capture import HookSite
 from workbench.models import LoadedModel
 from workbench.protocol import Protocol
-from workbench.session import Session, protocol_instruction
+from workbench.session import RoundResult, Session, protocol_instruction
 from workbench.tasks import Sample, Task
 from workbench.uncertainty import distribution_entropy
 
@@ -60,15 +60,19 @@ def run_batch(
     seed: int,
     instruction_for: Callable[[Sample, int], str] | None = None,
     reuse_cache: bool = True,
+    on_round: Callable[[RoundResult], None] | None = None,
 ) -> BatchResult:
     """Run ``samples`` through every round of ``protocol``, capturing ``sites`` (from
     :func:`workbench.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
     (sample, 1-based round) → user message overrides the protocol's (see :class:`Session`);
-    ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests)."""
+    ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
+    ``on_round`` is called with each round's result as it finishes."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
                       reuse_cache=reuse_cache, strict=True)
     for _ in range(protocol.rounds):
-        session.step()
+        result = session.step()
+        if on_round is not None:
+            on_round(result)
     return session.result()
 
 
