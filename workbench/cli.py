@@ -66,6 +66,9 @@ def _mount_subcommands() -> None:
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
     app.add_typer(protocol_app, name="protocol", help="List and show the built-in protocols.")
+    from workbench.export import export_command
+
+    app.command("export")(export_command)
 
 
 protocol_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
@@ -202,23 +205,26 @@ class _ProgressReporter:
             self.progress.stop()
 
     def update(self, p: Any) -> None:
-        """Called once before the first batch (new_tokens = 0) and after every batch."""
+        """Called once before the first batch (new_tokens = 0), after every round and after every batch."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.status.stop()
 
-        total, done = p.total_samples * p.rounds, p.done_samples * p.rounds
-        if p.new_tokens == 0:
+        total, done = p.total_samples * p.rounds, p.done_rounds
+        if p.new_tokens == 0 and p.batch_rounds == 0:
             self.t0 = time.perf_counter()  # the model is loaded: start the clock
-        self.tokens += p.new_tokens
+        if p.batch_rounds:
+            self.tokens += p.new_tokens  # a written batch repeats its rounds' tokens
         speed = f"{self.tokens / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
         if not err.is_terminal:
-            what = "batch done" if p.new_tokens else "starting at"
-            print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
+            if p.batch_rounds == 0:
+                what = "batch done" if p.new_tokens else "starting at"
+                print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
         elif self.progress is None:
             self.progress = Progress(
                 TextColumn("[bold]samples × rounds"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=err,
+                speed_estimate_period=600,  # a round of a large model can take longer than rich's default 30 s
             )
             self.progress.start()
             self.task_id = self.progress.add_task("run", total=total, completed=done, speed="")
@@ -283,10 +289,14 @@ def _print_summary(run_file: Any) -> None:
 
 @app.command()
 def info(
-    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
+    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`, or a cache file from `workbench export`."),
     as_json: bool = typer.Option(False, "--json", help="Print metadata and the per-round table as JSON."),
 ) -> None:
-    """Show a run file's metadata and per-round table (accuracy, entropies, confidence, flips)."""
+    """Show a run file's metadata and per-round table, or what a cache file from `workbench export` holds."""
+    from workbench.cache_file import is_cache_file, print_cache_info
+
+    if is_cache_file(run_path):
+        return print_cache_info(run_path, as_json)
     from workbench.analysis import summary
     from workbench.store import RunFile
 
