@@ -14,7 +14,7 @@ from rich.text import Text
 
 from workbench.errors import WorkbenchError
 from workbench.models import Device, ModelDtype
-from workbench.terminal import Spinner
+from workbench.terminal import load_model_showing_steps
 
 Method = Literal["diffmean", "logreg", "pca", "ccs"]  # the keys of probes.methods.METHODS (a test keeps them equal)
 Position = Literal["last", "mean"]
@@ -50,7 +50,6 @@ def fit(
     from probes.methods import PAIRED_METHODS
     from workbench.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
-    from workbench.models import load_model
 
     if not 0 < test_fraction < 1:
         raise WorkbenchError(f"--test-fraction must be between 0 and 1, not {test_fraction}")
@@ -69,11 +68,7 @@ def fit(
         if paired and texts.pairs is None:
             raise WorkbenchError(f"{contrast}: --method {method} needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
         check_splittable(contrast, texts.labels, texts.pairs if paired else None, test_fraction)
-    spinner = Spinner(err)
-    try:
-        loaded = load_model(model, device, dtype, on_status=spinner)
-    finally:
-        spinner.stop()
+    loaded = load_model_showing_steps(model, device, dtype)
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
     data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format)
@@ -204,12 +199,11 @@ def stereotype(
 ) -> None:
     """The study's BBQ variant: cosine between each round's prompt state and the stereotyped statement."""
     from probes.stereotype import stereotype_similarity
-    from workbench.models import load_model
     from workbench.store import RunFile
 
     with RunFile(run_path) as run:
         recorded = run.meta.get("model_name")
-    cos = stereotype_similarity(run_path, load_model(model or recorded, device), hook)
+    cos = stereotype_similarity(run_path, load_model_showing_steps(model or recorded, device), hook)
     table = Table(title="cosine with the stereotyped statement (mean over samples)", header_style="bold")
     table.add_column("round", justify="right")
     for layer in range(cos.shape[2]):

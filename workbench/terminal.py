@@ -29,3 +29,15 @@ class Spinner:
         if self.status is not None:
             self.status.stop()
             self.status = None
+
+
+def load_model_showing_steps(*args: Any, **kwargs: Any) -> Any:
+    """:func:`workbench.models.load_model` with a spinner on stderr naming each step; same arguments,
+    returns the :class:`~workbench.models.LoadedModel`."""
+    from workbench.models import load_model
+
+    spinner = Spinner()
+    try:
+        return load_model(*args, on_status=spinner, **kwargs)
+    finally:
+        spinner.stop()

@@ -128,7 +128,7 @@ def check(
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np
 
-    from workbench.models import load_model
+    from workbench.terminal import load_model_showing_steps
     from workbench.organism.check import CHECK_SEED, checkpoint_meta, fidelity_rows, heldout_dialogues, score_dialogues, self_correction_table
 
     if n < 1 or items < 1:
@@ -137,7 +137,7 @@ def check(
         raise WorkbenchError(f"checkpoint folder not found: {model}")
     seed = CHECK_SEED if seed is None else seed
     params, meta = checkpoint_meta(model)
-    loaded = load_model(str(model) if model is not None else "organism", device="cpu")
+    loaded = load_model_showing_steps(str(model) if model is not None else "organism", device="cpu")
     scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params)
     rec = meta.get("training", {})
     table = Table(
