@@ -54,7 +54,7 @@ def first_instruction(protocol: Protocol, task: Task, sample: Sample) -> str:
 def conversation_texts(protocol: Protocol, task: Task, sample: Sample) -> tuple[list[str], list[str]]:
     """The user message and assistant prefix of every round: ``([R] instructions, [R] prefixes)``."""
     instructions = [first_instruction(protocol, task, sample)]
-    instructions += [protocol.instruction(t) for t in range(2, protocol.rounds + 1)]
+    instructions += [task.followup(sample, t, protocol.instruction(t)) for t in range(2, protocol.rounds + 1)]
     prefixes = [protocol.prefix(t) for t in range(1, protocol.rounds + 1)]
     return instructions, prefixes
 

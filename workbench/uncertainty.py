@@ -6,10 +6,12 @@ NumPy arrays. Entropies are in nats.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads only when a torch function runs: analysis and `info` stay light
+    import torch
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -17,6 +19,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     logits ``[..., vocab]`` → ``[...]`` (float32, computed in float32 whatever the model dtype).
     """
+    import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -26,6 +30,8 @@ def option_confidence(mean_nll: torch.Tensor) -> torch.Tensor:
 
     mean_nll ``[..., n_options]`` → p̂ ``[..., n_options]`` summing to 1 (a softmax of −mean NLL).
     """
+    import torch
+
     return torch.softmax(-mean_nll.float(), dim=-1)
 
 
