@@ -103,13 +103,18 @@ def print_analysis(result: dict[str, Any]) -> None:
         pve = result["probe_vs_exact"]
         out.print(f"round number alone vs exact log-odds, pooled: ρ = {_num(pve['round_number_pooled']['rho'])} "
                   "(what a pooled figure can owe to the round number)", markup=False, highlight=False)
-        for name, p in pve["probes"].items():
-            table = Table("layer", "min within", "within each round", "min Δ", "pooled Δ", "pooled",
-                          title=f"probe {name} vs exact log-odds (Spearman ρ; best layer {p['best_layer']})", title_justify="left")
-            for layer, v in p["layers"].items():
+        blocks = [(f"probe {name} vs exact log-odds (Spearman ρ; best layer {p['best_layer']})", p["layers"]) for name, p in pve["probes"].items()]
+        readout = result.get("readout_vs_exact", {})
+        blocks += [(f"{readout['what']} ({hook}) vs exact log-odds (Spearman ρ)", layers) for hook, layers in readout.get("hooks", {}).items()]
+        for title, layers in blocks:
+            table = Table("layer", "min within", "within each round", "min Δ", "Δ each transition", "pooled", title=title, title_justify="left")
+            for layer, v in layers.items():
                 within = " ".join(_num(x["rho"], 2) for x in v["within_round"])
-                table.add_row(layer, _num(v["min_within_round"]), within, _num(v["min_changes"]), _num(v["changes_pooled"]["rho"]), _num(v["pooled"]["rho"]))
+                changes = " ".join(_num(x["rho"], 2) for x in v["changes"])
+                table.add_row(layer, _num(v["min_within_round"]), within, _num(v["min_changes"]), changes, _num(v["pooled"]["rho"]))
             out.print(table)
+        out.print("within: across samples in each round (round 1: every sample has the prior, so ρ is undefined); "
+                  "Δ: across samples, of the change from round t to t+1", markup=False, highlight=False)
         if "world_sign" in result:
             ws = result["world_sign"]
             out.print(f"the world's own sign: exact log-odds vs exact option entropy, ρ pooled {_num(ws['pooled']['rho'])}, "

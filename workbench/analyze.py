@@ -259,6 +259,7 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
     }
     if "exact_log_odds" in run.names("rounds"):
         result["probe_vs_exact"] = _probe_vs_exact(run, concepts)
+        result["readout_vs_exact"] = readout_vs_exact(run, seed)
         result["world_sign"] = _world_sign(run)
     result["simulation_task"] = _simulation(run, concepts, uncertainty, seed)
     return result
@@ -286,12 +287,55 @@ def _probe_vs_exact(run: RunFile, concepts: dict[str, dict[str, Any]]) -> dict[s
         layers = {}
         for column, layer in enumerate(c["layers"]):
             views = correlation_views(c["scores"][:, :, column], exact)
-            within = [v["rho"] for v in views["within_round"]]
-            changes = [v["rho"] for v in views["changes"]]
-            layers[str(layer)] = {**views, "min_within_round": float(np.nanmin(within)) if np.isfinite(within).any() else float("nan"),
-                                  "min_changes": float(np.nanmin(changes)) if np.isfinite(changes).any() else float("nan")}
+            layers[str(layer)] = {**views, **_minima(views)}
         out["probes"][name] = {"best_layer": c["layers"][c["best"]], "position": c["position"], "layers": layers}
     return out
+
+
+def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+    """What the residual stream carries linearly about the exact posterior, per captured hook and layer:
+    a ridge regression from the last-prompt-token state to the exact log-odds, cross-fitted within the
+    run (``folds`` folds by sample, so a sample's rounds are never in the fit that predicts them; α by
+    RidgeCV), its out-of-fold predictions compared with the exact log-odds as in
+    :func:`correlation_views`. A read-out fitted on this run's samples, not a probe fitted elsewhere."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GroupKFold
+
+    exact = run.array("rounds/exact_log_odds").astype(np.float64)
+    n, rounds = exact.shape
+    out: dict[str, Any] = {"what": f"ridge read-out of the exact log-odds at the last prompt token, {folds}-fold cross-fitted by sample", "hooks": {}}
+    if n < folds:
+        out["skipped"] = f"fewer than {folds} samples"
+        return out
+    groups = np.repeat(np.arange(n), rounds)
+    splits = list(GroupKFold(n_splits=folds).split(np.zeros(n * rounds), groups=groups))
+    for hook in run.names("activations"):
+        ds = run.f[f"activations/{hook}"]
+        positions, layers = json.loads(ds.attrs["positions"]), json.loads(ds.attrs["layers"])
+        if "last_prompt" not in positions:
+            continue
+        acts = ds[np.flatnonzero(run.done), :, positions.index("last_prompt")].astype(np.float64)  # [n, R, L, d]
+        per_layer = {}
+        for column, layer in enumerate(layers):
+            x, y = acts[:, :, column].reshape(n * rounds, -1), exact.reshape(-1)
+            if not np.isfinite(x).all():
+                continue
+            pred = np.empty(n * rounds)
+            for train, test in splits:
+                pred[test] = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x[train], y[train]).predict(x[test])
+            views = correlation_views(pred.reshape(n, rounds), exact)
+            per_layer[str(layer)] = {**views, **_minima(views)}
+        out["hooks"][hook] = per_layer
+    return out
+
+
+def _minima(views: dict[str, Any]) -> dict[str, float]:
+    """The smallest finite within-round and per-transition ρ (rounds where ρ is undefined — e.g. round 1,
+    where every sample has the prior — are left out)."""
+    within = np.array([v["rho"] for v in views["within_round"]], dtype=float)
+    changes = np.array([v["rho"] for v in views["changes"]], dtype=float)
+    return {"min_within_round": float(np.nanmin(within)) if np.isfinite(within).any() else float("nan"),
+            "min_changes": float(np.nanmin(changes)) if np.isfinite(changes).any() else float("nan")}
 
 
 def _world_sign(run: RunFile) -> dict[str, Any]:
