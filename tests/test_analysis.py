@@ -286,3 +286,29 @@ def test_analyze_cli_json_and_errors(tmp_path, capsys):
     assert result.exit_code == 0 and "convergence" in result.output
     with RunFile(path) as run:
         assert "analysis/result" in run.f
+
+
+def test_batched_ece_matches_the_reference_both_ways():
+    from workbench.analyze import ece_batched
+
+    rng = np.random.default_rng(9)
+    conf = rng.uniform(0.3, 1.0, (7, 50))
+    correct = rng.random((7, 50)) < conf
+    for span in ("unit", "range"):
+        want = [expected_calibration_error(c, y, span=span) for c, y in zip(conf, correct)]
+        np.testing.assert_allclose(ece_batched(conf, correct, span), want)
+        np.testing.assert_allclose(ece_batched(conf.T, correct.T, span, axis=0), want)
+
+
+def test_ridge_gcv_agrees_with_scikit_learn_ridgecv():
+    from sklearn.linear_model import RidgeCV
+
+    from workbench.analyze import ridge_gcv
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 12)) + 3.0
+    y = x @ rng.normal(size=12) + rng.normal(size=200) + 5.0
+    x_new = rng.normal(size=(20, 12))
+    alphas = np.logspace(-3, 3, 13)
+    want = RidgeCV(alphas=alphas).fit(x, y).predict(x_new)
+    np.testing.assert_allclose(ridge_gcv(x, y, x_new, alphas), want, rtol=1e-6, atol=1e-6)

@@ -140,3 +140,17 @@ def _print_views(title: str, v: dict[str, Any]) -> None:
     out.print(f"{title}\n  within each round (across samples): {within}\n  on changes t→t+1 (across samples): {changes}; "
               f"all transitions {_num(v['changes_pooled']['rho'])}\n  across rounds (of the per-round means; both move with the round): "
               f"{_num(v['across_rounds']['rho'])}; pooled over samples and rounds: {_num(v['pooled']['rho'])}", markup=False, highlight=False)
+
+
+def report(
+    run_paths: list[Path] = typer.Argument(..., help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
+    out_dir: Path = typer.Option(Path("artifacts/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap intervals."),
+) -> None:
+    """Figures a paper would use (per-round curves with intervals and convergence, reliability
+    diagrams, layers × rounds concept heatmap, flips, the organism against its exact posterior) and
+    one index.html that ties them together."""
+    from workbench.report import build_report
+
+    index = build_report(list(run_paths), out_dir, seed=seed)
+    out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} figures (PNG + SVG)", markup=False, highlight=False)

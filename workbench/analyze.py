@@ -71,10 +71,24 @@ def mean_interval(x: np.ndarray, seed: int, n_resamples: int = N_RESAMPLES) -> t
     return bootstrap_interval((x,), _mean, seed, n_resamples, vectorized=True)
 
 
-def ece_interval(confidence: np.ndarray, correct: np.ndarray, span: str, seed: int, n_resamples: int = 1000) -> tuple[float, float, float]:
+def ece_batched(confidence: np.ndarray, correct: np.ndarray, span: str = "unit", n_bins: int = 10, axis: int = -1) -> np.ndarray:
+    """:func:`workbench.uncertainty.expected_calibration_error` of every row at once (for the bootstrap):
+    ``[..., n]`` → ``[...]``. Σ over bins of n_b/n · |mean conf − accuracy| is Σ |Σ conf − Σ correct| / n."""
+    c = np.moveaxis(np.asarray(confidence, dtype=np.float64), axis, -1)
+    y = np.moveaxis(np.asarray(correct, dtype=np.float64), axis, -1)
+    shape, n = c.shape[:-1], c.shape[-1]
+    c, y = c.reshape(-1, n), y.reshape(-1, n)
+    lo, hi = (np.zeros((len(c), 1)), np.ones((len(c), 1))) if span == "unit" else (c.min(1, keepdims=True), c.max(1, keepdims=True))
+    width = np.where(hi > lo, hi - lo, 1.0)
+    bins = np.clip(((c - lo) / width * n_bins).astype(int), 0, n_bins - 1) + n_bins * np.arange(len(c))[:, None]
+    gap = np.bincount(bins.ravel(), weights=(c - y).ravel(), minlength=n_bins * len(c)).reshape(len(c), n_bins)
+    return (np.abs(gap).sum(1) / n).reshape(shape)
+
+
+def ece_interval(confidence: np.ndarray, correct: np.ndarray, span: str, seed: int, n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
     """ECE (10 equal-width bins over [0, 1] or over [min, max], ``span`` = ``unit``/``range``) with its
     95 % bootstrap interval over samples."""
-    return bootstrap_interval((confidence, correct), lambda c, y: expected_calibration_error(c, y, span=span), seed, n_resamples)
+    return bootstrap_interval((confidence, correct), lambda c, y, axis=-1: ece_batched(c, y, span, axis=axis), seed, n_resamples, vectorized=True)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -245,7 +259,7 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
                      "protocol": (meta.get("protocol") or {}).get("name") if isinstance(meta.get("protocol"), dict) else meta.get("protocol"),
                      "n_done": done, "n_samples": int(meta.get("n_samples", 0)), "n_rounds": rounds}
     result["settings"] = {"eps": eps, "rel_eps": REL_EPS if eps is None else None, "k": k, "seed": seed,
-                          "bootstrap": f"percentile, {N_RESAMPLES} resamples of the samples (ECE: 1000), {CONFIDENCE:.0%}"}
+                          "bootstrap": f"percentile, {N_RESAMPLES} paired resamples of the samples, {CONFIDENCE:.0%}"}
     result["metrics"] = metrics
     result["convergence"] = {name: asdict(convergence(m["value"], eps, k)) for name, m in metrics.items()}
     if multiple_choice:
@@ -298,17 +312,14 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
     run (``folds`` folds by sample, so a sample's rounds are never in the fit that predicts them; α by
     RidgeCV), its out-of-fold predictions compared with the exact log-odds as in
     :func:`correlation_views`. A read-out fitted on this run's samples, not a probe fitted elsewhere."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import GroupKFold
-
     exact = run.array("rounds/exact_log_odds").astype(np.float64)
     n, rounds = exact.shape
     out: dict[str, Any] = {"what": f"ridge read-out of the exact log-odds at the last prompt token, {folds}-fold cross-fitted by sample", "hooks": {}}
     if n < folds:
         out["skipped"] = f"fewer than {folds} samples"
         return out
-    groups = np.repeat(np.arange(n), rounds)
-    splits = list(GroupKFold(n_splits=folds).split(np.zeros(n * rounds), groups=groups))
+    fold_of_sample = np.random.default_rng(seed).permutation(n) % folds
+    fold = np.repeat(fold_of_sample, rounds)
     for hook in run.names("activations"):
         ds = run.f[f"activations/{hook}"]
         positions, layers = json.loads(ds.attrs["positions"]), json.loads(ds.attrs["layers"])
@@ -321,12 +332,34 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
             if not np.isfinite(x).all():
                 continue
             pred = np.empty(n * rounds)
-            for train, test in splits:
-                pred[test] = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x[train], y[train]).predict(x[test])
+            for f in range(folds):
+                pred[fold == f] = ridge_gcv(x[fold != f], y[fold != f], x[fold == f])
             views = correlation_views(pred.reshape(n, rounds), exact)
             per_layer[str(layer)] = {**views, **_minima(views)}
         out["hooks"][hook] = per_layer
     return out
+
+
+def ridge_gcv(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alphas: np.ndarray = np.logspace(-3, 3, 13)) -> np.ndarray:
+    """Ridge regression of ``y`` ``[m]`` on ``x`` ``[m, f]`` (with intercept), α chosen among ``alphas``
+    by exact leave-one-out error (as scikit-learn's RidgeCV does); predictions for ``x_new`` ``[k, f]``."""
+    mean_x, mean_y = x.mean(0), y.mean()
+    centred = x - mean_x
+    eigvals, v = np.linalg.eigh(centred.T @ centred)  # the SVD of x through its [f, f] Gram matrix: much cheaper when m ≫ f
+    keep = eigvals > eigvals.max() * 1e-12
+    sv, vt = np.sqrt(eigvals[keep]), v[:, keep].T
+    u = centred @ vt.T / sv
+    uty = u.T @ (y - mean_y)
+    best, best_err = None, np.inf
+    for alpha in alphas:
+        shrink = sv**2 / (sv**2 + alpha)
+        fitted = u @ (shrink * uty)
+        leverage = (u**2 * shrink).sum(1) + 1.0 / len(y)  # the intercept's leverage too
+        err = np.mean(((y - mean_y - fitted) / (1.0 - leverage)) ** 2)
+        if err < best_err:
+            best, best_err = alpha, err
+    coef = vt.T @ (sv / (sv**2 + best) * uty)
+    return (x_new - mean_x) @ coef + mean_y
 
 
 def _minima(views: dict[str, Any]) -> dict[str, float]:

@@ -44,6 +44,7 @@ def _mount_subcommands() -> None:
     from workbench import analysis_cli
 
     app.command("analyze")(analysis_cli.analyze)
+    app.command("report")(analysis_cli.report)
 
 
 @app.command()
