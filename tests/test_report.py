@@ -27,12 +27,19 @@ def _runs(tmp_path):
     return paths
 
 
-def test_report_writes_every_figure_and_an_index_that_links_them(tmp_path):
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Two constructed runs and the report of both: (run paths, index.html)."""
     from workbench.report import build_report
 
-    paths = _runs(tmp_path)
-    out = tmp_path / "report"
-    index = build_report(paths, out)
+    root = tmp_path_factory.mktemp("report")
+    paths = _runs(root)
+    return paths, build_report(paths, root / "report")
+
+
+def test_report_writes_every_figure_and_an_index_that_links_them(report):
+    paths, index = report
+    out = index.parent
     html = index.read_text(encoding="utf-8")
     stems = {p.stem for p in out.glob("*.png")}
     assert stems == {p.stem for p in out.glob("*.svg")}
@@ -42,35 +49,26 @@ def test_report_writes_every_figure_and_an_index_that_links_them(tmp_path):
         ET.parse(out / f"{stem}.svg")  # well-formed XML
         assert f"src='{stem}.svg'" in html
     assert "run0" in html and "run1" in html and "convergence" in html and "Spearman" in html
-    # a second report into the same folder replaces the files
-    build_report(paths[:1], out)
 
 
-def test_report_escapes_what_the_run_file_says(tmp_path):
+def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path):
     import h5py
-
-    from workbench.report import build_report
-
-    path = _runs(tmp_path)[0]
-    with h5py.File(path, "r+") as f:
-        f.attrs["model_name"] = "<script>alert(1)</script>"
-    html = build_report([path], tmp_path / "r").read_text(encoding="utf-8")
-    assert "<script>" not in html and "&lt;script&gt;" in html
-
-
-def test_report_cli_and_bad_out(tmp_path):
     from typer.testing import CliRunner
 
     from workbench.cli import _mount_subcommands, app
     from workbench.errors import WorkbenchError
 
     _mount_subcommands()
-    paths = _runs(tmp_path)
-    result = CliRunner().invoke(app, ["report", *map(str, paths), "--out", str(tmp_path / "rep")])
+    path = tmp_path / "run.h5"
+    path.write_bytes(report[0][0].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_name"] = "<script>alert(1)</script>"
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "rep" / "index.html").exists()
+    html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert "<script>" not in html and "&lt;script&gt;" in html
     (tmp_path / "file").write_text("x")
-    result = CliRunner().invoke(app, ["report", str(paths[0]), "--out", str(tmp_path / "file")])
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "file")])
     assert isinstance(result.exception, WorkbenchError)
 
 
@@ -81,10 +79,8 @@ def test_analysis_and_report_do_not_import_torch():
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make system-tools)")
-def test_index_renders_in_headless_chromium(tmp_path):
-    from workbench.report import build_report
-
-    index = build_report(_runs(tmp_path), tmp_path / "report")
+def test_index_renders_in_headless_chromium(report, tmp_path):
+    index = report[1]
     shot = tmp_path / "shot.png"
     subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2000",
                     f"--screenshot={shot}", index.resolve().as_uri()], capture_output=True, timeout=120)
