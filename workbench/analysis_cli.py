@@ -154,3 +154,48 @@ def report(
 
     index = build_report(list(run_paths), out_dir, seed=seed)
     out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} figures (PNG + SVG)", markup=False, highlight=False)
+
+
+def theory(
+    c_x: Optional[float] = typer.Option(None, "--c-x", help="p(C_p | x): the concept's posterior given the question alone."),
+    c_i: Optional[float] = typer.Option(None, "--c-i", help="p(C_p | i): given one instruction alone."),
+    c_y: Optional[float] = typer.Option(None, "--c-y", help="p(C_p | y): given one answer alone."),
+    c_p: Optional[float] = typer.Option(None, "--c-p", help="p(C_p): the prior."),
+    rounds: int = typer.Option(10, help="Rounds to compute."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Also draw the curves to this PNG or SVG file."),
+    organism: bool = typer.Option(False, "--organism", help="Take the parameters from the organism's world and add its exact posterior."),
+    run_path: Optional[Path] = typer.Option(None, "--run", help="A run file: add its per-round mean exact p(fair) and probe scores."),
+) -> None:
+    """The study's two-concept Bayesian formulation: per round the normalised posterior p(C_p | q_t)
+    beside the study's unnormalised (c_i·c_y)^(t−1)·p(C_p | q_0), whose normalisation is wrong."""
+    from workbench.errors import WorkbenchError
+    from workbench.theory import TheoryParams, organism_exact, organism_params, plot, posterior, run_columns, study_expression
+
+    given = {"--c-x": c_x, "--c-i": c_i, "--c-y": c_y, "--c-p": c_p}
+    if organism:
+        params, note = organism_params()
+        params = TheoryParams(**{k: v if given[f"--{k.replace('_', '-')}"] is None else given[f"--{k.replace('_', '-')}"]
+                                 for k, v in params.__dict__.items()})
+        out.print(note, markup=False, highlight=False)
+    else:
+        missing = [name for name, value in given.items() if value is None]
+        if missing:
+            raise WorkbenchError(f"theory needs {', '.join(missing)} (or --organism)")
+        params = TheoryParams(c_x=c_x, c_i=c_i, c_y=c_y, c_p=c_p)  # type: ignore[arg-type]
+    columns: dict[str, Any] = {"normalised": posterior(params, rounds), "study": study_expression(params, rounds)}
+    if organism:
+        columns["organism exact"] = organism_exact(rounds)
+    if run_path is not None:
+        columns.update(run_columns(str(run_path), rounds))
+    out.print(f"c_x = {params.c_x:.4g}, c_i = {params.c_i:.4g}, c_y = {params.c_y:.4g}, c_p = {params.c_p:.4g}", markup=False, highlight=False)
+    table = Table("round", *columns.keys())
+    for t in range(rounds):
+        table.add_row(str(t + 1), *[_num(float(v[t]), 4) for v in columns.values()])
+    out.print(table)
+    out.print("normalised: p(C_p | q_t) by Bayes' rule over both concepts; study: the study's unnormalised "
+              "(c_i·c_y)^(t−1)·p(C_p | q_0), not a probability" + ("; organism exact: the world's exact p(fair) of that dialogue" if organism else "")
+              + ("; run: per-round means of the run file (projection: probe score, not a probability)" if run_path else ""),
+              markup=False, highlight=False)
+    if plot_path is not None:
+        plot(columns, str(plot_path))
+        out.print(f"wrote {plot_path}", markup=False, highlight=False)

@@ -45,6 +45,7 @@ def _mount_subcommands() -> None:
 
     app.command("analyze")(analysis_cli.analyze)
     app.command("report")(analysis_cli.report)
+    app.command("theory")(analysis_cli.theory)
 
 
 @app.command()
