@@ -199,3 +199,39 @@ def theory(
     if plot_path is not None:
         plot(columns, str(plot_path))
         out.print(f"wrote {plot_path}", markup=False, highlight=False)
+
+
+def select(
+    candidates: Path = typer.Argument(..., help="JSONL of candidate texts, one object per line."),
+    model: str = typer.Option("organism", help="Hugging Face hub name, local folder, or 'organism'."),
+    k: int = typer.Option(5, help="Answers sampled per candidate (seeded)."),
+    size: int = typer.Option(1000, help="Candidates in each written subset (low, high, random)."),
+    out_dir: Path = typer.Option(Path("artifacts/runs/selected"), "--out", help="Folder for low.jsonl, high.jsonl, random.jsonl, all.jsonl."),
+    text_field: str = typer.Option("text", help="The JSON field holding the candidate text."),
+    by: str = typer.Option("weighted", help="Uncertainty that ranks: weighted (probability-weighted semantic entropy), discrete, or study."),
+    probe: Optional[Path] = typer.Option(None, help="A probe file: add its concept score of the question's last token."),
+    max_new_tokens: int = typer.Option(8, help="Longest sampled answer."),
+    batch_size: int = typer.Option(16, help="Candidates generated together (each k times)."),
+    seed: int = typer.Option(0, help="Seed of the sampled answers and of the random subset."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+) -> None:
+    """Task-agnostic debiasing sample selection: ask the model the study's question about each text
+    ("Does the above text contain bias or stereotypes?"), sample k answers, measure semantic entropy
+    (and the concept score with --probe), and write the low- and high-uncertainty and a random subset."""
+    from workbench.models import load_model
+    from workbench.select import read_candidates, score_candidates, select_subsets, write_subsets
+
+    rows = read_candidates(candidates, text_field)
+    if 2 * size > len(rows):
+        from workbench.errors import WorkbenchError
+
+        raise WorkbenchError(f"--size {size}: needs at most half of the {len(rows)} candidates (low and high are disjoint)")
+    loaded_probe = None
+    if probe is not None:
+        from probes.probe_file import load_probe
+
+        loaded_probe = load_probe(probe)
+    loaded = load_model(model, device=device)
+    scored = score_candidates(loaded, rows, text_field, k, seed, max_new_tokens, batch_size, loaded_probe)
+    paths = write_subsets(out_dir, select_subsets(scored, size, by, seed), scored)
+    out.print("wrote " + ", ".join(str(p) for p in paths), markup=False, highlight=False)

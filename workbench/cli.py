@@ -46,6 +46,7 @@ def _mount_subcommands() -> None:
     app.command("analyze")(analysis_cli.analyze)
     app.command("report")(analysis_cli.report)
     app.command("theory")(analysis_cli.theory)
+    app.command("select")(analysis_cli.select)
 
 
 @app.command()
