@@ -69,6 +69,12 @@ def _mount_subcommands() -> None:
     from workbench.export import export_command
 
     app.command("export")(export_command)
+    from workbench import analysis_cli
+
+    app.command("analyze")(analysis_cli.analyze)
+    app.command("report")(analysis_cli.report)
+    app.command("theory")(analysis_cli.theory)
+    app.command("select")(analysis_cli.select)
 
 
 protocol_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
@@ -241,14 +247,20 @@ def _fmt(value: Any) -> str:
 COLUMN_LABELS = {
     "round": "round", "accuracy": "acc", "mean_token_entropy": "tok H", "mean_option_entropy": "opt H",
     "mean_chosen_confidence": "conf", "ece": "ECE", "ece_range": "ECEr", "unparseable": "unpars",
-    "right_to_wrong": "R→W", "wrong_to_right": "W→R",
+    "right_to_wrong": "R→W", "wrong_to_right": "W→R", "accuracy_parsed": "parsed", "accuracy_option": "argmax",
 }
 COLUMN_LEGEND = {
-    "acc": "accuracy", "tok H": "mean token entropy (nats)", "opt H": "mean option entropy (nats)",
+    "acc": "the parsed answer, else the option argmax", "parsed": "accuracy of parsed answers (unparseable count wrong)",
+    "argmax": "accuracy of the option-confidence argmax", "unpars": "unparseable answers",
+    "R→W": "right→wrong flips of acc from the previous round", "W→R": "wrong→right flips",
+    "tok H": "mean token entropy (nats)", "opt H": "mean option entropy (nats)",
     "conf": "confidence of the chosen option", "ECE": "calibration error over [0, 1]",
-    "ECEr": "the same over [min, max] confidence", "unpars": "unparseable answers",
-    "R→W": "right→wrong flips from the previous round", "W→R": "wrong→right flips",
+    "ECEr": "the same over [min, max] confidence",
 }
+# two tables that each fit 80 columns: answers, then uncertainty
+TABLES = (("round", "accuracy", "accuracy_parsed", "accuracy_option", "unparseable", "right_to_wrong", "wrong_to_right"),
+          ("round", "mean_token_entropy", "mean_option_entropy", "mean_chosen_confidence", "ece", "ece_range"))
+JSON_ONLY = ("parsed_right_to_wrong", "parsed_wrong_to_right", "option_right_to_wrong", "option_wrong_to_right")
 
 
 def _print_summary(run_file: Any) -> None:
@@ -264,15 +276,19 @@ def _print_summary(run_file: Any) -> None:
     if not rows:
         return
     metrics = [k for k in rows[0] if k in COLUMN_LABELS]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
-    for c in metrics:
-        table.add_column(Text(COLUMN_LABELS[c]), justify="right", no_wrap=True)
-    for r in rows:
-        table.add_row(*[Text(_fmt(r[c])) for c in metrics])
-    out.print(table)
-    legend = [f"{label}: {COLUMN_LEGEND[label]}" for c in metrics if (label := COLUMN_LABELS[c]) in COLUMN_LEGEND]
-    out.print(Text("; ".join(legend), style="dim"), highlight=False)
-    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n"]
+    for names in TABLES:
+        columns = [c for c in names if c in rows[0]]
+        if len(columns) < 2:
+            continue
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
+        for c in columns:
+            table.add_column(Text(COLUMN_LABELS[c]), justify="right", no_wrap=True)
+        for r in rows:
+            table.add_row(*[Text(_fmt(r[c])) for c in columns])
+        out.print(table)
+        legend = [f"{label}: {COLUMN_LEGEND[label]}" for c in columns if (label := COLUMN_LABELS[c]) in COLUMN_LEGEND]
+        out.print(Text("; ".join(legend), style="dim"), highlight=False)
+    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n" and k not in JSON_ONLY]
     if others:
         fields = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
         fields.add_column(Text("mean per round"), no_wrap=True)
@@ -281,10 +297,10 @@ def _print_summary(run_file: Any) -> None:
         for name in others:
             fields.add_row(Text(name.removeprefix("mean_").replace(":", " ")), *[Text(_fmt(r[name])) for r in rows])
         out.print(fields)
-    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): v for k, v in s["convergence"].items() if v is not None}
+    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("converged (|Δ| < 0.01 for 2 rounds) at round: " + ", ".join(f"{k} {v}" for k, v in conv.items()),
-                  markup=False, highlight=False)
+        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
+            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
 
 
 @app.command()
