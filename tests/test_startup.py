@@ -50,8 +50,7 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", [
-    ["--help"], ["--version"], ["run", "--help"], ["probe", "fit", "--help"], ["organism", "--help"],
-    ["protocol", "list"], ["protocol", "show", "bbq-paper"], ["info", "{run}"], ["info", "{run}", "--json"],
+    ["--help"], ["run", "--help"], ["protocol", "show", "bbq-paper"], ["info", "{run}"], ["info", "{run}", "--json"],
     ["probe", "show", "{probe}"], ["organism", "sample", "--n", "1"],
 ])
 def test_commands_that_run_no_model_import_no_torch(args, files, tmp_path):
