@@ -96,12 +96,13 @@ class RoundResult:
 
 def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
     """The user message of ``round_`` (1-based): round 1 is the protocol's ``first`` template filled
-    with the sample; later rounds are its follow-up (or the text injected at that round)."""
+    with the sample; later rounds are its follow-up (or the text injected at that round), which the
+    task may draw per sample (``Task.followup``: the organism's ``{world}``)."""
     if round_ == 1:
         return protocol.first.format(
             context=sample.context, question=sample.question, choices=task.format_choices(sample.options)
         ).strip()
-    return protocol.instruction(round_)
+    return task.followup(sample, round_, protocol.instruction(round_))
 
 
 class Session:
