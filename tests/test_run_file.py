@@ -113,7 +113,7 @@ def test_layout_is_plain_hdf5(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
     assert cli(*run_args(model_dirs["qwen2"], out), "--limit", "2", "--layers", "0,2").returncode == 0
     with h5py.File(out, "r") as f:
-        assert f.attrs["format"] == "self-correction-workbench-run" and f.attrs["schema_version"] == 1
+        assert f.attrs["format"] == "self-correction-workbench-run" and f.attrs["schema_version"] == 2
         acts = f["activations/hook_resid_post"]
         assert acts.shape == (2, 3, 2, 2, 64) and acts.chunks == (1, 3, 2, 2, 64) and acts.compression is None
         assert json.loads(acts.attrs["layers"]) == [0, 2]

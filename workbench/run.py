@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, RunWriter, SampleTable
+from workbench.store import RunFile, RunWriter, SampleTable, check_output, run_exists
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,8 @@ def run_protocol(
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
+    check_output(out, cfg.resume, cfg.overwrite)  # before the model loads; --overwrite replaces nothing yet
     samples = load_samples(cfg)
-    if out.exists() and not cfg.resume:
-        if not cfg.overwrite:
-            raise WorkbenchError(f"{out} already exists (use --resume to continue it, or --overwrite)")
-        out.unlink()
     if cfg.activation_dtype not in ("float32", "float16"):
         raise WorkbenchError("--activation-dtype must be float32 or float16")
     if model is None:
@@ -167,11 +164,12 @@ def run_protocol(
         "n_rounds": protocol.rounds,
         "device": model.device,
     }
-    if cfg.resume and out.exists():
+    if cfg.resume and run_exists(out):
         writer = RunWriter.resume(out, settings)
     else:
         writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
-                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype)
+                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
+                                  overwrite=cfg.overwrite)
     gold = np.asarray([s.gold for s in samples])
     with writer:
         done = writer.done_mask()
@@ -193,7 +191,7 @@ def run_protocol(
                 "prompt_span": res.prompt_spans,
                 "response_span": res.response_spans,
                 "mean_token_entropy": res.mean_token_entropy,
-                "option_probs": _pad_options(res.option_probs, int(writer.f.attrs["n_options"])),
+                "option_probs": _pad_options(res.option_probs, writer.n_options),
                 "parsed_answer": res.parsed_answer,
                 **derived,
                 **res.round_fields,
