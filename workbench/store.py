@@ -160,10 +160,11 @@ def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
     """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line."""
     try:
         yield
-    except OSError as e:
-        reason = e.strerror or str(e).splitlines()[0]
-        if isinstance(e, OSError) and e.errno is None and "write" in str(e).lower():
-            reason = "write failed (disk full or file too large?)"
+    except (OSError, RuntimeError) as e:  # h5py reports a failed write or close as OSError or RuntimeError
+        if isinstance(e, RuntimeError) and "errno" not in str(e) and "write" not in str(e).lower():
+            raise
+        found = re.search(r"error message = '([^']*)'", str(e))
+        reason = getattr(e, "strerror", None) or (found.group(1) if found else str(e).splitlines()[0])
         raise WorkbenchError(f"{action} {path} failed: {reason} ({_free_space(path)} free there); "
                              "finished batches are kept: make room and continue with --resume") from None
 

@@ -32,7 +32,7 @@ def _texts(ds: h5py.Dataset) -> list:
     return ds.asstr()[...].tolist()
 
 
-def replay(reference: Path, out: Path, resume: bool, pause_after: int | None) -> None:
+def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, overwrite: bool = False) -> None:
     with h5py.File(reference, "r") as ref:
         settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ref.attrs.items() if k not in NOT_SETTINGS}
         n, rounds, batch_size = int(ref.attrs["n_samples"]), int(ref.attrs["n_rounds"]), int(ref.attrs["batch_size"])
@@ -46,7 +46,7 @@ def replay(reference: Path, out: Path, resume: bool, pause_after: int | None) ->
         if resume and run_exists(out):  # as workbench run does: --resume on nothing starts the run
             writer = RunWriter.resume(out, settings)
         else:
-            writer = RunWriter.create(out, settings, samples, rounds, hooks, dtype)
+            writer = RunWriter.create(out, settings, samples, rounds, hooks, dtype, overwrite=overwrite)
         with writer:
             done = writer.done_mask()
             written = 0
@@ -82,13 +82,14 @@ def main() -> None:
     p.add_argument("paths", nargs="+")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--track", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--pause-after", type=int)
     a = p.parse_args()
     try:
         if a.track:
             track(Path(a.paths[0]))
         else:
-            replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after)
+            replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite)
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
