@@ -26,9 +26,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +74,7 @@ STANDARD_ARRAYS: dict[str, tuple[tuple[Any, ...], Any]] = {
 }
 
 HEADER, ACTIVATIONS, LAYOUT, ASSEMBLING = "run.h5", "activations.h5", "layout.json", "assembling.h5"
+COMMIT_INTERVAL_S = 1.0  # batches faster than this are committed together (each commit costs two fsyncs)
 BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)\.h5$")
 
 
@@ -273,6 +276,26 @@ def _put_vlen(group: h5py.Group, name: str, data: np.ndarray, dtype: Any) -> Non
     group.create_dataset(name, data=data, dtype=dtype)
 
 
+def _batch_arrays(arrays: dict[str, Any], transcripts: list[list[int]], n_rounds: int) -> dict[str, np.ndarray]:
+    """One batch's arrays by their path in the run file: ragged ones as object arrays of 1-D arrays,
+    strings as object arrays of str, flags as uint8."""
+    batch = len(transcripts)
+    out = {}
+    for name, value in arrays.items():
+        if name in TOKEN_ARRAYS:
+            out[f"tokens/{name}"] = _ragged(value, (batch, n_rounds), TOKEN_ARRAYS[name])
+        elif name in ("instruction", "response"):
+            texts = np.empty((batch, n_rounds), dtype=object)
+            for i, row in enumerate(value):
+                texts[i] = [_text(x) for x in row]
+            out[f"rounds/{name}"] = texts
+        else:
+            value = np.asarray(value)
+            out[f"rounds/{name}"] = value.astype(np.uint8) if value.dtype == np.bool_ else value
+    out["transcripts/token_ids"] = _ragged(transcripts, (batch,), np.int32)
+    return out
+
+
 def _fill_value(name: str, dtype: np.dtype) -> Any:
     if dtype.kind == "f":
         return np.nan
@@ -314,17 +337,34 @@ def _write_header(dest: Path, settings: dict[str, Any], samples: SampleTable, n_
 
 @dataclass(frozen=True)
 class ActivationSlot:
-    """Where one hook's activations ``[N, R, P, L, d]`` sit in ``activations.h5``: a run of
-    ``N`` rows of ``row_bytes`` each from byte ``offset`` (one chunk per sample, allocated in order)."""
+    """Where one hook's activations ``[N, R, P, L, d]`` sit in ``activations.h5``. One chunk holds
+    one sample; HDF5 allocates them in order with an index node now and then between them, so the
+    rows form a few contiguous ``segments``: ``(first row, byte offset)``, each up to the next."""
 
     hook: str
     shape: tuple[int, ...]
     dtype: str
-    offset: int
+    segments: tuple[tuple[int, int], ...]
 
     @property
     def row_bytes(self) -> int:
         return int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
+
+    def extents(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(first row, end row, byte offset of the first row)`` of each contiguous piece of rows ``[start, stop)``."""
+        ends = [first for first, _ in self.segments[1:]] + [self.shape[0]]
+        for (first, offset), end in zip(self.segments, ends):
+            lo, hi = max(start, first), min(stop, end)
+            if lo < hi:
+                yield lo, hi, offset + (lo - first) * self.row_bytes
+
+
+def _segments(offsets: Any, row_bytes: int) -> tuple[tuple[int, int], ...]:
+    out = []
+    for row, offset in enumerate(np.asarray(offsets).tolist()):
+        if not out or offset != out[-1][1] + (row - out[-1][0]) * row_bytes:
+            out.append((row, int(offset)))
+    return tuple(out)
 
 
 def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: str, layers_json: str) -> list[ActivationSlot]:
@@ -345,21 +385,25 @@ def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype:
             ds.attrs["positions"] = json.dumps(list(POSITIONS))
             ds.attrs["layers"] = layers_json
             row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-            offsets = [ds.id.get_chunk_info(i).byte_offset for i in range(shape[0])] if shape[0] and row_bytes else [0]
-            if any(o != offsets[0] + i * row_bytes for i, o in enumerate(offsets)):
-                raise AssertionError("HDF5 did not allocate the activation chunks in order")
-            slots.append(ActivationSlot(hook, tuple(shape), dtype, int(offsets[0])))
+            offsets = np.zeros(shape[0], dtype=np.int64)
+            if row_bytes and shape[0]:
+                def record(info: Any) -> None:
+                    offsets[info.chunk_offset[0]] = info.byte_offset
+                ds.id.chunk_iter(record)
+            slots.append(ActivationSlot(hook, tuple(shape), dtype, _segments(offsets, row_bytes)))
 
     target = folder / ACTIVATIONS
     tmp = folder / (ACTIVATIONS + ".new")
     _write_h5_atomic(tmp, fill)
-    _write_text_atomic(folder / LAYOUT, json.dumps([{"hook": s.hook, "shape": list(s.shape), "dtype": s.dtype, "offset": s.offset} for s in slots]))
+    _write_text_atomic(folder / LAYOUT, json.dumps([{"hook": s.hook, "shape": list(s.shape), "dtype": s.dtype,
+                                                      "segments": [list(x) for x in s.segments]} for s in slots]))
     _replace(tmp, target)
     return slots
 
 
 def _read_layout(folder: Path) -> list[ActivationSlot]:
-    return [ActivationSlot(d["hook"], tuple(d["shape"]), d["dtype"], int(d["offset"])) for d in json.loads((folder / LAYOUT).read_text())]
+    return [ActivationSlot(d["hook"], tuple(d["shape"]), d["dtype"], tuple((int(r), int(o)) for r, o in d["segments"]))
+            for d in json.loads((folder / LAYOUT).read_text())]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -368,15 +412,30 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _write_rows(fd: int, slot: ActivationSlot, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (``[B, R, P, L, d]``, the slot's dtype, C order) as rows ``start : start + B``."""
+    for lo, hi, offset in slot.extents(start, start + len(rows)):
+        _pwrite_all(fd, memoryview(rows[lo - start : hi - start]).cast("B"), offset)
+
+
+def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarray:
+    out = np.empty((stop - start, *slot.shape[1:]), dtype=slot.dtype)
+    for lo, hi, offset in slot.extents(start, stop):
+        n = (hi - lo) * slot.row_bytes
+        got = os.preadv(fd, [memoryview(out[lo - start : hi - start]).cast("B")], offset)
+        if got != n:
+            raise OSError(errno.EIO, f"short read of activations ({got} of {n} bytes)")
+    return out
+
+
 def _copy_raw(src: Path, src_slots: list[ActivationSlot], dst: Path, dst_slots: list[ActivationSlot]) -> None:
-    """Copy every activation array's bytes from one file to another (repairing a killed assembly)."""
-    block = 64 << 20
+    """Copy every activation array's rows from one file to another (repairing a killed assembly)."""
     with open(src, "rb") as fin, open(dst, "r+b") as fout:
         for a, b in zip(src_slots, dst_slots):
-            total = a.row_bytes * a.shape[0]
-            for pos in range(0, total, block):
-                chunk = os.pread(fin.fileno(), min(block, total - pos), a.offset + pos)
-                _pwrite_all(fout.fileno(), memoryview(chunk), b.offset + pos)
+            step = max(1, (64 << 20) // max(a.row_bytes, 1))
+            for start in range(0, a.shape[0], step):
+                stop = min(a.shape[0], start + step)
+                _write_rows(fout.fileno(), b, start, _read_rows(fin.fileno(), a, start, stop))
         fout.flush()
         os.fsync(fout.fileno())
 
@@ -419,46 +478,45 @@ def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndar
     buffers: dict[str, np.ndarray] = {}
     vlen_types: dict[str, Any] = {}
 
-    def dataset_like(path: str, src: h5py.Dataset) -> None:
-        if path in buffers:
-            return
-        name = path.rsplit("/", 1)[-1]
-        shape = (n, *src.shape[1:])
-        if h5py.check_vlen_dtype(src.dtype) is not None or h5py.check_string_dtype(src.dtype) is not None:
-            vlen_types[path] = src.dtype
-            buffers[path] = np.empty(shape, dtype=object)
-            kind = h5py.check_string_dtype(src.dtype)
-            fill = "" if kind is not None else np.zeros(0, dtype=h5py.check_vlen_dtype(src.dtype))
-            for idx in np.ndindex(shape):
-                buffers[path][idx] = fill
-        else:
-            buffers[path] = np.full(shape, _fill_value(name, src.dtype), dtype=src.dtype)
+    def empty_vlen(dtype: Any) -> Any:
+        return "" if h5py.check_string_dtype(dtype) is not None else np.zeros(0, dtype=h5py.check_vlen_dtype(dtype))
 
     for start, stop, part in parts:
         with h5py.File(part, "r", locking=False) as p:
-            def visit(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset):
-                    dataset_like(name, obj)
-                    buffers[name][start:stop] = obj[...]
+            def visit(path: str, src: Any) -> None:
+                if not isinstance(src, h5py.Dataset):
+                    return
+                if path not in buffers:
+                    shape = (n, *src.shape[1:])
+                    if src.dtype.kind == "O":  # vlen or string: numpy calls all object dtypes equal, h5py tells them apart
+                        vlen_types[path] = src.dtype
+                        buffers[path] = np.empty(shape, dtype=object)
+                    else:
+                        buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], src.dtype), dtype=src.dtype)
+                buffers[path][start:stop] = src[...]
             p.visititems(visit)
         done[start:stop] = True
     k = int(header.attrs["n_options"])
     for path, (tail, dtype) in STANDARD_ARRAYS.items():  # the same layout before any batch is done
-        if path in buffers:
-            continue
-        shape = (n, *(n_rounds if d == "R" else k if d == "K" else d for d in tail))
-        if np.dtype(dtype).kind == "O":  # compare object dtypes by their h5py metadata: numpy calls them all equal
-            text = h5py.check_string_dtype(dtype) is not None
-            buffers[path] = np.empty(shape, dtype=object)
-            for idx in np.ndindex(shape):
-                buffers[path][idx] = "" if text else np.zeros(0, dtype=h5py.check_vlen_dtype(dtype))
-        else:
-            buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], np.dtype(dtype)), dtype=dtype)
+        if path not in buffers:
+            shape = (n, *(n_rounds if d == "R" else k if d == "K" else d for d in tail))
+            if np.dtype(dtype).kind == "O":
+                vlen_types[path] = dtype
+                buffers[path] = np.empty(shape, dtype=object)
+            else:
+                buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], np.dtype(dtype)), dtype=dtype)
+    for path, data in buffers.items():
+        if data.dtype == object and not done.all():  # rows not done yet: empty strings and sequences
+            fill = empty_vlen(vlen_types[path])
+            rows = data[~done].reshape(-1)
+            for i in range(rows.size):
+                rows[i] = fill
+            data[~done] = rows.reshape(data[~done].shape)
     for path, data in sorted(buffers.items()):
         group, name = path.rsplit("/", 1)
         g = dst.require_group(group)
         if data.dtype == object:
-            _put_vlen(g, name, data, vlen_types[path] if path in vlen_types else STANDARD_ARRAYS.get(path, (None, STR))[1])
+            _put_vlen(g, name, data, vlen_types[path])
         else:
             g.create_dataset(name, data=data)
     dst.require_group("progress").create_dataset("done", data=done.astype(np.uint8))
@@ -477,9 +535,9 @@ def _activation_view(dst: h5py.File, activations_file: Path, slots: list[Activat
     storage), so a reader never parses the HDF5 metadata of a file that is being written."""
     group = dst.require_group("activations")
     for s in slots:
-        nbytes = s.row_bytes * s.shape[0]
-        ds = group.create_dataset(s.hook, shape=s.shape, dtype=s.dtype,
-                                  external=[(str(activations_file.resolve()), s.offset, max(nbytes, 1))])
+        name = str(activations_file.resolve())
+        pieces = [(name, offset, (hi - lo) * s.row_bytes) for lo, hi, offset in s.extents(0, s.shape[0])]
+        ds = group.create_dataset(s.hook, shape=s.shape, dtype=s.dtype, external=pieces or None)
         ds.attrs["positions"] = json.dumps(list(POSITIONS))
         ds.attrs["layers"] = layers_json
 
@@ -554,6 +612,8 @@ class RunWriter:
             self.n_rounds = int(h.attrs["n_rounds"])
         self.slots = _read_layout(folder)
         self._fd = os.open(folder / ACTIVATIONS, os.O_RDWR)
+        self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        self._last_commit = -math.inf  # the first batch commits at once
 
     # --------------------------------------------------------------------- open
     @classmethod
@@ -631,6 +691,12 @@ class RunWriter:
         self.close()
 
     def close(self) -> None:
+        """Commit what was written (unless that fails too), release the file and the lock."""
+        try:
+            if self._fd >= 0 and self._pending:
+                self.commit()
+        except WorkbenchError:
+            pass  # already failing (e.g. a full disk): the uncommitted batches are recomputed on --resume
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -644,44 +710,56 @@ class RunWriter:
         return _done_from_parts(self.folder, self.n_samples)
 
     def write_batch(self, start: int, arrays: dict[str, Any], activations: dict[str, np.ndarray], transcripts: list[list[int]]) -> None:
-        """Write rows ``start : start + B`` of every array, durably; they count as done once this returns.
+        """Write rows ``start : start + B`` of every array.
 
         arrays: name → ``[B, R, ...]`` (numpy, or nested lists for ``response_token_ids``,
         ``token_entropy``, ``instruction`` and ``response``). Unknown names are task fields.
         activations: hook → ``[B, R, P, L, d]``. transcripts: ``[B][tokens]``.
+
+        The activations go straight to their place in the file; the rest is committed (one fsynced,
+        renamed part for all batches since the last commit) at most every ``COMMIT_INTERVAL_S``
+        seconds and by ``finish``/``close``: batches count as done once committed.
         """
         if self._complete:
             raise WorkbenchError(f"{self.path} is complete; nothing to write")
         batch = len(transcripts)
         stop = start + batch
+        if self._pending and self._pending[-1][1] != start:
+            self.commit()  # a part covers consecutive rows only
         with _write_errors(self.path):
             for slot in self.slots:
                 acts = np.ascontiguousarray(activations[slot.hook], dtype=slot.dtype)
                 if acts.shape != (batch, *slot.shape[1:]):
                     raise ValueError(f"activations/{slot.hook}: batch shape {acts.shape}, expected {(batch, *slot.shape[1:])}")
-                _pwrite_all(self._fd, memoryview(acts).cast("B"), slot.offset + start * slot.row_bytes)
+                _write_rows(self._fd, slot, start, acts)
+        self._pending.append((start, stop, _batch_arrays(arrays, transcripts, self.n_rounds)))
+        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make every written batch durable and done: fsync the activations, write their other arrays
+        as one part file (fsynced, renamed into place)."""
+        if not self._pending:
+            return
+        start, stop = self._pending[0][0], self._pending[-1][1]
+        merged = {path: np.concatenate([p[2][path] for p in self._pending]) for path in self._pending[0][2]}
+
+        def fill(f: h5py.File) -> None:
+            f.attrs["start"], f.attrs["stop"] = start, stop
+            for path, data in merged.items():
+                group, name = path.rsplit("/", 1)
+                if data.dtype == object:
+                    _put_vlen(f.require_group(group), name, data, STANDARD_ARRAYS.get(path, (None, STR))[1])
+                else:
+                    f.require_group(group).create_dataset(name, data=data)
+
+        with _write_errors(self.path):
             os.fsync(self._fd)
-
-            def fill(f: h5py.File) -> None:
-                f.attrs["start"], f.attrs["stop"] = start, stop
-                r, t = f.create_group("rounds"), f.create_group("tokens")
-                for name, value in arrays.items():
-                    if name in TOKEN_ARRAYS:
-                        _put_vlen(t, name, _ragged(value, (batch, self.n_rounds), TOKEN_ARRAYS[name]),
-                                  VLEN_INT if TOKEN_ARRAYS[name] == np.int32 else VLEN_FLOAT)
-                    elif name in ("instruction", "response"):
-                        texts = np.empty((batch, self.n_rounds), dtype=object)
-                        for i, row in enumerate(value):
-                            texts[i] = [_text(x) for x in row]
-                        r.create_dataset(name, data=texts, dtype=STR)
-                    else:
-                        value = np.asarray(value)
-                        r.create_dataset(name, data=value.astype(np.uint8) if value.dtype == np.bool_ else value)
-                _put_vlen(f.create_group("transcripts"), "token_ids", _ragged(transcripts, (batch,), np.int32), VLEN_INT)
-
             _write_h5_atomic(self.folder / f"batch-{start:08d}-{stop:08d}.h5", fill)
             if self.replaces_old:
                 self._take_over()
+        self._pending = []
+        self._last_commit = time.monotonic()
 
     def _take_over(self) -> None:
         """``--overwrite``: the new run has a finished batch, so now (and only now) it replaces the old one."""
@@ -696,7 +774,10 @@ class RunWriter:
 
     def finish(self) -> None:
         """Assemble the run file once every sample is done (otherwise nothing: the parts stay)."""
-        if self._complete or not self.done_mask().all():
+        if self._complete:
+            return
+        self.commit()
+        if not self.done_mask().all():
             return
         with _write_errors(self.path, "assembling"):
             assemble(self.path, self.folder)
