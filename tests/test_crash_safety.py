@@ -159,3 +159,59 @@ def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
     assert not parts_dir(out).exists()
     ref, got = inject.datasets(reference), inject.datasets(out)
     assert inject.differences(ref, got) == []
+
+
+def test_the_run_file_as_data(reference, tmp_path):
+    """Named dimensions for xarray/h5netcdf on every group but the ragged ones, and RunFile's
+    labelled views: to_xarray (done samples) and to_dataframe (one row per sample and round)."""
+    import xarray as xr
+
+    run_path = tmp_path / "run.h5"
+    shutil.copy(reference, run_path)
+    with h5py.File(run_path) as f:
+        acts, correct, gold = f["activations/hook_resid_post"][...], f["rounds/correct"][...], f["samples/gold"][...]
+    acts_ds = xr.open_dataset(run_path, engine="h5netcdf", group="activations")
+    assert acts_ds["hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
+    assert acts_ds["position"].values.tolist() == ["last_prompt", "response_mean"]
+    assert acts_ds["layer"].values.tolist() == json.loads(h5py.File(run_path)["activations/hook_resid_post"].attrs["layers"])
+    np.testing.assert_array_equal(acts_ds["hook_resid_post"].values, acts)
+    acts_ds.close()
+    rounds = xr.open_dataset(run_path, engine="h5netcdf", group="rounds")
+    assert rounds["option_probs"].dims == ("sample", "round", "option") and rounds["prompt_span"].dims == ("sample", "round", "bound")
+    assert not [d for d in rounds.sizes if d.startswith("phony_dim")]
+    np.testing.assert_array_equal(rounds["correct"].values, correct)
+    rounds.close()
+    scores = np.arange(12 * 3 * 2, dtype=np.float32).reshape(12, 3, 2)
+    from workbench.store import replace_group
+
+    replace_group(run_path, "probes/p", {"cosine": scores, "projection": -scores},
+                  {"kind": "probe", "layers": [1, 3], "best_layer": 3})
+    with RunFile(run_path) as run:
+        frame = run.to_dataframe()
+        assert len(frame) == 36 and frame[["sample", "round"]].values[:4].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0]]
+        np.testing.assert_array_equal(frame["correct"].values, correct.reshape(-1))
+        np.testing.assert_array_equal(frame["gold"].values, np.repeat(gold, 3))
+        np.testing.assert_array_equal(frame["concept:p"].values, -scores[:, :, 1].reshape(-1))
+        assert {"mean_token_entropy", "option_entropy", "exact_p_fair", "response", "instruction", "id"} <= set(frame.columns)
+        data = run.to_xarray()
+        assert data["activations/hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
+        assert data["probes/p/cosine"].dims == ("sample", "round", "p_layer") and data["p_layer"].values.tolist() == [1, 3]
+        np.testing.assert_array_equal(data["correct"].sel(round=2).values, correct[:, 2])
+
+
+def test_a_running_run_as_data(reference, tmp_path):
+    """The in-memory view of a running run has the same named layout, restricted to done samples."""
+    out = tmp_path / "run.h5"
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert writer.stdout.readline().strip() == "paused"
+        with RunFile(out) as run:
+            assert run.running and run.done.sum() == 4
+            frame = run.to_dataframe()
+            assert len(frame) == 12 and sorted(set(frame["sample"])) == [0, 1, 2, 3]
+            data = run.to_xarray()
+            np.testing.assert_array_equal(data["activations/hook_resid_post"].values,
+                                          h5py.File(reference)["activations/hook_resid_post"][:4])
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()

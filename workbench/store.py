@@ -647,9 +647,9 @@ class RunWriter:
                     shutil.rmtree(folder, ignore_errors=True)  # a creation that was killed before its header landed
                 folder.mkdir()
                 n = len(samples.index)
-                layers_json = json.dumps(settings.get("layers", None)) if "layers" in settings else None
                 shapes = {h: (n, n_rounds, len(POSITIONS), nl, d) for h, (nl, d) in hook_shapes.items()}
-                layers_json = layers_json or json.dumps(list(range(next(iter(hook_shapes.values()))[0] if hook_shapes else 0)))
+                layers = settings.get("layers", list(range(next(iter(hook_shapes.values()))[0] if hook_shapes else 0)))
+                layers_json = layers if isinstance(layers, str) else json.dumps(layers)
                 _create_activations(folder, shapes, activation_dtype, layers_json)
                 _write_header(folder / HEADER, settings, samples, n_rounds, uuid.uuid4().hex)
             return cls(path, folder, lock, replaces_old=exists)
@@ -818,7 +818,52 @@ def assemble(path: Path, folder: Path) -> None:
 
 
 def _add_dimension_scales(f: h5py.File) -> None:
-    """Placeholder for named dimensions (see docs/FORMAT.md); filled in below."""
+    """Name every dimension of every array with an HDF5 dimension scale (netCDF-4 style, so
+    ``xarray.open_dataset(path, engine="h5netcdf", group="rounds")`` gets named dimensions and
+    coordinates). Each group holds the scales its arrays use: ``sample`` (the global sample index),
+    ``round`` (0-based), ``position``, ``layer`` (captured layer indices), ``d_model``, ``option``,
+    ``bound`` (``start``/``end`` of a span), and ``{array}_dim{i}`` for other task-field axes."""
+    n, rounds, k = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"]), int(f.attrs["n_options"])
+    values: dict[str, np.ndarray] = {
+        "sample": f["samples/index"][...], "round": np.arange(rounds, dtype=np.int64),
+        "option": np.arange(k, dtype=np.int64), "bound": np.array(["start", "end"], dtype=object),
+        "position": np.array(POSITIONS, dtype=object),
+    }
+    for group_name in ("samples", "rounds", "tokens", "transcripts", "activations"):
+        if group_name not in f:
+            continue
+        group = f[group_name]
+        scales: dict[str, h5py.Dataset] = {}
+
+        def scale(name: str, data: np.ndarray) -> h5py.Dataset:
+            if name not in scales:
+                ds = group.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
+                ds.make_scale(name)
+                scales[name] = ds
+            return scales[name]
+
+        for name, ds in list(group.items()):
+            if not isinstance(ds, h5py.Dataset) or name in values or h5py.h5ds.is_scale(ds.id):
+                continue
+            for axis, length in enumerate(ds.shape):
+                if axis == 0 and length == n:
+                    dim = "sample"
+                elif axis == 1 and length == rounds and group_name != "samples":
+                    dim = "round"
+                elif group_name == "activations":
+                    dim = ("sample", "round", "position", "layer", "d_model")[axis]
+                    if dim == "layer":
+                        values["layer"] = np.asarray(json.loads(ds.attrs["layers"]), dtype=np.int64)
+                    elif dim == "d_model":
+                        values["d_model"] = np.arange(length, dtype=np.int64)
+                elif length == k and name.startswith(("option", "exact_option")) or name == "options":
+                    dim = "option"
+                elif length == 2 and name.endswith("_span"):
+                    dim = "bound"
+                else:
+                    dim = f"{name}_dim{axis}"
+                    values[dim] = np.arange(length, dtype=np.int64)
+                ds.dims[axis].attach_scale(scale(dim, values[dim]))
 
 
 # --------------------------------------------------------------------------- reading
@@ -939,8 +984,11 @@ class RunFile:
         return int(self.f.attrs["n_rounds"])
 
     def names(self, group: str = "rounds") -> list[str]:
-        """Dataset names under ``group``."""
-        return sorted(self.f[group].keys()) if group in self.f else []
+        """Dataset names under ``group`` (not the dimension scales that label their axes)."""
+        if group not in self.f:
+            return []
+        return sorted(name for name, obj in self.f[group].items()
+                      if not (isinstance(obj, h5py.Dataset) and h5py.h5ds.is_scale(obj.id)))
 
     def array(self, name: str, samples: Iterable[int] | slice | None = None) -> np.ndarray:
         """A dataset's rows for done samples only (``rounds/correct`` → ``[n_done, R]``).
@@ -963,16 +1011,91 @@ class RunFile:
             data = np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(data)
         return data
 
+    def _per_round_names(self) -> list[str]:
+        """``rounds/`` arrays of shape ``[N, R]`` (one value per sample and round)."""
+        n, r = int(self.f.attrs["n_samples"]), self.n_rounds
+        return [name for name in self.names("rounds") if self.f[f"rounds/{name}"].shape == (n, r)]
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame with one row per done sample and round: ``sample`` (the global sample
+        index), ``round`` (0-based), the task fields (``id``, ``category``, ``condition``, ``gold``,
+        ``context``, ``question``), every per-round value of ``rounds/`` (metrics, answers, the
+        instruction and the response) and the concept scores of tracked probes (``concept:{name}``,
+        as in ``workbench info``). Needs pandas."""
+        import pandas as pd
+
+        from workbench.analysis import concept_scores
+
+        done = self.done
+        n_done, r = int(done.sum()), self.n_rounds
+        columns: dict[str, Any] = {
+            "sample": np.repeat(self.array("samples/index"), r),
+            "round": np.tile(np.arange(r), n_done),
+        }
+        for name in ("id", "category", "condition", "gold", "context", "question"):
+            columns[name] = np.repeat(self.array(f"samples/{name}"), r)
+        for name in self._per_round_names():
+            columns[name] = self.array(f"rounds/{name}").reshape(-1)
+        for name, values in concept_scores(self).items():
+            columns[name] = np.asarray(values).reshape(-1)
+        return pd.DataFrame(columns)
+
+    def to_xarray(self, activations: bool = True) -> Any:
+        """An xarray Dataset of the done samples, every axis named and labelled: ``sample`` (global
+        index), ``round`` (0-based), ``option``, ``position``, ``layer``, ``d_model``. Holds the
+        task fields of ``samples/``, every fixed-shape array of ``rounds/``, the tracked probes'
+        scores (``probes/{name}/{array}``, axes ``sample, round, {name}_layer``) and, unless
+        ``activations=False``, ``activations/{hook}``. Everything is read into memory: for a large
+        run open one group lazily with ``xarray.open_dataset(path, engine="h5netcdf", group=…)``.
+        Needs xarray."""
+        import xarray as xr
+
+        k = int(self.f.attrs["n_options"])
+        coords: dict[str, Any] = {"sample": self.array("samples/index"), "round": np.arange(self.n_rounds),
+                                  "option": np.arange(k), "position": list(POSITIONS)}
+        data: dict[str, Any] = {}
+        for name in self.names("samples"):
+            if name == "index":
+                continue
+            value = self.array(f"samples/{name}")
+            data[name] = (("sample", "option")[: value.ndim], value)
+        for name in self.names("rounds"):
+            value = self.array(f"rounds/{name}")
+            dims = ["sample", "round"]
+            for axis in range(2, value.ndim):
+                dims.append("option" if value.shape[axis] == k and "option" in name else "bound" if name.endswith("_span") else f"{name}_dim{axis}")
+            data[name] = (tuple(dims), value)
+        if self.names("rounds") and any(name.endswith("_span") for name in self.names("rounds")):
+            coords["bound"] = ["start", "end"]
+        if activations:
+            for hook in self.names("activations"):
+                ds = self.f[f"activations/{hook}"]
+                coords["layer"] = json.loads(ds.attrs["layers"])
+                coords["d_model"] = np.arange(ds.shape[-1])
+                data[f"activations/{hook}"] = (("sample", "round", "position", "layer", "d_model"), self.array(f"activations/{hook}"))
+        for name in self.names("probes"):
+            group = self.f[f"probes/{name}"]
+            layers = json.loads(group.attrs["layers"]) if "layers" in group.attrs else None
+            for array in sorted(group.keys()):
+                value = self.array(f"probes/{name}/{array}")
+                dims = ("sample", "round", f"{name}_layer")[: value.ndim]
+                data[f"probes/{name}/{array}"] = (dims, value)
+                if value.ndim == 3 and layers is not None and len(layers) == value.shape[2]:
+                    coords[f"{name}_layer"] = layers
+        return xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
+                                                      for key, value in self.meta.items()})
+
     def sample_round(self, index: int, round_: int) -> dict[str, Any]:
         """Everything about one sample (file row) and round (0-based): random access, no full reads."""
         out: dict[str, Any] = {}
         for group in ("rounds", "tokens"):
-            for name, ds in self.f[group].items() if group in self.f else ():
-                if isinstance(ds, h5py.Dataset) and ds.ndim >= 2:
+            for name in self.names(group):
+                ds = self.f[f"{group}/{name}"]
+                if ds.ndim >= 2:
                     value = ds[index, round_]
                     out[name] = value.decode() if isinstance(value, bytes) else value
-        for hook, ds in self.f["activations"].items():
-            out[f"activations/{hook}"] = ds[index, round_]
+        for hook in self.names("activations"):
+            out[f"activations/{hook}"] = self.f[f"activations/{hook}"][index, round_]
         return out
 
 

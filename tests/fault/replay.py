@@ -28,6 +28,11 @@ NOT_SETTINGS = {"format", "schema_version", "workbench_version", "created", "fin
                 "n_options", "positions"}
 
 
+def _arrays(group: h5py.Group) -> dict[str, h5py.Dataset]:
+    """A group's datasets, without the dimension scales that label their axes."""
+    return {name: ds for name, ds in group.items() if not h5py.h5ds.is_scale(ds.id)}
+
+
 def _texts(ds: h5py.Dataset) -> list:
     return ds.asstr()[...].tolist()
 
@@ -41,8 +46,8 @@ def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, ov
                               question=_texts(s["question"]), options=[tuple(o) for o in _texts(s["options"])],
                               gold=s["gold"][...].tolist(), category=_texts(s["category"]),
                               condition=_texts(s["condition"]), extra=_texts(s["extra"]))
-        hooks = {h: ds.shape[3:] for h, ds in ref["activations"].items()}
-        dtype = str(next(iter(ref["activations"].values())).dtype)
+        hooks = {h: ds.shape[3:] for h, ds in _arrays(ref["activations"]).items()}
+        dtype = str(next(iter(_arrays(ref["activations"]).values())).dtype)
         if resume and run_exists(out):  # as workbench run does: --resume on nothing starts the run
             writer = RunWriter.resume(out, settings)
         else:
@@ -55,11 +60,11 @@ def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, ov
                 if done[start:stop].all():
                     continue
                 arrays = {}
-                for name, ds in ref["rounds"].items():
+                for name, ds in _arrays(ref["rounds"]).items():
                     arrays[name] = _texts(ds)[start:stop] if h5py.check_string_dtype(ds.dtype) else ds[start:stop]
-                for name, ds in ref["tokens"].items():
+                for name, ds in _arrays(ref["tokens"]).items():
                     arrays[name] = [[v.tolist() for v in row] for row in ds[start:stop]]
-                acts = {h: ds[start:stop] for h, ds in ref["activations"].items()}
+                acts = {h: ds[start:stop] for h, ds in _arrays(ref["activations"]).items()}
                 transcripts = [v.tolist() for v in ref["transcripts/token_ids"][start:stop]]
                 writer.write_batch(start, arrays, acts, transcripts)
                 written += 1
