@@ -39,6 +39,8 @@ demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
 	$(BIN)/workbench probe fit --model organism --contrast organism --method logreg --out $(PROBE)
 	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
+	$(BIN)/workbench analyze $(DEMO)
+	$(BIN)/workbench report $(DEMO) --out artifacts/reports/demo
 	$(BIN)/workbench info $(DEMO)
 
 test: setup

@@ -41,6 +41,15 @@ def _mount_subcommands() -> None:
 
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
+    from workbench.export import export_command
+
+    app.command("export")(export_command)
+    from workbench import analysis_cli
+
+    app.command("analyze")(analysis_cli.analyze)
+    app.command("report")(analysis_cli.report)
+    app.command("theory")(analysis_cli.theory)
+    app.command("select")(analysis_cli.select)
 
 
 @app.command()
@@ -119,21 +128,24 @@ class _ProgressReporter:
             self.progress.stop()
 
     def update(self, p: Any) -> None:
-        """Called once before the first batch (new_tokens = 0) and after every batch."""
+        """Called once before the first batch (new_tokens = 0), after every round and after every batch."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        total, done = p.total_samples * p.rounds, p.done_samples * p.rounds
-        if p.new_tokens == 0:
+        total, done = p.total_samples * p.rounds, p.done_rounds
+        if p.new_tokens == 0 and p.batch_rounds == 0:
             self.t0 = time.perf_counter()  # the model is loaded: start the clock
-        self.tokens += p.new_tokens
+        if p.batch_rounds:
+            self.tokens += p.new_tokens  # a written batch repeats its rounds' tokens
         speed = f"{self.tokens / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
         if not err.is_terminal:
-            what = "batch done" if p.new_tokens else "starting at"
-            print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
+            if p.batch_rounds == 0:
+                what = "batch done" if p.new_tokens else "starting at"
+                print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
         elif self.progress is None:
             self.progress = Progress(
                 TextColumn("[bold]samples × rounds"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=err,
+                speed_estimate_period=600,  # a round of a large model can take longer than rich's default 30 s
             )
             self.progress.start()
             self.task_id = self.progress.add_task("run", total=total, completed=done, speed="")
@@ -150,8 +162,9 @@ def _fmt(value: Any) -> str:
 COLUMN_LABELS = {
     "round": "round", "accuracy": "acc", "mean_token_entropy": "tok H", "mean_option_entropy": "opt H",
     "mean_chosen_confidence": "conf", "ece": "ECE", "ece_range": "ECE min–max", "unparseable": "unparsed",
-    "right_to_wrong": "R→W", "wrong_to_right": "W→R",
+    "right_to_wrong": "R→W", "wrong_to_right": "W→R", "accuracy_parsed": "acc parsed", "accuracy_option": "acc option",
 }
+JSON_ONLY = ("parsed_right_to_wrong", "parsed_wrong_to_right", "option_right_to_wrong", "option_wrong_to_right")
 
 
 def _print_summary(run_file: Any) -> None:
@@ -166,7 +179,7 @@ def _print_summary(run_file: Any) -> None:
     if not rows:
         return
     metrics = [k for k in rows[0] if k in COLUMN_LABELS]
-    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n"]
+    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n" and k not in JSON_ONLY]
     for columns in (metrics, ["round", *others] if others else []):
         if not columns:
             continue
@@ -176,18 +189,22 @@ def _print_summary(run_file: Any) -> None:
         for r in rows:
             table.add_row(*[_fmt(r[c]) for c in columns])
         out.print(table)
-    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): v for k, v in s["convergence"].items() if v is not None}
+    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("converged (|Δ| < 0.01 for 2 rounds) at round: " + ", ".join(f"{k} {v}" for k, v in conv.items()),
-                  markup=False, highlight=False)
+        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
+            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
 
 
 @app.command()
 def info(
-    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
+    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`, or a cache file from `workbench export`."),
     as_json: bool = typer.Option(False, "--json", help="Print metadata and the per-round table as JSON."),
 ) -> None:
-    """Show a run file's metadata and per-round table (accuracy, entropies, confidence, flips)."""
+    """Show a run file's metadata and per-round table, or what a cache file from `workbench export` holds."""
+    from workbench.cache_file import is_cache_file, print_cache_info
+
+    if is_cache_file(run_path):
+        return print_cache_info(run_path, as_json)
     from workbench.analysis import summary
     from workbench.store import RunFile
 

@@ -1110,12 +1110,14 @@ def _readable_parts(path: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- derived results
-GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+GROUP_NAME = re.compile(r"^[^/\x00]+$")  # one HDF5 path component
 
 
-def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """Write derived results (probe scores) into ``group`` of a run, replacing any earlier version
-    of it. Values of ``attrs`` that are dicts or lists are stored as JSON.
+def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs: dict[str, Any],
+                  dataset_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write derived results (probe scores, analyses) into ``group`` of a run, replacing any earlier
+    version of it. A dataset name may hold ``/`` (``metrics/accuracy``: a subgroup). Values of
+    ``attrs`` and ``dataset_attrs`` (dataset name → attributes) that are dicts or lists are stored as JSON.
 
     The run file is never modified in place: a copy with the new group is written, fsynced and
     renamed over it, so a failure or kill leaves the run exactly as it was or with the complete new
@@ -1123,20 +1125,26 @@ def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs
     the running view include."""
     path = Path(path)
     leaf = group.rsplit("/", 1)[-1]
-    if not GROUP_NAME.match(leaf) or leaf in (".", ".."):
-        raise WorkbenchError(f"{leaf!r} cannot name a group in a run file (letters, digits, '_', '-', '.'; not '.' or '..')")
+    if not GROUP_NAME.match(leaf) or leaf in (".", "..") or any(not GROUP_NAME.match(p) or p in (".", "..") for name in datasets for p in name.split("/")):
+        raise WorkbenchError(f"{leaf!r} cannot name a group in a run file (it must be non-empty, without '/', and not '.' or '..')")
     prepared = {}
     for name, value in datasets.items():
         value = np.asarray(value)
         prepared[name] = (value, STR if value.dtype == object else value.dtype)
-    encoded = {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in attrs.items()}
+    def encode(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in values.items()}
+
+    encoded = encode(attrs)
+    encoded_per_dataset = {name: encode(a) for name, a in (dataset_attrs or {}).items()}
 
     def write_group(f: h5py.File, where: str) -> None:
         if where in f:
             del f[where]
         g = f.create_group(where)
         for name, (value, dtype) in prepared.items():
-            g.create_dataset(name, data=value, dtype=dtype)
+            ds = g.create_dataset(name, data=value, dtype=dtype)
+            for key, v in encoded_per_dataset.get(name, {}).items():
+                ds.attrs[key] = v
         for key, value in encoded.items():
             g.attrs[key] = value
 
