@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, RunWriter, SampleTable
+from workbench.store import RunFile, RunWriter, SampleTable, check_output, run_exists
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,6 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """
     from dataclasses import replace
 
-    from workbench.errors import check_output_path
     from workbench.models import DEVICES, DTYPES, check_model_folder, resolve_model_path
     from workbench.protocol import load_protocol
     from workbench.tasks import default_protocol, get_task
@@ -184,12 +183,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
     samples = load_samples(cfg)
-    out = Path(cfg.out)
-    check_output_path(out)
-    if out.exists() and not cfg.resume and not cfg.overwrite:
-        raise WorkbenchError(f"{out} already exists (use --resume to continue it, or --overwrite)")
-    if cfg.resume and cfg.overwrite:
-        raise WorkbenchError("--resume and --overwrite contradict each other; give one")
+    check_output(Path(cfg.out), cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     return CheckedRun(task, protocol, samples, model_path)
 
 
@@ -252,8 +246,6 @@ def run_protocol(
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, samples)
-    if out.exists() and not cfg.resume:
-        out.unlink()  # --overwrite (validate_config refused it otherwise), once the model has loaded
     settings = {
         **model.metadata(),
         "task": cfg.task,
@@ -272,11 +264,12 @@ def run_protocol(
         "n_rounds": protocol.rounds,
         "device": model.device,
     }
-    if cfg.resume and out.exists():
+    if cfg.resume and run_exists(out):
         writer = RunWriter.resume(out, settings)
     else:
         writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
-                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype)
+                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
+                                  overwrite=cfg.overwrite)
     gold = np.asarray([s.gold for s in samples])
     with writer:
         done = writer.done_mask()
@@ -294,7 +287,7 @@ def run_protocol(
                     on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
 
             res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done)
-            arrays = batch_arrays(res, gold[start:stop], int(writer.f.attrs["n_options"]))
+            arrays = batch_arrays(res, gold[start:stop], writer.n_options)
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)
             if on_batch is not None:
