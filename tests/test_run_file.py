@@ -60,14 +60,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, model_dirs):
     proc = subprocess.Popen([sys.executable, "-m", "workbench", *run_args(model, killed)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # plain progress lines when stderr is not a terminal
-        if line.startswith("batch done: 2/"):
+        if line.startswith("batch done: 3/"):
             os.kill(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     with RunFile(killed) as run:
         done = run.done
-        assert 2 <= done.sum() < len(done), "the kill must land mid-run"
+        # the first batch commits at once; later ones within COMMIT_INTERVAL_S of a commit wait for the next
+        assert 1 <= done.sum() < len(done), "the kill must land mid-run"
         assert run.meta["status"] == "running"
         assert run.array("rounds/correct").shape[0] == done.sum()  # readers see finished samples only
 

@@ -175,6 +175,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
+    check_output(Path(cfg.out), cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     model_path = ""
     if not model_given:
         model_path = resolve_model_path(cfg.model)
@@ -183,7 +184,6 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
     samples = load_samples(cfg)
-    check_output(Path(cfg.out), cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     return CheckedRun(task, protocol, samples, model_path)
 
 

@@ -883,6 +883,9 @@ def _open(path: Path, mode: str) -> h5py.File:
         raise WorkbenchError(f"{path} is not a readable HDF5 file ({'truncated' if 'truncated' in msg else 'corrupt or not HDF5'})") from None
     try:
         _check_run_attrs(path, f)
+    except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:  # HDF5's own objects are damaged
+        f.close()
+        raise WorkbenchError(f"{path} is a damaged HDF5 file ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
     except BaseException:
         f.close()
         raise
