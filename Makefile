@@ -40,7 +40,7 @@ demo: setup
 	$(BIN)/workbench probe fit --model organism --contrast organism --method logreg --out $(PROBE)
 	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
 	$(BIN)/workbench analyze $(DEMO)
-	$(BIN)/workbench report $(DEMO) --out artifacts/reports/demo
+	$(BIN)/workbench report $(DEMO) --out artifacts/runs/reports/demo
 	$(BIN)/workbench info $(DEMO)
 
 test: setup
@@ -51,6 +51,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_probes.py
 	$(BIN)/python benchmarks/bench_startup.py
+	$(BIN)/python benchmarks/bench_session.py
+	$(BIN)/python benchmarks/bench_export.py
 
 clean-runs:
 	rm -rf artifacts/runs

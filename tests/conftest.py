@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Tiny models run fastest on one thread, and the CLI subprocesses the tests start inherit it: on a
+# 2-core machine two OpenMP threads per process only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

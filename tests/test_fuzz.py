@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from workbench.errors import WorkbenchError
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BBQ_LINES = BBQ_FIXTURE.read_text().splitlines()
 PROTOCOL = (Path(__file__).parents[1] / "workbench/data/protocols/bbq-paper.toml").read_text()
 

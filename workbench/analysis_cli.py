@@ -144,7 +144,7 @@ def _print_views(title: str, v: dict[str, Any]) -> None:
 
 def report(
     run_paths: list[Path] = typer.Argument(..., help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
-    out_dir: Path = typer.Option(Path("artifacts/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
+    out_dir: Path = typer.Option(Path("artifacts/runs/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
     seed: int = typer.Option(0, help="Seed of the bootstrap intervals."),
 ) -> None:
     """Figures a paper would use (per-round curves with intervals and convergence, reliability

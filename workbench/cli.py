@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -355,7 +356,7 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="workbench")
     except WorkbenchError as e:
         _error_line(str(e))
-        sys.exit(2)
+        _exit_now(2)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help())
         sys.exit(0)
@@ -370,6 +371,15 @@ def main() -> None:
         err.print("interrupted", highlight=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown. After a failed write (a full disk) HDF5 still holds
+    the file it could not flush and retries at teardown, which can crash the process after the error
+    line; every part a run keeps is already fsynced and renamed, so nothing is lost by skipping it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _error_line(message: str) -> None:

@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -158,9 +159,28 @@ def _free_space(path: Path) -> str:
     raise AssertionError
 
 
+def _failed_write(value: Any) -> bool:
+    return isinstance(value, (OSError, RuntimeError)) and "write failed" in str(value)
+
+
+def _drop_failed_write_noise(unraisable: Any, previous: Any = sys.unraisablehook) -> None:
+    """After a failed write, h5py's objects of that file fail again as they are freed, each printing
+    a traceback (through ``sys.excepthook``) and "Exception ignored …" (through
+    ``sys.unraisablehook``); drop those two (the one error line says it all), keep every other."""
+    if not _failed_write(unraisable.exc_value):
+        previous(unraisable)
+
+
+def _drop_failed_write_traceback(kind: Any, value: Any, tb: Any, previous: Any = sys.excepthook) -> None:
+    if not _failed_write(value):
+        previous(kind, value, tb)
+
+
 @contextmanager
 def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
     """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line."""
+    previous = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _drop_failed_write_noise, _drop_failed_write_traceback
     try:
         yield
     except (OSError, RuntimeError) as e:  # h5py reports a failed write or close as OSError or RuntimeError
@@ -170,6 +190,7 @@ def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
         reason = getattr(e, "strerror", None) or (found.group(1) if found else str(e).splitlines()[0])
         raise WorkbenchError(f"{action} {path} failed: {reason} ({_free_space(path)} free there); "
                              "finished batches are kept: make room and continue with --resume") from None
+    sys.unraisablehook, sys.excepthook = previous  # kept after a failure: the failed file's objects are freed later
 
 
 # --------------------------------------------------------------------------- the writer's lock
