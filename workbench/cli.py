@@ -41,6 +41,9 @@ def _mount_subcommands() -> None:
 
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
+    from tui.cli import tui as tui_command
+
+    app.command(name="tui")(tui_command)
 
 
 @app.command()
