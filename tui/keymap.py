@@ -34,7 +34,7 @@ SAMPLE_BINDINGS = [
     Binding("h", "previous_layer", "previous layer", id="layer.previous", show=False),
     Binding("c", "choose_probe", "choose probe", id="probe.choose", show=False),
     Binding("v", "toggle_score", "cosine/projection", id="score.toggle", show=False),
-    Binding("t", "toggle_colours", "token colours", id="tokens.toggle"),
+    Binding("t", "toggle_colours", "colours", id="tokens.toggle"),
     Binding("slash", "filter", "filter", id="filter", key_display="/"),
     Binding("r", "show_run", "run", id="screen.run"),
 ]

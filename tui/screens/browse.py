@@ -326,7 +326,7 @@ class SampleScreen(Screen):
         if samples.position is not None and samples.position != before:
             self.load_sample(samples.position)
         elif samples.position is None:
-            self.sample = None
+            self.sample, self.position = None, None
             self.query_one(Conversation).clear(f"no sample matches the filter ({flt.label()}); / to change it")
         self.show_status()
 

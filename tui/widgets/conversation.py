@@ -48,7 +48,7 @@ def diff_text(before: str, after: str, round_: int, added_style, removed_style, 
 
 
 class Conversation(VerticalScroll):
-    """Scrolls to the current response whenever the round or the sample changes."""
+    """Scrolls to its end (the current response and its diff) whenever the round or the sample changes."""
 
     COMPONENT_CLASSES = {"conversation--user", "conversation--model", "conversation--dim", "conversation--added",
                          "conversation--removed"}
@@ -70,10 +70,7 @@ class Conversation(VerticalScroll):
                                   style("conversation--added"), style("conversation--removed"), style("conversation--dim")))
         else:
             diff.update(Text("round 1: no earlier response to compare", style=style("conversation--dim")))
-        self.call_after_refresh(self._scroll_to_response)
-
-    def _scroll_to_response(self) -> None:
-        self.scroll_to_widget(self.query_one(TokenView), animate=False, top=False)
+        self.call_after_refresh(self.scroll_end, animate=False)  # the current response and its diff are last
 
     def clear(self, message: str = "") -> None:
         self.query_one("#history", Static).update(Text(message))

@@ -25,7 +25,7 @@ def bar(fraction: float, width: int) -> str:
 
 
 class OptionBars(Widget):
-    """One line per option: ``(a) ███▌   0.45 ✓ ◀ label`` (✓ gold, ◀ the round's answer)."""
+    """One line per option: ``a ███▌   0.45✓◀ label`` (✓ gold, ◀ the round's answer)."""
 
     COMPONENT_CLASSES = {"options--bar", "options--gold", "options--answer"}
 
@@ -51,16 +51,16 @@ class OptionBars(Widget):
         if y >= len(self.options):
             return Strip.blank(width, base)
         p = float(self.probs[y]) if y < len(self.probs) else math.nan
-        letter = f"({chr(ord('a') + y)}) " if y < 26 else f"({y}) "
+        letter = f"{chr(ord('a') + y)} " if y < 26 else f"{y} "
         number = f" {p:4.2f}" if math.isfinite(p) else "    –"
-        marks = (" ✓" if y == self.gold else "  ") + (" ◀" if y == self.answer else "  ")
-        bar_width = max(4, min(20, (width - len(letter) - len(number) - len(marks)) // 2))
+        gold, answer = ("✓" if y == self.gold else " "), ("◀" if y == self.answer else " ")
+        bar_width = max(4, min(20, (width - len(letter) - len(number) - 2) // 2))
         segments = [
             Segment(letter),
             Segment(bar(p, bar_width), self.get_component_rich_style("options--bar")),
             Segment(number),
-            Segment(marks[:2], self.get_component_rich_style("options--gold")),
-            Segment(marks[2:], self.get_component_rich_style("options--answer")),
+            Segment(gold, self.get_component_rich_style("options--gold")),
+            Segment(answer, self.get_component_rich_style("options--answer")),
             Segment(" " + visible(self.options[y]).replace("\n", " ")),
         ]
         return fit_line(segments, width, base)

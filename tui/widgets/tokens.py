@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from rich.cells import cell_len
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
@@ -34,29 +35,37 @@ class TokenCell:
     token: int
 
 
+def _chop(text: str, room: int) -> tuple[str, str]:
+    """The longest head of ``text`` at most ``room`` cells wide (at least one character), and the rest."""
+    width = 0
+    for k, ch in enumerate(text):
+        width += cell_len(ch)
+        if width > room:
+            return (text[:k], text[k:]) if k else (text[:1], text[1:])
+    return text, ""
+
+
 def layout_tokens(pieces: list[str], width: int) -> list[list[TokenCell]]:
-    """Lines of cells for ``pieces`` wrapped at ``width``: a piece moves to the next line when it
-    does not fit on a line that already holds something, is cut when it is wider than a line, and
-    a newline inside a piece starts a new line."""
-    width = max(1, width)
+    """Lines of cells for ``pieces`` wrapped at ``width`` cells: a piece moves to the next line when
+    it does not fit on a line that already holds something, is cut when it is wider than a line,
+    and a newline inside a piece starts a new line. Wide (CJK) characters count two cells."""
+    width = max(2, width)
     lines: list[list[TokenCell]] = [[]]
     x = 0
     for index, piece in enumerate(pieces):
-        parts = visible(piece).split("\n")
-        for k, part in enumerate(parts):
+        for k, part in enumerate(visible(piece).split("\n")):
             if k > 0:
                 lines.append([])
                 x = 0
             if not part:
                 continue
-            if x > 0 and x + len(part) > width:
+            if x > 0 and x + cell_len(part) > width:
                 lines.append([])
                 x = 0
             while part:
-                room = width - x
-                chunk, part = part[:room], part[room:]
+                chunk, part = _chop(part, width - x)
                 lines[-1].append(TokenCell(x, chunk, index))
-                x += len(chunk)
+                x += cell_len(chunk)
                 if part:
                     lines.append([])
                     x = 0
@@ -123,7 +132,7 @@ class TokenView(Widget, can_focus=True):
         if not 0 <= y < len(self._lines):
             return None
         for cell in self._lines[y]:
-            if cell.x <= x < cell.x + len(cell.text):
+            if cell.x <= x < cell.x + cell_len(cell.text):
                 return cell.token
         return None
 
@@ -168,5 +177,5 @@ class TokenView(Widget, can_focus=True):
             if cell.token == self.cursor:
                 style += cursor_style
             segments.append(Segment(cell.text, style))
-            x = cell.x + len(cell.text)
+            x = cell.x + cell_len(cell.text)
         return fit_line(segments, width, base)
