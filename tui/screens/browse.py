@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -59,20 +59,18 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     layers × rounds heatmap (``#heatmap``) on ``screen`` (browse and live share this)."""
     curve, heatmap = screen.query_one("#concept-curve", Curve), screen.query_one(ConceptHeatmap)
     heatmap.cell_width = cell_width_for(screen.size.width)
-    box = screen.query_one("#heatmap-box", VerticalScroll)
     if probe is None or sample is None or probe.name not in sample.concept:
         curve.show(CurveData("", ()))
         curve.border_title = "concept: no probe"
         heatmap.clear("no probe")
-        box.border_title = "layers × rounds"
+        heatmap.border_title = "layers × rounds"
         return
     values = sample.concept[probe.name][score]  # [R, L_probe]
     layer = probe.layers[layer_index]
     curve.border_title = f"{probe.name} {score[:3]} L{layer}"
     curve.show(CurveData("", tuple(values[:, layer_index].tolist()), round_))
     heatmap.show(values, probe.layers, probe.ranges[score], round_, layer_index, score[:3])
-    box.border_title = f"{score[:3]} L × r"
-    box.call_after_refresh(box.scroll_to, y=max(0, layer_index - 2), animate=False)
+    heatmap.border_title = f"{score[:3]} L × r"
 
 
 class SampleScreen(Screen):
@@ -107,8 +105,7 @@ class SampleScreen(Screen):
                 with Horizontal(id="details"):
                     yield OptionBars(id="options")
                     yield Curve(id="concept-curve")
-                    with VerticalScroll(id="heatmap-box"):
-                        yield ConceptHeatmap(id="heatmap")
+                    yield ConceptHeatmap(id="heatmap")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -204,10 +201,10 @@ class SampleScreen(Screen):
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
         tok_h, opt_h = float(sample.mean_token_entropy[t]), float(sample.option_entropy[t])
-        info = f"r{t + 1} mean token H {tok_h:.3f}"
+        info = f"r{t + 1} token H {tok_h:.3f}"
         if math.isfinite(opt_h):
             info += f" · option H {opt_h:.3f}"
-        self.query_one("#token-info", Static).update(info + " nats · hover a token")
+        self.query_one("#token-info", Static).update(info + " nats" + (" · hover a token for its entropy and id" if self.size.width >= 110 else ""))
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
 

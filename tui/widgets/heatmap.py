@@ -23,7 +23,7 @@ def cell_width_for(screen_width: int) -> int:
 
 
 class ConceptHeatmap(Widget):
-    """Rows are the probe's layers, columns the rounds; the selected (layer, round) cell is marked
+    """Rows are the probe's layers (as many as fit, around the selected one), columns the rounds; the selected (layer, round) cell is marked
     ``◆`` (its value bold and underlined where cells are wide enough to print values); the last two lines are the legend of the one colour scale (the probe score's 1st–99th
     percentile over the whole run): the colour bar, then its two ends."""
 
@@ -57,6 +57,16 @@ class ConceptHeatmap(Widget):
     def get_content_height(self, container, viewport, width: int) -> int:
         return len(self.layer_labels) + 3 if self.layer_labels else 1
 
+    def layer_window(self) -> range:
+        """The layers (indices) drawn: all of them when they fit between the round header and the
+        two legend lines, else as many as fit, centred on the selected layer."""
+        rows = max(1, self.size.height - 3)
+        n = len(self.layer_labels)
+        if n <= rows:
+            return range(n)
+        start = min(max(0, self.layer_index - rows // 2), n - rows)
+        return range(start, start + rows)
+
     def get_content_width(self, container, viewport) -> int:
         return max(LABEL_WIDTH + self.cell_width * max(1, self.n_rounds), 14)
 
@@ -72,19 +82,20 @@ class ConceptHeatmap(Widget):
             return fit_line([Segment(self.label or "no probe tracked in this run")], width, base)
         cw = self.cell_width
         lo, hi = self.value_range
-        if y == 0:  # title: the rounds, the current one reversed
-            segments = [Segment("rnd".ljust(LABEL_WIDTH)[:LABEL_WIDTH])]
+        window = self.layer_window()
+        if y == 0:  # title: the rounds, the current one reversed; ↕ when not every layer fits
+            segments = [Segment(("rnd" if len(window) == len(self.layer_labels) else "r ↕").ljust(LABEL_WIDTH)[:LABEL_WIDTH])]
             for t in range(self.n_rounds):
                 segments.append(Segment(str(t + 1).center(cw)[:cw], Style(reverse=t == self.current_round, bold=t == self.current_round)))
             return fit_line(segments, width, base)
-        if y == len(self.layer_labels) + 1:
+        if y == len(window) + 1:
             return fit_line(legend_bar(width), width, base)
-        if y == len(self.layer_labels) + 2:
+        if y == len(window) + 2:
             left, right = format_value(lo), format_value(hi)
             return fit_line([Segment(left + right.rjust(width - len(left)))], width, base)
-        row = y - 1
-        if row >= len(self.layer_labels):
+        if not 1 <= y <= len(window):
             return Strip.blank(width, base)
+        row = window[y - 1]
         selected = row == self.layer_index
         label_style = self.get_component_rich_style("heatmap--selected-label") if selected else None
         segments = [Segment(f"L{self.layer_labels[row]}".ljust(LABEL_WIDTH)[:LABEL_WIDTH], label_style)]
