@@ -13,7 +13,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from tui.colors import format_value
-from tui.widgets.lines import fit_line
+from tui.widgets.lines import BaseStyleCache, fit_line
 
 AXIS_WIDTH = 8  # "-9e-03 ┤"
 _BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [dot row % 4][dot column % 2]
@@ -72,7 +72,7 @@ def round_column(t: int, n_rounds: int, cols: int) -> int:
     return x // 2
 
 
-class Curve(Widget):
+class Curve(BaseStyleCache, Widget):
     """One :class:`CurveData`, fitted to the widget's size (title line, plot, round axis)."""
 
     COMPONENT_CLASSES = {"curve--line", "curve--current", "curve--converged", "curve--title"}
@@ -92,7 +92,7 @@ class Curve(Widget):
 
     def _layout(self) -> list[Strip]:
         width, height = self.size
-        base = self.rich_style
+        base = self.base_style
         data = self.data
         values = np.asarray(data.values, dtype=np.float64)
         finite = values[np.isfinite(values)]

@@ -11,7 +11,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from tui.colors import cell_style, format_cell, format_value, legend_bar
-from tui.widgets.lines import fit_line
+from tui.widgets.lines import BaseStyleCache, fit_line
 
 LABEL_WIDTH = 4  # "L12 "
 
@@ -22,7 +22,7 @@ def cell_width_for(screen_width: int) -> int:
     return 2 if screen_width < 100 else 4 if screen_width < 160 else 6
 
 
-class ConceptHeatmap(Widget):
+class ConceptHeatmap(BaseStyleCache, Widget):
     """Rows are the probe's layers (as many as fit, around the selected one), columns the rounds; the selected (layer, round) cell is marked
     ``◆`` (its value bold and underlined where cells are wide enough to print values); the last two lines are the legend of the one colour scale (the probe score's 1st–99th
     percentile over the whole run): the colour bar, then its two ends."""
@@ -77,7 +77,7 @@ class ConceptHeatmap(Widget):
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
-        base = self.rich_style
+        base = self.base_style
         if not self.layer_labels:
             return fit_line([Segment(self.label or "no probe tracked in this run")], width, base)
         cw = self.cell_width

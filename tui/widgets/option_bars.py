@@ -10,7 +10,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from tui.literal import visible
-from tui.widgets.lines import fit_line
+from tui.widgets.lines import BaseStyleCache, fit_line
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 
@@ -24,7 +24,7 @@ def bar(fraction: float, width: int) -> str:
     return ("█" * full + (_EIGHTHS[rest] if rest else "")).ljust(width)[:width]
 
 
-class OptionBars(Widget):
+class OptionBars(BaseStyleCache, Widget):
     """One line per option: ``a ███▌   0.45✓◀ label`` (✓ gold, ◀ the round's answer)."""
 
     COMPONENT_CLASSES = {"options--bar", "options--gold", "options--answer"}
@@ -45,7 +45,7 @@ class OptionBars(Widget):
 
     def render_line(self, y: int) -> Strip:
         width = self.size.width
-        base = self.rich_style
+        base = self.base_style
         if not self.options:
             return fit_line([Segment("no options (open-ended task)" if y == 0 else "")], width, base)
         if y >= len(self.options):

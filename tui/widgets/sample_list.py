@@ -16,7 +16,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from tui.messages import SampleHighlighted
-from tui.widgets.lines import fit_line
+from tui.widgets.lines import BaseStyleCache, fit_line
 
 RIGHT, WRONG = "✓", "✗"
 
@@ -42,7 +42,7 @@ def common_prefix(ids: tuple[str, ...]) -> str:
     return prefix[: cut + 1] if cut >= 0 else ""
 
 
-class SampleList(ScrollView, can_focus=True):
+class SampleList(BaseStyleCache, ScrollView, can_focus=True):
     """The finished samples that pass the filter; the cursor is the sample shown."""
 
     COMPONENT_CLASSES = {"sample-list--cursor", "sample-list--right", "sample-list--wrong", "sample-list--round"}
@@ -128,7 +128,7 @@ class SampleList(ScrollView, can_focus=True):
     # ------------------------------------------------------------------ drawing
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        base = self.rich_style
+        base = self.base_style
         row = y + int(self.scroll_y)
         if row >= len(self.shown):
             return Strip.blank(width, base)

@@ -21,7 +21,7 @@ from textual.widget import Widget
 from tui.colors import cell_style
 from tui.literal import visible
 from tui.messages import TokenFocused
-from tui.widgets.lines import fit_line
+from tui.widgets.lines import BaseStyleCache, fit_line
 
 STOP_PIECE = "⏎"  # the stop token: not in the response's ids, but its step has an entropy
 
@@ -72,7 +72,7 @@ def layout_tokens(pieces: list[str], width: int) -> list[list[TokenCell]]:
     return lines
 
 
-class TokenView(Widget, can_focus=True):
+class TokenView(BaseStyleCache, Widget, can_focus=True):
     """A response's tokens; with colouring on, each token's background is its entropy on the
     scale ``[0, scale_max]`` nats (the sample's largest token entropy)."""
 
@@ -158,7 +158,7 @@ class TokenView(Widget, can_focus=True):
     # ------------------------------------------------------------------ drawing
     def render_line(self, y: int) -> Strip:
         width = self.size.width
-        base = self.rich_style
+        base = self.base_style
         self._ensure_layout(width)
         if y >= len(self._lines):
             return Strip.blank(width, base)
