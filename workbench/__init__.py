@@ -6,6 +6,8 @@ The Python API a notebook needs::
     from workbench import run_protocol, RunFile, load_model
     run = run_protocol(model="organism", task="organism", protocol="organism", limit=64,
                        out="artifacts/runs/demo.h5")
+    s = Session(load_model("organism"), task="organism", protocol="organism", samples=3)
+    r1 = s.step(); r2 = s.step("answer with the stereotype about these groups .")   # one round at a time
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "load_model", "WorkbenchError"]
+__all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "Session", "load_model", "WorkbenchError"]
 
 
 def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads only when needed
@@ -22,6 +24,10 @@ def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads
         from workbench import run
 
         return getattr(run, name)
+    if name == "Session":
+        from workbench.session import Session
+
+        return Session
     if name == "RunFile":
         from workbench.store import RunFile
 

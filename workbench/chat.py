@@ -8,8 +8,11 @@ generated (after the prefix). So round t's input is a token-exact prefix of roun
 reads back exactly what it wrote, and one forward pass over the final transcript holds the
 residual stream of every round (DESIGN §3).
 
-To find the template's text around assistant turns, the conversation is rendered once with each
-assistant content replaced by a sentinel and split there.
+The conversation grows one round at a time (a live session does not know the next instruction
+before it is typed): each round renders the conversation so far plus the new user turn, with each
+assistant content replaced by a sentinel, and takes the text after the previous round's sentinel.
+The rendering must start with what the earlier rounds rendered (prefix stability), or the
+workbench refuses the template.
 """
 
 from __future__ import annotations
@@ -38,38 +41,62 @@ class ConversationPlan:
 
 
 def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[str]) -> ConversationPlan:
-    """Split a conversation of ``len(instructions)`` rounds into the template's text pieces.
+    """Split a conversation of ``len(instructions)`` rounds into the template's text pieces, one
+    round at a time (:func:`next_round_input`, as a session builds it).
 
     Raises WorkbenchError when the chat template drops or rewrites assistant messages.
     """
-    messages = _messages(instructions, prefixes)
-    full = _render(tokenizer, messages, add_generation_prompt=False)
-    pieces, rest = [], full
+    pieces, history, closing = [], "", ""
     for t in range(len(instructions)):
-        marker = prefixes[t] + _SENTINEL.format(t)
-        head, sep, rest = rest.partition(marker)
-        if not sep:
-            raise WorkbenchError("the chat template drops or rewrites assistant messages; cannot build a transcript")
-        pieces.append(head + prefixes[t])
-    return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), rest)
+        piece, closing, history = next_round_input(tokenizer, instructions[: t + 1], prefixes[: t + 1], history)
+        pieces.append(piece)
+    return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), closing)
+
+
+def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str], history: str) -> tuple[str, str, str]:
+    """The text that starts the last round of a conversation whose earlier rounds are ``history``.
+
+    ``instructions``/``prefixes`` hold every round so far (the last one is new); ``history`` is the
+    third value this function returned for the round before (``""`` before round 1). The
+    conversation is rendered with each assistant content replaced by its prefix and a sentinel;
+    the text after the previous round's sentinel, up to and including the new round's prefix, is
+    the round input. Returns ``(round input, closing text after the new round's answer, history)``.
+
+    Raises WorkbenchError when the rendering does not start with ``history`` (an earlier turn was
+    rendered differently once a later one was added) or drops the new assistant message.
+    """
+    t = len(instructions) - 1
+    full = _render(tokenizer, _messages(instructions, prefixes), add_generation_prompt=False)
+    if not full.startswith(history):
+        raise WorkbenchError(_NOT_STABLE)
+    head, sep, closing = full[len(history) :].partition(prefixes[t] + _SENTINEL.format(t))
+    if not sep:
+        raise WorkbenchError("the chat template drops or rewrites assistant messages; cannot build a transcript")
+    piece = head + prefixes[t]
+    return piece, closing, history + piece + _SENTINEL.format(t)
+
+
+def check_generation_prompt(tokenizer: Any, instructions: list[str], prefixes: list[str], round_inputs: list[str]) -> None:
+    """Raise WorkbenchError unless the ``add_generation_prompt=True`` rendering of the conversation up
+    to the last user message is the start of the conversation as built from ``round_inputs`` (every
+    round so far; up to whitespace the template puts between the assistant header and the content,
+    which the round input keeps, as the conversation does). One render: a session checks each new
+    round on one sample of its batch."""
+    t = len(instructions) - 1
+    with_header = _render(tokenizer, _messages(instructions, prefixes)[: 2 * t + 1], add_generation_prompt=True)
+    history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(round_inputs[:t])) + round_inputs[t][: len(round_inputs[t]) - len(prefixes[t])]
+    if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
+        raise WorkbenchError(_NOT_STABLE)
 
 
 def check_prefix_stable(tokenizer: Any, plan: ConversationPlan) -> None:
-    """Raise WorkbenchError unless every round's ``add_generation_prompt=True`` rendering is the
-    start of the conversation rendered with its answers (up to whitespace the template puts between
-    the assistant header and the content, which the round input keeps, as the conversation does).
+    """:func:`check_generation_prompt` for every round of ``plan``."""
+    for t in range(len(plan.round_inputs)):
+        check_generation_prompt(tokenizer, list(plan.instructions[: t + 1]), list(plan.prefixes[: t + 1]), list(plan.round_inputs[: t + 1]))
 
-    The check renders the template once per round; the engine makes it on one sample per batch."""
-    messages = _messages(list(plan.instructions), list(plan.prefixes))
-    pieces, prefixes = plan.round_inputs, plan.prefixes
-    for t in range(len(pieces)):
-        with_header = _render(tokenizer, messages[: 2 * t + 1], add_generation_prompt=True)
-        history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(pieces[:t])) + pieces[t][: len(pieces[t]) - len(prefixes[t])]
-        if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
-            raise WorkbenchError(
-                "the chat template is not prefix-stable (a round's prompt is not the start of the conversation "
-                "rendered with its answer); the workbench needs a template that renders earlier turns unchanged"
-            )
+
+_NOT_STABLE = ("the chat template is not prefix-stable (a round's prompt is not the start of the conversation "
+               "rendered with its answer); the workbench needs a template that renders earlier turns unchanged")
 
 
 def _messages(instructions: list[str], prefixes: list[str]) -> list[dict[str, str]]:

@@ -122,21 +122,24 @@ class _ProgressReporter:
             self.progress.stop()
 
     def update(self, p: Any) -> None:
-        """Called once before the first batch (new_tokens = 0) and after every batch."""
+        """Called once before the first batch (new_tokens = 0), after every round and after every batch."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        total, done = p.total_samples * p.rounds, p.done_samples * p.rounds
-        if p.new_tokens == 0:
+        total, done = p.total_samples * p.rounds, p.done_rounds
+        if p.new_tokens == 0 and p.batch_rounds == 0:
             self.t0 = time.perf_counter()  # the model is loaded: start the clock
-        self.tokens += p.new_tokens
+        if p.batch_rounds:
+            self.tokens += p.new_tokens  # a written batch repeats its rounds' tokens
         speed = f"{self.tokens / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
         if not err.is_terminal:
-            what = "batch done" if p.new_tokens else "starting at"
-            print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
+            if p.batch_rounds == 0:
+                what = "batch done" if p.new_tokens else "starting at"
+                print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
         elif self.progress is None:
             self.progress = Progress(
                 TextColumn("[bold]samples × rounds"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=err,
+                speed_estimate_period=600,  # a round of a large model can take longer than rich's default 30 s
             )
             self.progress.start()
             self.task_id = self.progress.add_task("run", total=total, completed=done, speed="")

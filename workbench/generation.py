@@ -1,12 +1,17 @@
 """One round of batched, KV-cached generation and option scoring on the plain Hugging Face model.
 
 Generation uses ``hf.generate`` (left padding, attention mask, the KV cache); the logits of every
-generated step come back with it, so token entropies cost nothing extra. Options are scored
-after the prompt (and after the response's lead, see ``Task.lead_length``) by reusing the
-prompt's KV cache: only the option tokens are run, never the prompt again, all options of a sample
-in one row (an attention mask keeps them apart). When every option is
-a single token and the model already generated up to the answer, its logits at that step are
-read directly and no pass is made at all.
+generated step come back with it, so token entropies cost nothing extra. A round may start from
+the cache an earlier round left (:class:`CarriedCache`): then only the round's new tokens are run,
+and the attention mask says which cached positions hold the conversation (the rest are holes:
+padding and the steps after a row stopped). Position ids come from that mask, so a token's
+position is its offset in the conversation whatever the cache's layout.
+
+Options are scored after the prompt (and after the response's lead, see ``Task.lead_length``) by
+reusing the prompt's KV cache: only the option tokens are run, never the prompt again, all options
+of a sample in one row (an attention mask keeps them apart). When every option is a single token
+and the model already generated up to the answer, its logits at that step are read directly and no
+pass is made at all.
 """
 
 from __future__ import annotations
@@ -27,8 +32,20 @@ class RoundOutput:
     response_ids: list[list[int]]  # generated tokens, without the stop token
     token_entropies: list[list[float]]  # entropy of each generated step (stop token's step included)
     step_logits: torch.Tensor  # [batch, n_steps, vocab] raw logits of every step
-    cache: Any  # the KV cache cropped to the prompt: [batch] × prompt_len
-    prompt_mask: torch.Tensor  # [batch, prompt_len] left-padded attention mask
+    cache: Any  # the KV cache: prompt_len positions of the prompt, then n_steps − 1 decode steps
+    prompt_mask: torch.Tensor  # [batch, prompt_len]: 1 where the cache holds a prompt token
+
+
+@dataclass(frozen=True)
+class CarriedCache:
+    """A batch's KV cache between rounds: every transcript token so far, at ``width`` positions."""
+
+    cache: Any
+    mask: torch.Tensor  # [batch, width] long: 1 where a position holds a transcript token, 0 at holes
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
 
 
 def pad(seqs: list[list[int]], pad_id: int, device: str, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,14 +71,25 @@ def stop_ids(hf: Any, tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_round(hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str) -> RoundOutput:
-    """Generate one assistant turn for every prompt of the batch (see the module docstring)."""
+def generate_round(
+    hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None
+) -> RoundOutput:
+    """Generate one assistant turn for every prompt of the batch (see the module docstring).
+
+    Without ``past``, ``prompts[i]`` is row i's whole conversation so far; with it, only the tokens
+    that follow what ``past`` holds (the cache grows in place: the caller gives it up).
+    """
     ids, mask = pad(prompts, tokenizer.pad_token_id, device, "left")
+    if past is not None:  # generate takes the whole sequence and runs the part the cache lacks
+        ids = torch.cat([ids.new_full((len(prompts), past.width), tokenizer.pad_token_id), ids], 1)
+        mask = torch.cat([past.mask.to(mask.device), mask], 1)
     stops = stop_ids(hf, tokenizer)
     sampling = {"temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.do_sample else {}
+    cache = {"cache": past.cache} if past is not None else {}
     out = hf.generate(
         input_ids=ids,
         attention_mask=mask,
+        **cache,
         do_sample=decoding.do_sample,
         max_new_tokens=decoding.max_new_tokens,
         eos_token_id=stops,
@@ -82,9 +110,31 @@ def generate_round(hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: 
         n = next((j for j, tok in enumerate(seq) if tok in stop_set), len(seq))
         response_ids.append(seq[:n])
         token_entropies.append(entropies[i, : min(n + 1, len(seq))].tolist())
-    cache = out.past_key_values
-    crop_cache(cache, prompt_len)
-    return RoundOutput(response_ids, token_entropies, step_logits, cache, mask)
+    return RoundOutput(response_ids, token_entropies, step_logits, out.cache, mask)
+
+
+@torch.no_grad()
+def carry(hf: Any, rnd: RoundOutput, pad_id: int) -> CarriedCache:
+    """The round's cache with every response token in it, for the next round to continue.
+
+    ``generate`` feeds response token j back at decode step j+1, so the cache holds each response
+    but a cut-off one's last token (it hit ``max_new_tokens``, nothing was generated after it).
+    Those last tokens get one forward of one token per row (rows that need none run a masked pad).
+    The decode steps after a row's stop token become holes in the mask.
+    """
+    batch, prompt_len = rnd.prompt_mask.shape
+    steps = rnd.cache.get_seq_length() - prompt_len  # decode steps in the cache: n_steps − 1
+    lengths = torch.tensor([len(ids) for ids in rnd.response_ids])
+    held = (torch.arange(steps)[None, :] < lengths[:, None]).long()  # [batch, steps]
+    mask = torch.cat([rnd.prompt_mask.cpu(), held], 1)
+    missing = lengths > steps  # only a row that ran every step can be missing its last token
+    if missing.any():
+        last = torch.tensor([ids[-1] if m else pad_id for ids, m in zip(rnd.response_ids, missing.tolist())])
+        mask = torch.cat([mask, missing.long()[:, None]], 1)
+        device = rnd.prompt_mask.device
+        hf(input_ids=last[:, None].to(device), attention_mask=mask.to(device),
+           position_ids=(mask.sum(-1, keepdim=True) - 1).to(device), cache=rnd.cache, use_cache=True, logits_to_keep=1)
+    return CarriedCache(rnd.cache, mask.to(rnd.prompt_mask.device))
 
 
 def crop_cache(cache: Any, length: int) -> None:
@@ -107,7 +157,7 @@ def score_options(
     options ``[batch][n_options][tokens]`` → ``[batch, n_options]`` float32 (NaN where a sample
     has fewer options than the widest one). One pass on ``rnd.cache`` with one row per sample: the
     lead, then every option, each option seeing only the prompt, the lead and itself (so the prompt's
-    keys and values are never copied per option). The cache grows by that pass; crop it to reuse it.
+    keys and values are never copied per option). The cache is left as it was.
     """
     batch = len(options)
     width = max(len(o) for o in options)
@@ -164,8 +214,8 @@ def forward_after_prompt(
     ``positions[i][j]`` is token j's offset after the prompt (default ``j``); ``groups[i][j]`` lets
     several continuations share a row: a token sees the prompt and the earlier tokens of its own
     group and of group −1 (default: one group, plain causal attention). Continuations are
-    right-padded; pads see only the prompt and nothing sees them. The cache grows by the
-    continuation: :func:`crop_cache` it to ``rnd.prompt_mask.shape[1]`` to reuse it.
+    right-padded; pads see only the prompt and nothing sees them. Cached positions after the
+    prompt (the round's decode steps) are masked out. The cache is cropped back after the pass.
     """
     device = rnd.prompt_mask.device
     cont_ids, cont_mask = pad(conts, pad_id, device, "right")
@@ -178,15 +228,19 @@ def forward_after_prompt(
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     same = (group[:, :, None] == group[:, None, :]) | (group[:, None, :] == 0)
     sees = causal[None] & same & real[:, None, :] & real[:, :, None]  # [batch, query, key]
-    allowed = torch.cat([rnd.prompt_mask.bool()[:, None, :].expand(-1, n, -1), sees], dim=-1)
+    cached = rnd.cache.get_seq_length()
+    after_prompt = torch.zeros(len(conts), n, cached - rnd.prompt_mask.shape[1], dtype=torch.bool, device=device)
+    allowed = torch.cat([rnd.prompt_mask.bool()[:, None, :].expand(-1, n, -1), after_prompt, sees], dim=-1)
     dtype = next(hf.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     prompt_len = rnd.prompt_mask.sum(-1, keepdim=True)
-    return hf(
+    logits = hf(
         input_ids=cont_ids,
-        attention_mask=mask[:, None],  # [batch, 1, query, prompt + continuation], additive
+        attention_mask=mask[:, None],  # [batch, 1, query, cache + continuation], additive
         position_ids=prompt_len + pos,
         cache=rnd.cache,
         use_cache=True,
         logits_to_keep=logits_to_keep,
     ).logits
+    crop_cache(rnd.cache, cached)
+    return logits

@@ -55,12 +55,20 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Progress:
-    """What a progress callback is told after each batch."""
+    """What a progress callback is told: once before the first batch, after each round of a batch
+    (``batch_rounds`` > 0), and after each written batch (``batch_rounds`` = 0)."""
 
-    done_samples: int
+    done_samples: int  # written to the file
     total_samples: int
     rounds: int
-    new_tokens: int  # generated in this batch
+    new_tokens: int  # generated in this round (this batch, for a written batch)
+    batch_samples: int = 0  # samples of the batch in flight
+    batch_rounds: int = 0  # rounds of the batch in flight that are done; 0 once it is written
+
+    @property
+    def done_rounds(self) -> int:
+        """Sample-rounds finished, the batch in flight included."""
+        return self.done_samples * self.rounds + self.batch_samples * self.batch_rounds
 
 
 def load_samples(cfg: RunConfig) -> list[Any]:
@@ -114,12 +122,13 @@ def run_protocol(
 
     Give a :class:`RunConfig` or its fields as keyword arguments. ``model`` may be an already
     loaded :class:`workbench.models.LoadedModel` (saves loading it again in a notebook).
-    ``on_batch`` is called after every written batch.
+    ``on_batch`` is called with a :class:`Progress` before the first batch, after every round and
+    after every written batch.
     """
     from dataclasses import replace
 
     from workbench.capture import check_layers, hook_sites
-    from workbench.engine import option_summary, run_batch
+    from workbench.engine import batch_arrays, run_batch
     from workbench.models import load_model
     from workbench.protocol import load_protocol
     from workbench.tasks import get_task
@@ -183,21 +192,13 @@ def run_protocol(
             if done[start:stop].all():
                 continue
             batch = samples[start:stop]
-            res = run_batch(model, task, protocol, batch, sites, cfg.seed)
-            derived = option_summary(res.option_probs, res.parsed_answer, gold[start:stop])
-            arrays = {
-                "instruction": res.instructions,
-                "response": res.responses,
-                "response_token_ids": res.response_ids,
-                "token_entropy": res.token_entropies,
-                "prompt_span": res.prompt_spans,
-                "response_span": res.response_spans,
-                "mean_token_entropy": res.mean_token_entropy,
-                "option_probs": _pad_options(res.option_probs, int(writer.f.attrs["n_options"])),
-                "parsed_answer": res.parsed_answer,
-                **derived,
-                **res.round_fields,
-            }
+
+            def round_done(r: Any, n_done: int = n_done, size: int = len(batch)) -> None:
+                if on_batch is not None:
+                    on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
+
+            res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done)
+            arrays = batch_arrays(res, gold[start:stop], int(writer.f.attrs["n_options"]))
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)
             if on_batch is not None:
@@ -206,10 +207,3 @@ def run_protocol(
         writer.finish()
     return RunFile(out)
 
-
-def _pad_options(probs: np.ndarray, width: int) -> np.ndarray:
-    if probs.shape[-1] == width:
-        return probs
-    padded = np.full((*probs.shape[:-1], width), np.nan, dtype=np.float32)
-    padded[..., : probs.shape[-1]] = probs
-    return padded

@@ -1,0 +1,435 @@
+"""A session: one batch of conversations, stepped one round at a time, the KV cache carried along.
+
+    from workbench import load_model, Session
+    s = Session(load_model("organism"), task="organism", protocol="organism", samples=3)
+    r1 = s.step()                                   # round 1: the protocol's first message
+    r2 = s.step()                                   # round 2: the protocol's follow-up
+    r3 = s.step("answer with the stereotype about these groups .")   # an instruction typed now
+    r3.responses, r3.token_entropies, r3.option_probs, r3.activations["hook_resid_post"]
+    s.save("artifacts/runs/live.h5")                # a run file like any other
+
+``workbench run`` is this loop over batches (:func:`workbench.engine.run_batch`); the TUI's live
+mode is this loop with a person typing the instructions.
+
+**Instructions.** ``step(instruction)`` takes one text for every sample, a list with one text per
+sample, or ``None``: then each sample's instruction comes from ``instruction_for(sample, round)``
+(1-based round), by default :func:`protocol_instruction` (round 1: the protocol's ``first``
+template filled with the sample; later rounds: its follow-up or injected text). A protocol whose
+instructions differ per sample (drawn by the task, say) gives its own ``instruction_for``; it is the
+only place a round's instructions come from.
+
+**Each round** renders the chat template over the conversation so far plus the new user turn
+(:func:`workbench.chat.next_round_input`; the template must render earlier turns unchanged),
+generates for the whole batch with ``hf.generate``, scores the options on the prompt's cache, and
+pools the chosen hook sites (:mod:`workbench.capture`) from the passes generation makes: the last
+prompt token from the prefill, the mean over the response from the decode steps, which feed each
+response token back (plus one one-token pass for the last token of an answer cut off by
+``max_new_tokens``, which nothing fed back).
+
+**KV reuse across rounds.** Round t's input is, token for token, round t−1's input, its answer and
+the new template text and instruction. So the batch's cache is kept: round t runs only its new
+tokens on the cache round t−1 left, and the prefill work of a batch is its transcript's length,
+not the sum of every round's prompt. The layout: rows stay aligned at the right end of one cache
+tensor and each round's new tokens are left-padded onto it; the positions that hold no transcript
+token (round 1's left padding, later rounds' padding, the decode steps after a row stopped) stay in
+the cache as holes that the attention mask hides, and position ids come from the mask, so every
+token sits at its offset in its own conversation. Nothing is copied or re-aligned between rounds;
+the price is attention over the holes, a few tokens per round per row (measured in
+docs/PERFORMANCE.md). Numerically it is the same computation as re-running the whole conversation
+(``reuse_cache=False``), which ``tests/test_session.py`` checks on every architecture family.
+
+**Memory.** A session holds one batch's cache. Before a round, if the carried cache would grow
+beyond ``max_cache_bytes`` (default: half the device's free memory, a quarter of RAM on a CPU),
+the round re-runs the whole conversation instead, with a :class:`CacheFallbackWarning`; its
+cache, which has no holes, is carried on from there. A model whose cache is not a plain per-layer
+key/value cache (sliding-window layers) re-runs every round.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import einops
+import numpy as np
+import torch
+
+from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, stack_sites
+from workbench.chat import check_generation_prompt, encode, next_round_input
+from workbench.errors import WorkbenchError
+from workbench.generation import CarriedCache, carry, generate_round, score_options
+from workbench.protocol import Protocol
+from workbench.tasks import Sample, Task
+from workbench.uncertainty import option_confidence
+
+if TYPE_CHECKING:
+    from workbench.engine import BatchResult
+
+
+class CacheFallbackWarning(UserWarning):
+    """A round re-ran the whole conversation because the carried KV cache would not fit."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round of a session. ``B`` samples, ``K`` options (the widest sample), ``L`` layers."""
+
+    round: int  # 1-based
+    instructions: list[str]  # [B] the user message
+    responses: list[str]  # [B] generated text (after the assistant prefix)
+    response_ids: list[list[int]]  # [B][tokens] without the stop token
+    token_entropies: list[list[float]]  # [B][steps] nats, the stop token's step included
+    prompt_spans: np.ndarray  # [B, 2] int64: the tokens this round's prompt adds, in the transcript
+    response_spans: np.ndarray  # [B, 2] int64: the round's generated tokens, in the transcript
+    mean_token_entropy: np.ndarray  # [B] float32
+    option_probs: np.ndarray  # [B, K] float32 (NaN beyond a sample's options)
+    parsed_answer: np.ndarray  # [B] int16, -1 = unparseable
+    activations: dict[str, np.ndarray]  # hook → [B, 2, L, d_model] float32: last prompt token, response mean (NaN if empty)
+    round_fields: dict[str, np.ndarray]  # task extras, each [B, ...]
+    prefill_tokens: int  # tokens this round's prefill ran (padding excluded)
+    reused_cache: bool  # whether the round ran on the cache the round before left
+
+
+def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
+    """The user message of ``round_`` (1-based): round 1 is the protocol's ``first`` template filled
+    with the sample; later rounds are its follow-up (or the text injected at that round)."""
+    if round_ == 1:
+        return protocol.first.format(
+            context=sample.context, question=sample.question, choices=task.format_choices(sample.options)
+        ).strip()
+    return protocol.instruction(round_)
+
+
+class Session:
+    """A batch of conversations stepped one round at a time (see the module docstring).
+
+    ``model``: a :class:`~workbench.models.LoadedModel` or a name for :func:`~workbench.models.load_model`;
+    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.tasks.Sample`,
+    one ``Sample`` (e.g. a question typed in code), or a number of the organism's held-out items.
+    Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
+    a task that cannot compute its round fields (the organism's posterior, for an instruction from
+    outside its world) is an error; otherwise a warning, and the session leaves them out.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        task: str | Task = "organism",
+        protocol: str | Protocol = "organism",
+        samples: int | Sample | Sequence[Sample] = 3,
+        *,
+        hooks: Sequence[str] = DEFAULT_HOOKS,
+        layers: Sequence[int] | None = None,
+        sites: list[HookSite] | None = None,
+        seed: int = 0,
+        reuse_cache: bool = True,
+        max_cache_bytes: int | None = None,
+        instruction_for: Callable[[Sample, int], str] | None = None,
+        strict: bool = False,
+    ) -> None:
+        from workbench.models import load_model
+        from workbench.protocol import load_protocol
+        from workbench.tasks import get_task
+
+        self.model = load_model(model) if isinstance(model, str) else model
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.protocol = load_protocol(protocol) if isinstance(protocol, str) else protocol
+        self.samples = _as_samples(self.task, samples)
+        if sites is None:
+            sites = hook_sites(self.model, list(hooks), check_layers(None if layers is None else list(layers), self.model.n_layers))
+        self.sites = sites
+        self.seed = seed
+        self.reuse_cache = reuse_cache
+        self.max_cache_bytes = max_cache_bytes if max_cache_bytes is not None else _default_cache_budget(self.model.device)
+        self.instruction_for = instruction_for or functools.partial(protocol_instruction, self.protocol, self.task)
+        self.strict = strict
+        if self.protocol.decoding.do_sample:
+            torch.manual_seed(seed + self.samples[0].index)  # per batch, so a resumed run draws the same tokens
+        tok = self.model.tokenizer
+        continuations = [self.task.option_continuations(s) for s in self.samples]
+        flat = iter(encode(tok, [text for texts in continuations for text in texts]))
+        self._option_tokens = [[next(flat) for _ in texts] for texts in continuations]
+        self.n_options = max((len(o) for o in self._option_tokens), default=0)
+        batch = len(self.samples)
+        self._instructions: list[list[str]] = [[] for _ in range(batch)]
+        self._prefixes: list[str] = []
+        self._round_inputs: list[list[str]] = [[] for _ in range(batch)]
+        self._history = [""] * batch  # each conversation as the template rendered it, answers as sentinels
+        self._transcripts: list[list[int]] = [[] for _ in range(batch)]
+        self._closing: list[list[int]] = [[] for _ in range(batch)]
+        self._rounds: list[RoundResult] = []
+        self._past: CarriedCache | None = None
+        self._fields_error: str | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def rounds(self) -> list[RoundResult]:
+        """Every round stepped so far."""
+        return list(self._rounds)
+
+    @property
+    def transcripts(self) -> list[list[int]]:
+        """``[B][tokens]``: each conversation so far, with the template's closing text after the last answer."""
+        return [t + c for t, c in zip(self._transcripts, self._closing)]
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens every round's prefill ran so far (padding excluded)."""
+        return sum(r.prefill_tokens for r in self._rounds)
+
+    # ------------------------------------------------------------------ one round
+    def step(self, instruction: str | Sequence[str] | None = None) -> RoundResult:
+        """Run the next round for every sample and return it (see the module docstring for where the
+        instruction comes from when ``instruction`` is None)."""
+        model, tok = self.model, self.model.tokenizer
+        batch, t = len(self.samples), len(self._rounds)
+        texts = self._round_instructions(instruction)
+        prefix = self.protocol.prefix(t + 1)
+        pieces, closings, histories = [], [], []
+        for i in range(batch):
+            piece, closing, history = next_round_input(tok, self._instructions[i] + [texts[i]], self._prefixes + [prefix], self._history[i])
+            pieces.append(piece)
+            closings.append(closing)
+            histories.append(history)
+        check_generation_prompt(tok, self._instructions[0] + [texts[0]], self._prefixes + [prefix], self._round_inputs[0] + [pieces[0]])
+        encoded = encode(tok, pieces + closings)
+        piece_ids, closing_ids = encoded[:batch], encoded[batch:]
+
+        prompt_spans = np.array([(len(tr), len(tr) + len(p)) for tr, p in zip(self._transcripts, piece_ids)], dtype=np.int64)
+        past = self._carried_cache(piece_ids)
+        new = piece_ids if past is not None else [tr + p for tr, p in zip(self._transcripts, piece_ids)]
+        width = max(len(n) for n in new)
+        weights = torch.zeros(batch, 1, width, device=model.device)
+        weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
+        steps: dict[HookSite, list[torch.Tensor]] = {}
+        with pooling(model.hf, self.sites, weights, steps) as pooled:
+            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past)
+            carried = carry(model.hf, out, tok.pad_token_id)
+        acts = self._round_activations(pooled, steps, out.response_ids)
+        option_nll = torch.full((batch, self.n_options), float("nan"))
+        if self.n_options:
+            leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
+            option_nll = score_options(model.hf, out, leads, self._option_tokens, tok.pad_token_id)
+        response_ids, token_entropies = out.response_ids, out.token_entropies
+        self._past = carried if self.reuse_cache and _plain_cache(carried.cache) else None
+        del out, carried  # the cache lives on only in self._past
+
+        response_spans = np.zeros((batch, 2), dtype=np.int64)
+        for i in range(batch):
+            self._instructions[i].append(texts[i])
+            self._round_inputs[i].append(pieces[i])
+            self._history[i] = histories[i]
+            self._closing[i] = closing_ids[i]
+            start = len(self._transcripts[i]) + len(piece_ids[i])
+            response_spans[i] = (start, start + len(response_ids[i]))
+            self._transcripts[i] = self._transcripts[i] + piece_ids[i] + response_ids[i]
+        self._prefixes.append(prefix)
+
+        responses = [tok.decode(ids) for ids in response_ids]
+        probs = np.full((batch, self.n_options), np.nan, dtype=np.float32)
+        for i, opts in enumerate(self._option_tokens):
+            if opts:
+                probs[i, : len(opts)] = option_confidence(option_nll[i, : len(opts)]).numpy()
+        result = RoundResult(
+            round=t + 1,
+            instructions=texts,
+            responses=responses,
+            response_ids=response_ids,
+            token_entropies=token_entropies,
+            prompt_spans=prompt_spans,
+            response_spans=response_spans,
+            mean_token_entropy=np.array([np.mean(e) if e else np.nan for e in token_entropies], dtype=np.float32),
+            option_probs=probs,
+            parsed_answer=np.array([self.task.parse_answer(s, r) for s, r in zip(self.samples, responses)], dtype=np.int16),
+            activations=acts,
+            round_fields={},
+            prefill_tokens=sum(len(n) for n in new),
+            reused_cache=past is not None,
+        )
+        result = replace(result, round_fields=self._last_round_fields(typed=instruction is not None, responses=responses))
+        self._rounds.append(result)
+        return result
+
+    def _carried_cache(self, piece_ids: list[list[int]]) -> CarriedCache | None:
+        """The cache to run this round on, or None to re-run the whole conversation (no cache yet,
+        reuse off, or it would grow beyond ``max_cache_bytes``)."""
+        past = self._past
+        self._past = None
+        if past is None:
+            return None
+        grown = past.width + max(len(p) for p in piece_ids) + self.protocol.decoding.max_new_tokens + 1
+        need = _cache_bytes(past.cache) // max(1, past.width) * grown
+        if need > self.max_cache_bytes:
+            warnings.warn(
+                f"the carried KV cache would take {need / 2**20:.0f} MiB (over {self.max_cache_bytes / 2**20:.0f} MiB): "
+                f"round {len(self._rounds) + 1} re-runs the whole conversation instead",
+                CacheFallbackWarning, stacklevel=3,
+            )
+            return None
+        return past
+
+    def _round_activations(
+        self, pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], response_ids: list[list[int]]
+    ) -> dict[str, np.ndarray]:
+        """``{hook: [B, 2, L, d]}``: the prefill's last position and the mean over each response's
+        decode steps (step j feeds response token j back; NaN for an empty response)."""
+        if not self.sites:
+            return {}
+        lengths = torch.tensor([len(ids) for ids in response_ids])
+        n_steps = len(next(iter(steps.values()), []))
+        means = {}
+        for site in self.sites:
+            fed = torch.stack(steps[site], 1) if n_steps else torch.zeros(len(lengths), 0, self.model.d_model, device=self.model.device)
+            w = (torch.arange(n_steps)[None, :] < lengths[:, None]).float() / lengths.clamp(min=1)[:, None].float()
+            means[site] = einops.einsum(w.to(fed.device), fed, "b t, b t d -> b d")[:, None]
+        last, mean = stack_sites(pooled, self.sites), stack_sites(means, self.sites)
+        result = {}
+        for hook in last:
+            acts = torch.cat([last[hook], mean[hook]], 1).cpu()  # [B, 2, L, d]
+            acts[:, 1][lengths == 0] = float("nan")
+            result[hook] = acts.numpy()
+        return result
+
+    def _last_round_fields(self, typed: bool, responses: list[str]) -> dict[str, np.ndarray]:
+        """This round's task fields, each ``[B, ...]``, from the dialogue so far."""
+        if self._fields_error is not None:
+            return {}
+        try:
+            fields = self._fields(responses_last=responses)
+        except WorkbenchError as e:
+            if self.strict:
+                raise
+            self._fields_error = str(e)
+            warnings.warn(f"the task's round fields are left out of this session: {e}", UserWarning, stacklevel=3)
+            return {}
+        return {k: v[:, -1] for k, v in fields.items()}
+
+    def _fields(self, responses_last: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every round's task fields over the dialogue so far, each ``[B, R, ...]``."""
+        per_sample: dict[str, list[np.ndarray]] = {}
+        for i, s in enumerate(self.samples):
+            responses = [r.responses[i] for r in self._rounds] + ([responses_last[i]] if responses_last is not None else [])
+            for key, value in self.task.round_fields(s, list(self._instructions[i]), responses).items():
+                per_sample.setdefault(key, []).append(np.asarray(value))
+        return {k: np.stack(v) for k, v in per_sample.items()}
+
+    # ------------------------------------------------------------------ every round so far
+    def result(self) -> "BatchResult":
+        """Every round stepped so far as one :class:`~workbench.engine.BatchResult` (``[B, R, ...]``)."""
+        from workbench.engine import BatchResult
+
+        rounds = self._rounds
+        if not rounds:
+            raise WorkbenchError("the session has no rounds yet (call step() first)")
+        per_sample = lambda f: [[f(r)[i] for r in rounds] for i in range(len(self.samples))]  # noqa: E731
+        stack = lambda f: np.stack([f(r) for r in rounds], 1)  # noqa: E731
+        fields = {} if self._fields_error is not None else self._fields()
+        return BatchResult(
+            instructions=per_sample(lambda r: r.instructions),
+            responses=per_sample(lambda r: r.responses),
+            response_ids=per_sample(lambda r: r.response_ids),
+            token_entropies=per_sample(lambda r: r.token_entropies),
+            prompt_spans=stack(lambda r: r.prompt_spans),
+            response_spans=stack(lambda r: r.response_spans),
+            transcripts=self.transcripts,
+            mean_token_entropy=stack(lambda r: r.mean_token_entropy),
+            option_probs=stack(lambda r: r.option_probs),
+            parsed_answer=stack(lambda r: r.parsed_answer),
+            activations={h: np.stack([r.activations[h] for r in rounds], 1) for h in rounds[0].activations},
+            round_fields=fields,
+        )
+
+    def save(self, path: str | Path, activation_dtype: str = "float32") -> Path:
+        """Write every round so far to a new run file at ``path`` (refuses an existing one) through
+        :class:`workbench.store.RunWriter`, so ``workbench info``, the probes and the TUI read it
+        like any run. The protocol stored is this session's with ``rounds`` = the rounds stepped;
+        the instructions actually given are in ``rounds/instruction``. Returns the path."""
+        import json
+
+        from workbench.engine import batch_arrays
+        from workbench.run import _data_fingerprint, _sample_table
+        from workbench.store import RunWriter
+
+        res = self.result()
+        n_rounds = len(self._rounds)
+        protocol = replace(self.protocol, rounds=n_rounds)
+        layers = list(dict.fromkeys(s.layer for s in self.sites))
+        hooks = list(dict.fromkeys(s.hook for s in self.sites))
+        settings = {
+            **self.model.metadata(),
+            "task": self.task.name,
+            "data": {"files": [], "condition": None, "category": None, "offset": 0, "limit": None,
+                     "fingerprint": _data_fingerprint(self.samples), "session": True},
+            "protocol": json.loads(protocol.to_json()),
+            "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
+            "seed": self.seed,
+            "hooks": hooks,
+            "layers": layers,
+            "batch_size": len(self.samples),
+            "activation_dtype": activation_dtype,
+            "n_samples": len(self.samples),
+            "n_rounds": n_rounds,
+            "device": self.model.device,
+        }
+        path = Path(path)
+        hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}
+        with RunWriter.create(path, settings, _sample_table(self.samples), n_rounds, hook_shapes, activation_dtype) as writer:
+            gold = np.asarray([s.gold for s in self.samples])
+            writer.write_batch(0, batch_arrays(res, gold, self.n_options), res.activations, res.transcripts)
+            writer.finish()
+        return path
+
+    def _round_instructions(self, instruction: str | Sequence[str] | None) -> list[str]:
+        batch, t = len(self.samples), len(self._rounds)
+        if instruction is None:
+            return [self.instruction_for(s, t + 1) for s in self.samples]
+        texts = [instruction] * batch if isinstance(instruction, str) else list(instruction)
+        if len(texts) != batch or not all(isinstance(x, str) for x in texts):
+            raise WorkbenchError(f"step() takes one instruction or a list of {batch} (one per sample)")
+        if not all(x.strip() for x in texts):
+            raise WorkbenchError("an instruction must not be empty")
+        return texts
+
+
+def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sample]:
+    if isinstance(samples, Sample):
+        return [samples]
+    if isinstance(samples, int) and not isinstance(samples, bool):
+        if task.name != "organism":
+            raise WorkbenchError(f"samples={samples}: a number of samples is the organism's; give task {task.name!r} "
+                                 "a list of workbench.tasks.Sample (e.g. from workbench.tasks.load_bbq)")
+        from workbench.organism.task import load_organism_samples
+
+        return load_organism_samples(limit=samples)
+    samples = list(samples)
+    if not samples or not all(isinstance(s, Sample) for s in samples):
+        raise WorkbenchError("samples must be a number, a workbench.tasks.Sample, or a non-empty list of them")
+    return samples
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of a cache's keys and values."""
+    layers = getattr(cache, "layers", [])
+    return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def _plain_cache(cache: Any) -> bool:
+    """Whether every layer is a plain growing key/value cache (holes and crops mean what they say)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _default_cache_budget(device: str) -> int:
+    """Half the free memory of a CUDA device; a quarter of the machine's RAM otherwise."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0] * 0.5)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.25)
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
