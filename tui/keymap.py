@@ -50,15 +50,15 @@ RUN_BINDINGS = [
 # live mode: a loaded model, one round at a time
 LIVE_BINDINGS = [
     Binding("n", "step", "next round", id="live.step"),
-    Binding("i", "instruct", "type instruction", id="live.instruct"),
-    Binding("x", "inject", "immoral instruction", id="live.inject"),
-    Binding("o", "new_item", "new item", id="live.item"),
-    Binding("s", "save", "save run", id="live.save"),
+    Binding("i", "instruct", "instruction", id="live.instruct"),
+    Binding("x", "inject", "immoral", id="live.inject"),
+    Binding("o", "new_item", "item", id="live.item"),
+    Binding("s", "save", "save", id="live.save"),
     Binding("right_square_bracket", "next_round", "next round", id="live.round.next", show=False),
     Binding("left_square_bracket", "previous_round", "previous round", id="live.round.previous", show=False),
     Binding("l", "next_layer", "next layer", id="live.layer.next", show=False),
     Binding("h", "previous_layer", "previous layer", id="live.layer.previous", show=False),
-    Binding("t", "toggle_colours", "colours", id="live.tokens.toggle"),
+    Binding("t", "toggle_colours", "colours", id="live.tokens.toggle", show=False),
 ]
 
 # everywhere

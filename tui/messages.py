@@ -80,6 +80,10 @@ class LiveBusy(Message):
         self.text = text
 
 
+class LiveReady(Message):
+    """Live mode: the model is loaded, or a new item's conversation has begun (no rounds yet)."""
+
+
 class LiveRoundDone(Message):
     """Live mode: a round finished; ``sample`` holds every round so far."""
 

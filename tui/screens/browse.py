@@ -73,7 +73,29 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     heatmap.border_title = f"{score[:3]} L × r"
 
 
-class SampleScreen(Screen):
+class LayerKeys:
+    """The l/h actions of a screen that shows a probe: its ``probe`` (or None), ``layer_index``
+    into the probe's layers, and ``redraw()``."""
+
+    layer_index = 0
+
+    def _set_layer(self, index: int) -> None:
+        probe = self.probe
+        if probe is None or self.sample is None:
+            return
+        index = min(max(0, index), len(probe.layers) - 1)
+        if index != self.layer_index:
+            self.layer_index = index
+            self.redraw()
+
+    def action_next_layer(self) -> None:
+        self._set_layer(self.layer_index + 1)
+
+    def action_previous_layer(self) -> None:
+        self._set_layer(self.layer_index - 1)
+
+
+class SampleScreen(LayerKeys, Screen):
     """Sample list | conversation, token details, option bars, concept curve and heatmap."""
 
     BINDINGS = SAMPLE_BINDINGS
@@ -236,20 +258,8 @@ class SampleScreen(Screen):
     def action_previous_sample(self) -> None:
         self.query_one(SampleList).move(-1)
 
-    def _set_layer(self, index: int) -> None:
-        probe = self.probe
-        if probe is None:
-            return
-        index = min(max(0, index), len(probe.layers) - 1)
-        if index != self.layer_index:
-            self.layer_index = index
-            self.show_sample()
-
-    def action_next_layer(self) -> None:
-        self._set_layer(self.layer_index + 1)
-
-    def action_previous_layer(self) -> None:
-        self._set_layer(self.layer_index - 1)
+    def redraw(self) -> None:
+        self.show_sample()
 
     def select_probe(self, name: str) -> None:
         """Show probe ``name``, at its best layer, with its first score."""

@@ -108,12 +108,14 @@ class FilterScreen(Dialog):
 
 
 class InstructionScreen(Dialog):
-    """Type the next round's instruction (live mode); returns the text, None when cancelled."""
+    """Type a line (live mode: the next round's instruction, or a new item); returns the text, None
+    when cancelled (escape, or an empty line unless ``allow_empty``: then "")."""
 
-    def __init__(self, title: str, placeholder: str = "") -> None:
+    def __init__(self, title: str, placeholder: str = "", allow_empty: bool = False) -> None:
         super().__init__()
         self.title_text = title
         self.placeholder = placeholder
+        self.allow_empty = allow_empty
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
@@ -121,4 +123,4 @@ class InstructionScreen(Dialog):
             yield Input(placeholder=self.placeholder, id="instruction")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        self.dismiss(event.value if event.value.strip() else None)
+        self.dismiss(event.value if event.value.strip() else "" if self.allow_empty else None)
