@@ -73,6 +73,17 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     heatmap.border_title = f"{score[:3]} L × r"
 
 
+def sample_view() -> Vertical:
+    """The conversation, the token line, and the details row (option bars, concept curve,
+    heatmap) of one sample: the browse and live screens show the same."""
+    return Vertical(
+        Conversation(id="conversation"),
+        Static("", id="token-info", markup=False),
+        Horizontal(OptionBars(id="options"), Curve(id="concept-curve"), ConceptHeatmap(id="heatmap"), id="details"),
+        id="main",
+    )
+
+
 class LayerKeys:
     """The l/h actions of a screen that shows a probe: its ``probe`` (or None), ``layer_index``
     into the probe's layers, and ``redraw()``."""
@@ -121,13 +132,7 @@ class SampleScreen(LayerKeys, Screen):
         yield StatusLine(id="status")
         with Horizontal(id="body"):
             yield SampleList(id="samples")
-            with Vertical(id="main"):
-                yield Conversation(id="conversation")
-                yield Static("", id="token-info", markup=False)
-                with Horizontal(id="details"):
-                    yield OptionBars(id="options")
-                    yield Curve(id="concept-curve")
-                    yield ConceptHeatmap(id="heatmap")
+            yield sample_view()
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

@@ -14,17 +14,15 @@ import warnings
 from typing import Any, Callable
 
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from tui import live as model_side
 from tui.keymap import LIVE_BINDINGS
 from tui.messages import LiveBusy, LiveReady, LiveRoundDone, LiveSaved, WorkFailed
-from tui.screens.browse import LayerKeys, entropy_scale_max, show_concept
+from tui.screens.browse import LayerKeys, entropy_scale_max, sample_view, show_concept
 from tui.widgets.conversation import Conversation
-from tui.widgets.curve import Curve
-from tui.widgets.heatmap import ConceptHeatmap
 from tui.widgets.option_bars import OptionBars
 from tui.widgets.status import StatusLine
 from tui.work import run_blocking
@@ -49,13 +47,7 @@ class LiveScreen(LayerKeys, Screen):
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
         with Horizontal(id="body"):
-            with Vertical(id="main"):
-                yield Conversation(id="conversation")
-                yield Static("", id="token-info", markup=False)
-                with Horizontal(id="details"):
-                    yield OptionBars(id="options")
-                    yield Curve(id="concept-curve")
-                    yield ConceptHeatmap(id="heatmap")
+            yield sample_view()
         yield Static("", id="live-progress", markup=False)
         yield Footer(compact=True)
 
