@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "Session", "load_model", "WorkbenchError"]
+__all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "Session", "load_model", "WorkbenchError",
+           "save_activation_cache", "load_activation_cache"]
 
 
 def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads only when needed
@@ -40,4 +41,8 @@ def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads
         from workbench.errors import WorkbenchError
 
         return WorkbenchError
+    if name in ("save_activation_cache", "load_activation_cache"):
+        from workbench import cache_file
+
+        return getattr(cache_file, name)
     raise AttributeError(name)

@@ -41,6 +41,9 @@ def _mount_subcommands() -> None:
 
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
+    from workbench.export import export_command
+
+    app.command("export")(export_command)
     from tui.cli import tui as tui_command
 
     app.command(name="tui")(tui_command)
@@ -190,10 +193,14 @@ def _print_summary(run_file: Any) -> None:
 
 @app.command()
 def info(
-    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
+    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`, or a cache file from `workbench export`."),
     as_json: bool = typer.Option(False, "--json", help="Print metadata and the per-round table as JSON."),
 ) -> None:
-    """Show a run file's metadata and per-round table (accuracy, entropies, confidence, flips)."""
+    """Show a run file's metadata and per-round table, or what a cache file from `workbench export` holds."""
+    from workbench.cache_file import is_cache_file, print_cache_info
+
+    if is_cache_file(run_path):
+        return print_cache_info(run_path, as_json)
     from workbench.analysis import summary
     from workbench.store import RunFile
 

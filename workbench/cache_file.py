@@ -1,0 +1,440 @@
+"""The activation cache file: every token's activations for chosen hooks, one HDF5 file (docs/CACHE.md).
+
+Token-major and ragged: each hook is one dataset ``[n_tokens, ...]`` chunked along tokens, the
+samples delimited by ``tokens/offsets[n_samples + 1]``, and each token labelled with its sample,
+round, role, transcript position, token id and token string. This module imports neither torch
+nor TransformerLens (``workbench info`` reads a cache file without them); :func:`load_activation_cache`
+imports torch only when called.
+
+A cache file is written once, whole, to ``PATH.tmp``, fsynced and renamed onto ``PATH``: a reader
+never sees a half-written cache, and a kill leaves at most a ``.tmp`` that the next write replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from workbench.errors import WorkbenchError
+
+FORMAT = "self-correction-workbench-cache"
+SCHEMA_VERSION = 1
+ROLES = ("prompt", "response", "template", "unlabelled")
+STR = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 20  # about 1 MiB of one hook per chunk
+NUL_STAND_IN = "\u2400"  # HDF5 strings cannot hold NUL (as in the run file)
+# TransformerLens hooks laid out [batch, head, query_pos, key_pos]; every other hook is [batch, pos, ...]
+ATTENTION_MAP_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """Per-token labels of ``T`` tokens in ``S`` samples (the ``tokens/`` group)."""
+
+    offsets: np.ndarray  # [S + 1] int64: sample i's tokens are rows offsets[i]:offsets[i + 1]
+    sample: np.ndarray  # [T] int32: the sample (run-file row; batch index for a saved cache)
+    round: np.ndarray  # [T] int16: 0-based round, -1 when there is none
+    role: np.ndarray  # [T] uint8: index into ROLES
+    position: np.ndarray  # [T] int32: position in the sample's transcript
+    token_id: np.ndarray  # [T] int32 (-1 when unknown)
+    token_str: list[str]  # [T] each token decoded alone (TransformerLens' to_str_tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+@dataclass(frozen=True)
+class HookLayout:
+    """How one hook's TransformerLens value maps onto rows of tokens.
+
+    TransformerLens gives ``[batch, pos, *rest]``, or ``[batch, head, query_pos, key_pos]`` for
+    attention patterns and scores; the file stores ``[T, *per_token]`` with the (query) position
+    axis first, so ``per_token`` is ``rest``, or ``(head, key_pos)`` with ``key_pos`` padded with
+    zeros to the file's longest transcript."""
+
+    name: str
+    per_token: tuple[int, ...]
+    dtype: str  # "float32" or "float16"
+
+    @property
+    def is_attention_map(self) -> bool:
+        return is_attention_map(self.name)
+
+
+def is_attention_map(name: str) -> bool:
+    """Whether TransformerLens lays the hook out ``[batch, head, query_pos, key_pos]``."""
+    return name.endswith(ATTENTION_MAP_SUFFIXES)
+
+
+def token_major(name: str, value: np.ndarray) -> np.ndarray:
+    """A TransformerLens value ``[batch, pos, *rest]`` (``[batch, head, q, k]`` for attention maps)
+    → ``[batch, pos, *per_token]``."""
+    return np.swapaxes(value, 1, 2) if is_attention_map(name) else value
+
+
+def _chunk_rows(per_token: tuple[int, ...], itemsize: int, n_tokens: int) -> int:
+    row = itemsize * int(np.prod(per_token, dtype=np.int64))
+    return max(1, min(n_tokens, CHUNK_BYTES // max(1, row)))
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's) contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_replace(tmp: Path, path: Path) -> None:
+    """fsync ``tmp``, rename it onto ``path``, fsync the folder: after this ``path`` is whole on disk."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _attr(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
+
+
+def write_cache_file(
+    path: Path,
+    attrs: dict[str, Any],
+    tokens: TokenTable,
+    layouts: Sequence[HookLayout],
+    blocks: Iterable[tuple[int, dict[str, np.ndarray]]],
+    samples: np.ndarray,
+    sample_index: np.ndarray | None = None,
+) -> Path:
+    """Write a whole cache file atomically (``PATH.tmp``, fsync, rename) and return ``path``.
+
+    ``blocks`` yields ``(first_token_row, {hook: [n, *per_token]})`` covering every token row once,
+    in any order; ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples``
+    ``[S]`` each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its
+    stable global index (default: the row)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    n = tokens.n_tokens
+    written = 0
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
+        f.attrs["n_samples"] = len(tokens.offsets) - 1
+        f.attrs["n_tokens"] = n
+        f.attrs["hooks"] = json.dumps([h.name for h in layouts])
+        t = f.create_group("tokens")
+        t.create_dataset("offsets", data=np.asarray(tokens.offsets, dtype=np.int64))
+        samples = np.asarray(samples, dtype=np.int64)
+        s = f.create_group("samples")
+        s.create_dataset("sample", data=samples)
+        s.create_dataset("index", data=samples if sample_index is None else np.asarray(sample_index, dtype=np.int64))
+        t.create_dataset("sample", data=np.asarray(tokens.sample, dtype=np.int32))
+        t.create_dataset("round", data=np.asarray(tokens.round, dtype=np.int16))
+        role = t.create_dataset("role", data=np.asarray(tokens.role, dtype=np.uint8))
+        role.attrs["labels"] = json.dumps(list(ROLES))
+        t.create_dataset("position", data=np.asarray(tokens.position, dtype=np.int32))
+        t.create_dataset("token_id", data=np.asarray(tokens.token_id, dtype=np.int32))
+        text = np.asarray([s.replace("\0", NUL_STAND_IN) for s in tokens.token_str], dtype=object)
+        t.create_dataset("token_str", data=text, dtype=STR)
+        a = f.create_group("activations")
+        datasets = {}
+        for h in layouts:
+            dtype = np.dtype(h.dtype)
+            chunks = (_chunk_rows(h.per_token, dtype.itemsize, n), *h.per_token) if n else None
+            ds = a.create_dataset(h.name, shape=(n, *h.per_token), dtype=dtype, chunks=chunks)
+            ds.attrs["axes"] = json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
+                                                      [f"dim{i}" for i in range(len(h.per_token))])])
+            ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
+            datasets[h.name] = ds
+        for start, arrays in blocks:
+            for name, value in arrays.items():
+                datasets[name][start : start + len(value)] = value
+            written += len(next(iter(arrays.values()))) if arrays else 0
+        if layouts and written != n:
+            raise AssertionError(f"cache blocks covered {written} of {n} token rows")
+        f.attrs["status"] = "complete"
+    atomic_replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_cache_file(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file with this module's ``format`` attribute."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except (OSError, RuntimeError):
+        return False
+
+
+def open_cache_file(path: Path) -> h5py.File:
+    """Open a cache file read-only, refusing anything else with one line."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except FileNotFoundError:
+        raise WorkbenchError(f"cache file not found: {path}") from None
+    except (OSError, RuntimeError):
+        raise WorkbenchError(f"{path} is not a readable HDF5 file") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise WorkbenchError(f"{path} is not a workbench cache file (no format={FORMAT!r} attribute)")
+    if int(f.attrs.get("schema_version", -1)) > SCHEMA_VERSION:
+        f.close()
+        raise WorkbenchError(f"{path} has cache schema_version {f.attrs['schema_version']}; this workbench reads up to {SCHEMA_VERSION}")
+    return f
+
+
+def cache_summary(path: Path) -> dict[str, Any]:
+    """What ``workbench info`` shows about a cache file: attributes (JSON decoded), tokens per
+    role, and each hook's shape and dtype."""
+    with open_cache_file(path) as f:
+        meta: dict[str, Any] = {}
+        for key, value in f.attrs.items():
+            value = value.item() if isinstance(value, np.generic) else value
+            if isinstance(value, str) and value.startswith(("[", "{")):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            meta[key] = value
+        roles = np.bincount(f["tokens/role"][...], minlength=len(ROLES))
+        hooks = {name: {"shape": list(ds.shape), "dtype": str(ds.dtype), "mib": round(ds.size * ds.dtype.itemsize / 2**20, 2)}
+                 for name, ds in f["activations"].items()}
+    return {"path": str(path), "meta": meta, "tokens_per_role": {r: int(c) for r, c in zip(ROLES, roles) if c},
+            "hooks": {h: hooks[h] for h in meta.get("hooks", hooks)}}
+
+
+def print_cache_info(path: Path, as_json: bool = False) -> None:
+    """Print :func:`cache_summary` as a few plain lines, or as JSON."""
+    s = cache_summary(path)
+    if as_json:
+        print(json.dumps(s, indent=2, default=str))
+        return
+    m = s["meta"]
+    print(f"{s['path']}  cache schema {m.get('schema_version')}  model={m.get('model_name', '?')}  "
+          f"samples={m.get('n_samples')}  tokens={m.get('n_tokens')}  dtype={m.get('activation_dtype')}")
+    if "run_file" in m:
+        print(f"from run {m['run_file']} (digest {m.get('run_digest', '?')[:16]})  selection {json.dumps(m.get('selection'))}")
+    if m.get("dtype_note"):
+        print(m["dtype_note"])
+    print("tokens per role: " + ", ".join(f"{r} {c}" for r, c in s["tokens_per_role"].items()))
+    width = max((len(h) for h in s["hooks"]), default=0)
+    for name, h in s["hooks"].items():
+        print(f"  {name:<{width}}  {h['shape']}  {h['dtype']}  {h['mib']} MiB")
+
+
+class _LazyTensors(dict):
+    """A dict of hook → tensor whose tensors are read from the file on first access."""
+
+    def __init__(self, loaders: dict[str, Any]):
+        super().__init__({k: None for k in loaders})
+        self._loaders = loaders
+
+    def __getitem__(self, key: str) -> Any:
+        value = super().__getitem__(key)
+        if value is None:
+            value = self._loaders[key]()
+            super().__setitem__(key, value)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+
+@dataclass(frozen=True)
+class LoadedCache:
+    """What :func:`load_activation_cache` gives back: ``B`` samples padded to ``P`` positions.
+
+    ``cache[hook]`` is TransformerLens-shaped (``[B, P, *rest]``; ``[B, head, P, key_pos]`` for
+    attention maps) and read from disk on first access; positions past a sample's own tokens are 0.
+    """
+
+    cache: Any  # transformer_lens.ActivationCache
+    token_ids: Any  # [B, P] int64 torch tensor, -1 in padding
+    sample: Any  # [B] int64: each row's sample (run-file row)
+    round: Any  # [B, P] int16 torch tensor, -1 in padding
+    role: Any  # [B, P] uint8 torch tensor: index into ROLES (255 in padding)
+    position: Any  # [B, P] int32: position in the transcript, -1 in padding
+    mask: Any  # [B, P] bool: real tokens
+    token_str: list[list[str]]  # [B][n_i]
+    meta: dict[str, Any]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES
+
+
+def _select(values: Sequence[int] | slice | None, all_values: np.ndarray) -> np.ndarray:
+    if values is None:
+        return np.ones(len(all_values), dtype=bool)
+    if isinstance(values, slice):
+        lo = -np.inf if values.start is None else values.start
+        hi = np.inf if values.stop is None else values.stop
+        return (all_values >= lo) & (all_values < hi)
+    return np.isin(all_values, np.asarray(list(values)))
+
+
+def load_activation_cache(
+    path: str | Path,
+    hooks: Sequence[str] | None = None,
+    samples: Sequence[int] | slice | None = None,
+    rounds: Sequence[int] | None = None,
+    roles: Sequence[str] | None = None,
+    model: Any = None,
+    device: str = "cpu",
+) -> LoadedCache:
+    """A cache file as a TransformerLens ``ActivationCache`` (lazy: each hook is read on first access).
+
+    ``hooks`` (default all), ``samples`` (run-file rows, as in ``tokens/sample``), ``rounds``
+    (0-based) and ``roles`` (names from ``ROLES``) select tokens; the selected tokens of each sample
+    form one row, right-padded to the longest. ``model`` is handed to the ``ActivationCache`` (for
+    its methods that need ``model.cfg``). See :class:`LoadedCache` for shapes."""
+    import torch
+    from transformer_lens import ActivationCache
+
+    f = open_cache_file(Path(path))
+    meta = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    available = list(f["activations"].keys())
+    hooks = list(hooks) if hooks is not None else json.loads(f.attrs.get("hooks", json.dumps(available)))
+    missing = [h for h in hooks if h not in available]
+    if missing:
+        f.close()
+        raise WorkbenchError(f"{path} has no hook {missing[0]!r} (it has: {', '.join(available)})")
+    bad_roles = [r for r in roles or () if r not in ROLES]
+    if bad_roles:
+        f.close()
+        raise WorkbenchError(f"unknown role {bad_roles[0]!r} (roles: {', '.join(ROLES)})")
+    t = f["tokens"]
+    offsets = t["offsets"][...]
+    sample_of_row = f["samples/sample"][...]
+    round_all, role_all = t["round"][...], t["role"][...]
+    keep = _select(rounds, round_all.astype(np.int64))
+    if roles is not None:
+        keep &= np.isin(role_all, [ROLES.index(r) for r in roles])
+    picked, kept = [], []  # per sample with any selected token: its token rows; its file row
+    for i in np.flatnonzero(_select(samples, sample_of_row)):
+        rows = np.arange(offsets[i], offsets[i + 1])[keep[offsets[i] : offsets[i + 1]]]
+        if len(rows):
+            picked.append(rows)
+            kept.append(i)
+    batch = len(picked)
+    width = max((len(p) for p in picked), default=0)
+    flat = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+    b_idx = np.repeat(np.arange(batch), [len(p) for p in picked])
+    p_idx = np.concatenate([np.arange(len(p)) for p in picked]) if picked else np.zeros(0, dtype=np.int64)
+
+    def padded(values: np.ndarray, fill: Any, dtype: Any) -> Any:
+        out = np.full((batch, width), fill, dtype=dtype)
+        out[b_idx, p_idx] = values[flat]
+        return torch.from_numpy(out)
+
+    token_ids = padded(t["token_id"][...].astype(np.int64), -1, np.int64)
+    strings = t["token_str"][...]
+    token_str = [[s.decode() if isinstance(s, bytes) else s for s in strings[p]] for p in picked]
+
+    def loader(name: str) -> Any:
+        def load() -> Any:
+            ds = f["activations"][name]
+            out = np.zeros((batch, width, *ds.shape[1:]), dtype=ds.dtype)
+            for i, p in enumerate(picked):  # each sample's tokens are one contiguous read, masked after
+                lo, hi = int(p[0]), int(p[-1]) + 1
+                out[i, : len(p)] = ds[lo:hi][p - lo]
+            value = torch.from_numpy(out)
+            return (value.transpose(1, 2) if is_attention_map(name) else value).to(device)
+        return load
+
+    cache = ActivationCache(_LazyTensors({h: loader(h) for h in hooks}), model, has_batch_dim=True)
+    return LoadedCache(
+        cache=cache,
+        token_ids=token_ids,
+        sample=torch.from_numpy(sample_of_row[np.asarray(kept, dtype=np.int64)].astype(np.int64)),
+        round=padded(round_all, -1, np.int16),
+        role=padded(role_all, 255, np.uint8),
+        position=padded(t["position"][...], -1, np.int32),
+        mask=padded(np.ones(len(round_all), dtype=bool), False, bool),
+        token_str=token_str,
+        meta=meta,
+    )
+
+
+def save_activation_cache(
+    cache: Any,
+    path: str | Path,
+    tokens: Any = None,
+    model: Any = None,
+    dtype: str | None = None,
+    token_str: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """Save a TransformerLens ``ActivationCache`` (or a dict hook → tensor) as a cache file; returns its path.
+
+    Every value is ``[batch, pos, *rest]`` (``[batch, head, pos, pos]`` for attention maps), all
+    with the same batch and pos; ``tokens`` ``[batch, pos]`` are their token ids (optional).
+    float32 and float16 are stored as they are (bit for bit); bfloat16 as float32, or as ``dtype``.
+    ``model`` (a ``LoadedModel``, a ``TransformerBridge``, or None) adds the model to the metadata;
+    with a tokenizer it also gives each token's string."""
+    import torch
+
+    items = list(cache.items())
+    if not items:
+        raise WorkbenchError("save_activation_cache: the cache is empty")
+    batched = getattr(cache, "has_batch_dim", True)
+    values: dict[str, np.ndarray] = {}
+    for name, value in items:
+        value = value.detach()
+        if not value.is_floating_point():
+            raise WorkbenchError(f"save_activation_cache: {name} holds {value.dtype} values, not activations")
+        value = value if batched else value[None]
+        if value.dtype == torch.bfloat16 or dtype is not None:
+            value = value.to(getattr(torch, dtype or "float32"))
+        values[name] = token_major(name, value.cpu().numpy())
+    batch, pos = next(iter(values.values())).shape[:2]
+    for name, value in values.items():
+        if value.shape[:2] != (batch, pos) or (is_attention_map(name) and value.shape[-1] != pos):
+            raise WorkbenchError(f"save_activation_cache: {name} is not [batch={batch}, pos={pos}, ...] like the first hook")
+    ids = np.full((batch, pos), -1, dtype=np.int64) if tokens is None else np.asarray(
+        tokens.cpu() if hasattr(tokens, "cpu") else tokens, dtype=np.int64).reshape(batch, pos)
+    tokenizer = getattr(model, "tokenizer", None)
+    if token_str is None:
+        token_str = [[tokenizer.decode([int(i)]) if tokenizer is not None and i >= 0 else "" for i in row] for row in ids]
+    n = batch * pos
+    table = TokenTable(
+        offsets=np.arange(batch + 1, dtype=np.int64) * pos,
+        sample=np.repeat(np.arange(batch, dtype=np.int32), pos),
+        round=np.full(n, -1, dtype=np.int16),
+        role=np.full(n, ROLES.index("unlabelled"), dtype=np.uint8),
+        position=np.tile(np.arange(pos, dtype=np.int32), batch),
+        token_id=ids.reshape(-1).astype(np.int32),
+        token_str=[s for row in token_str for s in row],
+    )
+    layouts = [HookLayout(name, tuple(v.shape[2:]), str(v.dtype)) for name, v in values.items()]
+    attrs: dict[str, Any] = {"source": "save_activation_cache", "activation_dtype": ",".join(sorted({h.dtype for h in layouts}))}
+    if hasattr(model, "metadata"):
+        attrs.update(model.metadata())
+    elif model is not None and hasattr(model, "cfg"):
+        attrs["model_name"] = str(getattr(model.cfg, "model_name", ""))
+    from workbench import __version__
+
+    attrs["workbench_version"] = __version__
+    blocks = ((i * pos, {name: v[i] for name, v in values.items()}) for i in range(batch))
+    return write_cache_file(Path(path), attrs, table, layouts, blocks, samples=np.arange(batch))

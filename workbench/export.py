@@ -1,0 +1,646 @@
+"""``workbench export``: every token's activations for chosen hooks, recomputed from a run's final transcripts.
+
+The model is causal, so one forward pass over a sample's final transcript holds every round's
+tokens exactly as each round saw them (DESIGN §3); the export makes that one pass per batch.
+Hooks are picked by glob patterns over the TransformerBridge's hook names. Hooks at a Hugging
+Face module boundary (``hook_resid_post``, ``hook_attn_out``, …; see :mod:`workbench.capture`) are
+read from the plain HF model's own pass; as soon as one chosen hook lives inside a module
+(``attn.hook_pattern``, ``attn.hook_z``, …) the batch goes through the bridge instead, once, for all
+of them. Inside the hooks only the chosen tokens are kept, cast and moved to the CPU at once, so
+memory is one batch of chosen tokens.
+
+Crash safety (docs/CACHE.md): every batch goes to its own part file ``OUT.parts/part-NNNNNN.h5``,
+written to a temporary name, fsynced and renamed; a killed export keeps every renamed part and
+``--resume`` computes only the missing ones (batches are fixed by sample order, so the result is
+bit-identical to an uninterrupted export). When every part is there they are assembled into
+``OUT`` (itself written to ``OUT.tmp``, fsynced and renamed) and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import fnmatch
+import functools
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import typer
+
+from workbench.cache_file import (ROLES, HookLayout, TokenTable, atomic_replace, is_attention_map, write_cache_file)
+from workbench.errors import WorkbenchError
+
+FORMATS = ("hdf5", "saelens")
+EXPORT_DTYPES = ("auto", "float32", "float16")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export computes, fixed before the first batch (a resumed export must match it)."""
+
+    run_file: str
+    run_digest: str
+    rows: list[int]  # run-file rows exported, in order
+    sample_index: list[int]  # their stable global indices
+    rounds: list[int] | None  # 0-based; None: all
+    roles: list[str]
+    hooks: list[str]
+    dtype: str
+    batch_size: int
+    key_length: int  # the key axis of attention maps: the longest chosen transcript
+    batch_tokens: list[int]  # chosen tokens per batch
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batch_tokens)
+
+    def batch_rows(self, k: int) -> list[int]:
+        return self.rows[k * self.batch_size : (k + 1) * self.batch_size]
+
+
+# --------------------------------------------------------------------------- the run's tokens
+
+
+def token_labels(length: int, prompt_span: np.ndarray, response_span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Round and role of every position of one transcript.
+
+    prompt_span, response_span ``[R, 2]`` → (round ``[length]`` int16, role ``[length]`` uint8 index
+    into ``ROLES``): a round's prompt span is ``prompt``, its response span ``response``; what
+    follows the last response (the chat template's closing text) is ``template`` of the last round."""
+    rounds = np.full(length, -1, dtype=np.int16)
+    roles = np.full(length, ROLES.index("template"), dtype=np.uint8)
+    for t, ((ps, pe), (rs, re_)) in enumerate(zip(prompt_span, response_span)):
+        rounds[ps:pe], roles[ps:pe] = t, ROLES.index("prompt")
+        rounds[rs:re_], roles[rs:re_] = t, ROLES.index("response")
+    end = int(max(prompt_span[:, 1].max(), response_span[:, 1].max())) if len(prompt_span) else 0
+    rounds[end:] = len(prompt_span) - 1
+    return rounds, roles
+
+
+def _chosen(rounds: np.ndarray, roles: np.ndarray, want_rounds: list[int] | None, want_roles: list[str]) -> np.ndarray:
+    keep = np.isin(roles, [ROLES.index(r) for r in want_roles])
+    if want_rounds is not None:
+        keep &= np.isin(rounds, want_rounds)
+    return np.flatnonzero(keep)
+
+
+@dataclass(frozen=True)
+class RunTokens:
+    """The done samples of a run file: transcripts and spans, read once."""
+
+    meta: dict[str, Any]
+    rows: np.ndarray  # [n_done] run-file rows
+    index: np.ndarray  # [n_done] stable global sample index
+    transcripts: list[np.ndarray]  # [n_done][len] int32
+    prompt_span: np.ndarray  # [n_done, R, 2]
+    response_span: np.ndarray  # [n_done, R, 2]
+    digest: str
+
+
+def read_run(path: Path) -> RunTokens:
+    """Transcripts, spans and metadata of the run's finished samples (through ``RunFile``)."""
+    from workbench.store import RunFile
+
+    with RunFile(path) as run:
+        meta = run.meta
+        rows = np.flatnonzero(run.done)
+        transcripts = [np.asarray(t, dtype=np.int32) for t in run.array("transcripts/token_ids")]
+        prompt_span = run.array("rounds/prompt_span")
+        response_span = run.array("rounds/response_span")
+        index = run.array("samples/index")
+    h = hashlib.sha256()
+    for part in (rows.astype(np.int64), prompt_span.astype(np.int64), response_span.astype(np.int64)):
+        h.update(part.tobytes())
+    for t in transcripts:
+        h.update(np.int64(len(t)).tobytes() + t.tobytes())
+    return RunTokens(meta, rows, np.asarray(index, dtype=np.int64), transcripts, prompt_span, response_span, h.hexdigest())
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
+    """Every bridge hook that fires in a forward pass with one float value per position →
+    its per-token shape (``(d_model,)``, ``(n_heads, d_head)``; attention maps ``(n_heads, 0)``,
+    the key axis filled in later). From one bridge pass on a short text."""
+    import torch
+
+    seq = 5
+    tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
+    seq = tokens.shape[1]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: True, return_type=None)
+    found = {}
+    for name, value in cache.items():
+        if not value.is_floating_point() or value.ndim < 2:
+            continue
+        if is_attention_map(name):
+            if value.ndim == 4 and value.shape[2] == value.shape[3] == seq:
+                found[name] = (int(value.shape[1]), 0)
+        elif value.shape[1] == seq:
+            found[name] = tuple(int(x) for x in value.shape[2:])
+    return found
+
+
+def resolve_hooks(patterns: list[str], available: dict[str, tuple[int, ...]]) -> list[str]:
+    """The hook names matched by glob ``patterns``, in the bridge's order. A pattern matching
+    nothing raises one line naming the nearest valid names first."""
+    if not patterns:
+        raise WorkbenchError("--hooks is required, e.g. --hooks 'blocks.*.hook_resid_post' (workbench export RUN --list-hooks lists them)")
+    names = list(available)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            nearest = difflib.get_close_matches(pattern, names, n=len(names), cutoff=0.0)
+            shown = ", ".join(nearest[:12]) + (f", … ({len(names)} in all; --list-hooks lists them)" if len(nearest) > 12 else "")
+            raise WorkbenchError(f"unknown hook {pattern!r}: it matches none of the model's hooks (nearest: {shown})")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def hf_sites(model: Any, hooks: list[str]) -> dict[str, Any] | None:
+    """hook name → :class:`workbench.capture.HookSite` on the plain HF model, when every hook is
+    at a module boundary whose value equals the bridge's; None when one is not (the bridge pass)."""
+    from workbench.capture import hook_sites
+
+    by_hook: dict[str, list[int]] = {}
+    for name in hooks:
+        m = _BLOCK_HOOK.match(name)
+        if m is None or is_attention_map(name):
+            return None
+        by_hook.setdefault(m.group(2), []).append(int(m.group(1)))
+    sites = {}
+    for hook, layers in by_hook.items():
+        try:
+            for site in hook_sites(model, [hook], sorted(layers)):
+                sites[f"blocks.{site.layer}.{hook}"] = site
+        except WorkbenchError:
+            return None
+    return sites
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def batch_activations(
+    model: Any,
+    transcripts: list[np.ndarray],
+    chosen: list[np.ndarray],
+    hooks: list[str],
+    sites: dict[str, Any] | None,
+    dtype: str,
+    key_length: int,
+) -> dict[str, np.ndarray]:
+    """One forward pass over right-padded transcripts; each hook's value at the chosen positions.
+
+    transcripts ``[B][len_i]``, chosen ``[B][n_i]`` positions → ``{hook: [Σ n_i, *per_token]}`` in
+    ``dtype``, samples in order; attention maps ``[Σ n_i, n_heads, key_length]``, zero past each
+    sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass."""
+    import torch
+
+    from workbench.generation import pad
+
+    device = model.device
+    ids, _ = pad([t.tolist() for t in transcripts], model.tokenizer.pad_token_id, device, "right")
+    b_idx = torch.from_numpy(np.repeat(np.arange(len(chosen)), [len(c) for c in chosen])).to(device)
+    p_idx = torch.from_numpy(np.concatenate(chosen).astype(np.int64)).to(device)
+    out_dtype = _torch_dtype(dtype)
+    got: dict[str, np.ndarray] = {}
+
+    def keep(name: str, act: torch.Tensor) -> None:
+        if is_attention_map(name):  # [batch, head, q, k] → [tokens, head, key_length]
+            rows = act.transpose(1, 2)[b_idx, p_idx]
+            rows = torch.nn.functional.pad(rows, (0, key_length - rows.shape[-1]))
+        else:
+            rows = act[b_idx, p_idx]
+        got[name] = rows.to(out_dtype).cpu().numpy()
+
+    with torch.no_grad():
+        if sites is not None:
+            handles = []
+            try:
+                for name, site in sites.items():
+                    module = model.hf.get_submodule(site.module)
+                    if site.side == "input":
+                        hook = functools.partial(lambda n, mod, args, kwargs: keep(n, args[0] if args else kwargs["hidden_states"]), name)
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                    else:
+                        hook = functools.partial(lambda n, mod, args, output: keep(n, output[0] if isinstance(output, tuple) else output), name)
+                        handles.append(module.register_forward_hook(hook))
+                model.hf(input_ids=ids, logits_to_keep=1)
+            finally:
+                for h in handles:
+                    h.remove()
+        else:
+            layers = [_BLOCK_HOOK.match(n) for n in hooks]
+            stop = max(int(m.group(1)) for m in layers) + 1 if all(layers) else None
+            fwd = [(name, functools.partial(lambda n, act, hook: keep(n, act), name)) for name in hooks]
+            with model.bridge.hooks(fwd_hooks=fwd):
+                model.bridge(ids, return_type=None, stop_at_layer=stop)
+    return got
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:06d}.h5"
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "errno = 28" in str(e)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if not _is_disk_full(e):
+            raise
+        kept = len(list(parts.glob("part-*.h5"))) if parts.exists() else 0
+        total = plan.n_batches if plan else "?"
+        raise WorkbenchError(f"disk full writing {where}: {kept} of {total} batches are kept in {parts}; "
+                             "free some space and run the same command with --resume") from None
+
+
+def write_part(parts: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+    """One batch's activations into ``parts/part-k.h5``: a temporary name, fsync, rename."""
+    import h5py
+
+    path = _part_path(parts, k)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["batch"] = k
+            for name, value in arrays.items():
+                f.create_dataset(name, data=value)
+        atomic_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _part_ok(path: Path, plan: ExportPlan, k: int) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return all(h in f and f[h].shape[0] == plan.batch_tokens[k] for h in plan.hooks)
+    except (OSError, RuntimeError):
+        return False
+
+
+def read_parts(parts: Path, plan: ExportPlan) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(first_token_row, {hook: [n, ...]})`` of every part, in order."""
+    import h5py
+
+    start = 0
+    for k in range(plan.n_batches):
+        with h5py.File(_part_path(parts, k), "r") as f:
+            yield start, {h: f[h][...] for h in plan.hooks}
+        start += plan.batch_tokens[k]
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def parse_rows(text: str | None, n_samples: int) -> list[int] | None:
+    """``--samples``: ``A:B`` (a slice of run-file rows), ``A,B,C``, or None (all)."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            lo, _, hi = text.partition(":")
+            return list(range(*slice(int(lo) if lo else None, int(hi) if hi else None).indices(n_samples)))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise WorkbenchError(f"--samples takes A:B or comma-separated run-file rows, not {text!r}") from None
+
+
+def check_same_model(model: Any, meta: dict[str, Any], run_path: Path) -> None:
+    """Refuse a run file made with another model than the loaded one."""
+    ours = model.metadata()
+    same_place = (ours["model_name"] == meta.get("model_name") == "organism") or (
+        Path(str(meta.get("model_path", ""))).expanduser().resolve() == Path(ours["model_path"]).expanduser().resolve()
+        if Path(str(meta.get("model_path", ""))).exists() else meta.get("model_path") == ours["model_path"])
+    keys = ("model_class", "n_layers", "d_model")
+    if not same_place or meta.get("model_revision", "") != ours["model_revision"] or any(meta.get(k) != ours[k] for k in keys):
+        raise WorkbenchError(f"{run_path} was made with model {meta.get('model_name')!r} ({meta.get('model_path')}), "
+                             f"not the loaded {ours['model_name']!r} ({ours['model_path']}); pass --model {meta.get('model_name')}")
+
+
+def export_dtype(requested: str, model_dtype: str) -> str:
+    """``auto``: the model's dtype when HDF5 has it, float32 for bfloat16 (exact)."""
+    if requested not in EXPORT_DTYPES:
+        raise WorkbenchError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {requested!r}")
+    if requested == "auto":
+        return model_dtype if model_dtype in ("float32", "float16") else "float32"
+    return requested
+
+
+def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int] | None, rounds: list[int] | None,
+                roles: list[str], dtype: str, batch_size: int) -> tuple[ExportPlan, list[np.ndarray]]:
+    """The fixed plan and, per exported sample, its chosen positions."""
+    n_rounds = run.prompt_span.shape[1] if len(run.prompt_span) else int(run.meta.get("n_rounds", 0))
+    bad = [r for r in roles if r not in ROLES[:3]]
+    if bad:
+        raise WorkbenchError(f"--roles: unknown role {bad[0]!r} (roles: {', '.join(ROLES[:3])})")
+    if rounds is not None and any(not 0 <= r < n_rounds for r in rounds):
+        raise WorkbenchError(f"--rounds: the run has rounds 1..{n_rounds}")
+    if batch_size < 1:
+        raise WorkbenchError("--batch-size must be at least 1")
+    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
+    if rows is None:
+        rows = [int(r) for r in run.rows]
+    n_samples = int(run.meta.get("n_samples", len(run.rows)))
+    outside = [r for r in rows if not 0 <= r < n_samples]
+    if outside:
+        raise WorkbenchError(f"--samples: row {outside[0]} is out of range (the run has rows 0..{n_samples - 1})")
+    not_done = [r for r in rows if r not in position_of_row]
+    if not_done:
+        raise WorkbenchError(f"--samples: row {not_done[0]} is not finished in {run_path} ({len(not_done)} rows are not)")
+    chosen = []
+    for r in rows:
+        i = position_of_row[r]
+        rnd, role = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
+        chosen.append(_chosen(rnd, role, rounds, roles))
+    if not sum(len(c) for c in chosen):
+        raise WorkbenchError("the selection (--samples, --rounds, --roles) holds no tokens")
+    lengths = [len(run.transcripts[position_of_row[r]]) for r in rows]
+    batch_tokens = [int(sum(len(c) for c in chosen[k : k + batch_size])) for k in range(0, len(rows), batch_size)]
+    plan = ExportPlan(
+        run_file=str(run_path), run_digest=run.digest, rows=rows,
+        sample_index=[int(run.index[position_of_row[r]]) for r in rows], rounds=rounds, roles=list(roles),
+        hooks=hooks, dtype=dtype, batch_size=batch_size, key_length=max(lengths), batch_tokens=batch_tokens,
+    )
+    return plan, chosen
+
+
+def _token_table(run: RunTokens, plan: ExportPlan, chosen: list[np.ndarray], tokenizer: Any) -> TokenTable:
+    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
+    sample, rnd, role, position, ids = [], [], [], [], []
+    for r, c in zip(plan.rows, chosen):
+        i = position_of_row[r]
+        rr, ro = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
+        sample.append(np.full(len(c), r, dtype=np.int32))
+        rnd.append(rr[c])
+        role.append(ro[c])
+        position.append(c.astype(np.int32))
+        ids.append(run.transcripts[i][c])
+    token_id = np.concatenate(ids)
+    strings = {int(u): tokenizer.decode([int(u)]) for u in np.unique(token_id)}
+    return TokenTable(
+        offsets=np.concatenate([[0], np.cumsum([len(c) for c in chosen])]).astype(np.int64),
+        sample=np.concatenate(sample), round=np.concatenate(rnd), role=np.concatenate(role),
+        position=np.concatenate(position), token_id=token_id, token_str=[strings[int(u)] for u in token_id],
+    )
+
+
+def export_run(
+    run_path: str | Path,
+    out: str | Path,
+    hooks: list[str],
+    model: Any = None,
+    rows: list[int] | None = None,
+    rounds: list[int] | None = None,
+    roles: tuple[str, ...] = ROLES[:3],
+    dtype: str = "auto",
+    batch_size: int = 16,
+    format: str = "hdf5",
+    context_size: int = 128,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Export every chosen token's activations of a run into ``out``; returns ``out``.
+
+    ``hooks`` are glob patterns over the bridge's hook names; ``rows`` run-file rows (default: every
+    finished sample); ``rounds`` 0-based (default all); ``roles`` among prompt/response/template.
+    ``model``: a loaded model or a name to load (default: the run's own; it must be the run's model). ``format``: ``hdf5`` (docs/CACHE.md) or
+    ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.saelens_export`).
+    ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each."""
+    from workbench.models import load_model
+
+    run_path, out = Path(run_path), Path(out)
+    if not hooks:
+        resolve_hooks([], {})  # the one-line "--hooks is required", before a model is loaded
+    if format not in FORMATS:
+        raise WorkbenchError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
+    if format == "saelens":
+        from workbench.saelens_export import check_saelens_ready
+
+        check_saelens_ready(context_size)
+    parts = _parts_dir(out)
+    if out.exists() and not overwrite:
+        raise WorkbenchError(f"{out} already exists (use --overwrite to replace it)")
+    if parts.exists() and not (resume or overwrite):
+        raise WorkbenchError(f"{parts} holds an interrupted export: continue it with --resume, or start over with --overwrite")
+    run = read_run(run_path)
+    if not len(run.rows):
+        raise WorkbenchError(f"{run_path} has no finished samples to export")
+    meta = run.meta
+    if model is None or isinstance(model, str):
+        model = load_model(model or str(meta.get("model_name", "organism")), device=device,
+                           dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+    check_same_model(model, meta, run_path)
+    names = resolve_hooks(list(hooks), available_hooks(model))
+    if format == "saelens":
+        from workbench.saelens_export import check_saelens_hooks
+
+        check_saelens_hooks(names)
+    plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    manifest = {"plan": asdict(plan), "model": model.metadata()}
+    manifest["plan"].pop("run_file")
+    if overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+        if out.is_dir():
+            shutil.rmtree(out)
+        else:
+            out.unlink(missing_ok=True)
+    with _disk_full_is_one_line(parts, plan, parts):
+        if parts.exists():
+            have = json.loads((parts / "manifest.json").read_text()) if (parts / "manifest.json").exists() else None
+            if have != json.loads(json.dumps(manifest)):
+                raise WorkbenchError(f"--resume: {parts} was started with other settings (run, hooks, selection, dtype, batch size or model)")
+        else:
+            parts.mkdir(parents=True)
+            tmp = parts / "manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            atomic_replace(tmp, parts / "manifest.json")
+    sites = hf_sites(model, names)
+    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
+    total = sum(plan.batch_tokens)
+    done = sum(n for k, n in enumerate(plan.batch_tokens) if _part_path(parts, k).exists() and _part_ok(_part_path(parts, k), plan, k))
+    if on_batch:
+        on_batch(done, total)
+    for k in range(plan.n_batches):
+        path = _part_path(parts, k)
+        if path.exists() and _part_ok(path, plan, k):
+            continue
+        batch_rows = plan.batch_rows(k)
+        first = k * plan.batch_size
+        arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
+                                   chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length)
+        with _disk_full_is_one_line(path, plan, parts):
+            write_part(parts, k, arrays)
+        done += plan.batch_tokens[k]
+        if on_batch:
+            on_batch(done, total)
+    tokens = _token_table(run, plan, chosen, model.tokenizer)
+    layouts = [HookLayout(name, per_token, plan.dtype) for name, per_token in _part_shapes(parts, plan).items()]
+    attrs = _cache_attrs(meta, model, plan)
+    with _disk_full_is_one_line(out, plan, parts):
+        if format == "saelens":
+            from workbench.saelens_export import write_saelens
+
+            write_saelens(out, attrs, tokens, layouts, read_parts(parts, plan), context_size)
+        else:
+            write_cache_file(out, attrs, tokens, layouts, read_parts(parts, plan), samples=np.asarray(plan.rows),
+                             sample_index=np.asarray(plan.sample_index))
+    shutil.rmtree(parts)
+    return out
+
+
+def _part_shapes(parts: Path, plan: ExportPlan) -> dict[str, tuple[int, ...]]:
+    import h5py
+
+    with h5py.File(_part_path(parts, 0), "r") as f:
+        return {h: tuple(f[h].shape[1:]) for h in plan.hooks}
+
+
+def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str, Any]:
+    from workbench import __version__
+
+    attrs: dict[str, Any] = {"source": "workbench export", "workbench_version": __version__, **model.metadata()}
+    attrs.update({
+        "activation_dtype": plan.dtype,
+        "run_file": plan.run_file,
+        "run_digest": plan.run_digest,
+        "run_model_dtype": str(meta.get("model_dtype", "")),
+        "n_rounds": int(meta.get("n_rounds", 0)),
+        "selection": {"rounds": plan.rounds, "roles": plan.roles},  # the rows are samples/sample
+        "batch_size": plan.batch_size,
+        "key_length": plan.key_length,
+    })
+    if model.dtype != plan.dtype:
+        exact = model.dtype in ("bfloat16", "float16") and plan.dtype == "float32"
+        attrs["dtype_note"] = (f"the model computes in {model.dtype}; activations are stored as {plan.dtype} "
+                               f"({'exactly' if exact else 'rounded'}; HDF5 has no bfloat16)")
+    return attrs
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
+
+
+def export_command(
+    run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
+    hooks: list[str] = typer.Option([], "--hooks", help="Hook names or glob patterns over the TransformerBridge's hooks, e.g. 'blocks.*.hook_resid_post', 'blocks.3.attn.hook_z', 'blocks.*.attn.hook_pattern' (repeatable; commas also separate)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache file to write (HDF5), or a folder for --format saelens. Default: beside the run, RUN-cache.h5."),
+    rounds: Optional[str] = typer.Option(None, help="Comma-separated rounds to keep, 1-based (default: all)."),
+    samples: Optional[str] = typer.Option(None, help="Run-file rows to keep: A:B or A,B,C (default: every finished sample)."),
+    roles: str = typer.Option("prompt,response,template", help="Token roles to keep: prompt (user turn, assistant header and prefix), response (generated), template (the closing text)."),
+    dtype: str = typer.Option("auto", help="Stored dtype: auto (the model's; float32 for bfloat16), float32 or float16."),
+    format: str = typer.Option("hdf5", "--format", help="hdf5 (docs/CACHE.md) or saelens (a datasets folder SAELens' ActivationsStore reads)."),
+    context_size: int = typer.Option(128, help="--format saelens: tokens per window."),
+    batch_size: int = typer.Option(16, help="Samples per forward pass."),
+    model: Optional[str] = typer.Option(None, help="Model to load (default: the run's own); must be the run's model."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
+    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes, and exit."),
+) -> None:
+    """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
+    from workbench.store import RunFile
+
+    with RunFile(run_path) as run:
+        meta = run.meta
+    if list_hooks:
+        from workbench.models import load_model
+
+        loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
+                            dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+        for name, shape in available_hooks(loaded).items():
+            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}")
+        return
+    patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
+    out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
+    wanted_rounds = _int_list(rounds, "--rounds")
+    with _Progress() as reporter:
+        export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
+                   rounds=None if wanted_rounds is None else [r - 1 for r in wanted_rounds],
+                   roles=tuple(r.strip() for r in roles.split(",") if r.strip()), dtype=dtype, batch_size=batch_size,
+                   format=format, context_size=context_size, device=device, resume=resume, overwrite=overwrite,
+                   on_batch=reporter.update)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+class _Progress:
+    """A rich progress bar over tokens on a terminal; a plain line per batch otherwise."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.task: Any = None
+        self.t0 = time.perf_counter()
+        self.first: int | None = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, done: int, total: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if self.first is None:  # the model is loaded and the finished parts counted: start the clock
+            self.t0, self.first = time.perf_counter(), done
+        speed = f"{(done - self.first) / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            print(f"exported {done}/{total} tokens ({speed})", file=sys.stderr, flush=True)
+            return
+        if self.bar is None:
+            self.bar = Progress(TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
+                                TimeRemainingColumn(), console=console)
+            self.bar.start()
+            self.task = self.bar.add_task("export", total=total, completed=done, speed="")
+        else:
+            self.bar.update(self.task, completed=done, speed=speed)
