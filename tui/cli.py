@@ -44,12 +44,9 @@ def tui(
     host: str = typer.Option("localhost", help="--serve: the address to listen on."),
     port: int = typer.Option(8000, help="--serve: the port to listen on."),
 ) -> None:
-    """Look at a run in the terminal: step through samples and rounds, watch entropy and concept
-    scores change (browse a RUN file), or step rounds live with a model (--live).
+    """Look at a run in the terminal: step samples and rounds, watch entropy and concept scores (browse a RUN file), or step rounds live with a model (--live).
 
-    Keys: n/p next/previous round, j/k next/previous sample, ? every key. --serve opens the same
-    app in a web browser (for a remote GPU box: ssh -L 8000:localhost:8000, then open
-    http://localhost:8000).
+    Keys: n/p next/previous round, j/k next/previous sample, r the run's per-round curves, ? every key. --serve opens the same app in a web browser (for a remote GPU box: ssh -L 8000:localhost:8000, then open http://localhost:8000).
     """
     from tui.keymap import load_keymap
 
