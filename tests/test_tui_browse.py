@@ -291,7 +291,7 @@ def test_tokens_report_their_entropy_and_id_on_hover_and_cursor(run_path):
         entropy = float(s.sample.token_entropies[0][1])
         info = str(s.query_one("#token-info").render())
         assert f"id {int(s.sample.token_ids[0][1])}" in info and f"{entropy:.4f}" in info and "' the'" in info
-        assert [m.index for m in messages if isinstance(m, TokenFocused)] == [0, 1]
+        assert [m.index for m in messages if isinstance(m, TokenFocused)][-2:] == [0, 1]  # (a hover by the idle pointer may come first)
         await pilot.hover(TokenView, offset=(tokens.content_region.x - tokens.region.x, 0))
         await press(app, pilot)
         assert tokens.cursor == 0
