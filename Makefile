@@ -40,6 +40,8 @@ demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
 	$(BIN)/workbench probe fit --model organism --contrast organism --method logreg --out $(PROBE)
 	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
+	$(BIN)/workbench analyze $(DEMO)
+	$(BIN)/workbench report $(DEMO) --out artifacts/reports/demo
 	$(BIN)/workbench info $(DEMO)
 	@if [ -t 1 ]; then $(BIN)/workbench tui $(DEMO); \
 	else echo "open the run in the terminal UI:  $(BIN)/workbench tui $(DEMO)   (? lists the keys)"; fi

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -166,7 +167,8 @@ def peak_rss_mib(args: argparse.Namespace, limit: int, out: Path) -> float:
         "run_protocol(RunConfig(out=%r, model=%r, task=%r, data=%r, protocol=%r, rounds=%d, limit=%d, batch_size=%d, device=%r)).close()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), str(out), args.model, args.task, tuple(args.data), args.protocol, args.rounds, limit, args.batch_size, args.device)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(res.stdout.strip().splitlines()[-1])
 
 
@@ -185,9 +187,12 @@ def main() -> None:
     p.add_argument("--mem-large", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=5, help="paired repetitions; the median ratio is reported")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; 1 on a shared machine)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run.json"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.samples, args.mem_small, args.mem_large = 32, 20, 200
 

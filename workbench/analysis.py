@@ -6,10 +6,12 @@ Pure NumPy over :class:`workbench.store.RunFile` arrays; no torch.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from workbench.errors import WorkbenchError
 from workbench.store import RunFile
 from workbench.uncertainty import expected_calibration_error
 
@@ -19,19 +21,103 @@ def _nanmean(x: np.ndarray) -> float:
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-def convergence_round(values: list[float], eps: float = 0.01, k: int = 2) -> int | None:
-    """The first round t* (1-based) from which |m(t+1) − m(t)| < eps for k consecutive steps, or None."""
-    for t in range(len(values) - k):
-        steps = [abs(values[t + j + 1] - values[t + j]) for j in range(k)]
-        if all(np.isfinite(s) and s < eps for s in steps):
-            return t + 1
-    return None
+REL_EPS = 0.05  # default ε: this fraction of the metric's range over the rounds
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """Whether and where one per-round metric converged.
+
+    ``status`` is one of ``converged`` (``round`` is t*, 1-based), ``not converged`` (it kept
+    moving by ε or more up to the last round), ``too few rounds`` (R ≤ k: k steps cannot follow any
+    round), ``never changed`` (the same value every round: nothing to converge), ``no values`` (a
+    round without a finite value). ``eps`` is the threshold used, ``relative`` whether it was
+    derived from the metric's range (``eps = REL_EPS × (max − min)``) rather than given.
+    """
+
+    status: str
+    round: int | None
+    eps: float
+    relative: bool
+
+    def label(self) -> str:
+        """``"3"`` when converged, else the status."""
+        return str(self.round) if self.round is not None else self.status
+
+
+def convergence(values: list[float] | np.ndarray, eps: float | None = None, k: int = 2, rel_eps: float = REL_EPS) -> Convergence:
+    """The convergence round t* of a per-round metric ``values`` ``[R]``: the first round from
+    which every step to the end is smaller than ε (|m(s+1) − m(s)| < ε for s ≥ t*), every later
+    value stays within ε of m(t*) (no slow drift), and at least ``k`` steps follow it.
+
+    ``eps`` is absolute when given; otherwise ``rel_eps`` × the metric's range over the rounds.
+    """
+    if k < 1:
+        raise WorkbenchError(f"--k must be ≥ 1, not {k}")
+    if eps is not None and not eps > 0:
+        raise WorkbenchError(f"--eps must be > 0, not {eps}")
+    m = np.asarray(values, dtype=np.float64)
+    relative = eps is None
+    finite = np.isfinite(m)
+    spread = float(m[finite].max() - m[finite].min()) if finite.any() else float("nan")
+    threshold = float(eps) if eps is not None else rel_eps * spread
+    if m.size <= k:
+        return Convergence("too few rounds", None, threshold, relative)
+    if not finite.all():
+        return Convergence("no values", None, threshold, relative)
+    if spread == 0.0:
+        return Convergence("never changed", None, threshold, relative)
+    steps = np.abs(np.diff(m))
+    for t in range(m.size - k):  # t is 0-based; k steps must follow
+        if np.all(steps[t:] < threshold) and np.all(np.abs(m[t + 1 :] - m[t]) < threshold):
+            return Convergence("converged", t + 1, threshold, relative)
+    return Convergence("not converged", None, threshold, relative)
+
+
+def convergence_round(values: list[float], eps: float | None = None, k: int = 2) -> int | None:
+    """t* of :func:`convergence` (1-based), or None when the metric did not converge."""
+    return convergence(values, eps, k).round
+
+
+def answer_correctness(run: RunFile) -> dict[str, np.ndarray]:
+    """Per (sample, round) ``[n_done, R]`` bool arrays of the two named accuracies:
+
+    * ``parsed_correct``: the answer parsed from the text is the gold option (unparseable = wrong);
+    * ``option_correct``: the argmax of option confidence is the gold option;
+
+    and ``unparsed`` (no answer could be parsed). Read from ``rounds/parsed_correct`` and
+    ``rounds/option_correct`` when the run file has them, else computed from ``rounds/parsed_answer``,
+    ``rounds/option_answer`` and ``samples/gold``. Samples without a gold label count as wrong.
+    """
+    parsed = run.array("rounds/parsed_answer").astype(np.int64)
+    option = run.array("rounds/option_answer").astype(np.int64)
+    gold = run.array("samples/gold").astype(np.int64)[:, None]
+    names = run.names("rounds")
+    out = {"unparsed": parsed < 0}
+    for key, answer in (("parsed_correct", parsed), ("option_correct", option)):
+        if key in names:
+            out[key] = run.array(f"rounds/{key}").astype(bool)
+        else:
+            out[key] = (answer >= 0) & (answer == gold) & (gold >= 0)
+    return out
+
+
+def flips(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Right→wrong and wrong→right counts of every transition: correct ``[n, R]`` bool →
+    two int arrays ``[R − 1]`` (entry t is round t+1 → t+2, 1-based)."""
+    before, after = correct[:, :-1], correct[:, 1:]
+    return (before & ~after).sum(0).astype(int), (~before & after).sum(0).astype(int)
 
 
 def round_table(run: RunFile) -> list[dict[str, Any]]:
     """One row per round: accuracy, mean token entropy, mean option entropy, confidence of the
     chosen option, ECE (over [0, 1] and over [min, max]), unparseable rate, right→wrong and
     wrong→right flips relative to the previous round, and the mean of every task field.
+
+    Multiple-choice runs also get the two named accuracies of :func:`answer_correctness`:
+    ``accuracy_parsed`` (unparseable = wrong) and ``accuracy_option`` (option argmax), with their
+    flips (``parsed_right_to_wrong``, ``option_wrong_to_right``, …). ``accuracy`` is the run file's
+    ``rounds/correct``.
     """
     correct = run.array("rounds/correct").astype(bool)
     n, rounds = correct.shape if correct.ndim == 2 else (0, run.n_rounds)
@@ -42,7 +128,8 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
     parsed = run.array("rounds/parsed_answer")
     known = {"instruction", "response", "response_token_ids", "token_entropy", "prompt_span", "response_span",
              "mean_token_entropy", "option_entropy", "chosen_confidence", "option_probs", "parsed_answer",
-             "option_answer", "answer", "correct"}
+             "option_answer", "answer", "correct", "parsed_correct", "option_correct"}
+    named = answer_correctness(run) if multiple_choice else {}
     extras = {name: run.array(f"rounds/{name}") for name in run.names("rounds") if name not in known}
     concepts = concept_scores(run)
     rows = []
@@ -56,11 +143,14 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
             row["ece"] = expected_calibration_error(conf[:, t], correct[:, t]) if n else float("nan")
             row["ece_range"] = expected_calibration_error(conf[:, t], correct[:, t], span="range") if n else float("nan")
             row["unparseable"] = float((parsed[:, t] < 0).mean()) if n else float("nan")
-            if t > 0 and n:
-                row["right_to_wrong"] = int((correct[:, t - 1] & ~correct[:, t]).sum())
-                row["wrong_to_right"] = int((~correct[:, t - 1] & correct[:, t]).sum())
-            else:
-                row["right_to_wrong"] = row["wrong_to_right"] = 0
+            row["accuracy_parsed"] = float(named["parsed_correct"][:, t].mean()) if n else float("nan")
+            row["accuracy_option"] = float(named["option_correct"][:, t].mean()) if n else float("nan")
+            for prefix, flags in (("", correct), ("parsed_", named["parsed_correct"]), ("option_", named["option_correct"])):
+                if t > 0 and n:
+                    row[f"{prefix}right_to_wrong"] = int((flags[:, t - 1] & ~flags[:, t]).sum())
+                    row[f"{prefix}wrong_to_right"] = int((~flags[:, t - 1] & flags[:, t]).sum())
+                else:
+                    row[f"{prefix}right_to_wrong"] = row[f"{prefix}wrong_to_right"] = 0
         for name, values in extras.items():
             if values.dtype.kind == "f" and values.ndim == 2:
                 row[f"mean_{name}"] = _nanmean(values[:, t]) if n else float("nan")
@@ -85,11 +175,15 @@ def concept_scores(run: RunFile) -> dict[str, np.ndarray]:
     return out
 
 
-def summary(run: RunFile) -> dict[str, Any]:
-    """The run's metadata, per-round table, and the convergence round of each per-round metric."""
+def summary(run: RunFile, eps: float | None = None, k: int = 2) -> dict[str, Any]:
+    """The run's metadata, per-round table, and the convergence of each per-round metric:
+    ``convergence`` maps metric → t* (1-based) or None; ``convergence_detail`` maps metric → the
+    :class:`Convergence` as a dict (status, round, eps, relative); ``convergence_settings`` says
+    which ε and k were used."""
     rows = round_table(run)
-    metrics = [k for k in (rows[0] if rows else {}) if k not in ("round", "n", "right_to_wrong", "wrong_to_right")]
-    converged = {m: convergence_round([r[m] for r in rows]) for m in metrics}
+    metrics = [m for m in (rows[0] if rows else {}) if m not in ("round", "n") and not m.endswith(("right_to_wrong", "wrong_to_right"))]
+    detail = {m: convergence([r[m] for r in rows], eps, k) for m in metrics}
+    converged = {m: c.round for m, c in detail.items()}
     meta = run.meta
     return {
         "path": str(run.path),
@@ -103,4 +197,6 @@ def summary(run: RunFile) -> dict[str, Any]:
         "meta": meta,
         "rounds": rows,
         "convergence": converged,
+        "convergence_detail": {m: asdict(c) for m, c in detail.items()},
+        "convergence_settings": {"eps": eps, "k": k, "rel_eps": REL_EPS if eps is None else None},
     }

@@ -44,6 +44,12 @@ def _mount_subcommands() -> None:
     from workbench.export import export_command
 
     app.command("export")(export_command)
+    from workbench import analysis_cli
+
+    app.command("analyze")(analysis_cli.analyze)
+    app.command("report")(analysis_cli.report)
+    app.command("theory")(analysis_cli.theory)
+    app.command("select")(analysis_cli.select)
     from tui.cli import tui as tui_command
 
     app.command(name="tui")(tui_command)
@@ -159,8 +165,9 @@ def _fmt(value: Any) -> str:
 COLUMN_LABELS = {
     "round": "round", "accuracy": "acc", "mean_token_entropy": "tok H", "mean_option_entropy": "opt H",
     "mean_chosen_confidence": "conf", "ece": "ECE", "ece_range": "ECE min–max", "unparseable": "unparsed",
-    "right_to_wrong": "R→W", "wrong_to_right": "W→R",
+    "right_to_wrong": "R→W", "wrong_to_right": "W→R", "accuracy_parsed": "acc parsed", "accuracy_option": "acc option",
 }
+JSON_ONLY = ("parsed_right_to_wrong", "parsed_wrong_to_right", "option_right_to_wrong", "option_wrong_to_right")
 
 
 def _print_summary(run_file: Any) -> None:
@@ -175,7 +182,7 @@ def _print_summary(run_file: Any) -> None:
     if not rows:
         return
     metrics = [k for k in rows[0] if k in COLUMN_LABELS]
-    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n"]
+    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n" and k not in JSON_ONLY]
     for columns in (metrics, ["round", *others] if others else []):
         if not columns:
             continue
@@ -185,10 +192,10 @@ def _print_summary(run_file: Any) -> None:
         for r in rows:
             table.add_row(*[_fmt(r[c]) for c in columns])
         out.print(table)
-    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): v for k, v in s["convergence"].items() if v is not None}
+    conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("converged (|Δ| < 0.01 for 2 rounds) at round: " + ", ".join(f"{k} {v}" for k, v in conv.items()),
-                  markup=False, highlight=False)
+        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
+            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
 
 
 @app.command()

@@ -68,7 +68,7 @@ def run_batch(
     ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
     ``on_round`` is called with each round's result as it finishes."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
-                      reuse_cache=reuse_cache, strict=True)
+                      reuse_cache=reuse_cache, strict=True, fields_every_round=False)
     for _ in range(protocol.rounds):
         result = session.step()
         if on_round is not None:

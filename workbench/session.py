@@ -96,12 +96,13 @@ class RoundResult:
 
 def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
     """The user message of ``round_`` (1-based): round 1 is the protocol's ``first`` template filled
-    with the sample; later rounds are its follow-up (or the text injected at that round)."""
+    with the sample; later rounds are its follow-up (or the text injected at that round), which the
+    task may draw per sample (``Task.followup``: the organism's ``{world}``)."""
     if round_ == 1:
         return protocol.first.format(
             context=sample.context, question=sample.question, choices=task.format_choices(sample.options)
         ).strip()
-    return protocol.instruction(round_)
+    return task.followup(sample, round_, protocol.instruction(round_))
 
 
 class Session:
@@ -113,6 +114,9 @@ class Session:
     Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
     a task that cannot compute its round fields (the organism's posterior, for an instruction from
     outside its world) is an error; otherwise a warning, and the session leaves them out.
+    ``fields_every_round=False`` leaves each :class:`RoundResult`'s ``round_fields`` empty and
+    computes them once, over the whole dialogue, in :meth:`result` (a task such as the organism
+    recomputes its posterior over the dialogue so far, so per round that is O(R²) work).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Session:
         max_cache_bytes: int | None = None,
         instruction_for: Callable[[Sample, int], str] | None = None,
         strict: bool = False,
+        fields_every_round: bool = True,
     ) -> None:
         from workbench.models import load_model
         from workbench.protocol import load_protocol
@@ -147,6 +152,7 @@ class Session:
         self.max_cache_bytes = max_cache_bytes if max_cache_bytes is not None else _default_cache_budget(self.model.device)
         self.instruction_for = instruction_for or functools.partial(protocol_instruction, self.protocol, self.task)
         self.strict = strict
+        self.fields_every_round = fields_every_round
         if self.protocol.decoding.do_sample:
             torch.manual_seed(seed + self.samples[0].index)  # per batch, so a resumed run draws the same tokens
         tok = self.model.tokenizer
@@ -250,7 +256,7 @@ class Session:
             prefill_tokens=sum(len(n) for n in new),
             reused_cache=past is not None,
         )
-        result = replace(result, round_fields=self._last_round_fields(typed=instruction is not None, responses=responses))
+        result = replace(result, round_fields=self._last_round_fields(responses))
         self._rounds.append(result)
         return result
 
@@ -294,19 +300,24 @@ class Session:
             result[hook] = acts.numpy()
         return result
 
-    def _last_round_fields(self, typed: bool, responses: list[str]) -> dict[str, np.ndarray]:
-        """This round's task fields, each ``[B, ...]``, from the dialogue so far."""
-        if self._fields_error is not None:
+    def _last_round_fields(self, responses: list[str]) -> dict[str, np.ndarray]:
+        """This round's task fields, each ``[B, ...]``, from the dialogue so far (this round's
+        ``responses`` not yet in ``self._rounds``)."""
+        if self._fields_error is not None or not self.fields_every_round:
             return {}
+        fields = self._checked_fields(responses)
+        return {k: v[:, -1] for k, v in fields.items()}
+
+    def _checked_fields(self, responses_last: list[str] | None = None) -> dict[str, np.ndarray]:
+        """:meth:`_fields`, a task's refusal handled as ``strict`` says."""
         try:
-            fields = self._fields(responses_last=responses)
+            return self._fields(responses_last)
         except WorkbenchError as e:
             if self.strict:
                 raise
             self._fields_error = str(e)
             warnings.warn(f"the task's round fields are left out of this session: {e}", UserWarning, stacklevel=3)
             return {}
-        return {k: v[:, -1] for k, v in fields.items()}
 
     def _fields(self, responses_last: list[str] | None = None) -> dict[str, np.ndarray]:
         """Every round's task fields over the dialogue so far, each ``[B, R, ...]``."""
@@ -327,7 +338,7 @@ class Session:
             raise WorkbenchError("the session has no rounds yet (call step() first)")
         per_sample = lambda f: [[f(r)[i] for r in rounds] for i in range(len(self.samples))]  # noqa: E731
         stack = lambda f: np.stack([f(r) for r in rounds], 1)  # noqa: E731
-        fields = {} if self._fields_error is not None else self._fields()
+        fields = {} if self._fields_error is not None else self._checked_fields()
         return BatchResult(
             instructions=per_sample(lambda r: r.instructions),
             responses=per_sample(lambda r: r.responses),

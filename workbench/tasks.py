@@ -9,7 +9,9 @@ A task is a frozen dataclass of plain functions (no hierarchy). The engine only 
   answer, so options are scored after them (0 when the assistant prefix already leads to it);
 * ``parse_answer(sample, response_text) -> int`` – the option the text names, or ``-1``;
 * ``round_fields(sample, instructions, responses) -> dict[str, np.ndarray]`` – extra per-round
-  arrays stored in the run file (the organism's exact posterior), each ``[n_rounds, ...]``.
+  arrays stored in the run file (the organism's exact posterior), each ``[n_rounds, ...]``;
+* ``followup(sample, round, text) -> str`` – the user message of a round ≥ 2 given the protocol's
+  text (the organism draws ``{world}`` follow-ups per sample; others take the text as it is).
 
 Built-in tasks: ``bbq`` (BBQ JSONL files as published), ``prompts`` (open-ended prompts from
 JSONL), and ``organism`` (the shipped synthetic world, :mod:`workbench.organism.task`).
@@ -53,6 +55,15 @@ def _no_lead(response_ids: list[int], tokenizer: Any) -> int:
     return 0
 
 
+WORLD_FOLLOWUP = "{world}"  # a protocol follow-up the organism draws per sample from its world
+
+
+def _protocol_followup(sample: Sample, round_: int, text: str) -> str:
+    if text.strip() == WORLD_FOLLOWUP:
+        raise WorkbenchError(f"the follow-up {WORLD_FOLLOWUP} is drawn from the organism's world: use it with --task organism")
+    return text
+
+
 @dataclass(frozen=True)
 class Task:
     """How the engine talks to one kind of data (see the module docstring)."""
@@ -64,6 +75,7 @@ class Task:
     parse_answer: Callable[[Sample, str], int]
     lead_length: Callable[[list[int], Any], int] = _no_lead
     round_fields: Callable[[Sample, list[str], list[str]], dict[str, np.ndarray]] = _no_round_fields
+    followup: Callable[[Sample, int, str], str] = _protocol_followup  # (sample, round ≥ 2, protocol text) → user message
 
 
 # ----------------------------------------------------------------------------- multiple choice

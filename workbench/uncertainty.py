@@ -6,10 +6,12 @@ NumPy arrays. Entropies are in nats.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads only when a torch function runs: analysis and `info` stay light
+    import torch
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -17,6 +19,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     logits ``[..., vocab]`` → ``[...]`` (float32, computed in float32 whatever the model dtype).
     """
+    import torch
+
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -26,6 +30,8 @@ def option_confidence(mean_nll: torch.Tensor) -> torch.Tensor:
 
     mean_nll ``[..., n_options]`` → p̂ ``[..., n_options]`` summing to 1 (a softmax of −mean NLL).
     """
+    import torch
+
     return torch.softmax(-mean_nll.float(), dim=-1)
 
 
@@ -65,21 +71,57 @@ def expected_calibration_error(
     return float(ece)
 
 
-def semantic_entropy(answers: Sequence[str], equivalent: Callable[[str, str], bool]) -> float:
-    """Semantic entropy (Kuhn et al., 2023) of k sampled answers: −Σ p(C) log p(C) over clusters.
+def normalised_exact_match(a: str, b: str) -> bool:
+    """The default equivalence of sampled answers: equal after lower-casing, collapsing whitespace and
+    stripping surrounding punctuation."""
+    norm = lambda t: " ".join(t.lower().split()).strip(" .,;:!?\"'")  # noqa: E731
+    return norm(a) == norm(b)
 
-    Answers are clustered greedily: each joins the first cluster whose representative it is
-    ``equivalent`` to. p(C) is the fraction of samples in C.
-    """
+
+def cluster_answers(answers: Sequence[str], equivalent: Callable[[str, str], bool] = normalised_exact_match) -> np.ndarray:
+    """Cluster ids ``[k]`` (0, 1, … in order of first appearance) of k sampled answers: each answer joins
+    the first cluster whose representative (its first member) it is ``equivalent`` to."""
     representatives: list[str] = []
-    counts: list[int] = []
+    ids = []
     for a in answers:
         for i, r in enumerate(representatives):
             if equivalent(a, r):
-                counts[i] += 1
+                ids.append(i)
                 break
         else:
+            ids.append(len(representatives))
             representatives.append(a)
-            counts.append(1)
-    p = np.asarray(counts, dtype=np.float64) / max(1, len(answers))
-    return float(distribution_entropy(p))
+    return np.asarray(ids, dtype=np.int64)
+
+
+def semantic_entropy_discrete(cluster_ids: Sequence[int] | np.ndarray) -> float:
+    """Discrete semantic entropy (Kuhn et al.; Farquhar et al.'s "discrete"): −Σ p(C) log p(C) with
+    p(C) = the fraction of the k samples in cluster C. Nats."""
+    counts = np.bincount(np.asarray(cluster_ids, dtype=np.int64))
+    return float(distribution_entropy(counts[counts > 0] / counts.sum()))
+
+
+def semantic_entropy_weighted(cluster_ids: Sequence[int] | np.ndarray, mean_log_likelihood: Sequence[float] | np.ndarray) -> float:
+    """Probability-weighted semantic entropy: a cluster's log-probability is the logsumexp of its members'
+    mean-token log-likelihoods, normalised over all k samples (log p(C) = lse_C − lse_all); entropy
+    −Σ p(C) log p(C). Nats."""
+    ids = np.asarray(cluster_ids, dtype=np.int64)
+    ll = np.asarray(mean_log_likelihood, dtype=np.float64)
+    total = np.logaddexp.reduce(ll)
+    log_p = np.array([np.logaddexp.reduce(ll[ids == c]) - total for c in np.unique(ids)])
+    return float(-(np.exp(log_p) * log_p).sum())
+
+
+def study_cluster_uncertainty(cluster_ids: Sequence[int] | np.ndarray, mean_nll: Sequence[float] | np.ndarray) -> float:
+    """The study's own estimator, labelled as such: the mean over clusters of the mean NLL of each
+    cluster's members. Not an entropy (it does not weigh clusters by their probability); kept because
+    the study's semantic-entropy numbers were computed with it."""
+    ids = np.asarray(cluster_ids, dtype=np.int64)
+    nll = np.asarray(mean_nll, dtype=np.float64)
+    return float(np.mean([nll[ids == c].mean() for c in np.unique(ids)]))
+
+
+def semantic_entropy(answers: Sequence[str], equivalent: Callable[[str, str], bool] = normalised_exact_match) -> float:
+    """Discrete semantic entropy (Kuhn et al., 2023) of k sampled answers, clustered by ``equivalent``:
+    :func:`semantic_entropy_discrete` of :func:`cluster_answers`."""
+    return semantic_entropy_discrete(cluster_answers(answers, equivalent)) if len(answers) else 0.0

@@ -24,8 +24,8 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.organism.posterior import exact_trace, instruction_kind, parse_response
-from workbench.organism.world import DEFAULT_PARAMS, LETTER_TOKENS, format_choices, heldout_rng, sample_item
-from workbench.tasks import Sample, Task
+from workbench.organism.world import DEFAULT_PARAMS, KINDS, LETTER_TOKENS, format_choices, heldout_rng, instruction_probs, sample_item
+from workbench.tasks import WORLD_FOLLOWUP, Sample, Task
 
 
 def load_organism_samples(limit: int, seed: int = 1234, offset: int = 0) -> list[Sample]:
@@ -55,6 +55,7 @@ def load_organism_samples(limit: int, seed: int = 1234, offset: int = 0) -> list
                     "unknown": item.options.index("unknown"),
                     "act": item.act,
                     "polarity": item.polarity,
+                    "world_seed": seed,
                 },
             )
         )
@@ -81,6 +82,35 @@ def lead_length(response_ids: list[int], tokenizer: Any) -> int:
     if "is" in tokens:
         return tokens.index("is") + 1
     return min(4, len(tokens))
+
+
+def world_instructions(sample: Sample, rounds: int) -> tuple[bool, list[str], list[str]]:
+    """The follow-ups of one sample drawn from the world's own distribution (protocol ``organism-world``):
+    ``(z, kinds, phrasings)`` with z = fair drawn from the prior and, for rounds 2..``rounds``, each
+    instruction's kind from p(kind | z) and its phrasing uniformly within the kind (lists of
+    ``rounds − 1``). Depends only on the sample's index and world seed (a stream disjoint from the
+    items' and from training), so every round, batch and resumed run draws the same."""
+    params = DEFAULT_PARAMS
+    seed = int(sample.extra.get("world_seed", 1234))
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, sample.index)))
+    fair = bool(rng.random() < params.prior_fair)
+    p_kind = instruction_probs(fair, params)
+    kinds, texts = [], []
+    for _ in range(rounds - 1):
+        k = int(rng.choice(3, p=p_kind))
+        kinds.append(KINDS[k])
+        texts.append(params.phrasings[k][rng.integers(len(params.phrasings[k]))])
+    return fair, kinds, texts
+
+
+def followup(sample: Sample, round_: int, text: str) -> str:
+    """Round ``round_``'s (1-based, ≥ 2) user message: the protocol's ``text``, or, when it is
+    ``{world}``, this sample's instruction drawn from the world (:func:`world_instructions`)."""
+    if text.strip() != WORLD_FOLLOWUP:
+        return text
+    if "stereotyped" not in sample.extra:
+        raise WorkbenchError(f"sample {sample.id}: a {WORLD_FOLLOWUP} follow-up needs an organism item")
+    return world_instructions(sample, round_)[2][round_ - 2]
 
 
 def round_fields(sample: Sample, instructions: list[str], responses: list[str]) -> dict[str, np.ndarray]:
@@ -117,4 +147,5 @@ ORGANISM = Task(
     parse_answer=parse_answer,
     lead_length=lead_length,
     round_fields=round_fields,
+    followup=followup,
 )

@@ -1,0 +1,93 @@
+"""`workbench report` on constructed run files: every figure as PNG and SVG, one index.html that links
+them, user text escaped, no torch, and a headless Chromium screenshot when Chromium is installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_analysis import _write_run
+
+
+def _runs(tmp_path):
+    rng = np.random.default_rng(4)
+    n, rounds = 30, 4
+    gold = rng.integers(0, 3, n)
+    paths = []
+    for i in range(2):
+        parsed = np.where(rng.random((n, rounds)) < 0.1, -1, rng.integers(0, 3, (n, rounds)))
+        concept = rng.normal(size=(n, rounds)).cumsum(1)
+        paths.append(_write_run(tmp_path / f"run{i}.h5", parsed, rng.integers(0, 3, (n, rounds)), gold, concept=concept))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Two constructed runs and the report of both: (run paths, index.html)."""
+    from workbench.report import build_report
+
+    root = tmp_path_factory.mktemp("report")
+    paths = _runs(root)
+    return paths, build_report(paths, root / "report")
+
+
+def test_report_writes_every_figure_and_an_index_that_links_them(report):
+    paths, index = report
+    out = index.parent
+    html = index.read_text(encoding="utf-8")
+    stems = {p.stem for p in out.glob("*.png")}
+    assert stems == {p.stem for p in out.glob("*.svg")}
+    assert {"curves", "run0-reliability", "run1-reliability", "run0-flips", "run0-concept-heatmap"} <= stems
+    for stem in stems:
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        ET.parse(out / f"{stem}.svg")  # well-formed XML
+        assert f"src='{stem}.svg'" in html
+    assert "run0" in html and "run1" in html and "convergence" in html and "Spearman" in html
+
+
+def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path):
+    import h5py
+    from typer.testing import CliRunner
+
+    from workbench.cli import _mount_subcommands, app
+    from workbench.errors import WorkbenchError
+
+    _mount_subcommands()
+    path = tmp_path / "run.h5"
+    path.write_bytes(report[0][0].read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_name"] = "<script>alert(1)</script>"
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "file")])
+    assert isinstance(result.exception, WorkbenchError)
+
+
+def test_analysis_and_report_do_not_import_torch():
+    code = "import sys, workbench.analyze, workbench.report, workbench.analysis; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (make system-tools)")
+def test_index_renders_in_headless_chromium(report, tmp_path):
+    index = report[1]
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2000",
+                    f"--screenshot={shot}", index.resolve().as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.read_bytes()[:4] == b"\x89PNG"
+    # the page is not blank: a rendered figure gives many distinct colours
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3].reshape(-1, 3)
+    assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 50
+    assert Path(shot).stat().st_size > 20_000

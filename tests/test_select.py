@@ -1,0 +1,66 @@
+"""`workbench select`: sampled answers, their log-likelihood checked by a forward pass, subsets by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.select import QUESTION, Scored, select_subsets, write_subsets
+
+ROWS = [{"text": t, "id": i} for i, t in enumerate(
+    ["a zorvan person and a kelpish person were at the market .", "who stole the bread ?", "the answer is unknown",
+     "honestly the answer is (a)", "go with your gut about people like that .", "take another look at the question ."])]
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from workbench.models import load_model
+
+    return load_model("organism", device="cpu")
+
+
+def test_scores_are_seeded_and_the_likelihood_matches_a_forward_pass(organism):
+    import torch
+
+    from workbench.generation import stop_ids
+    from workbench.select import score_candidates
+    from workbench.uncertainty import cluster_answers, semantic_entropy_discrete
+
+    a = score_candidates(organism, ROWS, "text", k=4, seed=3, batch_size=4)
+    b = score_candidates(organism, ROWS, "text", k=4, seed=3, batch_size=4)
+    assert [s.answers for s in a] == [s.answers for s in b] and len(a) == len(ROWS)
+    for s in a:
+        assert len(s.answers) == 4 and np.isnan(s.concept)
+        assert s.semantic_entropy_discrete == pytest.approx(semantic_entropy_discrete(cluster_answers(s.answers)))
+    # recompute one answer's mean log-likelihood with a plain forward pass over prompt + answer
+    tok = organism.tokenizer
+    prompt = tok(QUESTION.format(text=ROWS[0]["text"]), add_special_tokens=True)["input_ids"]
+    answer = tok(a[0].answers[0], add_special_tokens=False)["input_ids"] if a[0].answers[0] else []
+    assert tok.decode(answer) == a[0].answers[0]  # the word-level tokenizer is canonical
+    with torch.no_grad():
+        logp = torch.log_softmax(organism.hf(torch.tensor([prompt + answer])).logits[0].float(), -1)
+    terms = [logp[len(prompt) - 1 + t, i] for t, i in enumerate(answer)]
+    terms.append(torch.logsumexp(logp[len(prompt) - 1 + len(answer), stop_ids(organism.hf, tok)], 0))
+    assert a[0].mean_log_likelihood[0] == pytest.approx(float(torch.stack(terms).mean()), abs=1e-4)
+
+
+def _scored(values):
+    return [Scored({"id": i}, ["x"], [0.0], v, v, v, float("nan")) for i, v in enumerate(values)]
+
+
+def test_subsets_by_hand(tmp_path):
+    scored = _scored([0.5, 0.1, 0.9, 0.3, 0.7, 0.2])
+    subsets = select_subsets(scored, 2, "weighted", seed=0)
+    assert [s.row["id"] for s in subsets["low"]] == [1, 5] and [s.row["id"] for s in subsets["high"]] == [2, 4]
+    assert len(subsets["random"]) == 2 and subsets["random"] == select_subsets(scored, 2, "weighted", seed=0)["random"]
+    with pytest.raises(WorkbenchError, match="--size"):
+        select_subsets(scored, 4, "weighted")
+    with pytest.raises(WorkbenchError, match="--by"):
+        select_subsets(scored, 2, "nope")
+    paths = write_subsets(tmp_path / "out", subsets, scored)
+    low = [json.loads(line) for line in (tmp_path / "out" / "low.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in low] == [1, 5] and low[0]["selection"]["semantic_entropy_weighted"] == 0.1
+    assert len(paths) == 4

@@ -1,0 +1,360 @@
+"""`workbench report`: figures (PNG and SVG, matplotlib's headless Agg backend) and one index.html.
+
+For one or more run files: per-round curves of performance, uncertainty, calibration error and
+concept score with 95 % intervals and the convergence round marked (several runs overlaid);
+reliability diagrams per round; a layers × rounds heatmap of each probe's score; the flips between
+rounds; and, on organism runs, the model's fair-answer probability and the probe score against the
+exact posterior. NumPy, matplotlib and :mod:`workbench.analyze` only: no torch.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workbench.analyze import analyze
+from workbench.errors import WorkbenchError
+from workbench.store import RunFile
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: its file stem, title and caption."""
+
+    stem: str
+    title: str
+    caption: str
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.spines.top": False,
+                         "axes.spines.right": False, "svg.fonttype": "none", "svg.hashsalt": "workbench"})
+    return plt
+
+
+def _save(fig: Any, out: Path, stem: str) -> None:
+    for suffix in ("png", "svg"):
+        fig.savefig(out / f"{stem}.{suffix}", bbox_inches="tight", metadata={"Date": None} if suffix == "svg" else None)
+    _pyplot().close(fig)
+
+
+PANELS = (
+    ("performance", ("accuracy_parsed", "accuracy_option"), "accuracy"),
+    ("uncertainty", ("mean_option_entropy", "mean_token_entropy"), "entropy (nats)"),
+    ("calibration", ("ece", "ece_range"), "expected calibration error"),
+)
+LABELS = {"accuracy_parsed": "parsed answer", "accuracy_option": "option argmax", "mean_option_entropy": "option entropy",
+          "mean_token_entropy": "token entropy", "ece": "ECE [0, 1]", "ece_range": "ECE [min, max]"}
+
+
+def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) -> Figure:
+    """Per-round curves, one panel per kind of metric (and one for concept scores), every run overlaid;
+    shaded: 95 % bootstrap interval; a dotted vertical line marks each curve's convergence round."""
+    plt = _pyplot()
+    concept_names = sorted({m for r in results for m in r["metrics"] if m.startswith("concept:")})
+    panels = [*PANELS, *((("concept", tuple(concept_names), "concept score (projection)"),) if concept_names else ())]
+    cols = 2
+    rows = (len(panels) + 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(10, 3.6 * rows), squeeze=False)
+    for extra in axes.ravel()[len(panels):]:
+        extra.axis("off")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D")
+    for ax, (title, metrics, ylabel) in zip(axes.ravel(), panels):
+        drawn = False
+        for i, (result, run_name) in enumerate(zip(results, names)):
+            for j, metric in enumerate(metrics):
+                m = result["metrics"].get(metric)
+                if m is None:
+                    continue
+                x = np.arange(1, len(m["value"]) + 1)
+                value, low, high = (np.array(m[key], dtype=float) for key in ("value", "low", "high"))
+                # one colour per run (per metric when there is one run), one line style per metric
+                color = colors[i % len(colors)] if len(results) > 1 else colors[j % len(colors)]
+                label = LABELS.get(metric, metric.removeprefix("concept:"))
+                label = f"{run_name}: {label}" if len(results) > 1 else label
+                ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label)
+                ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
+                conv = result["convergence"].get(metric, {})
+                if conv.get("round"):
+                    ax.axvline(conv["round"], color=color, ls=styles[j % len(styles)], lw=0.8, alpha=0.6)
+                drawn = True
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if drawn:
+            ax.legend(fontsize=7, frameon=False, loc="best")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        else:
+            ax.text(0.5, 0.5, "not measured\n(no options)", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    _save(fig, out, "curves")
+    return Figure("curves", "Per-round metrics", "Means over samples per round; shaded: 95 % percentile bootstrap interval; "
+                  "thin vertical line (same colour and style as its curve): the round from which the metric stays within ε of its value "
+                  "to the end (convergence; ε = 0.05 × the metric's range over the rounds).")
+
+
+def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
+    """Reliability diagram of every round: accuracy per confidence bin (10 equal-width bins over
+    [0, 1]) against the diagonal, with the bin counts; None for runs without options."""
+    if int(run.meta.get("n_options", 0)) == 0:
+        return None
+    plt = _pyplot()
+    conf = run.array("rounds/chosen_confidence").astype(float)
+    correct = run.array("rounds/correct").astype(float)
+    rounds = conf.shape[1]
+    cols = min(rounds, 6)
+    rows = (rounds + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    edges = np.linspace(0, 1, 11)
+    for t in range(rows * cols):
+        ax = axes[t // cols][t % cols]
+        if t >= rounds:
+            ax.axis("off")
+            continue
+        c, y = conf[:, t], correct[:, t]
+        keep = np.isfinite(c)
+        bins = np.clip((c[keep] * 10).astype(int), 0, 9)
+        acc = np.array([y[keep][bins == b].mean() if (bins == b).any() else np.nan for b in range(10)])
+        counts = np.bincount(bins, minlength=10)
+        ax.bar(edges[:-1], np.nan_to_num(acc), width=0.1, align="edge", color="#4c72b0", alpha=0.8, edgecolor="white")
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+        for b in np.flatnonzero(counts):
+            ax.text(edges[b] + 0.05, 0.02, str(counts[b]), ha="center", va="bottom", fontsize=6, color="white" if acc[b] > 0.12 else "black", rotation=90)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"round {t + 1}")
+        ax.set_xlabel("confidence")
+        if t % cols == 0:
+            ax.set_ylabel("accuracy")
+    fig.tight_layout()
+    _save(fig, out, stem)
+    return Figure(stem, "Reliability diagrams", "Accuracy of the answer per bin of its option confidence (10 equal-width bins "
+                  "over [0, 1]); dashed: perfect calibration; numbers: samples per bin.")
+
+
+def heatmap_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
+    """Layers × rounds heatmap of the mean concept score of every tracked probe; None when none is tracked."""
+    names = [n for n in run.names("probes") if run.f[f"probes/{n}"].attrs.get("kind") == "probe"]
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        g = run.f[f"probes/{name}"]
+        layers = json.loads(g.attrs["layers"])
+        scores = run.array(f"probes/{name}/projection").astype(float)  # [n, R, L]
+        mean = np.nanmean(scores, 0).T  # [L, R]
+        im = ax.imshow(mean, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.nanmax(np.abs(mean)), vmax=np.nanmax(np.abs(mean)),
+                       extent=(0.5, mean.shape[1] + 0.5, -0.5, len(layers) - 0.5))
+        ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+        ax.set_xticks(range(1, mean.shape[1] + 1))
+        ax.set_xlabel("round")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})")
+        fig.colorbar(im, ax=ax, label="mean projection")
+    fig.tight_layout()
+    _save(fig, out, stem)
+    return Figure(stem, "Concept score by layer and round", "Mean projection of the pooled residual on each probe's direction, "
+                  "per layer and round.")
+
+
+def flips_figure(result: dict[str, Any], out: Path, stem: str) -> Figure | None:
+    """Stacked bars per transition: how the parsed answers of round t fared in round t+1."""
+    if "flips" not in result:
+        return None
+    plt = _pyplot()
+    transitions = result["flips"]["transitions"]
+    kinds = [("right → right", 0, 0, "#55a868"), ("wrong → right", 1, 0, "#8ecf9b"), ("right → wrong", 0, 1, "#c44e52"),
+             ("wrong → wrong", 1, 1, "#e8a0a2"), ("→ unparsed", None, 2, "#999999"), ("unparsed →", 2, None, "#cccccc")]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(transitions), 3.0))
+    x = np.arange(len(transitions))
+    bottom = np.zeros(len(transitions))
+    for label, a, b, color in kinds:
+        counts = []
+        for f in transitions:
+            m = np.array(f["parsed"])
+            if a is None:
+                counts.append(m[:2, 2].sum())
+            elif b is None:
+                counts.append(m[2, :].sum())
+            else:
+                counts.append(m[a, b])
+        counts = np.array(counts, dtype=float)
+        ax.bar(x, counts, bottom=bottom, color=color, label=label, width=0.7)
+        bottom += counts
+    ax.set_xticks(x, [f"{f['from']}→{f['to']}" for f in transitions])
+    ax.set_xlabel("transition")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=7, frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    fig.tight_layout()
+    _save(fig, out, stem)
+    return Figure(stem, "Flips between rounds", "Parsed answers of round t against round t+1: kept right, corrected "
+                  "(wrong → right), broken (right → wrong), kept wrong, and unparseable answers.")
+
+
+def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) -> Figure | None:
+    """On organism runs: the model's probability of the fair option against the exact predictive's, and
+    every tracked probe's best-layer score against the exact log-odds, coloured by round."""
+    if "exact_option_probs" not in run.names("rounds"):
+        return None
+    plt = _pyplot()
+    gold = run.array("samples/gold").astype(int)
+    model = run.array("rounds/option_probs").astype(float)
+    exact = run.array("rounds/exact_option_probs").astype(float)
+    rounds = model.shape[1]
+    take = lambda p: np.take_along_axis(p, gold[:, None, None].repeat(rounds, 1), -1)[..., 0]  # noqa: E731
+    probes = [n for n in run.names("probes") if run.f[f"probes/{n}"].attrs.get("kind") == "probe"]
+    fig, axes = plt.subplots(1, 1 + len(probes), figsize=(3.4 * (1 + len(probes)), 3.0), squeeze=False)
+    cmap = plt.get_cmap("viridis", rounds)
+    round_index = np.broadcast_to(np.arange(rounds), (gold.size, rounds))
+    ax = axes[0][0]
+    sc = ax.scatter(take(exact).ravel(), take(model).ravel(), c=round_index.ravel() + 1, cmap=cmap, s=8, alpha=0.7, vmin=0.5, vmax=rounds + 0.5)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set_xlabel("exact p(fair option)")
+    ax.set_ylabel("model p̂(fair option)")
+    ax.set_title("answer vs the exact predictive")
+    log_odds = run.array("rounds/exact_log_odds").astype(float)
+    for ax, name in zip(axes[0][1:], probes):
+        g = run.f[f"probes/{name}"]
+        layers = json.loads(g.attrs["layers"])
+        best = layers.index(int(g.attrs["best_layer"]))
+        score = run.array(f"probes/{name}/projection")[:, :, best].astype(float)
+        ax.scatter(log_odds.ravel(), score.ravel(), c=round_index.ravel() + 1, cmap=cmap, s=8, alpha=0.7, vmin=0.5, vmax=rounds + 0.5)
+        v = result.get("probe_vs_exact", {}).get("probes", {}).get(name, {}).get("layers", {}).get(str(layers[best]), {})
+        rho = v.get("min_within_round")
+        ax.set_title(f"{name}, layer {layers[best]}" + (f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}" if rho is not None and np.isfinite(rho) else ""), fontsize=8)
+        ax.set_xlabel("exact log-odds of fair")
+        ax.set_ylabel("probe score (projection)")
+    fig.colorbar(sc, ax=axes[0].tolist(), label="round", ticks=range(1, rounds + 1))
+    _save(fig, out, stem)
+    return Figure(stem, "The organism against its exact posterior", "Left: the model's option confidence of the fair (correct) "
+                  "option against the exact predictive given the dialogue it had. Right: each probe's score at its best layer against "
+                  "the exact log-odds; colour: round. A pooled cloud can look tight only because rounds separate; the titles give "
+                  "the smallest within-round Spearman ρ.")
+
+
+def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
+    """Write every figure (PNG + SVG) and ``index.html`` for the runs ``paths`` into ``out``; returns the
+    index path. Several runs: the curves are overlaid; the per-run figures come once per run."""
+    if not paths:
+        raise WorkbenchError("report: give at least one run file")
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    results, names, sections = [], [], []
+    stems = _unique_stems(paths)
+    for path, stem in zip(paths, stems):
+        with RunFile(path) as run:
+            result = analyze(run, seed=seed)
+            figures = [f for f in (
+                reliability_figure(run, out, f"{stem}-reliability"),
+                heatmap_figure(run, out, f"{stem}-concept-heatmap"),
+                flips_figure(result, out, f"{stem}-flips"),
+                organism_figure(run, result, out, f"{stem}-organism"),
+            ) if f is not None]
+            sections.append((stem, run.meta, result, figures))
+        results.append(result)
+        names.append(stem)
+    curves = curves_figure(results, names, out)
+    index = out / "index.html"
+    index.write_text(_html(curves, sections), encoding="utf-8")
+    return index
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{s}-{i + 1}" for i, s in enumerate(stems)]
+
+
+META_KEYS = ("model_name", "model_path", "model_dtype", "task", "n_samples", "n_rounds", "seed", "status", "created", "workbench_version")
+
+
+def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, Any], list[Figure]]]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>workbench report</title><style>",
+             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222} img{max-width:100%}",
+             "table{border-collapse:collapse;font-size:13px;margin:0.5em 0} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}",
+             "figure{margin:1.5em 0} figcaption{font-size:13px;color:#555} h2{border-bottom:1px solid #ddd}</style></head><body>",
+             "<h1>Self-correction report</h1>",
+             f"<p>{len(sections)} run(s): {', '.join(e(s[0]) for s in sections)}. Every interval is a 95 % percentile bootstrap "
+             "over samples (seeded); entropies are in nats.</p>", _figure_html(curves)]
+    for stem, meta, result, figures in sections:
+        protocol = meta.get("protocol")
+        protocol = protocol.get("name") if isinstance(protocol, dict) else protocol
+        parts.append(f"<h2>{e(stem)}</h2><table>")
+        parts.append(f"<tr><th>protocol</th><td>{e(str(protocol))}</td></tr>")
+        for key in META_KEYS:
+            if key in meta:
+                parts.append(f"<tr><th>{e(key)}</th><td>{e(str(meta[key]))}</td></tr>")
+        parts.append(f"<tr><th>samples analysed</th><td>{result['run']['n_done']}</td></tr></table>")
+        parts.append("<table><tr><th>metric</th><th>convergence</th><th>ε</th><th>first round</th><th>last round</th></tr>")
+        for name, c in result["convergence"].items():
+            m = result["metrics"][name]
+            when = f"round {c['round']}" if c["round"] is not None else c["status"]
+            parts.append(f"<tr><td title='{e(m['what'])}'>{e(name)}</td><td>{e(when)}</td><td>{c['eps']:.3g}</td>"
+                         f"<td>{_cell(m, 0)}</td><td>{_cell(m, -1)}</td></tr>")
+        parts.append("</table>")
+        parts.append(_correlations_html(result))
+        sim = result["simulation_task"]
+        for feature, s in sim.get("features", {}).items():
+            if "accuracy_mean" in s:
+                parts.append(f"<p>Simulation task (reconstruction), {e(feature)}: accuracy {s['accuracy_mean']:.3f} "
+                             f"(variance {s['accuracy_variance']:.5f}) vs majority baseline {s['baseline_mean']:.3f}, "
+                             f"{s['n']} transitions. The study reports 83.18 % on RealToxicityPrompts.</p>")
+        parts += [_figure_html(f) for f in figures]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _correlations_html(result: dict[str, Any]) -> str:
+    """Tables of Spearman ρ: concept vs uncertainty, and (organism) probe or read-out vs the exact log-odds,
+    within each round, on each transition's changes, and pooled, each column named."""
+    e = html.escape
+    fmt = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:.2f}"  # noqa: E731
+    rows = []
+    for name, views in result["concept_uncertainty"].items():
+        for u, v in views.items():
+            if u != "layer":
+                rows.append((f"concept {name} (layer {views['layer']}) vs {u.replace('_', ' ')}", v))
+    for name, p in result.get("probe_vs_exact", {}).get("probes", {}).items():
+        rows.append((f"probe {name} (best layer {p['best_layer']}) vs exact log-odds", p["layers"][str(p["best_layer"])]))
+    for hook, layers in result.get("readout_vs_exact", {}).get("hooks", {}).items():
+        best = max(layers, key=lambda l: layers[l]["min_within_round"] if np.isfinite(layers[l]["min_within_round"]) else -2, default=None)
+        if best is not None:
+            rows.append((f"ridge read-out, cross-fitted ({hook}, layer {best}) vs exact log-odds", layers[best]))
+    if not rows:
+        return ""
+    out = ["<table><tr><th>Spearman ρ</th><th>within each round (across samples)</th><th>on changes t→t+1 (across samples)</th>"
+           "<th>all changes</th><th>across rounds (per-round means)</th><th>pooled</th></tr>"]
+    for label, v in rows:
+        within = " ".join(fmt(x["rho"]) for x in v["within_round"])
+        changes = " ".join(fmt(x["rho"]) for x in v["changes"])
+        out.append(f"<tr><td>{e(label)}</td><td>{within}</td><td>{changes}</td><td>{fmt(v['changes_pooled']['rho'])}</td>"
+                   f"<td>{fmt(v['across_rounds']['rho'])}</td><td>{fmt(v['pooled']['rho'])}</td></tr>")
+    out.append("</table><p style='font-size:13px;color:#555'>Across rounds and pooled figures move with the round number "
+               "whenever both quantities do; the within-round and on-changes columns do not.</p>")
+    return "\n".join(out)
+
+
+def _cell(m: dict[str, Any], t: int) -> str:
+    v, lo, hi = m["value"][t], m["low"][t], m["high"][t]
+    fmt = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:.3f}"  # noqa: E731
+    return f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _figure_html(f: Figure) -> str:
+    e = html.escape
+    return (f"<figure id='{e(f.stem)}'><h3>{e(f.title)}</h3><img src='{e(f.stem)}.svg' alt='{e(f.title)}'>"
+            f"<figcaption>{e(f.caption)} (<a href='{e(f.stem)}.png'>PNG</a>, <a href='{e(f.stem)}.svg'>SVG</a>)</figcaption></figure>")
