@@ -327,8 +327,6 @@ def test_a_running_run_shows_new_batches_as_they_land(tmp_path, monkeypatch):
     drive(path, body)
 
 
-@pytest.mark.xfail(strict=True, reason="workbench.uncertainty imports torch at module level (its torch-free version is "
-                   "on branch first); remove this mark once it is merged")
 def test_browse_mode_imports_no_torch(run_path):
     """The app, stepping, changing sample and opening the run screen, in a fresh process."""
     code = f"""
