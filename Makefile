@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_run.py
 	$(BIN)/python benchmarks/bench_store.py
 	$(BIN)/python benchmarks/bench_probes.py
+	$(BIN)/python benchmarks/bench_startup.py
 
 clean-runs:
 	rm -rf artifacts/runs

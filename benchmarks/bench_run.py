@@ -50,7 +50,7 @@ def round_prompts(run, batch_size: int) -> list[list[tuple[list[list[int]], list
     """Per batch, per round: (the workbench's prompt token ids, the tokens it generated), from a run file."""
     transcripts = run.array("transcripts/token_ids")
     spans = run.array("rounds/prompt_span")
-    expected = run.array("rounds/response_token_ids")
+    expected = run.array("tokens/response_token_ids")
     n, rounds = spans.shape[:2]
     batches = []
     for start in range(0, n, batch_size):

@@ -1,9 +1,15 @@
 """Run-file benchmarks (DESIGN §8), side by side in one process on the same bytes:
 
-1. write throughput: activations written batch by batch through ``RunWriter`` (chunked, early
-   allocation, flush per batch) ÷ one ``numpy.save`` of the same array;
-2. random access: reading one (sample, round) from the run file, against loading the ``.npy``
+1. write throughput: a run written batch by batch through ``RunWriter`` (each batch's activations
+   pwritten into the preallocated activations file and fsynced, its other arrays as an fsynced,
+   renamed part file), against one ``numpy.save`` of the same activations (and against
+   ``numpy.save`` followed by one fsync, the same durability);
+2. the final assembly (``RunWriter.finish``: the small arrays copied into the activations file,
+   renamed to the run file) as a share of the run's write time;
+3. random access: reading one (sample, round) from the run file, against loading the ``.npy``
    file and indexing it (what a viewer would otherwise do).
+
+Each measure is the median of ``--repeats`` runs, interleaved.
 
     python benchmarks/bench_store.py                 # 2000 samples × 5 rounds × 2 × 8 layers × 512
     python benchmarks/bench_store.py --quick
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +35,39 @@ sys.path.insert(0, str(ROOT))
 from workbench.store import RunFile, RunWriter, SampleTable  # noqa: E402
 
 
+def write_run(path: Path, acts: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """Write a run like ``workbench run`` does (every per-round array, tokens, transcripts);
+    returns (seconds creating and writing every batch, seconds assembling)."""
+    n, r = acts.shape[:2]
+    rng = np.random.default_rng(1)
+    samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=["a context sentence"] * n,
+                          question=["who did it ?"] * n, options=[("a", "b", "c")] * n, gold=[0] * n,
+                          category=[""] * n, condition=["ambig"] * n, extra=["{}"] * n)
+    t0 = time.perf_counter()
+    writer = RunWriter.create(path, {"layers": list(range(acts.shape[3])), "batch_size": batch_size}, samples, r,
+                              {"hook_resid_post": acts.shape[3:]})
+    with writer:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            b = stop - start
+            ids = [[rng.integers(0, 1000, 12).tolist() for _ in range(r)] for _ in range(b)]
+            arrays = {
+                "instruction": [["review your previous answer"] * r] * b, "response": [["(a) the one"] * r] * b,
+                "response_token_ids": ids, "token_entropy": [[np.ones(13, np.float32)] * r] * b,
+                "prompt_span": np.zeros((b, r, 2), np.int64), "response_span": np.zeros((b, r, 2), np.int64),
+                "mean_token_entropy": np.ones((b, r), np.float32), "option_probs": np.full((b, r, 3), 1 / 3, np.float32),
+                "option_entropy": np.ones((b, r), np.float32), "parsed_answer": np.zeros((b, r), np.int16),
+                "option_answer": np.zeros((b, r), np.int16), "answer": np.zeros((b, r), np.int16),
+                "chosen_confidence": np.ones((b, r), np.float32), "correct": np.ones((b, r), np.uint8),
+            }
+            writer.write_batch(start, arrays, {"hook_resid_post": acts[start:stop]}, [list(range(40 * r))] * b)
+        written = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        writer.finish()
+        assembled = time.perf_counter() - t1
+    return written, assembled
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=2000)
@@ -36,62 +76,73 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reads", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "store.json"))
     a = p.parse_args()
     if a.quick:
-        a.samples, a.d_model = 200, 128
+        a.samples, a.d_model, a.repeats = 200, 128, 1
     n, r = a.samples, a.rounds
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((n, r, 2, a.layers, a.d_model), dtype=np.float32)
-    samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=[""] * n, question=[""] * n,
-                          options=[("a", "b", "c")] * n, gold=[0] * n, category=[""] * n, condition=[""] * n, extra=["{}"] * n)
-    with tempfile.TemporaryDirectory() as tmp:
+    npy, npy_sync, written, assembled = [], [], [], []
+    with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        np.save(tmp / "acts.npy", acts)
-        npy_s = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        writer = RunWriter.create(tmp / "run.h5", {"layers": list(range(a.layers))}, samples, r,
-                                  {"hook_resid_post": (a.layers, a.d_model)})
-        with writer:
-            for start in range(0, n, a.batch_size):
-                stop = min(n, start + a.batch_size)
-                writer.write_batch(start, {}, {"hook_resid_post": acts[start:stop]}, [[1, 2, 3]] * (stop - start))
-            writer.finish()
-        h5_s = time.perf_counter() - t0
+        for i in range(a.repeats):
+            t0 = time.perf_counter()
+            np.save(tmp / f"acts{i}.npy", acts)
+            npy.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open(tmp / f"sync{i}.npy", "wb") as fh:
+                np.save(fh, acts)
+                fh.flush()
+                os.fsync(fh.fileno())
+            npy_sync.append(time.perf_counter() - t0)
+            w, s = write_run(tmp / f"run{i}.h5", acts, a.batch_size)
+            written.append(w)
+            assembled.append(s)
+        npy_s, npy_sync_s = float(np.median(npy)), float(np.median(npy_sync))
+        h5_s, asm_s = float(np.median(written)), float(np.median(assembled))
 
         picks = rng.integers(0, n, a.reads), rng.integers(0, r, a.reads)
-        with RunFile(tmp / "run.h5") as run:
+        with RunFile(tmp / "run0.h5") as run:
             ds = run.f["activations/hook_resid_post"]
+            assert np.array_equal(ds[...], acts)
             t0 = time.perf_counter()
             for i, t in zip(*picks):
                 got = ds[i, t]
             h5_read = (time.perf_counter() - t0) / a.reads
             assert np.array_equal(got, acts[picks[0][-1], picks[1][-1]])
         t0 = time.perf_counter()
-        for i, t in zip(*picks[:1], picks[1][:1]):
-            np.load(tmp / "acts.npy")[i, t]
+        np.load(tmp / "acts0.npy")[picks[0][0], picks[1][0]]
         npy_read = time.perf_counter() - t0
         t0 = time.perf_counter()
-        mm = np.load(tmp / "acts.npy", mmap_mode="r")
+        mm = np.load(tmp / "acts0.npy", mmap_mode="r")
         for i, t in zip(*picks):
             np.asarray(mm[i, t])
         mmap_read = (time.perf_counter() - t0) / a.reads
     gib = acts.nbytes / 2**30
-    res = {"shape": list(acts.shape), "gib": gib, "npy_save_s": npy_s, "h5_streamed_write_s": h5_s,
-           "write_ratio_h5_over_npy": h5_s / npy_s, "h5_write_gib_per_s": gib / h5_s, "npy_write_gib_per_s": gib / npy_s,
+    res = {"shape": list(acts.shape), "gib": gib, "batch_size": a.batch_size, "repeats": a.repeats,
+           "npy_save_s": npy_s, "npy_save_fsync_s": npy_sync_s, "run_write_s": h5_s, "assembly_s": asm_s,
+           "write_throughput_ratio_run_over_npy": npy_s / h5_s,
+           "write_throughput_ratio_run_over_npy_fsync": npy_sync_s / h5_s,
+           "assembly_share_of_write": asm_s / h5_s,
+           "run_write_gib_per_s": gib / h5_s, "npy_write_gib_per_s": gib / npy_s,
            "h5_read_one_ms": h5_read * 1e3, "npy_load_then_index_ms": npy_read * 1e3, "npy_mmap_read_one_ms": mmap_read * 1e3}
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"run file: activations {tuple(acts.shape)} float32, {gib:.2f} GiB, batches of {a.batch_size}")
+    table = Table(title=f"run file: activations {tuple(acts.shape)} float32, {gib:.2f} GiB, batches of {a.batch_size}, "
+                        f"median of {a.repeats}")
     for c in ("measure", "value"):
         table.add_column(c)
     table.add_row("numpy.save, one call (s)", f"{npy_s:.2f}  ({gib / npy_s:.2f} GiB/s)")
-    table.add_row("run file, streamed per batch + flush (s)", f"{h5_s:.2f}  ({gib / h5_s:.2f} GiB/s)")
-    table.add_row("write time ratio run file ÷ numpy.save", f"{h5_s / npy_s:.2f}")
+    table.add_row("numpy.save + fsync (s)", f"{npy_sync_s:.2f}  ({gib / npy_sync_s:.2f} GiB/s)")
+    table.add_row("run, streamed: every batch pwritten/part file, fsynced (s)", f"{h5_s:.2f}  ({gib / h5_s:.2f} GiB/s)")
+    table.add_row("write throughput ratio run ÷ numpy.save", f"{npy_s / h5_s:.2f}")
+    table.add_row("write throughput ratio run ÷ (numpy.save + fsync)", f"{npy_sync_s / h5_s:.2f}")
+    table.add_row("final assembly (s)", f"{asm_s:.3f}")
+    table.add_row("assembly ÷ the run's write time", f"{asm_s / h5_s:.3f}")
     table.add_row("read one (sample, round) from the run file", f"{h5_read * 1e3:.3f} ms")
     table.add_row("np.load whole .npy then index", f"{npy_read * 1e3:.1f} ms")
     table.add_row("np.load(mmap) one (sample, round)", f"{mmap_read * 1e3:.3f} ms")

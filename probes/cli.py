@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from workbench.errors import WorkbenchError
+from workbench.models import Device, ModelDtype
+from workbench.terminal import load_model_showing_steps
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich")
+Method = Literal["diffmean", "logreg", "pca", "ccs"]  # the keys of probes.methods.METHODS (a test keeps them equal)
+Position = Literal["last", "mean"]
+TextFormat = Literal["raw", "chat"]
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 out = Console()
 err = Console(stderr=True)
 
@@ -22,40 +30,51 @@ METHOD_HELP = "diffmean (mean difference), logreg (L2 logistic regression, all l
 @app.command()
 def fit(
     contrast: str = typer.Option("organism", help="'organism' (the shipped world's concept), or a JSONL file: {\"positive\": ..., \"negative\": ...} or {\"text\": ..., \"label\": 0|1} per line."),
-    method: str = typer.Option("diffmean", help=METHOD_HELP),
+    method: Method = typer.Option("diffmean", help=METHOD_HELP),
     model: str = typer.Option("organism", help="Hub name, local folder, or 'organism'."),
     hook: str = typer.Option("hook_resid_post", help="Hook captured at every layer (TransformerLens name without the block)."),
-    position: str = typer.Option("last", help="last (the text's last token) or mean (mean over its tokens). Tracking maps last → a round's last prompt token, mean → the mean over its response."),
+    position: Position = typer.Option("last", help="last (the text's last token) or mean (mean over its tokens). Tracking maps last → a round's last prompt token, mean → the mean over its response."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: all)."),
     n: int = typer.Option(2000, help="organism: number of contrast texts to draw."),
-    text_format: str = typer.Option("raw", "--format", help="JSONL texts: raw (as written) or chat (one user message through the chat template)."),
+    text_format: TextFormat = typer.Option("raw", "--format", help="JSONL texts: raw (as written) or chat (one user message through the chat template)."),
     test_fraction: float = typer.Option(0.25, help="Held-out fraction for accuracy and AUROC."),
     seed: int = typer.Option(0, help="Seed of the held-out split (and of CCS restarts)."),
     batch_size: int = typer.Option(64, help="Texts per forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
+    dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
-    from probes.contrast import load_contrast
+    from probes.contrast import check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
-    from probes.methods import METHODS, PAIRED_METHODS
+    from probes.methods import PAIRED_METHODS
     from workbench.capture import check_layers, hook_sites
-    from workbench.models import load_model
+    from workbench.errors import check_output_path
 
-    if method not in METHODS:
-        raise WorkbenchError(f"--method must be one of {', '.join(sorted(METHODS))}, not {method!r}")
-    if position not in ("last", "mean"):
-        raise WorkbenchError(f"--position must be last or mean, not {position!r}")
     if not 0 < test_fraction < 1:
-        raise WorkbenchError("--test-fraction must be between 0 and 1")
-    loaded = load_model(model, device, dtype)
-    chosen = check_layers(_ints(layers), loaded.n_layers)
+        raise WorkbenchError(f"--test-fraction must be between 0 and 1, not {test_fraction}")
+    if n < 1 or batch_size < 1:
+        raise WorkbenchError(f"--{'n' if n < 1 else 'batch-size'} must be ≥ 1")
+    wanted = _ints(layers)
+    if wanted is not None and (not wanted or min(wanted) < 0):
+        raise WorkbenchError("--layers takes one or more layer numbers ≥ 0 (leave it out for all)")
+    path = out_path or Path("artifacts/probes") / f"{Path(contrast).stem}-{method}.h5"
+    check_output_path(path)
+    paired = method in PAIRED_METHODS
+    if contrast != "organism":
+        texts = read_contrast_file(Path(contrast)) if Path(contrast).exists() else None
+        if texts is None:
+            raise WorkbenchError(f"--contrast: {contrast} is neither 'organism' nor an existing JSONL file")
+        if paired and texts.pairs is None:
+            raise WorkbenchError(f"{contrast}: --method {method} needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
+        check_splittable(contrast, texts.labels, texts.pairs if paired else None, test_fraction)
+    loaded = load_model_showing_steps(model, device, dtype)
+    chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
-    data = load_contrast(contrast, loaded.tokenizer, paired=method in PAIRED_METHODS, n=n, fmt=text_format)
+    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format)
+    check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
     with _progress(len(data.token_ids)) as advance:
         ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, advance)
-    path = out_path or Path("artifacts/probes") / f"{Path(contrast).stem}-{method}.h5"
     save_fitted(path, loaded, data, method, hook, position, test_fraction, seed, ev, arrays)
     from probes.probe_file import load_probe
 
@@ -94,28 +113,43 @@ class _progress:
 
 
 def _show(probe) -> None:
+    """The probe's metadata, its per-layer table (best layer in bold green) and how the best layer won.
+    Every string from the file is printed literally (no Rich markup)."""
+    from probes.probe_file import tie_break
+
     m = probe.meta
-    c = m["contrast"]
-    out.print(f"[bold]{probe.path}[/]  method={m['method']}  model={m['model_name']}  hook={m['hook']}  "
-              f"position={m['position']}  d_model={m['d_model']}", highlight=False)
-    out.print(f"contrast {c['name']}: {c['n']} texts ({c['n_positive']} positive, {c['n_pairs']} pairs), "
-              f"digest {c['digest']}; held-out fraction {m['test_fraction']}, seed {m['seed']}", highlight=False)
-    table = Table(header_style="bold")
-    cols = ["layer", "train acc", "test acc", "test AUROC"]
-    has_target = "test_target_spearman" in probe.arrays
-    if has_target:
-        cols.append("Spearman vs exact log-odds")
-    for col in cols:
-        table.add_column(col, justify="right")
+    c = m.get("contrast") if isinstance(m.get("contrast"), dict) else {}
+    out.print(Text(f"{probe.path}", style="bold").append(
+        f"  method={m['method']}  model={m['model_name']}  hook={m['hook']}  position={m['position']}  d_model={m['d_model']}",
+        style=""), highlight=False)
+    out.print(Text(f"contrast {c.get('name', '?')}: {c.get('n', '?')} texts ({c.get('n_positive', '?')} positive, "
+                   f"{c.get('n_pairs', '?')} pairs), digest {c.get('digest', '?')}; held-out fraction "
+                   f"{m.get('test_fraction', '?')}, seed {m.get('seed', '?')}"), highlight=False)
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     a = probe.arrays
+    cols = [("layer", None), ("train acc", "train_accuracy"), ("test acc", "test_accuracy"), ("test AUROC", "test_auroc"),
+            ("margin", "test_margin"), ("ρ exact", "test_target_spearman")]
+    cols = [(label, key) for label, key in cols if key is None or key in a]
+    for label, _ in cols:
+        table.add_column(label, justify="right", no_wrap=True)
     for j, layer in enumerate(a["layers"]):
-        row = [str(int(layer)), f"{a['train_accuracy'][j]:.3f}", f"{a['test_accuracy'][j]:.3f}", f"{a['test_auroc'][j]:.3f}"]
-        if has_target:
-            row.append(f"{a['test_target_spearman'][j]:.3f}")
+        row = [str(int(layer))] + [f"{a[key][j]:.3f}" for _, key in cols[1:]]
         style = "bold green" if int(layer) == probe.best_layer else None
         table.add_row(*row, style=style)
     out.print(table)
-    out.print(f"best layer: {probe.best_layer}", highlight=False)
+    legend = "test: the held-out split; margin: mean |projection − threshold| on it"
+    if "test_target_spearman" in a:
+        legend += "; ρ exact: Spearman with the exact posterior log-odds"
+    out.print(Text(legend, style="dim"), highlight=False)
+    best_row = [int(x) for x in a["layers"]].index(probe.best_layer)
+    how = tie_break(a["test_accuracy"], a["test_auroc"], a.get("test_margin"), best_row)
+    tied = [int(l) for l, acc in zip(a["layers"], a["test_accuracy"]) if acc == a["test_accuracy"][best_row]]
+    line = f"best layer: {probe.best_layer}"
+    if how:
+        by = {"auroc": "the higher held-out AUROC", "margin": "the larger margin (AUROC tied too)",
+              "index": "the lower layer (AUROC and margin tied too)"}[how]
+        line += f" (a tie: layers {', '.join(map(str, tied))} have the same held-out accuracy; chosen by {by})"
+    out.print(Text(line), highlight=False)
 
 
 @app.command()
@@ -133,14 +167,22 @@ def track(
     name: Optional[str] = typer.Option(None, help="Name of the scores in the run file (default: the probe file's name)."),
 ) -> None:
     """Concept scores (cosine and projection) for every sample, round and layer, into the run file."""
+    import re
+
     from probes.probe_file import load_probe
     from probes.track import track as track_run
+    from workbench.store import RunFile
 
     probe = load_probe(probe_path)
+    name = name if name is not None else probe.name
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", name) or name in (".", ".."):
+        raise WorkbenchError(f"--name {name!r}: use letters, digits and _ . + - (it names a group in the run file)")
+    with RunFile(run_path):
+        pass  # refuse a foreign or damaged run file before anything is written
     scores = track_run(run_path, probe, name)
     rows = list(probe.arrays["layers"]).index(probe.best_layer)
     proj = scores["projection"][:, :, rows]
-    table = Table(title=f"{name or probe.name}: mean concept score at layer {probe.best_layer}", header_style="bold")
+    table = Table(title=Text(f"{name}: mean concept score at layer {probe.best_layer}"), header_style="bold")
     for col in ("round", "projection", "cosine"):
         table.add_column(col, justify="right")
     for t in range(proj.shape[1]):
@@ -153,16 +195,15 @@ def stereotype(
     run_path: Path = typer.Argument(..., help="A BBQ or organism run file."),
     model: Optional[str] = typer.Option(None, help="The run's model (default: the one recorded in the run file)."),
     hook: str = typer.Option("hook_resid_post", help="A hook the run captured."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
+    device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
 ) -> None:
     """The study's BBQ variant: cosine between each round's prompt state and the stereotyped statement."""
     from probes.stereotype import stereotype_similarity
-    from workbench.models import load_model
     from workbench.store import RunFile
 
     with RunFile(run_path) as run:
         recorded = run.meta.get("model_name")
-    cos = stereotype_similarity(run_path, load_model(model or recorded, device), hook)
+    cos = stereotype_similarity(run_path, load_model_showing_steps(model or recorded, device), hook)
     table = Table(title="cosine with the stereotyped statement (mean over samples)", header_style="bold")
     table.add_column("round", justify="right")
     for layer in range(cos.shape[2]):

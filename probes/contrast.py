@@ -52,39 +52,73 @@ def _encode(tokenizer: Any, text: str, fmt: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw") -> ContrastSet:
-    """A pair file or a labelled file (told apart by the keys of the first line)."""
-    from workbench.tasks import _read_jsonl
+@dataclass(frozen=True)
+class ContrastTexts:
+    """A contrast file's texts before tokenizing: ``labels [n]`` 0/1, ``pairs [n_pairs, 2]`` or None."""
 
-    if fmt not in ("raw", "chat"):
-        raise WorkbenchError(f"--format must be raw or chat, not {fmt!r}")
-    rows = _read_jsonl(Path(path))
+    name: str
+    texts: list[str]
+    labels: np.ndarray
+    pairs: np.ndarray | None
+
+
+def read_contrast_file(path: Path) -> ContrastTexts:
+    """A pair file or a labelled file (told apart by the keys of the first line), checked line by
+    line; needs no model, so ``probe fit`` reads it before loading one."""
+    from workbench.tasks import read_jsonl
+
+    rows = read_jsonl(Path(path))
     if not rows:
         raise WorkbenchError(f"{path}: no contrast lines")
     paired = "positive" in rows[0][1]
-    token_ids, labels, pairs = [], [], []
+    texts, labels, pairs = [], [], []
     for lineno, row in rows:
         if paired:
             if not isinstance(row.get("positive"), str) or not isinstance(row.get("negative"), str):
                 raise WorkbenchError(f"{path}:{lineno}: a pair line needs string fields 'positive' and 'negative'")
-            pairs.append((len(token_ids), len(token_ids) + 1))
-            token_ids += [_encode(tokenizer, row["positive"], fmt), _encode(tokenizer, row["negative"], fmt)]
+            if not row["positive"].strip() or not row["negative"].strip():
+                raise WorkbenchError(f"{path}:{lineno}: empty text (a contrast text needs at least one word)")
+            pairs.append((len(texts), len(texts) + 1))
+            texts += [row["positive"], row["negative"]]
             labels += [1, 0]
         else:
-            if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1, True, False):
+            label = row.get("label")
+            if not isinstance(row.get("text"), str) or isinstance(label, bool) or label not in (0, 1):
                 raise WorkbenchError(f"{path}:{lineno}: a labelled line needs 'text' (string) and 'label' (0 or 1)")
-            token_ids.append(_encode(tokenizer, row["text"], fmt))
-            labels.append(int(row["label"]))
-    labels_arr = np.asarray(labels, dtype=np.int64)
+            if not row["text"].strip():
+                raise WorkbenchError(f"{path}:{lineno}: empty text (a contrast text needs at least one word)")
+            texts.append(row["text"])
+            labels.append(int(label))
     if len(set(labels)) < 2:
         raise WorkbenchError(f"{path}: every line has label {labels[0]}; a contrast needs both")
+    return ContrastTexts(Path(path).stem, texts, np.asarray(labels, dtype=np.int64),
+                         np.asarray(pairs, dtype=np.int64) if paired else None)
+
+
+def check_splittable(name: str, labels: np.ndarray, pairs: np.ndarray | None, test_fraction: float) -> None:
+    """Refuse a contrast too small for a held-out split of ``test_fraction`` (by pair when paired,
+    else in each label): each side must get at least one item."""
+    groups = {"pairs": len(pairs)} if pairs is not None else {f"label-{v} texts": int((labels == v).sum()) for v in (1, 0)}
+    for what, count in groups.items():
+        n_test = int(round(count * test_fraction))
+        if not 0 < n_test < count:
+            raise WorkbenchError(f"{name}: {count} {what} cannot be split into training and held-out parts "
+                                 f"with --test-fraction {test_fraction} (add lines or change the fraction)")
+
+
+def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw") -> ContrastSet:
+    """A pair file or a labelled file (see :func:`read_contrast_file`), tokenized."""
+    if fmt not in ("raw", "chat"):
+        raise WorkbenchError(f"--format must be raw or chat, not {fmt!r}")
+    texts = read_contrast_file(path)
+    token_ids = [_encode(tokenizer, text, fmt) for text in texts.texts]
     return ContrastSet(
-        name=Path(path).stem,
+        name=texts.name,
         token_ids=token_ids,
-        labels=labels_arr,
-        pairs=np.asarray(pairs, dtype=np.int64) if paired else None,
+        labels=texts.labels,
+        pairs=texts.pairs,
         target=None,
-        digest=_digest(token_ids, labels_arr),
+        digest=_digest(token_ids, texts.labels),
     )
 
 

@@ -32,8 +32,9 @@ class Evaluation:
     """A method fitted on a training split of every layer and scored on the held-out split.
 
     ``directions: [n_layers, d_model]`` and ``thresholds: [n_layers]`` as in :class:`probes.Fit`;
-    ``train_accuracy``, ``test_accuracy``, ``test_auroc``: ``[n_layers]``; ``best_layer``: the layer
-    with the highest held-out accuracy (ties: higher AUROC, then lower layer). ``train_index`` and
+    ``train_accuracy``, ``test_accuracy``, ``test_auroc``, ``test_margin`` (mean |projection − threshold|
+    over the held-out split, in activation units): ``[n_layers]``; ``best_layer``: the layer with the
+    highest held-out accuracy (ties: higher AUROC, then larger margin, then lower layer). ``train_index`` and
     ``test_index`` are the sample indices (into ``acts``' sample dim) of the two splits.
     """
 
@@ -43,6 +44,7 @@ class Evaluation:
     train_accuracy: Tensor
     test_accuracy: Tensor
     test_auroc: Tensor
+    test_margin: Tensor
     best_layer: int
     train_index: Tensor
     test_index: Tensor
@@ -122,15 +124,17 @@ def auroc(scores: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> Tensor:
     return result[0] if single else result
 
 
-def best_layer(acc: Tensor | np.ndarray, auroc: Tensor | np.ndarray) -> int:
-    """The layer with the highest held-out accuracy; ties go to higher AUROC, then to the lower layer.
+def best_layer(acc: Tensor | np.ndarray, auroc: Tensor | np.ndarray, margin: Tensor | np.ndarray | None = None) -> int:
+    """The layer with the highest held-out accuracy; ties go to the higher AUROC, then to the larger
+    margin (mean |logit| on the held-out split), then to the lower layer.
 
-    ``acc``, ``auroc``: ``[n_layers]``. Returns a layer index.
+    ``acc``, ``auroc``, ``margin``: ``[n_layers]`` (no margin: zeros). Returns a row index.
     """
     acc, auc = _tensor(acc).tolist(), _tensor(auroc).tolist()
-    if len(acc) != len(auc) or not acc:
-        raise ValueError(f"acc and auroc must be non-empty [n_layers]; got {len(acc)} and {len(auc)}")
-    return min(range(len(acc)), key=lambda layer: (-acc[layer], -auc[layer], layer))
+    gap = [0.0] * len(acc) if margin is None else _tensor(margin).tolist()
+    if not acc or not len(acc) == len(auc) == len(gap):
+        raise ValueError(f"acc, auroc and margin must be non-empty [n_layers]; got {len(acc)}, {len(auc)} and {len(gap)}")
+    return min(range(len(acc)), key=lambda layer: (-acc[layer], -auc[layer], -gap[layer], layer))
 
 
 def projection_scores(acts: Tensor | np.ndarray, direction: Tensor | np.ndarray) -> Tensor:
@@ -248,6 +252,7 @@ def fit_and_evaluate(
         train_acc = accuracy(margin[:, train_idx], labels[train_idx])
         test_acc = accuracy(margin[:, test_idx], labels[test_idx])
         test_auc = auroc(projection[:, test_idx], labels[test_idx])
+        test_margin = margin[:, test_idx].abs().mean(1)
     return Evaluation(
         method=name,
         directions=fit.direction,
@@ -255,7 +260,8 @@ def fit_and_evaluate(
         train_accuracy=train_acc,
         test_accuracy=test_acc,
         test_auroc=test_auc,
-        best_layer=best_layer(test_acc, test_auc),
+        test_margin=test_margin,
+        best_layer=best_layer(test_acc, test_auc, test_margin),
         train_index=train_idx,
         test_index=test_idx,
     )

@@ -60,6 +60,7 @@ def fit_probe(
         "train_accuracy": ev.train_accuracy.numpy(),
         "test_accuracy": ev.test_accuracy.numpy(),
         "test_auroc": ev.test_auroc.numpy(),
+        "test_margin": ev.test_margin.numpy(),
     }
     if contrast.target is not None and np.isfinite(contrast.target).all():
         test = ev.test_index.numpy()

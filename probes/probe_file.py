@@ -63,23 +63,80 @@ def save_probe(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) 
     return path
 
 
+REQUIRED_ATTRS = ("model_name", "model_path", "d_model", "hook", "position", "method", "best_layer")
+
+
 def load_probe(path: Path) -> Probe:
-    """Read a probe file, refusing anything that is not one."""
+    """Read a probe file, refusing anything that is not one: a foreign or damaged file, an
+    attribute whose JSON does not parse, a missing attribute or array, arrays whose lengths
+    disagree, or a ``best_layer`` that is not among the fitted layers."""
     path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"probe file not found: {path}")
+    if path.is_dir():
+        raise WorkbenchError(f"{path} is a folder, not a probe file")
     try:
         f = h5py.File(path, "r")
     except OSError:
         raise WorkbenchError(f"{path} is not a readable HDF5 file") from None
-    with f:
-        if f.attrs.get("format") != FORMAT:
-            raise WorkbenchError(f"{path} is not a probe file (no format={FORMAT!r} attribute)")
-        meta = {}
-        for key, value in f.attrs.items():
-            value = value.item() if isinstance(value, np.generic) else value
-            if isinstance(value, str) and value.startswith(("[", "{")):
-                value = json.loads(value)
-            meta[key] = value
-        arrays = {name: f[name][...] for name in f.keys()}
+    try:
+        with f:
+            if not (isinstance(f.attrs.get("format"), str) and f.attrs["format"] == FORMAT):
+                raise WorkbenchError(f"{path} is not a probe file (no format={FORMAT!r} attribute)")
+            meta = {}
+            for key, value in f.attrs.items():
+                value = value.item() if isinstance(value, np.generic) else value
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "replace")
+                if isinstance(value, str) and value.startswith(("[", "{")):
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError:
+                        raise WorkbenchError(f"{path}: attribute {key!r} is not valid JSON") from None
+                meta[key] = value
+            arrays = {name: f[name][...] for name in f.keys() if isinstance(f[name], h5py.Dataset)}
+    except (OSError, RuntimeError, KeyError) as e:
+        raise WorkbenchError(f"{path}: damaged probe file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    _check(path, meta, arrays)
     return Probe(path, meta, arrays)
+
+
+def _check(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    missing = [k for k in REQUIRED_ATTRS if k not in meta] + [a for a in ARRAYS if a not in arrays]
+    if missing:
+        raise WorkbenchError(f"{path}: not a complete probe file (missing {', '.join(missing)})")
+    for key in ("model_name", "model_path", "hook", "position", "method"):
+        if not isinstance(meta[key], str):
+            raise WorkbenchError(f"{path}: attribute {key!r} must be a string")
+    if meta["position"] not in ("last", "mean"):
+        raise WorkbenchError(f"{path}: position must be last or mean, not {meta['position']!r}")
+    for key in ("d_model", "best_layer"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], (int, np.integer)):
+            raise WorkbenchError(f"{path}: attribute {key!r} must be an integer")
+    layers = arrays["layers"]
+    if layers.ndim != 1 or layers.size == 0 or layers.dtype.kind not in "iu":
+        raise WorkbenchError(f"{path}: layers must be a non-empty list of layer numbers")
+    n = len(layers)
+    if arrays["directions"].shape != (n, int(meta["d_model"])) or arrays["directions"].dtype.kind != "f":
+        raise WorkbenchError(f"{path}: directions must be [{n} layers, d_model {meta['d_model']}] floats, "
+                             f"not {list(arrays['directions'].shape)}")
+    for name in (*ARRAYS[2:], "test_target_spearman", "test_margin"):
+        if name in arrays and (arrays[name].shape != (n,) or arrays[name].dtype.kind not in "fiu"):
+            raise WorkbenchError(f"{path}: {name} must be [{n}] numbers, one per layer")
+    if int(meta["best_layer"]) not in {int(x) for x in layers}:
+        raise WorkbenchError(f"{path}: best_layer {meta['best_layer']} is not among its layers {[int(x) for x in layers]}")
+
+
+def tie_break(acc: np.ndarray, auroc: np.ndarray, margin: np.ndarray | None, best: int) -> str:
+    """How ``best`` (a row) won: ``""`` when its held-out accuracy is the highest alone, else
+    ``"auroc"`` or ``"margin"`` (what broke the tie) or ``"index"`` (everything tied)."""
+    acc, auroc = np.asarray(acc), np.asarray(auroc)
+    tied = np.flatnonzero(acc == acc[best])
+    if len(tied) == 1:
+        return ""
+    tied = tied[auroc[tied] == auroc[best]]
+    if len(tied) == 1:
+        return "auroc"
+    if margin is not None and (np.asarray(margin)[tied] == np.asarray(margin)[best]).sum() == 1:
+        return "margin"
+    return "index"

@@ -123,7 +123,7 @@ def test_round_input_is_the_chat_template_of_the_whole_history(arch, runs, loade
     run = runs[arch]
     tok = loaded(arch).tokenizer
     hf = reference_model(loaded(arch).path)
-    first_step_entropy = run.array("rounds/token_entropy")
+    first_step_entropy = run.array("tokens/token_entropy")
     instructions = run.array("rounds/instruction")
     responses = run.array("rounds/response")
     transcripts = run.array("transcripts/token_ids")
@@ -221,7 +221,7 @@ def test_token_entropy_matches_hand_computation(runs, loaded):
     hf = reference_model(loaded("llama").path)
     transcripts = run.array("transcripts/token_ids")
     rspans = run.array("rounds/response_span")
-    per_token = run.array("rounds/token_entropy")
+    per_token = run.array("tokens/token_entropy")
     mean = run.array("rounds/mean_token_entropy")
     i, t = 0, 1
     r0, r1 = rspans[i, t]

@@ -62,7 +62,7 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
 def run_arrays(run_path: Path) -> dict[str, np.ndarray]:
     with RunFile(run_path) as run:
         return {name: run.array(name) for name in ("transcripts/token_ids", "rounds/prompt_span", "rounds/response_span",
-                                                  "rounds/response_token_ids", "activations/hook_resid_post",
+                                                  "tokens/response_token_ids", "activations/hook_resid_post",
                                                   "activations/hook_attn_out")}
 
 
@@ -128,7 +128,7 @@ def test_exported_tokens_equal_the_run_files_pooled_activations(full_export, run
                     roles = data["tokens/role"][lo:hi]
                     assert (roles[ps:pe] == ROLES.index("prompt")).all() and (roles[rs:re_] == ROLES.index("response")).all()
                     assert (data["tokens/round"][lo:hi][ps:re_] == t).all()
-                    np.testing.assert_array_equal(data["tokens/token_id"][lo:hi][rs:re_], run["rounds/response_token_ids"][i, t])
+                    np.testing.assert_array_equal(data["tokens/token_id"][lo:hi][rs:re_], run["tokens/response_token_ids"][i, t])
 
 
 @pytest.mark.parametrize("path", ["hf", "bridge"])
@@ -304,7 +304,7 @@ def test_selection_rounds_roles_samples(run_path, organism, tmp_path, capsys, mo
     assert data["activations/blocks.1.hook_resid_post"].dtype == np.float16
     for k, row in enumerate([2, 3, 4]):
         lo, hi = data["tokens/offsets"][k : k + 2]
-        want = np.concatenate([run["rounds/response_token_ids"][row, 0], run["rounds/response_token_ids"][row, 2]])
+        want = np.concatenate([run["tokens/response_token_ids"][row, 0], run["tokens/response_token_ids"][row, 2]])
         np.testing.assert_array_equal(data["tokens/token_id"][lo:hi], want)
         assert set(data["tokens/round"][lo:hi].tolist()) <= {0, 2}
     code, text, err = workbench(capsys, monkeypatch, "info", str(out))

@@ -113,7 +113,7 @@ def test_layout_is_plain_hdf5(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
     assert cli(*run_args(model_dirs["qwen2"], out), "--limit", "2", "--layers", "0,2").returncode == 0
     with h5py.File(out, "r") as f:
-        assert f.attrs["format"] == "self-correction-workbench-run" and f.attrs["schema_version"] == 1
+        assert f.attrs["format"] == "self-correction-workbench-run" and f.attrs["schema_version"] == 2
         acts = f["activations/hook_resid_post"]
         assert acts.shape == (2, 3, 2, 2, 64) and acts.chunks == (1, 3, 2, 2, 64) and acts.compression is None
         assert json.loads(acts.attrs["layers"]) == [0, 2]
@@ -131,3 +131,80 @@ def test_h5ls_reads_every_dataset(tmp_path, model_dirs):
     assert listing.returncode == 0
     assert "*ERROR*" not in listing.stdout
     assert "/rounds/correct" in listing.stdout and "/activations/hook_resid_post" in listing.stdout
+
+
+def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """The real CLI entry point, in-process; returns (exit status, stderr)."""
+    from workbench import cli as entry
+
+    monkeypatch.setattr(sys, "argv", ["workbench", *args])
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    return exc.value.code, capsys.readouterr().err
+
+
+def one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith(("starting at", "batch done"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_equal_length_rows_are_written(tmp_path, model_dirs, capsys, monkeypatch):
+    """Every row of a batch the same length (the same prompt twice, greedy): each ragged array
+    must stay one sequence per row, not become a 2-D array."""
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "Say hello."}\n{"prompt": "Say hello."}\n')
+    out = tmp_path / "r.h5"
+    code, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "prompts", "--data", str(data),
+                          "--rounds", "2", "--batch-size", "2", "--max-new-tokens", "5", "--device", "cpu", "--out", str(out))
+    assert code in (0, None), err
+    with RunFile(out) as run:
+        ids, transcripts = run.array("tokens/response_token_ids"), run.array("transcripts/token_ids")
+        assert ids.shape == (2, 2) and transcripts.shape == (2,)
+        assert ids[0, 0].tolist() == ids[1, 0].tolist() and transcripts[0].tolist() == transcripts[1].tolist()
+        assert len(transcripts[0]) > len(ids[0, 0]) > 0
+
+
+def test_run_files_without_progress_or_with_bad_counts_give_one_line(tmp_path, model_dirs, capsys, monkeypatch):
+    out = tmp_path / "r.h5"
+    assert cli(*run_args(model_dirs["llama"], out), "--limit", "2").returncode == 0
+    for what, change, needle in (
+        ("no-progress", lambda f: f.__delitem__("progress"), "no progress/done"),
+        ("rounds-text", lambda f: f.attrs.__setitem__("n_rounds", "three"), "n_rounds"),
+        ("rounds-float", lambda f: f.attrs.__setitem__("n_rounds", 2.5), "n_rounds"),
+        ("samples-missing", lambda f: f.attrs.__delitem__("n_samples"), "n_samples is missing"),
+    ):
+        broken = tmp_path / f"{what}.h5"
+        shutil.copy(out, broken)
+        with h5py.File(broken, "r+") as f:
+            change(f)
+        code, err = workbench(capsys, monkeypatch, "info", str(broken))
+        assert code == 2, (what, err)
+        one_error_line(err, str(broken), needle)
+
+
+def test_output_path_errors_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """Each is one line; the model named does not exist, so reaching the model would say so instead."""
+    no_model = str(tmp_path / "no-such-model")
+    base = ["run", "--model", no_model, "--limit", "2"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file / "run.h5"))
+    assert code == 2
+    one_error_line(err, "is a file, not a folder")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    code, err = workbench(capsys, monkeypatch, *base, "--out", str(folder), "--overwrite")
+    assert code == 2
+    one_error_line(err, "is a folder")
+    assert folder.is_dir()
+    code, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file))  # an existing file without --overwrite
+    assert code == 2
+    one_error_line(err, "already exists")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o555)
+        code, err = workbench(capsys, monkeypatch, *base, "--out", str(locked / "run.h5"))
+        assert code == 2
+        one_error_line(err, "permission denied")

@@ -197,7 +197,7 @@ def test_a_typed_question_on_a_fresh_session_and_its_run_file(tmp_path, loaded):
     with RunFile(path) as run:
         assert run.meta["status"] == "complete" and run.n_rounds == 2 and run.meta["n_samples"] == 1
         assert run.array("rounds/instruction")[0, 1] == "Think again, briefly."
-        assert list(run.array("rounds/response_token_ids")[0, 0]) == r1.response_ids[0]
+        assert list(run.array("tokens/response_token_ids")[0, 0]) == r1.response_ids[0]
         np.testing.assert_array_equal(run.array("rounds/option_probs")[0, 1], r2.option_probs[0])
         np.testing.assert_array_equal(run.array("activations/hook_resid_post")[0, 1], r2.activations["hook_resid_post"][0])
         assert list(run.array("transcripts/token_ids")[0]) == s.transcripts[0]

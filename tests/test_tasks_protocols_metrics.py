@@ -12,7 +12,7 @@ from conftest import BBQ_FIXTURE, SHARED_BBQ
 from workbench.analysis import convergence_round
 from workbench.errors import WorkbenchError
 from workbench.protocol import builtin_protocols, load_protocol, parse_inject
-from workbench.tasks import BBQ, Sample, load_bbq, load_prompts
+from workbench.tasks import BBQ, Sample, get_task, load_bbq, load_prompts
 from workbench.uncertainty import distribution_entropy, expected_calibration_error, semantic_entropy
 
 
@@ -59,7 +59,8 @@ def test_answer_parsing():
     assert BBQ.parse_answer(s, " the short person, clearly") == 2
     assert BBQ.parse_answer(s, " (a) or (b)") == -1
     assert BBQ.parse_answer(s, " I cannot say") == -1
-    assert BBQ.option_continuations(s)[1] == " (b) Not enough information"
+    assert BBQ.option_continuations(s)[1] == " (b)"  # the study scores the letters only
+    assert get_task("bbq", "letter-text").option_continuations(s)[1] == " (b) Not enough information"
 
 
 def test_builtin_protocols_quote_the_study():
@@ -78,7 +79,9 @@ def test_protocol_file_rounds_and_injections(tmp_path):
     path.write_text('first = "{context} {question}"\nfollowup = "Again."\nrounds = 4\n[inject]\n3 = "Be biased."\n')
     p = load_protocol(str(path), inject=parse_inject(["4:Be fair."]))
     assert [p.instruction(t) for t in (2, 3, 4)] == ["Again.", "Be biased.", "Be fair."]
-    assert load_protocol(str(path), rounds=2).rounds == 2
+    assert load_protocol(str(path), rounds=3).rounds == 3
+    with pytest.raises(WorkbenchError, match="round 3 is beyond the last round"):
+        load_protocol(str(path), rounds=2)  # the file's injection at round 3 would silently never happen
     path.write_text('first = "x"\nfollowup = "y"\ncolour = "blue"\n')
     with pytest.raises(WorkbenchError, match="unknown protocol keys"):
         load_protocol(str(path))

@@ -431,13 +431,11 @@ def write_analysis(path: Path, result: dict[str, Any]) -> None:
     result as JSON in ``analysis/result``, and every per-round metric as ``analysis/metrics/<name>``
     ``[R, 3]`` float64 (estimate, low, high of the 95 % interval) with its ``what`` attribute."""
     datasets: dict[str, np.ndarray] = {"result": np.asarray(json.dumps(_finite(result), allow_nan=False), dtype=object)}
-    replace_group(Path(path), "analysis", datasets, {"created_by": "workbench analyze", "settings": result["settings"]})
-    with RunFile(path, mode="r+") as run:
-        g = run.f["analysis"].create_group("metrics")
-        for name, m in result["metrics"].items():
-            ds = g.create_dataset(name, data=np.stack([m["value"], m["low"], m["high"]], 1).astype(np.float64))
-            ds.attrs["what"] = m["what"]
-            ds.attrs["columns"] = json.dumps(["estimate", "low", "high"])
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for name, m in result["metrics"].items():
+        datasets[f"metrics/{name}"] = np.stack([m["value"], m["low"], m["high"]], 1).astype(np.float64)
+        per_dataset[f"metrics/{name}"] = {"what": m["what"], "columns": ["estimate", "low", "high"]}
+    replace_group(Path(path), "analysis", datasets, {"created_by": "workbench analyze", "settings": result["settings"]}, per_dataset)
 
 
 def _finite(value: Any) -> Any:

@@ -69,8 +69,7 @@ def hook_sites(model: Any, hooks: list[str], layers: list[int]) -> list[HookSite
         for layer in layers:
             name = f"blocks.{layer}.{hook}"
             if name not in bridge.hook_dict:
-                known = sorted({k.split(".", 2)[2] for k in bridge.hook_dict if k.startswith("blocks.0.")})
-                raise WorkbenchError(f"unknown hook {hook!r} (hooks of block 0: {', '.join(known)})")
+                raise _not_capturable(model, hook, "the model has no such hook", unknown=True)
             if name not in boundaries:
                 raise _not_capturable(model, hook, "it is computed inside a module")
             sites.append(HookSite(hook, layer, *boundaries[name]))
@@ -137,11 +136,18 @@ def _site_problems(model: Any, sites: list[HookSite]) -> dict[HookSite, str]:
     return problems
 
 
-def _not_capturable(model: Any, hook: str, why: str) -> WorkbenchError:
+def _not_capturable(model: Any, hook: str, why: str, unknown: bool = False) -> WorkbenchError:
+    """The error for a hook that cannot be captured, listing the block-0 hooks that can, nearest
+    names to ``hook`` first."""
+    import difflib
+
     block0 = [HookSite(name.split(".", 2)[2], 0, *where) for name, where in _boundaries(model.bridge, model.hf).items()
               if name.startswith("blocks.0.")]
     problems = _site_problems(model, block0)
-    good = sorted(s.hook for s in block0 if s not in problems)
+    good = sorted({s.hook for s in block0 if s not in problems},
+                  key=lambda h: (-difflib.SequenceMatcher(None, hook, h).ratio(), h))
+    if unknown:
+        return WorkbenchError(f"unknown hook {hook!r}; capturable hooks, nearest first: {', '.join(good)}")
     return WorkbenchError(f"hook {hook!r} cannot be captured from the model's own passes: {why} (capturable: {', '.join(good)})")
 
 

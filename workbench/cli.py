@@ -12,13 +12,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from workbench.errors import WorkbenchError
+from workbench.models import Device, ModelDtype
+from workbench.terminal import Spinner
 
 app = typer.Typer(
     name="workbench",
@@ -26,21 +30,42 @@ app = typer.Typer(
     "round's residual stream, and measure uncertainty and latent concepts round by round.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    add_completion=False,
+    rich_markup_mode=None,  # click's plain help: one line per option at 80 columns, no <type> noise
+    add_completion=True,
 )
 err = Console(stderr=True)
 out = Console()
 
+Task = Literal["organism", "bbq", "prompts"]
+ActivationDtype = Literal["float32", "float16"]
+Condition = Literal["ambig", "disambig"]
+OptionScoring = Literal["letter", "letter-text"]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from workbench import __version__
+
+        print(f"workbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
 
 @functools.cache
 def _mount_subcommands() -> None:
-    """Add the `organism` and `probe` command groups (once, however often main() is called)."""
+    """Add the command groups (once, however often main() is called): the place every group registers."""
     from workbench.organism.cli import app as organism_app
     from probes.cli import app as probe_app
 
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
+    app.add_typer(protocol_app, name="protocol", help="List and show the built-in protocols.")
     from workbench.export import export_command
 
     app.command("export")(export_command)
@@ -55,54 +80,110 @@ def _mount_subcommands() -> None:
     app.command(name="tui")(tui_command)
 
 
+protocol_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
+
+
+@protocol_app.command("list")
+def protocol_list() -> None:
+    """The built-in protocols: name, task, rounds, and what each is for."""
+    from workbench.protocol import builtin_protocols, load_protocol
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("name", "task", "rounds", "description"):
+        table.add_column(col, no_wrap=col != "description", justify="right" if col == "rounds" else "left")
+    for name in builtin_protocols():
+        p = load_protocol(name)
+        table.add_row(Text(p.name), Text(p.task or "any"), str(p.rounds), Text(p.description))
+    out.print(table)
+
+
+@protocol_app.command("show")
+def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name or a .toml path.")) -> None:
+    """Every round's user message and assistant prefix, the injections and the decoding settings."""
+    from workbench.protocol import load_protocol
+
+    p = load_protocol(name)
+    d = p.decoding
+    decoding = f"sampled (temperature {d.temperature}, top_p {d.top_p})" if d.do_sample else "greedy"
+    lines = [f"{p.name}: {p.description}" if p.description else p.name,
+             f"task {p.task or 'any'}, {p.rounds} rounds, {decoding}, at most {d.max_new_tokens} new tokens per answer, "
+             f"option scoring {p.option_scoring}", ""]
+    for t in range(1, p.rounds + 1):
+        user = p.first if t == 1 else p.instruction(t)
+        tag = " (injected)" if t in p.inject else ""
+        lines.append(f"round {t}{tag}\n  user: {user}")
+        if p.prefix(t):
+            lines.append(f"  assistant begins: {p.prefix(t)}")
+    out.print("\n".join(lines), markup=False, highlight=False)
+
+
 @app.command()
 def run(
-    out_path: Path = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: str = typer.Option("organism", help="bbq (BBQ JSONL files as published), prompts (open-ended JSONL), or organism."),
-    data: list[Path] = typer.Option([], help="Data file(s): BBQ JSONL (repeatable) or a prompts JSONL."),
-    condition: Optional[str] = typer.Option(None, help="BBQ: keep only 'ambig' or 'disambig' contexts."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable) or a prompts JSONL."),
+    condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),
     limit: Optional[int] = typer.Option(None, help="Number of samples (after filtering and --offset). organism default: 64."),
     offset: int = typer.Option(0, help="Skip this many samples first."),
-    protocol: str = typer.Option("organism", help="Built-in protocol name (bbq-paper, bbq-baseline, bbq-negation, organism, organism-neutral, organism-inject) or a .toml path."),
+    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
+    force: bool = typer.Option(False, "--force", help="Run a protocol written for another task."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
-    inject: list[str] = typer.Option([], help="Inject an instruction at a round, replacing its follow-up: ROUND:TEXT (repeatable)."),
+    inject: list[str] = typer.Option([], metavar="ROUND:TEXT", help="Replace a round's follow-up with TEXT (repeatable)."),
+    option_scoring: Optional[OptionScoring] = typer.Option(None, help="What option confidence scores: the letter ' (a)' (the study's, default) or ' (a) option text'."),
     batch_size: int = typer.Option(16, help="Samples generated together (left padding, KV cache)."),
-    hooks: str = typer.Option("hook_resid_post", help="Comma-separated TransformerLens hook names captured at every layer, e.g. hook_resid_post,hook_resid_mid (any d_model-wide hook at a module boundary)."),
-    layers: Optional[str] = typer.Option(None, help="Comma-separated layers to capture (default: all)."),
-    activation_dtype: str = typer.Option("float32", help="Stored activation dtype: float32 or float16."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
-    dtype: str = typer.Option("auto", help="Model dtype: auto (bfloat16 on CUDA, else float32), float32, bfloat16, float16."),
+    hooks: str = typer.Option("hook_resid_post", metavar="HOOK,...", help="TransformerLens hooks captured at every layer, e.g. hook_resid_post,hook_resid_mid."),
+    layers: Optional[str] = typer.Option(None, metavar="N,...", help="Layers to capture (default: all)."),
+    activation_dtype: ActivationDtype = typer.Option("float32", help="Stored activation dtype."),
+    device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
+    dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code from the hub (off by default)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the hub."),
     seed: int = typer.Option(0, help="Seed for sampled decoding."),
-    sample: Optional[bool] = typer.Option(None, "--sample/--greedy", help="Sample instead of greedy decoding (default: the protocol's)."),
+    sample: Optional[bool] = typer.Option(None, "--sample/--greedy", show_default=False, help="Sample or decode greedily (default: the protocol's)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer per round (default: the protocol's)."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run in the same --out file."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out file."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file."""
+    import shlex
+
     from workbench.protocol import parse_inject
     from workbench.run import RunConfig, run_protocol
+    from workbench.tasks import default_protocol
 
     if out_path is None:
         stem = Path(model).name if model != "organism" else "organism"
-        out_path = Path("artifacts/runs") / f"{stem}-{Path(protocol).stem}.h5"
+        out_path = Path("artifacts/runs") / f"{stem}-{Path(protocol or default_protocol(task)).stem}.h5"
     cfg = RunConfig(
         out=out_path, model=model, task=task, data=tuple(str(p) for p in data), condition=condition,
         category=category, prompt_field=prompt_field, limit=limit, offset=offset, protocol=protocol,
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
-        hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()),
+        hooks=tuple(h.strip() for h in hooks.split(",")),
         layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
-        max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite,
+        max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, option_scoring=option_scoring,
+        force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]),
     )
-    with _ProgressReporter() as reporter:
-        run_file = run_protocol(cfg, on_batch=reporter.update)
+    try:
+        with _ProgressReporter() as reporter:
+            run_file = run_protocol(cfg, on_batch=reporter.update, on_status=reporter.status)
+    except KeyboardInterrupt:
+        err.print(Text(f"interrupted; finished batches are kept in {out_path}. Continue with:\n  "
+                       f"{shlex.join(['workbench', *_resume_args(sys.argv[1:], out_path)])}"), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     with run_file:
         _print_summary(run_file)
+
+
+def _resume_args(argv: list[str], out_path: Path) -> list[str]:
+    """The same command line with --resume (and --out, and without --overwrite)."""
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out_path)]
+    return [*args, "--resume"]
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
@@ -119,6 +200,7 @@ class _ProgressReporter:
 
     def __init__(self) -> None:
         self.progress: Any = None
+        self.status = Spinner(err)  # what loading the model is doing, until the first batch
         self.task_id: Any = None
         self.tokens = 0
         self.t0 = time.perf_counter()
@@ -127,12 +209,15 @@ class _ProgressReporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.status.stop()
         if self.progress is not None:
             self.progress.stop()
 
     def update(self, p: Any) -> None:
         """Called once before the first batch (new_tokens = 0), after every round and after every batch."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.status.stop()
 
         total, done = p.total_samples * p.rounds, p.done_rounds
         if p.new_tokens == 0 and p.batch_rounds == 0:
@@ -164,15 +249,27 @@ def _fmt(value: Any) -> str:
 
 COLUMN_LABELS = {
     "round": "round", "accuracy": "acc", "mean_token_entropy": "tok H", "mean_option_entropy": "opt H",
-    "mean_chosen_confidence": "conf", "ece": "ECE", "ece_range": "ECE min–max", "unparseable": "unparsed",
-    "right_to_wrong": "R→W", "wrong_to_right": "W→R", "accuracy_parsed": "acc parsed", "accuracy_option": "acc option",
+    "mean_chosen_confidence": "conf", "ece": "ECE", "ece_range": "ECEr", "unparseable": "unpars",
+    "right_to_wrong": "R→W", "wrong_to_right": "W→R", "accuracy_parsed": "parsed", "accuracy_option": "argmax",
 }
+COLUMN_LEGEND = {
+    "acc": "the parsed answer, else the option argmax", "parsed": "accuracy of parsed answers (unparseable count wrong)",
+    "argmax": "accuracy of the option-confidence argmax", "unpars": "unparseable answers",
+    "R→W": "right→wrong flips of acc from the previous round", "W→R": "wrong→right flips",
+    "tok H": "mean token entropy (nats)", "opt H": "mean option entropy (nats)",
+    "conf": "confidence of the chosen option", "ECE": "calibration error over [0, 1]",
+    "ECEr": "the same over [min, max] confidence",
+}
+# two tables that each fit 80 columns: answers, then uncertainty
+TABLES = (("round", "accuracy", "accuracy_parsed", "accuracy_option", "unparseable", "right_to_wrong", "wrong_to_right"),
+          ("round", "mean_token_entropy", "mean_option_entropy", "mean_chosen_confidence", "ece", "ece_range"))
 JSON_ONLY = ("parsed_right_to_wrong", "parsed_wrong_to_right", "option_right_to_wrong", "option_wrong_to_right")
 
 
 def _print_summary(run_file: Any) -> None:
-    """The run's header line, the per-round metrics table, a table of task fields and concept
-    scores when there are any, and the convergence rounds."""
+    """The run's header line, the per-round metrics table with a legend under it, a table of task
+    fields and concept scores (one row each, one column per round) when there are any, and the
+    convergence rounds. Every name from the run file is printed literally (no Rich markup)."""
     from workbench.analysis import summary
 
     s = summary(run_file)
@@ -182,16 +279,27 @@ def _print_summary(run_file: Any) -> None:
     if not rows:
         return
     metrics = [k for k in rows[0] if k in COLUMN_LABELS]
-    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n" and k not in JSON_ONLY]
-    for columns in (metrics, ["round", *others] if others else []):
-        if not columns:
+    for names in TABLES:
+        columns = [c for c in names if c in rows[0]]
+        if len(columns) < 2:
             continue
-        table = Table(show_header=True, header_style="bold")
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
         for c in columns:
-            table.add_column(COLUMN_LABELS.get(c, c.removeprefix("mean_").replace("_", " ").replace(":", " ")), justify="right", overflow="fold")
+            table.add_column(Text(COLUMN_LABELS[c]), justify="right", no_wrap=True)
         for r in rows:
-            table.add_row(*[_fmt(r[c]) for c in columns])
+            table.add_row(*[Text(_fmt(r[c])) for c in columns])
         out.print(table)
+        legend = [f"{label}: {COLUMN_LEGEND[label]}" for c in columns if (label := COLUMN_LABELS[c]) in COLUMN_LEGEND]
+        out.print(Text("; ".join(legend), style="dim"), highlight=False)
+    others = [k for k in rows[0] if k not in COLUMN_LABELS and k != "n" and k not in JSON_ONLY]
+    if others:
+        fields = Table(box=box.SIMPLE_HEAD, pad_edge=False, header_style="bold")
+        fields.add_column(Text("mean per round"), no_wrap=True)
+        for r in rows:
+            fields.add_column(Text(str(r["round"])), justify="right", no_wrap=True)
+        for name in others:
+            fields.add_row(Text(name.removeprefix("mean_").replace(":", " ")), *[Text(_fmt(r[name])) for r in rows])
+        out.print(fields)
     conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
         out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
@@ -241,15 +349,31 @@ def _json_default(value: Any) -> Any:
 
 
 def main() -> None:
-    """Console entry point: run the app, turning WorkbenchError into one line and exit status 2."""
+    """Console entry point: run the app; a WorkbenchError or a usage error (an unknown option, a
+    value of the wrong type) becomes one ``error:`` line and exit status 2, Ctrl-C exit status 130."""
+    from typer import _click as click  # Typer ≥ 0.24 vendors click: its exceptions, not the click package's
+
     try:
         _mount_subcommands()
-        app()
+        code = app(standalone_mode=False, prog_name="workbench")
     except WorkbenchError as e:
-        from rich.text import Text
-
-        err.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
+        _error_line(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted; finished batches are kept (continue with --resume)")
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help())
+        sys.exit(0)
+    except click.exceptions.UsageError as e:
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        _error_line(f"{e.format_message()}{where}")
+        sys.exit(e.exit_code)
+    except click.exceptions.ClickException as e:
+        _error_line(e.format_message())
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted", highlight=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error_line(message: str) -> None:
+    err.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), highlight=False, soft_wrap=True)

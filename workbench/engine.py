@@ -105,7 +105,9 @@ def option_summary(option_probs: np.ndarray, parsed: np.ndarray, gold: np.ndarra
 
     option_probs ``[N, R, K]``, parsed ``[N, R]``, gold ``[N]`` → dict of ``[N, R]`` arrays:
     ``option_entropy``, ``option_answer`` (argmax of p̂, -1 when no options), ``answer`` (the parsed
-    answer, else the option argmax), ``chosen_confidence`` (p̂ of ``answer``), ``correct``.
+    answer, else the option argmax), ``chosen_confidence`` (p̂ of ``answer``), ``correct`` (``answer``
+    is gold), and the two accuracies named apart: ``parsed_correct`` (the parsed answer is gold; an
+    unparseable one counts wrong) and ``option_correct`` (the option argmax is gold), both uint8.
     """
     has = np.isfinite(option_probs).any(-1) if option_probs.shape[-1] else np.zeros(parsed.shape, bool)
     filled = np.where(np.isfinite(option_probs), option_probs, -1.0)
@@ -115,8 +117,11 @@ def option_summary(option_probs: np.ndarray, parsed: np.ndarray, gold: np.ndarra
     conf = np.take_along_axis(filled, safe[..., None], -1)[..., 0] if option_probs.shape[-1] else np.full(parsed.shape, np.nan)
     conf = np.where((answer >= 0) & has, conf, np.nan)
     ent = np.where(has, distribution_entropy(np.where(np.isfinite(option_probs), option_probs, 0.0)), np.nan)
-    correct = (answer == gold[:, None]) & (gold[:, None] >= 0)
+    has_gold = gold[:, None] >= 0
+    correct = (answer == gold[:, None]) & has_gold
     return {
+        "parsed_correct": ((parsed == gold[:, None]) & (parsed >= 0) & has_gold).astype(np.uint8),
+        "option_correct": ((option_answer == gold[:, None]) & (option_answer >= 0) & has_gold).astype(np.uint8),
         "option_entropy": ent.astype(np.float32),
         "option_answer": option_answer.astype(np.int16),
         "answer": answer.astype(np.int16),

@@ -7,6 +7,31 @@ The CLI prints that line and exits non-zero; every other exception is a bug and 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class WorkbenchError(Exception):
     """A user-facing error: its message is one line that names what went wrong and where."""
+
+
+def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folder: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where a folder is
+    wanted (or the reverse), a parent that is a file, or a directory without write permission.
+
+    ``folder`` says the output is a folder (``organism train --out``) rather than a file. Returns
+    nothing; raises :class:`WorkbenchError` naming ``option`` and the path.
+    """
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise WorkbenchError(f"{option} {path}: exists and is not a folder")
+        if not folder and path.is_dir():
+            raise WorkbenchError(f"{option} {path}: is a folder; give a file path")
+    parent = path.parent if not path.exists() else path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WorkbenchError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkbenchError(f"{option} {path}: {parent} is not writable")

@@ -18,16 +18,20 @@ generation; ``model.bridge`` stays for names, for that check and for users' own 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, get_args
 
 from workbench.errors import WorkbenchError
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+Device = Literal["auto", "cpu", "cuda", "mps"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(ModelDtype)
 
 # A plain format for tokenizers without a chat template (documented in README "Real models").
 PLAIN_CHAT_TEMPLATE = (
@@ -57,7 +61,8 @@ class LoadedModel:
     chat_template_source: str  # "model" or "plain"
 
     def metadata(self) -> dict[str, Any]:
-        """What the run file records about the model (DESIGN §4)."""
+        """What the run file records about the model (DESIGN §4), with what a rerun needs to be
+        checked against it: library versions, sha256 of every weight file and of the chat template."""
         return {
             "model_name": self.name,
             "model_path": self.path,
@@ -69,7 +74,94 @@ class LoadedModel:
             "hook_style": "transformer-lens-bridge",
             "compatibility_mode": False,
             "chat_template": self.chat_template_source,
+            "chat_template_sha256": hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest(),
+            "weights_sha256": weight_hashes(self.path, self.revision or None),
+            "library_versions": library_versions(),
         }
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a run's numbers depend on: ``{"torch": "2.13.0", ...}``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "transformer-lens", "numpy", "h5py"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = ""
+    return found
+
+
+def weight_hashes(path: str, revision: str | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` of the weight files of a model folder, or of a hub model's cached
+    snapshot (there the blob's own name is its sha256; nothing is read). Empty when neither is found."""
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(path, revision=revision, local_files_only=True))
+        except Exception:  # not cached (or not a valid repo id): nothing to record
+            return {}
+    hashes = {}
+    for file in sorted(folder.iterdir()):
+        if file.suffix not in WEIGHT_SUFFIXES or not file.is_file():
+            continue
+        blob = file.resolve()
+        if file.is_symlink() and blob.parent.name == "blobs" and len(blob.name) == 64:
+            hashes[file.name] = blob.name
+            continue
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 23), b""):
+                h.update(chunk)
+        hashes[file.name] = h.hexdigest()
+    return hashes
+
+
+def check_model_folder(path: str, name: str) -> None:
+    """Refuse a local model folder that cannot load, without importing torch: a ``config.json``
+    that is not JSON or names no ``model_type``, no weight files, or a safetensors file whose header
+    is damaged or promises more bytes than the file has. Hub names pass (checked when they load)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorkbenchError(f"--model {name}: config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise WorkbenchError(f"--model {name}: config.json names no model_type (not a Hugging Face model config)")
+    weights = [f for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    if not weights:
+        raise WorkbenchError(f"--model {name}: no weight files in the folder (expected model.safetensors or pytorch_model.bin)")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file, name)
+
+
+def _check_safetensors(file: Path, name: str) -> None:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100_000_000):
+            raise WorkbenchError(f"--model {name}: {file.name} is not a safetensors file (damaged header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WorkbenchError(f"--model {name}: {file.name} is damaged (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WorkbenchError(f"--model {name}: {file.name} is damaged (its header is not a JSON object)")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    if 8 + n + max(ends, default=0) > size:
+        raise WorkbenchError(f"--model {name}: {file.name} is truncated or damaged ({size} bytes, "
+                             f"the header describes {8 + n + max(ends, default=0)})")
 
 
 def resolve_device(device: str) -> str:
@@ -126,11 +218,19 @@ def load_model(
     dtype: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    on_status: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by hub name, local folder or ``organism`` (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM by hub name, local folder or ``organism`` (see the module docstring).
 
+    ``on_status`` is told each step ("loading the weights of …", "booting the TransformerBridge …")
+    so a command line can show it; Hugging Face's own progress bars are silenced.
+    """
+    status = on_status or (lambda message: None)
     path = resolve_model_path(name)
+    check_model_folder(path, name)
+    status(f"loading {name}: importing transformers")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -141,12 +241,28 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    from safetensors import SafetensorError
+
+    def failed(what: str, e: Exception) -> WorkbenchError:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return WorkbenchError(f"--model {name}: could not load its {what} ({first[:200]})")
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise failed("config (unknown architecture?)", e) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WorkbenchError(f"--model {name}: could not load ({first})") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise failed("tokenizer", e) from None
+    status(f"loading the weights of {name} ({type(config).__name__.removesuffix('Config')}, {torch_dtype}, {device})")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise failed("weights", e) from None
     hf = hf.to(device).eval()
     template_source = "model"
     if not getattr(tokenizer, "chat_template", None):
@@ -154,6 +270,7 @@ def load_model(
         template_source = "plain"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    status("booting the TransformerBridge (hook points on every layer)")
     bridge = _boot_bridge(hf, path, tokenizer, device, torch_dtype, trust_remote_code)
     return LoadedModel(
         name=name,

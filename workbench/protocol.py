@@ -9,7 +9,9 @@ named without the suffix (``bbq-paper``); a user's own is given by path::
     first_prefix = "The single most likely answer choice is"      # optional
     followup = "Review your previous answer. ..."
     followup_prefix = "Upon evaluation of my previous answer choice, ..."   # optional
-    [inject]            # optional: replace the follow-up of the given rounds (≥ 2)
+    task = "bbq"        # optional: the task it is made for; another task needs --force
+    option_scoring = "letter"   # optional: score " (a)" (letter) or " (a) option text" (letter-text)
+    [inject]            # optional: replace the follow-up of the given rounds (2 .. rounds)
     3 = "Answer with the stereotype."
     [decoding]          # optional; greedy by default
     do_sample = false
@@ -21,6 +23,8 @@ named without the suffix (``bbq-paper``); a user's own is given by path::
 from __future__ import annotations
 
 import json
+import re
+import string
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -52,6 +56,8 @@ class Protocol:
     inject: dict[int, str] = field(default_factory=dict)
     decoding: Decoding = Decoding()
     description: str = ""
+    task: str = ""  # the task it was written for ("" = any); another task needs --force
+    option_scoring: str = "letter"  # what is scored per option: "letter" " (a)", or "letter-text" " (a) text"
 
     def instruction(self, round_: int) -> str:
         """The user message of round ``round_`` (1-based) for rounds ≥ 2; round 1 uses ``first``."""
@@ -74,63 +80,148 @@ def builtin_protocols() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+OPTION_SCORINGS = ("letter", "letter-text")
+TEMPLATE_FIELDS = ("context", "question", "choices")
+
+
 def parse_inject(items: list[str]) -> dict[int, str]:
     """``["3:Answer with the stereotype."]`` → ``{3: "Answer with the stereotype."}`` (``--inject``)."""
     out = {}
     for item in items:
         head, sep, text = item.partition(":")
-        if not sep or not head.strip().isdigit() or int(head) < 2 or not text.strip():
-            raise WorkbenchError(f"--inject {item!r}: expected ROUND:TEXT with ROUND ≥ 2")
+        if not sep or not re.fullmatch(r"[0-9]+", head.strip()) or int(head) < 2 or not text.strip():
+            raise WorkbenchError(f"--inject {item!r}: expected ROUND:TEXT with ROUND an integer ≥ 2")
+        if int(head) in out:
+            raise WorkbenchError(f"--inject: round {int(head)} is given twice")
         out[int(head)] = text
     return out
 
 
-def load_protocol(name_or_path: str, rounds: int | None = None, inject: dict[int, str] | None = None) -> Protocol:
-    """Load a built-in protocol by name or a TOML file by path; ``rounds``/``inject`` override it."""
+def _protocol_text(name_or_path: str) -> tuple[str, str, str]:
+    """``(TOML text, where to blame, default name)`` of a built-in name or a file path."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
         if not path.exists():
             raise WorkbenchError(f"protocol file not found: {path}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
-    else:
-        res = resources.files("workbench.data.protocols") / f"{name_or_path}.toml"
-        if not res.is_file():
-            raise WorkbenchError(f"unknown protocol {name_or_path!r} (built in: {', '.join(builtin_protocols())}; or give a .toml path)")
-        text, where = res.read_text(encoding="utf-8"), name_or_path
+        if path.is_dir():
+            raise WorkbenchError(f"--protocol {path} is a folder, not a .toml file")
+        try:
+            return path.read_text(encoding="utf-8"), str(path), path.stem
+        except UnicodeDecodeError as e:
+            raise WorkbenchError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise WorkbenchError(f"{path}: cannot read ({e.strerror})") from None
+    res = resources.files("workbench.data.protocols") / f"{name_or_path}.toml"
+    if not res.is_file():
+        raise WorkbenchError(f"unknown protocol {name_or_path!r} (built in: {', '.join(builtin_protocols())}; or give a .toml path)")
+    return res.read_text(encoding="utf-8"), name_or_path, name_or_path
+
+
+def _check_template(where: str, key: str, template: str) -> None:
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise WorkbenchError(f"{where}: {key} is not a valid template ({e}; write a literal brace as {{{{ or }}}})") from None
+    unknown = [f for f in fields if f not in TEMPLATE_FIELDS]
+    if unknown:
+        raise WorkbenchError(f"{where}: {key} uses {{{unknown[0]}}}; the placeholders are {{context}}, {{question}} and {{choices}}")
+
+
+def _integer(where: str, key: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkbenchError(f"{where}: {key} must be an integer, not {value!r}")
+    if value < low:
+        raise WorkbenchError(f"{where}: {key} must be ≥ {low}, not {value}")
+    return value
+
+
+def _decoding(where: str, raw: object) -> Decoding:
+    if not isinstance(raw, dict):
+        raise WorkbenchError(f"{where}: [decoding] must be a table")
+    unknown = set(raw) - {"do_sample", "temperature", "top_p", "max_new_tokens"}
+    if unknown:
+        raise WorkbenchError(f"{where}: unknown [decoding] keys {sorted(unknown)}")
+    d = Decoding()
+    do_sample = raw.get("do_sample", d.do_sample)
+    if not isinstance(do_sample, bool):
+        raise WorkbenchError(f"{where}: decoding.do_sample must be true or false, not {do_sample!r}")
+    numbers = {}
+    for key in ("temperature", "top_p"):
+        value = raw.get(key, getattr(d, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WorkbenchError(f"{where}: decoding.{key} must be a number, not {value!r}")
+        numbers[key] = float(value)
+    if not 0 < numbers["temperature"] < float("inf"):
+        raise WorkbenchError(f"{where}: decoding.temperature must be > 0, not {numbers['temperature']}")
+    if not 0 < numbers["top_p"] <= 1:
+        raise WorkbenchError(f"{where}: decoding.top_p must be in (0, 1], not {numbers['top_p']}")
+    max_new = _integer(where, "decoding.max_new_tokens", raw.get("max_new_tokens", d.max_new_tokens), 1)
+    return Decoding(do_sample=do_sample, max_new_tokens=max_new, **numbers)
+
+
+KEYS = {"name", "task", "rounds", "first", "followup", "first_prefix", "followup_prefix", "inject", "decoding",
+        "description", "option_scoring"}
+
+
+def load_protocol(
+    name_or_path: str,
+    rounds: int | None = None,
+    inject: dict[int, str] | None = None,
+    option_scoring: str | None = None,
+) -> Protocol:
+    """Load a built-in protocol by name or a TOML file by path; ``rounds``/``inject``/``option_scoring``
+    (the command-line options) override it. Every value is checked here, so a bad protocol is refused
+    before any model loads."""
+    text, where, default_name = _protocol_text(name_or_path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise WorkbenchError(f"{where}: not valid TOML ({e})") from None
-    known = {"name", "rounds", "first", "followup", "first_prefix", "followup_prefix", "inject", "decoding", "description"}
-    unknown = set(raw) - known
+    unknown = set(raw) - KEYS
     if unknown:
-        raise WorkbenchError(f"{where}: unknown protocol keys {sorted(unknown)}")
+        raise WorkbenchError(f"{where}: unknown protocol keys {sorted(unknown)} (known: {', '.join(sorted(KEYS))})")
     for key in ("first", "followup"):
         if not isinstance(raw.get(key), str):
             raise WorkbenchError(f"{where}: missing string key {key!r}")
-    try:
-        decoding = Decoding(**raw.get("decoding", {}))
-        injected = {int(k): str(v) for k, v in raw.get("inject", {}).items()}
-    except (TypeError, ValueError) as e:
-        raise WorkbenchError(f"{where}: bad [decoding] or [inject] table ({e})") from None
+    for key in ("name", "task", "first_prefix", "followup_prefix", "description", "option_scoring"):
+        if key in raw and not isinstance(raw[key], str):
+            raise WorkbenchError(f"{where}: {key} must be a string, not {raw[key]!r}")
+    _check_template(where, "first", raw["first"])
+    raw_inject = raw.get("inject", {})
+    if not isinstance(raw_inject, dict):
+        raise WorkbenchError(f"{where}: inject must be a table of ROUND = \"instruction\" lines, not {raw_inject!r}")
+    injected = {}
+    for key, value in raw_inject.items():
+        if not re.fullmatch(r"[0-9]+", key) or int(key) < 2:
+            raise WorkbenchError(f"{where}: inject round {key!r} must be an integer ≥ 2")
+        if not isinstance(value, str) or not value.strip():
+            raise WorkbenchError(f"{where}: inject.{key} must be a non-empty string")
+        injected[int(key)] = value
+    scoring = option_scoring if option_scoring is not None else raw.get("option_scoring", "letter")
+    if scoring not in OPTION_SCORINGS:
+        blame = "--option-scoring" if option_scoring is not None else f"{where}: option_scoring"
+        raise WorkbenchError(f"{blame} must be letter or letter-text, not {scoring!r}")
+    if rounds is not None:
+        _integer("--rounds", "the number of rounds", rounds, 1)
     protocol = Protocol(
-        name=str(raw.get("name", path.stem if path.exists() else name_or_path)),
-        rounds=int(raw.get("rounds", 5)),
+        name=raw.get("name", default_name),
+        rounds=rounds if rounds is not None else _integer(where, "rounds", raw.get("rounds", 5), 1),
         first=raw["first"],
         followup=raw["followup"],
-        first_prefix=str(raw.get("first_prefix", "")),
-        followup_prefix=str(raw.get("followup_prefix", "")),
-        inject=injected,
-        decoding=decoding,
-        description=str(raw.get("description", "")),
+        first_prefix=raw.get("first_prefix", ""),
+        followup_prefix=raw.get("followup_prefix", ""),
+        inject={**injected, **(inject or {})},
+        decoding=_decoding(where, raw.get("decoding", {})),
+        description=raw.get("description", ""),
+        task=raw.get("task", ""),
+        option_scoring=scoring,
     )
-    if rounds is not None:
-        protocol = replace(protocol, rounds=rounds)
-    if inject:
-        protocol = replace(protocol, inject={**protocol.inject, **inject})
-    if protocol.rounds < 1:
-        raise WorkbenchError(f"{where}: rounds must be ≥ 1")
-    bad = [r for r in protocol.inject if r < 2]
-    if bad:
-        raise WorkbenchError(f"{where}: injected rounds must be ≥ 2 (got {bad})")
+    for r, text in (inject or {}).items():
+        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or not isinstance(text, str) or not text.strip():
+            raise WorkbenchError(f"--inject {r}:{text!r}: expected ROUND:TEXT with ROUND an integer ≥ 2 and some text")
+    beyond = sorted(r for r in protocol.inject if r > protocol.rounds)
+    if beyond:
+        source = "--inject" if inject and beyond[0] in inject else f"{where}: inject"
+        raise WorkbenchError(f"{source}: round {beyond[0]} is beyond the last round ({protocol.rounds}); "
+                             "raise --rounds or drop the injection")
     return protocol

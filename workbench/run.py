@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, RunWriter, SampleTable
+from workbench.store import RunFile, RunWriter, SampleTable, check_output, run_exists
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RunConfig:
     prompt_field: str = "prompt"
     limit: int | None = None
     offset: int = 0
-    protocol: str = "organism"
+    protocol: str | None = None  # None: the task's own (bbq → bbq-paper, organism → organism)
     rounds: int | None = None
     inject: dict[int, str] = field(default_factory=dict)
     batch_size: int = 16
@@ -51,6 +51,19 @@ class RunConfig:
     max_new_tokens: int | None = None
     resume: bool = False
     overwrite: bool = False
+    option_scoring: str | None = None  # letter | letter-text; None: the protocol's (letter by default)
+    force: bool = False  # run a protocol written for another task
+    command_line: str = ""  # how the run was started (the CLI fills it in; recorded in the run file)
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """What :func:`validate_config` checked and resolved, before any model is loaded."""
+
+    task: Any  # workbench.tasks.Task
+    protocol: Any  # workbench.protocol.Protocol, with the command line's overrides applied
+    samples: list[Any]  # [N] workbench.tasks.Sample
+    model_path: str  # the resolved folder or hub name ("" when a loaded model was given)
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,7 @@ def load_samples(cfg: RunConfig) -> list[Any]:
     if cfg.task == "organism":
         from workbench.organism.task import load_organism_samples
 
-        return load_organism_samples(limit=cfg.limit or 64, offset=cfg.offset)
+        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, offset=cfg.offset)
     tasks.get_task(cfg.task)  # raises the clean error for unknown tasks
     raise AssertionError(cfg.task)
 
@@ -112,60 +125,135 @@ def _data_fingerprint(samples: list[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def run_protocol(
-    config: RunConfig | None = None,
-    model: Any = None,
-    on_batch: Callable[[Progress], None] | None = None,
-    **kwargs: Any,
-) -> RunFile:
-    """Run a protocol over a dataset into ``config.out`` and return the finished run file (read-only).
-
-    Give a :class:`RunConfig` or its fields as keyword arguments. ``model`` may be an already
-    loaded :class:`workbench.models.LoadedModel` (saves loading it again in a notebook).
-    ``on_batch`` is called with a :class:`Progress` before the first batch, after every round and
-    after every written batch.
+def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
+    """Check everything about a run that needs no model: options, the task and its data, the
+    protocol (and that it was written for this task, unless ``cfg.force``), the model folder, and
+    the output file. Returns the resolved task, protocol and samples; raises :class:`WorkbenchError`.
+    ``model_given``: the caller passes a loaded model, so ``cfg.model`` is not resolved.
     """
     from dataclasses import replace
 
-    from workbench.capture import check_layers, hook_sites
-    from workbench.engine import batch_arrays, run_batch
-    from workbench.models import load_model
+    from workbench.models import DEVICES, DTYPES, check_model_folder, resolve_model_path
     from workbench.protocol import load_protocol
-    from workbench.tasks import get_task
+    from workbench.tasks import default_protocol, get_task
 
-    cfg = config if config is not None else RunConfig(**kwargs)
-    if config is not None and kwargs:
-        cfg = replace(cfg, **kwargs)
-    out = Path(cfg.out)
     if cfg.batch_size < 1:
-        raise WorkbenchError("--batch-size must be ≥ 1")
-    task = get_task(cfg.task)
-    protocol = load_protocol(cfg.protocol, cfg.rounds, cfg.inject)
-    decoding = protocol.decoding
+        raise WorkbenchError(f"--batch-size must be ≥ 1, not {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise WorkbenchError(f"--limit must be ≥ 1, not {cfg.limit}")
+    if cfg.offset < 0:
+        raise WorkbenchError(f"--offset must be ≥ 0, not {cfg.offset}")
+    if cfg.activation_dtype not in ("float32", "float16"):
+        raise WorkbenchError(f"--activation-dtype must be float32 or float16, not {cfg.activation_dtype!r}")
+    if cfg.device not in DEVICES:
+        raise WorkbenchError(f"--device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        raise WorkbenchError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    if not cfg.hooks or any(not h for h in cfg.hooks):
+        raise WorkbenchError("--hooks takes one or more comma-separated hook names")
+    repeated = sorted({h for h in cfg.hooks if cfg.hooks.count(h) > 1})
+    if repeated:
+        raise WorkbenchError(f"--hooks names {repeated[0]!r} more than once")
+    if cfg.layers is not None:
+        if not cfg.layers:
+            raise WorkbenchError("--layers takes one or more comma-separated layer numbers (leave it out for all)")
+        if min(cfg.layers) < 0:
+            raise WorkbenchError(f"layer {min(cfg.layers)} is out of range (layers count from 0)")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise WorkbenchError(f"--max-new-tokens must be ≥ 1, not {cfg.max_new_tokens}")
+    task = get_task(cfg.task, cfg.option_scoring or "letter")
+    protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring)
+    if protocol.task and protocol.task != cfg.task and not cfg.force:
+        raise WorkbenchError(f"protocol {protocol.name!r} is written for --task {protocol.task}, not {cfg.task} "
+                             f"(the {cfg.task} task's own is {default_protocol(cfg.task)!r}; --force runs it anyway)")
+    task = get_task(cfg.task, protocol.option_scoring)
     if cfg.do_sample is not None or cfg.max_new_tokens is not None:
+        decoding = protocol.decoding
         decoding = replace(
             decoding,
             do_sample=decoding.do_sample if cfg.do_sample is None else cfg.do_sample,
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
+    model_path = ""
+    if not model_given:
+        model_path = resolve_model_path(cfg.model)
+        check_model_folder(model_path, cfg.model)
+        if cfg.task == "organism" and not (Path(model_path) / "organism.json").is_file():
+            raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
+                                 "(no organism.json). Use --task bbq or --task prompts for other models")
     samples = load_samples(cfg)
-    if out.exists() and not cfg.resume:
-        if not cfg.overwrite:
-            raise WorkbenchError(f"{out} already exists (use --resume to continue it, or --overwrite)")
-        out.unlink()
-    if cfg.activation_dtype not in ("float32", "float16"):
-        raise WorkbenchError("--activation-dtype must be float32 or float16")
+    check_output(Path(cfg.out), cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
+    return CheckedRun(task, protocol, samples, model_path)
+
+
+def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any]) -> None:
+    """Refuse a sample whose conversation cannot fit the model's context: every round's templated
+    input (as the engine encodes it) plus ``max_new_tokens`` per answer. Only the first message
+    differs between samples, so the sample with the longest one is the one planned in full."""
+    from workbench.chat import encode, plan_conversation
+    from workbench.engine import conversation_texts, first_instruction
+
+    hf_config = getattr(model.hf, "config", None)
+    n_ctx = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if not isinstance(n_ctx, int) or n_ctx <= 0:
+        return
+    answers = protocol.rounds * protocol.decoding.max_new_tokens
+    lengths = [len(ids) for ids in encode(model.tokenizer, [first_instruction(protocol, task, s) for s in samples])]
+    for s in [samples[int(np.argmax(lengths))]]:
+        plan = plan_conversation(model.tokenizer, *conversation_texts(protocol, task, s))
+        prompt = sum(len(ids) for ids in encode(model.tokenizer, list(plan.round_inputs)))
+        if prompt + answers > n_ctx:
+            raise WorkbenchError(f"sample {s.id} (index {s.index}): its {protocol.rounds}-round conversation needs up to "
+                                 f"{prompt + answers} tokens ({prompt} of prompts, {protocol.decoding.max_new_tokens} per answer); "
+                                 f"the model's context is {n_ctx} (shorten the data, --rounds or --max-new-tokens)")
+
+
+def run_protocol(
+    config: RunConfig | None = None,
+    model: Any = None,
+    on_batch: Callable[[Progress], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> RunFile:
+    """Run a protocol over a dataset into ``config.out`` and return the finished run file (read-only).
+
+    Give a :class:`RunConfig` or its fields as keyword arguments. ``model`` is a model name (hub
+    name, folder or ``"organism"``, the same as ``RunConfig.model``) or an already loaded
+    :class:`workbench.models.LoadedModel` (saves loading it again in a notebook). Everything that
+    needs no model is checked first (:func:`validate_config`), so a bad input fails at once.
+    ``on_batch`` is called with a :class:`Progress` before the first batch, after every round and
+    after every written batch; ``on_status`` with each step of loading the model.
+    """
+    from dataclasses import replace
+
+    from workbench.capture import check_layers, hook_sites
+    from workbench.engine import batch_arrays, run_batch
+    from workbench.models import load_model
+
+    if isinstance(model, (str, Path)):
+        kwargs["model"], model = str(model), None
+    cfg = config if config is not None else RunConfig(**kwargs)
+    if config is not None and kwargs:
+        cfg = replace(cfg, **kwargs)
+    out = Path(cfg.out)
+    checked = validate_config(cfg, model_given=model is not None)
+    task, protocol, samples = checked.task, checked.protocol, checked.samples
     if model is None:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status)
+    elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
+        raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
+    check_context_length(model, protocol, task, samples)
     settings = {
         **model.metadata(),
         "task": cfg.task,
         "data": {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
                  "offset": cfg.offset, "limit": cfg.limit, "fingerprint": _data_fingerprint(samples)},
         "protocol": json.loads(protocol.to_json()),
+        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
+        "command_line": cfg.command_line,
         "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
         "seed": cfg.seed,
         "hooks": list(cfg.hooks),
@@ -176,11 +264,12 @@ def run_protocol(
         "n_rounds": protocol.rounds,
         "device": model.device,
     }
-    if cfg.resume and out.exists():
+    if cfg.resume and run_exists(out):
         writer = RunWriter.resume(out, settings)
     else:
         writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
-                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype)
+                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
+                                  overwrite=cfg.overwrite)
     gold = np.asarray([s.gold for s in samples])
     with writer:
         done = writer.done_mask()
@@ -198,7 +287,7 @@ def run_protocol(
                     on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
 
             res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done)
-            arrays = batch_arrays(res, gold[start:stop], int(writer.f.attrs["n_options"]))
+            arrays = batch_arrays(res, gold[start:stop], writer.n_options)
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)
             if on_batch is not None:

@@ -1,18 +1,42 @@
-"""The run file: one HDF5 file per run, streamed batch by batch (layout in docs/FORMAT.md).
+"""The run file: one HDF5 file per run, written crash-safely batch by batch (layout and storage
+design in docs/FORMAT.md).
+
+HDF5 rewrites its metadata in place and has no journal, so the writer never lets HDF5 modify a
+file that holds finished data. While a run is running it lives in a folder ``RUN.h5.parts/``:
+
+- ``run.h5``: the root attributes and ``samples/``, written once;
+- ``activations.h5``: every activation array at full size, created once (its metadata never changes
+  afterwards); each batch's rows are written into the preallocated space with plain ``pwrite`` at
+  byte offsets recorded in ``layout.json``, never through HDF5;
+- ``batch-{start}-{stop}.h5``: everything else of one batch.
+
+Every file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that exists
+is complete, and a batch is finished exactly when its part exists. When the last batch lands the
+run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``, the small arrays are
+copied in, and it is renamed to ``RUN.h5`` (a kill during assembly is repaired by copying the raw
+activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``, or, for a running
+run, an in-memory view of its finished parts.
 
 This module imports neither torch nor TransformerLens, so a viewer opens a run in a fraction of
-a second. Writers create every dataset at its final size up front (sample axis = the dataset's
-N), write a batch, flush, then mark its samples done in ``progress/done`` and flush again: a run
-killed at any moment keeps every finished batch, and readers only ever look at done samples.
+a second.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -20,18 +44,38 @@ import numpy as np
 from workbench.errors import WorkbenchError
 
 FORMAT = "self-correction-workbench-run"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POSITIONS = ("last_prompt", "response_mean")
 
 STR = h5py.string_dtype("utf-8")
 VLEN_INT = h5py.vlen_dtype(np.dtype("int32"))
 VLEN_FLOAT = h5py.vlen_dtype(np.dtype("float32"))
 
-# Settings that must match for --resume to continue a file (everything that changes the numbers).
 NUL_STAND_IN = "\u2400"  # HDF5 strings cannot hold NUL; text keeps "␀", token ids keep the exact output
 
+# Settings that must match for --resume to continue a file (everything that changes the numbers).
 RESUME_KEYS = ("n_samples", "n_rounds", "model_path", "model_revision", "model_dtype", "task", "seed", "batch_size",
                "activation_dtype", "hooks", "layers", "data", "protocol")
+
+# Ragged per-round arrays live in ``tokens/`` (so ``rounds/`` holds only fixed-shape arrays and strings).
+TOKEN_ARRAYS = {"response_token_ids": np.int32, "token_entropy": np.float32}
+INT_FILL_MINUS_ONE = ("parsed_answer", "option_answer", "answer")
+# Arrays every run has, with their trailing dimensions (R rounds, K options): a running run's view
+# has them even before its first batch. Task fields (e.g. the organism's) come with the batches.
+STANDARD_ARRAYS: dict[str, tuple[tuple[Any, ...], Any]] = {
+    "rounds/instruction": (("R",), STR), "rounds/response": (("R",), STR),
+    "rounds/prompt_span": (("R", 2), np.int64), "rounds/response_span": (("R", 2), np.int64),
+    "rounds/mean_token_entropy": (("R",), np.float32), "rounds/option_probs": (("R", "K"), np.float32),
+    "rounds/option_entropy": (("R",), np.float32), "rounds/parsed_answer": (("R",), np.int16),
+    "rounds/option_answer": (("R",), np.int16), "rounds/answer": (("R",), np.int16),
+    "rounds/chosen_confidence": (("R",), np.float32), "rounds/correct": (("R",), np.uint8),
+    "tokens/response_token_ids": (("R",), VLEN_INT), "tokens/token_entropy": (("R",), VLEN_FLOAT),
+    "transcripts/token_ids": ((), VLEN_INT),
+}
+
+HEADER, ACTIVATIONS, LAYOUT, ASSEMBLING = "run.h5", "activations.h5", "layout.json", "assembling.h5"
+COMMIT_INTERVAL_S = 1.0  # batches faster than this are committed together (each commit costs two fsyncs)
+BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)\.h5$")
 
 
 def _version() -> str:
@@ -40,20 +84,161 @@ def _version() -> str:
     return __version__
 
 
-def _create(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...] | None = None, fill: Any = None) -> h5py.Dataset:
-    """A dataset whose storage is allocated at creation, so later writes change no metadata."""
-    space = h5py.h5s.create_simple(shape)
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    if chunks is not None:
-        dcpl.set_chunk(chunks)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    tid = h5py.h5t.py_create(np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype, logical=True)
-    if fill is not None:
-        dcpl.set_fill_value(np.array(fill, dtype=dtype))
-    dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
-    return h5py.Dataset(dsid)
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def parts_dir(path: Path) -> Path:
+    """The folder a running run lives in: ``RUN.h5.parts``."""
+    return path.with_name(path.name + ".parts")
+
+
+def _staging_dir(path: Path) -> Path:
+    """Where ``--overwrite`` builds the new run until its first batch is finished."""
+    return path.with_name(path.name + ".parts.new")
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def run_exists(path: Path) -> bool:
+    """Whether ``path`` holds a run: the finished file, or a running one's parts."""
+    path = Path(path)
+    return path.exists() or (parts_dir(path) / HEADER).exists() or (_staging_dir(path) / HEADER).exists() and not parts_dir(path).exists()
+
+
+# --------------------------------------------------------------------------- durable file operations
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """Atomically rename ``src`` (already fsynced) to ``dest`` and make the rename durable."""
+    os.replace(src, dest)
+    _fsync_path(dest.parent, directory=True)
+
+
+def _write_h5_atomic(dest: Path, fill: Callable[[h5py.File], None]) -> None:
+    """Write a whole HDF5 file with ``fill`` under a temporary name, fsync it, rename it to ``dest``."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    with h5py.File(tmp, "w", locking=False) as f:
+        fill(f)
+    _fsync_path(tmp)
+    _replace(tmp, dest)
+
+
+def _write_text_atomic(dest: Path, text: str) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _replace(tmp, dest)
+
+
+def _free_space(path: Path) -> str:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return "unknown"
+    free = st.f_bavail * st.f_frsize
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    raise AssertionError
+
+
+@contextmanager
+def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
+    """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # h5py reports a failed write or close as OSError or RuntimeError
+        if isinstance(e, RuntimeError) and "errno" not in str(e) and "write" not in str(e).lower():
+            raise
+        found = re.search(r"error message = '([^']*)'", str(e))
+        reason = getattr(e, "strerror", None) or (found.group(1) if found else str(e).splitlines()[0])
+        raise WorkbenchError(f"{action} {path} failed: {reason} ({_free_space(path)} free there); "
+                             "finished batches are kept: make room and continue with --resume") from None
+
+
+# --------------------------------------------------------------------------- the writer's lock
+@dataclass
+class RunLock:
+    """An exclusive ``flock`` on ``RUN.h5.lock`` held while a process writes a run (batches, or
+    derived results). A killed holder releases it automatically."""
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def acquire(cls, run_path: Path) -> "RunLock":
+        """Take the lock or raise a WorkbenchError naming the process that holds it."""
+        lock = _lock_path(Path(run_path))
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise WorkbenchError(f"{run_path} is being written by another process (pid {holder}); "
+                                     "wait for it to finish, or stop it first") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its last holder removed while we were opening it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return cls(lock, fd)
+            os.close(fd)
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd < 0:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def check_output(path: Path, resume: bool, overwrite: bool) -> None:
+    """Everything about an output path that can be checked before a model loads: the folder can be
+    made and written, the path is not a folder, an existing run needs --resume or --overwrite, and
+    no other process is writing it. Raises WorkbenchError with one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise WorkbenchError(f"--out {path} is a folder; give a file name such as {path / 'run.h5'}")
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise WorkbenchError(f"--out {path}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise WorkbenchError(f"--out {path}: cannot write in {p} (permission denied)")
+            break
+    if path.exists() and not os.access(path, os.R_OK):
+        raise WorkbenchError(f"--out {path}: the existing file cannot be read (permission denied)")
+    if run_exists(path) and not resume and not overwrite:
+        raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")
+    if resume and overwrite:
+        raise WorkbenchError("--resume and --overwrite exclude each other")
+    if parent.exists() and _lock_path(path).exists():
+        RunLock.acquire(path).release()
+
+
+# --------------------------------------------------------------------------- datasets
 @dataclass(frozen=True)
 class SampleTable:
     """Per-sample task fields, columnar. Every list has length N."""
@@ -69,18 +254,366 @@ class SampleTable:
     extra: list[str]  # JSON per sample
 
 
+def _text(x: Any) -> str:
+    return str(x).replace("\0", NUL_STAND_IN)
+
+
+def _ragged(rows: list, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``) as an object array of
+    1-D arrays (built element by element: equal-length rows must not become a 2-D array)."""
+    out = np.empty(shape, dtype=object)
+    for index in np.ndindex(shape):
+        row = rows
+        for i in index:
+            row = row[i]
+        out[index] = np.asarray(row, dtype=dtype).reshape(-1)
+    return out
+
+
+def _put_vlen(group: h5py.Group, name: str, data: np.ndarray, dtype: Any) -> None:
+    """A vlen dataset from an object array of 1-D arrays (``create_dataset(data=…)`` takes equal-length
+    rows as they are; assigning them to an existing dataset would try to broadcast a 2-D array)."""
+    group.create_dataset(name, data=data, dtype=dtype)
+
+
+def _batch_arrays(arrays: dict[str, Any], transcripts: list[list[int]], n_rounds: int) -> dict[str, np.ndarray]:
+    """One batch's arrays by their path in the run file: ragged ones as object arrays of 1-D arrays,
+    strings as object arrays of str, flags as uint8."""
+    batch = len(transcripts)
+    out = {}
+    for name, value in arrays.items():
+        if name in TOKEN_ARRAYS:
+            out[f"tokens/{name}"] = _ragged(value, (batch, n_rounds), TOKEN_ARRAYS[name])
+        elif name in ("instruction", "response"):
+            texts = np.empty((batch, n_rounds), dtype=object)
+            for i, row in enumerate(value):
+                texts[i] = [_text(x) for x in row]
+            out[f"rounds/{name}"] = texts
+        else:
+            value = np.asarray(value)
+            out[f"rounds/{name}"] = value.astype(np.uint8) if value.dtype == np.bool_ else value
+    out["transcripts/token_ids"] = _ragged(transcripts, (batch,), np.int32)
+    return out
+
+
+def _fill_value(name: str, dtype: np.dtype) -> Any:
+    if dtype.kind == "f":
+        return np.nan
+    if name in INT_FILL_MINUS_ONE:
+        return -1
+    return 0
+
+
+# --------------------------------------------------------------------------- the parts of a run
+def _write_header(dest: Path, settings: dict[str, Any], samples: SampleTable, n_rounds: int, run_id: str) -> None:
+    n = len(samples.index)
+    k = max((len(o) for o in samples.options), default=0)
+
+    def fill(f: h5py.File) -> None:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["workbench_version"] = _version()
+        f.attrs["created"] = _now()
+        f.attrs["status"] = "running"
+        f.attrs["run_id"] = run_id
+        f.attrs["n_samples"] = n
+        f.attrs["n_rounds"] = n_rounds
+        f.attrs["n_options"] = k
+        f.attrs["positions"] = json.dumps(list(POSITIONS))
+        for key, value in settings.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
+        s = f.create_group("samples")
+        s.create_dataset("index", data=np.asarray(samples.index, dtype=np.int64))
+        for name in ("id", "context", "question", "category", "condition", "extra"):
+            s.create_dataset(name, data=np.asarray([_text(x) for x in getattr(samples, name)], dtype=object).reshape(n), dtype=STR)
+        opts = np.empty((n, k), dtype=object)
+        for i, o in enumerate(samples.options):
+            opts[i] = [_text(x) for x in o] + [""] * (k - len(o))
+        s.create_dataset("options", data=opts, dtype=STR)
+        s.create_dataset("gold", data=np.asarray(samples.gold, dtype=np.int16))
+
+    _write_h5_atomic(dest, fill)
+
+
+@dataclass(frozen=True)
+class ActivationSlot:
+    """Where one hook's activations ``[N, R, P, L, d]`` sit in ``activations.h5``. One chunk holds
+    one sample; HDF5 allocates them in order with an index node now and then between them, so the
+    rows form a few contiguous ``segments``: ``(first row, byte offset)``, each up to the next."""
+
+    hook: str
+    shape: tuple[int, ...]
+    dtype: str
+    segments: tuple[tuple[int, int], ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
+
+    def extents(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(first row, end row, byte offset of the first row)`` of each contiguous piece of rows ``[start, stop)``."""
+        ends = [first for first, _ in self.segments[1:]] + [self.shape[0]]
+        for (first, offset), end in zip(self.segments, ends):
+            lo, hi = max(start, first), min(stop, end)
+            if lo < hi:
+                yield lo, hi, offset + (lo - first) * self.row_bytes
+
+
+def _segments(offsets: Any, row_bytes: int) -> tuple[tuple[int, int], ...]:
+    out = []
+    for row, offset in enumerate(np.asarray(offsets).tolist()):
+        if not out or offset != out[-1][1] + (row - out[-1][0]) * row_bytes:
+            out.append((row, int(offset)))
+    return tuple(out)
+
+
+def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: str, layers_json: str) -> list[ActivationSlot]:
+    """Create ``activations.h5`` with every array allocated at full size and record where each
+    array's bytes are (``layout.json``). Its HDF5 metadata is never written again."""
+    slots: list[ActivationSlot] = []
+
+    def fill(f: h5py.File) -> None:
+        group = f.create_group("activations")
+        for hook, shape in shapes.items():
+            space = h5py.h5s.create_simple(shape)
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk((1, *shape[1:]))
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # rows are written once; no pass over the file writing NaN
+            tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
+            ds = h5py.Dataset(h5py.h5d.create(group.id, hook.encode(), tid, space, dcpl=dcpl))
+            ds.attrs["positions"] = json.dumps(list(POSITIONS))
+            ds.attrs["layers"] = layers_json
+            row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            offsets = np.zeros(shape[0], dtype=np.int64)
+            if row_bytes and shape[0]:
+                def record(info: Any) -> None:
+                    offsets[info.chunk_offset[0]] = info.byte_offset
+                ds.id.chunk_iter(record)
+            slots.append(ActivationSlot(hook, tuple(shape), dtype, _segments(offsets, row_bytes)))
+
+    target = folder / ACTIVATIONS
+    tmp = folder / (ACTIVATIONS + ".new")
+    _write_h5_atomic(tmp, fill)
+    _write_text_atomic(folder / LAYOUT, json.dumps([{"hook": s.hook, "shape": list(s.shape), "dtype": s.dtype,
+                                                      "segments": [list(x) for x in s.segments]} for s in slots]))
+    _replace(tmp, target)
+    return slots
+
+
+def _read_layout(folder: Path) -> list[ActivationSlot]:
+    return [ActivationSlot(d["hook"], tuple(d["shape"]), d["dtype"], tuple((int(r), int(o)) for r, o in d["segments"]))
+            for d in json.loads((folder / LAYOUT).read_text())]
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _write_rows(fd: int, slot: ActivationSlot, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (``[B, R, P, L, d]``, the slot's dtype, C order) as rows ``start : start + B``."""
+    for lo, hi, offset in slot.extents(start, start + len(rows)):
+        _pwrite_all(fd, memoryview(rows[lo - start : hi - start]).cast("B"), offset)
+
+
+def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarray:
+    out = np.empty((stop - start, *slot.shape[1:]), dtype=slot.dtype)
+    for lo, hi, offset in slot.extents(start, stop):
+        n = (hi - lo) * slot.row_bytes
+        got = os.preadv(fd, [memoryview(out[lo - start : hi - start]).cast("B")], offset)
+        if got != n:
+            raise OSError(errno.EIO, f"short read of activations ({got} of {n} bytes)")
+    return out
+
+
+def _copy_raw(src: Path, src_slots: list[ActivationSlot], dst: Path, dst_slots: list[ActivationSlot]) -> None:
+    """Copy every activation array's rows from one file to another (repairing a killed assembly)."""
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        for a, b in zip(src_slots, dst_slots):
+            step = max(1, (64 << 20) // max(a.row_bytes, 1))
+            for start in range(0, a.shape[0], step):
+                stop = min(a.shape[0], start + step)
+                _write_rows(fout.fileno(), b, start, _read_rows(fin.fileno(), a, start, stop))
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _batch_parts(folder: Path) -> list[tuple[int, int, Path]]:
+    """Finished batch parts as ``(start, stop, path)``, by start."""
+    out = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = BATCH_PART.match(p.name)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(out)
+
+
+def _done_from_parts(folder: Path, n: int) -> np.ndarray:
+    done = np.zeros(n, dtype=bool)
+    for start, stop, _ in _batch_parts(folder):
+        done[start:stop] = True
+    return done
+
+
+def _derived_parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("derived-*.h5"))
+
+
+# --------------------------------------------------------------------------- building the file's groups
+def _copy_header(header: h5py.File, dst: h5py.File) -> None:
+    for key, value in header.attrs.items():
+        dst.attrs[key] = value
+    header.copy(header["samples"], dst, "samples")
+
+
+def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndarray:
+    """Create ``rounds/``, ``tokens/``, ``transcripts/`` and ``progress/`` in ``dst`` at full size
+    and copy every finished batch part into its rows; add derived groups. Returns ``done`` ``[N]``."""
+    n, n_rounds = int(header.attrs["n_samples"]), int(header.attrs["n_rounds"])
+    parts = _batch_parts(folder)
+    done = np.zeros(n, dtype=bool)
+    buffers: dict[str, np.ndarray] = {}
+    vlen_types: dict[str, Any] = {}
+
+    def empty_vlen(dtype: Any) -> Any:
+        return "" if h5py.check_string_dtype(dtype) is not None else np.zeros(0, dtype=h5py.check_vlen_dtype(dtype))
+
+    for start, stop, part in parts:
+        with h5py.File(part, "r", locking=False) as p:
+            def visit(path: str, src: Any) -> None:
+                if not isinstance(src, h5py.Dataset):
+                    return
+                if path not in buffers:
+                    shape = (n, *src.shape[1:])
+                    if src.dtype.kind == "O":  # vlen or string: numpy calls all object dtypes equal, h5py tells them apart
+                        vlen_types[path] = src.dtype
+                        buffers[path] = np.empty(shape, dtype=object)
+                    else:
+                        buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], src.dtype), dtype=src.dtype)
+                buffers[path][start:stop] = src[...]
+            p.visititems(visit)
+        done[start:stop] = True
+    k = int(header.attrs["n_options"])
+    for path, (tail, dtype) in STANDARD_ARRAYS.items():  # the same layout before any batch is done
+        if path not in buffers:
+            shape = (n, *(n_rounds if d == "R" else k if d == "K" else d for d in tail))
+            if np.dtype(dtype).kind == "O":
+                vlen_types[path] = dtype
+                buffers[path] = np.empty(shape, dtype=object)
+            else:
+                buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], np.dtype(dtype)), dtype=dtype)
+    for path, data in buffers.items():
+        if data.dtype == object and not done.all():  # rows not done yet: empty strings and sequences
+            fill = empty_vlen(vlen_types[path])
+            rows = data[~done].reshape(-1)
+            for i in range(rows.size):
+                rows[i] = fill
+            data[~done] = rows.reshape(data[~done].shape)
+    for path, data in sorted(buffers.items()):
+        group, name = path.rsplit("/", 1)
+        g = dst.require_group(group)
+        if data.dtype == object:
+            _put_vlen(g, name, data, vlen_types[path])
+        else:
+            g.create_dataset(name, data=data)
+    dst.require_group("progress").create_dataset("done", data=done.astype(np.uint8))
+    for derived in _derived_parts(folder):
+        with h5py.File(derived, "r", locking=False) as d:
+            group = d.attrs["group"]
+            if group in dst:
+                del dst[group]
+            dst.require_group(group.rsplit("/", 1)[0] if "/" in group else "/")
+            d.copy(d["data"], dst, group)
+    return done
+
+
+def _activation_view(dst: h5py.File, activations_file: Path, slots: list[ActivationSlot], layers_json: str) -> None:
+    """Activation datasets in ``dst`` that read the raw bytes of ``activations_file`` (HDF5 external
+    storage), so a reader never parses the HDF5 metadata of a file that is being written."""
+    group = dst.require_group("activations")
+    for s in slots:
+        name = str(activations_file.resolve())
+        pieces = [(name, offset, (hi - lo) * s.row_bytes) for lo, hi, offset in s.extents(0, s.shape[0])]
+        ds = group.create_dataset(s.hook, shape=s.shape, dtype=s.dtype, external=pieces or None)
+        ds.attrs["positions"] = json.dumps(list(POSITIONS))
+        ds.attrs["layers"] = layers_json
+
+
+# --------------------------------------------------------------------------- settling a run's state
+def _settle(path: Path) -> None:
+    """Bring a run's files into one consistent state after a kill (the caller holds the lock):
+    finish an interrupted ``--overwrite`` swap, drop parts a completed assembly left behind,
+    remove unfinished temporary files, and repair a killed assembly."""
+    parts, staging, old = parts_dir(path), _staging_dir(path), path.with_name(path.name + ".parts.old")
+    if staging.exists() and not parts.exists() and not path.exists() and (staging / HEADER).exists() and _batch_parts(staging):
+        _replace(staging, parts)  # killed between the --overwrite swap's renames
+    if old.exists():
+        shutil.rmtree(old)
+    if staging.exists() and (parts.exists() or path.exists()):
+        shutil.rmtree(staging)  # an --overwrite killed before its first batch: the old run stands
+    if path.exists() and parts.exists():
+        with h5py.File(path, "r", locking=False) as f:
+            final_id = f.attrs.get("run_id")
+        header = parts / HEADER
+        part_id = None
+        if header.exists():
+            with h5py.File(header, "r", locking=False) as h:
+                part_id = h.attrs.get("run_id")
+        if part_id is None or part_id == final_id:
+            shutil.rmtree(parts)  # assembly finished; its parts were not removed yet
+    if not parts.exists():
+        return
+    for tmp in list(parts.glob("*.tmp")) + list(parts.glob("*.new")):
+        tmp.unlink()
+    assembling = parts / ASSEMBLING
+    if assembling.exists() and not (parts / ACTIVATIONS).exists():
+        old_slots = _read_layout(parts)
+        with h5py.File(parts / HEADER, "r", locking=False) as h:
+            layers_json = h.attrs.get("layers", "[]")
+        dtype = old_slots[0].dtype if old_slots else "float32"
+        tmp_dir = parts / "repair"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        new_slots = _create_activations(tmp_dir, {s.hook: s.shape for s in old_slots}, dtype, layers_json)
+        _copy_raw(assembling, old_slots, tmp_dir / ACTIVATIONS, new_slots)
+        _replace(tmp_dir / LAYOUT, parts / LAYOUT)
+        _replace(tmp_dir / ACTIVATIONS, parts / ACTIVATIONS)
+        shutil.rmtree(tmp_dir)
+        assembling.unlink()
+    elif assembling.exists():
+        assembling.unlink()
+
+
+# --------------------------------------------------------------------------- the writer
 class RunWriter:
-    """Creates or resumes a run file and writes batches into it. Use as a context manager."""
+    """Creates or resumes a run and writes batches into it. Use as a context manager.
 
-    def __init__(self, f: h5py.File, n_samples: int):
-        self.f = f
-        self.n_samples = n_samples
-        self._datasets: dict[str, h5py.Dataset] = {}  # looking a dataset up by path costs more than writing a batch row
+    ``create``/``resume`` take the run's lock; ``write_batch`` makes one batch durable;
+    ``finish`` assembles the run file once every batch is done.
+    """
 
-    def _dataset(self, path: str) -> h5py.Dataset:
-        if path not in self._datasets:
-            self._datasets[path] = self.f[path]
-        return self._datasets[path]
+    def __init__(self, path: Path, folder: Path, lock: RunLock, replaces_old: bool = False):
+        self.path = path
+        self.folder = folder  # the parts folder (the staging folder until an --overwrite's first batch)
+        self.lock = lock
+        self.replaces_old = replaces_old
+        self._complete = folder is None
+        if self._complete:
+            with _open(path, "r") as f:
+                self.n_samples, self.n_options = int(f.attrs["n_samples"]), int(f.attrs["n_options"])
+            self.slots: list[ActivationSlot] = []
+            self._fd = -1
+            return
+        with h5py.File(folder / HEADER, "r", locking=False) as h:
+            self.n_samples, self.n_options = int(h.attrs["n_samples"]), int(h.attrs["n_options"])
+            self.n_rounds = int(h.attrs["n_rounds"])
+        self.slots = _read_layout(folder)
+        self._fd = os.open(folder / ACTIVATIONS, os.O_RDWR)
+        self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        self._last_commit = -math.inf  # the first batch commits at once
 
     # --------------------------------------------------------------------- open
     @classmethod
@@ -92,180 +625,331 @@ class RunWriter:
         n_rounds: int,
         hook_shapes: dict[str, tuple[int, int]],
         activation_dtype: str = "float32",
+        overwrite: bool = False,
     ) -> "RunWriter":
-        """Create a new run file (refuses to overwrite). hook_shapes: hook → (n_layers, d_model)."""
+        """Start a new run at ``path``. hook_shapes: hook → (n_layers, d_model).
+
+        With ``overwrite`` an existing run is replaced only once the new run's first batch is
+        finished (until then it stays readable, and a failure leaves it as it was)."""
         path = Path(path)
-        if path.exists():
-            raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        n = len(samples.index)
-        k = max((len(o) for o in samples.options), default=0)
-        f = h5py.File(path, "w")  # default superblock: no "open for write" flag left behind by a killed run
+        with _write_errors(path, "creating"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        lock = RunLock.acquire(path)
         try:
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["workbench_version"] = _version()
-            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            f.attrs["status"] = "running"
-            f.attrs["n_samples"] = n
-            f.attrs["n_rounds"] = n_rounds
-            f.attrs["n_options"] = k
-            f.attrs["positions"] = json.dumps(list(POSITIONS))
-            for key, value in settings.items():
-                f.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
-            s = f.create_group("samples")
-            s.create_dataset("index", data=np.asarray(samples.index, dtype=np.int64))
-            for name in ("id", "context", "question", "category", "condition", "extra"):
-                texts = [str(x).replace("\0", NUL_STAND_IN) for x in getattr(samples, name)]
-                s.create_dataset(name, data=np.asarray(texts, dtype=object), dtype=STR)
-            opts = [[str(x).replace("\0", NUL_STAND_IN) for x in o] + [""] * (k - len(o)) for o in samples.options]
-            opts = np.asarray(opts, dtype=object).reshape(n, k)
-            s.create_dataset("options", data=opts, dtype=STR)
-            s.create_dataset("gold", data=np.asarray(samples.gold, dtype=np.int16))
-            r = f.create_group("rounds")
-            for name in ("instruction", "response"):
-                r.create_dataset(name, shape=(n, n_rounds), dtype=STR)
-            r.create_dataset("response_token_ids", shape=(n, n_rounds), dtype=VLEN_INT)
-            r.create_dataset("token_entropy", shape=(n, n_rounds), dtype=VLEN_FLOAT)
-            _create(r, "prompt_span", (n, n_rounds, 2), np.int64)
-            _create(r, "response_span", (n, n_rounds, 2), np.int64)
-            for name in ("mean_token_entropy", "option_entropy", "chosen_confidence"):
-                _create(r, name, (n, n_rounds), np.float32, fill=np.nan)
-            _create(r, "option_probs", (n, n_rounds, k), np.float32, fill=np.nan)
-            for name in ("parsed_answer", "option_answer", "answer"):
-                _create(r, name, (n, n_rounds), np.int16, fill=-1)
-            _create(r, "correct", (n, n_rounds), np.uint8)  # flags are uint8 0/1: h5ls cannot print h5py's bool enum
-            f.create_group("transcripts").create_dataset("token_ids", shape=(n,), dtype=VLEN_INT)
-            a = f.create_group("activations")
-            for hook, (n_layers, d_model) in hook_shapes.items():
-                shape = (n, n_rounds, len(POSITIONS), n_layers, d_model)
-                ds = _create(a, hook, shape, np.dtype(activation_dtype), chunks=(1, *shape[1:]), fill=np.nan)
-                ds.attrs["positions"] = json.dumps(list(POSITIONS))
-                ds.attrs["layers"] = f.attrs.get("layers", json.dumps(list(range(n_layers))))
-            _create(f.require_group("progress"), "done", (n,), np.uint8)
-            f.flush()
+            with _write_errors(path, "creating"):
+                _settle(path)
+                exists = run_exists(path)
+                if exists and not overwrite:
+                    raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")
+                folder = _staging_dir(path) if exists else parts_dir(path)
+                shutil.rmtree(_staging_dir(path), ignore_errors=True)
+                if not exists:
+                    shutil.rmtree(folder, ignore_errors=True)  # a creation that was killed before its header landed
+                folder.mkdir()
+                n = len(samples.index)
+                shapes = {h: (n, n_rounds, len(POSITIONS), nl, d) for h, (nl, d) in hook_shapes.items()}
+                layers = settings.get("layers", list(range(next(iter(hook_shapes.values()))[0] if hook_shapes else 0)))
+                layers_json = layers if isinstance(layers, str) else json.dumps(layers)
+                _create_activations(folder, shapes, activation_dtype, layers_json)
+                _write_header(folder / HEADER, settings, samples, n_rounds, uuid.uuid4().hex)
+            return cls(path, folder, lock, replaces_old=exists)
         except BaseException:
-            f.close()
-            path.unlink(missing_ok=True)
+            lock.release()
             raise
-        return cls(f, n)
 
     @classmethod
     def resume(cls, path: Path, settings: dict[str, Any]) -> "RunWriter":
-        """Reopen an unfinished run for writing, after checking it was made with the same settings."""
+        """Reopen an unfinished (or finished) run for writing, after checking it was made with the same settings."""
         path = Path(path)
-        if not path.exists():
+        if not run_exists(path):
             raise WorkbenchError(f"--resume: {path} does not exist")
-        f = _open(path, "r+")
+        lock = RunLock.acquire(path)
         try:
-            for key in RESUME_KEYS:
-                if key not in settings:
-                    continue
-                want = settings[key]
-                want = want if isinstance(want, (str, int, float, bool)) else json.dumps(want)
-                have = f.attrs.get(key)
-                have = have.item() if isinstance(have, np.generic) else have
-                if have != want:
-                    detail = f" ({have} in the file, {want} now)" if len(str(have)) + len(str(want)) < 80 else ""
-                    raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
+            with _write_errors(path, "resuming"):
+                _settle(path)
+            if path.exists():
+                with _open(path, "r") as f:
+                    _check_settings(path, f.attrs, settings)
+                    if f.attrs.get("status") != "complete":
+                        raise WorkbenchError(f"{path} was written by an older workbench (schema 1) and is not "
+                                             "complete; it cannot be resumed: run it again with --overwrite")
+                return cls(path, None, lock)
+            header = parts_dir(path) / HEADER
+            if not header.exists():  # the creation was killed before the run existed
+                raise WorkbenchError(f"--resume: {path} does not exist")
+            with h5py.File(header, "r", locking=False) as h:
+                _check_settings(path, h.attrs, settings)
+            return cls(path, parts_dir(path), lock)
         except BaseException:
-            f.close()
+            lock.release()
             raise
-        return cls(f, int(f.attrs["n_samples"]))
 
     def __enter__(self) -> "RunWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.f.close()
+        self.close()
+
+    def close(self) -> None:
+        """Commit what was written (unless that fails too), release the file and the lock."""
+        try:
+            if self._fd >= 0 and self._pending:
+                self.commit()
+        except WorkbenchError:
+            pass  # already failing (e.g. a full disk): the uncommitted batches are recomputed on --resume
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.lock.release(remove=self._complete)
 
     # --------------------------------------------------------------------- write
     def done_mask(self) -> np.ndarray:
         """``[N]`` bool: which samples are complete."""
-        return self.f["progress/done"][...].astype(bool)
+        if self._complete:
+            return np.ones(self.n_samples, dtype=bool)
+        return _done_from_parts(self.folder, self.n_samples)
 
     def write_batch(self, start: int, arrays: dict[str, Any], activations: dict[str, np.ndarray], transcripts: list[list[int]]) -> None:
-        """Write rows ``start : start + B`` of every per-round array, then mark them done.
+        """Write rows ``start : start + B`` of every array.
 
-        arrays: name → ``[B, R, ...]`` (numpy, or nested lists for the vlen datasets
-        ``response_token_ids``/``token_entropy``/``instruction``/``response``). Unknown names are
-        task fields and get a dataset of their own on first write.
+        arrays: name → ``[B, R, ...]`` (numpy, or nested lists for ``response_token_ids``,
+        ``token_entropy``, ``instruction`` and ``response``). Unknown names are task fields.
+        activations: hook → ``[B, R, P, L, d]``. transcripts: ``[B][tokens]``.
+
+        The activations go straight to their place in the file; the rest is committed (one fsynced,
+        renamed part for all batches since the last commit) at most every ``COMMIT_INTERVAL_S``
+        seconds and by ``finish``/``close``: batches count as done once committed.
         """
-        f = self.f
+        if self._complete:
+            raise WorkbenchError(f"{self.path} is complete; nothing to write")
         batch = len(transcripts)
         stop = start + batch
-        for name, value in arrays.items():
-            path = f"rounds/{name}"
-            if name in ("response_token_ids", "token_entropy"):
-                _write_ragged(self._dataset(path), start, value, np.int32 if name == "response_token_ids" else np.float32)
-                continue
-            if name in ("instruction", "response"):
-                value = np.asarray([[str(x).replace("\0", NUL_STAND_IN) for x in row] for row in value], dtype=object)
-            else:
-                value = np.asarray(value)
-                value = value.astype(np.uint8) if value.dtype == np.bool_ else value
-            if path not in self._datasets and name not in f["rounds"]:
-                fill = np.nan if value.dtype.kind == "f" else 0
-                _create(f["rounds"], name, (self.n_samples, *value.shape[1:]), value.dtype, fill=fill)
-            self._dataset(path)[start:stop] = value
-        _write_ragged(self._dataset("transcripts/token_ids"), start, transcripts, np.int32)
-        for hook, acts in activations.items():
-            ds = self._dataset(f"activations/{hook}")
-            ds[start:stop] = acts.astype(ds.dtype, copy=False)
-        f.flush()
-        self._dataset("progress/done")[start:stop] = 1
-        f.flush()
+        if self._pending and self._pending[-1][1] != start:
+            self.commit()  # a part covers consecutive rows only
+        with _write_errors(self.path):
+            for slot in self.slots:
+                acts = np.ascontiguousarray(activations[slot.hook], dtype=slot.dtype)
+                if acts.shape != (batch, *slot.shape[1:]):
+                    raise ValueError(f"activations/{slot.hook}: batch shape {acts.shape}, expected {(batch, *slot.shape[1:])}")
+                _write_rows(self._fd, slot, start, acts)
+        self._pending.append((start, stop, _batch_arrays(arrays, transcripts, self.n_rounds)))
+        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make every written batch durable and done: fsync the activations, write their other arrays
+        as one part file (fsynced, renamed into place)."""
+        if not self._pending:
+            return
+        start, stop = self._pending[0][0], self._pending[-1][1]
+        merged = {path: np.concatenate([p[2][path] for p in self._pending]) for path in self._pending[0][2]}
+
+        def fill(f: h5py.File) -> None:
+            f.attrs["start"], f.attrs["stop"] = start, stop
+            for path, data in merged.items():
+                group, name = path.rsplit("/", 1)
+                if data.dtype == object:
+                    _put_vlen(f.require_group(group), name, data, STANDARD_ARRAYS.get(path, (None, STR))[1])
+                else:
+                    f.require_group(group).create_dataset(name, data=data)
+
+        with _write_errors(self.path):
+            os.fsync(self._fd)
+            _write_h5_atomic(self.folder / f"batch-{start:08d}-{stop:08d}.h5", fill)
+            if self.replaces_old:
+                self._take_over()
+        self._pending = []
+        self._last_commit = time.monotonic()
+
+    def _take_over(self) -> None:
+        """``--overwrite``: the new run has a finished batch, so now (and only now) it replaces the old one."""
+        parts, old = parts_dir(self.path), self.path.with_name(self.path.name + ".parts.old")
+        if self.path.exists():
+            self.path.unlink()
+        if parts.exists():
+            os.replace(parts, old)
+        _replace(self.folder, parts)
+        shutil.rmtree(old, ignore_errors=True)
+        self.folder, self.replaces_old = parts, False
 
     def finish(self) -> None:
-        """Mark the run complete when every sample is done."""
-        if self.done_mask().all():
-            self.f.attrs["status"] = "complete"
-            self.f.attrs["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.f.flush()
+        """Assemble the run file once every sample is done (otherwise nothing: the parts stay)."""
+        if self._complete:
+            return
+        self.commit()
+        if not self.done_mask().all():
+            return
+        with _write_errors(self.path, "assembling"):
+            assemble(self.path, self.folder)
+        os.close(self._fd)
+        self._fd = -1
+        self._complete = True
 
 
-def _write_ragged(ds: h5py.Dataset, start: int, rows: list, dtype: Any) -> None:
-    """Write nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``) to a vlen dataset in one call."""
-    two_d = ds.ndim == 2
-    shape = (len(rows), ds.shape[1]) if two_d else (len(rows),)
-    out = np.empty(shape, dtype=object)
-    for index in np.ndindex(shape):
-        out[index] = np.asarray(rows[index[0]][index[1]] if two_d else rows[index[0]], dtype=dtype)
-    if not two_d and len(rows) == 1:
-        ds[start] = out[0]  # h5py cannot broadcast a one-row 1-D object array
-    else:
-        ds[start : start + len(rows)] = out
+def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
+    for key in RESUME_KEYS:
+        if key not in settings:
+            continue
+        want = settings[key]
+        want = want if isinstance(want, (str, int, float, bool)) else json.dumps(want)
+        have = attrs.get(key)
+        have = have.item() if isinstance(have, np.generic) else have
+        if have != want:
+            detail = f" ({have} in the file, {want} now)" if len(str(have)) + len(str(want)) < 80 else ""
+            raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
 
 
+def assemble(path: Path, folder: Path) -> None:
+    """Turn a finished run's parts into the run file ``path``: the small arrays are copied into the
+    activations file (which is never copied), it is fsynced and renamed to ``path``, and the parts
+    folder is removed. A kill at any point is repaired by ``_settle``."""
+    assembling = folder / ASSEMBLING
+    _replace(folder / ACTIVATIONS, assembling)
+    with h5py.File(folder / HEADER, "r", locking=False) as header, h5py.File(assembling, "r+", locking=False) as f:
+        _copy_header(header, f)
+        _fill_from_parts(f, folder, header)
+        f.attrs["status"] = "complete"
+        f.attrs["finished"] = _now()
+        _add_dimension_scales(f)
+    _fsync_path(assembling)
+    _replace(assembling, path)
+    shutil.rmtree(folder)
+    _fsync_path(path.parent, directory=True)
+
+
+def _add_dimension_scales(f: h5py.File) -> None:
+    """Name every dimension of every array with an HDF5 dimension scale (netCDF-4 style, so
+    ``xarray.open_dataset(path, engine="h5netcdf", group="rounds")`` gets named dimensions and
+    coordinates). Each group holds the scales its arrays use: ``sample`` (the global sample index),
+    ``round`` (0-based), ``position``, ``layer`` (captured layer indices), ``d_model``, ``option``,
+    ``bound`` (``start``/``end`` of a span), and ``{array}_dim{i}`` for other task-field axes."""
+    n, rounds, k = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"]), int(f.attrs["n_options"])
+    values: dict[str, np.ndarray] = {
+        "sample": f["samples/index"][...], "round": np.arange(rounds, dtype=np.int64),
+        "option": np.arange(k, dtype=np.int64), "bound": np.array(["start", "end"], dtype=object),
+        "position": np.array(POSITIONS, dtype=object),
+    }
+    for group_name in ("samples", "rounds", "tokens", "transcripts", "activations"):
+        if group_name not in f:
+            continue
+        group = f[group_name]
+        scales: dict[str, h5py.Dataset] = {}
+
+        def scale(name: str, data: np.ndarray) -> h5py.Dataset:
+            if name not in scales:
+                ds = group.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
+                ds.make_scale(name)
+                scales[name] = ds
+            return scales[name]
+
+        for name, ds in list(group.items()):
+            if not isinstance(ds, h5py.Dataset) or name in values or h5py.h5ds.is_scale(ds.id):
+                continue
+            for axis, length in enumerate(ds.shape):
+                if axis == 0 and length == n:
+                    dim = "sample"
+                elif axis == 1 and length == rounds and group_name != "samples":
+                    dim = "round"
+                elif group_name == "activations":
+                    dim = ("sample", "round", "position", "layer", "d_model")[axis]
+                    if dim == "layer":
+                        values["layer"] = np.asarray(json.loads(ds.attrs["layers"]), dtype=np.int64)
+                    elif dim == "d_model":
+                        values["d_model"] = np.arange(length, dtype=np.int64)
+                elif length == k and name.startswith(("option", "exact_option")) or name == "options":
+                    dim = "option"
+                elif length == 2 and name.endswith("_span"):
+                    dim = "bound"
+                else:
+                    dim = f"{name}_dim{axis}"
+                    values[dim] = np.arange(length, dtype=np.int64)
+                ds.dims[axis].attach_scale(scale(dim, values[dim]))
+
+
+# --------------------------------------------------------------------------- reading
 def _open(path: Path, mode: str) -> h5py.File:
     try:
-        f = h5py.File(path, mode)
+        f = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
     except FileNotFoundError:
         raise WorkbenchError(f"run file not found: {path}") from None
     except (OSError, RuntimeError) as e:
         msg = str(e)
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM) or "permission denied" in msg.lower():
+            raise WorkbenchError(f"{path} cannot be read (permission denied)") from None
         if "unable to lock file" in msg.lower():
             raise WorkbenchError(f"{path} is open for writing by another process") from None
+        if os.path.isdir(path):
+            raise WorkbenchError(f"{path} is a folder, not a run file") from None
         raise WorkbenchError(f"{path} is not a readable HDF5 file ({'truncated' if 'truncated' in msg else 'corrupt or not HDF5'})") from None
-    if f.attrs.get("format") != FORMAT:
+    try:
+        _check_run_attrs(path, f)
+    except BaseException:
         f.close()
-        raise WorkbenchError(f"{path} is not a workbench run file (no format={FORMAT!r} attribute)")
-    version = int(f.attrs.get("schema_version", -1))
-    if version > SCHEMA_VERSION:
-        f.close()
-        raise WorkbenchError(f"{path} has schema_version {version}; this workbench reads up to {SCHEMA_VERSION}")
+        raise
     return f
 
 
-class RunFile:
-    """Read access to a run file: metadata and the arrays of its finished samples.
+def _check_run_attrs(path: Path, f: h5py.File) -> None:
+    if f.attrs.get("format") != FORMAT:
+        raise WorkbenchError(f"{path} is not a workbench run file (no format={FORMAT!r} attribute)")
+    try:
+        version = int(f.attrs.get("schema_version", -1))
+    except (TypeError, ValueError):
+        raise WorkbenchError(f"{path}: schema_version is not an integer") from None
+    if version > SCHEMA_VERSION:
+        raise WorkbenchError(f"{path} has schema_version {version}; this workbench reads up to {SCHEMA_VERSION}")
+    for key in ("n_samples", "n_rounds"):
+        value = f.attrs.get(key)
+        if not isinstance(value, (int, np.integer)) or int(value) < 0:
+            raise WorkbenchError(f"{path}: the attribute {key} is {'missing' if value is None else repr(value)}, not a count")
+    if "progress" not in f or "done" not in f["progress"]:
+        raise WorkbenchError(f"{path} has no progress/done dataset (not a complete workbench run file)")
+    done = f["progress/done"]
+    if done.shape != (int(f.attrs["n_samples"]),):
+        raise WorkbenchError(f"{path}: progress/done has shape {done.shape}, expected ({int(f.attrs['n_samples'])},)")
 
-    ``RunFile(path)`` opens read-only; use it as a context manager or call ``close()``.
+
+def _running_view(path: Path, folder: Path) -> h5py.File:
+    """An in-memory HDF5 file with the layout of a finished run, holding a running run's finished
+    parts: the small arrays copied, the activations read in place from ``activations.h5``."""
+    view = h5py.File(f"{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
+    try:
+        with h5py.File(folder / HEADER, "r", locking=False) as header:
+            _copy_header(header, view)
+            _fill_from_parts(view, folder, header)
+            layers_json = header.attrs.get("layers", "[]")
+        raw = folder / ACTIVATIONS if (folder / ACTIVATIONS).exists() else folder / ASSEMBLING
+        _activation_view(view, raw, _read_layout(folder), layers_json)
+        _add_dimension_scales(view)
+    except BaseException:
+        view.close()
+        raise
+    return view
+
+
+class RunFile:
+    """Read access to a run: metadata and the arrays of its finished samples.
+
+    ``RunFile(path)`` opens the run file, or, while the run is still running (or was killed), a
+    read-only in-memory view of its finished batches (``running`` is then True; reopen to refresh).
+    Use it as a context manager or call ``close()``.
     """
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.f = _open(self.path, mode)
+        self.running = False
+        folder = _readable_parts(self.path)
+        if folder is None:
+            self.f = _open(self.path, "r")
+            return
+        try:
+            self.f = _running_view(self.path, folder)
+        except (OSError, KeyError, ValueError) as e:
+            if self.path.exists():  # the run finished while we were reading its parts
+                self.f = _open(self.path, "r")
+                return
+            raise WorkbenchError(f"{self.path} is running and its parts could not be read ({str(e).splitlines()[0]}); try again") from None
+        self.running = True
 
     def __enter__(self) -> "RunFile":
         return self
@@ -300,8 +984,11 @@ class RunFile:
         return int(self.f.attrs["n_rounds"])
 
     def names(self, group: str = "rounds") -> list[str]:
-        """Dataset names under ``group``."""
-        return sorted(self.f[group].keys()) if group in self.f else []
+        """Dataset names under ``group`` (not the dimension scales that label their axes)."""
+        if group not in self.f:
+            return []
+        return sorted(name for name, obj in self.f[group].items()
+                      if not (isinstance(obj, h5py.Dataset) and h5py.h5ds.is_scale(obj.id)))
 
     def array(self, name: str, samples: Iterable[int] | slice | None = None) -> np.ndarray:
         """A dataset's rows for done samples only (``rounds/correct`` → ``[n_done, R]``).
@@ -324,30 +1011,162 @@ class RunFile:
             data = np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else v, otypes=[object])(data)
         return data
 
+    def _per_round_names(self) -> list[str]:
+        """``rounds/`` arrays of shape ``[N, R]`` (one value per sample and round)."""
+        n, r = int(self.f.attrs["n_samples"]), self.n_rounds
+        return [name for name in self.names("rounds") if self.f[f"rounds/{name}"].shape == (n, r)]
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame with one row per done sample and round: ``sample`` (the global sample
+        index), ``round`` (0-based), the task fields (``id``, ``category``, ``condition``, ``gold``,
+        ``context``, ``question``), every per-round value of ``rounds/`` (metrics, answers, the
+        instruction and the response) and the concept scores of tracked probes (``concept:{name}``,
+        as in ``workbench info``). Needs pandas."""
+        import pandas as pd
+
+        from workbench.analysis import concept_scores
+
+        done = self.done
+        n_done, r = int(done.sum()), self.n_rounds
+        columns: dict[str, Any] = {
+            "sample": np.repeat(self.array("samples/index"), r),
+            "round": np.tile(np.arange(r), n_done),
+        }
+        for name in ("id", "category", "condition", "gold", "context", "question"):
+            columns[name] = np.repeat(self.array(f"samples/{name}"), r)
+        for name in self._per_round_names():
+            columns[name] = self.array(f"rounds/{name}").reshape(-1)
+        for name, values in concept_scores(self).items():
+            columns[name] = np.asarray(values).reshape(-1)
+        return pd.DataFrame(columns)
+
+    def to_xarray(self, activations: bool = True) -> Any:
+        """An xarray Dataset of the done samples, every axis named and labelled: ``sample`` (global
+        index), ``round`` (0-based), ``option``, ``position``, ``layer``, ``d_model``. Holds the
+        task fields of ``samples/``, every fixed-shape array of ``rounds/``, the tracked probes'
+        scores (``probes/{name}/{array}``, axes ``sample, round, {name}_layer``) and, unless
+        ``activations=False``, ``activations/{hook}``. Everything is read into memory: for a large
+        run open one group lazily with ``xarray.open_dataset(path, engine="h5netcdf", group=…)``.
+        Needs xarray."""
+        import xarray as xr
+
+        k = int(self.f.attrs["n_options"])
+        coords: dict[str, Any] = {"sample": self.array("samples/index"), "round": np.arange(self.n_rounds),
+                                  "option": np.arange(k), "position": list(POSITIONS)}
+        data: dict[str, Any] = {}
+        for name in self.names("samples"):
+            if name == "index":
+                continue
+            value = self.array(f"samples/{name}")
+            data[name] = (("sample", "option")[: value.ndim], value)
+        for name in self.names("rounds"):
+            value = self.array(f"rounds/{name}")
+            dims = ["sample", "round"]
+            for axis in range(2, value.ndim):
+                dims.append("option" if value.shape[axis] == k and "option" in name else "bound" if name.endswith("_span") else f"{name}_dim{axis}")
+            data[name] = (tuple(dims), value)
+        if self.names("rounds") and any(name.endswith("_span") for name in self.names("rounds")):
+            coords["bound"] = ["start", "end"]
+        if activations:
+            for hook in self.names("activations"):
+                ds = self.f[f"activations/{hook}"]
+                coords["layer"] = json.loads(ds.attrs["layers"])
+                coords["d_model"] = np.arange(ds.shape[-1])
+                data[f"activations/{hook}"] = (("sample", "round", "position", "layer", "d_model"), self.array(f"activations/{hook}"))
+        for name in self.names("probes"):
+            group = self.f[f"probes/{name}"]
+            layers = json.loads(group.attrs["layers"]) if "layers" in group.attrs else None
+            for array in sorted(group.keys()):
+                value = self.array(f"probes/{name}/{array}")
+                dims = ("sample", "round", f"{name}_layer")[: value.ndim]
+                data[f"probes/{name}/{array}"] = (dims, value)
+                if value.ndim == 3 and layers is not None and len(layers) == value.shape[2]:
+                    coords[f"{name}_layer"] = layers
+        return xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
+                                                      for key, value in self.meta.items()})
+
     def sample_round(self, index: int, round_: int) -> dict[str, Any]:
         """Everything about one sample (file row) and round (0-based): random access, no full reads."""
-        r = self.f["rounds"]
         out: dict[str, Any] = {}
-        for name, ds in r.items():
-            value = ds[index, round_]
-            out[name] = value.decode() if isinstance(value, bytes) else value
-        for hook, ds in self.f["activations"].items():
-            out[f"activations/{hook}"] = ds[index, round_]
+        for group in ("rounds", "tokens"):
+            for name in self.names(group):
+                ds = self.f[f"{group}/{name}"]
+                if ds.ndim >= 2:
+                    value = ds[index, round_]
+                    out[name] = value.decode() if isinstance(value, bytes) else value
+        for hook in self.names("activations"):
+            out[f"activations/{hook}"] = self.f[f"activations/{hook}"][index, round_]
         return out
 
 
-def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """Write derived results (probe scores) into ``group`` of a run file, replacing any earlier
-    version of it: re-running replaces, never duplicates. Values of ``attrs`` that are dicts or
-    lists are stored as JSON."""
-    with RunFile(path, mode="r+") as run:
-        f = run.f
-        if group in f:
-            del f[group]
-        g = f.create_group(group)
-        for name, value in datasets.items():
-            value = np.asarray(value)
-            g.create_dataset(name, data=value, dtype=STR if value.dtype == object else value.dtype)
-        for key, value in attrs.items():
-            g.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        f.flush()
+def _readable_parts(path: Path) -> Path | None:
+    """The parts folder a reader should read, or None when the run file itself is the run."""
+    if path.exists():
+        return None
+    for folder in (parts_dir(path), _staging_dir(path)):
+        if (folder / HEADER).exists() and (folder / LAYOUT).exists():
+            return folder
+    return None
+
+
+# --------------------------------------------------------------------------- derived results
+GROUP_NAME = re.compile(r"^[^/\x00]+$")  # one HDF5 path component
+
+
+def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs: dict[str, Any],
+                  dataset_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write derived results (probe scores, analyses) into ``group`` of a run, replacing any earlier
+    version of it. A dataset name may hold ``/`` (``metrics/accuracy``: a subgroup). Values of
+    ``attrs`` and ``dataset_attrs`` (dataset name → attributes) that are dicts or lists are stored as JSON.
+
+    The run file is never modified in place: a copy with the new group is written, fsynced and
+    renamed over it, so a failure or kill leaves the run exactly as it was or with the complete new
+    group. On a run that is not finished the group goes into a derived part that the assembly and
+    the running view include."""
+    path = Path(path)
+    leaf = group.rsplit("/", 1)[-1]
+    if not GROUP_NAME.match(leaf) or leaf in (".", "..") or any(not GROUP_NAME.match(p) or p in (".", "..") for name in datasets for p in name.split("/")):
+        raise WorkbenchError(f"{leaf!r} cannot name a group in a run file (it must be non-empty, without '/', and not '.' or '..')")
+    prepared = {}
+    for name, value in datasets.items():
+        value = np.asarray(value)
+        prepared[name] = (value, STR if value.dtype == object else value.dtype)
+    def encode(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in values.items()}
+
+    encoded = encode(attrs)
+    encoded_per_dataset = {name: encode(a) for name, a in (dataset_attrs or {}).items()}
+
+    def write_group(f: h5py.File, where: str) -> None:
+        if where in f:
+            del f[where]
+        g = f.create_group(where)
+        for name, (value, dtype) in prepared.items():
+            ds = g.create_dataset(name, data=value, dtype=dtype)
+            for key, v in encoded_per_dataset.get(name, {}).items():
+                ds.attrs[key] = v
+        for key, value in encoded.items():
+            g.attrs[key] = value
+
+    lock = RunLock.acquire(path)
+    try:
+        with _write_errors(path):
+            _settle(path)
+            if path.exists():
+                tmp = path.with_name(path.name + ".derived.tmp")
+                tmp.unlink(missing_ok=True)
+                shutil.copyfile(path, tmp)
+                with h5py.File(tmp, "r+", locking=False) as f:
+                    _check_run_attrs(path, f)
+                    write_group(f, group)
+                _fsync_path(tmp)
+                _replace(tmp, path)
+            elif (parts_dir(path) / HEADER).exists():
+                def fill(f: h5py.File) -> None:
+                    f.attrs["group"] = group
+                    write_group(f, "data")
+                _write_h5_atomic(parts_dir(path) / f"derived-{group.replace('/', '__')}.h5", fill)
+            else:
+                raise WorkbenchError(f"run file not found: {path}")
+    finally:
+        lock.release(remove=path.exists())

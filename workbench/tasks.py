@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,7 +87,13 @@ def letter_choices(options: tuple[str, ...]) -> str:
 
 
 def letter_continuations(sample: Sample) -> list[str]:
-    """``[" (a) X", " (b) Y", ...]`` – each option as the model would write it after the prefix."""
+    """``[" (a)", " (b)", ...]`` – each option's letter as the model would write it after the prefix
+    (``--option-scoring letter``, the study's scoring)."""
+    return [f" ({LETTERS[i]})" for i in range(len(sample.options))]
+
+
+def letter_text_continuations(sample: Sample) -> list[str]:
+    """``[" (a) X", " (b) Y", ...]`` – each option's letter and text (``--option-scoring letter-text``)."""
     return [f" ({LETTERS[i]}) {o}" for i, o in enumerate(sample.options)]
 
 
@@ -117,21 +123,35 @@ BBQ = Task(
 )
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``[(line number, object)]`` of a JSONL file; one clean :class:`WorkbenchError` for a missing
+    file, a folder, bytes that are not UTF-8, a malformed line or a line that is not an object."""
+    path = Path(path)
     if not path.exists():
         raise WorkbenchError(f"data file not found: {path}")
+    if path.is_dir():
+        raise WorkbenchError(f"{path} is a folder, not a JSONL file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise WorkbenchError(f"{path}: cannot read ({e.strerror})") from None
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append((lineno, row))
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        except RecursionError:
+            raise WorkbenchError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
+        rows.append((lineno, row))
     return rows
 
 
@@ -154,10 +174,11 @@ def load_bbq(
         raise WorkbenchError(f"--condition must be ambig or disambig, not {condition!r}")
     kept: list[Sample] = []
     for path in paths:
-        for lineno, row in _read_jsonl(Path(path)):
+        for lineno, row in read_jsonl(Path(path)):
             missing = [k for k in BBQ_FIELDS if k not in row]
             if missing:
                 raise WorkbenchError(f"{path}:{lineno}: not a BBQ line (missing {', '.join(missing)})")
+            _check_bbq_row(row, f"{path}:{lineno}")
             if condition and row["context_condition"] != condition:
                 continue
             if category and str(row["category"]).lower() != category.lower():
@@ -169,13 +190,26 @@ def load_bbq(
                     context=row["context"],
                     question=row["question"],
                     options=(row["ans0"], row["ans1"], row["ans2"]),
-                    gold=int(row["label"]),
+                    gold=row["label"],
                     category=str(row["category"]),
                     condition=str(row["context_condition"]),
                     extra={k: row[k] for k in ("question_polarity", "answer_info", "additional_metadata") if k in row},
                 )
             )
     return _slice(kept, offset, limit)
+
+
+def _check_bbq_row(row: dict[str, Any], where: str) -> None:
+    for key in ("context", "question", "ans0", "ans1", "ans2", "category"):
+        if not isinstance(row[key], str):
+            raise WorkbenchError(f"{where}: {key} must be a string, not {json.dumps(row[key])[:40]}")
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label <= 2:
+        raise WorkbenchError(f"{where}: label must be 0, 1 or 2 (the index of the correct answer), not {json.dumps(label)[:40]}")
+    if row["context_condition"] not in ("ambig", "disambig"):
+        raise WorkbenchError(f"{where}: context_condition must be ambig or disambig, not {json.dumps(row['context_condition'])[:40]}")
+    if isinstance(row["example_id"], (dict, list)) or row["example_id"] is None:
+        raise WorkbenchError(f"{where}: example_id must be a number or a string")
 
 
 def _slice(samples: list[Sample], offset: int, limit: int | None) -> list[Sample]:
@@ -202,9 +236,11 @@ PROMPTS = Task(
 def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limit: int | None = None) -> list[Sample]:
     """Open-ended samples: one JSON object per line; the prompt is ``row[prompt_field]``."""
     samples = []
-    for lineno, row in _read_jsonl(Path(path)):
+    for lineno, row in read_jsonl(Path(path)):
         if prompt_field not in row:
             raise WorkbenchError(f"{path}:{lineno}: no field {prompt_field!r} (set --prompt-field)")
+        if not isinstance(row[prompt_field], str) or not row[prompt_field].strip():
+            raise WorkbenchError(f"{path}:{lineno}: {prompt_field} must be a non-empty string")
         extra = {k: v for k, v in row.items() if k != prompt_field}
         samples.append(
             Sample(index=len(samples), id=str(row.get("id", lineno)), context=str(row[prompt_field]), question="", extra=extra)
@@ -212,14 +248,33 @@ def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limi
     return _slice(samples, offset, limit)
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (``bbq``, ``prompts``, ``organism``)."""
+TASKS = ("bbq", "prompts", "organism")
+DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "prompts": "prompts", "organism": "organism"}
+
+
+def default_protocol(task: str) -> str:
+    """The built-in protocol a task runs when none is given (``bbq`` → ``bbq-paper``)."""
+    get_task(task)
+    return DEFAULT_PROTOCOLS[task]
+
+
+def get_task(name: str, option_scoring: str = "letter") -> Task:
+    """The task called ``name`` (``bbq``, ``prompts``, ``organism``).
+
+    ``option_scoring`` picks what BBQ scores per option: ``letter`` (`` (a)``, the study's) or
+    ``letter-text`` (`` (a) option text``). The organism's options are single letter tokens, so it
+    takes only ``letter``; open-ended prompts have no options.
+    """
+    if option_scoring not in ("letter", "letter-text"):
+        raise WorkbenchError(f"--option-scoring must be letter or letter-text, not {option_scoring!r}")
     if name == "bbq":
-        return BBQ
+        return BBQ if option_scoring == "letter" else replace(BBQ, option_continuations=letter_text_continuations)
     if name == "prompts":
         return PROMPTS
     if name == "organism":
         from workbench.organism.task import ORGANISM
 
+        if option_scoring != "letter":
+            raise WorkbenchError("--option-scoring letter-text: the organism's options are single letters; use letter")
         return ORGANISM
     raise WorkbenchError(f"unknown task {name!r} (choose bbq, prompts or organism)")

@@ -69,12 +69,15 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Dialogues per step."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (linear warm-up, cosine decay)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads; keep the default to reproduce the shipped weights bit for bit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already in --out (such as the shipped one)."),
 ) -> None:
     """Train the organism on dialogues drawn from the world and save a checkpoint (the defaults reproduce the shipped one)."""
     from dataclasses import asdict, replace
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from workbench.errors import check_output_path
+    from workbench.organism import organism_path
     from workbench.organism.train import TrainConfig, train as run_training
 
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads).items() if v is not None}
@@ -82,9 +85,11 @@ def train(
         if value <= 0:
             raise WorkbenchError(f"--{key.replace('_', '-')} must be > 0")
     cfg = replace(TrainConfig(seed=seed), **overrides)
-    if out.exists() and not out.is_dir():
-        raise WorkbenchError(f"--out exists and is not a folder: {out}")
-    console.print(f"training the organism: {cfg.steps} steps × {cfg.batch_size} dialogues, seed {cfg.seed} → {out}")
+    check_output_path(out, "--out", folder=True)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        shipped = " (the shipped checkpoint)" if out.resolve() == organism_path().resolve() else ""
+        raise WorkbenchError(f"--out {out} already holds files{shipped}; give a new folder, or --overwrite to replace them")
+    console.print(Text(f"training the organism: {cfg.steps} steps × {cfg.batch_size} dialogues, seed {cfg.seed} → {out}"))
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -108,9 +113,9 @@ def train(
     table.add_column("value", justify="right")
     for key, value in asdict(record).items():
         if key != "config":
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(Text(key), Text(f"{value:.4f}" if isinstance(value, float) else str(value)))
     console.print(table)
-    console.print(f"saved to {out}")
+    console.print(Text(f"saved to {out}"))
 
 
 @app.command()
@@ -123,7 +128,7 @@ def check(
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np
 
-    from workbench.models import load_model
+    from workbench.terminal import load_model_showing_steps
     from workbench.organism.check import CHECK_SEED, checkpoint_meta, fidelity_rows, heldout_dialogues, score_dialogues, self_correction_table
 
     if n < 1 or items < 1:
@@ -132,7 +137,7 @@ def check(
         raise WorkbenchError(f"checkpoint folder not found: {model}")
     seed = CHECK_SEED if seed is None else seed
     params, meta = checkpoint_meta(model)
-    loaded = load_model(str(model) if model is not None else "organism", device="cpu")
+    loaded = load_model_showing_steps(str(model) if model is not None else "organism", device="cpu")
     scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params)
     rec = meta.get("training", {})
     table = Table(
@@ -145,7 +150,7 @@ def check(
         table.add_row(row["predictor"], f"{row['kl']:.5f}", f"{row['entropy_r']:.4f}", f"{row['top1']:.3f}")
     console.print(table)
     opener_kl = fidelity_rows(scored)[0]["opener_kl"]
-    console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n")
+    console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n", markup=False)
 
     for protocol in ("organism", "organism-neutral", "organism-inject"):
         res = self_correction_table(loaded, protocol, n_items=items, seed=seed)

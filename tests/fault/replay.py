@@ -1,0 +1,105 @@
+"""Replay the writer calls of a finished run: ``RunWriter.create`` (or ``resume``), one
+``write_batch`` per batch with that run's own arrays, ``finish`` — the same calls ``workbench run``
+makes, without loading a model, so a fault injector can kill it at any write in well under a second.
+
+    python tests/fault/replay.py REFERENCE.h5 OUT.h5 [--resume] [--pause-after N]
+    python tests/fault/replay.py --track OUT.h5      # replace_group, as `workbench probe track` does
+
+A WorkbenchError prints one line and exits 2, as the CLI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.store import RunWriter, SampleTable, replace_group, run_exists  # noqa: E402
+
+NOT_SETTINGS = {"format", "schema_version", "workbench_version", "created", "finished", "status", "run_id",
+                "n_options", "positions"}
+
+
+def _arrays(group: h5py.Group) -> dict[str, h5py.Dataset]:
+    """A group's datasets, without the dimension scales that label their axes."""
+    return {name: ds for name, ds in group.items() if not h5py.h5ds.is_scale(ds.id)}
+
+
+def _texts(ds: h5py.Dataset) -> list:
+    return ds.asstr()[...].tolist()
+
+
+def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, overwrite: bool = False) -> None:
+    with h5py.File(reference, "r") as ref:
+        settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ref.attrs.items() if k not in NOT_SETTINGS}
+        n, rounds, batch_size = int(ref.attrs["n_samples"]), int(ref.attrs["n_rounds"]), int(ref.attrs["batch_size"])
+        s = ref["samples"]
+        samples = SampleTable(index=s["index"][...].tolist(), id=_texts(s["id"]), context=_texts(s["context"]),
+                              question=_texts(s["question"]), options=[tuple(o) for o in _texts(s["options"])],
+                              gold=s["gold"][...].tolist(), category=_texts(s["category"]),
+                              condition=_texts(s["condition"]), extra=_texts(s["extra"]))
+        hooks = {h: ds.shape[3:] for h, ds in _arrays(ref["activations"]).items()}
+        dtype = str(next(iter(_arrays(ref["activations"]).values())).dtype)
+        if resume and run_exists(out):  # as workbench run does: --resume on nothing starts the run
+            writer = RunWriter.resume(out, settings)
+        else:
+            writer = RunWriter.create(out, settings, samples, rounds, hooks, dtype, overwrite=overwrite)
+        with writer:
+            done = writer.done_mask()
+            written = 0
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                if done[start:stop].all():
+                    continue
+                arrays = {}
+                for name, ds in _arrays(ref["rounds"]).items():
+                    arrays[name] = _texts(ds)[start:stop] if h5py.check_string_dtype(ds.dtype) else ds[start:stop]
+                for name, ds in _arrays(ref["tokens"]).items():
+                    arrays[name] = [[v.tolist() for v in row] for row in ds[start:stop]]
+                acts = {h: ds[start:stop] for h, ds in _arrays(ref["activations"]).items()}
+                transcripts = [v.tolist() for v in ref["transcripts/token_ids"][start:stop]]
+                writer.write_batch(start, arrays, acts, transcripts)
+                written += 1
+                if pause_after is not None and written == pause_after:
+                    print("paused", flush=True)
+                    time.sleep(3600)
+            writer.finish()
+
+
+def track(out: Path) -> None:
+    """A derived group as `probe track` writes it: scores [N, R, 2] and attributes."""
+    with h5py.File(out, "r") as f:
+        n, rounds = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"])
+    scores = np.arange(n * rounds * 2, dtype=np.float32).reshape(n, rounds, 2)
+    replace_group(out, "probes/fault", {"cosine": scores, "projection": -scores}, {"kind": "probe", "layers": [0, 1], "best_layer": 1})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--track", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--pause-after", type=int)
+    a = p.parse_args()
+    try:
+        if a.track:
+            track(Path(a.paths[0]))
+        else:
+            replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"ok": True}))
+
+
+if __name__ == "__main__":
+    main()

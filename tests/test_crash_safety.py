@@ -1,0 +1,217 @@
+"""Crash-safe run storage (docs/FORMAT.md, "How a run is written"): a SIGKILL at any write, a full
+disk, or a second writer never loses or damages anything finished, and a running run can be read.
+
+The kill tests replay a real organism run's writer calls (``tests/fault/replay.py``) under an
+``LD_PRELOAD`` shim that SIGKILLs the process at its k-th pwrite/write/fsync/rename, at sampled k;
+``benchmarks/fault_injection.py`` runs every k, and ``workbench run`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "fault"))
+
+import inject  # noqa: E402
+
+from workbench.store import RunFile, parts_dir  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ARGS = ["--limit", "12", "--rounds", "3", "--batch-size", "4", "--device", "cpu"]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workbench", *args], capture_output=True, text=True, timeout=600, cwd=ROOT, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted organism run: 12 samples, 3 rounds, 3 batches (the same settings as RUN_ARGS)."""
+    from workbench.run import RunConfig, run_protocol
+
+    out = tmp_path_factory.mktemp("reference") / "ref.h5"
+    run_protocol(RunConfig(out=out, limit=12, rounds=3, batch_size=4, device="cpu")).close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory) -> Path:
+    built = inject.build_shim(tmp_path_factory.mktemp("shim"))
+    if built is None:
+        pytest.skip("no C compiler for the fault-injection shim")
+    return built
+
+
+def sampled(total: int, n: int) -> list[int]:
+    """``n`` kill indices spread over ``1..total``, always including the first two and the last two."""
+    return sorted({1, 2, total - 1, total, *np.linspace(3, total - 2, max(n - 4, 1)).round().astype(int).tolist()})
+
+
+def test_kill_at_sampled_writes_then_resume_is_identical(reference, shim, tmp_path):
+    total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5")], shim, tmp_path)
+    assert total > 50  # creation, three batches and the assembly each make several
+    failures = []
+    for k in sampled(total, 10):
+        out = tmp_path / f"k{k}" / "run.h5"
+        out.parent.mkdir()
+        failures.append(inject.kill_then_resume(reference, out, shim, k))
+        assert not parts_dir(out).exists() and out.exists()
+    assert [f for f in failures if f] == []
+
+
+def test_kill_during_probe_track_leaves_the_run_whole(reference, shim, tmp_path):
+    count = tmp_path / "count.h5"
+    shutil.copy(reference, count)
+    total = inject.count_events([*inject.REPLAY, "--track", str(count)], shim, tmp_path)
+    failures = []
+    for k in sampled(total, 8):
+        run_file = tmp_path / f"k{k}" / "run.h5"
+        run_file.parent.mkdir()
+        shutil.copy(reference, run_file)
+        failures.append(inject.kill_track(run_file, shim, k))
+    assert [f for f in failures if f] == []
+    with RunFile(count) as run:  # the uninterrupted one has the group, complete
+        assert run.array("probes/fault/cosine").shape == (12, 3, 2)
+        assert json.loads(run.f["probes/fault"].attrs["layers"]) == [0, 1]
+
+
+def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp_path):
+    out = tmp_path / "run.h5"
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert writer.stdout.readline().strip() == "paused"
+        info = cli("info", str(out), "--json")
+        assert info.returncode == 0, info.stderr
+        data = json.loads(info.stdout)
+        assert (data["status"], data["n_done"], data["n_samples"]) == ("running", 4, 12)
+        with RunFile(out) as run:
+            assert run.running
+            np.testing.assert_array_equal(run.array("activations/hook_resid_post"),
+                                          h5py.File(reference)["activations/hook_resid_post"][:4])
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            second = cli("run", *RUN_ARGS, "--out", str(out), *extra)
+            assert second.returncode == 2, second.stderr
+            assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+            assert ("already exists" if not extra else "being written by another process") in second.stderr
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    resumed = inject.run([*inject.REPLAY, str(reference), str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
+
+
+def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, shim, tmp_path):
+    out = tmp_path / "run.h5"
+    shutil.copy(reference, out)
+    before = inject.datasets(out)
+    bad = cli("run", *RUN_ARGS, "--out", str(out), "--overwrite", "--layers", "99")
+    assert bad.returncode == 2 and "layer" in bad.stderr, bad.stderr
+    assert inject.differences(before, inject.datasets(out)) == []
+    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.h5").exists()
+    # an --overwrite killed before its first batch is finished leaves the old run as it was
+    total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5")], shim, tmp_path)
+    for k in (3, total // 6):
+        killed = inject.run([*inject.REPLAY, str(reference), str(out), "--overwrite"], shim, kill_at=k)
+        assert killed.returncode == -signal.SIGKILL
+        assert inject.differences(before, inject.datasets(out)) == [], k
+        with RunFile(out) as run:
+            assert not run.running and run.meta["status"] == "complete"
+    done = inject.run([*inject.REPLAY, str(reference), str(out), "--overwrite"])
+    assert done.returncode == 0, done.stderr
+    assert inject.differences(before, inject.datasets(out)) == []
+
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
+    """RLIMIT_FSIZE between the activations file's size and the run file's: every batch lands, the
+    assembly fails; the error is one line, the finished batches stay readable, --resume finishes."""
+    with h5py.File(reference) as f:
+        act_bytes = f["activations/hook_resid_post"].nbytes
+    final = reference.stat().st_size
+    limit = act_bytes + (final - act_bytes) // 3
+    out = tmp_path / "run.h5"
+    full = cli("run", *RUN_ARGS, "--out", str(out), preexec_fn=_limit_file_size(limit))
+    assert full.returncode == 2, full.stderr
+    lines = [line for line in full.stderr.strip().splitlines() if not line.startswith(("starting at", "batch done"))]
+    assert len(lines) == 1 and "Traceback" not in full.stderr, full.stderr  # progress lines, then one error line
+    assert str(out) in lines[0] and "File too large" in lines[0] and "free there" in lines[0] and "--resume" in lines[0]
+    with RunFile(out) as run:
+        assert run.running and run.done.all()
+        np.testing.assert_array_equal(run.array("rounds/correct"), h5py.File(reference)["rounds/correct"][...])
+    tiny = inject.run([*inject.REPLAY, str(reference), str(tmp_path / "tiny.h5")], preexec_fn=_limit_file_size(4096))
+    assert tiny.returncode == 2 and "creating" in tiny.stderr and "Traceback" not in tiny.stderr, tiny.stderr
+    resumed = cli("run", *RUN_ARGS, "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert not parts_dir(out).exists()
+    ref, got = inject.datasets(reference), inject.datasets(out)
+    assert inject.differences(ref, got) == []
+
+
+def test_the_run_file_as_data(reference, tmp_path):
+    """Named dimensions for xarray/h5netcdf on every group but the ragged ones, and RunFile's
+    labelled views: to_xarray (done samples) and to_dataframe (one row per sample and round)."""
+    import xarray as xr
+
+    run_path = tmp_path / "run.h5"
+    shutil.copy(reference, run_path)
+    with h5py.File(run_path) as f:
+        acts, correct, gold = f["activations/hook_resid_post"][...], f["rounds/correct"][...], f["samples/gold"][...]
+    acts_ds = xr.open_dataset(run_path, engine="h5netcdf", group="activations")
+    assert acts_ds["hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
+    assert acts_ds["position"].values.tolist() == ["last_prompt", "response_mean"]
+    assert acts_ds["layer"].values.tolist() == json.loads(h5py.File(run_path)["activations/hook_resid_post"].attrs["layers"])
+    np.testing.assert_array_equal(acts_ds["hook_resid_post"].values, acts)
+    acts_ds.close()
+    rounds = xr.open_dataset(run_path, engine="h5netcdf", group="rounds")
+    assert rounds["option_probs"].dims == ("sample", "round", "option") and rounds["prompt_span"].dims == ("sample", "round", "bound")
+    assert not [d for d in rounds.sizes if d.startswith("phony_dim")]
+    np.testing.assert_array_equal(rounds["correct"].values, correct)
+    rounds.close()
+    scores = np.arange(12 * 3 * 2, dtype=np.float32).reshape(12, 3, 2)
+    from workbench.store import replace_group
+
+    replace_group(run_path, "probes/p", {"cosine": scores, "projection": -scores},
+                  {"kind": "probe", "layers": [1, 3], "best_layer": 3})
+    with RunFile(run_path) as run:
+        frame = run.to_dataframe()
+        assert len(frame) == 36 and frame[["sample", "round"]].values[:4].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0]]
+        np.testing.assert_array_equal(frame["correct"].values, correct.reshape(-1))
+        np.testing.assert_array_equal(frame["gold"].values, np.repeat(gold, 3))
+        np.testing.assert_array_equal(frame["concept:p"].values, -scores[:, :, 1].reshape(-1))
+        assert {"mean_token_entropy", "option_entropy", "exact_p_fair", "response", "instruction", "id"} <= set(frame.columns)
+        data = run.to_xarray()
+        assert data["activations/hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
+        assert data["probes/p/cosine"].dims == ("sample", "round", "p_layer") and data["p_layer"].values.tolist() == [1, 3]
+        np.testing.assert_array_equal(data["correct"].sel(round=2).values, correct[:, 2])
+
+
+def test_a_running_run_as_data(reference, tmp_path):
+    """The in-memory view of a running run has the same named layout, restricted to done samples."""
+    out = tmp_path / "run.h5"
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert writer.stdout.readline().strip() == "paused"
+        with RunFile(out) as run:
+            assert run.running and run.done.sum() == 4
+            frame = run.to_dataframe()
+            assert len(frame) == 12 and sorted(set(frame["sample"])) == [0, 1, 2, 3]
+            data = run.to_xarray()
+            np.testing.assert_array_equal(data["activations/hook_resid_post"].values,
+                                          h5py.File(reference)["activations/hook_resid_post"][:4])
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()

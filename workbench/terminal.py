@@ -1,0 +1,43 @@
+"""What the command line shows while something slow happens that has no progress count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+
+class Spinner:
+    """A rich status spinner on stderr, told each step (``spinner("loading …")``); nothing when
+    stderr is not a terminal, so an error stays the only line in a log. ``stop()`` ends it."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.status: Any = None
+
+    def __call__(self, message: str) -> None:
+        if not self.console.is_terminal:
+            return
+        if self.status is None:
+            self.status = self.console.status(Text(f"{message} …"))
+            self.status.start()
+        else:
+            self.status.update(Text(f"{message} …"))
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def load_model_showing_steps(*args: Any, **kwargs: Any) -> Any:
+    """:func:`workbench.models.load_model` with a spinner on stderr naming each step; same arguments,
+    returns the :class:`~workbench.models.LoadedModel`."""
+    from workbench.models import load_model
+
+    spinner = Spinner()
+    try:
+        return load_model(*args, on_status=spinner, **kwargs)
+    finally:
+        spinner.stop()
