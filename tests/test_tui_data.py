@@ -37,7 +37,7 @@ def test_overview_and_sample_match_the_file(run_path):
         np.testing.assert_array_equal(sample.option_probs, run.array("rounds/option_probs")[5])
         np.testing.assert_array_equal(sample.concept["fair"]["cosine"], run.array("probes/fair/cosine")[5])
         for t in range(4):
-            np.testing.assert_array_equal(sample.token_ids[t], run.array("rounds/response_token_ids")[5, t])
+            np.testing.assert_array_equal(sample.token_ids[t], run.array("tokens/response_token_ids")[5, t])
     assert overview.probes[0].best_layer == 2 and set(overview.probes[0].ranges) == {"cosine", "projection"}
     lo, hi = overview.probes[0].ranges["cosine"]
     assert -1 <= lo < hi <= 1

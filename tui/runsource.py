@@ -27,13 +27,13 @@ SCORES = ("cosine", "projection")  # the concept scores a probe group may hold, 
 def response_token_ids(run: RunFile, positions: Sequence[int]) -> np.ndarray:
     """Generated token ids of the given done samples: object array ``[n, R]`` of int32 ``[T]``
     (the stop token excluded)."""
-    return run.array(f"{ROUNDS}/response_token_ids", samples=list(positions))
+    return run.array("tokens/response_token_ids", samples=list(positions))
 
 
 def token_entropies(run: RunFile, positions: Sequence[int]) -> np.ndarray:
     """Token entropies (nats) of the given done samples: object array ``[n, R]`` of float32
     ``[T]`` or ``[T + 1]`` (the stop token's step included when the answer ended with one)."""
-    return run.array(f"{ROUNDS}/token_entropy", samples=list(positions))
+    return run.array("tokens/token_entropy", samples=list(positions))
 
 
 @dataclass(frozen=True)
