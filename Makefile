@@ -34,7 +34,8 @@ system-tools:
 PROBE  ?= artifacts/probes/organism-fair.h5
 
 # A self-correction run on the shipped organism, a concept probe fitted on every layer, its scores
-# tracked through the run, and the per-round table (accuracy, uncertainty, concept score).
+# tracked through the run, the per-round table (accuracy, uncertainty, concept score), then the
+# TUI on the run when stdout is a terminal (else the command that opens it).
 demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
 	$(BIN)/workbench probe fit --model organism --contrast organism --method logreg --out $(PROBE)
@@ -42,6 +43,8 @@ demo: setup
 	$(BIN)/workbench analyze $(DEMO)
 	$(BIN)/workbench report $(DEMO) --out artifacts/runs/reports/demo
 	$(BIN)/workbench info $(DEMO)
+	@if [ -t 1 ]; then $(BIN)/workbench tui $(DEMO); \
+	else echo "open the run in the terminal UI:  $(BIN)/workbench tui $(DEMO)   (? lists the keys)"; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -76,6 +76,9 @@ def _mount_subcommands() -> None:
     app.command("report")(analysis_cli.report)
     app.command("theory")(analysis_cli.theory)
     app.command("select")(analysis_cli.select)
+    from tui.cli import tui as tui_command
+
+    app.command(name="tui")(tui_command)
 
 
 protocol_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)

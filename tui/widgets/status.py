@@ -1,0 +1,32 @@
+"""The one-line header of every screen: model, protocol, status, ``round r/R`` and what is selected."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from tui.literal import visible
+
+
+class StatusLine(Static):
+    """Shows ``(label, value)`` pairs separated by ``│``; values are literal text."""
+
+    COMPONENT_CLASSES = {"status--label", "status--value", "status--alert"}
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__("", id=id, markup=False)
+
+    def show(self, parts: list[tuple[str, str]], alert: str = "") -> None:
+        text = Text(end="", no_wrap=True, overflow="ellipsis")
+        label_style = self.get_component_rich_style("status--label")
+        value_style = self.get_component_rich_style("status--value")
+        for k, (label, value) in enumerate(parts):
+            if k:
+                text.append(" │ ", label_style)
+            if label:
+                text.append(f"{label} ", label_style)
+            text.append(visible(value).replace("\n", " "), value_style)
+        if alert:
+            text.append(" │ ", label_style)
+            text.append(visible(alert).replace("\n", " "), self.get_component_rich_style("status--alert"))
+        self.update(text)
