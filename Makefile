@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_startup.py
 	$(BIN)/python benchmarks/bench_session.py
 	$(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_tui.py
 
 clean-runs:
 	rm -rf artifacts/runs
