@@ -359,7 +359,7 @@ def main() -> None:
         code = app(standalone_mode=False, prog_name="workbench")
     except WorkbenchError as e:
         _error_line(str(e))
-        _exit_now(2)
+        sys.exit(2)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help())
         sys.exit(0)
@@ -376,13 +376,19 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def _exit_now(code: int) -> None:
-    """Exit without the interpreter's teardown. After a failed write (a full disk) HDF5 still holds
-    the file it could not flush and retries at teardown, which can crash the process after the error
-    line; every part a run keeps is already fsynced and renamed, so nothing is lost by skipping it."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def entry() -> None:
+    """The ``workbench`` executable: :func:`main`, but after a failed write (a full disk) the process
+    ends without the interpreter's teardown, where HDF5 retries flushing the file it could not write
+    and can crash after the error line. Every part a run keeps is already fsynced and renamed."""
+    try:
+        main()
+    except SystemExit as e:
+        if "workbench.store" in sys.modules and sys.modules["workbench.store"].FAILED_WRITES:
+            code = e.code if isinstance(e.code, int) else 2
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
 
 
 def _error_line(message: str) -> None:

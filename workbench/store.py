@@ -159,6 +159,9 @@ def _free_space(path: Path) -> str:
     raise AssertionError
 
 
+FAILED_WRITES: list[Path] = []  # run files whose write failed in this process (see cli.entry)
+
+
 def _failed_write(value: Any) -> bool:
     return isinstance(value, (OSError, RuntimeError)) and "write failed" in str(value)
 
@@ -186,6 +189,7 @@ def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
     except (OSError, RuntimeError) as e:  # h5py reports a failed write or close as OSError or RuntimeError
         if isinstance(e, RuntimeError) and "errno" not in str(e) and "write" not in str(e).lower():
             raise
+        FAILED_WRITES.append(Path(path))
         found = re.search(r"error message = '([^']*)'", str(e))
         reason = getattr(e, "strerror", None) or (found.group(1) if found else str(e).splitlines()[0])
         raise WorkbenchError(f"{action} {path} failed: {reason} ({_free_space(path)} free there); "
