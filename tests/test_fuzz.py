@@ -178,8 +178,6 @@ def test_run_reader_on_damaged_bytes(tmp_path, run_file, cut, flips):
     accepts_or_refuses(_info, path)
 
 
-@pytest.mark.xfail(strict=False, reason="run-file validation (a non-integer n_rounds, no progress/, retyped "
-                   "datasets) is engineer `store`'s part of issue 8; the failures this finds were reported to them")
 @FUZZ
 @given(target=st.sampled_from(["n_rounds", "n_samples", "n_options", "status", "protocol", "format", "progress/done",
                                "progress", "rounds/correct", "rounds/parsed_answer", "rounds/option_entropy",

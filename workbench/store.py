@@ -1029,6 +1029,10 @@ class RunFile:
         if samples is not None:
             rows = rows[samples]
         ds = self.f[name]
+        n = int(self.f.attrs["n_samples"])
+        if not isinstance(ds, h5py.Dataset) or ds.ndim == 0 or ds.shape[0] != n:
+            shape = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
+            raise WorkbenchError(f"{self.path}: {name} has shape {shape}, not one row per sample ({n}): the file is damaged")
         if rows.size == 0:
             return np.empty((0, *ds.shape[1:]), dtype=ds.dtype)
         if rows.size == ds.shape[0]:
