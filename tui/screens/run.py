@@ -118,8 +118,10 @@ class RunScreen(Screen):
             table.move_cursor(row=min(self.browse.round, len(rows) - 1), animate=False)
         convergence = {label: self.summary["convergence"].get(k) for k, label in columns if k != "round"}
         reached = ", ".join(f"{label} r{t}" for label, t in convergence.items() if t is not None) or "none"
+        settings = self.summary.get("convergence_settings", {})
+        eps = f"{settings['eps']:g}" if settings.get("eps") is not None else f"{settings.get('rel_eps', 0.05):g} × range"
         self.query_one("#notes", Static).update(
-            f"{self.summary['n_done']} samples · ▲ converged (|Δ| < 0.01 for 2 rounds): {reached}")
+            f"{self.summary['n_done']} samples · ▲ converged (|Δ| < {eps} to the end, ≥ {settings.get('k', 2)} steps): {reached}")
 
     def show_curves(self) -> None:
         if self.summary is None:
