@@ -570,7 +570,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 
 def export_command(
     run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
-    hooks: list[str] = typer.Option([], "--hooks", help="Hook names or glob patterns over the TransformerBridge's hooks, e.g. 'blocks.*.hook_resid_post', 'blocks.3.attn.hook_z', 'blocks.*.attn.hook_pattern' (repeatable; commas also separate)."),
+    hooks: list[str] = typer.Option([], "--hooks", metavar="PATTERN", help="Hook names or glob patterns over the TransformerBridge's hooks, e.g. 'blocks.*.hook_resid_post', 'blocks.3.attn.hook_z', 'blocks.*.attn.hook_pattern' (repeatable; commas also separate)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache file to write (HDF5), or a folder for --format saelens. Default: beside the run, RUN-cache.h5."),
     rounds: Optional[str] = typer.Option(None, help="Comma-separated rounds to keep, 1-based (default: all)."),
     samples: Optional[str] = typer.Option(None, help="Run-file rows to keep: A:B or A,B,C (default: every finished sample)."),
