@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
+from workbench.store import decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 1
@@ -203,15 +204,7 @@ def cache_summary(path: Path) -> dict[str, Any]:
     """What ``workbench info`` shows about a cache file: attributes (JSON decoded), tokens per
     role, and each hook's shape and dtype."""
     with open_cache_file(path) as f:
-        meta: dict[str, Any] = {}
-        for key, value in f.attrs.items():
-            value = value.item() if isinstance(value, np.generic) else value
-            if isinstance(value, str) and value.startswith(("[", "{")):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
-            meta[key] = value
+        meta = decoded_attrs(f.attrs)
         roles = np.bincount(f["tokens/role"][...], minlength=len(ROLES))
         hooks = {name: {"shape": list(ds.shape), "dtype": str(ds.dtype), "mib": round(ds.size * ds.dtype.itemsize / 2**20, 2)}
                  for name, ds in f["activations"].items()}

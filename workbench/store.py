@@ -955,6 +955,20 @@ def _running_view(path: Path, folder: Path) -> h5py.File:
     return view
 
 
+def decoded_attrs(attrs: Any) -> dict[str, Any]:
+    """HDF5 attributes as plain Python: numpy scalars unwrapped, JSON lists and objects decoded."""
+    out = {}
+    for key, value in attrs.items():
+        value = value.item() if isinstance(value, np.generic) else value
+        if isinstance(value, str) and value.startswith(("[", "{")):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key] = value
+    return out
+
+
 class RunFile:
     """Read access to a run: metadata and the arrays of its finished samples.
 
@@ -991,16 +1005,7 @@ class RunFile:
     @property
     def meta(self) -> dict[str, Any]:
         """Root attributes, JSON values decoded."""
-        out = {}
-        for key, value in self.f.attrs.items():
-            value = value.item() if isinstance(value, np.generic) else value
-            if isinstance(value, str) and value.startswith(("[", "{")):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
-            out[key] = value
-        return out
+        return decoded_attrs(self.f.attrs)
 
     @property
     def done(self) -> np.ndarray:
