@@ -16,7 +16,7 @@ from workbench.errors import WorkbenchError
 from workbench.models import Device, ModelDtype
 from workbench.terminal import load_model_showing_steps
 
-Method = Literal["diffmean", "logreg", "pca", "ccs"]  # the keys of probes.methods.METHODS (a test keeps them equal)
+Method = Literal["diffmean", "logreg", "pca", "ccs", "ridge"]  # the keys of probes.methods.METHODS (a test keeps them equal)
 Position = Literal["last", "mean"]
 TextFormat = Literal["raw", "chat"]
 
@@ -24,7 +24,10 @@ app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 out = Console()
 err = Console(stderr=True)
 
-METHOD_HELP = "diffmean (mean difference), logreg (L2 logistic regression, all layers at once), pca (first PC of paired differences), ccs (Contrast-Consistent Search, unsupervised, needs pairs)."
+METHOD_HELP = ("diffmean (mean difference), logreg (L2 logistic regression, all layers at once), pca (first PC of paired differences), "
+               "ccs (Contrast-Consistent Search, unsupervised, needs pairs), ridge (ridge regression on the contrast's continuous target: "
+               "for the organism the exact log-odds of every prefix, none left out, best layer by held-out Spearman ρ with it; "
+               "on a JSONL contrast the 0/1 label).")
 
 
 @app.command()
@@ -47,7 +50,8 @@ def fit(
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
     from probes.contrast import check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
-    from probes.methods import PAIRED_METHODS
+    from probes.contrast import ORGANISM_MARGIN
+    from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
     from workbench.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
 
@@ -71,7 +75,8 @@ def fit(
     loaded = load_model_showing_steps(model, device, dtype)
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
-    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format)
+    margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
+    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin)
     check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
     with _progress(len(data.token_ids)) as advance:
         ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, advance)
@@ -128,20 +133,25 @@ def _show(probe) -> None:
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     a = probe.arrays
     cols = [("layer", None), ("train acc", "train_accuracy"), ("test acc", "test_accuracy"), ("test AUROC", "test_auroc"),
-            ("margin", "test_margin"), ("ρ exact", "test_target_spearman")]
+            ("margin", "test_margin"), ("ρ exact", "test_target_spearman"), ("α", "alpha")]
     cols = [(label, key) for label, key in cols if key is None or key in a]
     for label, _ in cols:
         table.add_column(label, justify="right", no_wrap=True)
     for j, layer in enumerate(a["layers"]):
-        row = [str(int(layer))] + [f"{a[key][j]:.3f}" for _, key in cols[1:]]
+        row = [str(int(layer))] + [f"{a[key][j]:.3g}" if key == "alpha" else f"{a[key][j]:.3f}" for _, key in cols[1:]]
         style = "bold green" if int(layer) == probe.best_layer else None
         table.add_row(*row, style=style)
     out.print(table)
     legend = "test: the held-out split; margin: mean |projection − threshold| on it"
     if "test_target_spearman" in a:
         legend += "; ρ exact: Spearman with the exact posterior log-odds"
+    if "alpha" in a:
+        legend += "; α: the ridge penalty chosen by leave-one-out error"
     out.print(Text(legend, style="dim"), highlight=False)
     best_row = [int(x) for x in a["layers"]].index(probe.best_layer)
+    if m.get("best_layer_by") == "test_target_spearman":
+        out.print(Text(f"best layer: {probe.best_layer} (the highest held-out ρ exact: a regression probe fitted to the target)"), highlight=False)
+        return
     how = tie_break(a["test_accuracy"], a["test_auroc"], a.get("test_margin"), best_row)
     tied = [int(l) for l, acc in zip(a["layers"], a["test_accuracy"]) if acc == a["test_accuracy"][best_row]]
     line = f"best layer: {probe.best_layer}"

@@ -4,8 +4,10 @@ Sources (``--contrast``):
 
 * ``organism`` – dialogue prefixes of the organism's world ending at a round's assistant header,
   labelled by the exact posterior (fair when p(fair | prefix) ≥ 0.8, biased when ≤ 0.2; the
-  ambiguous middle is left out), or, for the paired methods, pairs that share a dialogue prefix and
-  differ only in the last instruction (a moral vs an immoral phrasing);
+  ambiguous middle is left out), each with its exact log-odds as ``target``; for a regression
+  method (``ridge``) nothing is left out (``margin`` 0: label fair when p ≥ ½), since the middle is
+  where the target is most informative; or, for the paired methods, pairs that share a dialogue
+  prefix and differ only in the last instruction (a moral vs an immoral phrasing);
 * a pair JSONL file – ``{"positive": ..., "negative": ...}`` per line;
 * a labelled JSONL file – ``{"text": ..., "label": 0|1}`` per line (e.g. toxic comments).
 
@@ -35,6 +37,7 @@ class ContrastSet:
     pairs: np.ndarray | None  # [n_pairs, 2] int64
     target: np.ndarray | None  # [n] a continuous ground truth (organism: exact posterior log-odds)
     digest: str  # sha256 of the texts and labels: recorded in the probe file
+    margin: float | None = None  # organism: prefixes with |p(fair) − ½| < margin were left out
 
 
 def _digest(token_ids: list[list[int]], labels: np.ndarray) -> str:
@@ -123,10 +126,13 @@ def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw") -> Contras
 
 
 ORGANISM_CONTRAST_SEED = 777  # disjoint from training, `organism check` and the run task's items
+ORGANISM_MARGIN = 0.3  # the classifiers' organism contrast: p(fair) ≥ 0.8 or ≤ 0.2
 
 
-def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed: int = ORGANISM_CONTRAST_SEED, margin: float = 0.3) -> ContrastSet:
-    """The organism's concept contrast (see the module docstring); about ``n`` texts."""
+def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed: int = ORGANISM_CONTRAST_SEED, margin: float = ORGANISM_MARGIN) -> ContrastSet:
+    """The organism's concept contrast (see the module docstring): ``n`` texts drawn from world
+    dialogues, each prefix kept unless ``|p(fair) − ½| < margin``; ``target`` ``[n]`` is its exact
+    log-odds (NaN for the pairs)."""
     from workbench.organism.posterior import dialogue_trace
     from workbench.organism.world import DEFAULT_PARAMS, sample_dialogue
 
@@ -174,13 +180,16 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
         pairs=np.asarray(pairs, dtype=np.int64) if paired else None,
         target=np.asarray(target, dtype=np.float64),
         digest=_digest(token_ids, labels_arr),
+        margin=None if paired else margin,
     )
 
 
-def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: str = "raw", seed: int = ORGANISM_CONTRAST_SEED) -> ContrastSet:
-    """``organism`` or a JSONL path → a ContrastSet (``paired`` asks the organism for pairs)."""
+def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: str = "raw", seed: int = ORGANISM_CONTRAST_SEED,
+                  margin: float = ORGANISM_MARGIN) -> ContrastSet:
+    """``organism`` or a JSONL path → a ContrastSet (``paired`` asks the organism for pairs; ``margin``:
+    the organism's left-out band around p(fair) = ½, see :func:`organism_contrast`)."""
     if spec == "organism":
-        return organism_contrast(tokenizer, n=n, paired=paired, seed=seed)
+        return organism_contrast(tokenizer, n=n, paired=paired, seed=seed, margin=margin)
     path = Path(spec)
     if not path.exists():
         raise WorkbenchError(f"--contrast: {spec} is neither 'organism' nor an existing JSONL file")
@@ -192,5 +201,8 @@ def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: s
 
 def describe(contrast: ContrastSet) -> dict[str, Any]:
     """Counts for the probe file and the CLI."""
-    return {"name": contrast.name, "n": len(contrast.token_ids), "n_positive": int(contrast.labels.sum()),
-            "n_pairs": 0 if contrast.pairs is None else len(contrast.pairs), "digest": contrast.digest}
+    out = {"name": contrast.name, "n": len(contrast.token_ids), "n_positive": int(contrast.labels.sum()),
+           "n_pairs": 0 if contrast.pairs is None else len(contrast.pairs), "digest": contrast.digest}
+    if contrast.margin is not None:
+        out["margin"] = contrast.margin
+    return out

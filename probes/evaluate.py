@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from probes.methods import METHODS, PAIRED_METHODS, Fit
+from probes.methods import METHODS, PAIRED_METHODS, REGRESSION_METHODS, Fit
 
 __all__ = [
     "Evaluation",
@@ -23,6 +23,8 @@ __all__ = [
     "cosine_scores",
     "fit_and_evaluate",
     "projection_scores",
+    "ranks",
+    "spearman",
     "split",
 ]
 
@@ -34,8 +36,13 @@ class Evaluation:
     ``directions: [n_layers, d_model]`` and ``thresholds: [n_layers]`` as in :class:`probes.Fit`;
     ``train_accuracy``, ``test_accuracy``, ``test_auroc``, ``test_margin`` (mean |projection − threshold|
     over the held-out split, in activation units): ``[n_layers]``; ``best_layer``: the layer with the
-    highest held-out accuracy (ties: higher AUROC, then larger margin, then lower layer). ``train_index`` and
-    ``test_index`` are the sample indices (into ``acts``' sample dim) of the two splits.
+    highest held-out accuracy (ties: higher AUROC, then larger margin, then lower layer), except for a
+    regression method given a target, whose best layer is the one whose held-out projection has the
+    highest Spearman ρ with the target (ties: lower layer); ``selected_by`` names the rule
+    (``test_accuracy`` or ``test_target_spearman``). ``test_target_spearman`` ``[n_layers]`` (float64) is
+    that ρ whenever a finite target was given, else None; ``alpha`` ``[n_layers]`` ridge's chosen
+    penalty, else None. ``train_index`` and ``test_index`` are the sample indices (into ``acts``'
+    sample dim) of the two splits.
     """
 
     method: str
@@ -48,6 +55,25 @@ class Evaluation:
     best_layer: int
     train_index: Tensor
     test_index: Tensor
+    test_target_spearman: Tensor | None = None
+    selected_by: str = "test_accuracy"
+    alpha: Tensor | None = None
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 of ``[n]`` values, ties given their average rank."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=r)
+    return (sums / counts)[inverse]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of two ``[n]`` arrays (Pearson of average ranks)."""
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
 def _tensor(x: Tensor | np.ndarray) -> Tensor:
@@ -194,6 +220,7 @@ def fit_and_evaluate(
     pairs: Tensor | None = None,
     test_fraction: float = 0.25,
     seed: int = 0,
+    target: Tensor | np.ndarray | None = None,
     **options,
 ) -> Evaluation:
     """Fit ``method`` on a training split of every layer and score it on the held-out split.
@@ -203,6 +230,9 @@ def fit_and_evaluate(
     the split is drawn over pairs so both members of a pair land on the same side, the method sees
     ``pos[i]`` paired with ``neg[i]``, and samples outside every pair are not used. The paired
     methods (``pca``, ``ccs``) require ``pairs``. Without pairs the split is stratified by label.
+    ``target: [n]`` optionally gives each sample a continuous ground truth (the organism's exact
+    log-odds): a regression method (``ridge``) is fitted to it instead of the label and its best
+    layer is chosen by the held-out Spearman ρ with it; every method's held-out ρ with it is reported.
     ``options`` go to the method (e.g. ``l2=`` for logreg, ``seed=`` for ccs).
 
     Returns an :class:`Evaluation` whose per-layer arrays are ``[n_layers]`` and
@@ -245,6 +275,14 @@ def fit_and_evaluate(
         train_idx = torch.cat([parts[0][0], parts[1][0]]).sort().values
         test_idx = torch.cat([parts[0][1], parts[1][1]]).sort().values
 
+    if target is not None:
+        target = _tensor(target).double().cpu()
+        if target.shape != (n,):
+            raise ValueError(f"target must be [n] with n = {n}, got shape {tuple(target.shape)}")
+        if not bool(torch.isfinite(target).all()):
+            target = None  # e.g. the organism's pairs, whose texts have no single posterior
+    if name in REGRESSION_METHODS and target is not None:
+        options = {"target": torch.cat([target[train_pos.cpu()], target[train_neg.cpu()]]), **options}
     fit = fit_fn(acts[:, train_pos], acts[:, train_neg], **options)
     with torch.no_grad():
         projection = torch.einsum("lnd,ld->ln", acts.float(), fit.direction)
@@ -253,6 +291,13 @@ def fit_and_evaluate(
         test_acc = accuracy(margin[:, test_idx], labels[test_idx])
         test_auc = auroc(projection[:, test_idx], labels[test_idx])
         test_margin = margin[:, test_idx].abs().mean(1)
+    rho, selected_by, best = None, "test_accuracy", best_layer(test_acc, test_auc, test_margin)
+    if target is not None:
+        held_out = projection[:, test_idx].double().cpu().numpy()
+        rho = torch.tensor([spearman(row, target[test_idx.cpu()].numpy()) for row in held_out], dtype=torch.float64)
+        if name in REGRESSION_METHODS:
+            selected_by = "test_target_spearman"
+            best = int(np.argmax(np.nan_to_num(rho.numpy(), nan=-2.0)))  # ties: the first (lowest) layer
     return Evaluation(
         method=name,
         directions=fit.direction,
@@ -261,7 +306,10 @@ def fit_and_evaluate(
         test_accuracy=test_acc,
         test_auroc=test_auc,
         test_margin=test_margin,
-        best_layer=best_layer(test_acc, test_auc, test_margin),
+        best_layer=best,
         train_index=train_idx,
         test_index=test_idx,
+        test_target_spearman=rho,
+        selected_by=selected_by,
+        alpha=fit.alpha,
     )

@@ -10,25 +10,9 @@ import torch
 
 from probes.activations import text_activations
 from probes.contrast import ContrastSet, describe
-from probes.evaluate import Evaluation, fit_and_evaluate, projection_scores
-from probes.methods import PAIRED_METHODS
+from probes.evaluate import Evaluation, fit_and_evaluate, ranks, spearman  # noqa: F401 (ranks, spearman: imported from here too)
+from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
 from probes.probe_file import save_probe
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 of ``[n]`` values, ties given their average rank."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=r)
-    return (sums / counts)[inverse]
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation of two ``[n]`` arrays (Pearson of average ranks)."""
-    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
 def fit_probe(
@@ -47,12 +31,14 @@ def fit_probe(
 
     Returns the held-out :class:`Evaluation` and the arrays of a probe file (``layers``,
     ``directions`` ``[L, d_model]``, per-layer accuracies and AUROC, and, when the contrast has a
-    continuous target, the held-out Spearman correlation of the projection with it).
+    continuous target, the held-out Spearman correlation of the projection with it; for ``ridge``
+    also ``alpha`` ``[L]``, the penalty chosen per layer). A regression method is fitted to that
+    target (see :func:`probes.evaluate.fit_and_evaluate`).
     """
     acts = text_activations(model, contrast.token_ids, hook, layers, position, batch_size, on_batch)  # [L, n, d]
     labels = torch.from_numpy(contrast.labels)
     pairs = torch.from_numpy(contrast.pairs) if contrast.pairs is not None and method in PAIRED_METHODS else None
-    ev = fit_and_evaluate(method, acts, labels, pairs=pairs, test_fraction=test_fraction, seed=seed)
+    ev = fit_and_evaluate(method, acts, labels, pairs=pairs, test_fraction=test_fraction, seed=seed, target=contrast.target)
     arrays = {
         "layers": np.asarray(layers, dtype=np.int64),
         "directions": ev.directions.numpy().astype(np.float32),
@@ -62,16 +48,21 @@ def fit_probe(
         "test_auroc": ev.test_auroc.numpy(),
         "test_margin": ev.test_margin.numpy(),
     }
-    if contrast.target is not None and np.isfinite(contrast.target).all():
-        test = ev.test_index.numpy()
-        scores = projection_scores(acts[:, test].permute(1, 0, 2), ev.directions).numpy()  # [n_test, L]
-        arrays["test_target_spearman"] = np.array([spearman(scores[:, j], contrast.target[test]) for j in range(len(layers))])
+    if ev.test_target_spearman is not None:
+        arrays["test_target_spearman"] = ev.test_target_spearman.numpy()
+    if ev.alpha is not None:
+        arrays["alpha"] = ev.alpha.double().cpu().numpy()
     return ev, arrays
 
 
-def probe_metadata(model: Any, contrast: ContrastSet, method: str, hook: str, position: str, test_fraction: float, seed: int, best_layer: int) -> dict[str, Any]:
+def probe_metadata(model: Any, contrast: ContrastSet, method: str, hook: str, position: str, test_fraction: float, seed: int, best_layer: int,
+                   selected_by: str = "test_accuracy") -> dict[str, Any]:
     """The root attributes of a probe file (what `track` checks before using it)."""
+    fitted_to = "label"
+    if method in REGRESSION_METHODS and contrast.target is not None and np.isfinite(contrast.target).all():
+        fitted_to = "target"
     return {
+        "best_layer_by": selected_by, "fitted_to": fitted_to,
         "model_name": model.name, "model_path": model.path, "model_revision": model.revision,
         "d_model": model.d_model, "n_layers": model.n_layers, "hook": hook, "position": position,
         "method": method, "contrast": describe(contrast), "test_fraction": test_fraction, "seed": seed,
@@ -83,4 +74,4 @@ def save_fitted(path: Path, model: Any, contrast: ContrastSet, method: str, hook
                 test_fraction: float, seed: int, ev: Evaluation, arrays: dict[str, np.ndarray]) -> Path:
     """Write the probe file of a fit; ``best_layer`` is stored as a model layer index."""
     best = int(arrays["layers"][ev.best_layer])
-    return save_probe(path, probe_metadata(model, contrast, method, hook, position, test_fraction, seed, best), arrays)
+    return save_probe(path, probe_metadata(model, contrast, method, hook, position, test_fraction, seed, best, ev.selected_by), arrays)

@@ -4,7 +4,9 @@ A method takes positive and negative activations for every layer at once,
 ``pos: [n_layers, n_pos, d_model]`` and ``neg: [n_layers, n_neg, d_model]``, and returns a
 :class:`Fit`: one unit direction per layer, oriented so that positives project higher, and a
 threshold on that projection for classification. Given 2-D input ``[n, d_model]`` (one layer) a
-method returns ``direction: [d_model]`` and a scalar ``threshold``.
+method returns ``direction: [d_model]`` and a scalar ``threshold``. The regression methods
+(:data:`REGRESSION_METHODS`: ``ridge``) also take ``target=``, a continuous value per text (e.g. the
+organism's exact log-odds), and fit the direction to predict it rather than the 0/1 label.
 
 Every layer is fitted in the same batched tensor operations; nothing loops over layers.
 """
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Fit", "METHODS", "PAIRED_METHODS", "ccs", "diffmean", "logreg", "pca", "sklearn_c"]
+__all__ = ["Fit", "METHODS", "PAIRED_METHODS", "REGRESSION_METHODS", "RIDGE_ALPHAS", "ccs", "diffmean", "logreg", "pca", "ridge", "sklearn_c"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Fit:
 
     direction: Tensor
     threshold: Tensor
+    alpha: Tensor | None = None  # ridge: the penalty chosen per layer ([n_layers] or 0-d); None for the others
 
 
 def _as_layers(pos: Tensor, neg: Tensor, *, paired: bool) -> tuple[Tensor, Tensor, bool]:
@@ -78,10 +81,11 @@ def _orient(pos: Tensor, neg: Tensor, direction: Tensor) -> Tensor:
     return torch.where(gap[:, None] < 0, -direction, direction)
 
 
-def _result(direction: Tensor, threshold: Tensor, single: bool) -> Fit:
+def _result(direction: Tensor, threshold: Tensor, single: bool, alpha: Tensor | None = None) -> Fit:
     if single:
-        return Fit(direction=direction[0].contiguous(), threshold=threshold[0].contiguous())
-    return Fit(direction=direction.contiguous(), threshold=threshold.contiguous())
+        return Fit(direction=direction[0].contiguous(), threshold=threshold[0].contiguous(),
+                   alpha=None if alpha is None else alpha[0].contiguous())
+    return Fit(direction=direction.contiguous(), threshold=threshold.contiguous(), alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------- diffmean
@@ -401,13 +405,85 @@ def ccs(
     return _result(direction, threshold, single)
 
 
+# ------------------------------------------------------------------------------------------ ridge
+
+RIDGE_ALPHAS: tuple[float, ...] = tuple(10.0**k for k in range(-6, 3))
+"""``ridge``'s penalty grid, relative to each layer's feature scale: α = r · trace(XᵀX) / d_model for
+each r here (so the grid means the same for a 64-wide organism and a 4096-wide model)."""
+
+
+@torch.no_grad()
+def ridge(pos: Tensor, neg: Tensor, target: Tensor | None = None, alphas: tuple[float, ...] = RIDGE_ALPHAS) -> Fit:
+    """Ridge regression of a continuous target on the activations, every layer at once.
+
+    ``target: [n_pos + n_neg]`` is one value per text in the order ``cat(pos, neg)`` (for the organism,
+    the exact log-odds of fair of each contrast prefix); without it the target is the 0/1 label (a
+    linear probability probe). Per layer it minimises ``|y − X w − b|² + α |w|²`` (intercept not
+    penalised: the same problem as scikit-learn's ``Ridge(alpha=α)``), with α chosen from
+    ``alphas × trace(XᵀX)/d_model`` by exact leave-one-out error (as ``RidgeCV`` does, through one
+    eigendecomposition per layer of the ``[d, d]`` or, when d > n, the ``[n, n]`` Gram matrix).
+    Unlike a classifier, it is asked to rank *inside* each class too: a saturated posterior of log-odds
+    +12 must project above one of +6.
+
+    Returns a :class:`Fit`: ``direction: [n_layers, d_model] = w / |w|`` (oriented so that a higher
+    target projects higher), ``threshold: [n_layers]`` (the midpoint of the mean positive and mean
+    negative projections) and ``alpha: [n_layers]`` (the chosen penalty, absolute); ``[d_model]`` and
+    scalars for 2-D input.
+    """
+    pos, neg, single = _as_layers(pos, neg, paired=False)
+    x = torch.cat([pos, neg], dim=1).double()  # [L, n, d]
+    n_layers, n, d = x.shape
+    if target is None:
+        y = torch.cat([x.new_ones(pos.shape[1]), x.new_zeros(neg.shape[1])])
+    else:
+        y = torch.as_tensor(target).to(x.device, torch.float64)
+        if y.shape != (n,):
+            raise ValueError(f"target must be [n_pos + n_neg] = [{n}], got shape {tuple(y.shape)}")
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("target must be finite")
+    if n < 3:
+        raise ValueError("ridge needs at least three texts")
+    if not alphas or min(alphas) <= 0:
+        raise ValueError(f"alphas must be positive, got {alphas}")
+    mean_x = x.mean(1, keepdim=True)
+    centred, y_centred = x - mean_x, y - y.mean()
+    # Thin SVD of each layer's centred X through the smaller Gram matrix: X = U S Vᵀ.
+    if d <= n:
+        eigvals, v = torch.linalg.eigh(centred.mT @ centred)  # [L, d], [L, d, d]
+    else:
+        eigvals, u = torch.linalg.eigh(centred @ centred.mT)  # [L, n], [L, n, n]
+    keep = eigvals > eigvals.amax(1, keepdim=True).clamp_min(1e-300) * 1e-10
+    s2 = torch.where(keep, eigvals, 0.0)
+    sv = s2.sqrt()
+    inverse_sv = torch.where(keep, 1 / sv.where(keep, 1.0), 0.0)[:, None, :]
+    if d <= n:
+        u = centred @ v * inverse_sv  # [L, n, k]
+    else:
+        u = u * keep[:, None, :]
+        v = centred.mT @ u * inverse_sv  # [L, d, k]
+    grid = torch.tensor(alphas, dtype=torch.float64, device=x.device)[None, :] * (s2.sum(1, keepdim=True) / d).clamp_min(1e-300)  # [L, A]
+    uty = torch.einsum("lnk,n->lk", u, y_centred)
+    shrink = s2[:, None, :] / (s2[:, None, :] + grid[:, :, None])  # [L, A, k]
+    fitted = torch.einsum("lnk,lak->lan", u, shrink * uty[:, None, :])
+    leverage = torch.einsum("lnk,lak->lan", u * u, shrink) + 1.0 / n  # the intercept's leverage too
+    loo = ((y_centred - fitted) / (1 - leverage).clamp_min(1e-12)).pow(2).mean(2)  # [L, A]
+    alpha = grid.gather(1, loo.argmin(1, keepdim=True)).squeeze(1)  # [L]
+    w = torch.einsum("ldk,lk->ld", v, sv / (s2 + alpha[:, None]) * uty)
+    direction = _unit(w).float()
+    return _result(direction, _midpoint(pos, neg, direction), single, alpha)
+
+
 METHODS: dict[str, Callable[..., Fit]] = {
     "diffmean": diffmean,
     "logreg": logreg,
     "pca": pca,
     "ccs": ccs,
+    "ridge": ridge,
 }
 """Every direction-finding method by name; each is ``method(pos, neg, **options) -> Fit``."""
+
+REGRESSION_METHODS: frozenset[str] = frozenset({"ridge"})
+"""The methods that take ``target=`` (a continuous value per text) and fit it rather than the label."""
 
 PAIRED_METHODS: frozenset[str] = frozenset({"pca", "ccs"})
 """The methods that need ``pos[i]`` paired with ``neg[i]``."""

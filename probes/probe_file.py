@@ -5,8 +5,11 @@ HDF5, readable with plain h5py. Root attributes: ``format`` = ``self-correction-
 ``hook``, ``position`` (``last``/``mean``), ``method``, ``contrast`` (JSON: name, n, n_positive,
 n_pairs, digest), ``test_fraction``, ``seed``, ``best_layer``, ``created``. Datasets (``L`` fitted layers):
 ``layers [L]``, ``directions [L, d_model]`` (unit norm, positives project higher), ``thresholds [L]``,
-``train_accuracy [L]``, ``test_accuracy [L]``, ``test_auroc [L]``, and for contrasts with a
-continuous ground truth ``test_target_spearman [L]``.
+``train_accuracy [L]``, ``test_accuracy [L]``, ``test_auroc [L]``, ``test_margin [L]``, for contrasts with a
+continuous ground truth ``test_target_spearman [L]``, and for ``ridge`` ``alpha [L]`` (the penalty chosen
+per layer). Files written since ``ridge`` existed also carry ``best_layer_by`` (``test_accuracy``, or
+``test_target_spearman`` for a regression probe fitted to a target) and ``fitted_to`` (``label`` or
+``target``).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def _check(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> N
     if arrays["directions"].shape != (n, int(meta["d_model"])) or arrays["directions"].dtype.kind != "f":
         raise WorkbenchError(f"{path}: directions must be [{n} layers, d_model {meta['d_model']}] floats, "
                              f"not {list(arrays['directions'].shape)}")
-    for name in (*ARRAYS[2:], "test_target_spearman", "test_margin"):
+    for name in (*ARRAYS[2:], "test_target_spearman", "test_margin", "alpha"):
         if name in arrays and (arrays[name].shape != (n,) or arrays[name].dtype.kind not in "fiu"):
             raise WorkbenchError(f"{path}: {name} must be [{n}] numbers, one per layer")
     if int(meta["best_layer"]) not in {int(x) for x in layers}:
