@@ -20,14 +20,17 @@ _EXPORTS = {
     "cosine_scores": "probes.evaluate",
     "fit_and_evaluate": "probes.evaluate",
     "projection_scores": "probes.evaluate",
+    "spearman": "probes.evaluate",
     "split": "probes.evaluate",
     "METHODS": "probes.methods",
     "PAIRED_METHODS": "probes.methods",
+    "REGRESSION_METHODS": "probes.methods",
     "Fit": "probes.methods",
     "ccs": "probes.methods",
     "diffmean": "probes.methods",
     "logreg": "probes.methods",
     "pca": "probes.methods",
+    "ridge": "probes.methods",
     "sklearn_c": "probes.methods",
 }
 

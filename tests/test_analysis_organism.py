@@ -33,30 +33,27 @@ def runs(tmp_path_factory, organism):
 
 
 @pytest.fixture(scope="module")
-def ridge_direction(organism):
-    """A linear read-out of the exact log-odds fitted on world dialogue prefixes outside any run
-    (the organism contrast set without its margin, continuous target): ``[L, d_model]``."""
-    from sklearn.linear_model import RidgeCV
+def fitted_probes(tmp_path_factory, organism):
+    """The probes a user fits with `workbench probe fit --contrast organism`, on world dialogue
+    prefixes outside any run: ``{"ridge": ..., "logreg": ...}`` probe files (every layer)."""
+    from probes.contrast import load_contrast
+    from probes.fit import fit_probe, save_fitted
+    from probes.probe_file import load_probe
 
-    from probes.activations import text_activations
-    from probes.contrast import organism_contrast
+    root = tmp_path_factory.mktemp("organism-probes")
+    out = {}
+    for method, margin in (("ridge", 0.0), ("logreg", 0.3)):  # the margins `probe fit` uses for each
+        contrast = load_contrast("organism", organism.tokenizer, paired=False, n=2000, margin=margin)
+        ev, arrays = fit_probe(organism, contrast, method, "hook_resid_post", list(range(organism.n_layers)))
+        out[method] = load_probe(save_fitted(root / f"{method}.h5", organism, contrast, method, "hook_resid_post", "last", 0.25, 0, ev, arrays))
+    return out
 
-    contrast = organism_contrast(organism.tokenizer, n=2000, margin=0.0)
-    acts = text_activations(organism, contrast.token_ids, "hook_resid_post", list(range(organism.n_layers))).numpy()
-    return np.stack([RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(a, contrast.target).coef_ for a in acts])
 
+def _track(path, probe, name):
+    """`workbench probe track`: the probe's scores for every (sample, round, layer) into the run."""
+    from probes.track import track
 
-def _track(path, direction, name="ridge"):
-    """Write the projection of every (sample, round, layer) on ``direction`` as a tracked probe."""
-    from workbench.store import RunFile, replace_group
-
-    with RunFile(path) as run:
-        acts = run.array("activations/hook_resid_post")[:, :, 0]  # [n, R, L, d] at the last prompt token
-    unit = direction / np.linalg.norm(direction, axis=-1, keepdims=True)
-    projection = np.einsum("nrld,ld->nrl", acts, unit).astype(np.float32)
-    replace_group(path, f"probes/{name}", {"projection": projection, "cosine": projection},
-                  {"kind": "probe", "layers": list(range(direction.shape[0])), "best_layer": 1, "hook": "hook_resid_post",
-                   "run_position": "last_prompt"})
+    track(path, probe, name)
 
 
 def _analyze(path, **kw):
@@ -117,28 +114,59 @@ def test_accuracy_and_entropy_converge_under_moral_follow_ups(runs):
     assert acc["value"][-1] > acc["high"][0]  # the last round is above round 1's whole interval
 
 
-def test_within_round_and_change_targets_on_the_shipped_model(runs, ridge_direction):
-    """DESIGN/issue targets, measured on the shipped model under `organism-world`: the best layer's
-    score against the exact log-odds, Spearman ≥ 0.8 within every round and ≥ 0.7 on the change of
-    every transition — for a read-out fitted outside the run and for one cross-fitted inside it."""
+def test_within_round_and_change_targets_on_the_shipped_model(runs, fitted_probes):
+    """The issue's targets, measured on the shipped model under `organism-world`: the `ridge` concept
+    probe — fitted on the organism contrast set, its best layer chosen there by held-out ρ, nothing
+    taken from the run — scores against the exact log-odds with Spearman ≥ 0.8 within every round
+    and ≥ 0.7 on the change of every transition. The cross-fitted read-out inside the run (the
+    ceiling of a linear read-out) meets them too."""
     path = runs["organism-world"]
-    _track(path, ridge_direction)
+    _track(path, fitted_probes["ridge"], "ridge")
     result = _analyze(path, probe="ridge")
-    held_out = result["probe_vs_exact"]["probes"]["ridge"]["layers"]
+    probe = result["probe_vs_exact"]["probes"]["ridge"]
+    assert probe["best_layer"] == fitted_probes["ridge"].best_layer  # the probe's own choice, not the run's
     cross_fitted = result["readout_vs_exact"]["hooks"]["hook_resid_post"]
-    for layers in (held_out, cross_fitted):
-        best = max(layers, key=lambda l: layers[l]["min_within_round"])
-        v = layers[best]
+    best_in_run = max(cross_fitted, key=lambda l: cross_fitted[l]["min_within_round"])
+    for v in (probe["layers"][str(probe["best_layer"])], cross_fitted[best_in_run]):
         assert np.isnan(v["within_round"][0]["rho"])  # round 1: undefined, said so rather than hidden
-        assert v["min_within_round"] >= 0.8, [x["rho"] for x in v["within_round"]]
-        assert v["min_changes"] >= 0.7, [x["rho"] for x in v["changes"]]
+        within = [x["rho"] for x in v["within_round"][1:]]
+        changes = [x["rho"] for x in v["changes"]]
+        assert len(within) == ROUNDS - 1 and min(within) >= 0.8, within
+        assert len(changes) == ROUNDS - 1 and min(changes) >= 0.7, changes
     # pooled over rounds the round number alone says little here, unlike under fixed follow-ups
     assert abs(result["probe_vs_exact"]["round_number_pooled"]["rho"]) < 0.6
 
 
-def test_concept_uncertainty_sign_matches_the_world_and_simulation_beats_baseline(runs, ridge_direction):
+def test_logreg_probe_misses_the_change_target_because_it_only_separates_saturated_classes(runs, fitted_probes):
+    """Why a classifier is not enough (docs/ORGANISM.md): the contrast-set logreg probe separates
+    fair from biased prefixes, but after an immoral instruction to an already biased dialogue its
+    score still rises with the round, so its changes rank far below ridge's (measured: −0.33 at its
+    best layer on 256 samples) while ridge's held-out ρ on the contrast set is as high."""
+    path = runs["organism-world"]
+    _track(path, fitted_probes["logreg"], "logreg")
+    _track(path, fitted_probes["ridge"], "ridge")
+    result = _analyze(path)["probe_vs_exact"]["probes"]
+    views = {m: result[m]["layers"][str(result[m]["best_layer"])] for m in ("logreg", "ridge")}
+    assert views["logreg"]["min_changes"] < 0.7 <= views["ridge"]["min_changes"]
+    assert views["logreg"]["min_within_round"] < views["ridge"]["min_within_round"]
+    # the mechanism: in the transitions from round 3 on, an immoral instruction lowers the exact log-odds and ridge's score,
+    # but raises logreg's (its direction carries a component that grows with the dialogue's length)
+    from workbench.organism.posterior import instruction_kind
+    from workbench.store import RunFile
+
+    with RunFile(path) as run:
+        texts = run.array("rounds/instruction")
+        score = {m: run.array(f"probes/{m}/projection")[:, :, result[m]["best_layer"]].astype(float) for m in views}
+        exact = run.array("rounds/exact_log_odds")
+    immoral = np.array([[t > 0 and instruction_kind(str(x)) == "immoral" for t, x in enumerate(row)] for row in texts])[:, 3:]
+    step = {m: np.diff(v, axis=1)[:, 2:][immoral] for m, v in {**score, "exact": exact}.items()}
+    assert immoral.sum() > 20 and step["exact"].mean() < -2 and step["ridge"].mean() < 0 < step["logreg"].mean(), \
+        {m: float(v.mean()) for m, v in step.items()}
+
+
+def test_concept_uncertainty_sign_matches_the_world_and_simulation_beats_baseline(runs, fitted_probes):
     path = runs["organism"]
-    _track(path, ridge_direction)
+    _track(path, fitted_probes["ridge"], "ridge")
     result = _analyze(path, probe="ridge")
     world = result["world_sign"]
     model = result["concept_uncertainty"]["ridge"]["option_entropy"]

@@ -22,9 +22,11 @@ from probes import (
     fit_and_evaluate,
     logreg,
     projection_scores,
+    ridge,
     sklearn_c,
     split,
 )
+from probes.methods import RIDGE_ALPHAS
 
 # Small problems: one thread (torch and BLAS) avoids thread start-up and contention costs.
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +79,7 @@ def test_every_method_recovers_the_planted_direction_of_every_layer(name):
     assert (cos >= 0.99).all(), f"{name}: cosine with the planted direction {cos.tolist()}"
 
 
-@pytest.mark.parametrize("name", ["diffmean", "logreg"])
+@pytest.mark.parametrize("name", ["diffmean", "logreg", "ridge"])
 def test_unpaired_methods_recover_the_direction_from_unbalanced_classes(name):
     g = torch.Generator().manual_seed(1)
     u = _unit_rows(g, 4, 16)
@@ -177,6 +179,96 @@ def test_logreg_rejects_a_non_positive_penalty_and_warns_when_not_converged():
         logreg(pos, neg, max_iter=1)
 
 
+# --------------------------------------------------------------------------------- ridge
+
+
+def _linear_target(n_layers=3, n=400, d=12, noise=0.0, seed=0):
+    """Activations with a known linear target per layer: y = x · w_l + 2 + noise (one y for all
+    layers would need one w, so each layer gets its own x). Returns x [L, n, d], y [L, n], w [L, d]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_layers, n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64) + 5
+    w = torch.randn(n_layers, d, generator=g, dtype=torch.float64)
+    y = torch.einsum("lnd,ld->ln", x, w) + 2 + noise * torch.randn(n_layers, n, generator=g, dtype=torch.float64)
+    return x, y, w
+
+
+def test_ridge_recovers_a_known_linear_target_exactly():
+    # Hand-checkable: a noiseless y = x · w + 2 has zero leave-one-out error at the smallest penalty,
+    # which the grid then picks, and its direction is w / |w| (up to that penalty: α / s² ≤ 1e-4 here).
+    x, y, w = _linear_target()
+    for layer in range(3):
+        fit = ridge(x[layer, :150], x[layer, 150:], target=y[layer])
+        assert float(fit.alpha) == pytest.approx(RIDGE_ALPHAS[0] * float(((x[layer] - x[layer].mean(0)) ** 2).sum()) / 12)
+        assert torch.allclose(fit.direction.double(), w[layer] / w[layer].norm(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n, d", [(300, 16), (40, 64)])  # d ≤ n: the [d, d] Gram; d > n: the [n, n] one
+def test_ridge_matches_sklearn_ridgecv_on_every_layer(n, d):
+    from sklearn.linear_model import RidgeCV
+
+    x, y, _ = _linear_target(n_layers=3, n=n, d=d, noise=3.0, seed=1)
+    target = y[0]  # one target, three layers that explain it differently well
+    fit = ridge(x[:, : n // 3], x[:, n // 3 :], target=target)
+    for layer in range(3):
+        grid = np.array(RIDGE_ALPHAS) * float(((x[layer] - x[layer].mean(0)) ** 2).sum()) / d
+        reference = RidgeCV(alphas=grid).fit(x[layer].numpy(), target.numpy())
+        assert float(fit.alpha[layer]) == pytest.approx(reference.alpha_, rel=1e-6)  # ridge works on float32 input
+        coef = torch.from_numpy(reference.coef_)
+        assert float(_cosine(fit.direction[layer].double(), coef / coef.norm())) > 1 - 1e-6
+
+
+def test_ridge_fits_the_target_not_the_label():
+    # The label is carried by dimension 1, the target by dimension 0: given the target, ridge points
+    # along dimension 0 (where a classifier, or ridge on the label, points along dimension 1).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 600, 6, generator=g)
+    labels = x[0, :, 1] > 0
+    target = 3 * x[0, :, 0]
+    pos, neg = x[:, labels], x[:, ~labels]
+    with_target = ridge(pos, neg, target=torch.cat([target[labels], target[~labels]]))
+    assert abs(float(with_target.direction[0, 0])) > 0.999
+    assert abs(float(ridge(pos, neg).direction[0, 1])) > 0.99
+    assert abs(float(logreg(pos, neg).direction[0, 1])) > 0.99
+
+
+def test_ridge_rejects_a_bad_target_or_grid():
+    pos, neg, _ = _paired(n=20)
+    with pytest.raises(ValueError, match="target must be"):
+        ridge(pos, neg, target=torch.zeros(39))
+    with pytest.raises(ValueError, match="finite"):
+        ridge(pos, neg, target=torch.full((40,), float("nan")))
+    with pytest.raises(ValueError, match="alphas"):
+        ridge(pos, neg, alphas=(0.0, 1.0))
+
+
+def test_fit_and_evaluate_fits_a_regression_method_to_the_target_and_picks_its_layer_by_rank():
+    # Four layers; the target is a noisy linear function of layer 2's activations only. The label is
+    # its sign, which every layer separates equally badly except 2 — but layer 3 separates the label
+    # well through a second feature that does not rank inside the classes.
+    g = torch.Generator().manual_seed(4)
+    n, d = 800, 10
+    x, y, _ = _linear_target(n_layers=4, n=n, d=d, noise=1.0, seed=5)
+    target = y[2] - y[2].median()
+    labels = (target > 0).long()
+    acts = x.float()
+    acts[3, :, 0] = (labels * 2 - 1) * 5 + 0.1 * torch.randn(n, generator=g)  # a pure class feature
+    result = fit_and_evaluate("ridge", acts, labels, target=target, test_fraction=0.25, seed=0)
+    assert result.selected_by == "test_target_spearman" and result.best_layer == 2
+    assert result.test_target_spearman.shape == (4,) and float(result.test_target_spearman[2]) > 0.95
+    assert float(result.test_target_spearman[[0, 1]].abs().max()) < 0.3
+    assert result.alpha is not None and result.alpha.shape == (4,)
+    # a classifier on the same data picks the layer that separates the label best, and only reports ρ
+    classifier = fit_and_evaluate("logreg", acts, labels, target=target, test_fraction=0.25, seed=0)
+    assert classifier.selected_by == "test_accuracy" and classifier.best_layer == 3 and classifier.alpha is None
+    assert classifier.test_target_spearman.shape == (4,)
+    assert float(classifier.test_target_spearman[3]) < float(result.test_target_spearman[2]) - 0.1
+    # a non-finite target (the organism's pairs) is no target
+    no_target = fit_and_evaluate("ridge", acts, labels, target=torch.full((n,), float("nan")), test_fraction=0.25, seed=0)
+    assert no_target.test_target_spearman is None and no_target.selected_by == "test_accuracy"
+    with pytest.raises(ValueError, match="target must be"):
+        fit_and_evaluate("ridge", acts, labels, target=target[:-1])
+
+
 # ----------------------------------------------------------------------- orientation and shapes
 
 
@@ -191,7 +283,7 @@ def test_positives_project_above_the_threshold_and_above_negatives(name):
     assert ((neg_proj < fit.threshold).float().mean(0) > 0.9).all()
 
 
-@pytest.mark.parametrize("name", ["diffmean", "logreg", "pca"])
+@pytest.mark.parametrize("name", ["diffmean", "logreg", "pca", "ridge"])
 def test_swapping_pos_and_neg_flips_the_direction(name):
     pos, neg, _ = _paired(n=400)
     forward, backward = METHODS[name](pos, neg), METHODS[name](neg, pos)
