@@ -166,11 +166,28 @@ def run_scenario(name, acts, labels, args, console) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def size_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The options every probe benchmark shares: problem size, repeats, seed, ``--quick`` and ``--out``."""
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="n=600, 4 layers, d_model=128, 1 repeat")
+    parser.add_argument("--out", type=Path, default=results)
+
+
+def parse_sizes(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``--quick`` shrinks the problem to n=600, 4 layers, d_model=128, 1 repeat."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.layers, args.d_model, args.repeats = 600, 4, 128, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size_arguments(parser, RESULTS)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--l2", type=float, default=1e-2, help="probes.logreg l2 (sklearn C = 1 / (l2 * n_train))")
     parser.add_argument("--signal", type=float, default=0.9, help="±shift along the planted direction (accuracy ~0.9)")
@@ -181,18 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-isotropic", dest="isotropic", action="store_false",
         help="skip the second scenario: isotropic noise (--decay 0 --massive 0), sklearn's easiest case",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument(
         "--sklearn-threads", type=int, default=1,
         help="BLAS threads for sklearn (1 is fastest for these sizes; 0 leaves the default)",
     )
     parser.add_argument("--torch-threads", type=int, default=0, help="torch threads (0 leaves the default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="n=600, 4 layers, d_model=128, 1 repeat")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.samples, args.layers, args.d_model, args.repeats = 600, 4, 128, 1
+    args = parse_sizes(parser, argv)
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
