@@ -48,9 +48,8 @@ def fit(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
-    from probes.contrast import check_splittable, load_contrast, read_contrast_file
+    from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
-    from probes.contrast import ORGANISM_MARGIN
     from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
     from workbench.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
