@@ -30,6 +30,14 @@ class SampleLoaded(Message):
         self.pieces = pieces  # [R] token texts of each round's response
 
 
+class SamplesReadAhead(Message):
+    """Samples near the one shown were read ahead (each with its pieces), for the sample cache."""
+
+    def __init__(self, loaded: tuple["SampleLoaded", ...]) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+
 class RoundTableLoaded(Message):
     """``workbench.analysis.summary`` of the run, for the run screen."""
 

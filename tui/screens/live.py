@@ -144,7 +144,7 @@ class LiveScreen(LayerKeys, Screen):
             return
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
-        self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats")
+        self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats", layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, "cosine", t, self.layer_index)
 

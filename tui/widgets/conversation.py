@@ -48,7 +48,9 @@ def diff_text(before: str, after: str, round_: int, added_style, removed_style, 
 
 
 class Conversation(VerticalScroll):
-    """Scrolls to its end (the current response and its diff) whenever the round or the sample changes."""
+    """Scrolls to its end (the current response and its diff) whenever the round or the sample
+    changes: anchored to the bottom, so the layout pass that places the new text also scrolls to it
+    (no second render); scrolling up by hand releases the anchor until the next change."""
 
     COMPONENT_CLASSES = {"conversation--user", "conversation--model", "conversation--dim", "conversation--added",
                          "conversation--removed"}
@@ -70,7 +72,7 @@ class Conversation(VerticalScroll):
                                   style("conversation--added"), style("conversation--removed"), style("conversation--dim")))
         else:
             diff.update(Text("round 1: no earlier response to compare", style=style("conversation--dim")))
-        self.call_after_refresh(self.scroll_end, animate=False)  # the current response and its diff are last
+        self.anchor()  # scrolled to the end (the current response and its diff) in the same layout pass
 
     def clear(self, message: str = "") -> None:
         self.query_one("#history", Static).update(Text(message))
