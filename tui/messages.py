@@ -101,6 +101,18 @@ class LiveRoundDone(Message):
         self.pieces = pieces
 
 
+class LiveTokens(Message):
+    """Live mode: round ``number`` (1-based) is being generated; ``ids``/``pieces`` ``[T]`` are the
+    shown sample's response tokens so far and their texts, ``instruction`` the round's user message."""
+
+    def __init__(self, number: int, instruction: str, ids: tuple[int, ...], pieces: tuple[str, ...]) -> None:
+        super().__init__()
+        self.number = number
+        self.instruction = instruction
+        self.ids = ids
+        self.pieces = pieces
+
+
 class LiveSaved(Message):
     """Live mode: the session was saved as a run file at ``path``."""
 

@@ -82,7 +82,7 @@ class ConceptHeatmap(BaseStyleCache, Widget):
         width = self.size.width
         base = self.base_style
         if not self.layer_labels:
-            return fit_line([Segment(self.label or "no probe tracked in this run")], width, base)
+            return fit_line([Segment(self.label or "no probe tracked in this run" if y == 0 else "")], width, base)
         cw = self.cell_width
         lo, hi = self.value_range
         window = self.layer_window()
