@@ -126,6 +126,18 @@ class SampleList(BaseStyleCache, ScrollView, can_focus=True):
     def on_resize(self) -> None:
         self.virtual_size = Size(0, len(self.shown))
 
+    _scrollbar_rows = -1  # the list length the scrollbar was last drawn for
+
+    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
+        # Textual's ScrollView compares the layout's virtual size with the list's own, which never
+        # match, so it would redraw the scrollbar on every layout pass (every round step): pass the
+        # list's own size unless the list's length changed since the scrollbar was drawn.
+        rows = self.virtual_size.height
+        if rows == self._scrollbar_rows:
+            virtual_size = self.virtual_size
+        self._scrollbar_rows = rows
+        return super()._size_updated(size, virtual_size, container_size, layout)
+
     def on_click(self, event: events.Click) -> None:
         row = event.y + int(self.scroll_y)
         if 0 <= row < len(self.shown):
