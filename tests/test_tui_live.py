@@ -39,9 +39,11 @@ def probe_path(tmp_path_factory):
 
 def live_app(config: LiveConfig, body, size=(100, 30)):
     messages: list = []
+    seen: set[int] = set()  # a bubbling message reaches the hook once per node; the list keeps ids unique
 
     def hook(message) -> None:
-        if not any(m is message for m in messages[-20:]):
+        if id(message) not in seen:
+            seen.add(id(message))
             messages.append(message)
 
     async def main():
@@ -132,6 +134,54 @@ def test_live_rounds_with_every_binding(probe_path, tmp_path, monkeypatch):
     assert overview.n_rounds == 3 and sample.instructions[1] == ORGANISM_IMMORAL
 
 
+def test_a_round_streams_its_text_while_it_is_generated(monkeypatch):
+    """The model is held after its third decoding step: the screen shows the first tokens of the
+    round before the round exists, then the finished round, whose tokens begin with them."""
+    import threading
+
+    import tui.live
+    from workbench.session import Session
+
+    monkeypatch.setattr(tui.live, "STREAM_INTERVAL", 0.0)  # show every step (the app waits 50 ms between showings)
+    held, release = threading.Event(), threading.Event()
+    real_step = Session.step
+
+    def holding_step(self, instruction=None, on_tokens=None):
+        def tokens(step, new_ids):
+            on_tokens(step, new_ids)
+            if step == 2:
+                held.set()
+                release.wait(60)
+
+        return real_step(self, instruction, on_tokens=tokens)
+
+    monkeypatch.setattr(Session, "step", holding_step)
+
+    async def body(app, pilot, s, messages):
+        await pilot.press("n")
+        await wait_until(pilot, held.is_set, timeout=60, what="the model's third step")
+        await wait_until(pilot, lambda: s.streamed is not None and len(s.streamed.ids) == 3, what="the streamed tokens")
+        await pilot.pause()
+        text = screen_text(app)
+        assert s.sample is None and s.busy and s.live.session.rounds == []  # the round has not finished
+        assert "round 1  (generating …)" in text and "3 tokens so far" in text and "3 tokens" in text
+        assert s.query_one(TokenView).pieces == list(s.streamed.pieces) and s.streamed.pieces[0].strip() in text
+        streamed = s.streamed.ids
+        release.set()
+        await settle(pilot, s)
+        assert s.sample.n_rounds == 1 and s.streamed is None and "generating" not in screen_text(app)
+        assert tuple(s.live.session.rounds[0].response_ids[0][:3]) == streamed
+        assert app.failures == []
+
+    try:
+        messages = live_app(LiveConfig.from_options("organism", None, None, None, None), body)
+    finally:
+        release.set()
+    from tui.messages import LiveTokens
+
+    assert [len(m.ids) for m in messages if isinstance(m, LiveTokens)][:3] == [1, 2, 3]
+
+
 def test_a_failure_is_shown_in_the_app(tmp_path):
     async def body(app, pilot, s, messages):
         assert s.live is None and len(app.failures) == 1 and "loading" in app.failures[0].what
@@ -140,6 +190,22 @@ def test_a_failure_is_shown_in_the_app(tmp_path):
         assert app.is_running and app.screen is s
 
     live_app(LiveConfig(model=str(tmp_path / "no-such-model")), body)
+
+
+def test_the_token_stream_shows_at_most_once_per_interval():
+    from tui.live import TokenStream
+
+    shown = []
+    stream = TokenStream(None, lambda ids, pieces: shown.append((ids, pieces)), interval=3600)
+    stream(0, [[5], [9]])
+    stream(1, [[6], []])
+    stream(2, [[], []])  # the conversation's row stopped
+    assert shown == [((5,), ("⟨5⟩",))] and stream.ids == [5, 6]  # row 0 is the live conversation
+    every = TokenStream(None, lambda ids, pieces: shown.append(ids), interval=0)
+    every(0, [[5]])
+    every(1, [[]])
+    every(2, [[7]])
+    assert shown[1:] == [(5,), (5, 7)]
 
 
 def test_live_options_are_checked_before_loading(tmp_path):

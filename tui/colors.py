@@ -4,6 +4,7 @@ used by the heatmap and the entropy-coloured tokens, with a legend to match."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from rich.color import Color
 from rich.segment import Segment
@@ -26,15 +27,20 @@ def scale_fraction(value: float, lo: float, hi: float) -> float:
     return min(1.0, max(0.0, (value - lo) / (hi - lo)))
 
 
-def scale_color(fraction: float) -> Color:
-    """The scale's colour at ``fraction`` in ``[0, 1]`` (linear between the stops); grey for NaN."""
+def _scale_rgb(fraction: float) -> tuple[int, int, int] | None:
     if not math.isfinite(fraction):
-        return MISSING
+        return None
     x = min(1.0, max(0.0, fraction)) * (len(_STOPS) - 1)
     i = min(int(x), len(_STOPS) - 2)
     t = x - i
     r, g, b = (round(a + (c - a) * t) for a, c in zip(_STOPS[i], _STOPS[i + 1]))
-    return Color.from_rgb(r, g, b)
+    return r, g, b
+
+
+def scale_color(fraction: float) -> Color:
+    """The scale's colour at ``fraction`` in ``[0, 1]`` (linear between the stops); grey for NaN."""
+    rgb = _scale_rgb(fraction)
+    return MISSING if rgb is None else Color.from_rgb(*rgb)
 
 
 def readable_on(background: Color) -> Color:
@@ -44,8 +50,14 @@ def readable_on(background: Color) -> Color:
 
 
 def cell_style(value: float, lo: float, hi: float) -> Style:
-    """Background on the scale for ``value``, with a readable foreground."""
-    bg = scale_color(scale_fraction(value, lo, hi))
+    """Background on the scale for ``value``, with a readable foreground (one Style object per
+    colour, so drawing a line builds none)."""
+    return _cell_style(_scale_rgb(scale_fraction(value, lo, hi)))
+
+
+@lru_cache(maxsize=4096)
+def _cell_style(rgb: tuple[int, int, int] | None) -> Style:
+    bg = MISSING if rgb is None else Color.from_rgb(*rgb)
     return Style(bgcolor=bg, color=readable_on(bg))
 
 
@@ -69,6 +81,11 @@ def format_cell(value: float) -> str:
     return f"{value:.0f}" if abs(value) < 99999.5 else f"{value:.0e}"
 
 
+@lru_cache(maxsize=64)
+def _legend_bar(width: int) -> tuple[Segment, ...]:
+    return tuple(Segment(" ", Style(bgcolor=scale_color(i / max(1, width - 1)))) for i in range(width))
+
+
 def legend_bar(width: int) -> list[Segment]:
     """The colour bar of the scale, low to high, ``width`` cells wide."""
-    return [Segment(" ", Style(bgcolor=scale_color(i / max(1, width - 1)))) for i in range(width)]
+    return list(_legend_bar(width))

@@ -30,6 +30,14 @@ class SampleLoaded(Message):
         self.pieces = pieces  # [R] token texts of each round's response
 
 
+class SamplesReadAhead(Message):
+    """Samples near the one shown were read ahead (each with its pieces), for the sample cache."""
+
+    def __init__(self, loaded: tuple["SampleLoaded", ...]) -> None:
+        super().__init__()
+        self.loaded = loaded
+
+
 class RoundTableLoaded(Message):
     """``workbench.analysis.summary`` of the run, for the run screen."""
 
@@ -90,6 +98,18 @@ class LiveRoundDone(Message):
     def __init__(self, sample: SampleRounds, pieces: tuple[tuple[str, ...], ...]) -> None:
         super().__init__()
         self.sample = sample
+        self.pieces = pieces
+
+
+class LiveTokens(Message):
+    """Live mode: round ``number`` (1-based) is being generated; ``ids``/``pieces`` ``[T]`` are the
+    shown sample's response tokens so far and their texts, ``instruction`` the round's user message."""
+
+    def __init__(self, number: int, instruction: str, ids: tuple[int, ...], pieces: tuple[str, ...]) -> None:
+        super().__init__()
+        self.number = number
+        self.instruction = instruction
+        self.ids = ids
         self.pieces = pieces
 
 

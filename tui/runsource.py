@@ -162,32 +162,52 @@ def read_overview(path: str | Path) -> RunOverview:
 def read_sample(path: str | Path, position: int, probes: Sequence[ProbeInfo] = ()) -> SampleRounds:
     """Every round of the finished sample at ``position`` (0-based among finished samples), with
     each score of each probe in ``probes`` per round and probe layer ``[R, L_probe]``."""
-    at = [position]
-    with RunFile(path) as run:
-        def one(name: str) -> Any:
-            return run.array(name, samples=at)[0]
+    return read_samples(path, [position], probes)[0]
 
-        options = tuple(o for o in one("samples/options").tolist() if o) if "samples/options" in run.f else ()
-        return SampleRounds(
+
+def read_samples(path: str | Path, positions: Sequence[int], probes: Sequence[ProbeInfo] = ()) -> list[SampleRounds]:
+    """:func:`read_sample` of several finished samples with the file opened once (the sample
+    screen reads a sample's neighbours ahead this way), in the order of ``positions``."""
+    order = sorted(set(int(p) for p in positions))  # the store reads rows in increasing order
+    if not order:
+        return []
+    with RunFile(path) as run:
+        def rows(name: str) -> Any:
+            return run.array(name, samples=order)
+
+        n_rounds = run.n_rounds
+        columns = {name: rows(name) for name in (
+            "samples/id", "samples/category", "samples/context", "samples/question", "samples/gold",
+            f"{ROUNDS}/instruction", f"{ROUNDS}/response", f"{ROUNDS}/option_probs", f"{ROUNDS}/answer",
+            f"{ROUNDS}/correct", f"{ROUNDS}/mean_token_entropy", f"{ROUNDS}/option_entropy")}
+        options = rows("samples/options") if "samples/options" in run.f else None
+        ids, entropies = response_token_ids(run, order), token_entropies(run, order)
+        concept = {p.name: {score: rows(f"probes/{p.name}/{score}") for score in p.ranges} for p in probes}
+    out = {}
+    for k, position in enumerate(order):
+        def one(name: str) -> Any:
+            return columns[name][k]
+
+        out[position] = SampleRounds(
             position=position,
             id=_str(one("samples/id")),
             category=_str(one("samples/category")),
             context=_str(one("samples/context")),
             question=_str(one("samples/question")),
-            options=options,
+            options=tuple(o for o in options[k].tolist() if o) if options is not None else (),
             gold=int(one("samples/gold")),
             instructions=tuple(one(f"{ROUNDS}/instruction").tolist()),
             responses=tuple(one(f"{ROUNDS}/response").tolist()),
-            token_ids=tuple(np.asarray(t, dtype=np.int32) for t in response_token_ids(run, at)[0]),
-            token_entropies=tuple(np.asarray(t, dtype=np.float32) for t in token_entropies(run, at)[0]),
-            option_probs=np.asarray(one(f"{ROUNDS}/option_probs"), dtype=np.float32).reshape(run.n_rounds, -1),
+            token_ids=tuple(np.asarray(t, dtype=np.int32) for t in ids[k]),
+            token_entropies=tuple(np.asarray(t, dtype=np.float32) for t in entropies[k]),
+            option_probs=np.asarray(one(f"{ROUNDS}/option_probs"), dtype=np.float32).reshape(n_rounds, -1),
             answer=np.asarray(one(f"{ROUNDS}/answer"), dtype=np.int64),
             correct=np.asarray(one(f"{ROUNDS}/correct")).astype(bool),
             mean_token_entropy=np.asarray(one(f"{ROUNDS}/mean_token_entropy"), dtype=np.float32),
             option_entropy=np.asarray(one(f"{ROUNDS}/option_entropy"), dtype=np.float32),
-            concept={p.name: {score: np.asarray(one(f"probes/{p.name}/{score}"), dtype=np.float32) for score in p.ranges}
-                     for p in probes},
+            concept={p.name: {score: np.asarray(v[k], dtype=np.float32) for score, v in concept[p.name].items()} for p in probes},
         )
+    return [out[int(p)] for p in positions]
 
 
 def search_text(path: str | Path, needle: str) -> np.ndarray:

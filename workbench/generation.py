@@ -17,7 +17,7 @@ pass is made at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -70,14 +70,46 @@ def stop_ids(hf: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+TokensCallback = Callable[[int, list[list[int]]], None]
+
+
+class ResponseStream:
+    """A ``generate`` streamer that hands each decoding step's new response tokens to
+    ``on_tokens(step, new_ids)``: ``step`` counts from 0, ``new_ids[i]`` is ``[token]`` for a row
+    still answering and ``[]`` from the row's stop token on, so each row's tokens joined over the
+    steps are exactly its ``RoundOutput.response_ids``. Called from the generating thread."""
+
+    def __init__(self, on_tokens: TokensCallback, stops: list[int]) -> None:
+        self.on_tokens, self.stops = on_tokens, set(stops)
+        self.step = -1  # the first put is the prompt
+        self.stopped: list[bool] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.step < 0:
+            self.stopped = [False] * int(value.shape[0])
+            self.step = 0
+            return
+        new = []
+        for i, token in enumerate(value.reshape(len(self.stopped), -1)[:, -1].tolist()):
+            self.stopped[i] = self.stopped[i] or token in self.stops
+            new.append([] if self.stopped[i] else [token])
+        self.on_tokens(self.step, new)
+        self.step += 1
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def generate_round(
-    hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None
+    hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
+    on_tokens: TokensCallback | None = None,
 ) -> RoundOutput:
     """Generate one assistant turn for every prompt of the batch (see the module docstring).
 
     Without ``past``, ``prompts[i]`` is row i's whole conversation so far; with it, only the tokens
     that follow what ``past`` holds (the cache grows in place: the caller gives it up).
+    ``on_tokens``: called after each decoding step with the new tokens (:class:`ResponseStream`).
     """
     ids, mask = pad(prompts, tokenizer.pad_token_id, device, "left")
     if past is not None:  # generate takes the whole sequence and runs the part the cache lacks
@@ -98,6 +130,7 @@ def generate_round(
         return_dict_in_generate=True,
         use_cache=True,
         top_k=None,
+        streamer=ResponseStream(on_tokens, stops) if on_tokens is not None else None,
         **sampling,
     )
     prompt_len = ids.shape[1]

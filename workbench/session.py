@@ -61,7 +61,7 @@ import torch
 from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, stack_sites
 from workbench.chat import check_generation_prompt, encode, next_round_input
 from workbench.errors import WorkbenchError
-from workbench.generation import CarriedCache, carry, generate_round, score_options
+from workbench.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
 from workbench.protocol import Protocol
 from workbench.tasks import Sample, Task
 from workbench.uncertainty import option_confidence
@@ -188,9 +188,12 @@ class Session:
         return sum(r.prefill_tokens for r in self._rounds)
 
     # ------------------------------------------------------------------ one round
-    def step(self, instruction: str | Sequence[str] | None = None) -> RoundResult:
+    def step(self, instruction: str | Sequence[str] | None = None, on_tokens: TokensCallback | None = None) -> RoundResult:
         """Run the next round for every sample and return it (see the module docstring for where the
-        instruction comes from when ``instruction`` is None)."""
+        instruction comes from when ``instruction`` is None). ``on_tokens(step, new_ids)``, when
+        given, is called from the generation loop after each decoding step with each sample's new
+        response tokens (``[token]``, or ``[]`` once it stopped; see
+        :class:`workbench.generation.ResponseStream`): the TUI shows a response growing with it."""
         model, tok = self.model, self.model.tokenizer
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
@@ -213,7 +216,7 @@ class Session:
         weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
         steps: dict[HookSite, list[torch.Tensor]] = {}
         with pooling(model.hf, self.sites, weights, steps) as pooled:
-            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past)
+            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens)
             carried = carry(model.hf, out, tok.pad_token_id)
         acts = self._round_activations(pooled, steps, out.response_ids)
         option_nll = torch.full((batch, self.n_options), float("nan"))

@@ -3,12 +3,14 @@
 State (what tests look at): ``position`` (the sample, among finished samples), ``round`` (0-based),
 ``probe_name``, ``score`` (``cosine``/``projection``), ``layer_index`` (into the probe's layers),
 ``coloured`` (entropy colouring), ``filter``. Stepping rounds reads nothing (a sample's rounds are
-read together); changing sample reads that one sample in a thread worker.
+read together); changing sample shows it from ``cache`` (decoded samples, the list's neighbours of
+the one shown read ahead in a thread worker), else reads that one sample in a thread worker.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from textual.widgets import Footer, Static
 
 from tui.filters import SampleFilter, select
 from tui.keymap import SAMPLE_BINDINGS
-from tui.messages import RunLoaded, SampleHighlighted, SampleLoaded, TextFilterDone, TokenFocused, WorkFailed
-from tui.runsource import SCORES, ProbeInfo, RunOverview, SampleRounds, read_overview, read_sample, search_text
+from tui.messages import (RunLoaded, SampleHighlighted, SampleLoaded, SamplesReadAhead, TextFilterDone, TokenFocused,
+                          WorkFailed)
+from tui.runsource import SCORES, ProbeInfo, RunOverview, SampleRounds, read_overview, read_samples, search_text
 from tui.tokens import decoder_for, token_pieces
 from tui.widgets.conversation import Conversation
 from tui.widgets.curve import Curve, CurveData
@@ -32,6 +35,8 @@ from tui.widgets.tokens import TokenView
 from tui.work import run_blocking
 
 REFRESH_SECONDS = 2.0  # how often a running run is re-read for new batches
+READ_AHEAD = (1, -1, 2)  # the samples read ahead after one is shown: these steps away in the list's order
+CACHE_SIZE = 64  # decoded samples kept (the most recently shown or read ahead)
 
 
 def load_overview(path: Path) -> RunLoaded:
@@ -39,11 +44,21 @@ def load_overview(path: Path) -> RunLoaded:
     return RunLoaded(read_overview(path))
 
 
+def load_samples_with_pieces(path: Path, positions: list[int], overview: RunOverview) -> tuple[SampleLoaded, ...]:
+    """Blocking: read samples (the file opened once) and decode their responses' tokens."""
+    decoder = decoder_for(overview.meta)
+    return tuple(SampleLoaded(sample, tuple(tuple(token_pieces(decoder, ids)) for ids in sample.token_ids))
+                 for sample in read_samples(path, positions, overview.probes))
+
+
 def load_sample_with_pieces(path: Path, position: int, overview: RunOverview) -> SampleLoaded:
     """Blocking: read one sample and decode its responses' tokens (a thread worker calls this)."""
-    sample = read_sample(path, position, overview.probes)
-    decoder = decoder_for(overview.meta)
-    return SampleLoaded(sample, tuple(tuple(token_pieces(decoder, ids)) for ids in sample.token_ids))
+    return load_samples_with_pieces(path, [position], overview)[0]
+
+
+def read_ahead(path: Path, positions: list[int], overview: RunOverview) -> SamplesReadAhead:
+    """Blocking: :func:`load_samples_with_pieces` of samples near the one shown, for the cache."""
+    return SamplesReadAhead(load_samples_with_pieces(path, positions, overview))
 
 
 def entropy_scale_max(sample: SampleRounds) -> float:
@@ -127,6 +142,7 @@ class SampleScreen(LayerKeys, Screen):
         self.text_hits: np.ndarray | None = None
         self.error = ""
         self._refreshing = False
+        self.cache: OrderedDict[int, SampleLoaded] = OrderedDict()  # position → a decoded sample, oldest first
 
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
@@ -148,6 +164,8 @@ class SampleScreen(LayerKeys, Screen):
     def on_run_loaded(self, message: RunLoaded) -> None:
         first = self.overview is None
         grown = not first and message.overview.n_done != self.overview.n_done
+        if grown or (not first and message.overview.probes != self.overview.probes):
+            self.cache.clear()  # a position may name another file row now, or the probes' scores changed
         self.overview = message.overview
         overview = message.overview
         if first:
@@ -172,23 +190,54 @@ class SampleScreen(LayerKeys, Screen):
         run_blocking(self, load_overview, self.path, what=f"re-reading {self.path}", group="refresh")
 
     def load_sample(self, position: int) -> None:
+        """Show the sample at ``position``: at once from the cache, else once a worker has read it."""
         self.position = position
         assert self.overview is not None
+        cached = self.cache.get(position)
+        if cached is not None:
+            self.cache.move_to_end(position)
+            self.on_sample_loaded(cached)
+            return
         run_blocking(self, load_sample_with_pieces, self.path, position, self.overview,
                      what=f"reading sample {position + 1}", group="sample")
 
+    def remember(self, loaded: SampleLoaded) -> None:
+        self.cache[loaded.sample.position] = loaded
+        self.cache.move_to_end(loaded.sample.position)
+        while len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+
     def on_sample_loaded(self, message: SampleLoaded) -> None:
+        self.remember(message)
         if message.sample.position != self.position:
             return  # an older read that finished late
         self.sample, self.pieces = message.sample, message.pieces
         self.round = min(self.round, self.sample.n_rounds - 1)
         self.show_sample()
+        self.call_after_refresh(self.read_ahead)  # after the paint, so the reads do not slow it down
+
+    def read_ahead(self) -> None:
+        """Read the list's neighbours of the shown sample (``READ_AHEAD``) into the cache, in a worker."""
+        samples = self.query_one(SampleList)
+        shown, cursor = samples.shown, samples.cursor
+        wanted = [int(shown[cursor + d]) for d in READ_AHEAD if 0 <= cursor + d < len(shown)]
+        wanted = [p for p in dict.fromkeys(wanted) if p not in self.cache]
+        if wanted and self.overview is not None:
+            run_blocking(self, read_ahead, self.path, wanted, self.overview, what="reading the next samples ahead",
+                         group="read-ahead")
+
+    def on_samples_read_ahead(self, message: SamplesReadAhead) -> None:
+        for loaded in message.loaded:
+            if loaded.sample.position not in self.cache:
+                self.remember(loaded)
 
     def on_sample_highlighted(self, message: SampleHighlighted) -> None:
-        self.load_sample(message.position)
+        """The list's own keys or a click moved its cursor (``j``/``k`` show the sample themselves)."""
+        if message.position == self.query_one(SampleList).position and message.position != self.position:
+            self.load_sample(message.position)
 
     def on_token_focused(self, message: TokenFocused) -> None:
-        self.query_one("#token-info", Static).update(self.query_one(TokenView).token_info(message.index))
+        self.query_one("#token-info", Static).update(self.query_one(TokenView).token_info(message.index), layout=False)
 
     def on_work_failed(self, message: WorkFailed) -> None:
         self.error = message.error
@@ -231,7 +280,8 @@ class SampleScreen(LayerKeys, Screen):
         info = f"r{t + 1} token H {tok_h:.3f}"
         if math.isfinite(opt_h):
             info += f" · option H {opt_h:.3f}"
-        self.query_one("#token-info", Static).update(info + " nats" + (" · hover a token for its entropy and id" if self.size.width >= 110 else ""))
+        hint = " · hover a token for its entropy and id" if self.size.width >= 110 else ""
+        self.query_one("#token-info", Static).update(info + " nats" + hint, layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
 
@@ -257,11 +307,16 @@ class SampleScreen(LayerKeys, Screen):
         if self.sample is not None:
             self._set_round(self.sample.n_rounds - 1)
 
+    def _move_sample(self, delta: int) -> None:
+        samples = self.query_one(SampleList)
+        if samples.move(delta):  # shown in this pass (from the cache), with the list's cursor
+            self.load_sample(samples.position)
+
     def action_next_sample(self) -> None:
-        self.query_one(SampleList).move(1)
+        self._move_sample(1)
 
     def action_previous_sample(self) -> None:
-        self.query_one(SampleList).move(-1)
+        self._move_sample(-1)
 
     def redraw(self) -> None:
         self.show_sample()
@@ -276,6 +331,7 @@ class SampleScreen(LayerKeys, Screen):
         self.score = self.score if self.score in probe.ranges else next(iter(probe.ranges))
         self.layer_index = probe.layers.index(probe.best_layer) if probe.best_layer in probe.layers else len(probe.layers) - 1
         if self.sample is not None and name not in self.sample.concept:
+            self.cache.clear()
             self.load_sample(self.sample.position)
         self.show_sample()
 

@@ -5,7 +5,9 @@ The model works in one thread worker at a time; the screen stays responsive and 
 model is doing; a failure is shown in the app (``tui.work``) and the session stays as it was.
 State (what tests look at): ``live`` (the model side), ``sample`` (every round so far), ``round``
 (the one shown, 0-based), ``busy`` (what the model is doing, or None), ``worked`` (everything it
-was asked to do, in order).
+was asked to do, in order), ``streamed`` (the round being generated, as last shown: a
+:class:`tui.messages.LiveTokens`, or None). While a round is generated its text grows on screen
+(:class:`tui.live.TokenStream`, at most 20 redraws a second).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from textual.widgets import Footer, Static
 
 from tui import live as model_side
 from tui.keymap import LIVE_BINDINGS
-from tui.messages import LiveBusy, LiveReady, LiveRoundDone, LiveSaved, WorkFailed
+from tui.messages import LiveBusy, LiveReady, LiveRoundDone, LiveSaved, LiveTokens, WorkFailed
 from tui.screens.browse import LayerKeys, entropy_scale_max, sample_view, show_concept
 from tui.widgets.conversation import Conversation
 from tui.widgets.option_bars import OptionBars
@@ -43,6 +45,7 @@ class LiveScreen(LayerKeys, Screen):
         self.busy: str | None = None
         self.saved: list[str] = []
         self.worked: list[str] = []  # what the model was asked to do, in order
+        self.streamed: LiveTokens | None = None
 
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
@@ -76,9 +79,12 @@ class LiveScreen(LayerKeys, Screen):
         return LiveReady()
 
     def _round(self, instruction: str | None) -> LiveRoundDone:
+        live = self.live
+        number, text = len(live.session.rounds) + 1, model_side.next_instruction(live, instruction)
+        stream = model_side.TokenStream(live.decoder, lambda ids, pieces: self.post_message(LiveTokens(number, text, ids, pieces)))
         with warnings.catch_warnings(record=True) as caught:  # shown in the app, not printed over it
             warnings.simplefilter("always")
-            model_side.step(self.live, instruction)
+            model_side.step(live, instruction, on_tokens=stream)
         for warning in caught:
             self.app.call_from_thread(self.notify, str(warning.message), severity="warning", timeout=8, markup=False)
         return LiveRoundDone(*model_side.sample_rounds(self.live))
@@ -101,14 +107,27 @@ class LiveScreen(LayerKeys, Screen):
         probe = self.live.probe_info
         if probe is not None:
             self.layer_index = probe.layers.index(probe.best_layer) if probe.best_layer in probe.layers else 0
+        self.show_item()
+        self.show_status()
+
+    def show_item(self) -> None:
+        """The new conversation's item, before its first round."""
         s = self.live.session.samples[0]
         text = " ".join(x for x in (s.context, s.question) if x)
         self.query_one(Conversation).clear(f"item {self.live.item_index + 1}: {text}\n\n"
                                            "n: round 1 with the protocol's instruction · i: type your own · o: another item")
-        self.show_status()
+
+    def on_live_tokens(self, message: LiveTokens) -> None:
+        if self.busy is None or self.live is None or self.live.session is None:
+            return  # the round ended (or failed) before this arrived
+        self.streamed = message
+        sample = self.sample if self.sample is not None else model_side.sample_rounds(self.live)[0]  # no rounds yet
+        self.query_one(Conversation).show_partial(sample, message.instruction, message.ids, message.pieces)
+        self.query_one("#live-progress", Static).update(f"working: {self.busy} … {len(message.ids)} tokens", layout=False)
 
     def on_live_round_done(self, message: LiveRoundDone) -> None:
         self.busy = None
+        self.streamed = None
         self.sample, self.pieces = message.sample, message.pieces
         self.round = self.sample.n_rounds - 1
         self.show_round()
@@ -121,7 +140,12 @@ class LiveScreen(LayerKeys, Screen):
 
     def on_work_failed(self, message: WorkFailed) -> None:
         self.busy = None  # the app shows the error; the session is as it was before the call
+        self.streamed = None
         self.show_status()
+        if self.sample is not None:
+            self.show_round()  # not a half-streamed round
+        elif self.live is not None and self.live.session is not None:
+            self.show_item()
 
     # ------------------------------------------------------------------ drawing
     def show_status(self) -> None:
@@ -144,7 +168,7 @@ class LiveScreen(LayerKeys, Screen):
             return
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
-        self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats")
+        self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats", layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, "cosine", t, self.layer_index)
 

@@ -14,9 +14,10 @@ from tui.textdiff import word_diff
 from tui.widgets.tokens import TokenView
 
 
-def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim_style) -> Text:
+def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim_style, pending: str | None = None) -> Text:
     """Rounds ``0 … round_ − 1`` (instruction and response each) and the current round's
-    instruction, with labels; every model and user string literal."""
+    instruction, with labels; every model and user string literal. ``pending``: the instruction of
+    a round still being generated (``round_`` = the rounds the sample has)."""
     text = Text(end="")
     if sample.context or sample.question:
         text.append("item  ", dim_style)
@@ -24,8 +25,9 @@ def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim
         text.append("\n")
     for t in range(round_ + 1):
         text.append(f"\nuser · round {t + 1}\n", user_style)
-        text.append_text(literal(sample.instructions[t]))
-        text.append(f"\nmodel · round {t + 1}" + ("  (shown below)" if t == round_ else "") + "\n", model_style)
+        text.append_text(literal(sample.instructions[t] if t < sample.n_rounds else pending or ""))
+        note = ("  (generating …)" if pending is not None else "  (shown below)") if t == round_ else ""
+        text.append(f"\nmodel · round {t + 1}{note}\n", model_style)
         if t < round_:
             text.append_text(literal(sample.responses[t]))
             text.append("\n")
@@ -48,7 +50,11 @@ def diff_text(before: str, after: str, round_: int, added_style, removed_style, 
 
 
 class Conversation(VerticalScroll):
-    """Scrolls to its end (the current response and its diff) whenever the round or the sample changes."""
+    """Scrolls to its end (the current response and its diff) whenever the round or the sample
+    changes: anchored to the bottom, so the layout pass that places the new text also scrolls to it
+    (no second render); scrolling up by hand releases the anchor until the next change. A filler
+    (``#conversation-end``, 1fr high) makes the content at least as tall as the view: Textual's
+    anchor would otherwise scroll a short conversation above its top."""
 
     COMPONENT_CLASSES = {"conversation--user", "conversation--model", "conversation--dim", "conversation--added",
                          "conversation--removed"}
@@ -57,6 +63,8 @@ class Conversation(VerticalScroll):
         yield Static(id="history", markup=False)
         yield TokenView(id="response")
         yield Static(id="diff", markup=False)
+        # fills the view below a short conversation, so the anchored scroll never goes above the top
+        yield Static(id="conversation-end")
 
     def show(self, sample: SampleRounds, pieces: tuple[tuple[str, ...], ...], round_: int, coloured: bool, scale_max: float) -> None:
         """Show ``sample`` up to ``round_`` (0-based); ``pieces[t]`` are round t's token texts."""
@@ -70,7 +78,18 @@ class Conversation(VerticalScroll):
                                   style("conversation--added"), style("conversation--removed"), style("conversation--dim")))
         else:
             diff.update(Text("round 1: no earlier response to compare", style=style("conversation--dim")))
-        self.call_after_refresh(self.scroll_end, animate=False)  # the current response and its diff are last
+        self.anchor()  # scrolled to the end (the current response and its diff) in the same layout pass
+
+    def show_partial(self, sample: SampleRounds, instruction: str, ids: tuple[int, ...], pieces: tuple[str, ...]) -> None:
+        """Show ``sample``'s rounds and the next one being generated: its ``instruction`` and the
+        response so far (``ids``/``pieces`` ``[T]``, not coloured: the entropies come with the round)."""
+        style = self.get_component_rich_style
+        self.query_one("#history", Static).update(history_text(
+            sample, sample.n_rounds, style("conversation--user"), style("conversation--model"), style("conversation--dim"),
+            pending=instruction))
+        self.query_one(TokenView).show(pieces, ids, [], 1.0, False)
+        self.query_one("#diff", Static).update(Text(f"{len(ids)} tokens so far …", style=style("conversation--dim")))
+        self.anchor()
 
     def clear(self, message: str = "") -> None:
         self.query_one("#history", Static).update(Text(message))

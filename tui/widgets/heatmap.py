@@ -38,14 +38,17 @@ class ConceptHeatmap(BaseStyleCache, Widget):
         self.layer_index = 0
         self.label = ""
         self.cell_width = 2
+        self._drawn_cell_width = 2
 
     def show(self, values: np.ndarray, layers: tuple[int, ...], value_range: tuple[float, float], current_round: int,
              layer_index: int, label: str) -> None:
         """Draw ``values [R, L]`` (R rounds so far, L = len(layers)) on the scale ``value_range``."""
-        self.values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values, dtype=np.float32)
+        resized = values.shape != self.values.shape or layers != self.layer_labels or self.cell_width != self._drawn_cell_width
+        self.values, self._drawn_cell_width = values, self.cell_width
         self.layer_labels, self.value_range, self.label = layers, value_range, label
         self.current_round, self.layer_index = current_round, layer_index
-        self.refresh(layout=True)
+        self.refresh(layout=resized)
 
     def clear(self, label: str = "") -> None:
         self.show(np.zeros((0, 0), dtype=np.float32), (), (0.0, 1.0), 0, 0, label)
@@ -79,7 +82,7 @@ class ConceptHeatmap(BaseStyleCache, Widget):
         width = self.size.width
         base = self.base_style
         if not self.layer_labels:
-            return fit_line([Segment(self.label or "no probe tracked in this run")], width, base)
+            return fit_line([Segment(self.label or "no probe tracked in this run" if y == 0 else "")], width, base)
         cw = self.cell_width
         lo, hi = self.value_range
         window = self.layer_window()

@@ -14,13 +14,22 @@ def fit_line(segments: list[Segment], width: int, base: Style) -> Strip:
 
 class BaseStyleCache:
     """Mixin for line-API widgets: the widget's base Rich style, computed once per style change
-    rather than once per drawn line (``Widget.rich_style`` walks the ancestors each time)."""
+    rather than once per drawn line (``Widget.rich_style`` walks the ancestors each time), and
+    :meth:`styles_once` for the styles a widget combines from it."""
 
     _base_style: Style | None = None
+    _derived_styles: dict | None = None
 
     def notify_style_update(self) -> None:
         self._base_style = None
+        self._derived_styles = None
         super().notify_style_update()  # type: ignore[misc]
+
+    def styles_once(self, make) -> dict:
+        """``make()`` (a dict of Rich styles), called again only after the widget's styles change."""
+        if self._derived_styles is None:
+            self._derived_styles = make()
+        return self._derived_styles
 
     @property
     def base_style(self) -> Style:

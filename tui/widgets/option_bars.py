@@ -37,8 +37,9 @@ class OptionBars(BaseStyleCache, Widget):
         self.answer = -1
 
     def show(self, options: tuple[str, ...], probs: np.ndarray, gold: int, answer: int) -> None:
+        resized = len(options) != len(self.options)
         self.options, self.probs, self.gold, self.answer = options, np.asarray(probs, dtype=np.float32), gold, answer
-        self.refresh(layout=True)
+        self.refresh(layout=resized)
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return max(1, len(self.options))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 from rich.segment import Segment
-from rich.style import Style
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
@@ -16,7 +15,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from tui.messages import SampleHighlighted
-from tui.widgets.lines import BaseStyleCache, fit_line
+from tui.widgets.lines import BaseStyleCache
 
 RIGHT, WRONG = "✓", "✗"
 
@@ -97,22 +96,29 @@ class SampleList(BaseStyleCache, ScrollView, can_focus=True):
         target = min(len(self.shown) - 1, max(0, self.cursor + delta))
         if target == self.cursor:
             return False
+        before = self.cursor
         self.cursor = target
-        self._scroll_cursor_into_view()
-        self.refresh()
+        if not self._scroll_cursor_into_view():  # only the two cursor lines change (a scroll repaints all)
+            self.refresh_line(before)
+            self.refresh_line(target)
         self.post_message(SampleHighlighted(int(self.shown[target])))
         return True
 
     def action_cursor(self, delta: int) -> None:
         self.move(delta)
 
-    def _scroll_cursor_into_view(self) -> None:
+    def _scroll_cursor_into_view(self) -> bool:
+        """Scroll (now, in this pass) so the cursor's line shows; True when it scrolled."""
         height = max(1, self.scrollable_content_region.height)
         top = int(self.scroll_y)
         if self.cursor < top:
-            self.scroll_to(y=self.cursor, animate=False)
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
         elif self.cursor >= top + height:
-            self.scroll_to(y=self.cursor - height + 1, animate=False)
+            self.scroll_to(y=self.cursor - height + 1, animate=False, immediate=True)
+        else:
+            return False
+        self.refresh()
+        return True
 
     def watch_current_round(self) -> None:
         self.refresh()
@@ -120,34 +126,62 @@ class SampleList(BaseStyleCache, ScrollView, can_focus=True):
     def on_resize(self) -> None:
         self.virtual_size = Size(0, len(self.shown))
 
+    _scrollbar_rows = -1  # the list length the scrollbar was last drawn for
+
+    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
+        # Textual's ScrollView compares the layout's virtual size with the list's own, which never
+        # match, so it would redraw the scrollbar on every layout pass (every round step): pass the
+        # list's own size unless the list's length changed since the scrollbar was drawn.
+        rows = self.virtual_size.height
+        if rows == self._scrollbar_rows:
+            virtual_size = self.virtual_size
+        self._scrollbar_rows = rows
+        return super()._size_updated(size, virtual_size, container_size, layout)
+
     def on_click(self, event: events.Click) -> None:
         row = event.y + int(self.scroll_y)
         if 0 <= row < len(self.shown):
             self.move(row - self.cursor)
 
     # ------------------------------------------------------------------ drawing
+    def _line_styles(self) -> dict:
+        """Every style a line uses, on the base style: ``(cursor,)`` for the text and
+        ``(cursor, right, current round)`` for a mark."""
+        base, get = self.base_style, self.get_component_rich_style
+        cursor, current = get("sample-list--cursor"), get("sample-list--round")
+        marks = {True: get("sample-list--right"), False: get("sample-list--wrong")}
+        table: dict = {}
+        for on_cursor in (False, True):
+            row = base + cursor if on_cursor else base
+            table[(on_cursor,)] = row
+            for ok in (False, True):
+                for now in (False, True):
+                    table[(on_cursor, ok, now)] = row + marks[ok] + current if now else row + marks[ok]
+        return table
+
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
         base = self.base_style
         row = y + int(self.scroll_y)
         if row >= len(self.shown):
             return Strip.blank(width, base)
+        styles = self.styles_once(self._line_styles)
         position = int(self.shown[row])
         n_rounds = self.correct.shape[1] if self.marks else 0
         marks_width = n_rounds + 1 if n_rounds else 0
         text_width = max(2, width - marks_width)
         id_width = max(1, min(self.id_width, (text_width * 3) // 5))
         line = _fit(self.ids[position], id_width) + " " + _fit(self.categories[position], text_width - id_width - 1)
-        style = self.get_component_rich_style("sample-list--cursor") if row == self.cursor else Style()
-        segments = [Segment(_fit(line, text_width), style)]
+        on_cursor = row == self.cursor
+        segments = [Segment(_fit(line, text_width) + (" " if n_rounds else ""), styles[(on_cursor,)])]
         if n_rounds:
-            right = self.get_component_rich_style("sample-list--right")
-            wrong = self.get_component_rich_style("sample-list--wrong")
-            current = self.get_component_rich_style("sample-list--round")
-            segments.append(Segment(" ", style))
-            for t, ok in enumerate(self.correct[position]):
-                mark_style = style + (right if ok else wrong)
-                if t == self.current_round:
-                    mark_style += current
-                segments.append(Segment(RIGHT if ok else WRONG, mark_style))
-        return fit_line(segments, width, base)
+            marks = self.correct[position].tolist()
+            run, run_style = "", None
+            for t, ok in enumerate(marks):  # one segment per run of marks drawn alike
+                style = styles[(on_cursor, ok, t == self.current_round)]
+                if style is not run_style and run:
+                    segments.append(Segment(run, run_style))
+                    run = ""
+                run, run_style = run + (RIGHT if ok else WRONG), style
+            segments.append(Segment(run, run_style))
+        return Strip(segments).adjust_cell_length(width, base)

@@ -29,4 +29,4 @@ class StatusLine(Static):
         if alert:
             text.append(" │ ", label_style)
             text.append(visible(alert).replace("\n", " "), self.get_component_rich_style("status--alert"))
-        self.update(text)
+        self.update(text, layout=False)  # one line high whatever it says
