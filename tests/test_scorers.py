@@ -164,6 +164,11 @@ def test_run_stores_the_scores_and_analyze_reports_them(capsys, monkeypatch, tmp
     assert "toxicity:" in metric["what"] and "label toxic" in metric["what"]
     assert "score" in result["convergence"]
 
+    from workbench.report import build_report
+
+    index = build_report([out], tmp_path / "report")
+    assert ">score<" in index.read_text() and (tmp_path / "report" / "curves.png").stat().st_size > 0
+
 
 def test_run_with_a_python_scorer(capsys, monkeypatch, tmp_path, model_dirs, user_module):
     data, out = prompts_file(tmp_path), tmp_path / "py.h5"

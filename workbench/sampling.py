@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from workbench.protocol import Decoding
 
 ESTIMATES = ("semantic_entropy_discrete", "semantic_entropy_weighted", "study_cluster_uncertainty")
-SAMPLE_ROWS = 64  # sampled rows generated at once (a batch of 16 samples × 4 answers)
+SAMPLE_ROWS = 32  # sampled rows generated at once: their step logits [rows, steps, vocab] are kept until decoded
 
 
 # ----------------------------------------------------------------------------- equivalence
