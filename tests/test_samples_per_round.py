@@ -274,6 +274,20 @@ def test_a_run_stores_samples_and_estimates_and_analyze_reports_them(capsys, mon
     assert "not an entropy" in result["metrics"]["study_cluster_uncertainty"]["what"]
 
 
+def test_a_run_clusters_with_an_nli_model(capsys, monkeypatch, tmp_path, model_dirs, nli_dir):
+    data, out = prompts_file(tmp_path), tmp_path / "nli.h5"
+    code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, out, "--rounds", "2", "--equivalence", f"nli:{nli_dir}"))
+    assert code == 0, err
+    with RunFile(out) as run:
+        texts, clusters = run.array("rounds/sampled_response"), run.array("rounds/sampled_cluster")
+        sampling = run.meta["sampling"]
+    assert sampling["equivalence"]["kind"] == "nli" and sampling["equivalence"]["model"] == str(nli_dir)
+    groups = [list(texts[i, t]) for i in range(texts.shape[0]) for t in range(texts.shape[1])]
+    decisions = build_equivalence(check_equivalence(f"nli:{nli_dir}"))(groups)
+    want = np.stack([cluster_by_equivalence(m) for m in decisions]).reshape(clusters.shape)
+    np.testing.assert_array_equal(clusters, want)
+
+
 def test_same_seed_same_samples_other_seed_other_samples_and_resume_is_identical(tmp_path, model_dirs):
     from workbench.run import RunConfig, run_protocol
 

@@ -90,6 +90,26 @@ def test_a_folder_that_is_not_a_classifier_is_refused(tmp_path, model_dirs):
         check_scorer("sentiment:foo")
 
 
+def test_a_hub_name_is_read_from_the_cache_else_refused_at_once(tmp_path, monkeypatch, toxic_dir):
+    """A hub name in the local Hugging Face cache is checked from its cached config (no network); one
+    that is not cached, with the hub unreachable, is one line and no retries."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-toxic" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(toxic_dir / "config.json", snapshot / "config.json")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    spec = check_scorer("toxicity:someone/tiny-toxic")
+    assert (spec.target, spec.label, spec.label_index) == ("someone/tiny-toxic", "toxic", 1)
+    with pytest.raises(WorkbenchError, match="someone/not-cached is not a local folder, not in the Hugging Face cache, and the hub is unreachable"):
+        check_scorer("toxicity:someone/not-cached")
+
+
 # ----------------------------------------------------------------------------- the numbers
 
 

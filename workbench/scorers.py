@@ -105,19 +105,27 @@ def read_classifier_config(name: str, what: str) -> ClassifierConfig:
 
 
 def _hub_config(name: str, what: str) -> str:
-    """The path of a hub model's config.json: from the local cache, else downloaded."""
+    """The path of a hub model's config.json: from the local cache, else downloaded (when the hub
+    answers; one line at once when it does not, rather than huggingface_hub's retries)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import logging as hub_logging
+
+    from workbench.models import _hub_reachable
+
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        raise WorkbenchError(f"{what}: {name} is not a folder, and huggingface_hub is not installed to fetch it") from None
-    cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an invalid repo id is simply not cached
+        cached = None
     if isinstance(cached, str):
         return cached
+    if not _hub_reachable():
+        raise WorkbenchError(f"{what}: {name} is not a local folder, not in the Hugging Face cache, and the hub is unreachable")
+    hub_logging.set_verbosity_error()
     try:
         return hf_hub_download(name, "config.json")
-    except Exception as e:  # network, unknown repo, gated: one line whatever huggingface_hub raises
+    except Exception as e:  # unknown repo, gated, a dropped connection: one line whatever huggingface_hub raises
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WorkbenchError(f"{what}: {name} is not a local folder and cannot be fetched from the hub ({reason[:160]})") from None
+        raise WorkbenchError(f"{what}: {name} cannot be fetched from the hub ({reason[:160]})") from None
 
 
 def choose_label(labels: tuple[str, ...], wanted: str | None, what: str, defaults: tuple[str, ...] = DEFAULT_LABELS) -> int:
