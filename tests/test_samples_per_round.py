@@ -303,6 +303,13 @@ def test_same_seed_same_samples_other_seed_other_samples_and_resume_is_identical
             assert same(a[name], b[name]), name
     assert not same(a["rounds/sampled_response"], c["rounds/sampled_response"])
     assert same(a["rounds/response"], c["rounds/response"])  # greedy rounds do not depend on the seed
+    # a sampled protocol draws the same conversation with or without the samples beside it
+    sampled = {**base, "do_sample": True}
+    run_protocol(RunConfig(out=tmp_path / "s.h5", **sampled)).close()
+    run_protocol(RunConfig(out=tmp_path / "s0.h5", **{**sampled, "samples_per_round": 0})).close()
+    s, s0 = all_datasets(tmp_path / "s.h5"), all_datasets(tmp_path / "s0.h5")
+    assert not same(s["rounds/response"], a["rounds/response"])
+    assert same(s["rounds/response"], s0["rounds/response"]) and same(s["tokens/response_token_ids"], s0["tokens/response_token_ids"])
 
     class Stop(Exception):
         pass
