@@ -180,6 +180,9 @@ def test_samples_reuse_the_cache_and_equal_a_fresh_prefill(tmp_path, loaded, arc
     with_extras.step("Review your previous answer.")
     res = with_extras.result()
     assert res.responses == plain.result().responses and res.round_fields["sampled_response"].shape == (len(PROMPTS), 2, 3)
+    with RunFile(with_extras.save(tmp_path / f"live-{arch}.h5")) as run:  # a saved session keeps them and says how they were drawn
+        assert run.array("rounds/sampled_response").tolist() == res.round_fields["sampled_response"].tolist()
+        assert run.meta["sampling"]["samples_per_round"] == 3
 
 
 def test_a_samples_likelihood_is_a_forward_pass_over_prompt_and_answer(tmp_path, loaded):

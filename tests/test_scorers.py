@@ -237,7 +237,7 @@ def test_run_help_says_what_a_python_scorer_is(capsys, monkeypatch):
     code, stdout, _ = workbench(capsys, monkeypatch, "run", "--help")
     assert code == 0
     flat = " ".join(stdout.split())
-    assert "--scorer" in flat and "function(texts: list[str]) -> list[float]" in flat
+    assert "--scorer" in flat and "FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats" in flat
     assert "--samples-per-round" in flat and "nli:MODEL" in flat
 
 

@@ -117,4 +117,5 @@ def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> Ro
             result.update(semantic_uncertainty(answers, equivalence))
         return result
 
+    extras.settings = checked.settings(decoding)  # type: ignore[attr-defined]  # what Session.save records
     return extras

@@ -276,8 +276,8 @@ def run_protocol(
     if checked.open_ended is not None:
         from workbench.open_ended import round_extras
 
-        settings.update(checked.open_ended.settings(protocol.decoding))
         extras = round_extras(checked.open_ended, model, protocol.decoding, cfg.seed)
+        settings.update(extras.settings)
     if cfg.resume and run_exists(out):
         from workbench.open_ended import check_resume
 

@@ -396,6 +396,7 @@ class Session:
             "n_samples": len(self.samples),
             "n_rounds": n_rounds,
             "device": self.model.device,
+            **getattr(self.round_extras, "settings", {}),  # open_ended.round_extras: the scorer and sampling
         }
         path = Path(path)
         hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}
