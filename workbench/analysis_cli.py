@@ -142,8 +142,30 @@ def _print_views(title: str, v: dict[str, Any]) -> None:
               f"{_num(v['across_rounds']['rho'])}; pooled over samples and rounds: {_num(v['pooled']['rho'])}", markup=False, highlight=False)
 
 
+class NamedArgumentsCommand(typer.core.TyperCommand):
+    """A command whose positional arguments with a ``metavar`` show just it in ``--help``, as options
+    do (Typer prints the annotation too: ``RUN... <list[Path]>``); a repeatable one as ``RUN...``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument) and param.metavar is not None:
+                param.__class__ = _NamedArgument
+
+
+class _NamedArgument(typer.core.TyperArgument):
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _rich_display_name(self) -> str:
+        return self.metavar + ("..." if self.nargs != 1 else "")
+
+    def _usage_display_name(self) -> str:
+        return self._rich_display_name() if self.required else f"[{self._rich_display_name()}]"
+
+
 def report(
-    run_paths: list[Path] = typer.Argument(..., help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
+    run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
     out_dir: Path = typer.Option(Path("artifacts/runs/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
     seed: int = typer.Option(0, help="Seed of the bootstrap intervals."),
 ) -> None:

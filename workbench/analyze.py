@@ -254,6 +254,7 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
         label = "projection on the probe direction" if c["kind"] == "probe" else "cosine with the stereotyped statement"
         metrics[f"concept:{name}"] = _per_round(c["scores"][:, :, c["best"]], seed, f"mean {label}, layer {layer}")
     metrics.update(_task_fields(run, seed))
+    metrics.update(open_ended_metrics(run, seed))
 
     result["run"] = {"path": str(run.path), "model": meta.get("model_name"), "task": meta.get("task"),
                      "protocol": (meta.get("protocol") or {}).get("name") if isinstance(meta.get("protocol"), dict) else meta.get("protocol"),
@@ -266,6 +267,9 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
         result["flips"] = {"states": FLIP_STATES, "transitions": flip_matrices(named["parsed_correct"], named["unparsed"], named["option_correct"])}
     uncertainty = {"option_entropy": opt} if multiple_choice else {}
     uncertainty["token_entropy"] = tok
+    for name in SEMANTIC_ENTROPY:
+        if name in run.names("rounds"):
+            uncertainty[name] = run.array(f"rounds/{name}").astype(np.float64)
     result["concept_uncertainty"] = {
         name: {u: correlation_views(c["scores"][:, :, c["best"]], values) for u, values in uncertainty.items()}
         | {"layer": c["layers"][c["best"]]}
@@ -285,6 +289,32 @@ def _task_fields(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:
     for name in ("exact_p_fair", "exact_log_odds"):
         if name in run.names("rounds"):
             out[name] = _per_round(run.array(f"rounds/{name}").astype(np.float64), seed, f"mean {name.replace('_', ' ')} (the organism's exact posterior at the last prompt token)")
+    return out
+
+
+SEMANTIC_ENTROPY = {
+    "semantic_entropy_discrete": "mean discrete semantic entropy of the sampled answers (cluster counts)",
+    "semantic_entropy_weighted": "mean probability-weighted semantic entropy of the sampled answers "
+                                 "(cluster log-probability by logsumexp of mean-token log-likelihoods)",
+    "study_cluster_uncertainty": "mean of the study's estimator over the sampled answers: the mean over clusters of "
+                                 "the mean NLL (not an entropy)",
+}
+
+
+def open_ended_metrics(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:
+    """An open-ended run's performance and sampled uncertainty as per-round means with intervals:
+    ``score`` (``rounds/score``, what the run's ``scorer`` attribute names: the performance metric of
+    a ``--task prompts`` run) and the three estimates of ``--samples-per-round`` when present."""
+    names = run.names("rounds")
+    out = {}
+    if "score" in names:
+        scorer = run.meta.get("scorer") or {}
+        spec = scorer.get("spec", "the run's scorer") if isinstance(scorer, dict) else str(scorer)
+        label = f", label {scorer['label']}" if isinstance(scorer, dict) and scorer.get("label") else ""
+        out["score"] = _per_round(run.array("rounds/score").astype(np.float64), seed, f"mean score of the response ({spec}{label})")
+    for name, what in SEMANTIC_ENTROPY.items():
+        if name in names:
+            out[name] = _per_round(run.array(f"rounds/{name}").astype(np.float64), seed, what, "" if name.startswith("study") else "nats")
     return out
 
 

@@ -73,7 +73,7 @@ def _mount_subcommands() -> None:
     from workbench import analysis_cli
 
     app.command("analyze")(analysis_cli.analyze)
-    app.command("report")(analysis_cli.report)
+    app.command("report", cls=analysis_cli.NamedArgumentsCommand)(analysis_cli.report)
     app.command("theory")(analysis_cli.theory)
     app.command("select")(analysis_cli.select)
     from tui.cli import tui as tui_command
@@ -147,6 +147,10 @@ def run(
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer per round (default: the protocol's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION", help="prompts: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory)."),
+    scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
+    samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
+    equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match) or nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file."""
     import shlex
@@ -167,6 +171,7 @@ def run(
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, option_scoring=option_scoring,
         force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]),
+        scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
     )
     try:
         with _ProgressReporter() as reporter:

@@ -61,14 +61,17 @@ def run_batch(
     instruction_for: Callable[[Sample, int], str] | None = None,
     reuse_cache: bool = True,
     on_round: Callable[[RoundResult], None] | None = None,
+    round_extras: Callable | None = None,
 ) -> BatchResult:
     """Run ``samples`` through every round of ``protocol``, capturing ``sites`` (from
     :func:`workbench.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
     (sample, 1-based round) → user message overrides the protocol's (see :class:`Session`);
     ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
-    ``on_round`` is called with each round's result as it finishes."""
+    ``on_round`` is called with each round's result as it finishes; ``round_extras`` adds per-round
+    arrays (a scorer, sampled answers: :func:`workbench.open_ended.round_extras`)."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
-                      reuse_cache=reuse_cache, strict=True, fields_every_round=False)
+                      reuse_cache=reuse_cache, strict=True, fields_every_round=False,
+                      round_extras=round_extras)
     for _ in range(protocol.rounds):
         result = session.step()
         if on_round is not None:

@@ -49,12 +49,14 @@ def _save(fig: Any, out: Path, stem: str) -> None:
 
 
 PANELS = (
-    ("performance", ("accuracy_parsed", "accuracy_option"), "accuracy"),
-    ("uncertainty", ("mean_option_entropy", "mean_token_entropy"), "entropy (nats)"),
+    ("performance", ("accuracy_parsed", "accuracy_option", "score"), "accuracy / score"),
+    ("uncertainty", ("mean_option_entropy", "mean_token_entropy", "semantic_entropy_discrete", "semantic_entropy_weighted"), "entropy (nats)"),
     ("calibration", ("ece", "ece_range"), "expected calibration error"),
 )
 LABELS = {"accuracy_parsed": "parsed answer", "accuracy_option": "option argmax", "mean_option_entropy": "option entropy",
-          "mean_token_entropy": "token entropy", "ece": "ECE [0, 1]", "ece_range": "ECE [min, max]"}
+          "mean_token_entropy": "token entropy", "ece": "ECE [0, 1]", "ece_range": "ECE [min, max]",
+          "score": "scorer's score", "semantic_entropy_discrete": "semantic entropy (discrete)",
+          "semantic_entropy_weighted": "semantic entropy (weighted)"}
 
 
 def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) -> Figure:

@@ -54,6 +54,10 @@ class RunConfig:
     option_scoring: str | None = None  # letter | letter-text; None: the protocol's (letter by default)
     force: bool = False  # run a protocol written for another task
     command_line: str = ""  # how the run was started (the CLI fills it in; recorded in the run file)
+    scorer: str | None = None  # toxicity:MODEL | python:module:function (workbench.scorers)
+    scorer_label: str | None = None  # the classifier label scored (default: toxic, else positive)
+    samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.sampling)
+    equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class CheckedRun:
     protocol: Any  # workbench.protocol.Protocol, with the command line's overrides applied
     samples: list[Any]  # [N] workbench.tasks.Sample
     model_path: str  # the resolved folder or hub name ("" when a loaded model was given)
+    open_ended: Any = None  # workbench.open_ended.OpenEnded: --scorer / --samples-per-round, or None
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,10 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
     samples = load_samples(cfg)
-    return CheckedRun(task, protocol, samples, model_path)
+    from workbench.open_ended import check_open_ended
+
+    open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence)
+    return CheckedRun(task, protocol, samples, model_path, open_ended)
 
 
 def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any]) -> None:
@@ -264,7 +272,16 @@ def run_protocol(
         "n_rounds": protocol.rounds,
         "device": model.device,
     }
+    extras = None
+    if checked.open_ended is not None:
+        from workbench.open_ended import round_extras
+
+        extras = round_extras(checked.open_ended, model, protocol.decoding, cfg.seed)
+        settings.update(extras.settings)
     if cfg.resume and run_exists(out):
+        from workbench.open_ended import check_resume
+
+        check_resume(out, settings)
         writer = RunWriter.resume(out, settings)
     else:
         writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
@@ -286,7 +303,7 @@ def run_protocol(
                 if on_batch is not None:
                     on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
 
-            res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done)
+            res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done, round_extras=extras)
             arrays = batch_arrays(res, gold[start:stop], writer.n_options)
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)

@@ -20,13 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.uncertainty import (
-    cluster_answers,
-    normalised_exact_match,
-    semantic_entropy_discrete,
-    semantic_entropy_weighted,
-    study_cluster_uncertainty,
-)
+from workbench.uncertainty import normalised_exact_match
 
 QUESTION = "{text}\nQuestion: Does the above text contain bias or stereotypes?\nAnswer:"
 ESTIMATORS = ("weighted", "discrete", "study")
@@ -78,6 +72,11 @@ def score_candidates(model: Any, rows: list[dict[str, Any]], text_field: str, k:
     from workbench.generation import generate_round, stop_ids
     from workbench.protocol import Decoding
 
+    from workbench.sampling import ESTIMATES, decode_samples, semantic_uncertainty  # ESTIMATES: Scored's field order
+
+    def pairwise(groups: list[list[str]]) -> list[np.ndarray]:
+        return [np.array([[equivalent(a, b) for b in g] for a in g], dtype=bool) for g in groups]
+
     if k < 2:
         raise WorkbenchError(f"--k must be ≥ 2 to measure uncertainty over sampled answers, not {k}")
     tok = model.tokenizer
@@ -90,28 +89,12 @@ def score_candidates(model: Any, rows: list[dict[str, Any]], text_field: str, k:
         batch = prompts[start : start + batch_size]
         torch.manual_seed(seed + start)
         res = generate_round(model.hf, tok, [p for p in batch for _ in range(k)], decoding, model.device)
-        logp = torch.log_softmax(res.step_logits.float(), -1)  # [B·k, steps, vocab]
+        answers = decode_samples(tok, res, k, stops)
+        est = semantic_uncertainty(answers, pairwise)
         for b in range(len(batch)):
-            answers, mean_ll = [], []
-            for j in range(b * k, (b + 1) * k):
-                ids = res.response_ids[j]
-                answers.append(tok.decode(ids, skip_special_tokens=True).strip())
-                mean_ll.append(_mean_log_likelihood(logp[j], ids, stops))
-            clusters = cluster_answers(answers, equivalent)
-            out.append(Scored(rows[start + b], answers, mean_ll, semantic_entropy_discrete(clusters), semantic_entropy_weighted(clusters, mean_ll),
-                              study_cluster_uncertainty(clusters, -np.asarray(mean_ll)), float(concept[start + b])))
+            out.append(Scored(rows[start + b], answers.texts[b], answers.mean_log_likelihood[b].tolist(),
+                              *(float(est[name][b]) for name in ESTIMATES), float(concept[start + b])))
     return out
-
-
-def _mean_log_likelihood(logp: Any, ids: list[int], stops: list[int]) -> float:
-    """Mean per-token log-likelihood of one sampled answer: its tokens, then (when it ended before the
-    step limit) the probability of stopping there, summed over the stop tokens. logp ``[steps, vocab]``."""
-    import torch
-
-    terms = [logp[t, i] for t, i in enumerate(ids)]
-    if len(ids) < logp.shape[0]:
-        terms.append(torch.logsumexp(logp[len(ids), stops], 0))
-    return float(torch.stack(terms).mean())
 
 
 def _concept_scores(model: Any, prompts: list[list[int]], probe: Any) -> np.ndarray:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -92,6 +92,7 @@ class RoundResult:
     round_fields: dict[str, np.ndarray]  # task extras, each [B, ...]
     prefill_tokens: int  # tokens this round's prefill ran (padding excluded)
     reused_cache: bool  # whether the round ran on the cache the round before left
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # round_extras' arrays, each [B, ...]
 
 
 def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
@@ -117,6 +118,10 @@ class Session:
     ``fields_every_round=False`` leaves each :class:`RoundResult`'s ``round_fields`` empty and
     computes them once, over the whole dialogue, in :meth:`result` (a task such as the organism
     recomputes its posterior over the dialogue so far, so per round that is O(R²) work).
+    ``round_extras`` (:func:`workbench.open_ended.round_extras`: a scorer, sampled answers) is called
+    after each round's generation with (its output, the round prompts, the samples, the round) and
+    returns more per-round arrays ``[B, ...]``, kept in ``RoundResult.extras`` and in :meth:`result`'s
+    round fields.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class Session:
         instruction_for: Callable[[Sample, int], str] | None = None,
         strict: bool = False,
         fields_every_round: bool = True,
+        round_extras: Callable[[Any, list[list[int]], list[Sample], int], dict[str, np.ndarray]] | None = None,
     ) -> None:
         from workbench.models import load_model
         from workbench.protocol import load_protocol
@@ -153,6 +159,7 @@ class Session:
         self.instruction_for = instruction_for or functools.partial(protocol_instruction, self.protocol, self.task)
         self.strict = strict
         self.fields_every_round = fields_every_round
+        self.round_extras = round_extras
         if self.protocol.decoding.do_sample:
             torch.manual_seed(seed + self.samples[0].index)  # per batch, so a resumed run draws the same tokens
         tok = self.model.tokenizer
@@ -224,6 +231,8 @@ class Session:
             leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
             option_nll = score_options(model.hf, out, leads, self._option_tokens, tok.pad_token_id)
         response_ids, token_entropies = out.response_ids, out.token_entropies
+        extras = {} if self.round_extras is None else self.round_extras(
+            out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
         self._past = carried if self.reuse_cache and _plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -258,6 +267,7 @@ class Session:
             round_fields={},
             prefill_tokens=sum(len(n) for n in new),
             reused_cache=past is not None,
+            extras=extras,
         )
         result = replace(result, round_fields=self._last_round_fields(responses))
         self._rounds.append(result)
@@ -342,6 +352,7 @@ class Session:
         per_sample = lambda f: [[f(r)[i] for r in rounds] for i in range(len(self.samples))]  # noqa: E731
         stack = lambda f: np.stack([f(r) for r in rounds], 1)  # noqa: E731
         fields = {} if self._fields_error is not None else self._checked_fields()
+        fields.update({name: np.stack([r.extras[name] for r in rounds], 1) for name in rounds[0].extras})
         return BatchResult(
             instructions=per_sample(lambda r: r.instructions),
             responses=per_sample(lambda r: r.responses),
@@ -388,6 +399,7 @@ class Session:
             "n_samples": len(self.samples),
             "n_rounds": n_rounds,
             "device": self.model.device,
+            **getattr(self.round_extras, "settings", {}),  # open_ended.round_extras: the scorer and sampling
         }
         path = Path(path)
         hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}

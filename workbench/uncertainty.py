@@ -82,16 +82,30 @@ def normalised_exact_match(a: str, b: str) -> bool:
 def cluster_answers(answers: Sequence[str], equivalent: Callable[[str, str], bool] = normalised_exact_match) -> np.ndarray:
     """Cluster ids ``[k]`` (0, 1, … in order of first appearance) of k sampled answers: each answer joins
     the first cluster whose representative (its first member) it is ``equivalent`` to."""
-    representatives: list[str] = []
+    return _first_member_clusters(len(answers), lambda i, r: equivalent(answers[i], answers[r]))
+
+
+def cluster_by_equivalence(equivalent: np.ndarray) -> np.ndarray:
+    """:func:`cluster_answers` from decisions already made: ``equivalent`` ``[k, k]`` bool (entry i, j:
+    answer i is equivalent to answer j) → cluster ids ``[k]``. Answer i joins the first cluster whose
+    first member r has ``equivalent[i, r]``; only those entries are read."""
+    equivalent = np.asarray(equivalent, dtype=bool)
+    if equivalent.ndim != 2 or equivalent.shape[0] != equivalent.shape[1]:
+        raise ValueError(f"equivalence decisions must be a square [k, k] matrix, not {equivalent.shape}")
+    return _first_member_clusters(equivalent.shape[0], lambda i, r: bool(equivalent[i, r]))
+
+
+def _first_member_clusters(k: int, same: Callable[[int, int], bool]) -> np.ndarray:
+    representatives: list[int] = []
     ids = []
-    for a in answers:
-        for i, r in enumerate(representatives):
-            if equivalent(a, r):
-                ids.append(i)
+    for i in range(k):
+        for c, r in enumerate(representatives):
+            if same(i, r):
+                ids.append(c)
                 break
         else:
             ids.append(len(representatives))
-            representatives.append(a)
+            representatives.append(i)
     return np.asarray(ids, dtype=np.int64)
 
 
