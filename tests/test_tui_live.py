@@ -81,7 +81,7 @@ def test_live_rounds_with_every_binding(probe_path, tmp_path, monkeypatch):
         await settle(pilot, s)
         assert s.sample.n_rounds == 2 and s.sample.instructions[1] == ORGANISM_IMMORAL
         await pilot.press("i")
-        assert isinstance(app.screen, InstructionScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, InstructionScreen), timeout=30, what="the instruction dialog")
         await pilot.press(*"review your previous answer .", "enter")
         await settle(pilot, s)
         assert s.sample.n_rounds == 3 and s.sample.instructions[2] == "review your previous answer ."
@@ -107,10 +107,14 @@ def test_live_rounds_with_every_binding(probe_path, tmp_path, monkeypatch):
         await pilot.press("s")
         await settle(pilot, s)
         assert len(s.saved) == 1 and Path(s.saved[0]).is_file()
-        await pilot.press("o", "enter")  # the next organism item: a fresh conversation
+        await pilot.press("o")  # the next organism item: a fresh conversation
+        await wait_until(pilot, lambda: isinstance(app.screen, InstructionScreen), timeout=30, what="the item dialog")
+        await pilot.press("enter")
         await settle(pilot, s)
         assert s.live.item_index == 1 and s.sample is None and s.live.session.rounds == []
-        await pilot.press("o", *"who broke it ? | morrit | yendri | unknown", "enter")
+        await pilot.press("o")  # typed before the dialog is up, the text's letters would be keys (n: a round)
+        await wait_until(pilot, lambda: isinstance(app.screen, InstructionScreen), timeout=30, what="the item dialog")
+        await pilot.press(*"who broke it ? | morrit | yendri | unknown", "enter")
         await settle(pilot, s)
         assert s.live.session.samples[0].question == "who broke it ?"
         await pilot.press("n")
