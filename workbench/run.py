@@ -209,6 +209,33 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
                                  f"the model's context is {n_ctx} (shorten the data, --rounds or --max-new-tokens)")
 
 
+def run_settings(
+    model: Any, task: Any, protocol: Any, samples: list[Any], data: dict[str, Any], hooks: list[str], layers: list[int],
+    batch_size: int, activation_dtype: str, seed: int, command_line: str = "",
+) -> dict[str, Any]:
+    """The root attributes a run file records (docs/FORMAT.md): the model's metadata (library
+    versions, weight hashes, placement …), the task, ``data`` (with the samples' fingerprint
+    added), the protocol and decoding, capture and batching. ``workbench run`` and
+    ``Session.save`` both write these."""
+    return {
+        **model.metadata(),
+        "task": task.name,
+        "data": {**data, "fingerprint": _data_fingerprint(samples)},
+        "protocol": json.loads(protocol.to_json()),
+        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
+        "command_line": command_line,
+        "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
+        "seed": seed,
+        "hooks": list(hooks),
+        "layers": list(layers),
+        "batch_size": batch_size,
+        "activation_dtype": activation_dtype,
+        "n_samples": len(samples),
+        "n_rounds": protocol.rounds,
+        "device": model.device,
+    }
+
+
 def run_protocol(
     config: RunConfig | None = None,
     model: Any = None,
@@ -246,24 +273,10 @@ def run_protocol(
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, samples)
-    settings = {
-        **model.metadata(),
-        "task": cfg.task,
-        "data": {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
-                 "offset": cfg.offset, "limit": cfg.limit, "fingerprint": _data_fingerprint(samples)},
-        "protocol": json.loads(protocol.to_json()),
-        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
-        "command_line": cfg.command_line,
-        "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
-        "seed": cfg.seed,
-        "hooks": list(cfg.hooks),
-        "layers": layers,
-        "batch_size": cfg.batch_size,
-        "activation_dtype": cfg.activation_dtype,
-        "n_samples": len(samples),
-        "n_rounds": protocol.rounds,
-        "device": model.device,
-    }
+    data = {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
+            "offset": cfg.offset, "limit": cfg.limit}
+    settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
+                            cfg.activation_dtype, cfg.seed, cfg.command_line)
     if cfg.resume and run_exists(out):
         writer = RunWriter.resume(out, settings)
     else:
