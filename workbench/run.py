@@ -54,6 +54,8 @@ class RunConfig:
     option_scoring: str | None = None  # letter | letter-text; None: the protocol's (letter by default)
     force: bool = False  # run a protocol written for another task
     command_line: str = ""  # how the run was started (the CLI fills it in; recorded in the run file)
+    device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
+    max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """
     from dataclasses import replace
 
-    from workbench.models import DEVICES, DTYPES, check_model_folder, resolve_model_path
+    from workbench.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path
     from workbench.protocol import load_protocol
     from workbench.tasks import default_protocol, get_task
 
@@ -149,6 +151,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         raise WorkbenchError(f"--device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
     if cfg.dtype not in DTYPES:
         raise WorkbenchError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    check_placement(cfg.device, cfg.device_map, cfg.max_memory)
     if not cfg.hooks or any(not h for h in cfg.hooks):
         raise WorkbenchError("--hooks takes one or more comma-separated hook names")
     repeated = sorted({h for h in cfg.hooks if cfg.hooks.count(h) > 1})
@@ -267,7 +270,8 @@ def run_protocol(
     checked = validate_config(cfg, model_given=model is not None)
     task, protocol, samples = checked.task, checked.protocol, checked.samples
     if model is None:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
+                           device_map=cfg.device_map, max_memory=cfg.max_memory)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
