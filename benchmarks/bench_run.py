@@ -154,8 +154,44 @@ def study_way(model, task, protocol, samples) -> float:
     return time.perf_counter() - t0
 
 
+def measure(model, cfg, task, protocol, repeats: int, study_samples: int | None = None) -> dict[str, object]:
+    """Capture overhead (run ÷ plain ``generate``, paired batch by batch, the median of ``repeats``
+    runs) and the study's way ÷ the workbench (timed on ``study_samples`` samples, scaled to the
+    run's), for the run ``cfg`` (its ``out`` names a scratch folder's file) on a loaded model."""
+    n_samples = len(load_samples(cfg))
+    tmp = Path(cfg.out).parent
+    # an untimed first run: warms up (first calls allocate) and gives the prompts and tokens plain generate must reproduce
+    first = run_protocol(RunConfig(**{**cfg.__dict__, "out": tmp / "first.h5"}), model=model)
+    batches = round_prompts(first, cfg.batch_size)
+    first.close()
+    (tmp / "first.h5").unlink()
+    pairs = []
+    for rep in range(repeats):
+        out = tmp / f"bench{rep}.h5"
+        pairs.append(paired_times(model, RunConfig(**{**cfg.__dict__, "out": out}), batches, protocol.decoding.max_new_tokens))
+        out.unlink()
+    mismatches = max(p["mismatches"] for p in pairs)
+    if mismatches:
+        print(f"warning: plain generate differed from the run on {mismatches} (sample, round) pairs", file=sys.stderr)
+    pairs.sort(key=lambda p: p["workbench_s"] / p["reuse_s"])
+    median = pairs[len(pairs) // 2]
+    workbench_s = median["workbench_s"]
+    results: dict[str, object] = dict(
+        workbench_s=workbench_s, plain_generate_s=median["reuse_s"], plain_reprefill_s=median["reprefill_s"],
+        generated_tokens=median["tokens"], plain_mismatches=mismatches,
+        capture_overhead_ratio=workbench_s / median["reuse_s"],
+        capture_overhead_ratios=[p["workbench_s"] / p["reuse_s"] for p in pairs],
+        over_plain_reprefill=workbench_s / median["reprefill_s"],
+        over_plain_reprefill_ratios=sorted(p["workbench_s"] / p["reprefill_s"] for p in pairs))
+    n_study = min(study_samples or n_samples, n_samples)
+    samples = load_samples(cfg)[:n_study]
+    study_s = study_way(model, task, protocol, samples) * (n_samples / n_study)
+    results.update(study_way_s=study_s, study_samples_measured=n_study, study_over_workbench=study_s / workbench_s)
+    return results
+
+
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -207,31 +243,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(out=Path(tmp) / "bench.h5", model=args.model, task=args.task, data=tuple(args.data),
                         protocol=args.protocol, rounds=args.rounds, limit=args.samples, batch_size=args.batch_size)
-        # an untimed first run: warms up (first calls allocate) and gives the prompts and tokens plain generate must reproduce
-        first = run_protocol(RunConfig(**{**cfg.__dict__, "out": Path(tmp) / "first.h5"}), model=model)
-        batches = round_prompts(first, args.batch_size)
-        first.close()
-        pairs = []
-        for rep in range(args.repeats):
-            out = Path(tmp) / f"bench{rep}.h5"
-            pairs.append(paired_times(model, RunConfig(**{**cfg.__dict__, "out": out}), batches, protocol.decoding.max_new_tokens))
-            out.unlink()
-        mismatches = max(p["mismatches"] for p in pairs)
-        if mismatches:
-            print(f"warning: plain generate differed from the run on {mismatches} (sample, round) pairs", file=sys.stderr)
-        pairs.sort(key=lambda p: p["workbench_s"] / p["reuse_s"])
-        median = pairs[len(pairs) // 2]
-        workbench_s = median["workbench_s"]
-        results.update(workbench_s=workbench_s, plain_generate_s=median["reuse_s"], plain_reprefill_s=median["reprefill_s"],
-                       generated_tokens=median["tokens"], plain_mismatches=mismatches,
-                       capture_overhead_ratio=workbench_s / median["reuse_s"],
-                       capture_overhead_ratios=[p["workbench_s"] / p["reuse_s"] for p in pairs],
-                       over_plain_reprefill=workbench_s / median["reprefill_s"],
-                       over_plain_reprefill_ratios=sorted(p["workbench_s"] / p["reprefill_s"] for p in pairs))
-        n_study = args.study_samples or args.samples
-        samples = load_samples(cfg)[:n_study]
-        study_s = study_way(model, task, protocol, samples) * (args.samples / n_study)
-        results.update(study_way_s=study_s, study_samples_measured=n_study, study_over_workbench=study_s / workbench_s)
+        results.update(measure(model, cfg, task, protocol, args.repeats, args.study_samples))
         if not args.skip_memory:
             small = peak_rss_mib(args, args.mem_small, Path(tmp) / "small.h5")
             large = peak_rss_mib(args, args.mem_large, Path(tmp) / "large.h5")

@@ -17,6 +17,7 @@ workbench refuses the template.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +99,7 @@ def check_generation_prompt(tokenizer: Any, instructions: list[str], prefixes: l
     which the round input keeps, as the conversation does). One render: a session checks each new
     round on one sample of its batch."""
     t = len(instructions) - 1
-    with_header = _render(tokenizer, _messages(instructions, prefixes)[: 2 * t + 1], add_generation_prompt=True)
+    with_header = _render_many(tokenizer, [_messages(instructions, prefixes)[: 2 * t + 1]], add_generation_prompt=True)[0]
     history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(round_inputs[:t])) + round_inputs[t][: len(round_inputs[t]) - len(prefixes[t])]
     if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
         raise WorkbenchError(_NOT_STABLE)
@@ -134,24 +135,32 @@ def _render_many(tokenizer: Any, conversations: list[list[dict[str, str]]], add_
     """Each conversation rendered as :func:`_render` renders it, faster: the compiled template is
     called directly with what ``apply_chat_template`` hands it (the messages, ``tools`` and
     ``documents`` None, the special tokens), skipping its per-call normalisation (4× the render
-    itself for plain text messages). The first conversation is also rendered the ordinary way; if
-    the two differ (a transformers version that passes the template more), every conversation
-    takes the ordinary way."""
+    itself for plain text messages). Once per template and set of special tokens (the direct call
+    hands the template the same variables whatever the messages) one conversation is also rendered
+    the ordinary way; if the two differ (a transformers version that hands the template more),
+    every conversation takes the ordinary way from then on."""
     if not conversations:
         return []
-    reference = _render(tokenizer, conversations[0], add_generation_prompt)
     direct = _direct_renderer(tokenizer)
-    if direct is None or direct(conversations[0], add_generation_prompt) != reference:
-        return [reference] + [_render(tokenizer, c, add_generation_prompt) for c in conversations[1:]]
-    try:
-        return [reference] + [direct(c, add_generation_prompt) for c in conversations[1:]]
-    except Exception:  # the ordinary way gives the one-line error
-        return [reference] + [_render(tokenizer, c, add_generation_prompt) for c in conversations[1:]]
+    key = (str(tokenizer.chat_template), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), add_generation_prompt)
+    if direct is not None and key not in _DIRECT_CHECKED:
+        reference = _render(tokenizer, conversations[0], add_generation_prompt)
+        _DIRECT_CHECKED[key] = direct(conversations[0], add_generation_prompt) == reference
+    if direct is not None and _DIRECT_CHECKED[key]:
+        try:
+            return [direct(c, add_generation_prompt) for c in conversations]
+        except Exception:  # the ordinary way gives the one-line error
+            pass
+    return [_render(tokenizer, c, add_generation_prompt) for c in conversations]
+
+
+_DIRECT_CHECKED: dict[tuple[str, str, bool], bool] = {}  # (template, special tokens, generation prompt) → direct rendering agrees
 
 
 def _direct_renderer(tokenizer: Any) -> Any:
     """``(messages, add_generation_prompt) → text`` with the tokenizer's compiled chat template, or
-    None when this transformers version has no compiled-template helper."""
+    None when this transformers version has no compiled-template helper. :func:`_render_many`
+    compares it with ``apply_chat_template`` once per template and special tokens."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
