@@ -60,4 +60,4 @@ def test_a_batch_renders_as_apply_chat_template_renders_each_row(tmp_path, templ
     conversations = [[{"role": "user", "content": r[0]}] for r in rows]
     assert _render_many(tok, conversations, True) == [_render(tok, c, True) for c in conversations]
     verdicts = [agrees for (text, _, _), agrees in _DIRECT_CHECKED.items() if text == str(tok.chat_template)]
-    assert len(verdicts) == 2 and all(verdicts)  # the direct way was taken (not the fallback), with and without the header
+    assert len(verdicts) >= 2 and all(verdicts)  # the direct way was taken (not the fallback), with and without the header
