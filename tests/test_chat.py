@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import build_tokenizer
 
-from workbench.chat import check_prefix_stable, plan_conversation
+from workbench.chat import _DIRECT_CHECKED, _render, _render_many, check_prefix_stable, next_round_input, next_round_inputs, plan_conversation
 from workbench.errors import WorkbenchError
 
 SPACED = ("{% for m in messages %}{{ ' <' + m['role'] + '> ' + m['content'] + ' <end>' }}{% endfor %}"
@@ -38,3 +38,26 @@ def test_a_template_that_drops_earlier_turns_is_refused(tmp_path):
     tok = build_tokenizer(tmp_path, chat_template=LAST_TURN_ONLY)
     with pytest.raises(WorkbenchError, match="drops or rewrites|not prefix-stable"):
         check_prefix_stable(tok, plan_conversation(tok, ["hello", "again"], ["", ""]))
+
+
+TRIMS_AND_TOOLS = ("{{ bos_token }}{% if tools is not none %}TOOLS{% endif %}{% for m in messages %}"
+                   "{{ '[' + m['role'] + '] ' + m['content'] | trim + eos_token }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, SPACED, TRIMS_AND_TOOLS], ids=["chatml", "spaced", "trims-and-tools"])
+def test_a_batch_renders_as_apply_chat_template_renders_each_row(tmp_path, template):
+    """The session's batched rendering (the compiled template called directly) against the
+    ordinary one-conversation way, row by row, on instructions that differ in length and spacing."""
+    tok = build_tokenizer(tmp_path) if template is None else build_tokenizer(tmp_path, chat_template=template)
+    rows = [["  padded question  ", "review"], ["short", "review"], ["a\nnew line", " think again "]]
+    histories = [""] * len(rows)
+    for t in range(2):
+        batch = next_round_inputs(tok, [r[: t + 1] for r in rows], ["P:", ""][: t + 1], histories)
+        one = [next_round_input(tok, r[: t + 1], ["P:", ""][: t + 1], h) for r, h in zip(rows, histories)]
+        assert batch == one
+        histories = [h for _, _, h in batch]
+    conversations = [[{"role": "user", "content": r[0]}] for r in rows]
+    assert _render_many(tok, conversations, True) == [_render(tok, c, True) for c in conversations]
+    verdicts = [agrees for (text, _, _), agrees in _DIRECT_CHECKED.items() if text == str(tok.chat_template)]
+    assert len(verdicts) >= 2 and all(verdicts)  # the direct way was taken (not the fallback), with and without the header

@@ -219,8 +219,14 @@ def test_a_saved_session_equals_the_run_of_the_same_batch(tmp_path, loaded):
     s = Session(model, "bbq", dataclasses.replace(protocol, rounds=3), load_bbq([BBQ_FIXTURE], limit=3), layers=[0, 2])
     for _ in range(3):
         s.step()
-    saved = all_datasets(s.save(tmp_path / "session.h5"))
+    saved = all_datasets(s.save(tmp_path / "session.h5", command_line="python notebook.py"))
     assert_same({k: v for k, v in all_datasets(tmp_path / "run.h5").items()}, saved)
+    # one settings builder: the same root attributes, the same values but where the two differ by nature
+    with RunFile(tmp_path / "run.h5") as run, RunFile(tmp_path / "session.h5") as live:
+        differ = {"run_id", "created", "finished", "data", "command_line", "protocol"}
+        assert set(live.meta) == set(run.meta)
+        assert {k: v for k, v in live.meta.items() if k not in differ} == {k: v for k, v in run.meta.items() if k not in differ}
+        assert live.meta["command_line"] == "python notebook.py" and live.meta["library_versions"]["torch"] == torch.__version__
 
 
 def test_an_instruction_from_outside_the_organisms_world_leaves_its_posterior_out(organism):

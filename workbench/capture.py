@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import einops
 import torch
 
 from workbench.errors import WorkbenchError
@@ -177,7 +176,8 @@ def pooling(
     ``[batch, n_pools, d_model]`` float32. Raises WorkbenchError if the first call's input is not ``[batch, seq]``
     (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
     step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
-    last position, ``[batch, d_model]`` float32, to ``steps[site]``.
+    last position, ``[batch, 1, d_model]`` in the model's dtype (no work per step beyond keeping a
+    reference: :func:`stack_steps` joins them), to ``steps[site]``.
     """
     pooled: dict[HookSite, torch.Tensor] = {}
     calls = [0]
@@ -193,7 +193,7 @@ def pooling(
         act = act[0] if isinstance(act, tuple) else act
         if calls[0] != 1:
             if steps is not None:
-                steps.setdefault(site, []).append(act[:, -1].float())
+                steps.setdefault(site, []).append(act if act.shape[1] == 1 else act[:, -1:])
             return
         if act.shape[:2] != (batch, seq):
             raise WorkbenchError(
@@ -202,7 +202,7 @@ def pooling(
             )
         if act.device not in window:
             window[act.device] = weights[..., start:].to(act.device)
-        pooled[site] = einops.einsum(window[act.device], act[:, start:].float(), "b p t, b t d -> b p d")
+        pooled[site] = torch.bmm(window[act.device], act[:, start:].float())  # [b, p, t] @ [b, t, d] → [b, p, d]
 
     def on_input(site: HookSite, module: Any, args: Any, kwargs: Any) -> None:
         pool(site, args[0] if args else kwargs["hidden_states"])
@@ -224,11 +224,19 @@ def pooling(
             h.remove()
 
 
+def stack_steps(steps: list[torch.Tensor]) -> torch.Tensor:
+    """A site's decode steps as :func:`pooling` kept them (each ``[batch, 1, d_model]``) →
+    ``[batch, steps, d_model]`` float32."""
+    return torch.cat(steps, 1).float()
+
+
 def stack_sites(pooled: dict[HookSite, torch.Tensor], sites: list[HookSite]) -> dict[str, torch.Tensor]:
     """Per-site pools ``[batch, n_pools, d_model]`` → ``{hook: [batch, n_pools, n_layers, d_model]}``,
-    layers in the order of ``sites``."""
+    layers in the order of ``sites``, on the device of the first site's pool (a model placed over
+    several devices pools each layer where it runs)."""
     hooks = list(dict.fromkeys(s.hook for s in sites))
-    return {h: torch.stack([pooled[s] for s in sites if s.hook == h], dim=2) for h in hooks}
+    device = pooled[sites[0]].device if sites else None
+    return {h: torch.stack([pooled[s].to(device) for s in sites if s.hook == h], dim=2) for h in hooks}
 
 
 @torch.no_grad()

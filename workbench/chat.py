@@ -17,6 +17,7 @@ workbench refuses the template.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,16 @@ def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[st
     return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), closing)
 
 
+def next_round_inputs(
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[str], histories: list[str]
+) -> list[tuple[str, str, str]]:
+    """:func:`next_round_input` for every conversation of a batch (``instructions[i]``: row i's
+    rounds so far; the prefixes are the batch's), rendered in one go (:func:`_render_many`).
+    Returns one ``(round input, closing, history)`` per row."""
+    rendered = _render_many(tokenizer, [_messages(texts, prefixes) for texts in instructions], add_generation_prompt=False)
+    return [_split_round(full, prefixes, history, len(texts) - 1) for full, texts, history in zip(rendered, instructions, histories)]
+
+
 def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str], history: str) -> tuple[str, str, str]:
     """The text that starts the last round of a conversation whose earlier rounds are ``history``.
 
@@ -65,8 +76,13 @@ def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str
     Raises WorkbenchError when the rendering does not start with ``history`` (an earlier turn was
     rendered differently once a later one was added) or drops the new assistant message.
     """
-    t = len(instructions) - 1
     full = _render(tokenizer, _messages(instructions, prefixes), add_generation_prompt=False)
+    return _split_round(full, prefixes, history, len(instructions) - 1)
+
+
+def _split_round(full: str, prefixes: list[str], history: str, t: int) -> tuple[str, str, str]:
+    """Round ``t``'s input, closing text and new history out of the conversation ``full`` rendered
+    with sentinels (see :func:`next_round_input`)."""
     if not full.startswith(history):
         raise WorkbenchError(_NOT_STABLE)
     head, sep, closing = full[len(history) :].partition(prefixes[t] + _SENTINEL.format(t))
@@ -83,7 +99,7 @@ def check_generation_prompt(tokenizer: Any, instructions: list[str], prefixes: l
     which the round input keeps, as the conversation does). One render: a session checks each new
     round on one sample of its batch."""
     t = len(instructions) - 1
-    with_header = _render(tokenizer, _messages(instructions, prefixes)[: 2 * t + 1], add_generation_prompt=True)
+    with_header = _render_many(tokenizer, [_messages(instructions, prefixes)[: 2 * t + 1]], add_generation_prompt=True)[0]
     history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(round_inputs[:t])) + round_inputs[t][: len(round_inputs[t]) - len(prefixes[t])]
     if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
         raise WorkbenchError(_NOT_STABLE)
@@ -115,9 +131,56 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
         raise WorkbenchError(f"the model's chat template failed to render ({type(e).__name__}: {e})") from None
 
 
+def _render_many(tokenizer: Any, conversations: list[list[dict[str, str]]], add_generation_prompt: bool) -> list[str]:
+    """Each conversation rendered as :func:`_render` renders it, faster: the compiled template is
+    called directly with what ``apply_chat_template`` hands it (the messages, ``tools`` and
+    ``documents`` None, the special tokens), skipping its per-call normalisation (4× the render
+    itself for plain text messages). Once per template and set of special tokens (the direct call
+    hands the template the same variables whatever the messages) one conversation is also rendered
+    the ordinary way; if the two differ (a transformers version that hands the template more),
+    every conversation takes the ordinary way from then on."""
+    if not conversations:
+        return []
+    direct = _direct_renderer(tokenizer)
+    key = (str(tokenizer.chat_template), json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str), add_generation_prompt)
+    if direct is not None and key not in _DIRECT_CHECKED:
+        reference = _render(tokenizer, conversations[0], add_generation_prompt)
+        _DIRECT_CHECKED[key] = direct(conversations[0], add_generation_prompt) == reference
+    if direct is not None and _DIRECT_CHECKED[key]:
+        try:
+            return [direct(c, add_generation_prompt) for c in conversations]
+        except Exception:  # the ordinary way gives the one-line error
+            pass
+    return [_render(tokenizer, c, add_generation_prompt) for c in conversations]
+
+
+_DIRECT_CHECKED: dict[tuple[str, str, bool], bool] = {}  # (template, special tokens, generation prompt) → direct rendering agrees
+
+
+def _direct_renderer(tokenizer: Any) -> Any:
+    """``(messages, add_generation_prompt) → text`` with the tokenizer's compiled chat template, or
+    None when this transformers version has no compiled-template helper. :func:`_render_many`
+    compares it with ``apply_chat_template`` once per template and special tokens."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.get_chat_template())
+    except Exception:  # an older/newer transformers, or no template: the ordinary way
+        return None
+    specials = dict(tokenizer.special_tokens_map)
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return template.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
+
+    return render
+
+
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each template text, in one tokenizer call (special-token text such as
-    ``<|im_start|>`` is recognised)."""
+    ``<|im_start|>`` is recognised). Repeated texts (a batch's closing text, a follow-up every row
+    shares) are tokenized once; each row gets its own list."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    distinct = list(dict.fromkeys(texts))
+    ids = dict(zip(distinct, tokenizer(distinct, add_special_tokens=False)["input_ids"]))
+    return [list(ids[text]) for text in texts]

@@ -140,6 +140,8 @@ def run(
     activation_dtype: ActivationDtype = typer.Option("float32", help="Stored activation dtype."),
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
+    device_map: Optional[str] = typer.Option(None, metavar="auto|balanced|sequential|JSON|FILE", help="Place a model too large for one device over several (Hugging Face/accelerate device_map): a strategy, a JSON object {module: device} or a JSON file; devices are GPU indices, cpu or disk. Replaces --device."),
+    max_memory: Optional[str] = typer.Option(None, metavar="DEV=SIZE,...", help="With --device-map: the memory budget per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the hub."),
     seed: int = typer.Option(0, help="Seed for sampled decoding."),
@@ -170,7 +172,7 @@ def run(
         layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, option_scoring=option_scoring,
-        force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]),
+        force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
     )
     try:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args
@@ -59,6 +60,7 @@ class LoadedModel:
     n_layers: int
     d_model: int
     chat_template_source: str  # "model" or "plain"
+    placement: dict[str, Any] | None = None  # device_map runs: {"requested", "max_memory", "placed": {module: device}}
 
     def metadata(self) -> dict[str, Any]:
         """What the run file records about the model (DESIGN §4), with what a rerun needs to be
@@ -77,6 +79,7 @@ class LoadedModel:
             "chat_template_sha256": hashlib.sha256(str(self.tokenizer.chat_template).encode()).hexdigest(),
             "weights_sha256": weight_hashes(self.path, self.revision or None),
             "library_versions": library_versions(),
+            "device_map": self.placement or {},  # {} on one device (`device`)
         }
 
 
@@ -196,6 +199,87 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+
+
+def parse_device_map(value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """``--device-map``: a strategy (``auto``, ``balanced``, ``balanced_low_0``, ``sequential``),
+    a JSON object ``{module: device}`` or a JSON file holding one → what Hugging Face's
+    ``from_pretrained(device_map=...)`` takes. Devices are a GPU index, ``cuda:N``, ``cpu``,
+    ``mps`` or ``disk`` (offloaded, read back layer by layer). Checked without importing torch;
+    raises :class:`WorkbenchError` in one line."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text in DEVICE_MAP_STRATEGIES:
+            return text
+        source = "--device-map"
+        if not text.startswith(("{", "[")):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise WorkbenchError(f"--device-map must be {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a JSON file, "
+                                     f"not {value!r}")
+            source, text = f"--device-map {path}", path.read_text(encoding="utf-8", errors="replace")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise WorkbenchError(f"{source}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, dict) or not value:
+        raise WorkbenchError("--device-map: a JSON device map is an object of module name → device, e.g. "
+                             '{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", ...}')
+    for module, device in value.items():
+        if not _map_device(device):
+            raise WorkbenchError(f"--device-map: module {module!r} → {device!r} is not a device "
+                                 "(a GPU index, cuda:N, cpu, mps or disk)")
+    return value
+
+
+def _map_device(device: Any) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return device >= 0
+    return isinstance(device, str) and (device in ("cpu", "disk", "mps", "cuda") or re.fullmatch(r"cuda:\d+", device) is not None)
+
+
+def parse_max_memory(value: str | dict[Any, Any] | None) -> dict[int | str, str] | None:
+    """``--max-memory 0=70GiB,1=70GiB,cpu=200GiB`` (or a dict) → ``{0: "70GiB", 1: "70GiB", "cpu":
+    "200GiB"}``, what ``from_pretrained(max_memory=...)`` takes: a budget per GPU index, ``cpu``,
+    ``mps`` or ``disk``, as bytes or a size (``500MiB``, ``2GB``). Raises :class:`WorkbenchError`."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, dict) else [part.partition("=")[::2] for part in str(value).split(",")]
+    budget: dict[int | str, str] = {}
+    for key, size in items:
+        key, size = str(key).strip(), str(size).strip()
+        if not key or not size:
+            raise WorkbenchError(f"--max-memory takes DEVICE=SIZE pairs separated by commas (e.g. 0=70GiB,cpu=200GiB), "
+                                 f"not {value!r}")
+        if not (key.isdigit() or key in ("cpu", "mps", "disk")):
+            raise WorkbenchError(f"--max-memory: {key!r} is not a device (a GPU index, cpu, mps or disk)")
+        if not _SIZE.match(size):
+            raise WorkbenchError(f"--max-memory: {key}={size} is not a size (e.g. 70GiB, 500MB, or bytes)")
+        device: int | str = int(key) if key.isdigit() else key
+        if device in budget:
+            raise WorkbenchError(f"--max-memory names {key} twice")
+        budget[device] = size.upper().replace("IB", "iB") if not size.isdigit() else size
+    return budget
+
+
+def check_placement(device: str, device_map: Any, max_memory: Any) -> tuple[str | dict[str, Any] | None, dict[int | str, str] | None]:
+    """Both placement options parsed and checked together (:func:`parse_device_map`,
+    :func:`parse_max_memory`): ``--max-memory`` needs ``--device-map``, which places the model
+    itself (so ``--device`` stays ``auto``). Returns ``(device_map, max_memory)``."""
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if max_memory is not None and device_map is None:
+        raise WorkbenchError("--max-memory needs --device-map (e.g. --device-map auto): it is the budget the map is made in")
+    if device_map is not None and device != "auto":
+        raise WorkbenchError(f"--device {device} and --device-map: give one (the device map places every module itself)")
+    return device_map, max_memory
+
+
 def resolve_model_path(name: str) -> str:
     """``organism`` → the shipped checkpoint folder; an existing folder → itself; else a hub name."""
     if name == "organism":
@@ -219,13 +303,21 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     on_status: Callable[[str], None] | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM by hub name, local folder or ``organism`` (see the module docstring).
 
+    ``device_map`` (``auto``, ``balanced``, ``sequential``, a ``{module: device}`` dict, its JSON
+    or a JSON file) and ``max_memory`` (``"0=70GiB,cpu=200GiB"`` or a dict) place a model too
+    large for one device through Hugging Face/accelerate (:func:`check_placement`); modules mapped
+    to ``disk`` are offloaded to a temporary folder and read back as they run. ``device`` is then
+    the device the inputs go to (the first GPU of the map, else ``cpu``).
     ``on_status`` is told each step ("loading the weights of …", "booting the TransformerBridge …")
     so a command line can show it; Hugging Face's own progress bars are silenced.
     """
     status = on_status or (lambda message: None)
+    device_map, max_memory = check_placement(device, device_map, max_memory)
     path = resolve_model_path(name)
     check_model_folder(path, name)
     status(f"loading {name}: importing transformers")
@@ -233,6 +325,7 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    placing = _placement_kwargs(device_map, max_memory)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     kwargs["local_files_only"] = Path(path).exists() or _in_hub_cache(path, revision)
     if not kwargs["local_files_only"] and not _hub_reachable():
@@ -258,12 +351,22 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise failed("tokenizer", e) from None
-    status(f"loading the weights of {name} ({type(config).__name__.removesuffix('Config')}, {torch_dtype}, {device})")
+    where = device if device_map is None else f"device map {device_map if isinstance(device_map, str) else 'from the JSON'}"
+    status(f"loading the weights of {name} ({type(config).__name__.removesuffix('Config')}, {torch_dtype}, {where})")
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs, **placing)
+    except (OSError, ValueError, KeyError, SafetensorError, ImportError) as e:
         raise failed("weights", e) from None
-    hf = hf.to(device).eval()
+    except RuntimeError as e:  # accelerate's own refusals (a map that names no module of this model …)
+        raise failed("weights onto the device map", e) from None
+    placement = None
+    if device_map is None:
+        hf = hf.to(device)
+    else:  # accelerate placed (and hooked) every module; moving the model would undo it
+        placed = {k: (v if isinstance(v, str) else int(v)) for k, v in (getattr(hf, "hf_device_map", None) or {}).items()}
+        device = _input_device(placed)
+        placement = {"requested": device_map, "max_memory": {str(k): v for k, v in (max_memory or {}).items()}, "placed": placed}
+    hf = hf.eval()
     template_source = "model"
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
@@ -284,7 +387,41 @@ def load_model(
         n_layers=int(bridge.cfg.n_layers),
         d_model=int(bridge.cfg.d_model),
         chat_template_source=template_source,
+        placement=placement,
     )
+
+
+def _placement_kwargs(device_map: Any, max_memory: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a device map (with a temporary folder for modules that
+    ``auto`` or the map sends to ``disk``); none without one."""
+    if device_map is None:
+        return {}
+    try:
+        import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
+    except ImportError:
+        raise WorkbenchError("--device-map needs the accelerate package (pip install accelerate)") from None
+    import atexit
+    import shutil
+    import tempfile
+
+    placing: dict[str, Any] = {"device_map": device_map}
+    if isinstance(device_map, str) or "disk" in device_map.values():  # a strategy may offload what does not fit
+        placing["offload_folder"] = tempfile.mkdtemp(prefix="workbench-offload-")
+        atexit.register(shutil.rmtree, placing["offload_folder"], ignore_errors=True)
+    if max_memory is not None:
+        placing["max_memory"] = dict(max_memory)  # from_pretrained rewrites it in place
+    return placing
+
+
+def _input_device(placed: dict[str, Any]) -> str:
+    """Where a placed model's inputs go: the first GPU (or MPS) in the map, as accelerate's main
+    device, else ``cpu`` (modules on ``cpu`` and ``disk`` run on the CPU)."""
+    for where in placed.values():
+        if isinstance(where, int):
+            return f"cuda:{where}"
+        if where not in ("cpu", "disk"):
+            return where
+    return "cpu"
 
 
 def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
@@ -316,7 +453,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _boot_bridge(hf: Any, path: str, tokenizer: Any, device: str, dtype: Any, trust_remote_code: bool) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
-    shared = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    shared: dict[int, Any] = {id(t): t for t in [*hf.parameters(), *hf.buffers()]}
+    for module in hf.modules():  # a placed model: both trees share accelerate's hooks (and their offloaded weights)
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:
+            shared[id(hook)] = hook
     shadow = copy.deepcopy(hf, shared)  # same tensors, separate module tree for the bridge to rewrite
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -324,5 +465,7 @@ def _boot_bridge(hf: Any, path: str, tokenizer: Any, device: str, dtype: Any, tr
             path, hf_model=shadow, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except (ValueError, KeyError, NotImplementedError) as e:
+        if getattr(hf, "hf_device_map", None):
+            raise WorkbenchError(f"TransformerLens cannot boot {type(hf).__name__} on this device map ({str(e).splitlines()[0]})") from None
         raise WorkbenchError(f"TransformerLens does not support {type(hf).__name__} ({str(e).splitlines()[0]})") from None
     return bridge.eval()

@@ -58,6 +58,8 @@ class RunConfig:
     scorer_label: str | None = None  # the classifier label scored (default: toxic, else positive)
     samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.sampling)
     equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
+    device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
+    max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """
     from dataclasses import replace
 
-    from workbench.models import DEVICES, DTYPES, check_model_folder, resolve_model_path
+    from workbench.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path
     from workbench.protocol import load_protocol
     from workbench.tasks import default_protocol, get_task
 
@@ -154,6 +156,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         raise WorkbenchError(f"--device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
     if cfg.dtype not in DTYPES:
         raise WorkbenchError(f"--dtype must be one of {', '.join(DTYPES)}, not {cfg.dtype!r}")
+    check_placement(cfg.device, cfg.device_map, cfg.max_memory)
     if not cfg.hooks or any(not h for h in cfg.hooks):
         raise WorkbenchError("--hooks takes one or more comma-separated hook names")
     repeated = sorted({h for h in cfg.hooks if cfg.hooks.count(h) > 1})
@@ -217,6 +220,33 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
                                  f"the model's context is {n_ctx} (shorten the data, --rounds or --max-new-tokens)")
 
 
+def run_settings(
+    model: Any, task: Any, protocol: Any, samples: list[Any], data: dict[str, Any], hooks: list[str], layers: list[int],
+    batch_size: int, activation_dtype: str, seed: int, command_line: str = "",
+) -> dict[str, Any]:
+    """The root attributes a run file records (docs/FORMAT.md): the model's metadata (library
+    versions, weight hashes, placement …), the task, ``data`` (with the samples' fingerprint
+    added), the protocol and decoding, capture and batching. ``workbench run`` and
+    ``Session.save`` both write these."""
+    return {
+        **model.metadata(),
+        "task": task.name,
+        "data": {**data, "fingerprint": _data_fingerprint(samples)},
+        "protocol": json.loads(protocol.to_json()),
+        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
+        "command_line": command_line,
+        "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
+        "seed": seed,
+        "hooks": list(hooks),
+        "layers": list(layers),
+        "batch_size": batch_size,
+        "activation_dtype": activation_dtype,
+        "n_samples": len(samples),
+        "n_rounds": protocol.rounds,
+        "device": model.device,
+    }
+
+
 def run_protocol(
     config: RunConfig | None = None,
     model: Any = None,
@@ -248,30 +278,17 @@ def run_protocol(
     checked = validate_config(cfg, model_given=model is not None)
     task, protocol, samples = checked.task, checked.protocol, checked.samples
     if model is None:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
+                           device_map=cfg.device_map, max_memory=cfg.max_memory)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, samples)
-    settings = {
-        **model.metadata(),
-        "task": cfg.task,
-        "data": {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
-                 "offset": cfg.offset, "limit": cfg.limit, "fingerprint": _data_fingerprint(samples)},
-        "protocol": json.loads(protocol.to_json()),
-        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
-        "command_line": cfg.command_line,
-        "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
-        "seed": cfg.seed,
-        "hooks": list(cfg.hooks),
-        "layers": layers,
-        "batch_size": cfg.batch_size,
-        "activation_dtype": cfg.activation_dtype,
-        "n_samples": len(samples),
-        "n_rounds": protocol.rounds,
-        "device": model.device,
-    }
+    data = {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
+            "offset": cfg.offset, "limit": cfg.limit}
+    settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
+                            cfg.activation_dtype, cfg.seed, cfg.command_line)
     extras = None
     if checked.open_ended is not None:
         from workbench.open_ended import round_extras

@@ -19,7 +19,7 @@ instructions differ per sample (drawn by the task, say) gives its own ``instruct
 only place a round's instructions come from.
 
 **Each round** renders the chat template over the conversation so far plus the new user turn
-(:func:`workbench.chat.next_round_input`; the template must render earlier turns unchanged),
+(:func:`workbench.chat.next_round_inputs`; the template must render earlier turns unchanged),
 generates for the whole batch with ``hf.generate``, scores the options on the prompt's cache, and
 pools the chosen hook sites (:mod:`workbench.capture`) from the passes generation makes: the last
 prompt token from the prefill, the mean over the response from the decode steps, which feed each
@@ -58,8 +58,8 @@ import einops
 import numpy as np
 import torch
 
-from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, stack_sites
-from workbench.chat import check_generation_prompt, encode, next_round_input
+from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, stack_sites, stack_steps
+from workbench.chat import check_generation_prompt, encode, next_round_inputs
 from workbench.errors import WorkbenchError
 from workbench.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
 from workbench.protocol import Protocol
@@ -205,12 +205,8 @@ class Session:
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
         prefix = self.protocol.prefix(t + 1)
-        pieces, closings, histories = [], [], []
-        for i in range(batch):
-            piece, closing, history = next_round_input(tok, self._instructions[i] + [texts[i]], self._prefixes + [prefix], self._history[i])
-            pieces.append(piece)
-            closings.append(closing)
-            histories.append(history)
+        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], self._prefixes + [prefix], self._history)
+        pieces, closings, histories = (list(x) for x in zip(*rendered))
         check_generation_prompt(tok, self._instructions[0] + [texts[0]], self._prefixes + [prefix], self._round_inputs[0] + [pieces[0]])
         encoded = encode(tok, pieces + closings)
         piece_ids, closing_ids = encoded[:batch], encoded[batch:]
@@ -300,11 +296,19 @@ class Session:
             return {}
         lengths = torch.tensor([len(ids) for ids in response_ids])
         n_steps = len(next(iter(steps.values()), []))
+        w = (torch.arange(n_steps)[None, :] < lengths[:, None]).float() / lengths.clamp(min=1)[:, None].float()  # [B, T]
         means = {}
+        by_device: dict[torch.device, list[HookSite]] = {}  # a model spread over devices pools on each
         for site in self.sites:
-            fed = torch.stack(steps[site], 1) if n_steps else torch.zeros(len(lengths), 0, self.model.d_model, device=self.model.device)
-            w = (torch.arange(n_steps)[None, :] < lengths[:, None]).float() / lengths.clamp(min=1)[:, None].float()
-            means[site] = einops.einsum(w.to(fed.device), fed, "b t, b t d -> b d")[:, None]
+            by_device.setdefault(steps[site][0].device if n_steps else torch.device(self.model.device), []).append(site)
+        for device, sites in by_device.items():
+            if n_steps:
+                fed = torch.stack([stack_steps(steps[site]) for site in sites])  # [S, B, T, d]
+            else:
+                fed = torch.zeros(len(sites), len(lengths), 0, self.model.d_model, device=device)
+            pooled_mean = einops.einsum(w.to(device), fed, "b t, s b t d -> s b d")
+            for site, value in zip(sites, pooled_mean):
+                means[site] = value[:, None]
         last, mean = stack_sites(pooled, self.sites), stack_sites(means, self.sites)
         result = {}
         for hook in last:
@@ -368,15 +372,16 @@ class Session:
             round_fields=fields,
         )
 
-    def save(self, path: str | Path, activation_dtype: str = "float32") -> Path:
+    def save(self, path: str | Path, activation_dtype: str = "float32", command_line: str = "") -> Path:
         """Write every round so far to a new run file at ``path`` (refuses an existing one) through
-        :class:`workbench.store.RunWriter`, so ``workbench info``, the probes and the TUI read it
+        :class:`workbench.store.RunWriter`, with the settings a ``workbench run`` file records
+        (:func:`workbench.run.run_settings`), so ``workbench info``, the probes and the TUI read it
         like any run. The protocol stored is this session's with ``rounds`` = the rounds stepped;
-        the instructions actually given are in ``rounds/instruction``. Returns the path."""
-        import json
-
+        the instructions actually given are in ``rounds/instruction``. ``command_line``: what
+        started the session, recorded as a run's is (``""``, as from the Python API, by default).
+        Returns the path."""
         from workbench.engine import batch_arrays
-        from workbench.run import _data_fingerprint, _sample_table
+        from workbench.run import _sample_table, run_settings
         from workbench.store import RunWriter
 
         res = self.result()
@@ -384,23 +389,10 @@ class Session:
         protocol = replace(self.protocol, rounds=n_rounds)
         layers = list(dict.fromkeys(s.layer for s in self.sites))
         hooks = list(dict.fromkeys(s.hook for s in self.sites))
-        settings = {
-            **self.model.metadata(),
-            "task": self.task.name,
-            "data": {"files": [], "condition": None, "category": None, "offset": 0, "limit": None,
-                     "fingerprint": _data_fingerprint(self.samples), "session": True},
-            "protocol": json.loads(protocol.to_json()),
-            "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
-            "seed": self.seed,
-            "hooks": hooks,
-            "layers": layers,
-            "batch_size": len(self.samples),
-            "activation_dtype": activation_dtype,
-            "n_samples": len(self.samples),
-            "n_rounds": n_rounds,
-            "device": self.model.device,
-            **getattr(self.round_extras, "settings", {}),  # open_ended.round_extras: the scorer and sampling
-        }
+        data = {"files": [], "condition": None, "category": None, "offset": 0, "limit": None, "session": True}
+        settings = run_settings(self.model, self.task, protocol, self.samples, data, hooks, layers, len(self.samples),
+                                activation_dtype, self.seed, command_line)
+        settings.update(getattr(self.round_extras, "settings", {}))  # open_ended.round_extras: the scorer and sampling
         path = Path(path)
         hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}
         with RunWriter.create(path, settings, _sample_table(self.samples), n_rounds, hook_shapes, activation_dtype) as writer:
