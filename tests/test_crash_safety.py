@@ -118,7 +118,7 @@ def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, sh
     bad = cli("run", *RUN_ARGS, "--out", str(out), "--overwrite", "--layers", "99")
     assert bad.returncode == 2 and "layer" in bad.stderr, bad.stderr
     assert inject.differences(before, inject.datasets(out)) == []
-    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.h5").exists()
+    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.npz").exists()
     # an --overwrite killed before its first batch is finished leaves the old run as it was
     total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5")], shim, tmp_path)
     for k in (3, total // 6):
