@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -293,25 +294,23 @@ _EMPTY_TEXT = np.zeros(1, dtype=np.uint8)  # "" as a C string
 
 
 def _flat(rows: list, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``) end to end: (values
-    ``[total]``, each sequence's length ``shape``)."""
-    pieces = []
-    for index in np.ndindex(shape):
-        row = rows
-        for i in index:
-            row = row[i]
-        pieces.append(np.asarray(row, dtype=dtype).reshape(-1))
-    lengths = np.fromiter((len(x) for x in pieces), dtype=np.int64, count=len(pieces)).reshape(shape)
-    return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)), lengths
+    """Nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``, ``shape`` = ``(B,)`` or
+    ``(B, R)``) end to end: (values ``[total]``, each sequence's length ``shape``)."""
+    seqs = [x for row in rows for x in row] if len(shape) == 2 else list(rows)
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    if lengths.size != int(np.prod(shape)) or len(rows) != shape[0]:
+        raise ValueError(f"ragged array of {len(rows)} rows and {lengths.size} sequences, expected shape {shape}")
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths.reshape(shape)
 
 
 def _flat_text(texts: Any) -> tuple[np.ndarray, np.ndarray]:
     """Strings (any nested shape) as NUL-terminated UTF-8 end to end: (bytes ``[total]`` uint8,
-    each string's length in bytes without its NUL). Strings hold no NUL (``_text``)."""
+    each string's length in bytes without its NUL). A NUL in a string becomes ``NUL_STAND_IN``."""
     texts = np.asarray(texts, dtype=object)
-    encoded = [_text(x).encode() for x in texts.reshape(-1)]
-    lengths = np.fromiter((len(x) for x in encoded), dtype=np.int64, count=len(encoded)).reshape(texts.shape)
-    return np.frombuffer(b"".join(x + b"\0" for x in encoded), dtype=np.uint8), lengths
+    blob = np.frombuffer("".join(_text(x) + "\0" for x in texts.reshape(-1)).encode(), dtype=np.uint8)
+    ends = np.flatnonzero(blob == 0)
+    return blob, (np.diff(ends, prepend=-1) - 1).reshape(texts.shape)
 
 
 def _put_ragged(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
@@ -536,6 +535,28 @@ def _write_rows(fd: int, slot: ActivationSlot, start: int, rows: np.ndarray) -> 
     """Write ``rows`` (``[B, R, P, L, d]``, the slot's dtype, C order) as rows ``start : start + B``."""
     for lo, hi, offset in slot.extents(start, start + len(rows)):
         _pwrite_all(fd, memoryview(rows[lo - start : hi - start]).cast("B"), offset)
+
+
+_sync_file_range: Any = None  # libc's sync_file_range once looked up; False where there is none
+
+
+def _start_writeback(fd: int, slot: ActivationSlot, start: int, stop: int) -> None:
+    """Ask the kernel to start writing rows ``[start, stop)`` to the disk now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the disk works while the next batches
+    are computed and the next commit's fsync has little left to wait for. A no-op elsewhere."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _sync_file_range = libc.sync_file_range
+            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        for lo, hi, offset in slot.extents(start, stop):
+            _sync_file_range(fd, offset, (hi - lo) * slot.row_bytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
 
 
 def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarray:
@@ -897,6 +918,7 @@ class RunWriter:
                 if acts.shape != (batch, *slot.shape[1:]):
                     raise ValueError(f"activations/{slot.hook}: batch shape {acts.shape}, expected {(batch, *slot.shape[1:])}")
                 _write_rows(self._fd, slot, start, acts)
+                _start_writeback(self._fd, slot, start, stop)
             part = _batch_arrays(arrays, transcripts, self.n_rounds)
             self._pending.append((start, stop, part))
             if self._boot is None or self.replaces_old or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
