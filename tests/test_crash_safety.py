@@ -134,7 +134,7 @@ def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_pat
         writer.send_signal(signal.SIGKILL)
         writer.wait()
     names = sorted(p.name for p in parts_dir(out).glob("batch-*"))
-    assert names == ["batch-00000000-00000004.npz", f"batch-00000004-00000008.{store._boot_id()}.npz"], names
+    assert names == ["batch-00000000-00000004.part", f"batch-00000004-00000008.{store._boot_id()}.part"], names
     with RunFile(out) as run:
         assert run.done.tolist() == [True] * 8 + [False] * 4
         np.testing.assert_array_equal(run.array("activations/hook_resid_post"), h5py.File(reference)["activations/hook_resid_post"][:8])
@@ -176,7 +176,7 @@ def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, sh
     bad = cli("run", *RUN_ARGS, "--out", str(out), "--overwrite", "--layers", "99")
     assert bad.returncode == 2 and "layer" in bad.stderr, bad.stderr
     assert inject.differences(before, inject.datasets(out)) == []
-    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.npz").exists()
+    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.part").exists()
     # an --overwrite killed before its first batch is finished leaves the old run as it was
     total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5")], shim, tmp_path)
     for k in (3, total // 6):

@@ -8,14 +8,20 @@ file that holds finished data. While a run is running it lives in a folder ``RUN
 - ``activations.h5``: every activation array at full size, created once (its metadata never changes
   afterwards); each batch's rows are written into the preallocated space with plain ``pwrite`` at
   byte offsets recorded in ``layout.json``, never through HDF5;
-- ``batch-{start}-{stop}.h5``: everything else of one batch.
+- ``batch-{start}-{stop}[.{boot}].part``: everything else of one batch (or of consecutive
+  batches), ragged arrays and strings as flat arrays with lengths.
 
-Every file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that exists
-is complete, and a batch is finished exactly when its part exists. When the last batch lands the
-run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``, the small arrays are
-copied in, and it is renamed to ``RUN.h5`` (a kill during assembly is repaired by copying the raw
-activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``, or, for a running
-run, an in-memory view of its finished parts.
+Every HDF5 file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that
+exists is complete. A batch is finished exactly when its part exists: ``write_batch`` renames it
+into place before it returns (a SIGKILL loses nothing, the page cache survives the process).
+fsync, needed only against a power cut, is batched: at most once a second a commit fsyncs the
+activations and writes the batches since the last commit as one durable (fsynced) part;
+provisional parts (named with the kernel's boot id) count only until the machine restarts. When
+the last batch lands the run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``,
+the small arrays are written in (HDF5 reads the ragged ones through pointers into the parts' flat
+arrays), and it is fsynced and renamed to ``RUN.h5`` (a kill during assembly is repaired by
+copying the raw activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``,
+or, for a running run, an in-memory view of its finished parts.
 
 This module imports neither torch nor TransformerLens, so a viewer opens a run in a fraction of
 a second.
@@ -78,10 +84,10 @@ STANDARD_ARRAYS: dict[str, tuple[tuple[Any, ...], Any]] = {
 
 HEADER, ACTIVATIONS, LAYOUT, ASSEMBLING = "run.h5", "activations.h5", "layout.json", "assembling.h5"
 COMMIT_INTERVAL_S = 1.0  # at most one durable commit (two fsyncs) per interval; every batch is finished at once
-# A batch part: ``batch-{start}-{stop}.npz`` is durable (fsynced, and the activations before it);
-# ``batch-{start}-{stop}.{boot}.npz`` is provisional: renamed into place without fsync, trusted only
+# A batch part: ``batch-{start}-{stop}.part`` is durable (fsynced, and the activations before it);
+# ``batch-{start}-{stop}.{boot}.part`` is provisional: renamed into place without fsync, trusted only
 # while the machine has not restarted since (``boot`` is the kernel's boot id when it was written).
-BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)(?:\.([0-9a-f]+))?\.npz$")
+BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)(?:\.([0-9a-f]+))?\.part$")
 
 
 def _version() -> str:
@@ -298,7 +304,7 @@ def _flat(rows: list, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, n
     ``(B, R)``) end to end: (values ``[total]``, each sequence's length ``shape``)."""
     seqs = [x for row in rows for x in row] if len(shape) == 2 else list(rows)
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    if lengths.size != int(np.prod(shape)) or len(rows) != shape[0]:
+    if lengths.size != math.prod(shape) or len(rows) != shape[0]:
         raise ValueError(f"ragged array of {len(rows)} rows and {lengths.size} sequences, expected shape {shape}")
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
     return flat, lengths.reshape(shape)
@@ -308,7 +314,11 @@ def _flat_text(texts: Any) -> tuple[np.ndarray, np.ndarray]:
     """Strings (any nested shape) as NUL-terminated UTF-8 end to end: (bytes ``[total]`` uint8,
     each string's length in bytes without its NUL). A NUL in a string becomes ``NUL_STAND_IN``."""
     texts = np.asarray(texts, dtype=object)
-    blob = np.frombuffer("".join(_text(x) + "\0" for x in texts.reshape(-1)).encode(), dtype=np.uint8)
+    items = [str(x) for x in texts.reshape(-1)]
+    joined = "\0".join(items) + "\0"
+    if joined.count("\0") != len(items):  # some string holds a NUL
+        joined = "".join(_text(x) + "\0" for x in items)
+    blob = np.frombuffer(joined.encode(), dtype=np.uint8)
     ends = np.flatnonzero(blob == 0)
     return blob, (np.diff(ends, prepend=-1) - 1).reshape(texts.shape)
 
@@ -411,7 +421,7 @@ def _read_part(path: Path) -> dict[str, np.ndarray]:
     data = memoryview(raw)[16 + size :]
     if head is None or zlib.crc32(data) != head["crc32"]:
         raise OSError(errno.EIO, f"{path} is damaged (bad header or checksum)")
-    return {key: np.frombuffer(data, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=offset).reshape(shape)
+    return {key: np.frombuffer(data, dtype=np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
             for key, dtype, shape, offset, _ in head["arrays"]}
 
 
@@ -467,7 +477,7 @@ class ActivationSlot:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape[1:]) * np.dtype(self.dtype).itemsize
 
     def extents(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """``(first row, end row, byte offset of the first row)`` of each contiguous piece of rows ``[start, stop)``."""
@@ -594,7 +604,7 @@ def _boot_id() -> str | None:
 
 def _part_name(start: int, stop: int, boot: str | None = None) -> str:
     """A batch part's file name: durable without ``boot``, provisional with it."""
-    return f"batch-{start:08d}-{stop:08d}" + (f".{boot}" if boot else "") + ".npz"
+    return f"batch-{start:08d}-{stop:08d}" + (f".{boot}" if boot else "") + ".part"
 
 
 def _all_batch_parts(folder: Path) -> list[tuple[int, int, str | None, Path]]:
@@ -639,16 +649,21 @@ def _copy_header(header: h5py.File, dst: h5py.File) -> None:
     header.copy(header["samples"], dst, "samples")
 
 
-def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndarray:
+def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File,
+                     in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> np.ndarray:
     """Create ``rounds/``, ``tokens/``, ``transcripts/`` and ``progress/`` in ``dst`` at full size
     holding every finished batch part's rows, fixed-shape arrays copied in whole-part slabs (rows
-    not done: fill values, empty strings and sequences); add derived groups. Returns ``done`` ``[N]``."""
+    not done: fill values, empty strings and sequences); add derived groups. ``in_memory``: the
+    writer's ``(start, stop, part arrays)`` of batches whose provisional parts need not be read
+    back. Returns ``done`` ``[N]``."""
     n, n_rounds, k = int(header.attrs["n_samples"]), int(header.attrs["n_rounds"]), int(header.attrs["n_options"])
     done = np.zeros(n, dtype=bool)
     fixed: dict[str, np.ndarray] = {}
     ragged: dict[str, tuple[tuple[int, ...], Any, bool, list]] = {}  # path -> (shape, dtype, text, pieces)
+    known = {(start, stop): arrays for start, stop, arrays in in_memory}
     for start, stop, part in _batch_parts(folder):
-        arrays = _read_part(part)
+        arrays = known.pop((start, stop), None)
+        arrays = _read_part(part) if arrays is None else arrays
         for key, value in arrays.items():
             if key.endswith(LENGTHS):
                 path = key[: -len(LENGTHS)]
@@ -955,14 +970,16 @@ class RunWriter:
         self.folder, self.replaces_old = parts, False
 
     def finish(self) -> None:
-        """Assemble the run file once every sample is done (otherwise nothing: the parts stay)."""
+        """Assemble the run file once every sample is done (otherwise commit: the parts stay). The
+        assembly's own fsync makes the last provisional batches durable, so no commit precedes it."""
         if self._complete:
             return
-        self.commit()
         if not self.done_mask().all():
+            self.commit()
             return
         with _write_errors(self.path, "assembling"):
-            assemble(self.path, self.folder)
+            assemble(self.path, self.folder, self._pending)
+        self._pending = []
         os.close(self._fd)
         self._fd = -1
         self._complete = True
@@ -981,22 +998,22 @@ def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
 
 
-def assemble(path: Path, folder: Path) -> None:
+def assemble(path: Path, folder: Path, in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> None:
     """Turn a finished run's parts into the run file ``path``: the small arrays are copied into the
     activations file (which is never copied), it is fsynced and renamed to ``path``, and the parts
-    folder is removed. A kill at any point is repaired by ``_settle``."""
+    folder is removed. A kill at any point is repaired by ``_settle``; so is a power cut (the first
+    rename and the removal need no fsync: either name, and stale parts, are repaired)."""
     assembling = folder / ASSEMBLING
-    _replace(folder / ACTIVATIONS, assembling)
+    os.replace(folder / ACTIVATIONS, assembling)
     with h5py.File(folder / HEADER, "r", locking=False) as header, h5py.File(assembling, "r+", locking=False) as f:
         _copy_header(header, f)
-        _fill_from_parts(f, folder, header)
+        _fill_from_parts(f, folder, header, in_memory)
         f.attrs["status"] = "complete"
         f.attrs["finished"] = _now()
         _add_dimension_scales(f)
     _fsync_path(assembling)
     _replace(assembling, path)
     shutil.rmtree(folder)
-    _fsync_path(path.parent, directory=True)
 
 
 def _add_dimension_scales(f: h5py.File) -> None:
