@@ -1113,7 +1113,19 @@ def _check_run_attrs(path: Path, f: h5py.File) -> None:
 
 def _running_view(path: Path, folder: Path) -> h5py.File:
     """An in-memory HDF5 file with the layout of a finished run, holding a running run's finished
-    parts: the small arrays copied, the activations read in place from ``activations.h5``."""
+    parts: the small arrays copied, the activations read in place from ``activations.h5``. A
+    provisional part the writer deleted between listing and reading (its durable commit replaced
+    it) makes it list again."""
+    for attempt in range(5):
+        try:
+            return _running_view_once(folder)
+        except FileNotFoundError:
+            if attempt == 4 or not (folder / HEADER).exists():
+                raise
+    raise AssertionError
+
+
+def _running_view_once(folder: Path) -> h5py.File:
     view = h5py.File(f"{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
     try:
         with h5py.File(folder / HEADER, "r", locking=False) as header:
