@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fault"))
 
 import inject  # noqa: E402
 
+from workbench import store  # noqa: E402
 from workbench.store import RunFile, parts_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,16 @@ def shim(tmp_path_factory) -> Path:
 def sampled(total: int, n: int) -> list[int]:
     """``n`` kill indices spread over ``1..total``, always including the first two and the last two."""
     return sorted({1, 2, total - 1, total, *np.linspace(3, total - 2, max(n - 4, 1)).round().astype(int).tolist()})
+
+
+def wait_paused(writer: subprocess.Popen) -> list[str]:
+    """The replay's ``wrote START STOP`` lines up to its ``paused``."""
+    lines = []
+    for line in writer.stdout:
+        if line.strip() == "paused":
+            return lines
+        lines.append(line.strip())
+    raise AssertionError(f"the writer ended before pausing: {lines}")
 
 
 def test_kill_at_sampled_writes_then_resume_is_identical(reference, shim, tmp_path):
@@ -89,7 +100,7 @@ def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp
     out = tmp_path / "run.h5"
     writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert writer.stdout.readline().strip() == "paused"
+        wait_paused(writer)
         info = cli("info", str(out), "--json")
         assert info.returncode == 0, info.stderr
         data = json.loads(info.stdout)
@@ -111,6 +122,53 @@ def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
 
 
+def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_path):
+    """Batch 2 lands within COMMIT_INTERVAL_S of batch 1's durable commit, so its part is
+    provisional (not fsynced); a SIGKILL the moment write_batch returned keeps it, a reader sees
+    it, and --resume computes only batch 3."""
+    out = tmp_path / "run.h5"
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "2"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert wait_paused(writer) == ["wrote 0 4", "wrote 4 8"]
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    names = sorted(p.name for p in parts_dir(out).glob("batch-*"))
+    assert names == ["batch-00000000-00000004.part", f"batch-00000004-00000008.{store._boot_id()}.part"], names
+    with RunFile(out) as run:
+        assert run.done.tolist() == [True] * 8 + [False] * 4
+        np.testing.assert_array_equal(run.array("activations/hook_resid_post"), h5py.File(reference)["activations/hook_resid_post"][:8])
+        assert inject.differences({"t": run.array("transcripts/token_ids")}, {"t": h5py.File(reference)["transcripts/token_ids"][:8]}) == []
+    resumed = inject.run([*inject.REPLAY, str(reference), str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line for line in resumed.stdout.splitlines() if line.startswith("wrote")] == ["wrote 8 12"]
+    assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
+
+
+def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypatch):
+    """A power cut may lose a provisional part's activation bytes (they were never fsynced): once
+    the boot id has changed, readers ignore the provisional part and --resume recomputes it. The
+    lost bytes are simulated by zeroing batch 2's rows in the activations file."""
+    out = tmp_path / "run.h5"
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "2"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_paused(writer)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    folder = parts_dir(out)
+    (slot,) = store._read_layout(folder)
+    with open(folder / store.ACTIVATIONS, "r+b") as fh:
+        store._write_rows(fh.fileno(), slot, 4, np.zeros((4, *slot.shape[1:]), dtype=slot.dtype))
+    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # the machine has restarted
+    with RunFile(out) as run:
+        assert run.done.tolist() == [True] * 4 + [False] * 8
+    import replay
+
+    replay.replay(reference, out, resume=True, pause_after=None)
+    assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
+
+
 def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, shim, tmp_path):
     out = tmp_path / "run.h5"
     shutil.copy(reference, out)
@@ -118,7 +176,7 @@ def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, sh
     bad = cli("run", *RUN_ARGS, "--out", str(out), "--overwrite", "--layers", "99")
     assert bad.returncode == 2 and "layer" in bad.stderr, bad.stderr
     assert inject.differences(before, inject.datasets(out)) == []
-    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.h5").exists()
+    assert not Path(str(out) + ".parts.new").exists() or not (Path(str(out) + ".parts.new") / "batch-00000000-00000004.part").exists()
     # an --overwrite killed before its first batch is finished leaves the old run as it was
     total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5")], shim, tmp_path)
     for k in (3, total // 6):
@@ -204,7 +262,7 @@ def test_a_running_run_as_data(reference, tmp_path):
     out = tmp_path / "run.h5"
     writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        assert writer.stdout.readline().strip() == "paused"
+        wait_paused(writer)
         with RunFile(out) as run:
             assert run.running and run.done.sum() == 4
             frame = run.to_dataframe()

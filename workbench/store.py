@@ -8,14 +8,20 @@ file that holds finished data. While a run is running it lives in a folder ``RUN
 - ``activations.h5``: every activation array at full size, created once (its metadata never changes
   afterwards); each batch's rows are written into the preallocated space with plain ``pwrite`` at
   byte offsets recorded in ``layout.json``, never through HDF5;
-- ``batch-{start}-{stop}.h5``: everything else of one batch.
+- ``batch-{start}-{stop}[.{boot}].part``: everything else of one batch (or of consecutive
+  batches), ragged arrays and strings as flat arrays with lengths.
 
-Every file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that exists
-is complete, and a batch is finished exactly when its part exists. When the last batch lands the
-run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``, the small arrays are
-copied in, and it is renamed to ``RUN.h5`` (a kill during assembly is repaired by copying the raw
-activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``, or, for a running
-run, an in-memory view of its finished parts.
+Every HDF5 file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that
+exists is complete. A batch is finished exactly when its part exists: ``write_batch`` renames it
+into place before it returns (a SIGKILL loses nothing, the page cache survives the process).
+fsync, needed only against a power cut, is batched: at most once a second a commit fsyncs the
+activations and writes the batches since the last commit as one durable (fsynced) part;
+provisional parts (named with the kernel's boot id) count only until the machine restarts. When
+the last batch lands the run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``,
+the small arrays are written in (HDF5 reads the ragged ones through pointers into the parts' flat
+arrays), and it is fsynced and renamed to ``RUN.h5`` (a kill during assembly is repaired by
+copying the raw activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``,
+or, for a running run, an in-memory view of its finished parts.
 
 This module imports neither torch nor TransformerLens, so a viewer opens a run in a fraction of
 a second.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -33,6 +40,7 @@ import shutil
 import sys
 import time
 import uuid
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -75,8 +83,11 @@ STANDARD_ARRAYS: dict[str, tuple[tuple[Any, ...], Any]] = {
 }
 
 HEADER, ACTIVATIONS, LAYOUT, ASSEMBLING = "run.h5", "activations.h5", "layout.json", "assembling.h5"
-COMMIT_INTERVAL_S = 1.0  # batches faster than this are committed together (each commit costs two fsyncs)
-BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)\.h5$")
+COMMIT_INTERVAL_S = 1.0  # at most one durable commit (two fsyncs) per interval; every batch is finished at once
+# A batch part: ``batch-{start}-{stop}.part`` is durable (fsynced, and the activations before it);
+# ``batch-{start}-{stop}.{boot}.part`` is provisional: renamed into place without fsync, trusted only
+# while the machine has not restarted since (``boot`` is the kernel's boot id when it was written).
+BATCH_PART = re.compile(r"^batch-(\d+)-(\d+)(?:\.([0-9a-f]+))?\.part$")
 
 
 def _version() -> str:
@@ -283,42 +294,135 @@ def _text(x: Any) -> str:
     return str(x).replace("\0", NUL_STAND_IN)
 
 
-def _ragged(rows: list, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``) as an object array of
-    1-D arrays (built element by element: equal-length rows must not become a 2-D array)."""
-    out = np.empty(shape, dtype=object)
-    for index in np.ndindex(shape):
-        row = rows
-        for i in index:
-            row = row[i]
-        out[index] = np.asarray(row, dtype=dtype).reshape(-1)
-    return out
+FLAT, TEXT, LENGTHS = ".flat", ".utf8", ".len"  # a ragged array in a part: values end to end, and each element's length
+HVL = np.dtype([("len", np.uintp), ("p", np.uintp)])  # HDF5's hvl_t: one variable-length sequence in memory
+_EMPTY_TEXT = np.zeros(1, dtype=np.uint8)  # "" as a C string
 
 
-def _put_vlen(group: h5py.Group, name: str, data: np.ndarray, dtype: Any) -> None:
-    """A vlen dataset from an object array of 1-D arrays (``create_dataset(data=…)`` takes equal-length
-    rows as they are; assigning them to an existing dataset would try to broadcast a 2-D array)."""
-    group.create_dataset(name, data=data, dtype=dtype)
+def _flat(rows: list, shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Nested lists of sequences (``[B][tokens]`` or ``[B][R][tokens]``, ``shape`` = ``(B,)`` or
+    ``(B, R)``) end to end: (values ``[total]``, each sequence's length ``shape``)."""
+    seqs = [x for row in rows for x in row] if len(shape) == 2 else list(rows)
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    if lengths.size != math.prod(shape) or len(rows) != shape[0]:
+        raise ValueError(f"ragged array of {len(rows)} rows and {lengths.size} sequences, expected shape {shape}")
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths.reshape(shape)
+
+
+def _flat_text(texts: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Strings (any nested shape) as NUL-terminated UTF-8 end to end: (bytes ``[total]`` uint8,
+    each string's length in bytes without its NUL). A NUL in a string becomes ``NUL_STAND_IN``."""
+    texts = np.asarray(texts, dtype=object)
+    items = [str(x) for x in texts.reshape(-1)]
+    joined = "\0".join(items) + "\0"
+    if joined.count("\0") != len(items):  # some string holds a NUL
+        joined = "".join(_text(x) + "\0" for x in items)
+    blob = np.frombuffer(joined.encode(), dtype=np.uint8)
+    ends = np.flatnonzero(blob == 0)
+    return blob, (np.diff(ends, prepend=-1) - 1).reshape(texts.shape)
+
+
+def _put_ragged(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                pieces: list[tuple[int, int, np.ndarray, np.ndarray]], text: bool) -> None:
+    """Create the variable-length dataset ``name`` (``shape`` = ``[N, ...]``; ``dtype`` the values'
+    dtype, ignored for strings) from finished batches' flat arrays: ``pieces`` are ``(start row,
+    stop row, values end to end, lengths [stop - start, ...])`` (:func:`_flat`, :func:`_flat_text`);
+    other rows are empty. HDF5 reads every element in place through a pointer (an ``hvl_t`` for a
+    sequence, a NUL-terminated ``char *`` for a string), so no Python object is made per element."""
+    keep = []  # the arrays the pointers point into, alive until the write
+    if text:
+        memory = np.full(shape, _EMPTY_TEXT.ctypes.data, dtype=np.uintp)
+        mtype = h5py.h5t.C_S1.copy()
+        mtype.set_size(h5py.h5t.VARIABLE)
+        mtype.set_cset(h5py.h5t.CSET_UTF8)
+    else:
+        memory = np.zeros(shape, dtype=HVL)
+        mtype = h5py.h5t.vlen_create(h5py.h5t.py_create(np.dtype(dtype)))
+    for start, stop, flat, lengths in pieces:
+        flat = np.ascontiguousarray(flat)
+        keep.append(flat)
+        step = (lengths + 1 if text else lengths).reshape(-1)
+        address = (flat.ctypes.data + (np.cumsum(step) - step) * flat.itemsize).astype(np.uintp).reshape(lengths.shape)
+        if text:
+            memory[start:stop] = address
+        else:
+            memory["len"][start:stop] = lengths
+            memory["p"][start:stop] = address
+    ds = group.create_dataset(name, shape=shape, dtype=STR if text else h5py.vlen_dtype(np.dtype(dtype)))
+    if memory.size:
+        ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, memory, mtype=mtype)
+    del keep
 
 
 def _batch_arrays(arrays: dict[str, Any], transcripts: list[list[int]], n_rounds: int) -> dict[str, np.ndarray]:
-    """One batch's arrays by their path in the run file: ragged ones as object arrays of 1-D arrays,
-    strings as object arrays of str, flags as uint8."""
+    """One batch's arrays as a batch part stores them, keyed by their path in the run file:
+    fixed-shape ones as they are (``[B, R, ...]``, flags as uint8); ragged ones (token ids,
+    entropies, transcripts) as ``{path}.flat`` (values end to end) with ``{path}.len`` (``[B, R]``
+    or ``[B]`` lengths); strings likewise as ``{path}.utf8`` (UTF-8 bytes) with ``{path}.len``.
+    Every value is a plain numeric array, so batches merge by concatenation along axis 0."""
     batch = len(transcripts)
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
         if name in TOKEN_ARRAYS:
-            out[f"tokens/{name}"] = _ragged(value, (batch, n_rounds), TOKEN_ARRAYS[name])
-        elif name in ("instruction", "response"):
-            texts = np.empty((batch, n_rounds), dtype=object)
-            for i, row in enumerate(value):
-                texts[i] = [_text(x) for x in row]
-            out[f"rounds/{name}"] = texts
+            path = f"tokens/{name}"
+            out[path + FLAT], out[path + LENGTHS] = _flat(value, (batch, n_rounds), TOKEN_ARRAYS[name])
+            continue
+        path = f"rounds/{name}"
+        value = np.asarray(value, dtype=object) if name in ("instruction", "response") else np.asarray(value)
+        if value.dtype.kind in "OUS":
+            out[path + TEXT], out[path + LENGTHS] = _flat_text(value)
         else:
-            value = np.asarray(value)
-            out[f"rounds/{name}"] = value.astype(np.uint8) if value.dtype == np.bool_ else value
-    out["transcripts/token_ids"] = _ragged(transcripts, (batch,), np.int32)
+            out[path] = value.astype(np.uint8) if value.dtype == np.bool_ else value
+    out["transcripts/token_ids" + FLAT], out["transcripts/token_ids" + LENGTHS] = _flat(transcripts, (batch,), np.int32)
     return out
+
+
+def _merge_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Consecutive batches' part arrays (:func:`_batch_arrays`) as one part's."""
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+PART_MAGIC = b"WBPART01"
+
+
+def _write_part(dest: Path, arrays: dict[str, np.ndarray], durable: bool) -> None:
+    """Write a batch part under a temporary name and rename it to ``dest``; ``durable``: fsync it
+    first and the rename after. Layout: ``WBPART01``, the header's length (8 bytes, little-endian),
+    a JSON header (``arrays``: ``[key, dtype, shape, offset, bytes]`` each; ``crc32`` of the data),
+    then every array's bytes (C order) end to end."""
+    index, blobs, offset = [], [], 0
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        blobs.append(value.tobytes())
+        index.append([key, value.dtype.str, list(value.shape), offset, len(blobs[-1])])
+        offset += len(blobs[-1])
+    data = b"".join(blobs)
+    head = json.dumps({"arrays": index, "crc32": zlib.crc32(data)}).encode()
+    tmp = dest.with_name(dest.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(PART_MAGIC + len(head).to_bytes(8, "little") + head + data), 0)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if durable:
+        _replace(tmp, dest)
+    else:
+        os.replace(tmp, dest)
+
+
+def _read_part(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a batch part (read-only views of one read), its checksum verified."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[8:16], "little")
+    head = json.loads(raw[16 : 16 + size]) if raw[:8] == PART_MAGIC else None
+    data = memoryview(raw)[16 + size :]
+    if head is None or zlib.crc32(data) != head["crc32"]:
+        raise OSError(errno.EIO, f"{path} is damaged (bad header or checksum)")
+    return {key: np.frombuffer(data, dtype=np.dtype(dtype), count=math.prod(shape), offset=offset).reshape(shape)
+            for key, dtype, shape, offset, _ in head["arrays"]}
 
 
 def _fill_value(name: str, dtype: np.dtype) -> Any:
@@ -373,7 +477,7 @@ class ActivationSlot:
 
     @property
     def row_bytes(self) -> int:
-        return int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape[1:]) * np.dtype(self.dtype).itemsize
 
     def extents(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """``(first row, end row, byte offset of the first row)`` of each contiguous piece of rows ``[start, stop)``."""
@@ -443,6 +547,28 @@ def _write_rows(fd: int, slot: ActivationSlot, start: int, rows: np.ndarray) -> 
         _pwrite_all(fd, memoryview(rows[lo - start : hi - start]).cast("B"), offset)
 
 
+_sync_file_range: Any = None  # libc's sync_file_range once looked up; False where there is none
+
+
+def _start_writeback(fd: int, slot: ActivationSlot, start: int, stop: int) -> None:
+    """Ask the kernel to start writing rows ``[start, stop)`` to the disk now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the disk works while the next batches
+    are computed and the next commit's fsync has little left to wait for. A no-op elsewhere."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            _sync_file_range = libc.sync_file_range
+            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        for lo, hi, offset in slot.extents(start, stop):
+            _sync_file_range(fd, offset, (hi - lo) * slot.row_bytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
+
+
 def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarray:
     out = np.empty((stop - start, *slot.shape[1:]), dtype=slot.dtype)
     for lo, hi, offset in slot.extents(start, stop):
@@ -465,15 +591,44 @@ def _copy_raw(src: Path, src_slots: list[ActivationSlot], dst: Path, dst_slots: 
         os.fsync(fout.fileno())
 
 
-def _batch_parts(folder: Path) -> list[tuple[int, int, Path]]:
-    """Finished batch parts as ``(start, stop, path)``, by start."""
+def _boot_id() -> str | None:
+    """This machine's boot id (hex; it changes whenever the machine restarts, so pages a killed
+    process wrote are still in the page cache exactly while it is unchanged), or None where the
+    kernel does not say (then every batch is made durable at once)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "").lower()
+    except OSError:
+        return None
+    return boot if re.fullmatch(r"[0-9a-f]+", boot) else None
+
+
+def _part_name(start: int, stop: int, boot: str | None = None) -> str:
+    """A batch part's file name: durable without ``boot``, provisional with it."""
+    return f"batch-{start:08d}-{stop:08d}" + (f".{boot}" if boot else "") + ".part"
+
+
+def _all_batch_parts(folder: Path) -> list[tuple[int, int, str | None, Path]]:
+    """Every batch part in ``folder`` as ``(start, stop, boot or None when durable, path)``."""
     out = []
     if folder.is_dir():
         for p in folder.iterdir():
             m = BATCH_PART.match(p.name)
             if m:
-                out.append((int(m.group(1)), int(m.group(2)), p))
-    return sorted(out)
+                out.append((int(m.group(1)), int(m.group(2)), m.group(3), p))
+    return sorted(out, key=lambda x: (x[0], x[1], x[2] or ""))
+
+
+def _batch_parts(folder: Path) -> list[tuple[int, int, Path]]:
+    """The finished batch parts as ``(start, stop, path)``: every durable part, and the provisional
+    parts written since this machine last started that no durable part covers (those after a
+    restart are ignored: their bytes may not have reached the disk). Durable parts come last, so
+    where a kill left both, a durable part's rows are read last."""
+    boot = _boot_id()
+    parts = _all_batch_parts(folder)
+    durable = [(a, b, p) for a, b, written, p in parts if written is None]
+    provisional = [(a, b, p) for a, b, written, p in parts
+                   if written is not None and written == boot and not any(s <= a and b <= e for s, e, _ in durable)]
+    return provisional + durable
 
 
 def _done_from_parts(folder: Path, n: int) -> np.ndarray:
@@ -494,56 +649,48 @@ def _copy_header(header: h5py.File, dst: h5py.File) -> None:
     header.copy(header["samples"], dst, "samples")
 
 
-def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndarray:
+def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File,
+                     in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> np.ndarray:
     """Create ``rounds/``, ``tokens/``, ``transcripts/`` and ``progress/`` in ``dst`` at full size
-    and copy every finished batch part into its rows; add derived groups. Returns ``done`` ``[N]``."""
-    n, n_rounds = int(header.attrs["n_samples"]), int(header.attrs["n_rounds"])
-    parts = _batch_parts(folder)
+    holding every finished batch part's rows, fixed-shape arrays copied in whole-part slabs (rows
+    not done: fill values, empty strings and sequences); add derived groups. ``in_memory``: the
+    writer's ``(start, stop, part arrays)`` of batches whose provisional parts need not be read
+    back. Returns ``done`` ``[N]``."""
+    n, n_rounds, k = int(header.attrs["n_samples"]), int(header.attrs["n_rounds"]), int(header.attrs["n_options"])
     done = np.zeros(n, dtype=bool)
-    buffers: dict[str, np.ndarray] = {}
-    vlen_types: dict[str, Any] = {}
-
-    def empty_vlen(dtype: Any) -> Any:
-        return "" if h5py.check_string_dtype(dtype) is not None else np.zeros(0, dtype=h5py.check_vlen_dtype(dtype))
-
-    for start, stop, part in parts:
-        with h5py.File(part, "r", locking=False) as p:
-            def visit(path: str, src: Any) -> None:
-                if not isinstance(src, h5py.Dataset):
-                    return
-                if path not in buffers:
-                    shape = (n, *src.shape[1:])
-                    if src.dtype.kind == "O":  # vlen or string: numpy calls all object dtypes equal, h5py tells them apart
-                        vlen_types[path] = src.dtype
-                        buffers[path] = np.empty(shape, dtype=object)
-                    else:
-                        buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], src.dtype), dtype=src.dtype)
-                buffers[path][start:stop] = src[...]
-            p.visititems(visit)
+    fixed: dict[str, np.ndarray] = {}
+    ragged: dict[str, tuple[tuple[int, ...], Any, bool, list]] = {}  # path -> (shape, dtype, text, pieces)
+    known = {(start, stop): arrays for start, stop, arrays in in_memory}
+    for start, stop, part in _batch_parts(folder):
+        arrays = known.pop((start, stop), None)
+        arrays = _read_part(part) if arrays is None else arrays
+        for key, value in arrays.items():
+            if key.endswith(LENGTHS):
+                path = key[: -len(LENGTHS)]
+                text = path + TEXT in arrays
+                flat = arrays[path + (TEXT if text else FLAT)]
+                ragged.setdefault(path, ((n, *value.shape[1:]), flat.dtype, text, []))[3].append((start, stop, flat, value))
+            elif not key.endswith((FLAT, TEXT)):
+                if key not in fixed:
+                    fixed[key] = np.full((n, *value.shape[1:]), _fill_value(key.rsplit("/", 1)[-1], value.dtype), dtype=value.dtype)
+                fixed[key][start:stop] = value
         done[start:stop] = True
-    k = int(header.attrs["n_options"])
     for path, (tail, dtype) in STANDARD_ARRAYS.items():  # the same layout before any batch is done
-        if path not in buffers:
+        if path not in fixed and path not in ragged:
             shape = (n, *(n_rounds if d == "R" else k if d == "K" else d for d in tail))
             if np.dtype(dtype).kind == "O":
-                vlen_types[path] = dtype
-                buffers[path] = np.empty(shape, dtype=object)
+                text = h5py.check_string_dtype(dtype) is not None
+                ragged[path] = (shape, None if text else h5py.check_vlen_dtype(dtype), text, [])
             else:
-                buffers[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], np.dtype(dtype)), dtype=dtype)
-    for path, data in buffers.items():
-        if data.dtype == object and not done.all():  # rows not done yet: empty strings and sequences
-            fill = empty_vlen(vlen_types[path])
-            rows = data[~done].reshape(-1)
-            for i in range(rows.size):
-                rows[i] = fill
-            data[~done] = rows.reshape(data[~done].shape)
-    for path, data in sorted(buffers.items()):
+                fixed[path] = np.full(shape, _fill_value(path.rsplit("/", 1)[-1], np.dtype(dtype)), dtype=dtype)
+    for path in sorted({*fixed, *ragged}):
         group, name = path.rsplit("/", 1)
         g = dst.require_group(group)
-        if data.dtype == object:
-            _put_vlen(g, name, data, vlen_types[path])
+        if path in ragged:
+            shape, dtype, text, pieces = ragged[path]
+            _put_ragged(g, name, shape, dtype, pieces, text)
         else:
-            g.create_dataset(name, data=data)
+            g.create_dataset(name, data=fixed[path])
     dst.require_group("progress").create_dataset("done", data=done.astype(np.uint8))
     for derived in _derived_parts(folder):
         with h5py.File(derived, "r", locking=False) as d:
@@ -610,6 +757,31 @@ def _settle(path: Path) -> None:
         assembling.unlink()
     elif assembling.exists():
         assembling.unlink()
+    _make_parts_durable(parts)
+
+
+def _make_parts_durable(folder: Path) -> None:
+    """After a kill: provisional parts from before this machine's last restart are dropped (their
+    rows are recomputed); those from since are made durable (the activations fsynced, then each
+    part fsynced and renamed to its durable name), so a later power cut cannot lose them."""
+    boot = _boot_id()
+    parts = _all_batch_parts(folder)
+    durable = [(a, b) for a, b, written, _ in parts if written is None]
+    keep = []
+    for start, stop, written, part in parts:
+        if written is None:
+            continue
+        if written != boot or any(s <= start and stop <= e for s, e in durable):
+            part.unlink()
+        else:
+            keep.append((start, stop, part))
+    if not keep:
+        return
+    _fsync_path(folder / ACTIVATIONS)
+    for start, stop, part in keep:
+        _fsync_path(part)
+        os.replace(part, folder / _part_name(start, stop))
+    _fsync_path(folder, directory=True)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -637,8 +809,9 @@ class RunWriter:
             self.n_rounds = int(h.attrs["n_rounds"])
         self.slots = _read_layout(folder)
         self._fd = os.open(folder / ACTIVATIONS, os.O_RDWR)
-        self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []
+        self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []  # finished since the last durable commit
         self._last_commit = -math.inf  # the first batch commits at once
+        self._boot = _boot_id()
 
     # --------------------------------------------------------------------- open
     @classmethod
@@ -735,15 +908,18 @@ class RunWriter:
         return _done_from_parts(self.folder, self.n_samples)
 
     def write_batch(self, start: int, arrays: dict[str, Any], activations: dict[str, np.ndarray], transcripts: list[list[int]]) -> None:
-        """Write rows ``start : start + B`` of every array.
+        """Write rows ``start : start + B`` of every array; when it returns the batch is finished
+        (a SIGKILL from then on loses nothing of it).
 
         arrays: name → ``[B, R, ...]`` (numpy, or nested lists for ``response_token_ids``,
         ``token_entropy``, ``instruction`` and ``response``). Unknown names are task fields.
         activations: hook → ``[B, R, P, L, d]``. transcripts: ``[B][tokens]``.
 
-        The activations go straight to their place in the file; the rest is committed (one fsynced,
-        renamed part for all batches since the last commit) at most every ``COMMIT_INTERVAL_S``
-        seconds and by ``finish``/``close``: batches count as done once committed.
+        The activations go straight to their place in the file, the other arrays into a part file
+        renamed into place. Durability against a power cut costs fsyncs, so it is batched: at most
+        every ``COMMIT_INTERVAL_S`` seconds (and by ``finish``/``close``) a commit fsyncs the
+        activations and writes the batches since the last commit as one fsynced part; in between a
+        batch's part is provisional (not fsynced, trusted until the machine restarts).
         """
         if self._complete:
             raise WorkbenchError(f"{self.path} is complete; nothing to write")
@@ -757,32 +933,28 @@ class RunWriter:
                 if acts.shape != (batch, *slot.shape[1:]):
                     raise ValueError(f"activations/{slot.hook}: batch shape {acts.shape}, expected {(batch, *slot.shape[1:])}")
                 _write_rows(self._fd, slot, start, acts)
-        self._pending.append((start, stop, _batch_arrays(arrays, transcripts, self.n_rounds)))
-        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
-            self.commit()
+                _start_writeback(self._fd, slot, start, stop)
+            part = _batch_arrays(arrays, transcripts, self.n_rounds)
+            self._pending.append((start, stop, part))
+            if self._boot is None or self.replaces_old or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+                self.commit()
+            else:
+                _write_part(self.folder / _part_name(start, stop, self._boot), part, durable=False)
 
     def commit(self) -> None:
-        """Make every written batch durable and done: fsync the activations, write their other arrays
-        as one part file (fsynced, renamed into place)."""
+        """Make every batch finished since the last commit durable (against a power cut too): fsync
+        the activations, write the batches' other arrays as one part (fsynced, renamed into place,
+        the rename fsynced), then remove their provisional parts."""
         if not self._pending:
             return
         start, stop = self._pending[0][0], self._pending[-1][1]
-        merged = {path: np.concatenate([p[2][path] for p in self._pending]) for path in self._pending[0][2]}
-
-        def fill(f: h5py.File) -> None:
-            f.attrs["start"], f.attrs["stop"] = start, stop
-            for path, data in merged.items():
-                group, name = path.rsplit("/", 1)
-                if data.dtype == object:
-                    _put_vlen(f.require_group(group), name, data, STANDARD_ARRAYS.get(path, (None, STR))[1])
-                else:
-                    f.require_group(group).create_dataset(name, data=data)
-
         with _write_errors(self.path):
             os.fsync(self._fd)
-            _write_h5_atomic(self.folder / f"batch-{start:08d}-{stop:08d}.h5", fill)
+            _write_part(self.folder / _part_name(start, stop), _merge_batches([p[2] for p in self._pending]), durable=True)
             if self.replaces_old:
                 self._take_over()
+            for a, b, _ in self._pending if self._boot else ():
+                (self.folder / _part_name(a, b, self._boot)).unlink(missing_ok=True)
         self._pending = []
         self._last_commit = time.monotonic()
 
@@ -798,14 +970,16 @@ class RunWriter:
         self.folder, self.replaces_old = parts, False
 
     def finish(self) -> None:
-        """Assemble the run file once every sample is done (otherwise nothing: the parts stay)."""
+        """Assemble the run file once every sample is done (otherwise commit: the parts stay). The
+        assembly's own fsync makes the last provisional batches durable, so no commit precedes it."""
         if self._complete:
             return
-        self.commit()
         if not self.done_mask().all():
+            self.commit()
             return
         with _write_errors(self.path, "assembling"):
-            assemble(self.path, self.folder)
+            assemble(self.path, self.folder, self._pending)
+        self._pending = []
         os.close(self._fd)
         self._fd = -1
         self._complete = True
@@ -824,22 +998,22 @@ def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
 
 
-def assemble(path: Path, folder: Path) -> None:
+def assemble(path: Path, folder: Path, in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> None:
     """Turn a finished run's parts into the run file ``path``: the small arrays are copied into the
     activations file (which is never copied), it is fsynced and renamed to ``path``, and the parts
-    folder is removed. A kill at any point is repaired by ``_settle``."""
+    folder is removed. A kill at any point is repaired by ``_settle``; so is a power cut (the first
+    rename and the removal need no fsync: either name, and stale parts, are repaired)."""
     assembling = folder / ASSEMBLING
-    _replace(folder / ACTIVATIONS, assembling)
+    os.replace(folder / ACTIVATIONS, assembling)
     with h5py.File(folder / HEADER, "r", locking=False) as header, h5py.File(assembling, "r+", locking=False) as f:
         _copy_header(header, f)
-        _fill_from_parts(f, folder, header)
+        _fill_from_parts(f, folder, header, in_memory)
         f.attrs["status"] = "complete"
         f.attrs["finished"] = _now()
         _add_dimension_scales(f)
     _fsync_path(assembling)
     _replace(assembling, path)
     shutil.rmtree(folder)
-    _fsync_path(path.parent, directory=True)
 
 
 def _add_dimension_scales(f: h5py.File) -> None:
@@ -939,7 +1113,19 @@ def _check_run_attrs(path: Path, f: h5py.File) -> None:
 
 def _running_view(path: Path, folder: Path) -> h5py.File:
     """An in-memory HDF5 file with the layout of a finished run, holding a running run's finished
-    parts: the small arrays copied, the activations read in place from ``activations.h5``."""
+    parts: the small arrays copied, the activations read in place from ``activations.h5``. A
+    provisional part the writer deleted between listing and reading (its durable commit replaced
+    it) makes it list again."""
+    for attempt in range(5):
+        try:
+            return _running_view_once(folder)
+        except FileNotFoundError:
+            if attempt == 4 or not (folder / HEADER).exists():
+                raise
+    raise AssertionError
+
+
+def _running_view_once(folder: Path) -> h5py.File:
     view = h5py.File(f"{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
     try:
         with h5py.File(folder / HEADER, "r", locking=False) as header:

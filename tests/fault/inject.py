@@ -72,8 +72,9 @@ def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]
 
 
 def kill_then_resume(reference: Path, out: Path, shim: Path, k: int) -> str | None:
-    """Replay the writer into ``out`` killed at call ``k``, check what a reader sees, resume; None
-    when the result equals the reference, else what went wrong."""
+    """Replay the writer into ``out`` killed at call ``k``, check what a reader sees (every batch
+    whose ``write_batch`` had returned is done, and its rows are right), resume; None when the
+    result equals the reference, else what went wrong."""
     from workbench.errors import WorkbenchError
     from workbench.store import RunFile
 
@@ -81,16 +82,20 @@ def kill_then_resume(reference: Path, out: Path, shim: Path, k: int) -> str | No
     if killed.returncode not in (-signal.SIGKILL, 0):
         return f"k={k}: the killed writer failed: {killed.stderr.strip()[-300:]}"
     ref = datasets(reference)
+    returned = [tuple(map(int, line.split()[1:])) for line in killed.stdout.splitlines() if line.startswith("wrote ")]
     try:
         with RunFile(out) as run_file:
             done = run_file.done
+            lost = [(a, b) for a, b in returned if not done[a:b].all()]
+            if lost:
+                return f"k={k}: batches whose write_batch had returned were lost: {lost}"
             for name in ("rounds/correct", "tokens/response_token_ids", "transcripts/token_ids", "activations/hook_resid_post"):
                 got = run_file.array(name)
                 want = ref[name][done]
                 if differences({name: got}, {name: want}):
                     return f"k={k}: a reader of the killed run sees a wrong {name}"
     except WorkbenchError as e:
-        if "not found" not in str(e):
+        if "not found" not in str(e) or returned:
             return f"k={k}: the killed run cannot be read: {e}"
     resumed = run([*REPLAY, str(reference), str(out), "--resume"])
     if resumed.returncode != 0:

@@ -1,6 +1,7 @@
 """Replay the writer calls of a finished run: ``RunWriter.create`` (or ``resume``), one
 ``write_batch`` per batch with that run's own arrays, ``finish`` — the same calls ``workbench run``
 makes, without loading a model, so a fault injector can kill it at any write in well under a second.
+Prints ``wrote START STOP`` once each ``write_batch`` has returned (those batches must survive a kill).
 
     python tests/fault/replay.py REFERENCE.h5 OUT.h5 [--resume] [--pause-after N]
     python tests/fault/replay.py --track OUT.h5      # replace_group, as `workbench probe track` does
@@ -67,6 +68,7 @@ def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, ov
                 acts = {h: ds[start:stop] for h, ds in _arrays(ref["activations"]).items()}
                 transcripts = [v.tolist() for v in ref["transcripts/token_ids"][start:stop]]
                 writer.write_batch(start, arrays, acts, transcripts)
+                print(f"wrote {start} {stop}", flush=True)  # a pipe, not a file: the kill shim does not count it
                 written += 1
                 if pause_after is not None and written == pause_after:
                     print("paused", flush=True)
