@@ -983,6 +983,14 @@ class RunFile:
         folder = _readable_parts(self.path)
         if folder is None:
             self.f = _open(self.path, "r")
+            if "merged_from" in self.f.attrs:  # a merged data-parallel run: refuse it when its shard files are gone
+                from workbench.merge import check_virtual_sources
+
+                try:
+                    check_virtual_sources(self.path, self.f)
+                except BaseException:
+                    self.f.close()
+                    raise
             return
         try:
             self.f = _running_view(self.path, folder)
