@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_session.py
 	$(BIN)/python benchmarks/bench_export.py
 	$(BIN)/python benchmarks/bench_tui.py
+	$(BIN)/python benchmarks/bench_merge.py
 
 clean-runs:
 	rm -rf artifacts/runs
