@@ -226,6 +226,9 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
     one_error_line(err, "of 2 shards, 1 is missing")
+    code, _, err = workbench(capsys, monkeypatch, "info", str(out))
+    assert code == 2
+    one_error_line(err, "is not merged yet", "h.h5.shards")
 
     parts = shard_path(out, 1, 2).with_name("shard-001-of-002.h5.parts")
     second = subprocess.Popen(shard_cmd(out, "1/2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
