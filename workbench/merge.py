@@ -68,10 +68,10 @@ class MergeResult:
         if self.action == "waiting":
             return (f"waiting for the other shards ({_describe(self.waiting_for, self.count)}): the last shard to finish "
                     f"merges all {self.count} into {self.path} (or run `workbench merge {self.path}` once they are done)")
-        how = (f"activations are virtual datasets reading {shards_dir(self.path).name}/ (keep it beside the file; "
-               "`workbench merge --copy` makes a self-contained file)") if self.virtual else "activations copied (self-contained)"
-        head = (f"merged {self.count} shard{'s' if self.count != 1 else ''} ({self.n_samples} samples) into {self.path}: {how}"
-                if self.action == "merged" else f"{self.path} already merges these {self.count} shards ({how})")
+        how = (f"its activations are virtual datasets reading {shards_dir(self.path).name}/: keep that folder beside it, "
+               "or `workbench merge --copy` for a self-contained file") if self.virtual else "activations copied (self-contained)"
+        head = (f"merged {self.count} shard{'s' if self.count != 1 else ''} ({self.n_samples} samples) into {self.path}; {how}"
+                if self.action == "merged" else f"{self.path} already merges these {self.count} shards; {how}")
         return "; ".join([head, *self.notes])
 
 
