@@ -327,3 +327,26 @@ def test_options_are_padded_to_the_widest_shard(tmp_path):
     assert same_arrays(single, out) == []
     with h5py.File(out, "r") as f:
         assert f.attrs["n_options"] == 3 and f["samples/options"].asstr()[0].tolist() == ["a", "b", ""]
+
+
+def test_rewriting_a_merge_keeps_derived_groups_only_for_the_same_shards(tmp_path):
+    from workbench.merge import merge_run
+    from workbench.store import replace_group
+
+    out = tmp_path / "m.h5"
+    plan = {"count": 2, "batch_size": 2, "n_samples": 4, "fingerprint": "f", "rows": [[0, 2], [2, 4]]}
+    for k, rows in enumerate((range(0, 2), range(2, 4))):
+        _write(shard_path(out, k, 2), rows, 3, {**plan, "index": k})
+    assert merge_run(out).action == "merged"
+    replace_group(out, "probes/p", {"cosine": np.ones((4, 2, 2), np.float32)}, {"kind": "probe"})
+    assert merge_run(out).action == "up to date"
+    copied = merge_run(out, copy=True)
+    assert copied.action == "merged" and not copied.virtual
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["probes/p/cosine"][...], np.ones((4, 2, 2))) and not f["activations/hook_resid_post"].is_virtual
+    os.unlink(shard_path(out, 1, 2))
+    _write(shard_path(out, 1, 2), range(2, 4), 3, {**plan, "index": 1})  # shard 1 written again: a new run id
+    again = merge_run(out)
+    assert again.action == "merged" and "dropped probes/ of the old m.h5" in again.message
+    with h5py.File(out, "r") as f:
+        assert "probes" not in f and f["activations/hook_resid_post"].is_virtual
