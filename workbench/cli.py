@@ -151,8 +151,9 @@ def run(
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
 
-    Data-parallel: `torchrun --nproc-per-node 8 -m workbench run ...` (or `accelerate launch -m
-    workbench run ...`) gives each rank one shard; `--shard K/N` runs one by hand.
+    Data-parallel: `torchrun --nproc-per-node 8 -m workbench run ...` (or `accelerate launch
+    --multi_gpu --num_processes 8 -m workbench run ...`) gives each rank one shard; `--shard K/N`
+    runs one by hand.
     """
     import shlex
 
