@@ -147,8 +147,9 @@ def test_torchrun_two_ranks_merge_to_the_single_process_run(capsys, monkeypatch,
     done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "workbench", "run",
                            *ARGS, "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT, env=clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"merged 2 shards (24 samples) into {out}" in done.stderr
-    assert "waiting for the other shards" in done.stderr  # the first rank to finish left the merge to the other
+    assert done.stderr.count(f"merged 2 shards (24 samples) into {out}") == 1  # exactly one rank merged
+    # the other rank either found its partner still running, or (both done before either looked) found the merge done
+    assert "waiting for the other shards" in done.stderr or "already merges these 2 shards" in done.stderr, done.stderr[-3000:]
     assert same_arrays(reference, out) == []
     with h5py.File(shard_path(out, 1, 2), "r") as f:
         plan = json.loads(f.attrs["shard"])
