@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_export.py
 	$(BIN)/python benchmarks/bench_tui.py
 	$(BIN)/python benchmarks/bench_gpu.py   # the 1B grid on a GPU; on the CPU a tiny config (under a minute)
+	$(BIN)/python benchmarks/bench_merge.py
 
 clean-runs:
 	rm -rf artifacts/runs

@@ -153,8 +153,14 @@ def run(
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match) or nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier)."),
+    shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
-    """Run a model through rounds of self-correction and store every round in one HDF5 run file."""
+    """Run a model through rounds of self-correction and store every round in one HDF5 run file.
+
+    Data-parallel: `torchrun --nproc-per-node 8 -m workbench run ...` (or `accelerate launch
+    --multi_gpu --num_processes 8 -m workbench run ...`) gives each rank one shard; `--shard K/N`
+    runs one by hand.
+    """
     import shlex
 
     from workbench.protocol import parse_inject
@@ -174,16 +180,44 @@ def run(
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, option_scoring=option_scoring,
         force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
+        shard=shard,
     )
+    merge_notes: list[str] = []
     try:
         with _ProgressReporter() as reporter:
-            run_file = run_protocol(cfg, on_batch=reporter.update, on_status=reporter.status)
+            run_file = run_protocol(cfg, on_batch=reporter.update, on_status=reporter.status, on_merge=merge_notes.append)
     except KeyboardInterrupt:
         err.print(Text(f"interrupted; finished batches are kept in {out_path}. Continue with:\n  "
                        f"{shlex.join(['workbench', *_resume_args(sys.argv[1:], out_path)])}"), highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     with run_file:
-        _print_summary(run_file)
+        if "shard" in run_file.f.attrs:  # a shard waiting for the others: no table of its own
+            plan = json.loads(str(run_file.f.attrs["shard"]))
+            merge_notes.insert(0, f"shard {plan['index']}/{plan['count']} done ({run_file.path});")
+        if merge_notes:
+            err.print(Text(" ".join(merge_notes)), highlight=False, soft_wrap=True)
+        if "shard" not in run_file.f.attrs:
+            _print_summary(run_file)
+
+
+@app.command()
+def merge(
+    run_path: Path = typer.Argument(..., help="The --out of the sharded run; its shards are in RUN.h5.shards/."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the activations into RUN.h5 (a self-contained file) instead of virtual datasets that read the shard files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a RUN.h5 that is not a merge of these shards."),
+) -> None:
+    """Merge the shards of a data-parallel run (RUN.h5.shards/shard-KKK-of-NNN.h5) into one run file.
+
+    Checks that every shard is complete and that they belong to one run (model, protocol, settings,
+    data, shard plan); refuses in one line otherwise. By default RUN.h5's activations are HDF5 virtual
+    datasets reading the shard files by relative path: keep RUN.h5.shards/ beside RUN.h5 (move
+    them together). A sharded run merges itself when its last shard finishes; run this for --copy,
+    or after fixing what stopped that merge.
+    """
+    from workbench.merge import merge_run
+
+    result = merge_run(run_path, copy=copy, overwrite=overwrite)
+    print(result.message)
 
 
 def _resume_args(argv: list[str], out_path: Path) -> list[str]:

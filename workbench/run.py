@@ -60,6 +60,7 @@ class RunConfig:
     equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
+    shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class CheckedRun:
     samples: list[Any]  # [N] workbench.tasks.Sample
     model_path: str  # the resolved folder or hub name ("" when a loaded model was given)
     open_ended: Any = None  # workbench.open_ended.OpenEnded: --scorer / --samples-per-round, or None
+    shard: Any = None  # workbench.shard.ShardPlan of this process's shard; None: the whole dataset
+    local_rank: int | None = None  # the rank's LOCAL_RANK under torchrun/accelerate launch (its device)
+    out: Path | None = None  # the file this process writes: the shard's file, or cfg.out
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
-    check_output(Path(cfg.out), cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
+    spec, out = _shard_spec(cfg)
+    check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     model_path = ""
     if not model_given:
         model_path = resolve_model_path(cfg.model)
@@ -195,7 +200,45 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     from workbench.open_ended import check_open_ended
 
     open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence)
-    return CheckedRun(task, protocol, samples, model_path, open_ended)
+    plan = None
+    if spec is not None:
+        from workbench.shard import make_plan
+
+        plan = make_plan(spec, len(samples), cfg.batch_size, _data_fingerprint(samples))
+    return CheckedRun(task, protocol, samples, model_path, open_ended=open_ended, shard=plan,
+                      local_rank=spec.local_rank if spec else None, out=out)
+
+
+def _shard_spec(cfg: RunConfig) -> tuple[Any, Path]:
+    """This process's shard (``--shard``, or RANK/WORLD_SIZE under a launcher; None: all samples)
+    and the file it writes; for a shard, also checks that the merged ``cfg.out`` can be written."""
+    import os
+
+    from workbench.shard import resolve_shard, shard_path
+
+    spec = resolve_shard(cfg.shard, os.environ)
+    if spec is None:
+        return None, Path(cfg.out)
+    from workbench.merge import check_merge_target
+
+    check_merge_target(Path(cfg.out), cfg.overwrite)
+    return spec, shard_path(Path(cfg.out), spec.index, spec.count)
+
+
+def _rank_device(device: str, local_rank: int | None) -> tuple[str, str | None]:
+    """A launcher's rank uses ``cuda:LOCAL_RANK`` when CUDA exists (made the current device, so
+    ``cuda`` means it), else the CPU. Returns ``(device to load on, device to record)``."""
+    if local_rank is None or device not in ("auto", "cuda"):
+        return device, None
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("cpu", None) if device == "auto" else (device, None)
+    if local_rank >= torch.cuda.device_count():
+        raise WorkbenchError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                             "start at most one rank per device")
+    torch.cuda.set_device(local_rank)
+    return "cuda", f"cuda:{local_rank}"
 
 
 def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any]) -> None:
@@ -252,6 +295,7 @@ def run_protocol(
     model: Any = None,
     on_batch: Callable[[Progress], None] | None = None,
     on_status: Callable[[str], None] | None = None,
+    on_merge: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> RunFile:
     """Run a protocol over a dataset into ``config.out`` and return the finished run file (read-only).
@@ -262,6 +306,11 @@ def run_protocol(
     needs no model is checked first (:func:`validate_config`), so a bad input fails at once.
     ``on_batch`` is called with a :class:`Progress` before the first batch, after every round and
     after every written batch; ``on_status`` with each step of loading the model.
+
+    A shard (``shard="K/N"``, or RANK/WORLD_SIZE under torchrun) runs only its samples into
+    ``OUT.shards/shard-KKK-of-NNN.h5``; when it completes, the process merges every shard into
+    ``OUT`` if they are all complete (:func:`workbench.merge.merge_when_complete`), tells
+    ``on_merge`` one line about it, and returns the merged file, else the shard's.
     """
     from dataclasses import replace
 
@@ -274,21 +323,29 @@ def run_protocol(
     cfg = config if config is not None else RunConfig(**kwargs)
     if config is not None and kwargs:
         cfg = replace(cfg, **kwargs)
-    out = Path(cfg.out)
     checked = validate_config(cfg, model_given=model is not None)
     task, protocol, samples = checked.task, checked.protocol, checked.samples
+    out, plan, all_samples = checked.out or Path(cfg.out), checked.shard, samples
+    if plan is not None:
+        samples = samples[plan.start : plan.stop]
+    load_device, rank_device = _rank_device(cfg.device, checked.local_rank) if model is None else (cfg.device, None)
     if model is None:
-        model = load_model(cfg.model, cfg.device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
+        model = load_model(cfg.model, load_device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
                            device_map=cfg.device_map, max_memory=cfg.max_memory)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
-    check_context_length(model, protocol, task, samples)
+    check_context_length(model, protocol, task, all_samples)  # every shard refuses alike
     data = {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
             "offset": cfg.offset, "limit": cfg.limit}
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
                             cfg.activation_dtype, cfg.seed, cfg.command_line)
+    if rank_device is not None:
+        settings["device"] = rank_device
+    if plan is not None:
+        settings["data"]["fingerprint"] = plan.fingerprint  # the whole dataset's, as a single-process run records
+        settings["shard"] = plan.to_json()
     extras = None
     if checked.open_ended is not None:
         from workbench.open_ended import round_extras
@@ -328,5 +385,13 @@ def run_protocol(
                 new_tokens = sum(len(ids) for per in res.response_ids for ids in per)
                 on_batch(Progress(n_done, len(samples), protocol.rounds, new_tokens))
         writer.finish()
+    if plan is not None and out.exists():
+        from workbench.merge import merge_when_complete
+
+        merged = merge_when_complete(Path(cfg.out), plan.count, overwrite=cfg.overwrite)
+        if on_merge is not None:
+            on_merge(merged.message)
+        if merged.action != "waiting":
+            return RunFile(cfg.out)
     return RunFile(out)
 

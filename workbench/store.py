@@ -1167,8 +1167,20 @@ class RunFile:
         self.path = Path(path)
         self.running = False
         folder = _readable_parts(self.path)
+        shards = self.path.with_name(self.path.name + ".shards")
+        if folder is None and not self.path.exists() and shards.is_dir():
+            raise WorkbenchError(f"{self.path} is not merged yet: its shards are in {shards} "
+                                 f"(`workbench merge {self.path}` once every shard is done)")
         if folder is None:
             self.f = _open(self.path, "r")
+            if "merged_from" in self.f.attrs:  # a merged data-parallel run: refuse it when its shard files are gone
+                from workbench.merge import check_virtual_sources
+
+                try:
+                    check_virtual_sources(self.path, self.f)
+                except BaseException:
+                    self.f.close()
+                    raise
             return
         try:
             self.f = _running_view(self.path, folder)
