@@ -235,7 +235,7 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     second = subprocess.Popen(shard_cmd(out, "1/2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
     try:
         deadline = time.monotonic() + 300
-        while not list(parts.glob("batch-*.h5")) and second.poll() is None and time.monotonic() < deadline:
+        while not list(parts.glob("batch-*.part")) and second.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
         assert code == 2
@@ -244,7 +244,7 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     finally:
         second.wait(60)
     assert second.returncode == -signal.SIGKILL, "the shard finished before it could be killed"
-    assert not shard_path(out, 1, 2).exists() and len(list(parts.glob("batch-*.h5"))) < 3
+    assert not shard_path(out, 1, 2).exists() and len(list(parts.glob("batch-*.part"))) < 3
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
     one_error_line(err, "1 is unfinished", "--resume")
