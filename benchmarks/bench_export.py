@@ -107,19 +107,23 @@ def export_write(tmp: Path, acts: np.ndarray, batch_tokens: int) -> dict:
 
 def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: int, repeats: int) -> dict:
     """``numpy.save`` (with and without an fsync) and the export's writing of the same bytes,
-    interleaved ``repeats`` times on fresh files; medians."""
+    interleaved ``repeats`` times on fresh files, each after an (untimed) ``os.sync`` so none is
+    slowed by the dirty pages of the one before; medians."""
     acts = _synthetic(n_hooks, n_tokens, d)
     runs: dict[str, list[float]] = {"numpy_save_s": [], "numpy_save_fsync_s": [], "export_write_s": [], "export_create_s": []}
     for _ in range(repeats):
         for f in tmp.glob("acts*.npy"):
             f.unlink()
         (tmp / "c.h5").unlink(missing_ok=True)
+        os.sync()  # each write below starts with no dirty pages left by the one before (untimed)
         t0 = time.perf_counter()
         np.save(tmp / "acts.npy", acts)
         runs["numpy_save_s"].append(time.perf_counter() - t0)
+        os.sync()
         w = export_write(tmp, acts, batch_tokens)
         runs["export_write_s"].append(w["total"])
         runs["export_create_s"].append(w["create"])
+        os.sync()
         t0 = time.perf_counter()
         np.save(tmp / "acts2.npy", acts)
         fsync_path(tmp / "acts2.npy")

@@ -271,7 +271,7 @@ def batch_activations(
                     else:
                         hook = functools.partial(lambda n, mod, args, output: keep(n, output[0] if isinstance(output, tuple) else output), name)
                         handles.append(module.register_forward_hook(hook))
-                model.hf(input_ids=ids, logits_to_keep=1)
+                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False)  # no KV cache to fill: one pass
             finally:
                 for h in handles:
                     h.remove()
@@ -560,7 +560,7 @@ def export_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
-    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes, and exit."),
+    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
     from workbench.store import RunFile
@@ -572,8 +572,10 @@ def export_command(
 
         loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
                             dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+        aliases = hook_aliases(loaded)
         for name, shape in available_hooks(loaded).items():
-            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}")
+            alias = f"  (alias of {aliases[name]})" if name in aliases else ""
+            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}")
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
