@@ -202,6 +202,7 @@ def main() -> None:
                    help="token counts of the write benchmark, each × 8 hooks × 512 float32 (62 MiB, 625 MiB, 3 GiB)")
     p.add_argument("--write-repeats", type=int, default=3)
     p.add_argument("--memory", default="200,2000")
+    p.add_argument("--only", default="write,time,memory", help="which parts to run (comma-separated)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export.json"))
@@ -220,23 +221,26 @@ def main() -> None:
     (ROOT / "artifacts" / "runs").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts" / "runs") as tmp:
         tmp = Path(tmp)
-        results["write"] = [bench_writes(tmp, int(n), 512, 8, 16 * 150, a.write_repeats) for n in a.write_tokens.split(",")]
-        model = load_model("organism", device="cpu")
-        base = tmp / "base.h5"
-        run_protocol(RunConfig(out=base, model="organism", task="organism", protocol="organism", rounds=a.rounds,
-                               limit=a.base_samples, batch_size=16), model=model).close()
-        results["time"] = bench_time(model, tile_run(base, tmp / "timed.h5", a.samples), tmp, a.batch_size, a.repeats)
-        memory = {}
-        for n in (int(x) for x in a.memory.split(",")):
-            run = tile_run(base, tmp / f"mem{n}.h5", n)
-            child = subprocess.run([sys.executable, __file__, "--memory-child", str(run), str(tmp / f"mem{n}-cache.h5"),
-                                    "--batch-size", str(a.batch_size)], capture_output=True, text=True, check=True)
-            memory[n] = int(child.stdout.strip().splitlines()[-1])
-        small, large = sorted(memory)
-        results["memory"] = {"peak_rss_mib": memory, "ratio": memory[large] / memory[small]}
-    t, m = results["time"], results["memory"]
+        if "write" in a.only:
+            results["write"] = [bench_writes(tmp, int(n), 512, 8, 16 * 150, a.write_repeats) for n in a.write_tokens.split(",")]
+        if "time" in a.only or "memory" in a.only:
+            model = load_model("organism", device="cpu")
+            base = tmp / "base.h5"
+            run_protocol(RunConfig(out=base, model="organism", task="organism", protocol="organism", rounds=a.rounds,
+                                   limit=a.base_samples, batch_size=16), model=model).close()
+        if "time" in a.only:
+            results["time"] = bench_time(model, tile_run(base, tmp / "timed.h5", a.samples), tmp, a.batch_size, a.repeats)
+        if "memory" in a.only:
+            memory = {}
+            for n in (int(x) for x in a.memory.split(",")):
+                run = tile_run(base, tmp / f"mem{n}.h5", n)
+                child = subprocess.run([sys.executable, __file__, "--memory-child", str(run), str(tmp / f"mem{n}-cache.h5"),
+                                        "--batch-size", str(a.batch_size)], capture_output=True, text=True, check=True)
+                memory[n] = int(child.stdout.strip().splitlines()[-1])
+            small, large = sorted(memory)
+            results["memory"] = {"peak_rss_mib": memory, "ratio": memory[large] / memory[small]}
     rows = []
-    for w in results["write"]:
+    for w in results.get("write", []):
         size = f"{w['bytes'] / 2**20:.0f} MiB"
         rows += [
             (f"{size}: numpy.save / + fsync / export writing (creation)",
@@ -245,13 +249,20 @@ def main() -> None:
              f"{w['ratio_vs_numpy_save']:.2f} ({w['ratio_vs_numpy_save_range'][0]:.2f}–{w['ratio_vs_numpy_save_range'][1]:.2f})"),
             (f"{size}: write throughput ÷ numpy.save + fsync", f"{w['ratio_vs_numpy_save_fsync']:.2f}"),
         ]
-    rows += [
-        (f"whole export, {t['samples']} samples, {t['tokens']} tokens", f"{statistics.median(t['export_s']):.2f} s"),
-        ("plain HF forward, output_hidden_states", f"{statistics.median(t['plain_forward_s']):.2f} s"),
-        ("export ÷ plain forward, median (range) (target ≤ 1.3)", f"{t['ratio_median']:.2f} ({t['ratio_min']:.2f}–{t['ratio_max']:.2f})"),
-        (f"peak RSS at {small} / {large} samples", f"{m['peak_rss_mib'][small]} / {m['peak_rss_mib'][large]} MiB"),
-        (f"peak memory ratio {large} ÷ {small} (target ≤ 1.2)", f"{m['ratio']:.2f}"),
-    ]
+    if "time" in results:
+        t = results["time"]
+        rows += [
+            (f"whole export, {t['samples']} samples, {t['tokens']} tokens", f"{statistics.median(t['export_s']):.2f} s"),
+            ("plain HF forward, output_hidden_states", f"{statistics.median(t['plain_forward_s']):.2f} s"),
+            ("export ÷ plain forward, median (range) (target ≤ 1.3)", f"{t['ratio_median']:.2f} ({t['ratio_min']:.2f}–{t['ratio_max']:.2f})"),
+        ]
+    if "memory" in results:
+        m = results["memory"]
+        small, large = sorted(m["peak_rss_mib"])
+        rows += [
+            (f"peak RSS at {small} / {large} samples", f"{m['peak_rss_mib'][small]} / {m['peak_rss_mib'][large]} MiB"),
+            (f"peak memory ratio {large} ÷ {small} (target ≤ 1.2)", f"{m['ratio']:.2f}"),
+        ]
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

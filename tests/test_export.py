@@ -252,7 +252,7 @@ def _stop_after(total_batches: int, seen: list) -> object:
 def test_rows_are_written_into_place_and_the_metadata_never_again(run_path, full_export, organism, tmp_path):
     """Between creating the file and its last batch, only the allocated activation bytes change:
     every other byte (HDF5 metadata, token labels) is as created, and the rows equal the export's."""
-    from workbench.store import _read_layout
+    from workbench.cache_writer import _slots_of
 
     out = tmp_path / "c.h5"
     parts = out.with_name(out.name + ".parts")
@@ -272,7 +272,7 @@ def test_rows_are_written_into_place_and_the_metadata_never_again(run_path, full
     before = snapshot[0]
     assert len(after) == len(before)
     in_slots = np.zeros(len(after), dtype=bool)
-    for slot in _read_layout(parts):
+    for slot in _slots_of(parts / "cache.h5"):
         for lo, hi, offset in slot.extents(0, slot.shape[0]):
             in_slots[offset : offset + (hi - lo) * slot.row_bytes] = True
     assert in_slots.sum() == 8 * len(read_all(full_export)["tokens/token_id"]) * 64 * 4  # 8 hooks, float32 × d_model
@@ -293,6 +293,10 @@ def test_a_kill_during_the_finish_is_repaired_from_the_raw_rows(run_path, full_e
     with pytest.raises(Stop):
         export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4,
                    on_batch=_stop_after(3, []))
+    from workbench.cache_writer import _layout_text, _slots_of
+
+    # the state a finish leaves when killed while writing the status: layout.json, then the rename
+    (parts / "layout.json").write_text(_layout_text(_slots_of(parts / "cache.h5")))
     os.replace(parts / "cache.h5", parts / "finishing.h5")
     with open(parts / "finishing.h5", "r+b") as fh:  # a torn metadata write: the superblock is gone
         fh.write(b"\0" * 512)

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import ActivationSlot, _segments, _write_h5_atomic, _write_rows, decoded_attrs
+from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 1
@@ -119,14 +119,16 @@ def create_cache_file(
     sample_index: np.ndarray | None = None,
     status: str = "complete",
 ) -> list[ActivationSlot]:
-    """Create a cache file at ``path`` (written to a temporary name, fsynced, renamed) with its
-    attributes, ``samples/`` and ``tokens/`` written and every ``activations/`` dataset allocated at
-    full size but not written; returns where each hook's rows lie in the file, in ``layouts`` order.
+    """Create a cache file at ``path`` with its attributes, ``samples/`` and ``tokens/`` written and
+    every ``activations/`` dataset allocated at full size but not written; returns where each
+    hook's rows lie in the file, in ``layouts`` order.
 
     The activations are then written with :func:`write_rows` (plain ``pwrite`` into the allocated
-    chunks), so the file's HDF5 metadata is never written again. ``attrs`` are the root attributes
-    (dicts and lists stored as JSON); ``samples`` ``[S]`` each sample's run-file row (a sample may
-    have no tokens); ``sample_index`` ``[S]`` its stable global index (default: the row)."""
+    chunks), so the file's HDF5 metadata is never written again. ``path`` is written in place and
+    not fsynced: create it under a temporary name (the callers do) and make it durable with the
+    rows. ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples`` ``[S]``
+    each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its stable
+    global index (default: the row)."""
     n = tokens.n_tokens
     slots: list[ActivationSlot] = []
 
@@ -162,7 +164,8 @@ def create_cache_file(
             ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
             slots.append(activation_slot(ds))
 
-    _write_h5_atomic(Path(path), fill)
+    with h5py.File(path, "w", locking=False) as f:
+        fill(f)
     return slots
 
 

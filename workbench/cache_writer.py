@@ -7,13 +7,14 @@ While an export runs it lives in the folder ``OUT.parts/``:
 - ``cache.h5``: the cache file itself, made by :func:`workbench.cache_file.create_cache_file` with
   ``status = running``: token labels and metadata written, every activation dataset allocated at
   full size. Batch rows are written into the allocated chunks with ``pwrite``; HDF5 never writes
-  this file's metadata again until the finish;
-- ``layout.json``: where each hook's rows lie in ``cache.h5`` (byte offsets), kept for the repair below;
+  this file's metadata again until the finish. It is not fsynced at creation: until a batch is
+  committed, an open creates it afresh;
 - ``done-A-B``: empty files; batches ``A … B-1`` are in ``cache.h5`` and on disk. At most every
   ``COMMIT_INTERVAL_S`` (and at the end) the file is fsynced and then one such name is created.
 
-The finish: ``cache.h5`` is renamed ``finishing.h5``, its ``status`` set to ``complete`` (the one
-metadata write), fsynced and renamed onto ``OUT``. A kill during the finish can leave
+The finish: where each hook's rows lie (byte offsets) goes to ``layout.json``, ``cache.h5`` is
+renamed ``finishing.h5``, its ``status`` set to ``complete`` (the one metadata write), and it is
+fsynced and renamed onto ``OUT``. A kill during the finish can leave
 ``finishing.h5`` with damaged metadata; the next open rebuilds ``cache.h5`` from a fresh file and
 the raw rows of ``finishing.h5`` (at ``layout.json``'s offsets), as the run file's writer does.
 Every byte of activations is written once, and a file named ``OUT`` is always complete.
@@ -121,15 +122,13 @@ class PartialCache:
             _replace(folder / REPAIR / DATA, data)
             finishing.unlink()
             shutil.rmtree(folder / REPAIR)
-        if not data.exists():
+        if data.exists() and done_batches(folder):
+            slots = _slots_of(data)  # made durable by the first commit's fsync
+        else:  # nothing committed: whatever is there may not have reached the disk whole; start afresh
             for marker in folder.glob("done-*"):
                 marker.unlink()
-            create(folder / (DATA + ".new"))
-            _replace(folder / (DATA + ".new"), data)
-        slots = _slots_of(data)
-        text = _layout_text(slots)
-        if not (folder / LAYOUT).exists() or (folder / LAYOUT).read_text() != text:
-            _write_text_atomic(folder / LAYOUT, text)
+            slots = create(folder / (DATA + ".tmp"))
+            os.replace(folder / (DATA + ".tmp"), data)  # no fsync: the first commit's fsyncs cover it
         return cls(folder, slots, batch_tokens)
 
     def __enter__(self) -> "PartialCache":
@@ -195,6 +194,7 @@ class PartialCache:
         if self.missing:
             raise AssertionError(f"finish with batches {self.missing[:5]} not written")
         self.close()
+        _write_text_atomic(self.folder / LAYOUT, _layout_text(self.slots))  # for the repair of a killed finish
         finishing = self.folder / FINISHING
         _replace(self.folder / DATA, finishing)
         with h5py.File(finishing, "r+", locking=False) as f:
