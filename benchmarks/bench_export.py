@@ -1,10 +1,14 @@
 """Export benchmarks (DESIGN §8), side by side in one process on the same tokens and bytes:
 
-1. write throughput: the export's writing path (one fsynced part file per batch, then the atomic
-   assembly into the cache file) ÷ one ``numpy.save`` of the same array (and ÷ ``numpy.save`` + fsync);
-2. whole export time (``export_run``: checking the hooks, the forward passes, token labels, parts,
-   assembly; the model already loaded) ÷ one plain Hugging Face forward over the same batches with
-   ``output_hidden_states=True`` and no writing, paired batch by batch; the median of the repeats;
+1. write throughput: the export's whole writing path (the cache file created up front with its
+   token labels and every dataset allocated, each batch's rows written into place and committed
+   as the export commits them, the finish: fsync and rename) ÷ one ``numpy.save`` of the same
+   array (and ÷ ``numpy.save`` + fsync); at 62 MiB, 625 MiB and 3 GiB in one invocation, each size
+   ``--write-repeats`` times interleaved on fresh files, medians;
+2. whole export time (``export_run``: checking the hooks, token labels, creating the file, the
+   forward passes, writing, the finish; the model already loaded) ÷ one plain Hugging Face forward
+   over the same batches with ``output_hidden_states=True`` and no writing, paired batch by batch;
+   the median of the repeats;
 3. peak memory (VmHWM) of a fresh process exporting 200 and 2000 samples (it must stay flat).
 
 The run is a real organism run (``--base-samples`` samples) whose rows are tiled to the sizes
@@ -34,8 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.cache_file import HookLayout, TokenTable, fsync_path, write_cache_file  # noqa: E402
-from workbench.export import ExportPlan, read_parts, write_part  # noqa: E402
+from workbench.cache_file import HookLayout, TokenTable, create_cache_file, fsync_path  # noqa: E402
+from workbench.cache_writer import PartialCache  # noqa: E402
 
 HOOKS = ["blocks.*.hook_resid_post"]
 
@@ -64,37 +68,74 @@ def tile_run(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: int) -> dict:
-    rng = np.random.default_rng(0)
-    acts = rng.standard_normal((n_hooks, n_tokens, d), dtype=np.float32)
-    nbytes = acts.nbytes
-    t0 = time.perf_counter()
-    np.save(tmp / "acts.npy", acts)
-    npy = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    np.save(tmp / "acts2.npy", acts)
-    fsync_path(tmp / "acts2.npy")
-    npy_fsync = time.perf_counter() - t0
+def _synthetic(n_hooks: int, n_tokens: int, d: int) -> np.ndarray:
+    """float32 activations ``[hooks, tokens, d]``: a random block tiled (the bytes' values do not
+    matter to an uncompressed write, and drawing gigabytes of normals would dominate the benchmark)."""
+    block = np.random.default_rng(0).standard_normal((1, min(n_tokens, 4096), d), dtype=np.float32)
+    acts = np.empty((n_hooks, n_tokens, d), dtype=np.float32)
+    for lo in range(0, n_tokens, block.shape[1]):
+        hi = min(n_tokens, lo + block.shape[1])
+        acts[:, lo:hi] = block[:, : hi - lo]
+    return acts
+
+
+def export_write(tmp: Path, acts: np.ndarray, batch_tokens: int) -> dict:
+    """The export's whole writing path on ``acts`` ``[hooks, tokens, d]``: the cache file created in
+    ``OUT.parts`` (token labels, allocation), each batch's rows written into place and committed as
+    the export does (fsync + done marker at most every COMMIT_INTERVAL_S), the finish (status,
+    fsync, rename). Returns seconds: total and the creation alone."""
+    n_hooks, n_tokens, d = acts.shape
     names = [f"blocks.{i}.hook_resid_post" for i in range(n_hooks)]
     sizes = [min(batch_tokens, n_tokens - s) for s in range(0, n_tokens, batch_tokens)]
-    plan = ExportPlan(run_file="", run_digest="", rows=list(range(len(sizes))), sample_index=list(range(len(sizes))), rounds=None,
-                      roles=["prompt"], hooks=names, dtype="float32", batch_size=1, key_length=0, batch_tokens=sizes)
     tokens = TokenTable(offsets=np.concatenate([[0], np.cumsum(sizes)]), sample=np.repeat(np.arange(len(sizes)), sizes).astype(np.int32),
                         round=np.zeros(n_tokens, np.int16), role=np.zeros(n_tokens, np.uint8), position=np.zeros(n_tokens, np.int32),
                         token_id=np.zeros(n_tokens, np.int32), token_str=[""] * n_tokens)
+    layouts = [HookLayout(n, (d,), "float32") for n in names]
     parts = tmp / "c.h5.parts"
-    parts.mkdir()
     t0 = time.perf_counter()
-    start = 0
-    for k, size in enumerate(sizes):
-        write_part(parts, k, {name: acts[i, start : start + size] for i, name in enumerate(names)})
-        start += size
-    t_parts = time.perf_counter() - t0
-    write_cache_file(tmp / "c.h5", {}, tokens, [HookLayout(n, (d,), "float32") for n in names], read_parts(parts, plan),
-                     samples=np.arange(len(sizes)))
-    total = time.perf_counter() - t0
-    return {"bytes": nbytes, "numpy_save_s": npy, "numpy_save_fsync_s": npy_fsync, "export_parts_s": t_parts, "export_write_s": total,
-            "ratio_vs_numpy_save": npy / total, "ratio_vs_numpy_save_fsync": npy_fsync / total}
+    parts.mkdir()
+    with PartialCache.open(parts, sizes, lambda path: create_cache_file(path, {}, tokens, layouts, np.arange(len(sizes)),
+                                                                          status="running")) as cache:
+        created = time.perf_counter() - t0
+        start = 0
+        for k, size in enumerate(sizes):
+            cache.write(k, {name: acts[i, start : start + size] for i, name in enumerate(names)})
+            start += size
+        cache.finish(tmp / "c.h5")
+    return {"total": time.perf_counter() - t0, "create": created}
+
+
+def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: int, repeats: int) -> dict:
+    """``numpy.save`` (with and without an fsync) and the export's writing of the same bytes,
+    interleaved ``repeats`` times on fresh files, each after an (untimed) ``os.sync`` so none is
+    slowed by the dirty pages of the one before; medians."""
+    acts = _synthetic(n_hooks, n_tokens, d)
+    runs: dict[str, list[float]] = {"numpy_save_s": [], "numpy_save_fsync_s": [], "export_write_s": [], "export_create_s": []}
+    for _ in range(repeats):
+        for f in tmp.glob("acts*.npy"):
+            f.unlink()
+        (tmp / "c.h5").unlink(missing_ok=True)
+        os.sync()  # each write below starts with no dirty pages left by the one before (untimed)
+        t0 = time.perf_counter()
+        np.save(tmp / "acts.npy", acts)
+        runs["numpy_save_s"].append(time.perf_counter() - t0)
+        os.sync()
+        w = export_write(tmp, acts, batch_tokens)
+        runs["export_write_s"].append(w["total"])
+        runs["export_create_s"].append(w["create"])
+        os.sync()
+        t0 = time.perf_counter()
+        np.save(tmp / "acts2.npy", acts)
+        fsync_path(tmp / "acts2.npy")
+        runs["numpy_save_fsync_s"].append(time.perf_counter() - t0)
+    for f in [*tmp.glob("acts*.npy"), tmp / "c.h5"]:
+        f.unlink(missing_ok=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ratios = [n / e for n, e in zip(runs["numpy_save_s"], runs["export_write_s"])]
+    return {"bytes": acts.nbytes, "tokens": n_tokens, "repeats": repeats, "runs": runs, **med,
+            "ratio_vs_numpy_save": med["numpy_save_s"] / med["export_write_s"],
+            "ratio_vs_numpy_save_range": [min(ratios), max(ratios)],
+            "ratio_vs_numpy_save_fsync": med["numpy_save_fsync_s"] / med["export_write_s"]}
 
 
 def bench_time(model: object, run: Path, tmp: Path, batch_size: int, repeats: int) -> dict:
@@ -157,8 +198,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--write-tokens", type=int, default=40_000, help="tokens × 8 hooks × 512 float32 for the write benchmark")
+    p.add_argument("--write-tokens", default="4000,40000,200000",
+                   help="token counts of the write benchmark, each × 8 hooks × 512 float32 (62 MiB, 625 MiB, 3 GiB)")
+    p.add_argument("--write-repeats", type=int, default=3)
     p.add_argument("--memory", default="200,2000")
+    p.add_argument("--only", default="write,time,memory", help="which parts to run (comma-separated)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export.json"))
@@ -166,7 +210,7 @@ def main() -> None:
     if a.memory_child:
         return memory_child(*a.memory_child, a.batch_size)
     if a.quick:
-        a.base_samples, a.samples, a.repeats, a.write_tokens, a.memory = 16, 64, 1, 4_000, "50,200"
+        a.base_samples, a.samples, a.repeats, a.write_tokens, a.write_repeats, a.memory = 16, 64, 1, "4000", 1, "50,200"
     import torch
 
     from workbench.models import load_model
@@ -177,33 +221,48 @@ def main() -> None:
     (ROOT / "artifacts" / "runs").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts" / "runs") as tmp:
         tmp = Path(tmp)
-        results["write"] = bench_writes(tmp, a.write_tokens, 512, 8, 16 * 150)
-        model = load_model("organism", device="cpu")
-        base = tmp / "base.h5"
-        run_protocol(RunConfig(out=base, model="organism", task="organism", protocol="organism", rounds=a.rounds,
-                               limit=a.base_samples, batch_size=16), model=model).close()
-        results["time"] = bench_time(model, tile_run(base, tmp / "timed.h5", a.samples), tmp, a.batch_size, a.repeats)
-        memory = {}
-        for n in (int(x) for x in a.memory.split(",")):
-            run = tile_run(base, tmp / f"mem{n}.h5", n)
-            child = subprocess.run([sys.executable, __file__, "--memory-child", str(run), str(tmp / f"mem{n}-cache.h5"),
-                                    "--batch-size", str(a.batch_size)], capture_output=True, text=True, check=True)
-            memory[n] = int(child.stdout.strip().splitlines()[-1])
-        small, large = sorted(memory)
-        results["memory"] = {"peak_rss_mib": memory, "ratio": memory[large] / memory[small]}
-    w, t, m = results["write"], results["time"], results["memory"]
-    rows = [
-        ("bytes written", f"{w['bytes'] / 2**20:.0f} MiB"),
-        ("numpy.save / numpy.save + fsync", f"{w['numpy_save_s']:.3f} s / {w['numpy_save_fsync_s']:.3f} s"),
-        ("export writing (parts + assembly; parts alone)", f"{w['export_write_s']:.3f} s ({w['export_parts_s']:.3f} s)"),
-        ("write throughput ÷ numpy.save (target ≥ 0.8)", f"{w['ratio_vs_numpy_save']:.2f}"),
-        ("write throughput ÷ numpy.save + fsync", f"{w['ratio_vs_numpy_save_fsync']:.2f}"),
-        (f"whole export, {t['samples']} samples, {t['tokens']} tokens", f"{statistics.median(t['export_s']):.2f} s"),
-        ("plain HF forward, output_hidden_states", f"{statistics.median(t['plain_forward_s']):.2f} s"),
-        ("export ÷ plain forward, median (range) (target ≤ 1.3)", f"{t['ratio_median']:.2f} ({t['ratio_min']:.2f}–{t['ratio_max']:.2f})"),
-        (f"peak RSS at {small} / {large} samples", f"{m['peak_rss_mib'][small]} / {m['peak_rss_mib'][large]} MiB"),
-        (f"peak memory ratio {large} ÷ {small} (target ≤ 1.2)", f"{m['ratio']:.2f}"),
-    ]
+        if "write" in a.only:
+            results["write"] = [bench_writes(tmp, int(n), 512, 8, 16 * 150, a.write_repeats) for n in a.write_tokens.split(",")]
+        if "time" in a.only or "memory" in a.only:
+            model = load_model("organism", device="cpu")
+            base = tmp / "base.h5"
+            run_protocol(RunConfig(out=base, model="organism", task="organism", protocol="organism", rounds=a.rounds,
+                                   limit=a.base_samples, batch_size=16), model=model).close()
+        if "time" in a.only:
+            results["time"] = bench_time(model, tile_run(base, tmp / "timed.h5", a.samples), tmp, a.batch_size, a.repeats)
+        if "memory" in a.only:
+            memory = {}
+            for n in (int(x) for x in a.memory.split(",")):
+                run = tile_run(base, tmp / f"mem{n}.h5", n)
+                child = subprocess.run([sys.executable, __file__, "--memory-child", str(run), str(tmp / f"mem{n}-cache.h5"),
+                                        "--batch-size", str(a.batch_size)], capture_output=True, text=True, check=True)
+                memory[n] = int(child.stdout.strip().splitlines()[-1])
+            small, large = sorted(memory)
+            results["memory"] = {"peak_rss_mib": memory, "ratio": memory[large] / memory[small]}
+    rows = []
+    for w in results.get("write", []):
+        size = f"{w['bytes'] / 2**20:.0f} MiB"
+        rows += [
+            (f"{size}: numpy.save / + fsync / export writing (creation)",
+             f"{w['numpy_save_s']:.3f} s / {w['numpy_save_fsync_s']:.3f} s / {w['export_write_s']:.3f} s ({w['export_create_s']:.3f} s)"),
+            (f"{size}: write throughput ÷ numpy.save, median (range) (target ≥ 0.8)",
+             f"{w['ratio_vs_numpy_save']:.2f} ({w['ratio_vs_numpy_save_range'][0]:.2f}–{w['ratio_vs_numpy_save_range'][1]:.2f})"),
+            (f"{size}: write throughput ÷ numpy.save + fsync", f"{w['ratio_vs_numpy_save_fsync']:.2f}"),
+        ]
+    if "time" in results:
+        t = results["time"]
+        rows += [
+            (f"whole export, {t['samples']} samples, {t['tokens']} tokens", f"{statistics.median(t['export_s']):.2f} s"),
+            ("plain HF forward, output_hidden_states", f"{statistics.median(t['plain_forward_s']):.2f} s"),
+            ("export ÷ plain forward, median (range) (target ≤ 1.3)", f"{t['ratio_median']:.2f} ({t['ratio_min']:.2f}–{t['ratio_max']:.2f})"),
+        ]
+    if "memory" in results:
+        m = results["memory"]
+        small, large = sorted(m["peak_rss_mib"])
+        rows += [
+            (f"peak RSS at {small} / {large} samples", f"{m['peak_rss_mib'][small]} / {m['peak_rss_mib'][large]} MiB"),
+            (f"peak memory ratio {large} ÷ {small} (target ≤ 1.2)", f"{m['ratio']:.2f}"),
+        ]
     width = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -21,6 +21,7 @@ import torch
 from workbench import cli, load_activation_cache, save_activation_cache
 from workbench.cache_file import ROLES
 from workbench.errors import WorkbenchError
+from workbench.cache_writer import done_batches
 from workbench.export import export_run
 from workbench.run import RunConfig, run_protocol
 from workbench.store import RunFile
@@ -176,6 +177,23 @@ def test_attention_patterns_and_hook_z_equal_the_bridges_own_hooks(run_path, org
                                    cache["blocks.2.attn.hook_z"][0][pos].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_hook_and_its_legacy_alias_are_exported_once_under_the_canonical_name(run_path, organism, full_export, tmp_path):
+    """TransformerLens 4 names blocks.0.hook_out's hook point blocks.0.hook_resid_post too: a glob
+    matching both stores it once, as blocks.0.hook_out, and loading the alias reads that dataset."""
+    out = export_run(run_path, tmp_path / "c.h5", ["blocks.0.hook_resid_post", "blocks.0.hook_*"], model=organism, batch_size=4)
+    with h5py.File(out, "r") as f:
+        names = list(f["activations"])
+        assert json.loads(f.attrs["hook_aliases"]) == {"blocks.0.hook_resid_post": "blocks.0.hook_out",
+                                                       "blocks.0.hook_resid_pre": "blocks.0.hook_in"}
+        assert "blocks.0.hook_out" in names and "blocks.0.hook_in" in names
+        assert "blocks.0.hook_resid_post" not in names and "blocks.0.hook_resid_pre" not in names
+        assert "blocks.0.hook_attn_out" in names  # an alias whose canonical hook (attn.hook_out) was not chosen stays
+    back = load_activation_cache(out, hooks=["blocks.0.hook_resid_post"])
+    want = load_activation_cache(full_export, hooks=["blocks.0.hook_resid_post"])
+    np.testing.assert_allclose(back.cache["blocks.0.hook_resid_post"].numpy(), want.cache["blocks.0.hook_resid_post"].numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_model_exports_float32_and_says_so(run_path, tmp_path):
     from workbench.models import load_model
 
@@ -199,17 +217,95 @@ def test_sigkill_then_resume_is_identical_to_an_uninterrupted_export(run_path, f
                              "--hooks", "blocks.*.hook_attn_out", "--out", str(out), "--batch-size", "4", "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("part-*.h5"))) < 1 and proc.poll() is None:
+    while time.time() < deadline and not done_batches(parts) and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "the export finished before it could be killed"
-    kept = sorted(p.name for p in parts.glob("part-*.h5"))
+    kept = done_batches(parts)
     assert kept and len(kept) < 3, kept
+    with pytest.raises(WorkbenchError, match="unfinished export"):  # the file being written never looks complete
+        load_activation_cache(parts / "cache.h5")
     with pytest.raises(WorkbenchError, match="--resume"):
         export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4)
     export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4, resume=True)
     assert not parts.exists()
+    a, b = read_all(full_export), read_all(out)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(total_batches: int, seen: list) -> object:
+    """An ``on_batch`` that records the call and stops the export after its last batch is written."""
+    def on_batch(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == total_batches + 1:
+            raise Stop
+    return on_batch
+
+
+def test_rows_are_written_into_place_and_the_metadata_never_again(run_path, full_export, organism, tmp_path):
+    """Between creating the file and its last batch, only the allocated activation bytes change:
+    every other byte (HDF5 metadata, token labels) is as created, and the rows equal the export's."""
+    from workbench.cache_writer import _slots_of
+
+    out = tmp_path / "c.h5"
+    parts = out.with_name(out.name + ".parts")
+    seen: list = []
+    snapshot: list = []
+    stop = _stop_after(3, seen)
+
+    def on_batch(done: int, total: int) -> None:
+        if not seen:
+            snapshot.append(np.fromfile(parts / "cache.h5", dtype=np.uint8))
+        stop(done, total)
+
+    with pytest.raises(Stop):
+        export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4,
+                   on_batch=on_batch)
+    after = np.fromfile(parts / "cache.h5", dtype=np.uint8)
+    before = snapshot[0]
+    assert len(after) == len(before)
+    in_slots = np.zeros(len(after), dtype=bool)
+    for slot in _slots_of(parts / "cache.h5"):
+        for lo, hi, offset in slot.extents(0, slot.shape[0]):
+            in_slots[offset : offset + (hi - lo) * slot.row_bytes] = True
+    assert in_slots.sum() == 8 * len(read_all(full_export)["tokens/token_id"]) * 64 * 4  # 8 hooks, float32 × d_model
+    np.testing.assert_array_equal(after[~in_slots], before[~in_slots])
+    assert (before[in_slots] == 0).all() and (after[in_slots] != 0).any()
+    assert done_batches(parts) == {0, 1, 2}  # the interrupted export committed what it had written
+    export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4, resume=True)
+    a, b = read_all(full_export), read_all(out)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_a_kill_during_the_finish_is_repaired_from_the_raw_rows(run_path, full_export, organism, tmp_path):
+    """The finish renames cache.h5 to finishing.h5 and writes its status: a kill there may leave
+    its metadata damaged. --resume rebuilds the file from the raw rows, identical, with no forward."""
+    out = tmp_path / "c.h5"
+    parts = out.with_name(out.name + ".parts")
+    with pytest.raises(Stop):
+        export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4,
+                   on_batch=_stop_after(3, []))
+    from workbench.cache_writer import _layout_text, _slots_of
+
+    # the state a finish leaves when killed while writing the status: layout.json, then the rename
+    (parts / "layout.json").write_text(_layout_text(_slots_of(parts / "cache.h5")))
+    os.replace(parts / "cache.h5", parts / "finishing.h5")
+    with open(parts / "finishing.h5", "r+b") as fh:  # a torn metadata write: the superblock is gone
+        fh.write(b"\0" * 512)
+    with pytest.raises(OSError):
+        h5py.File(parts / "finishing.h5", "r")
+    calls: list = []
+    export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4,
+               resume=True, on_batch=lambda done, total: calls.append((done, total)))
+    assert len(calls) == 1 and calls[0][0] == calls[0][1]  # every batch was kept: nothing recomputed
     a, b = read_all(full_export), read_all(out)
     assert sorted(a) == sorted(b)
     for name in a:
@@ -225,6 +321,7 @@ def _unshare_works() -> bool:
 FULL_DISK_SCRIPT = """
 import subprocess, sys
 from workbench.errors import WorkbenchError
+from workbench.cache_writer import done_batches
 from workbench.export import export_run
 run, disk, out = sys.argv[1:4]
 hooks = ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"]

@@ -6,8 +6,12 @@ round, role, transcript position, token id and token string. This module imports
 nor TransformerLens (``workbench info`` reads a cache file without them); :func:`load_activation_cache`
 imports torch only when called.
 
-A cache file is written once, whole, to ``PATH.tmp``, fsynced and renamed onto ``PATH``: a reader
-never sees a half-written cache, and a kill leaves at most a ``.tmp`` that the next write replaces.
+A cache file is created once with every dataset allocated at full size and everything but the
+activations written (:func:`create_cache_file`); the activation rows are then written with plain
+``pwrite`` into the allocated chunks (:func:`write_rows`), so HDF5 never rewrites the file's
+metadata while data is in it. The file is fsynced and renamed onto its final name only when every
+row is there: a reader never sees a half-written cache (:mod:`workbench.cache_writer` does this
+resumably for ``workbench export``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import decoded_attrs
+from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 1
@@ -106,6 +110,114 @@ def _attr(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
 
 
+def create_cache_file(
+    path: Path,
+    attrs: dict[str, Any],
+    tokens: TokenTable,
+    layouts: Sequence[HookLayout],
+    samples: np.ndarray,
+    sample_index: np.ndarray | None = None,
+    status: str = "complete",
+) -> list[ActivationSlot]:
+    """Create a cache file at ``path`` with its attributes, ``samples/`` and ``tokens/`` written and
+    every ``activations/`` dataset allocated at full size but not written; returns where each
+    hook's rows lie in the file, in ``layouts`` order.
+
+    The activations are then written with :func:`write_rows` (plain ``pwrite`` into the allocated
+    chunks), so the file's HDF5 metadata is never written again. ``path`` is written in place and
+    not fsynced: create it under a temporary name (the callers do) and make it durable with the
+    rows. ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples`` ``[S]``
+    each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its stable
+    global index (default: the row)."""
+    n = tokens.n_tokens
+    slots: list[ActivationSlot] = []
+
+    def fill(f: h5py.File) -> None:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["status"] = status
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for key, value in attrs.items():
+            f.attrs[key] = _attr(value)
+        f.attrs["n_samples"] = len(tokens.offsets) - 1
+        f.attrs["n_tokens"] = n
+        f.attrs["hooks"] = json.dumps([h.name for h in layouts])
+        t = f.create_group("tokens")
+        t.create_dataset("offsets", data=np.asarray(tokens.offsets, dtype=np.int64))
+        rows = np.asarray(samples, dtype=np.int64)
+        s = f.create_group("samples")
+        s.create_dataset("sample", data=rows)
+        s.create_dataset("index", data=rows if sample_index is None else np.asarray(sample_index, dtype=np.int64))
+        t.create_dataset("sample", data=np.asarray(tokens.sample, dtype=np.int32))
+        t.create_dataset("round", data=np.asarray(tokens.round, dtype=np.int16))
+        role = t.create_dataset("role", data=np.asarray(tokens.role, dtype=np.uint8))
+        role.attrs["labels"] = json.dumps(list(ROLES))
+        t.create_dataset("position", data=np.asarray(tokens.position, dtype=np.int32))
+        t.create_dataset("token_id", data=np.asarray(tokens.token_id, dtype=np.int32))
+        text = np.asarray([s.replace("\0", NUL_STAND_IN) for s in tokens.token_str], dtype=object)
+        t.create_dataset("token_str", data=text, dtype=STR)
+        a = f.create_group("activations")
+        for h in layouts:
+            ds = _allocated_dataset(a, h, n)
+            ds.attrs["axes"] = json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
+                                                      [f"dim{i}" for i in range(len(h.per_token))])])
+            ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
+            slots.append(activation_slot(ds))
+
+    with h5py.File(path, "w", locking=False) as f:
+        fill(f)
+    return slots
+
+
+def _allocated_dataset(group: h5py.Group, h: HookLayout, n: int) -> h5py.Dataset:
+    """``[n, *per_token]`` chunked along tokens (about ``CHUNK_BYTES`` a chunk), every chunk
+    allocated now and none written (no fill values: each row is written exactly once)."""
+    dtype = np.dtype(h.dtype)
+    shape = (n, *h.per_token)
+    if not n or not all(shape):
+        return group.create_dataset(h.name, shape=shape, dtype=dtype)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((_chunk_rows(h.per_token, dtype.itemsize, n), *h.per_token))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    tid = h5py.h5t.py_create(dtype, logical=True)
+    return h5py.Dataset(h5py.h5d.create(group.id, h.name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl))
+
+
+def activation_slot(ds: h5py.Dataset) -> ActivationSlot:
+    """Where the rows of an allocated, uncompressed dataset ``[n, ...]`` lie in its file: HDF5
+    allocates the chunks in order with an index node now and then between them, so the rows form
+    a few contiguous segments (:class:`workbench.store.ActivationSlot`)."""
+    shape = tuple(int(x) for x in ds.shape)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    if not shape[0] or not row_bytes:
+        return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), ())
+    if ds.chunks is None:
+        return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), ((0, int(ds.id.get_offset())),))
+    rows = ds.chunks[0]
+    offsets = np.zeros(-(-shape[0] // rows), dtype=np.int64)
+
+    def record(info: Any) -> None:
+        offsets[info.chunk_offset[0] // rows] = info.byte_offset
+
+    ds.id.chunk_iter(record)
+    segments = tuple((chunk * rows, offset) for chunk, offset in _segments(offsets, rows * row_bytes))
+    return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), segments)
+
+
+def write_rows(fd: int, slots: Sequence[ActivationSlot], start: int, arrays: dict[str, np.ndarray]) -> int:
+    """pwrite ``{hook: [n, *per_token]}`` as token rows ``start : start + n`` of a file made by
+    :func:`create_cache_file` (open as ``fd``); every slot's hook must be there. Returns ``n``."""
+    n = None
+    for slot in slots:
+        value = np.ascontiguousarray(arrays[slot.hook], dtype=slot.dtype)
+        if value.shape[1:] != slot.shape[1:] or (n is not None and len(value) != n) or start + len(value) > slot.shape[0]:
+            raise ValueError(f"{slot.hook}: rows {start}:{start + len(value)} of shape {value.shape[1:]} do not fit {slot.shape}")
+        n = len(value)
+        _write_rows(fd, slot, start, value)
+    return n or 0
+
+
 def write_cache_file(
     path: Path,
     attrs: dict[str, Any],
@@ -118,55 +230,22 @@ def write_cache_file(
     """Write a whole cache file atomically (``PATH.tmp``, fsync, rename) and return ``path``.
 
     ``blocks`` yields ``(first_token_row, {hook: [n, *per_token]})`` covering every token row once,
-    in any order; ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples``
-    ``[S]`` each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its
-    stable global index (default: the row)."""
+    in any order; the other arguments are :func:`create_cache_file`'s."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    n = tokens.n_tokens
+    slots = create_cache_file(tmp, attrs, tokens, layouts, samples, sample_index)
     written = 0
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for key, value in attrs.items():
-            f.attrs[key] = _attr(value)
-        f.attrs["n_samples"] = len(tokens.offsets) - 1
-        f.attrs["n_tokens"] = n
-        f.attrs["hooks"] = json.dumps([h.name for h in layouts])
-        t = f.create_group("tokens")
-        t.create_dataset("offsets", data=np.asarray(tokens.offsets, dtype=np.int64))
-        samples = np.asarray(samples, dtype=np.int64)
-        s = f.create_group("samples")
-        s.create_dataset("sample", data=samples)
-        s.create_dataset("index", data=samples if sample_index is None else np.asarray(sample_index, dtype=np.int64))
-        t.create_dataset("sample", data=np.asarray(tokens.sample, dtype=np.int32))
-        t.create_dataset("round", data=np.asarray(tokens.round, dtype=np.int16))
-        role = t.create_dataset("role", data=np.asarray(tokens.role, dtype=np.uint8))
-        role.attrs["labels"] = json.dumps(list(ROLES))
-        t.create_dataset("position", data=np.asarray(tokens.position, dtype=np.int32))
-        t.create_dataset("token_id", data=np.asarray(tokens.token_id, dtype=np.int32))
-        text = np.asarray([s.replace("\0", NUL_STAND_IN) for s in tokens.token_str], dtype=object)
-        t.create_dataset("token_str", data=text, dtype=STR)
-        a = f.create_group("activations")
-        datasets = {}
-        for h in layouts:
-            dtype = np.dtype(h.dtype)
-            chunks = (_chunk_rows(h.per_token, dtype.itemsize, n), *h.per_token) if n else None
-            ds = a.create_dataset(h.name, shape=(n, *h.per_token), dtype=dtype, chunks=chunks)
-            ds.attrs["axes"] = json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
-                                                      [f"dim{i}" for i in range(len(h.per_token))])])
-            ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
-            datasets[h.name] = ds
-        for start, arrays in blocks:
-            for name, value in arrays.items():
-                datasets[name][start : start + len(value)] = value
-            written += len(next(iter(arrays.values()))) if arrays else 0
-        if layouts and written != n:
-            raise AssertionError(f"cache blocks covered {written} of {n} token rows")
-        f.attrs["status"] = "complete"
-    atomic_replace(tmp, path)
+    try:
+        with open(tmp, "r+b") as fh:
+            for start, arrays in blocks:
+                written += write_rows(fh.fileno(), slots, start, arrays)
+        if layouts and written != tokens.n_tokens:
+            raise AssertionError(f"cache blocks covered {written} of {tokens.n_tokens} token rows")
+        atomic_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -197,6 +276,10 @@ def open_cache_file(path: Path) -> h5py.File:
     if int(f.attrs.get("schema_version", -1)) > SCHEMA_VERSION:
         f.close()
         raise WorkbenchError(f"{path} has cache schema_version {f.attrs['schema_version']}; this workbench reads up to {SCHEMA_VERSION}")
+    if f.attrs.get("status", "complete") != "complete":
+        f.close()
+        raise WorkbenchError(f"{path} is an unfinished export (its activations are not all written); "
+                             "finish it with the same `workbench export … --resume`")
     return f
 
 
@@ -310,7 +393,9 @@ def load_activation_cache(
     meta = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     available = list(f["activations"].keys())
     hooks = list(hooks) if hooks is not None else json.loads(f.attrs.get("hooks", json.dumps(available)))
-    missing = [h for h in hooks if h not in available]
+    merged = json.loads(f.attrs.get("hook_aliases", "{}"))  # an alias exported once, under its canonical name
+    dataset = {h: h if h in available else merged.get(h, h) for h in hooks}
+    missing = [h for h in hooks if dataset[h] not in available]
     if missing:
         f.close()
         raise WorkbenchError(f"{path} has no hook {missing[0]!r} (it has: {', '.join(available)})")
@@ -348,7 +433,7 @@ def load_activation_cache(
 
     def loader(name: str) -> Any:
         def load() -> Any:
-            ds = f["activations"][name]
+            ds = f["activations"][dataset[name]]
             out = np.zeros((batch, width, *ds.shape[1:]), dtype=ds.dtype)
             for i, p in enumerate(picked):  # each sample's tokens are one contiguous read, masked after
                 lo, hi = int(p[0]), int(p[-1]) + 1

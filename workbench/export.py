@@ -9,11 +9,13 @@ read from the plain HF model's own pass; as soon as one chosen hook lives inside
 of them. Inside the hooks only the chosen tokens are kept, cast and moved to the CPU at once, so
 memory is one batch of chosen tokens.
 
-Crash safety (docs/CACHE.md): every batch goes to its own part file ``OUT.parts/part-NNNNNN.h5``,
-written to a temporary name, fsynced and renamed; a killed export keeps every renamed part and
-``--resume`` computes only the missing ones (batches are fixed by sample order, so the result is
-bit-identical to an uninterrupted export). When every part is there they are assembled into
-``OUT`` (itself written to ``OUT.tmp``, fsynced and renamed) and the parts are removed.
+Writing (docs/CACHE.md, :mod:`workbench.cache_writer`): the token count is known before the first
+forward (the run holds every final transcript), so the cache file is created up front in
+``OUT.parts/`` with its token labels and metadata written and every activation dataset allocated;
+each batch's rows are then written once, straight into place. Progress is recorded crash-safely (an
+fsync, then an empty ``done-A-B`` name), so ``--resume`` computes only the unfinished batches
+(batches are fixed by sample order: the result is bit-identical to an uninterrupted export). At
+the end the file is fsynced and renamed onto ``OUT``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import typer
 
-from workbench.cache_file import (ROLES, HookLayout, TokenTable, atomic_replace, is_attention_map, write_cache_file)
+from workbench.cache_file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, is_attention_map
+from workbench.cache_writer import PartialCache, done_batches
 from workbench.errors import WorkbenchError
 
 FORMATS = ("hdf5", "saelens")
@@ -170,6 +173,26 @@ def resolve_hooks(patterns: list[str], available: dict[str, tuple[int, ...]]) ->
     return [n for n in names if n in chosen]
 
 
+def hook_aliases(model: Any) -> dict[str, str]:
+    """alias → canonical name of every bridge hook name that is another name of a hook point:
+    TransformerLens 4 keeps the legacy names (``blocks.0.hook_resid_post``, ``blocks.0.attn.hook_z``)
+    as aliases of its own (``blocks.0.hook_out``, ``blocks.0.attn.o.hook_in``); both fire with one tensor."""
+    out = {}
+    for name, point in model.bridge.hook_dict.items():
+        canonical = getattr(point, "name", None)
+        if isinstance(canonical, str) and canonical and canonical != name:
+            out[name] = canonical
+    return out
+
+
+def drop_aliases(names: list[str], aliases: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """``names`` without each alias whose canonical hook is chosen too (the same values twice) →
+    (kept names, {dropped alias: its canonical name})."""
+    chosen = set(names)
+    dropped = {n: aliases[n] for n in names if aliases.get(n) in chosen}
+    return [n for n in names if n not in dropped], dropped
+
+
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -248,7 +271,7 @@ def batch_activations(
                     else:
                         hook = functools.partial(lambda n, mod, args, output: keep(n, output[0] if isinstance(output, tuple) else output), name)
                         handles.append(module.register_forward_hook(hook))
-                model.hf(input_ids=ids, logits_to_keep=1)
+                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False)  # no KV cache to fill: one pass
             finally:
                 for h in handles:
                     h.remove()
@@ -261,15 +284,11 @@ def batch_activations(
     return got
 
 
-# --------------------------------------------------------------------------- parts
+# --------------------------------------------------------------------------- the parts folder
 
 
 def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
-
-
-def _part_path(parts: Path, k: int) -> Path:
-    return parts / f"part-{k:06d}.h5"
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -280,51 +299,13 @@ def _is_disk_full(e: BaseException) -> bool:
 def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) -> Iterator[None]:
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
         if not _is_disk_full(e):
             raise
-        kept = len(list(parts.glob("part-*.h5"))) if parts.exists() else 0
+        kept = len(done_batches(parts)) if parts.exists() else 0
         total = plan.n_batches if plan else "?"
         raise WorkbenchError(f"disk full writing {where}: {kept} of {total} batches are kept in {parts}; "
                              "free some space and run the same command with --resume") from None
-
-
-def write_part(parts: Path, k: int, arrays: dict[str, np.ndarray]) -> None:
-    """One batch's activations into ``parts/part-k.h5``: a temporary name, fsync, rename."""
-    import h5py
-
-    path = _part_path(parts, k)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["batch"] = k
-            for name, value in arrays.items():
-                f.create_dataset(name, data=value)
-        atomic_replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _part_ok(path: Path, plan: ExportPlan, k: int) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return all(h in f and f[h].shape[0] == plan.batch_tokens[k] for h in plan.hooks)
-    except (OSError, RuntimeError):
-        return False
-
-
-def read_parts(parts: Path, plan: ExportPlan) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """``(first_token_row, {hook: [n, ...]})`` of every part, in order."""
-    import h5py
-
-    start = 0
-    for k in range(plan.n_batches):
-        with h5py.File(_part_path(parts, k), "r") as f:
-            yield start, {h: f[h][...] for h in plan.hooks}
-        start += plan.batch_tokens[k]
 
 
 # --------------------------------------------------------------------------- the export
@@ -470,7 +451,8 @@ def export_run(
         model = load_model(model or str(meta.get("model_name", "organism")), device=device,
                            dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
     check_same_model(model, meta, run_path)
-    names = resolve_hooks(list(hooks), available_hooks(model))
+    shapes = available_hooks(model)
+    names, merged = drop_aliases(resolve_hooks(list(hooks), shapes), hook_aliases(model))
     if format == "saelens":
         from workbench.saelens_export import check_saelens_hooks
 
@@ -494,45 +476,40 @@ def export_run(
             tmp = parts / "manifest.json.tmp"
             tmp.write_text(json.dumps(manifest, indent=1))
             atomic_replace(tmp, parts / "manifest.json")
+    tokens = _token_table(run, plan, chosen, model.tokenizer)
+    layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
+               for name in names]
+    attrs = _cache_attrs(meta, model, plan)
+    if merged:
+        attrs["hook_aliases"] = merged
+
+    def create(path: Path) -> list:
+        return create_cache_file(path, attrs, tokens, layouts, samples=np.asarray(plan.rows),
+                                 sample_index=np.asarray(plan.sample_index), status="running")
+
     sites = hf_sites(model, names)
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
-    total = sum(plan.batch_tokens)
-    done = sum(n for k, n in enumerate(plan.batch_tokens) if _part_path(parts, k).exists() and _part_ok(_part_path(parts, k), plan, k))
-    if on_batch:
-        on_batch(done, total)
-    for k in range(plan.n_batches):
-        path = _part_path(parts, k)
-        if path.exists() and _part_ok(path, plan, k):
-            continue
-        batch_rows = plan.batch_rows(k)
-        first = k * plan.batch_size
-        arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
-                                   chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length)
-        with _disk_full_is_one_line(path, plan, parts):
-            write_part(parts, k, arrays)
-        done += plan.batch_tokens[k]
+    total = tokens.n_tokens
+    with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create) as cache:
         if on_batch:
-            on_batch(done, total)
-    tokens = _token_table(run, plan, chosen, model.tokenizer)
-    layouts = [HookLayout(name, per_token, plan.dtype) for name, per_token in _part_shapes(parts, plan).items()]
-    attrs = _cache_attrs(meta, model, plan)
-    with _disk_full_is_one_line(out, plan, parts):
+            on_batch(cache.done_tokens, total)
+        for k in cache.missing:
+            batch_rows = plan.batch_rows(k)
+            first = k * plan.batch_size
+            arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
+                                       chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length)
+            cache.write(k, arrays)
+            if on_batch:
+                on_batch(cache.written_tokens, total)
         if format == "saelens":
             from workbench.saelens_export import write_saelens
 
-            write_saelens(out, attrs, tokens, layouts, read_parts(parts, plan), context_size)
+            cache.commit()
+            write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size)
         else:
-            write_cache_file(out, attrs, tokens, layouts, read_parts(parts, plan), samples=np.asarray(plan.rows),
-                             sample_index=np.asarray(plan.sample_index))
-    shutil.rmtree(parts)
+            cache.finish(out)
+    shutil.rmtree(parts, ignore_errors=True)
     return out
-
-
-def _part_shapes(parts: Path, plan: ExportPlan) -> dict[str, tuple[int, ...]]:
-    import h5py
-
-    with h5py.File(_part_path(parts, 0), "r") as f:
-        return {h: tuple(f[h].shape[1:]) for h in plan.hooks}
 
 
 def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str, Any]:
@@ -583,7 +560,7 @@ def export_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
-    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes, and exit."),
+    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
     from workbench.store import RunFile
@@ -595,8 +572,10 @@ def export_command(
 
         loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
                             dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+        aliases = hook_aliases(loaded)
         for name, shape in available_hooks(loaded).items():
-            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}")
+            alias = f"  (alias of {aliases[name]})" if name in aliases else ""
+            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}")
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
