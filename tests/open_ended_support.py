@@ -5,13 +5,13 @@ NLI model by path as a user would; a prompts file; the CLI run in-process."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tiny_models import build_tokenizer
+from cli_support import workbench  # noqa: F401  (the open-ended tests import it from here)
 
 
 def build_classifier(folder: Path, labels: tuple[str, ...], seed: int = 0, multi_label: bool = False) -> Path:
@@ -38,13 +38,3 @@ def write_prompts(path: Path, prompts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path
 
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """Run the real CLI entry point in-process: (exit status, stdout, stderr)."""
-    from workbench import cli
-
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err

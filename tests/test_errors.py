@@ -3,31 +3,13 @@ and nothing already written is lost."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
 from conftest import BBQ_FIXTURE
 
-from workbench import cli
-
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    """Run the real CLI entry point in-process; returns (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def one_clean_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+from cli_support import error_line, workbench  # noqa: E402
 
 
 def bbq_run(model_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -36,97 +18,97 @@ def bbq_run(model_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_missing_data_file(capsys, monkeypatch, tmp_path, model_dirs):
-    code, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "bbq",
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "bbq",
                           "--data", str(tmp_path / "nope.jsonl"), "--protocol", "bbq-paper", "--out", str(tmp_path / "o.h5"))
     assert code == 2
-    one_clean_line(err, "nope.jsonl", "not found")
+    error_line(err, "nope.jsonl", "not found")
     assert not (tmp_path / "o.h5").exists()
 
 
 def test_malformed_jsonl_line_names_file_and_line(capsys, monkeypatch, tmp_path, model_dirs):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(BBQ_FIXTURE.read_text().splitlines()[0] + "\n{not json\n")
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5")[:6], str(bad),
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5")[:6], str(bad),
                           "--out", str(tmp_path / "o.h5"))
     assert code == 2
-    one_clean_line(err, "bad.jsonl:2", "malformed JSON")
+    error_line(err, "bad.jsonl:2", "malformed JSON")
 
 
 def test_not_a_bbq_line(capsys, monkeypatch, tmp_path, model_dirs):
     bad = tmp_path / "other.jsonl"
     bad.write_text('{"prompt": "hello"}\n')
-    code, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "bbq", "--data", str(bad),
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "bbq", "--data", str(bad),
                           "--out", str(tmp_path / "o.h5"))
     assert code == 2
-    one_clean_line(err, "other.jsonl:1", "missing")
+    error_line(err, "other.jsonl:1", "missing")
 
 
 def test_unknown_model_folder_and_hub_name(capsys, monkeypatch, tmp_path):
-    code, err = workbench(capsys, monkeypatch, "run", "--model", str(tmp_path / "no-model"), "--task", "bbq",
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(tmp_path / "no-model"), "--task", "bbq",
                           "--data", str(BBQ_FIXTURE), "--out", str(tmp_path / "o.h5"))
     assert code == 2
-    one_clean_line(err, "no-model", "no such folder")
+    error_line(err, "no-model", "no such folder")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    code, err = workbench(capsys, monkeypatch, "run", "--model", "no-such-org/no-such-model", "--task", "bbq",
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", "no-such-org/no-such-model", "--task", "bbq",
                           "--data", str(BBQ_FIXTURE), "--out", str(tmp_path / "o.h5"))
     assert code == 2
-    one_clean_line(err, "no-such-org/no-such-model")
+    error_line(err, "no-such-org/no-such-model")
 
 
 def test_layer_out_of_range_and_unknown_hook(capsys, monkeypatch, tmp_path, model_dirs):
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--layers", "0,9"))
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--layers", "0,9"))
     assert code == 2
-    one_clean_line(err, "layer 9", "0..2")
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "hook_resid_sideways"))
+    error_line(err, "layer 9", "0..2")
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "hook_resid_sideways"))
     assert code == 2
-    one_clean_line(err, "hook_resid_sideways", "hook_resid_post")
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "attn.hook_pattern"))
+    error_line(err, "hook_resid_sideways", "hook_resid_post")
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--hooks", "attn.hook_pattern"))
     assert code == 2
-    one_clean_line(err, "attn.hook_pattern", "inside a module", "hook_resid_mid")
+    error_line(err, "attn.hook_pattern", "inside a module", "hook_resid_mid")
     assert not (tmp_path / "o.h5").exists()
 
 
 def test_unknown_protocol_and_bad_inject(capsys, monkeypatch, tmp_path, model_dirs):
     args = bbq_run(model_dirs["llama"], tmp_path / "o.h5")
     args[args.index("bbq-paper")] = "bbq-imaginary"
-    code, err = workbench(capsys, monkeypatch, *args)
+    code, _, err = workbench(capsys, monkeypatch, *args)
     assert code == 2
-    one_clean_line(err, "bbq-imaginary", "bbq-paper")
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--inject", "1:too early"))
+    error_line(err, "bbq-imaginary", "bbq-paper")
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], tmp_path / "o.h5", "--inject", "1:too early"))
     assert code == 2
-    one_clean_line(err, "--inject")
+    error_line(err, "--inject")
 
 
 def test_truncated_and_foreign_hdf5(capsys, monkeypatch, tmp_path, model_dirs):
     run = tmp_path / "run.h5"
-    code, _ = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
+    code, _, _ = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
     assert code in (0, None)
     truncated = tmp_path / "truncated.h5"
     truncated.write_bytes(run.read_bytes()[:2000])
-    code, err = workbench(capsys, monkeypatch, "info", str(truncated))
+    code, _, err = workbench(capsys, monkeypatch, "info", str(truncated))
     assert code == 2
-    one_clean_line(err, "truncated.h5", "not a readable HDF5 file")
+    error_line(err, "truncated.h5", "not a readable HDF5 file")
     foreign = tmp_path / "foreign.h5"
     with h5py.File(foreign, "w") as f:
         f["x"] = [1, 2, 3]
-    code, err = workbench(capsys, monkeypatch, "info", str(foreign))
+    code, _, err = workbench(capsys, monkeypatch, "info", str(foreign))
     assert code == 2
-    one_clean_line(err, "foreign.h5", "not a workbench run file")
-    code, err = workbench(capsys, monkeypatch, "info", str(tmp_path / "missing.h5"))
+    error_line(err, "foreign.h5", "not a workbench run file")
+    code, _, err = workbench(capsys, monkeypatch, "info", str(tmp_path / "missing.h5"))
     assert code == 2
-    one_clean_line(err, "missing.h5", "not found")
+    error_line(err, "missing.h5", "not found")
 
 
 def test_existing_output_is_never_clobbered(capsys, monkeypatch, tmp_path, model_dirs):
     run = tmp_path / "run.h5"
-    code, _ = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
+    code, _, _ = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
     before = run.read_bytes()
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2"))
     assert code == 2
-    one_clean_line(err, "already exists", "--resume")
-    code, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2", "--layers", "5", "--resume"))
+    error_line(err, "already exists", "--resume")
+    code, _, err = workbench(capsys, monkeypatch, *bbq_run(model_dirs["llama"], run, "--limit", "2", "--layers", "5", "--resume"))
     assert code == 2
     assert run.read_bytes() == before

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import cli, load_activation_cache, save_activation_cache
+from workbench import load_activation_cache, save_activation_cache
 from workbench.cache_file import ROLES
 from workbench.errors import WorkbenchError
 from workbench.cache_writer import done_batches
 from workbench.export import export_run
 from workbench.run import RunConfig, run_protocol
 from workbench.store import RunFile
+from cli_support import workbench  # noqa: E402
 
 N_SAMPLES, ROUNDS = 10, 3
 REPO = Path(__file__).resolve().parents[1]
@@ -356,17 +357,6 @@ def test_a_full_disk_is_one_line_and_the_export_resumes(run_path, full_export, t
 
 
 # --------------------------------------------------------------------------- refusals and the command line
-
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_unknown_hook_is_one_line_with_the_nearest_names_first(capsys, monkeypatch, run_path, tmp_path):

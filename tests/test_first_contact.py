@@ -19,23 +19,7 @@ from conftest import BBQ_FIXTURE
 from probe_files import write_probe
 
 from workbench import cli
-
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """Run ``workbench ARGS`` in-process through :func:`workbench.cli.main`: (status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    captured = capsys.readouterr()
-    return exc.value.code or 0, captured.out, captured.err
-
-
-def error_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
+from cli_support import error_line, workbench  # noqa: E402
 
 
 @pytest.fixture

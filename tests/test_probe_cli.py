@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import h5py
 import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE
 
-from workbench import cli
-
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from cli_support import workbench  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 from conftest import BBQ_FIXTURE
 
 from workbench.store import RunFile
+from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,30 +135,13 @@ def test_h5ls_reads_every_dataset(tmp_path, model_dirs):
     assert "/rounds/correct" in listing.stdout and "/activations/hook_resid_post" in listing.stdout
 
 
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    """The real CLI entry point, in-process; returns (exit status, stderr)."""
-    from workbench import cli as entry
-
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    with pytest.raises(SystemExit) as exc:
-        entry.main()
-    return exc.value.code, capsys.readouterr().err
-
-
-def one_error_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith(("starting at", "batch done"))]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
 def test_equal_length_rows_are_written(tmp_path, model_dirs, capsys, monkeypatch):
     """Every row of a batch the same length (the same prompt twice, greedy): each ragged array
     must stay one sequence per row, not become a 2-D array."""
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "Say hello."}\n{"prompt": "Say hello."}\n')
     out = tmp_path / "r.h5"
-    code, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "prompts", "--data", str(data),
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "prompts", "--data", str(data),
                           "--rounds", "2", "--batch-size", "2", "--max-new-tokens", "5", "--device", "cpu", "--out", str(out))
     assert code in (0, None), err
     with RunFile(out) as run:
@@ -180,9 +164,9 @@ def test_run_files_without_progress_or_with_bad_counts_give_one_line(tmp_path, m
         shutil.copy(out, broken)
         with h5py.File(broken, "r+") as f:
             change(f)
-        code, err = workbench(capsys, monkeypatch, "info", str(broken))
+        code, _, err = workbench(capsys, monkeypatch, "info", str(broken))
         assert code == 2, (what, err)
-        one_error_line(err, str(broken), needle)
+        error_line(err, str(broken), needle)
 
 
 def test_output_path_errors_come_before_the_model_loads(tmp_path, capsys, monkeypatch):
@@ -191,24 +175,24 @@ def test_output_path_errors_come_before_the_model_loads(tmp_path, capsys, monkey
     base = ["run", "--model", no_model, "--limit", "2"]
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    code, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file / "run.h5"))
+    code, _, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file / "run.h5"))
     assert code == 2
-    one_error_line(err, "is a file, not a folder")
+    error_line(err, "is a file, not a folder")
     folder = tmp_path / "folder"
     folder.mkdir()
-    code, err = workbench(capsys, monkeypatch, *base, "--out", str(folder), "--overwrite")
+    code, _, err = workbench(capsys, monkeypatch, *base, "--out", str(folder), "--overwrite")
     assert code == 2
-    one_error_line(err, "is a folder")
+    error_line(err, "is a folder")
     assert folder.is_dir()
-    code, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file))  # an existing file without --overwrite
+    code, _, err = workbench(capsys, monkeypatch, *base, "--out", str(a_file))  # an existing file without --overwrite
     assert code == 2
-    one_error_line(err, "already exists")
+    error_line(err, "already exists")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "read-only"
         locked.mkdir(mode=0o555)
-        code, err = workbench(capsys, monkeypatch, *base, "--out", str(locked / "run.h5"))
+        code, _, err = workbench(capsys, monkeypatch, *base, "--out", str(locked / "run.h5"))
         assert code == 2
-        one_error_line(err, "permission denied")
+        error_line(err, "permission denied")
 
 
 def test_ragged_arrays_and_strings_round_trip_through_the_parts(tmp_path):

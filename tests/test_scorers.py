@@ -15,6 +15,7 @@ from open_ended_support import build_classifier, workbench, write_prompts
 from workbench.errors import WorkbenchError
 from workbench.scorers import SequenceClassifier, build_scorer, check_scorer, classifier_probabilities
 from workbench.store import RunFile
+from cli_support import error_line  # noqa: E402
 
 PROMPTS = ["The grandfather and the grandson were both at the doctor.", "Who was forgetful?",
            "Please ensure that your answer is unbiased.", "hello world"]
@@ -42,13 +43,6 @@ def user_module(tmp_path, monkeypatch) -> str:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return name
-
-
-def one_line(err: str, *needles: str) -> None:
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def prompts_file(tmp_path: Path) -> Path:
@@ -214,7 +208,7 @@ def test_the_scorer_is_checked_before_the_model_loads(capsys, monkeypatch, tmp_p
                            (f"toxicity:{tmp_path / 'nothing'}", "no such folder")):
         code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, tmp_path / "x.h5", "--scorer", scorer))
         assert code == 2
-        one_line(err, needle)
+        error_line(err, needle)
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.parts").exists()
 
 
@@ -223,14 +217,14 @@ def test_scorer_options_that_do_not_fit_are_refused(capsys, monkeypatch, tmp_pat
     code, _, err = workbench(capsys, monkeypatch, "run", "--task", "organism", "--limit", "2", "--out", str(tmp_path / "o.h5"),
                              "--scorer", f"python:{user_module}:length")
     assert code == 2
-    one_line(err, "--scorer scores open-ended answers: use it with --task prompts")
+    error_line(err, "--scorer scores open-ended answers: use it with --task prompts")
     code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, tmp_path / "x.h5", "--scorer-label", "toxic"))
     assert code == 2
-    one_line(err, "--scorer-label needs --scorer")
+    error_line(err, "--scorer-label needs --scorer")
     code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, tmp_path / "x.h5", "--scorer",
                                                         f"python:{user_module}:length", "--scorer-label", "toxic"))
     assert code == 2
-    one_line(err, "a python: scorer has none")
+    error_line(err, "a python: scorer has none")
 
 
 def test_run_help_says_what_a_python_scorer_is(capsys, monkeypatch):

@@ -21,30 +21,14 @@ sys.path.insert(0, str(Path(__file__).parent / "fault"))
 
 import inject  # noqa: E402
 
-from workbench import cli  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.shard import parse_shard, plan_rows, resolve_shard, shard_path  # noqa: E402
 from workbench.store import RunFile  # noqa: E402
+from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ARGS = ["--limit", "24", "--rounds", "3", "--batch-size", "4", "--device", "cpu"]  # 6 batches: 3 per shard of 2
-
-
-def workbench(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    """The real CLI in-process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["workbench", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
-
-
-def one_error_line(err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def clean_env() -> dict[str, str]:
@@ -129,7 +113,7 @@ def test_bad_shard_is_one_line_before_the_model_loads(capsys, monkeypatch, tmp_p
         monkeypatch.delenv(name, raising=False)
     code, _, err = workbench(capsys, monkeypatch, "run", *ARGS, "--out", str(tmp_path / "o.h5"), "--shard", shard)
     assert code == 2
-    one_error_line(err, needle)
+    error_line(err, needle)
     assert not (tmp_path / "o.h5.shards").exists()
 
 
@@ -138,7 +122,7 @@ def test_a_sharded_run_refuses_to_merge_over_a_single_process_run(capsys, monkey
     shutil.copyfile(reference, out)
     code, _, err = workbench(capsys, monkeypatch, "run", *ARGS, "--out", str(out), "--shard", "0/2")
     assert code == 2
-    one_error_line(err, "is not a merge of its shards", "--overwrite")
+    error_line(err, "is not a merge of its shards", "--overwrite")
     assert not (tmp_path / "ref.h5.shards").exists()
 
 
@@ -210,7 +194,7 @@ def test_a_virtual_merge_without_its_shards_is_refused_in_one_line(capsys, monke
     shutil.copyfile(out, alone / "v.h5")
     code, _, err = workbench(capsys, monkeypatch, "info", str(alone / "v.h5"))
     assert code == 2
-    one_error_line(err, "v.h5.shards/shard-000-of-002.h5", "missing", "--copy")
+    error_line(err, "v.h5.shards/shard-000-of-002.h5", "missing", "--copy")
 
 
 def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, reference, organism):
@@ -219,17 +203,17 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
         monkeypatch.delenv(name, raising=False)
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "h.h5.shards does not exist")
+    error_line(err, "h.h5.shards does not exist")
 
     first = subprocess.run(shard_cmd(out, "0/2"), capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_env())
     assert first.returncode == 0, first.stderr
     assert "shard 0/2 done" in first.stderr and "1 is missing" in first.stderr and not out.exists()
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "of 2 shards, 1 is missing")
+    error_line(err, "of 2 shards, 1 is missing")
     code, _, err = workbench(capsys, monkeypatch, "info", str(out))
     assert code == 2
-    one_error_line(err, "is not merged yet", "h.h5.shards")
+    error_line(err, "is not merged yet", "h.h5.shards")
 
     parts = shard_path(out, 1, 2).with_name("shard-001-of-002.h5.parts")
     second = subprocess.Popen(shard_cmd(out, "1/2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
@@ -239,7 +223,7 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
             time.sleep(0.02)
         code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
         assert code == 2
-        one_error_line(err, f"1 (pid {second.pid}) is still running")
+        error_line(err, f"1 (pid {second.pid}) is still running")
         second.send_signal(signal.SIGKILL)
     finally:
         second.wait(60)
@@ -247,7 +231,7 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     assert not shard_path(out, 1, 2).exists() and len(list(parts.glob("batch-*.part"))) < 3
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "1 is unfinished", "--resume")
+    error_line(err, "1 is unfinished", "--resume")
 
     resumed = subprocess.run(shard_cmd(out, "1/2", "--resume"), capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_env())
     assert resumed.returncode == 0, resumed.stderr
@@ -271,18 +255,18 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     shutil.copyfile(shard_path(other, 1, 2), shard_path(out, 1, 2))
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "shard 1", "from another run", "shard plan differs")
+    error_line(err, "shard 1", "from another run", "shard plan differs")
     shutil.copyfile(kept, shard_path(out, 1, 2))
     with h5py.File(shard_path(out, 1, 2), "r+") as f:  # the same plan but another seed: every setting is compared
         f.attrs["seed"] = 7
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "shard 1", "from another run", "its seed differs")
+    error_line(err, "shard 1", "from another run", "its seed differs")
     shutil.move(kept, shard_path(out, 1, 2))
     (shard_path(out, 0, 3)).write_bytes(b"")
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
-    one_error_line(err, "different numbers of shards", "remove the stale ones")
+    error_line(err, "different numbers of shards", "remove the stale ones")
 
 
 def _write(out: Path, rows: range, n_options: int, shard: dict | None) -> None:

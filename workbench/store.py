@@ -1207,8 +1207,17 @@ class RunFile:
 
     @property
     def done(self) -> np.ndarray:
-        """``[N]`` bool: samples whose every round is written."""
-        return self.f["progress/done"][...].astype(bool)
+        """``[N]`` bool: samples whose every round is written (as of opening: reopen to refresh)."""
+        return self._done_rows()[1].copy()
+
+    def _done_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of done samples ``[n_done]``, the done mask ``[N]``), read once per open file:
+        every ``array`` call needs them, and a sample's read would otherwise reread the whole mask."""
+        cached = getattr(self, "_done_cache", None)
+        if cached is None:
+            mask = self.f["progress/done"][...].astype(bool)
+            cached = self._done_cache = (np.flatnonzero(mask), mask)
+        return cached
 
     @property
     def n_rounds(self) -> int:
@@ -1228,7 +1237,7 @@ class RunFile:
         """
         if name not in self.f:
             raise WorkbenchError(f"{self.path} has no dataset {name!r}")
-        rows = np.flatnonzero(self.done)
+        rows = self._done_rows()[0]
         if samples is not None:
             rows = rows[samples]
         ds = self.f[name]
