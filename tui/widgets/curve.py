@@ -81,14 +81,12 @@ class Curve(BaseStyleCache, Widget):
         super().__init__(id=id)
         self.data = CurveData("", ())
         self._lines: list[Strip] | None = None
+        self._lines_size = (0, 0)  # the size the cached lines were laid out for
 
     def show(self, data: CurveData) -> None:
         self.data = data
         self._lines = None
         self.refresh()
-
-    def on_resize(self) -> None:
-        self._lines = None
 
     def _layout(self) -> list[Strip]:
         width, height = self.size
@@ -148,6 +146,6 @@ class Curve(BaseStyleCache, Widget):
         return lines
 
     def render_line(self, y: int) -> Strip:
-        if self._lines is None or len(self._lines) != self.size.height:
-            self._lines = self._layout()
+        if self._lines is None or self._lines_size != tuple(self.size):  # a resize may come after a paint at the new size
+            self._lines, self._lines_size = self._layout(), tuple(self.size)
         return self._lines[y] if y < len(self._lines) else Strip.blank(self.size.width, self.rich_style)
