@@ -42,3 +42,11 @@ def loaded(model_dirs):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The shipped organism (float32, CPU), loaded once per session the way the CLI loads it."""
+    from workbench.models import load_model
+
+    return load_model("organism", device="cpu")

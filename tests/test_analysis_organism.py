@@ -15,13 +15,6 @@ ROUNDS = 6
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, organism):
     root = tmp_path_factory.mktemp("analysis-organism")
     out = {}

@@ -55,13 +55,6 @@ def test_pooled_sites_equal_the_bridges_hook_points(arch, loaded):
                 torch.testing.assert_close(acts[h][i, 0, 1, l], ref[1 : len(t) - 1].mean(0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
 @pytest.mark.parametrize("case", ["cut-off", "stopped"])
 def test_the_engine_captures_every_round_at_several_hooks(case, loaded, organism):
     """Prefill capture (every last prompt token, rounds 1..R−1's responses) and the last round's

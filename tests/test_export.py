@@ -33,13 +33,6 @@ WORKBENCH = str(Path(sys.executable).with_name("workbench"))
 
 
 @pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def run_path(tmp_path_factory, organism) -> Path:
     path = tmp_path_factory.mktemp("export") / "run.h5"
     run_protocol(RunConfig(out=path, model="organism", task="organism", protocol="organism", rounds=ROUNDS,

@@ -15,13 +15,6 @@ ROWS = [{"text": t, "id": i} for i, t in enumerate(
      "honestly the answer is (a)", "go with your gut about people like that .", "take another look at the question ."])]
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
 def test_scores_are_seeded_and_the_likelihood_matches_a_forward_pass(organism):
     import torch
 

@@ -22,13 +22,6 @@ from workbench.tasks import BBQ, Sample, load_bbq
 ROUNDS = 6
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
 def with_decoding(protocol, **changes):
     return dataclasses.replace(protocol, rounds=ROUNDS, decoding=dataclasses.replace(protocol.decoding, **changes))
 

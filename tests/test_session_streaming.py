@@ -13,13 +13,6 @@ from workbench.protocol import load_protocol
 from workbench.session import Session
 
 
-@pytest.fixture(scope="module")
-def organism():
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu")
-
-
 def sampled_protocol():
     """Sampled hot with room to stop early or run to the limit, so rows stop at different steps."""
     protocol = load_protocol("organism-inject")

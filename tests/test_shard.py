@@ -40,14 +40,6 @@ def shard_cmd(out: Path, shard: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def organism():
-    """The organism, loaded once for the in-process runs."""
-    from workbench.models import load_model
-
-    return load_model("organism", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, organism) -> Path:
     """A single-process organism run of the 24 samples the sharded runs split."""
     from workbench.run import RunConfig, run_protocol
