@@ -125,12 +125,17 @@ def chromium_screenshot(url: str, out: Path, ready, timeout: float = 90) -> byte
 
         return asyncio.run(shoot())
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            browser.kill()
+        stop(browser)
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate ``process``; kill it if it has not ended 20 s later."""
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def viridis_pixels(png: Path) -> int:
@@ -165,8 +170,4 @@ def test_serve_answers_and_chromium_renders_the_first_screen(run_path, tmp_path)
         # the app's first screen is up: the heatmap legend's yellow end is drawn (the splash page has none)
         assert viridis_pixels(shot) > 50, f"no app screen in the browser (see {shot})"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

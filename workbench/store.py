@@ -1166,6 +1166,7 @@ class RunFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.running = False
+        self._done_cache: tuple[np.ndarray, np.ndarray] | None = None
         folder = _readable_parts(self.path)
         shards = self.path.with_name(self.path.name + ".shards")
         if folder is None and not self.path.exists() and shards.is_dir():
@@ -1213,7 +1214,7 @@ class RunFile:
     def _done_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions of done samples ``[n_done]``, the done mask ``[N]``), read once per open file:
         every ``array`` call needs them, and a sample's read would otherwise reread the whole mask."""
-        cached = getattr(self, "_done_cache", None)
+        cached = self._done_cache
         if cached is None:
             mask = self.f["progress/done"][...].astype(bool)
             cached = self._done_cache = (np.flatnonzero(mask), mask)
