@@ -195,21 +195,25 @@ def _limit_file_size(limit: int):
 
 
 def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
-    """RLIMIT_FSIZE between the activations file's size and the run file's: every batch lands, the
-    assembly fails; the error is one line, the finished batches stay readable, --resume finishes."""
-    with h5py.File(reference) as f:
-        act_bytes = f["activations/hook_resid_post"].nbytes
+    """RLIMIT_FSIZE between the size of the run file to be when it is created and the finished run
+    file's: the creation succeeds, writing the batches' rows into it fails; the error is one line,
+    the finished batches stay readable, --resume finishes."""
+    from replay import create_like
+
+    with h5py.File(reference) as ref, create_like(ref, tmp_path / "size.h5") as writer:
+        created = (writer.folder / store.ACTIVATIONS).stat().st_size
     final = reference.stat().st_size
-    limit = act_bytes + (final - act_bytes) // 3
+    assert created < final
     out = tmp_path / "run.h5"
-    full = cli("run", *RUN_ARGS, "--out", str(out), preexec_fn=_limit_file_size(limit))
+    full = cli("run", *RUN_ARGS, "--out", str(out), preexec_fn=_limit_file_size((created + final) // 2))
     assert full.returncode == 2, full.stderr
     lines = [line for line in full.stderr.strip().splitlines() if not line.startswith(("starting at", "batch done"))]
     assert len(lines) == 1 and "Traceback" not in full.stderr, full.stderr  # progress lines, then one error line
     assert str(out) in lines[0] and "File too large" in lines[0] and "free there" in lines[0] and "--resume" in lines[0]
     with RunFile(out) as run:
-        assert run.running and run.done.all()
-        np.testing.assert_array_equal(run.array("rounds/correct"), h5py.File(reference)["rounds/correct"][...])
+        assert run.running and run.done.any()
+        done = run.done
+        np.testing.assert_array_equal(run.array("rounds/correct"), h5py.File(reference)["rounds/correct"][...][done])
     tiny = inject.run([*inject.REPLAY, str(reference), str(tmp_path / "tiny.h5")], preexec_fn=_limit_file_size(4096))
     assert tiny.returncode == 2 and "creating" in tiny.stderr and "Traceback" not in tiny.stderr, tiny.stderr
     resumed = cli("run", *RUN_ARGS, "--out", str(out), "--resume")

@@ -313,7 +313,7 @@ def test_rewriting_a_merge_keeps_derived_groups_only_for_the_same_shards(tmp_pat
     out = tmp_path / "m.h5"
     plan = {"count": 2, "batch_size": 2, "n_samples": 4, "fingerprint": "f", "rows": [[0, 2], [2, 4]]}
     for k, rows in enumerate((range(0, 2), range(2, 4))):
-        _write(shard_path(out, k, 2), rows, 3, {**plan, "index": k})
+        _write(shard_path(out, k, 2), rows, 2 + k, {**plan, "index": k})  # shard 0's samples have two options
     assert merge_run(out).action == "merged"
     replace_group(out, "probes/p", {"cosine": np.ones((4, 2, 2), np.float32)}, {"kind": "probe"})
     assert merge_run(out).action == "up to date"

@@ -1,27 +1,31 @@
 """The run file: one HDF5 file per run, written crash-safely batch by batch (layout and storage
 design in docs/FORMAT.md).
 
-HDF5 rewrites its metadata in place and has no journal, so the writer never lets HDF5 modify a
-file that holds finished data. While a run is running it lives in a folder ``RUN.h5.parts/``:
+HDF5 rewrites its metadata in place and has no journal, so a kill while HDF5 writes a file can
+leave it unreadable; the writer therefore never lets the only copy of finished data depend on
+HDF5 metadata. While a run is running it lives in a folder ``RUN.h5.parts/``:
 
 - ``run.h5``: the root attributes and ``samples/``, written once;
-- ``activations.h5``: every activation array at full size, created once (its metadata never changes
-  afterwards); each batch's rows are written into the preallocated space with plain ``pwrite`` at
-  byte offsets recorded in ``layout.json``, never through HDF5;
-- ``batch-{start}-{stop}[.{boot}].part``: everything else of one batch (or of consecutive
-  batches), ragged arrays and strings as flat arrays with lengths.
+- ``batch-{start}-{stop}[.{boot}].part``: everything but the activations of one batch (or of
+  consecutive batches), ragged arrays and strings as flat arrays with lengths: the record of
+  what is finished;
+- ``activations.h5``: the run file to be. Created once with the header, every array at full size
+  and the dimension scales; each batch's activations are written into their preallocated place
+  with plain ``pwrite`` at byte offsets recorded in ``layout.json``, never through HDF5; the
+  other arrays of finished batches are written in through HDF5 a few hundred rows at a time
+  ("built"), and ``built.json`` exists exactly while the file is consistent (it is removed before
+  HDF5 writes and written again after the flush). A writer that finds no ``built.json`` (a kill
+  while HDF5 wrote) rebuilds the file from the raw activation bytes and the parts.
 
-Every HDF5 file is written under a ``.tmp`` name, fsynced and renamed into place, so a file that
-exists is complete. A batch is finished exactly when its part exists: ``write_batch`` renames it
-into place before it returns (a SIGKILL loses nothing, the page cache survives the process).
-fsync, needed only against a power cut, is batched: at most once a second a commit fsyncs the
-activations and writes the batches since the last commit as one durable (fsynced) part;
-provisional parts (named with the kernel's boot id) count only until the machine restarts. When
-the last batch lands the run file is assembled: ``activations.h5`` is renamed to ``assembling.h5``,
-the small arrays are written in (HDF5 reads the ragged ones through pointers into the parts' flat
-arrays), and it is fsynced and renamed to ``RUN.h5`` (a kill during assembly is repaired by
-copying the raw activation bytes into a fresh file). Readers: :class:`RunFile` opens ``RUN.h5``,
-or, for a running run, an in-memory view of its finished parts.
+Every file is written under a temporary name and renamed into place, so a file that exists is
+complete. A batch is finished exactly when its part exists: ``write_batch`` renames it into place
+before it returns (a SIGKILL loses nothing, the page cache survives the process). fsync, needed
+only against a power cut, is batched: at most once a second a commit fsyncs the activations and
+writes the batches since the last commit as one durable (fsynced) part; provisional parts (named
+with the kernel's boot id) count only until the machine restarts. When the last batch lands,
+its rows are built in, ``status`` becomes ``complete``, and ``activations.h5`` is fsynced and
+renamed to ``RUN.h5``. Readers: :class:`RunFile` opens ``RUN.h5``, or, for a running run, an
+in-memory view of its finished parts.
 
 This module imports neither torch nor TransformerLens, so a viewer opens a run in a fraction of
 a second.
@@ -83,6 +87,8 @@ STANDARD_ARRAYS: dict[str, tuple[tuple[Any, ...], Any]] = {
 }
 
 HEADER, ACTIVATIONS, LAYOUT, ASSEMBLING = "run.h5", "activations.h5", "layout.json", "assembling.h5"
+BUILT = "built.json"  # present exactly while activations.h5 is a consistent HDF5 file; lists the rows it holds
+BUILD_ROWS = 256  # finished rows are written into activations.h5 at least this many at a time (or every COMMIT_INTERVAL_S)
 COMMIT_INTERVAL_S = 1.0  # at most one durable commit (two fsyncs) per interval; every batch is finished at once
 # A batch part: ``batch-{start}-{stop}.part`` is durable (fsynced, and the activations before it);
 # ``batch-{start}-{stop}.{boot}.part`` is provisional: renamed into place without fsync, trusted only
@@ -171,6 +177,7 @@ def _free_space(path: Path) -> str:
 
 
 FAILED_WRITES: list[Path] = []  # run files whose write failed in this process (see cli.entry)
+_ABANDONED: list[h5py.File] = []  # files left open after a failed write, never closed by this process
 
 
 def _failed_write(value: Any) -> bool:
@@ -323,14 +330,15 @@ def _flat_text(texts: Any) -> tuple[np.ndarray, np.ndarray]:
     return blob, (np.diff(ends, prepend=-1) - 1).reshape(texts.shape)
 
 
-def _put_ragged(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
-                pieces: list[tuple[int, int, np.ndarray, np.ndarray]], text: bool) -> None:
-    """Create the variable-length dataset ``name`` (``shape`` = ``[N, ...]``; ``dtype`` the values'
-    dtype, ignored for strings) from finished batches' flat arrays: ``pieces`` are ``(start row,
-    stop row, values end to end, lengths [stop - start, ...])`` (:func:`_flat`, :func:`_flat_text`);
-    other rows are empty. HDF5 reads every element in place through a pointer (an ``hvl_t`` for a
-    sequence, a NUL-terminated ``char *`` for a string), so no Python object is made per element."""
-    keep = []  # the arrays the pointers point into, alive until the write
+def _ragged_memory(shape: tuple[int, ...], text: bool, pieces: list[tuple[int, int, np.ndarray, np.ndarray]],
+                   first_row: int = 0) -> tuple[np.ndarray, Any, list[np.ndarray]]:
+    """The in-memory image HDF5 writes a variable-length array from: ``shape`` = the rows written
+    (``[rows, ...]``), ``pieces`` = ``(start row, stop row, values end to end, lengths [stop - start,
+    ...])`` (:func:`_flat`, :func:`_flat_text`) with rows counted from ``first_row``; other rows are
+    empty. Returns (memory: an ``hvl_t`` per sequence or a NUL-terminated ``char *`` per string,
+    pointing into the pieces' flat arrays; its HDF5 memory type; the arrays that must stay alive
+    until the write), so no Python object is made per element."""
+    keep = []
     if text:
         memory = np.full(shape, _EMPTY_TEXT.ctypes.data, dtype=np.uintp)
         mtype = h5py.h5t.C_S1.copy()
@@ -338,20 +346,42 @@ def _put_ragged(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any
         mtype.set_cset(h5py.h5t.CSET_UTF8)
     else:
         memory = np.zeros(shape, dtype=HVL)
-        mtype = h5py.h5t.vlen_create(h5py.h5t.py_create(np.dtype(dtype)))
+        mtype = None
     for start, stop, flat, lengths in pieces:
         flat = np.ascontiguousarray(flat)
         keep.append(flat)
+        if mtype is None:
+            mtype = h5py.h5t.vlen_create(h5py.h5t.py_create(flat.dtype))
         step = (lengths + 1 if text else lengths).reshape(-1)
         address = (flat.ctypes.data + (np.cumsum(step) - step) * flat.itemsize).astype(np.uintp).reshape(lengths.shape)
         if text:
-            memory[start:stop] = address
+            memory[start - first_row : stop - first_row] = address
         else:
-            memory["len"][start:stop] = lengths
-            memory["p"][start:stop] = address
+            memory["len"][start - first_row : stop - first_row] = lengths
+            memory["p"][start - first_row : stop - first_row] = address
+    return memory, mtype, keep
+
+
+def _put_ragged(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                pieces: list[tuple[int, int, np.ndarray, np.ndarray]], text: bool) -> None:
+    """Create the variable-length dataset ``name`` (``shape`` = ``[N, ...]``; ``dtype`` the values'
+    dtype, ignored for strings) from finished batches' flat arrays (:func:`_ragged_memory`)."""
     ds = group.create_dataset(name, shape=shape, dtype=STR if text else h5py.vlen_dtype(np.dtype(dtype)))
-    if memory.size:
+    if math.prod(shape) and pieces:
+        memory, mtype, keep = _ragged_memory(shape, text, pieces)
         ds.id.write(h5py.h5s.ALL, h5py.h5s.ALL, memory, mtype=mtype)
+        del keep
+
+
+def _write_ragged_rows(ds: h5py.Dataset, start: int, flat: np.ndarray, lengths: np.ndarray, text: bool) -> None:
+    """Write rows ``start : start + len(lengths)`` of the variable-length dataset ``ds`` from one
+    flat array and its lengths (``[rows, ...]``)."""
+    if not lengths.size:
+        return
+    memory, mtype, keep = _ragged_memory(lengths.shape, text, [(start, start + len(lengths), flat, lengths)], start)
+    fspace = ds.id.get_space()
+    fspace.select_hyperslab((start,) + (0,) * (lengths.ndim - 1), lengths.shape)
+    ds.id.write(h5py.h5s.create_simple(lengths.shape), fspace, memory, mtype=mtype)
     del keep
 
 
@@ -434,34 +464,50 @@ def _fill_value(name: str, dtype: np.dtype) -> Any:
 
 
 # --------------------------------------------------------------------------- the parts of a run
-def _write_header(dest: Path, settings: dict[str, Any], samples: SampleTable, n_rounds: int, run_id: str) -> None:
+def _fill_header(f: h5py.File, settings: dict[str, Any], samples: SampleTable, n_rounds: int, run_id: str,
+                 created: str) -> None:
+    """Write a run's root attributes and ``samples/`` into ``f``."""
     n = len(samples.index)
     k = max((len(o) for o in samples.options), default=0)
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["workbench_version"] = _version()
+    f.attrs["created"] = created
+    f.attrs["status"] = "running"
+    f.attrs["run_id"] = run_id
+    f.attrs["n_samples"] = n
+    f.attrs["n_rounds"] = n_rounds
+    f.attrs["n_options"] = k
+    f.attrs["positions"] = json.dumps(list(POSITIONS))
+    for key, value in settings.items():
+        f.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
+    s = f.create_group("samples")
+    s.create_dataset("index", data=np.asarray(samples.index, dtype=np.int64))
+    for name in ("id", "context", "question", "category", "condition", "extra"):
+        texts = np.empty(n, dtype=object)
+        texts[:] = list(getattr(samples, name))
+        _put_ragged(s, name, (n,), None, [(0, n, *_flat_text(texts))], text=True)
+    opts = np.full((n, k), "", dtype=object)
+    for i, o in enumerate(samples.options):
+        opts[i, : len(o)] = list(o)
+    _put_ragged(s, "options", (n, k), None, [(0, n, *_flat_text(opts))], text=True)
+    s.create_dataset("gold", data=np.asarray(samples.gold, dtype=np.int16))
 
-    def fill(f: h5py.File) -> None:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["workbench_version"] = _version()
-        f.attrs["created"] = _now()
-        f.attrs["status"] = "running"
-        f.attrs["run_id"] = run_id
-        f.attrs["n_samples"] = n
-        f.attrs["n_rounds"] = n_rounds
-        f.attrs["n_options"] = k
-        f.attrs["positions"] = json.dumps(list(POSITIONS))
-        for key, value in settings.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
-        s = f.create_group("samples")
-        s.create_dataset("index", data=np.asarray(samples.index, dtype=np.int64))
-        for name in ("id", "context", "question", "category", "condition", "extra"):
-            s.create_dataset(name, data=np.asarray([_text(x) for x in getattr(samples, name)], dtype=object).reshape(n), dtype=STR)
-        opts = np.empty((n, k), dtype=object)
-        for i, o in enumerate(samples.options):
-            opts[i] = [_text(x) for x in o] + [""] * (k - len(o))
-        s.create_dataset("options", data=opts, dtype=STR)
-        s.create_dataset("gold", data=np.asarray(samples.gold, dtype=np.int16))
 
-    _write_h5_atomic(dest, fill)
+def _create_standard_arrays(f: h5py.File) -> None:
+    """Create every array of ``STANDARD_ARRAYS`` at full size in ``f`` (whose root attributes are
+    written), holding fill values: NaN, -1 for answers, 0, empty strings and sequences."""
+    n, n_rounds, k = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"]), int(f.attrs["n_options"])
+    for path, (tail, dtype) in STANDARD_ARRAYS.items():
+        shape = (n, *(n_rounds if d == "R" else k if d == "K" else d for d in tail))
+        _create_array(f, path, shape, np.dtype(dtype))
+
+
+def _create_array(f: h5py.File, path: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+    """An empty dataset at ``path`` whose unwritten elements read as the array's fill value."""
+    group, name = path.rsplit("/", 1)
+    fill = None if dtype.kind == "O" else _fill_value(name, dtype)
+    return f.require_group(group).create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
 
 
 @dataclass(frozen=True)
@@ -496,12 +542,17 @@ def _segments(offsets: Any, row_bytes: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: str, layers_json: str) -> list[ActivationSlot]:
-    """Create ``activations.h5`` with every array allocated at full size and record where each
-    array's bytes are (``layout.json``). Its HDF5 metadata is never written again."""
+def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype: str, layers_json: str,
+                        header: Callable[[h5py.File], None]) -> list[ActivationSlot]:
+    """Create ``activations.h5``, the run file to be: the root attributes and ``samples/``
+    (``header`` writes them), every standard array at full size holding fill values, every
+    activation array allocated at full size, the dimension scales; record where each activation
+    array's bytes are (``layout.json``) and that the file is built with no rows (``built.json``)."""
     slots: list[ActivationSlot] = []
 
     def fill(f: h5py.File) -> None:
+        # The activations first: their bytes then sit at offsets that depend only on their shapes,
+        # so a repair's fresh file (whose header is a copy) has the same layout.
         group = f.create_group("activations")
         for hook, shape in shapes.items():
             space = h5py.h5s.create_simple(shape)
@@ -520,14 +571,43 @@ def _create_activations(folder: Path, shapes: dict[str, tuple[int, ...]], dtype:
                     offsets[info.chunk_offset[0]] = info.byte_offset
                 ds.id.chunk_iter(record)
             slots.append(ActivationSlot(hook, tuple(shape), dtype, _segments(offsets, row_bytes)))
+        header(f)
+        _create_standard_arrays(f)
+        _add_dimension_scales(f)
 
     target = folder / ACTIVATIONS
     tmp = folder / (ACTIVATIONS + ".new")
     _write_h5_atomic(tmp, fill)
     _write_text_atomic(folder / LAYOUT, json.dumps([{"hook": s.hook, "shape": list(s.shape), "dtype": s.dtype,
                                                       "segments": [list(x) for x in s.segments]} for s in slots]))
+    _write_built(folder, [], durable=True)
     _replace(tmp, target)
     return slots
+
+
+def _read_built(folder: Path) -> list[tuple[int, int]] | None:
+    """The rows ``[(start, stop), ...]`` whose arrays ``activations.h5`` holds in a consistent HDF5
+    file, or None when it cannot be trusted (no record: a kill while HDF5 wrote it; or a record
+    from before the machine restarted, whose bytes may not have reached the disk)."""
+    try:
+        built = json.loads((folder / BUILT).read_text())
+    except (OSError, ValueError):
+        return None
+    if built.get("boot") is not None and built["boot"] != _boot_id():
+        return None
+    return [(int(a), int(b)) for a, b in built["rows"]]
+
+
+def _write_built(folder: Path, rows: list[tuple[int, int]], durable: bool) -> None:
+    """Record that ``activations.h5`` is consistent and holds ``rows``; ``durable``: fsynced (the
+    file must be too), else valid until the machine restarts."""
+    text = json.dumps({"boot": None if durable else _boot_id(), "rows": [list(r) for r in rows]})
+    if durable or _boot_id() is None:
+        _write_text_atomic(folder / BUILT, text)
+    else:
+        tmp = folder / (BUILT + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, folder / BUILT)
 
 
 def _read_layout(folder: Path) -> list[ActivationSlot]:
@@ -638,6 +718,36 @@ def _done_from_parts(folder: Path, n: int) -> np.ndarray:
     return done
 
 
+def _covered(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+    """Whether rows ``[start, stop)`` lie inside one of ``ranges``."""
+    return any(a <= start and stop <= b for a, b in ranges)
+
+
+def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with overlapping or touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(b, out[-1][1]))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _consecutive(batches: list[tuple[int, int, Any]]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Finished batches (``(start, stop, part arrays or a part's path)``) as runs of consecutive
+    rows with their arrays joined: one write per array per run."""
+    run: list[tuple[int, int, dict[str, np.ndarray]]] = []
+    for start, stop, arrays in sorted(batches, key=lambda x: x[0]):
+        arrays = _read_part(arrays) if isinstance(arrays, Path) else arrays
+        if run and (run[-1][1] != start or run[-1][2].keys() != arrays.keys()):
+            yield run[0][0], run[-1][1], _merge_batches([r[2] for r in run])
+            run = []
+        run.append((start, stop, arrays))
+    if run:
+        yield run[0][0], run[-1][1], _merge_batches([r[2] for r in run])
+
+
 def _derived_parts(folder: Path) -> list[Path]:
     return sorted(folder.glob("derived-*.h5"))
 
@@ -692,6 +802,12 @@ def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File,
         else:
             g.create_dataset(name, data=fixed[path])
     dst.require_group("progress").create_dataset("done", data=done.astype(np.uint8))
+    _copy_derived(dst, folder)
+    return done
+
+
+def _copy_derived(dst: h5py.File, folder: Path) -> None:
+    """Add the derived groups (``probe track`` …) written beside an unfinished run to ``dst``."""
     for derived in _derived_parts(folder):
         with h5py.File(derived, "r", locking=False) as d:
             group = d.attrs["group"]
@@ -699,7 +815,39 @@ def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File,
                 del dst[group]
             dst.require_group(group.rsplit("/", 1)[0] if "/" in group else "/")
             d.copy(d["data"], dst, group)
-    return done
+
+
+def _write_part_rows(f: h5py.File, start: int, arrays: dict[str, np.ndarray], datasets: dict[str, h5py.Dataset]) -> bool:
+    """Write one part's rows (``arrays`` as :func:`_batch_arrays` gives them, rows ``start : start
+    + B``) into the run file being built, creating at full size (fill values elsewhere) any array
+    it does not have yet (a task's fields). ``datasets``: the file's datasets by path, filled as
+    they are looked up (an HDF5 lookup by path costs more than a small write). Returns whether an
+    array was created."""
+    n = int(f.attrs["n_samples"])
+    created = False
+
+    def dataset(path: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
+        nonlocal created
+        if path not in datasets:
+            if path not in f:
+                _create_array(f, path, shape, dtype)
+                created = True
+            datasets[path] = f[path]
+        return datasets[path]
+
+    for key, value in arrays.items():
+        if key.endswith((FLAT, TEXT)):
+            continue
+        if key.endswith(LENGTHS):
+            path = key[: -len(LENGTHS)]
+            text = path + TEXT in arrays
+            flat = arrays[path + (TEXT if text else FLAT)]
+            ds = dataset(path, (n, *value.shape[1:]), STR if text else h5py.vlen_dtype(flat.dtype))
+            _write_ragged_rows(ds, start, flat, value, text)
+        elif len(value):
+            ds = dataset(key, (n, *value.shape[1:]), value.dtype)
+            ds.write_direct(np.ascontiguousarray(value), dest_sel=np.s_[start : start + len(value)])
+    return created
 
 
 def _activation_view(dst: h5py.File, activations_file: Path, slots: list[ActivationSlot], layers_json: str) -> None:
@@ -740,24 +888,45 @@ def _settle(path: Path) -> None:
         return
     for tmp in list(parts.glob("*.tmp")) + list(parts.glob("*.new")):
         tmp.unlink()
-    assembling = parts / ASSEMBLING
+    assembling = parts / ASSEMBLING  # left by a killed assembly of an earlier workbench
     if assembling.exists() and not (parts / ACTIVATIONS).exists():
-        old_slots = _read_layout(parts)
-        with h5py.File(parts / HEADER, "r", locking=False) as h:
-            layers_json = h.attrs.get("layers", "[]")
-        dtype = old_slots[0].dtype if old_slots else "float32"
-        tmp_dir = parts / "repair"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
-        new_slots = _create_activations(tmp_dir, {s.hook: s.shape for s in old_slots}, dtype, layers_json)
-        _copy_raw(assembling, old_slots, tmp_dir / ACTIVATIONS, new_slots)
-        _replace(tmp_dir / LAYOUT, parts / LAYOUT)
-        _replace(tmp_dir / ACTIVATIONS, parts / ACTIVATIONS)
-        shutil.rmtree(tmp_dir)
+        _rebuild(parts, assembling)
         assembling.unlink()
     elif assembling.exists():
         assembling.unlink()
+    elif (parts / ACTIVATIONS).exists() and _read_built(parts) is None:
+        _rebuild(parts, parts / ACTIVATIONS)
     _make_parts_durable(parts)
+
+
+def _rebuild(folder: Path, source: Path) -> None:
+    """Replace ``activations.h5`` by a fresh file built from ``source``'s raw activation bytes (at
+    ``layout.json``'s offsets; its HDF5 metadata is not trusted) and every finished part's rows.
+    The fresh file has the same layout, so a kill at any point leaves a state this repairs again."""
+    slots = _read_layout(folder)
+    tmp_dir = folder / "repair"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    with h5py.File(folder / HEADER, "r", locking=False) as h:
+        layers_json = h.attrs.get("layers", "[]")
+        dtype = slots[0].dtype if slots else "float32"
+        fresh = _create_activations(tmp_dir, {s.hook: s.shape for s in slots}, dtype, layers_json, lambda f: _copy_header(h, f))
+    if fresh != slots:
+        raise AssertionError(f"{folder}: a rebuilt {ACTIVATIONS} has another layout than {LAYOUT}")
+    _copy_raw(source, slots, tmp_dir / ACTIVATIONS, fresh)
+    rows = []
+    with h5py.File(tmp_dir / ACTIVATIONS, "r+", locking=False) as f:
+        created, datasets = False, {}
+        for start, stop, arrays in _consecutive([(a, b, part) for a, b, part in _batch_parts(folder)]):
+            created |= _write_part_rows(f, start, arrays, datasets)
+            rows.append((start, stop))
+        if created:
+            _add_dimension_scales(f)
+    _fsync_path(tmp_dir / ACTIVATIONS)
+    (folder / BUILT).unlink(missing_ok=True)
+    _replace(tmp_dir / ACTIVATIONS, folder / ACTIVATIONS)
+    _write_built(folder, _merged_ranges(rows), durable=False)
+    shutil.rmtree(tmp_dir)
 
 
 def _make_parts_durable(folder: Path) -> None:
@@ -803,14 +972,24 @@ class RunWriter:
                 self.n_samples, self.n_options = int(f.attrs["n_samples"]), int(f.attrs["n_options"])
             self.slots: list[ActivationSlot] = []
             self._fd = -1
+            self._h5, self._datasets = None, {}
             return
         with h5py.File(folder / HEADER, "r", locking=False) as h:
             self.n_samples, self.n_options = int(h.attrs["n_samples"]), int(h.attrs["n_options"])
             self.n_rounds = int(h.attrs["n_rounds"])
         self.slots = _read_layout(folder)
+        built = _read_built(folder)
+        if built is None:
+            raise AssertionError(f"{folder}: {ACTIVATIONS} is not settled (no {BUILT})")
+        self._built = built
         self._fd = os.open(folder / ACTIVATIONS, os.O_RDWR)
+        self._h5: h5py.File | None = None  # activations.h5 through HDF5, opened at the first build
+        self._datasets: dict[str, h5py.Dataset] = {}  # its datasets by path
         self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []  # finished since the last durable commit
-        self._last_commit = -math.inf  # the first batch commits at once
+        # finished batches whose rows are not in activations.h5 yet: (start, stop, arrays or their part's path)
+        self._unbuilt: list[tuple[int, int, dict[str, np.ndarray] | Path]] = [
+            (a, b, part) for a, b, part in _batch_parts(folder) if not _covered(built, a, b)]
+        self._last_commit = self._last_build = -math.inf  # the first batch commits and builds at once
         self._boot = _boot_id()
 
     # --------------------------------------------------------------------- open
@@ -848,8 +1027,13 @@ class RunWriter:
                 shapes = {h: (n, n_rounds, len(POSITIONS), nl, d) for h, (nl, d) in hook_shapes.items()}
                 layers = settings.get("layers", list(range(next(iter(hook_shapes.values()))[0] if hook_shapes else 0)))
                 layers_json = layers if isinstance(layers, str) else json.dumps(layers)
-                _create_activations(folder, shapes, activation_dtype, layers_json)
-                _write_header(folder / HEADER, settings, samples, n_rounds, uuid.uuid4().hex)
+                run_id, created = uuid.uuid4().hex, _now()
+
+                def header(f: h5py.File) -> None:
+                    _fill_header(f, settings, samples, n_rounds, run_id, created)
+
+                _create_activations(folder, shapes, activation_dtype, layers_json, header)
+                _write_h5_atomic(folder / HEADER, header)  # last: its existence means "the run exists"
             return cls(path, folder, lock, replaces_old=exists)
         except BaseException:
             lock.release()
@@ -895,6 +1079,12 @@ class RunWriter:
                 self.commit()
         except WorkbenchError:
             pass  # already failing (e.g. a full disk): the uncommitted batches are recomputed on --resume
+        if self._h5 is not None:
+            if self.path in FAILED_WRITES:  # HDF5 can crash closing a file whose write failed: leave it open
+                _ABANDONED.append(self._h5)
+            else:
+                self._h5.close()  # what it holds since the last build is not counted (no built.json says so)
+            self._h5, self._datasets = None, {}
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -935,11 +1125,49 @@ class RunWriter:
                 _write_rows(self._fd, slot, start, acts)
                 _start_writeback(self._fd, slot, start, stop)
             part = _batch_arrays(arrays, transcripts, self.n_rounds)
+            self._check_shapes(part, batch)
             self._pending.append((start, stop, part))
             if self._boot is None or self.replaces_old or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
                 self.commit()
             else:
                 _write_part(self.folder / _part_name(start, stop, self._boot), part, durable=False)
+            self._unbuilt.append((start, stop, part))
+            if (sum(b - a for a, b, _ in self._unbuilt) >= BUILD_ROWS
+                    or time.monotonic() - self._last_build >= COMMIT_INTERVAL_S):
+                self._build()
+
+    def _check_shapes(self, part: dict[str, np.ndarray], batch: int) -> None:
+        """Refuse a batch whose standard arrays do not have the run's shape ``[B, R, K, ...]``."""
+        for path, (tail, _) in STANDARD_ARRAYS.items():
+            key = path if path in part else path + LENGTHS
+            if key in part:
+                want = (batch, *(self.n_rounds if d == "R" else self.n_options if d == "K" else d for d in tail))
+                if part[key].shape != want:
+                    raise ValueError(f"{path}: batch shape {part[key].shape}, the run's is {want}")
+
+    def _build(self) -> None:
+        """Write the finished batches' rows into ``activations.h5`` (the run file to be) through
+        HDF5. HDF5 rewrites its metadata in place, so ``built.json`` is removed first and written
+        again after the flush: a kill in between leaves no record, and the next writer rebuilds
+        the file from the parts (which stay the record of what is finished) and the raw activations."""
+        if not self._unbuilt:
+            return
+        (self.folder / BUILT).unlink(missing_ok=True)
+        if self._h5 is None:
+            self._h5 = h5py.File(self.folder / ACTIVATIONS, "r+", locking=False)
+        created = False
+        for start, stop, arrays in _consecutive(self._unbuilt):
+            created |= _write_part_rows(self._h5, start, arrays, self._datasets)
+            self._built.append((start, stop))
+        if created:
+            _add_dimension_scales(self._h5)
+        self._h5.flush()
+        if self._boot is None:
+            os.fsync(self._fd)  # no boot id to date the record by: it must be durable
+        self._built = _merged_ranges(self._built)
+        _write_built(self.folder, self._built, durable=False)
+        self._unbuilt = []
+        self._last_build = time.monotonic()
 
     def commit(self) -> None:
         """Make every batch finished since the last commit durable (against a power cut too): fsync
@@ -970,15 +1198,29 @@ class RunWriter:
         self.folder, self.replaces_old = parts, False
 
     def finish(self) -> None:
-        """Assemble the run file once every sample is done (otherwise commit: the parts stay). The
-        assembly's own fsync makes the last provisional batches durable, so no commit precedes it."""
+        """Finish the run file once every sample is done (otherwise commit: the parts stay): build
+        the last rows in, mark it complete, fsync it (which makes the last provisional batches
+        durable, so no commit precedes it) and rename it to the run's path."""
         if self._complete:
             return
         if not self.done_mask().all():
             self.commit()
             return
         with _write_errors(self.path, "assembling"):
-            assemble(self.path, self.folder, self._pending)
+            self._build()
+            (self.folder / BUILT).unlink(missing_ok=True)
+            if self._h5 is None:
+                self._h5 = h5py.File(self.folder / ACTIVATIONS, "r+", locking=False)
+            f = self._h5
+            f.require_group("progress").create_dataset("done", data=np.ones(self.n_samples, dtype=np.uint8))
+            _copy_derived(f, self.folder)
+            f.attrs["status"] = "complete"
+            f.attrs["finished"] = _now()
+            f.close()  # on a failure, close() leaves it open (see there)
+            self._h5, self._datasets = None, {}
+            os.fsync(self._fd)  # every batch, provisional ones too, is now durable
+            _replace(self.folder / ACTIVATIONS, self.path)
+            shutil.rmtree(self.folder)
         self._pending = []
         os.close(self._fd)
         self._fd = -1
@@ -998,30 +1240,14 @@ def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
 
 
-def assemble(path: Path, folder: Path, in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> None:
-    """Turn a finished run's parts into the run file ``path``: the small arrays are copied into the
-    activations file (which is never copied), it is fsynced and renamed to ``path``, and the parts
-    folder is removed. A kill at any point is repaired by ``_settle``; so is a power cut (the first
-    rename and the removal need no fsync: either name, and stale parts, are repaired)."""
-    assembling = folder / ASSEMBLING
-    os.replace(folder / ACTIVATIONS, assembling)
-    with h5py.File(folder / HEADER, "r", locking=False) as header, h5py.File(assembling, "r+", locking=False) as f:
-        _copy_header(header, f)
-        _fill_from_parts(f, folder, header, in_memory)
-        f.attrs["status"] = "complete"
-        f.attrs["finished"] = _now()
-        _add_dimension_scales(f)
-    _fsync_path(assembling)
-    _replace(assembling, path)
-    shutil.rmtree(folder)
-
-
 def _add_dimension_scales(f: h5py.File) -> None:
     """Name every dimension of every array with an HDF5 dimension scale (netCDF-4 style, so
     ``xarray.open_dataset(path, engine="h5netcdf", group="rounds")`` gets named dimensions and
     coordinates). Each group holds the scales its arrays use: ``sample`` (the global sample index),
     ``round`` (0-based), ``position``, ``layer`` (captured layer indices), ``d_model``, ``option``,
-    ``bound`` (``start``/``end`` of a span), and ``{array}_dim{i}`` for other task-field axes."""
+    ``bound`` (``start``/``end`` of a span), and ``{array}_dim{i}`` for other task-field axes.
+    Arrays that already have scales are left as they are, so it can be called again after arrays
+    were added."""
     n, rounds, k = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"]), int(f.attrs["n_options"])
     values: dict[str, np.ndarray] = {
         "sample": f["samples/index"][...], "round": np.arange(rounds, dtype=np.int64),
@@ -1036,14 +1262,19 @@ def _add_dimension_scales(f: h5py.File) -> None:
 
         def scale(name: str, data: np.ndarray) -> h5py.Dataset:
             if name not in scales:
-                ds = group.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
-                ds.make_scale(name)
-                scales[name] = ds
+                if name in group:  # made by an earlier call
+                    scales[name] = group[name]
+                else:
+                    ds = group.create_dataset(name, data=data, dtype=STR if data.dtype == object else data.dtype)
+                    ds.make_scale(name)
+                    scales[name] = ds
             return scales[name]
 
         for name, ds in list(group.items()):
             if not isinstance(ds, h5py.Dataset) or name in values or h5py.h5ds.is_scale(ds.id):
                 continue
+            if ds.ndim and len(ds.dims[0]):
+                continue  # named by an earlier call
             for axis, length in enumerate(ds.shape):
                 if axis == 0 and length == n:
                     dim = "sample"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from workbench import store  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.store import RunWriter, SampleTable, replace_group, run_exists  # noqa: E402
 
@@ -38,21 +40,29 @@ def _texts(ds: h5py.Dataset) -> list:
     return ds.asstr()[...].tolist()
 
 
+def _settings(ref: h5py.File) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ref.attrs.items() if k not in NOT_SETTINGS}
+
+
+def create_like(ref: h5py.File, out: Path, overwrite: bool = False) -> RunWriter:
+    """``RunWriter.create`` for a run with the reference run's settings, samples and hooks."""
+    s = ref["samples"]
+    samples = SampleTable(index=s["index"][...].tolist(), id=_texts(s["id"]), context=_texts(s["context"]),
+                          question=_texts(s["question"]), options=[tuple(o) for o in _texts(s["options"])],
+                          gold=s["gold"][...].tolist(), category=_texts(s["category"]),
+                          condition=_texts(s["condition"]), extra=_texts(s["extra"]))
+    hooks = {h: ds.shape[3:] for h, ds in _arrays(ref["activations"]).items()}
+    dtype = str(next(iter(_arrays(ref["activations"]).values())).dtype)
+    return RunWriter.create(out, _settings(ref), samples, int(ref.attrs["n_rounds"]), hooks, dtype, overwrite=overwrite)
+
+
 def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, overwrite: bool = False) -> None:
     with h5py.File(reference, "r") as ref:
-        settings = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ref.attrs.items() if k not in NOT_SETTINGS}
-        n, rounds, batch_size = int(ref.attrs["n_samples"]), int(ref.attrs["n_rounds"]), int(ref.attrs["batch_size"])
-        s = ref["samples"]
-        samples = SampleTable(index=s["index"][...].tolist(), id=_texts(s["id"]), context=_texts(s["context"]),
-                              question=_texts(s["question"]), options=[tuple(o) for o in _texts(s["options"])],
-                              gold=s["gold"][...].tolist(), category=_texts(s["category"]),
-                              condition=_texts(s["condition"]), extra=_texts(s["extra"]))
-        hooks = {h: ds.shape[3:] for h, ds in _arrays(ref["activations"]).items()}
-        dtype = str(next(iter(_arrays(ref["activations"]).values())).dtype)
+        n, batch_size = int(ref.attrs["n_samples"]), int(ref.attrs["batch_size"])
         if resume and run_exists(out):  # as workbench run does: --resume on nothing starts the run
-            writer = RunWriter.resume(out, settings)
+            writer = RunWriter.resume(out, _settings(ref))
         else:
-            writer = RunWriter.create(out, settings, samples, rounds, hooks, dtype, overwrite=overwrite)
+            writer = create_like(ref, out, overwrite)
         with writer:
             done = writer.done_mask()
             written = 0
@@ -98,7 +108,9 @@ def main() -> None:
         else:
             replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite)
     except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if store.FAILED_WRITES:  # as the workbench executable does (cli.entry): no teardown after a failed write
+            os._exit(2)
         sys.exit(2)
     print(json.dumps({"ok": True}))
 
