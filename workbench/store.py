@@ -817,21 +817,20 @@ def _copy_derived(dst: h5py.File, folder: Path) -> None:
             d.copy(d["data"], dst, group)
 
 
-def _write_part_rows(f: h5py.File, start: int, arrays: dict[str, np.ndarray], datasets: dict[str, h5py.Dataset]) -> bool:
+def _write_part_rows(f: h5py.File, start: int, arrays: dict[str, np.ndarray], datasets: dict[str, h5py.Dataset]) -> list[str]:
     """Write one part's rows (``arrays`` as :func:`_batch_arrays` gives them, rows ``start : start
     + B``) into the run file being built, creating at full size (fill values elsewhere) any array
     it does not have yet (a task's fields). ``datasets``: the file's datasets by path, filled as
-    they are looked up (an HDF5 lookup by path costs more than a small write). Returns whether an
-    array was created."""
+    they are looked up (an HDF5 lookup by path costs more than a small write). Returns the paths
+    of the arrays it created."""
     n = int(f.attrs["n_samples"])
-    created = False
+    created: list[str] = []
 
     def dataset(path: str, shape: tuple[int, ...], dtype: np.dtype) -> h5py.Dataset:
-        nonlocal created
         if path not in datasets:
             if path not in f:
                 _create_array(f, path, shape, dtype)
-                created = True
+                created.append(path)
             datasets[path] = f[path]
         return datasets[path]
 
@@ -916,12 +915,13 @@ def _rebuild(folder: Path, source: Path) -> None:
     _copy_raw(source, slots, tmp_dir / ACTIVATIONS, fresh)
     rows = []
     with h5py.File(tmp_dir / ACTIVATIONS, "r+", locking=False) as f:
-        created, datasets = False, {}
+        created: list[str] = []
+        datasets: dict[str, h5py.Dataset] = {}
         for start, stop, arrays in _consecutive([(a, b, part) for a, b, part in _batch_parts(folder)]):
-            created |= _write_part_rows(f, start, arrays, datasets)
+            created += _write_part_rows(f, start, arrays, datasets)
             rows.append((start, stop))
         if created:
-            _add_dimension_scales(f)
+            _add_dimension_scales(f, created)
     _fsync_path(tmp_dir / ACTIVATIONS)
     (folder / BUILT).unlink(missing_ok=True)
     _replace(tmp_dir / ACTIVATIONS, folder / ACTIVATIONS)
@@ -1155,12 +1155,12 @@ class RunWriter:
         (self.folder / BUILT).unlink(missing_ok=True)
         if self._h5 is None:
             self._h5 = h5py.File(self.folder / ACTIVATIONS, "r+", locking=False)
-        created = False
+        created: list[str] = []
         for start, stop, arrays in _consecutive(self._unbuilt):
-            created |= _write_part_rows(self._h5, start, arrays, self._datasets)
+            created += _write_part_rows(self._h5, start, arrays, self._datasets)
             self._built.append((start, stop))
         if created:
-            _add_dimension_scales(self._h5)
+            _add_dimension_scales(self._h5, created)
         self._h5.flush()
         if self._boot is None:
             os.fsync(self._fd)  # no boot id to date the record by: it must be durable
@@ -1240,22 +1240,23 @@ def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
 
 
-def _add_dimension_scales(f: h5py.File) -> None:
+def _add_dimension_scales(f: h5py.File, only: Iterable[str] | None = None) -> None:
     """Name every dimension of every array with an HDF5 dimension scale (netCDF-4 style, so
     ``xarray.open_dataset(path, engine="h5netcdf", group="rounds")`` gets named dimensions and
     coordinates). Each group holds the scales its arrays use: ``sample`` (the global sample index),
     ``round`` (0-based), ``position``, ``layer`` (captured layer indices), ``d_model``, ``option``,
     ``bound`` (``start``/``end`` of a span), and ``{array}_dim{i}`` for other task-field axes.
-    Arrays that already have scales are left as they are, so it can be called again after arrays
-    were added."""
+    ``only``: the paths of the arrays to name (default: every array that has no scales yet), for
+    a call after arrays were added."""
     n, rounds, k = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"]), int(f.attrs["n_options"])
     values: dict[str, np.ndarray] = {
         "sample": f["samples/index"][...], "round": np.arange(rounds, dtype=np.int64),
         "option": np.arange(k, dtype=np.int64), "bound": np.array(["start", "end"], dtype=object),
         "position": np.array(POSITIONS, dtype=object),
     }
+    only = None if only is None else set(only)
     for group_name in ("samples", "rounds", "tokens", "transcripts", "activations"):
-        if group_name not in f:
+        if group_name not in f or only is not None and not any(p.startswith(group_name + "/") for p in only):
             continue
         group = f[group_name]
         scales: dict[str, h5py.Dataset] = {}
@@ -1271,9 +1272,11 @@ def _add_dimension_scales(f: h5py.File) -> None:
             return scales[name]
 
         for name, ds in list(group.items()):
+            if only is not None and f"{group_name}/{name}" not in only:
+                continue
             if not isinstance(ds, h5py.Dataset) or name in values or h5py.h5ds.is_scale(ds.id):
                 continue
-            if ds.ndim and len(ds.dims[0]):
+            if only is None and ds.ndim and len(ds.dims[0]):
                 continue  # named by an earlier call
             for axis, length in enumerate(ds.shape):
                 if axis == 0 and length == n:
