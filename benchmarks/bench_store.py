@@ -5,13 +5,15 @@
    place, so every batch is finished when ``write_batch`` returns; at most once a second an
    fsynced commit), against one ``numpy.save`` of the same activations (and against
    ``numpy.save`` followed by one fsync);
-2. the final assembly (``RunWriter.finish``: the small arrays written into the activations file,
-   fsynced, renamed to the run file) as a share of the run's write time; and the whole durable
-   run (write + assembly) against ``numpy.save`` + fsync;
+2. the final assembly (``RunWriter.finish``: the last batches' rows built into the run file to
+   be, which is marked complete, fsynced and renamed) as a share of the run's write time (the
+   creation and every ``write_batch``, the rows built in as the batches finish included); and the
+   whole durable run (write + assembly) against ``numpy.save`` + fsync;
 3. random access: reading one (sample, round) from the run file, against loading the ``.npy``
    file and indexing it (what a viewer would otherwise do).
 
-Each measure is the median of ``--repeats`` runs, interleaved.
+Each measure is the median of ``--repeats`` runs, interleaved, each started after an (untimed)
+``os.sync`` so that none waits for the dirty pages the one before left.
 
     python benchmarks/bench_store.py                 # 2000 samples × 5 rounds × 2 × 8 layers × 512
     python benchmarks/bench_store.py --quick
@@ -37,9 +39,20 @@ sys.path.insert(0, str(ROOT))
 from workbench.store import RunFile, RunWriter, SampleTable  # noqa: E402
 
 
-def write_run(path: Path, acts: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Write a run like ``workbench run`` does (every per-round array, tokens, transcripts);
-    returns (seconds creating and writing every batch, seconds assembling)."""
+def warm_memory(nbytes: int) -> float:
+    """Touch ``nbytes`` of memory once and free it; returns the seconds it took. In a virtual
+    machine a page the guest never used costs a fault in the host the first time (here about
+    0.4 GB/s against several GB/s), and the page cache of a fresh file gets such pages or reused
+    ones by chance: without this, one ``numpy.save`` of the same bytes varied 20× between runs."""
+    t0 = time.perf_counter()
+    np.ones(nbytes, dtype=np.uint8)
+    return time.perf_counter() - t0
+
+
+def write_run(path: Path, acts: np.ndarray, batch_size: int, durable: bool = True) -> tuple[float, float]:
+    """Write a run like ``workbench run`` does (every per-round array, tokens, transcripts;
+    ``durable`` False as with ``--no-fsync``); returns (seconds creating and writing every batch,
+    seconds assembling)."""
     n, r = acts.shape[:2]
     rng = np.random.default_rng(1)
     samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=["a context sentence"] * n,
@@ -62,7 +75,7 @@ def write_run(path: Path, acts: np.ndarray, batch_size: int) -> tuple[float, flo
         batches.append((start, arrays, [list(range(40 * r))] * b))
     t0 = time.perf_counter()
     writer = RunWriter.create(path, {"layers": list(range(acts.shape[3])), "batch_size": batch_size}, samples, r,
-                              {"hook_resid_post": acts.shape[3:]})
+                              {"hook_resid_post": acts.shape[3:]}, durable=durable)
     with writer:
         for start, arrays, transcripts in batches:
             writer.write_batch(start, arrays, {"hook_resid_post": acts[start : start + len(transcripts)]}, transcripts)
@@ -90,24 +103,29 @@ def main() -> None:
     n, r = a.samples, a.rounds
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((n, r, 2, a.layers, a.d_model), dtype=np.float32)
-    npy, npy_sync, written, assembled = [], [], [], []
+    warm_memory(4 * acts.nbytes)
+    runs: dict[str, list[float]] = {k: [] for k in ("npy", "npy_sync", "write", "assembly", "write_nofsync", "assembly_nofsync")}
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as tmp:
         tmp = Path(tmp)
         for i in range(a.repeats):
+            os.sync()
             t0 = time.perf_counter()
             np.save(tmp / f"acts{i}.npy", acts)
-            npy.append(time.perf_counter() - t0)
+            runs["npy"].append(time.perf_counter() - t0)
+            os.sync()
             t0 = time.perf_counter()
             with open(tmp / f"sync{i}.npy", "wb") as fh:
                 np.save(fh, acts)
                 fh.flush()
                 os.fsync(fh.fileno())
-            npy_sync.append(time.perf_counter() - t0)
-            w, s = write_run(tmp / f"run{i}.h5", acts, a.batch_size)
-            written.append(w)
-            assembled.append(s)
-        npy_s, npy_sync_s = float(np.median(npy)), float(np.median(npy_sync))
-        h5_s, asm_s = float(np.median(written)), float(np.median(assembled))
+            runs["npy_sync"].append(time.perf_counter() - t0)
+            for suffix, durable in (("", True), ("_nofsync", False)):
+                os.sync()
+                w, s = write_run(tmp / f"run{i}{suffix}.h5", acts, a.batch_size, durable)
+                runs["write" + suffix].append(w)
+                runs["assembly" + suffix].append(s)
+        med = {k: float(np.median(v)) for k, v in runs.items()}
+        npy_s, npy_sync_s, h5_s, asm_s = med["npy"], med["npy_sync"], med["write"], med["assembly"]
 
         picks = rng.integers(0, n, a.reads), rng.integers(0, r, a.reads)
         with RunFile(tmp / "run0.h5") as run:
@@ -129,12 +147,14 @@ def main() -> None:
     gib = acts.nbytes / 2**30
     res = {"shape": list(acts.shape), "gib": gib, "batch_size": a.batch_size, "repeats": a.repeats,
            "npy_save_s": npy_s, "npy_save_fsync_s": npy_sync_s, "run_write_s": h5_s, "assembly_s": asm_s,
+           "run_write_nofsync_s": med["write_nofsync"], "assembly_nofsync_s": med["assembly_nofsync"],
            "write_throughput_ratio_run_over_npy": npy_s / h5_s,
            "write_throughput_ratio_run_over_npy_fsync": npy_sync_s / h5_s,
+           "write_throughput_ratio_nofsync_run_over_npy": npy_s / med["write_nofsync"],
            "assembly_share_of_write": asm_s / h5_s,
-           "durable_ratio_npy_fsync_over_write_plus_assembly": npy_sync_s / float(np.median(np.add(written, assembled))),
-           "per_repeat": {"npy_save_s": npy, "npy_save_fsync_s": npy_sync, "run_write_s": written, "assembly_s": assembled},
-           "run_write_gib_per_s": gib / h5_s, "npy_write_gib_per_s": gib / npy_s,
+           "assembly_share_of_write_nofsync": med["assembly_nofsync"] / med["write_nofsync"],
+           "durable_ratio_npy_fsync_over_write_plus_assembly": npy_sync_s / float(np.median(np.add(runs["write"], runs["assembly"]))),
+           "per_repeat": runs, "load_average": os.getloadavg()[0],
            "h5_read_one_ms": h5_read * 1e3, "npy_load_then_index_ms": npy_read * 1e3, "npy_mmap_read_one_ms": mmap_read * 1e3}
     from rich.console import Console
     from rich.table import Table
@@ -143,16 +163,20 @@ def main() -> None:
                         f"median of {a.repeats}")
     for c in ("measure", "value"):
         table.add_column(c)
+    nf_s, nf_asm = med["write_nofsync"], med["assembly_nofsync"]
     table.add_row("numpy.save, one call (s)", f"{npy_s:.2f}  ({gib / npy_s:.2f} GiB/s)")
     table.add_row("numpy.save + fsync (s)", f"{npy_sync_s:.2f}  ({gib / npy_sync_s:.2f} GiB/s)")
     table.add_row("run, streamed: every batch finished at once, fsync ≤ 1/s (s)", f"{h5_s:.2f}  ({gib / h5_s:.2f} GiB/s)")
-    table.add_row("write throughput ratio run ÷ numpy.save", f"{npy_s / h5_s:.2f}")
+    table.add_row("run --no-fsync, streamed (s)", f"{nf_s:.2f}  ({gib / nf_s:.2f} GiB/s)")
+    table.add_row("write throughput ratio run --no-fsync ÷ numpy.save", f"{npy_s / nf_s:.2f}")
     table.add_row("write throughput ratio run ÷ (numpy.save + fsync)", f"{npy_sync_s / h5_s:.2f}")
-    table.add_row("final assembly (s)", f"{asm_s:.3f}")
-    table.add_row("assembly ÷ the run's write time", f"{asm_s / h5_s:.3f}")
+    table.add_row("write throughput ratio run ÷ numpy.save", f"{npy_s / h5_s:.2f}")
+    table.add_row("final assembly, run / --no-fsync (s)", f"{asm_s:.3f} / {nf_asm:.3f}")
+    table.add_row("assembly ÷ the run's write time, run / --no-fsync", f"{asm_s / h5_s:.3f} / {nf_asm / nf_s:.3f}")
     table.add_row("(numpy.save + fsync) ÷ (run write + assembly), both durable", f"{res['durable_ratio_npy_fsync_over_write_plus_assembly']:.2f}")
-    table.add_row("per repeat: write / assembly / numpy.save (s)",
-                  "  ".join(f"{w:.2f}/{s:.2f}/{v:.2f}" for w, s, v in zip(written, assembled, npy)))
+    table.add_row("per repeat: write / assembly / --no-fsync write / numpy.save (s)",
+                  "  ".join(f"{w:.2f}/{x:.2f}/{y:.2f}/{v:.2f}" for w, x, y, v in
+                            zip(runs["write"], runs["assembly"], runs["write_nofsync"], runs["npy"])))
     table.add_row("read one (sample, round) from the run file", f"{h5_read * 1e3:.3f} ms")
     table.add_row("np.load whole .npy then index", f"{npy_read * 1e3:.1f} ms")
     table.add_row("np.load(mmap) one (sample, round)", f"{mmap_read * 1e3:.3f} ms")

@@ -9,6 +9,7 @@ The kill tests replay a real organism run's writer calls (``tests/fault/replay.p
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -166,6 +167,64 @@ def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypat
     import replay
 
     replay.replay(reference, out, resume=True, pause_after=None)
+    assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
+
+
+def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, tmp_path, monkeypatch):
+    """--no-fsync: no fsync and no writeback request from the first batch to the finished file
+    (the creation fsyncs its files as always); a SIGKILL at sampled writes, then --resume, still
+    gives an identical run; after a restart none of its batches count and --resume recomputes them."""
+    import replay
+
+    calls = {"fsync": 0, "writeback": 0}
+    real_fsync, real_writeback = os.fsync, store._start_writeback
+
+    def fsync(fd):
+        calls["fsync"] += 1
+        real_fsync(fd)
+
+    def writeback(*args):
+        calls["writeback"] += 1
+        real_writeback(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store, "_start_writeback", writeback)
+    with h5py.File(reference) as ref, replay.create_like(ref, tmp_path / "created.h5", durable=False):
+        at_creation = dict(calls)
+    for durable in (True, False):
+        before = dict(calls)
+        replay.replay(reference, tmp_path / f"durable-{durable}.h5", resume=False, pause_after=None, durable=durable)
+        spent = {key: calls[key] - before[key] - at_creation[key] for key in calls}
+        if durable:
+            assert spent["fsync"] >= 2 and spent["writeback"] == 3, spent  # a commit and the finish; every batch
+        else:
+            assert spent == {"fsync": 0, "writeback": 0}, spent
+        assert inject.differences(inject.datasets(reference), inject.datasets(tmp_path / f"durable-{durable}.h5")) == []
+    monkeypatch.undo()
+
+    total = inject.count_events([*inject.REPLAY, str(reference), str(tmp_path / "count.h5"), "--no-fsync"], shim, tmp_path)
+    failures = []
+    for k in sampled(total, 6):
+        out = tmp_path / f"k{k}" / "run.h5"
+        out.parent.mkdir()
+        failures.append(inject.kill_then_resume(reference, out, shim, k, ("--no-fsync",)))
+    assert [f for f in failures if f] == []
+
+    out = tmp_path / "restart" / "run.h5"
+    out.parent.mkdir()
+    writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "2", "--no-fsync"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_paused(writer)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    with RunFile(out) as run:
+        assert run.done.tolist() == [True] * 8 + [False] * 4
+    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # the machine has restarted
+    with RunFile(out) as run:
+        assert not run.done.any()
+    replay.replay(reference, out, resume=True, pause_after=None, durable=False)
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
 
 

@@ -51,6 +51,7 @@ class RunConfig:
     max_new_tokens: int | None = None
     resume: bool = False
     overwrite: bool = False
+    fsync: bool = True  # wait for the disk so that a power cut loses at most the last second (workbench.store)
     option_scoring: str | None = None  # letter | letter-text; None: the protocol's (letter by default)
     force: bool = False  # run a protocol written for another task
     command_line: str = ""  # how the run was started (the CLI fills it in; recorded in the run file)
@@ -356,11 +357,11 @@ def run_protocol(
         from workbench.open_ended import check_resume
 
         check_resume(out, settings)
-        writer = RunWriter.resume(out, settings)
+        writer = RunWriter.resume(out, settings, durable=cfg.fsync)
     else:
         writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
                                   {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
-                                  overwrite=cfg.overwrite)
+                                  overwrite=cfg.overwrite, durable=cfg.fsync)
     gold = np.asarray([s.gold for s in samples])
     with writer:
         done = writer.done_mask()

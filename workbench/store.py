@@ -961,8 +961,9 @@ class RunWriter:
     ``finish`` assembles the run file once every batch is done.
     """
 
-    def __init__(self, path: Path, folder: Path, lock: RunLock, replaces_old: bool = False):
+    def __init__(self, path: Path, folder: Path, lock: RunLock, replaces_old: bool = False, durable: bool = True):
         self.path = path
+        self.durable = durable  # fsync (power-cut safety) as described; False: only a kill of the process is survived
         self.folder = folder  # the parts folder (the staging folder until an --overwrite's first batch)
         self.lock = lock
         self.replaces_old = replaces_old
@@ -1003,11 +1004,15 @@ class RunWriter:
         hook_shapes: dict[str, tuple[int, int]],
         activation_dtype: str = "float32",
         overwrite: bool = False,
+        durable: bool = True,
     ) -> "RunWriter":
         """Start a new run at ``path``. hook_shapes: hook → (n_layers, d_model).
 
         With ``overwrite`` an existing run is replaced only once the new run's first batch is
-        finished (until then it stays readable, and a failure leaves it as it was)."""
+        finished (until then it stays readable, and a failure leaves it as it was). ``durable``
+        False (``workbench run --no-fsync``): nothing waits for the disk; a kill of the process
+        still loses nothing finished, a power cut (or kernel crash) loses the batches since the
+        start (they are recomputed) and can damage a run file finished in the last ~30 s."""
         path = Path(path)
         with _write_errors(path, "creating"):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1034,14 +1039,15 @@ class RunWriter:
 
                 _create_activations(folder, shapes, activation_dtype, layers_json, header)
                 _write_h5_atomic(folder / HEADER, header)  # last: its existence means "the run exists"
-            return cls(path, folder, lock, replaces_old=exists)
+            return cls(path, folder, lock, replaces_old=exists, durable=durable)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def resume(cls, path: Path, settings: dict[str, Any]) -> "RunWriter":
-        """Reopen an unfinished (or finished) run for writing, after checking it was made with the same settings."""
+    def resume(cls, path: Path, settings: dict[str, Any], durable: bool = True) -> "RunWriter":
+        """Reopen an unfinished (or finished) run for writing, after checking it was made with the
+        same settings; ``durable`` as for :meth:`create`."""
         path = Path(path)
         if not run_exists(path):
             raise WorkbenchError(f"--resume: {path} does not exist")
@@ -1061,7 +1067,7 @@ class RunWriter:
                 raise WorkbenchError(f"--resume: {path} does not exist")
             with h5py.File(header, "r", locking=False) as h:
                 _check_settings(path, h.attrs, settings)
-            return cls(path, parts_dir(path), lock)
+            return cls(path, parts_dir(path), lock, durable=durable)
         except BaseException:
             lock.release()
             raise
@@ -1123,13 +1129,17 @@ class RunWriter:
                 if acts.shape != (batch, *slot.shape[1:]):
                     raise ValueError(f"activations/{slot.hook}: batch shape {acts.shape}, expected {(batch, *slot.shape[1:])}")
                 _write_rows(self._fd, slot, start, acts)
-                _start_writeback(self._fd, slot, start, stop)
+                if self.durable:
+                    _start_writeback(self._fd, slot, start, stop)
             part = _batch_arrays(arrays, transcripts, self.n_rounds)
             self._check_shapes(part, batch)
-            self._pending.append((start, stop, part))
-            if self._boot is None or self.replaces_old or time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            if self._boot is None or self.replaces_old or (
+                    self.durable and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S):
+                self._pending.append((start, stop, part))
                 self.commit()
             else:
+                if self.durable:
+                    self._pending.append((start, stop, part))
                 _write_part(self.folder / _part_name(start, stop, self._boot), part, durable=False)
             self._unbuilt.append((start, stop, part))
             if (sum(b - a for a, b, _ in self._unbuilt) >= BUILD_ROWS
@@ -1218,8 +1228,11 @@ class RunWriter:
             f.attrs["finished"] = _now()
             f.close()  # on a failure, close() leaves it open (see there)
             self._h5, self._datasets = None, {}
-            os.fsync(self._fd)  # every batch, provisional ones too, is now durable
-            _replace(self.folder / ACTIVATIONS, self.path)
+            if self.durable:
+                os.fsync(self._fd)  # every batch, provisional ones too, is now durable
+                _replace(self.folder / ACTIVATIONS, self.path)
+            else:
+                os.replace(self.folder / ACTIVATIONS, self.path)
             shutil.rmtree(self.folder)
         self._pending = []
         os.close(self._fd)

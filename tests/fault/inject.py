@@ -71,14 +71,14 @@ def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> list[str]
     return bad
 
 
-def kill_then_resume(reference: Path, out: Path, shim: Path, k: int) -> str | None:
-    """Replay the writer into ``out`` killed at call ``k``, check what a reader sees (every batch
-    whose ``write_batch`` had returned is done, and its rows are right), resume; None when the
-    result equals the reference, else what went wrong."""
+def kill_then_resume(reference: Path, out: Path, shim: Path, k: int, args: tuple[str, ...] = ()) -> str | None:
+    """Replay the writer into ``out`` (with replay.py's ``args``) killed at call ``k``, check what
+    a reader sees (every batch whose ``write_batch`` had returned is done, and its rows are right),
+    resume; None when the result equals the reference, else what went wrong."""
     from workbench.errors import WorkbenchError
     from workbench.store import RunFile
 
-    killed = run([*REPLAY, str(reference), str(out)], shim, kill_at=k)
+    killed = run([*REPLAY, str(reference), str(out), *args], shim, kill_at=k)
     if killed.returncode not in (-signal.SIGKILL, 0):
         return f"k={k}: the killed writer failed: {killed.stderr.strip()[-300:]}"
     ref = datasets(reference)
@@ -97,7 +97,7 @@ def kill_then_resume(reference: Path, out: Path, shim: Path, k: int) -> str | No
     except WorkbenchError as e:
         if "not found" not in str(e) or returned:
             return f"k={k}: the killed run cannot be read: {e}"
-    resumed = run([*REPLAY, str(reference), str(out), "--resume"])
+    resumed = run([*REPLAY, str(reference), str(out), "--resume", *args])
     if resumed.returncode != 0:
         return f"k={k}: --resume failed: {resumed.stderr.strip()[-300:]}"
     bad = differences(ref, datasets(out))

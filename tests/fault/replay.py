@@ -3,7 +3,7 @@
 makes, without loading a model, so a fault injector can kill it at any write in well under a second.
 Prints ``wrote START STOP`` once each ``write_batch`` has returned (those batches must survive a kill).
 
-    python tests/fault/replay.py REFERENCE.h5 OUT.h5 [--resume] [--pause-after N]
+    python tests/fault/replay.py REFERENCE.h5 OUT.h5 [--resume] [--pause-after N] [--no-fsync]
     python tests/fault/replay.py --track OUT.h5      # replace_group, as `workbench probe track` does
 
 A WorkbenchError prints one line and exits 2, as the CLI does.
@@ -44,7 +44,7 @@ def _settings(ref: h5py.File) -> dict:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in ref.attrs.items() if k not in NOT_SETTINGS}
 
 
-def create_like(ref: h5py.File, out: Path, overwrite: bool = False) -> RunWriter:
+def create_like(ref: h5py.File, out: Path, overwrite: bool = False, durable: bool = True) -> RunWriter:
     """``RunWriter.create`` for a run with the reference run's settings, samples and hooks."""
     s = ref["samples"]
     samples = SampleTable(index=s["index"][...].tolist(), id=_texts(s["id"]), context=_texts(s["context"]),
@@ -53,16 +53,18 @@ def create_like(ref: h5py.File, out: Path, overwrite: bool = False) -> RunWriter
                           condition=_texts(s["condition"]), extra=_texts(s["extra"]))
     hooks = {h: ds.shape[3:] for h, ds in _arrays(ref["activations"]).items()}
     dtype = str(next(iter(_arrays(ref["activations"]).values())).dtype)
-    return RunWriter.create(out, _settings(ref), samples, int(ref.attrs["n_rounds"]), hooks, dtype, overwrite=overwrite)
+    return RunWriter.create(out, _settings(ref), samples, int(ref.attrs["n_rounds"]), hooks, dtype, overwrite=overwrite,
+                            durable=durable)
 
 
-def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, overwrite: bool = False) -> None:
+def replay(reference: Path, out: Path, resume: bool, pause_after: int | None, overwrite: bool = False,
+           durable: bool = True) -> None:
     with h5py.File(reference, "r") as ref:
         n, batch_size = int(ref.attrs["n_samples"]), int(ref.attrs["batch_size"])
         if resume and run_exists(out):  # as workbench run does: --resume on nothing starts the run
-            writer = RunWriter.resume(out, _settings(ref))
+            writer = RunWriter.resume(out, _settings(ref), durable=durable)
         else:
-            writer = create_like(ref, out, overwrite)
+            writer = create_like(ref, out, overwrite, durable)
         with writer:
             done = writer.done_mask()
             written = 0
@@ -101,12 +103,13 @@ def main() -> None:
     p.add_argument("--track", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--pause-after", type=int)
+    p.add_argument("--no-fsync", action="store_true", help="write as workbench run --no-fsync does")
     a = p.parse_args()
     try:
         if a.track:
             track(Path(a.paths[0]))
         else:
-            replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite)
+            replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite, durable=not a.no_fsync)
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if store.FAILED_WRITES:  # as the workbench executable does (cli.entry): no teardown after a failed write
