@@ -660,7 +660,7 @@ def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarr
 
 
 def _copy_raw(src: Path, src_slots: list[ActivationSlot], dst: Path, dst_slots: list[ActivationSlot]) -> None:
-    """Copy every activation array's rows from one file to another (repairing a killed assembly)."""
+    """Copy every activation array's rows from one file to another (a rebuild, :func:`_rebuild`)."""
     with open(src, "rb") as fin, open(dst, "r+b") as fout:
         for a, b in zip(src_slots, dst_slots):
             step = max(1, (64 << 20) // max(a.row_bytes, 1))
@@ -865,7 +865,8 @@ def _activation_view(dst: h5py.File, activations_file: Path, slots: list[Activat
 def _settle(path: Path) -> None:
     """Bring a run's files into one consistent state after a kill (the caller holds the lock):
     finish an interrupted ``--overwrite`` swap, drop parts a completed assembly left behind,
-    remove unfinished temporary files, and repair a killed assembly."""
+    remove unfinished temporary files, and rebuild a run file to be whose HDF5 writes a kill cut
+    short (no trusted ``built.json``)."""
     parts, staging, old = parts_dir(path), _staging_dir(path), path.with_name(path.name + ".parts.old")
     if staging.exists() and not parts.exists() and not path.exists() and (staging / HEADER).exists() and _batch_parts(staging):
         _replace(staging, parts)  # killed between the --overwrite swap's renames
