@@ -85,6 +85,24 @@ def test_save_then_load_gives_the_cache_back_bit_for_bit(dtype, organism, tmp_pa
     assert back.cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 4, 4)  # [batch, head, q, k] as TransformerLens has it
 
 
+def test_token_strings_round_trip_exactly_and_schema_1_files_still_load(tmp_path):
+    """Token strings are UTF-8 bytes + offsets (NUL and any character kept exactly); a schema 1
+    file, whose strings were one variable-length string dataset, still loads."""
+    strings = [["a", "\0", "", "é日本"], ["🙂", " the", "\n", "x\0y"]]
+    cache = {"blocks.0.hook_resid_post": torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)}
+    path = save_activation_cache(cache, tmp_path / "c.h5", token_str=strings)
+    assert load_activation_cache(path).token_str == strings
+    with h5py.File(path, "r+") as f:  # rewrite it as schema 1 wrote it
+        t = f["tokens"]
+        old = [s.replace("\0", "\u2400") for row in strings for s in row]
+        del t["token_str_utf8"], t["token_str_offsets"]
+        t.create_dataset("token_str", data=np.asarray(old, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.attrs["schema_version"] = 1
+    back = load_activation_cache(path)
+    assert back.token_str == [[s.replace("\0", "\u2400") for s in row] for row in strings]
+    assert torch.equal(back.cache["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
+
+
 def test_load_is_lazy_and_selects_tokens(full_export):
     back = load_activation_cache(full_export, hooks=["blocks.2.hook_resid_post"], rounds=[1], roles=["response"])
     assert dict.__getitem__(back.cache.cache_dict, "blocks.2.hook_resid_post") is None  # nothing read yet
@@ -396,7 +414,7 @@ def test_selection_rounds_roles_samples(run_path, organism, tmp_path, capsys, mo
 def test_h5ls_lists_the_cache_file(full_export):
     listing = subprocess.run(["h5ls", "-r", str(full_export)], capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
-    for name in ("/tokens/offsets", "/tokens/token_str", "/tokens/role", "/activations/blocks.3.hook_resid_post"):
+    for name in ("/tokens/offsets", "/tokens/token_str_utf8", "/tokens/token_str_offsets", "/tokens/role", "/activations/blocks.3.hook_resid_post"):
         assert name in listing.stdout, listing.stdout
 
 
