@@ -49,6 +49,12 @@ DATA, FINISHING, REPAIR = "cache.h5", "finishing.h5", "repair"
 DONE = re.compile(r"^done-(\d+)-(\d+)(?:\.([0-9a-f]+))?$")
 
 
+def is_durable(fsync: bool) -> bool:
+    """Whether an export commits durably: when asked to (``--fsync``), and wherever the kernel gives
+    no boot id (a provisional marker could not tell a restart from a kill there)."""
+    return fsync or _boot_id() is None
+
+
 def marker_name(start: int, stop: int, boot: str | None) -> str:
     """The name recording batches ``start … stop-1`` as written: durable without ``boot``,
     provisional (counting while the machine's boot id is ``boot``) with it."""
@@ -125,7 +131,7 @@ class PartialCache:
         self.starts = np.concatenate([[0], np.cumsum(self.batch_tokens)]).astype(np.int64)
         self.done = done_batches(folder)
         self._boot = _boot_id()
-        self.durable = durable or self._boot is None  # no boot id: a marker could not tell a restart
+        self.durable = is_durable(durable)
         self._fd = os.open(folder / DATA, os.O_RDWR)
         self._pending: list[int] = []
         self._last_commit = -float("inf")  # the first batch commits at once

@@ -42,7 +42,7 @@ import numpy as np
 import typer
 
 from workbench.cache_file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
-from workbench.cache_writer import PartialCache, done_batches
+from workbench.cache_writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError
 
 FORMATS = ("hdf5", "saelens")
@@ -465,6 +465,7 @@ def export_run(
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
+    durable = is_durable(fsync)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
         if out.is_dir():
@@ -472,7 +473,7 @@ def export_run(
         else:
             out.unlink(missing_ok=True)
     with _disk_full_is_one_line(parts, plan, parts):
-        _start_or_check_parts(parts, manifest, fsync)
+        _start_or_check_parts(parts, manifest, durable)
     tokens = _token_table(run, plan, chosen, model.tokenizer)
     layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
                for name in names]
@@ -487,7 +488,7 @@ def export_run(
     sites = hf_sites(model, names)
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     total = tokens.n_tokens
-    with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create, durable=fsync) as cache:
+    with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create, durable=durable) as cache:
         if on_batch:
             on_batch(cache.done_tokens, total)
         for k in cache.missing:
@@ -502,7 +503,7 @@ def export_run(
             from workbench.saelens_export import write_saelens
 
             cache.commit()
-            write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size, fsync=fsync)
+            write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size, fsync=durable)
         else:
             cache.finish(out)
     shutil.rmtree(parts, ignore_errors=True)
