@@ -9,9 +9,11 @@ imports torch only when called.
 A cache file is created once with every dataset allocated at full size and everything but the
 activations written (:func:`create_cache_file`); the activation rows are then written with plain
 ``pwrite`` into the allocated chunks (:func:`write_rows`), so HDF5 never rewrites the file's
-metadata while data is in it. The file is fsynced and renamed onto its final name only when every
-row is there: a reader never sees a half-written cache (:mod:`workbench.cache_writer` does this
-resumably for ``workbench export``).
+metadata while data is in it. The file is renamed onto its final name only when every row is
+there, so a reader never sees a half-written cache: :func:`write_cache_file` fsyncs it first;
+:mod:`workbench.cache_writer` does this resumably for ``workbench export``, fsyncing only with
+``--fsync``. Token strings are one UTF-8 byte array with offsets (schema 2; schema 1's
+variable-length strings are still read).
 """
 
 from __future__ import annotations
