@@ -244,7 +244,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write-tokens", default="4000,40000,200000",
                    help="token counts of the write benchmark, each × 8 hooks × 512 float32 (62 MiB, 625 MiB, 3 GiB)")
-    p.add_argument("--write-repeats", type=int, default=3)
+    p.add_argument("--write-repeats", type=int, default=4, help="repeats of each write measure (4 measures, their order rotated: a multiple of 4 gives each every place)")
     p.add_argument("--memory", default="200,2000")
     p.add_argument("--only", default="write,time,memory", help="which parts to run (comma-separated)")
     p.add_argument("--quick", action="store_true")
