@@ -1,10 +1,11 @@
 """Export benchmarks (DESIGN §8), side by side in one process on the same tokens and bytes:
 
 1. write throughput: the export's whole writing path (the cache file created up front with its
-   token labels and every dataset allocated, each batch's rows written into place and committed
-   as the export commits them, the finish: fsync and rename) ÷ one ``numpy.save`` of the same
-   array (and ÷ ``numpy.save`` + fsync); at 62 MiB, 625 MiB and 3 GiB in one invocation, each size
-   ``--write-repeats`` times interleaved on fresh files, medians;
+   token labels and every dataset allocated, each batch's rows written into place and marked done
+   as the export does, the finish: status and rename) in both modes, interleaved on fresh files:
+   the default (no fsync) ÷ one ``numpy.save`` of the same array, and ``--fsync`` (fsynced commits
+   at most once a second, the file fsynced before its rename) ÷ ``numpy.save`` + fsync; at 62 MiB,
+   625 MiB and 3 GiB in one invocation, each size ``--write-repeats`` times, medians;
 2. whole export time (``export_run``: checking the hooks, token labels, creating the file, the
    forward passes, writing, the finish; the model already loaded) ÷ one plain Hugging Face forward
    over the same batches with ``output_hidden_states=True`` and no writing, paired batch by batch;
@@ -79,63 +80,106 @@ def _synthetic(n_hooks: int, n_tokens: int, d: int) -> np.ndarray:
     return acts
 
 
-def export_write(tmp: Path, acts: np.ndarray, batch_tokens: int) -> dict:
+def synthetic_token_strings(n_tokens: int) -> list[str]:
+    """``n_tokens`` token strings like a tokenizer's decoded pieces (leading spaces, a few non-ASCII)."""
+    vocab = [" the", " answer", " is", " fair", "é", " bias", ".", "\n", " un", "biased", " 日本", "'s"]
+    return [vocab[i] for i in np.random.default_rng(1).integers(0, len(vocab), n_tokens)]
+
+
+def export_write(tmp: Path, acts: np.ndarray, batch_tokens: int, token_str: list[str], durable: bool) -> dict:
     """The export's whole writing path on ``acts`` ``[hooks, tokens, d]``: the cache file created in
-    ``OUT.parts`` (token labels, allocation), each batch's rows written into place and committed as
-    the export does (fsync + done marker at most every COMMIT_INTERVAL_S), the finish (status,
-    fsync, rename). Returns seconds: total and the creation alone."""
+    ``OUT.parts`` (token labels, allocation), each batch's rows written into place and marked done
+    as the export does (``durable``: fsync + done name at most every COMMIT_INTERVAL_S), the finish
+    (status, rename; ``durable``: fsync first). Returns seconds: total and the creation alone, in
+    wall time, and the total in CPU time."""
     n_hooks, n_tokens, d = acts.shape
     names = [f"blocks.{i}.hook_resid_post" for i in range(n_hooks)]
     sizes = [min(batch_tokens, n_tokens - s) for s in range(0, n_tokens, batch_tokens)]
     tokens = TokenTable(offsets=np.concatenate([[0], np.cumsum(sizes)]), sample=np.repeat(np.arange(len(sizes)), sizes).astype(np.int32),
                         round=np.zeros(n_tokens, np.int16), role=np.zeros(n_tokens, np.uint8), position=np.zeros(n_tokens, np.int32),
-                        token_id=np.zeros(n_tokens, np.int32), token_str=[""] * n_tokens)
+                        token_id=np.zeros(n_tokens, np.int32), token_str=token_str)
     layouts = [HookLayout(n, (d,), "float32") for n in names]
     parts = tmp / "c.h5.parts"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     parts.mkdir()
     with PartialCache.open(parts, sizes, lambda path: create_cache_file(path, {}, tokens, layouts, np.arange(len(sizes)),
-                                                                          status="running")) as cache:
+                                                                          status="running"), durable=durable) as cache:
         created = time.perf_counter() - t0
         start = 0
         for k, size in enumerate(sizes):
             cache.write(k, {name: acts[i, start : start + size] for i, name in enumerate(names)})
             start += size
         cache.finish(tmp / "c.h5")
-    return {"total": time.perf_counter() - t0, "create": created}
+    return {"total": time.perf_counter() - t0, "create": created, "cpu": time.process_time() - cpu0}
+
+
+def numpy_save(path: Path, acts: np.ndarray, fsync: bool) -> dict:
+    """``numpy.save`` of ``acts`` (then an fsync of the file with ``fsync``): seconds, wall and CPU."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    np.save(path, acts)
+    if fsync:
+        fsync_path(path)
+    return {"total": time.perf_counter() - t0, "cpu": time.process_time() - cpu0}
 
 
 def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: int, repeats: int) -> dict:
-    """``numpy.save`` (with and without an fsync) and the export's writing of the same bytes,
-    interleaved ``repeats`` times on fresh files, each after an (untimed) ``os.sync`` so none is
-    slowed by the dirty pages of the one before; medians."""
+    """``numpy.save``, the export's default writing, ``numpy.save`` + fsync and the export's
+    ``--fsync`` writing of the same bytes, interleaved ``repeats`` times on fresh files (the order
+    rotated each repeat), each after an (untimed) ``os.sync`` so none is slowed by the dirty pages
+    of the one before; medians, in wall time and (where the disk is not waited for: no fsync) in
+    CPU time."""
     acts = _synthetic(n_hooks, n_tokens, d)
-    runs: dict[str, list[float]] = {"numpy_save_s": [], "numpy_save_fsync_s": [], "export_write_s": [], "export_create_s": []}
-    for _ in range(repeats):
-        for f in tmp.glob("acts*.npy"):
-            f.unlink()
-        (tmp / "c.h5").unlink(missing_ok=True)
-        os.sync()  # each write below starts with no dirty pages left by the one before (untimed)
-        t0 = time.perf_counter()
-        np.save(tmp / "acts.npy", acts)
-        runs["numpy_save_s"].append(time.perf_counter() - t0)
-        os.sync()
-        w = export_write(tmp, acts, batch_tokens)
+    token_str = synthetic_token_strings(n_tokens)
+    keys = ("numpy_save_s", "numpy_save_cpu_s", "export_write_s", "export_create_s", "export_cpu_s",
+            "numpy_save_fsync_s", "export_fsync_write_s", "export_fsync_create_s")
+    runs: dict[str, list[float]] = {k: [] for k in keys}
+
+    def clean() -> None:
+        for f in [*tmp.glob("acts*.npy"), tmp / "c.h5"]:
+            f.unlink(missing_ok=True)
+        os.sync()  # the write that follows starts with no dirty pages left by the one before (untimed)
+
+    def plain() -> None:
+        w = numpy_save(tmp / "acts.npy", acts, fsync=False)
+        runs["numpy_save_s"].append(w["total"])
+        runs["numpy_save_cpu_s"].append(w["cpu"])
+
+    def export_default() -> None:
+        w = export_write(tmp, acts, batch_tokens, token_str, durable=False)
         runs["export_write_s"].append(w["total"])
         runs["export_create_s"].append(w["create"])
-        os.sync()
-        t0 = time.perf_counter()
-        np.save(tmp / "acts2.npy", acts)
-        fsync_path(tmp / "acts2.npy")
-        runs["numpy_save_fsync_s"].append(time.perf_counter() - t0)
-    for f in [*tmp.glob("acts*.npy"), tmp / "c.h5"]:
-        f.unlink(missing_ok=True)
+        runs["export_cpu_s"].append(w["cpu"])
+
+    def synced() -> None:
+        runs["numpy_save_fsync_s"].append(numpy_save(tmp / "acts.npy", acts, fsync=True)["total"])
+
+    def export_durable() -> None:
+        w = export_write(tmp, acts, batch_tokens, token_str, durable=True)
+        runs["export_fsync_write_s"].append(w["total"])
+        runs["export_fsync_create_s"].append(w["create"])
+
+    measures = [plain, export_default, synced, export_durable]
+    for measure in measures:  # a warm-up, not kept: the first writes of a size were up to 10x slower here
+        clean()
+        measure()
+    for kept in runs.values():
+        kept.clear()
+    for r in range(repeats):
+        for measure in measures[r % 4 :] + measures[: r % 4]:  # each takes every place in turn
+            clean()
+            measure()
+    clean()
     med = {k: statistics.median(v) for k, v in runs.items()}
-    ratios = [n / e for n, e in zip(runs["numpy_save_s"], runs["export_write_s"])]
+
+    def ratio(base: str, ours: str) -> dict:
+        """Medians' ratio, the range of each repeat's, and the best times' (the least disturbed)."""
+        each = [b / o for b, o in zip(runs[base], runs[ours])]
+        return {"median": med[base] / med[ours], "range": [min(each), max(each)], "best": min(runs[base]) / min(runs[ours])}
+
     return {"bytes": acts.nbytes, "tokens": n_tokens, "repeats": repeats, "runs": runs, **med,
-            "ratio_vs_numpy_save": med["numpy_save_s"] / med["export_write_s"],
-            "ratio_vs_numpy_save_range": [min(ratios), max(ratios)],
-            "ratio_vs_numpy_save_fsync": med["numpy_save_fsync_s"] / med["export_write_s"]}
+            "ratio_vs_numpy_save": ratio("numpy_save_s", "export_write_s"),
+            "cpu_ratio_vs_numpy_save": ratio("numpy_save_cpu_s", "export_cpu_s"),
+            "fsync_ratio_vs_numpy_save_fsync": ratio("numpy_save_fsync_s", "export_fsync_write_s")}
 
 
 def bench_time(model: object, run: Path, tmp: Path, batch_size: int, repeats: int) -> dict:
@@ -200,7 +244,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write-tokens", default="4000,40000,200000",
                    help="token counts of the write benchmark, each × 8 hooks × 512 float32 (62 MiB, 625 MiB, 3 GiB)")
-    p.add_argument("--write-repeats", type=int, default=3)
+    p.add_argument("--write-repeats", type=int, default=4, help="repeats of each write measure (4 measures, their order rotated: a multiple of 4 gives each every place)")
     p.add_argument("--memory", default="200,2000")
     p.add_argument("--only", default="write,time,memory", help="which parts to run (comma-separated)")
     p.add_argument("--quick", action="store_true")
@@ -242,12 +286,17 @@ def main() -> None:
     rows = []
     for w in results.get("write", []):
         size = f"{w['bytes'] / 2**20:.0f} MiB"
+        default, cpu, durable = w["ratio_vs_numpy_save"], w["cpu_ratio_vs_numpy_save"], w["fsync_ratio_vs_numpy_save_fsync"]
         rows += [
-            (f"{size}: numpy.save / + fsync / export writing (creation)",
-             f"{w['numpy_save_s']:.3f} s / {w['numpy_save_fsync_s']:.3f} s / {w['export_write_s']:.3f} s ({w['export_create_s']:.3f} s)"),
-            (f"{size}: write throughput ÷ numpy.save, median (range) (target ≥ 0.8)",
-             f"{w['ratio_vs_numpy_save']:.2f} ({w['ratio_vs_numpy_save_range'][0]:.2f}–{w['ratio_vs_numpy_save_range'][1]:.2f})"),
-            (f"{size}: write throughput ÷ numpy.save + fsync", f"{w['ratio_vs_numpy_save_fsync']:.2f}"),
+            (f"{size}: numpy.save / export writing (creation)",
+             f"{w['numpy_save_s']:.3f} s / {w['export_write_s']:.3f} s ({w['export_create_s']:.3f} s)"),
+            (f"{size}: write throughput ÷ numpy.save, median (range) [best ÷ best] (target ≥ 0.8)",
+             f"{default['median']:.2f} ({default['range'][0]:.2f}–{default['range'][1]:.2f}) [{default['best']:.2f}]"),
+            (f"{size}: the same in CPU time", f"{cpu['median']:.2f} ({cpu['range'][0]:.2f}–{cpu['range'][1]:.2f}) [{cpu['best']:.2f}]"),
+            (f"{size}: numpy.save + fsync / export --fsync writing (creation)",
+             f"{w['numpy_save_fsync_s']:.3f} s / {w['export_fsync_write_s']:.3f} s ({w['export_fsync_create_s']:.3f} s)"),
+            (f"{size}: --fsync write throughput ÷ numpy.save + fsync, median (range) [best ÷ best]",
+             f"{durable['median']:.2f} ({durable['range'][0]:.2f}–{durable['range'][1]:.2f}) [{durable['best']:.2f}]"),
         ]
     if "time" in results:
         t = results["time"]

@@ -85,6 +85,24 @@ def test_save_then_load_gives_the_cache_back_bit_for_bit(dtype, organism, tmp_pa
     assert back.cache["blocks.1.attn.hook_pattern"].shape == (2, 4, 4, 4)  # [batch, head, q, k] as TransformerLens has it
 
 
+def test_token_strings_round_trip_exactly_and_schema_1_files_still_load(tmp_path):
+    """Token strings are UTF-8 bytes + offsets (NUL and any character kept exactly); a schema 1
+    file, whose strings were one variable-length string dataset, still loads."""
+    strings = [["a", "\0", "", "é日本"], ["🙂", " the", "\n", "x\0y"]]
+    cache = {"blocks.0.hook_resid_post": torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)}
+    path = save_activation_cache(cache, tmp_path / "c.h5", token_str=strings)
+    assert load_activation_cache(path).token_str == strings
+    with h5py.File(path, "r+") as f:  # rewrite it as schema 1 wrote it
+        t = f["tokens"]
+        old = [s.replace("\0", "\u2400") for row in strings for s in row]
+        del t["token_str_utf8"], t["token_str_offsets"]
+        t.create_dataset("token_str", data=np.asarray(old, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.attrs["schema_version"] = 1
+    back = load_activation_cache(path)
+    assert back.token_str == [[s.replace("\0", "\u2400") for s in row] for row in strings]
+    assert torch.equal(back.cache["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"])
+
+
 def test_load_is_lazy_and_selects_tokens(full_export):
     back = load_activation_cache(full_export, hooks=["blocks.2.hook_resid_post"], rounds=[1], roles=["response"])
     assert dict.__getitem__(back.cache.cache_dict, "blocks.2.hook_resid_post") is None  # nothing read yet
@@ -306,6 +324,98 @@ def test_a_kill_during_the_finish_is_repaired_from_the_raw_rows(run_path, full_e
         assert np.array_equal(a[name], b[name]), name
 
 
+HOOKS = ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"]
+
+
+def assert_same_export(expected: Path, got: Path) -> None:
+    """Every dataset equal bit for bit, and every root attribute but the creation time."""
+    a, b = read_all(expected), read_all(got)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    with h5py.File(expected, "r") as fa, h5py.File(got, "r") as fb:
+        attrs_a, attrs_b = dict(fa.attrs), dict(fb.attrs)
+    for attrs in (attrs_a, attrs_b):
+        attrs.pop("created")
+    assert attrs_a.keys() == attrs_b.keys() and all(np.array_equal(attrs_a[k], attrs_b[k]) for k in attrs_a)
+
+
+def _markers(parts: Path) -> list[str]:
+    return sorted(p.name for p in parts.glob("done-*"))
+
+
+def test_after_a_restart_the_provisional_markers_are_ignored_and_their_batches_recomputed(run_path, full_export, organism, tmp_path):
+    """Done markers written without fsync carry the boot id: after the machine restarts (here: the
+    names rewritten to another boot id, the manifest left unreadable as an unsynced write can be)
+    nothing of them is trusted; --resume computes every batch again, to the same file."""
+    from workbench.store import _boot_id
+
+    out = tmp_path / "c.h5"
+    parts = out.with_name(out.name + ".parts")
+    with pytest.raises(Stop):
+        export_run(run_path, out, HOOKS, model=organism, batch_size=4, on_batch=_stop_after(2, []))
+    boot = _boot_id()
+    assert _markers(parts) == [f"done-000000-000001.{boot}", f"done-000001-000002.{boot}"]  # one after each batch
+    assert done_batches(parts) == {0, 1}
+    other = "f" * 32
+    for marker in parts.glob("done-*"):
+        marker.rename(parts / marker.name.replace(boot, other))
+    (parts / "manifest.json").write_bytes(b"\0" * 64)
+    assert done_batches(parts) == set()
+    calls: list = []
+    export_run(run_path, out, HOOKS, model=organism, batch_size=4, resume=True, on_batch=lambda done, total: calls.append(done))
+    assert calls[0] == 0 and len(calls) == 1 + 3  # nothing was kept: all three batches computed again
+    assert_same_export(full_export, out)
+
+
+class FsyncCount:
+    """``os.fsync`` that counts its calls and then does the real fsync."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = os.fsync
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        self.real(fd)
+
+
+def test_the_default_export_never_fsyncs(run_path, organism, full_export, tmp_path, monkeypatch):
+    fsync = FsyncCount()
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = export_run(run_path, tmp_path / "c.h5", HOOKS, model=organism, batch_size=4)
+    assert fsync.calls == 0
+    assert_same_export(full_export, out)
+
+
+def test_fsync_mode_commits_durably_and_gives_the_same_file(run_path, full_export, organism, tmp_path, monkeypatch):
+    """--fsync: durable done names (no boot id), the file fsynced before each; resuming a default
+    export with --fsync first makes the batches it kept durable. Both give the same file."""
+    out = tmp_path / "c.h5"
+    parts = out.with_name(out.name + ".parts")
+    seen: list = []
+
+    def on_batch(done: int, total: int) -> None:
+        seen.append((done, _markers(parts)))
+
+    fsync = FsyncCount()
+    monkeypatch.setattr(os, "fsync", fsync)
+    export_run(run_path, out, HOOKS, model=organism, batch_size=4, fsync=True, on_batch=on_batch)
+    assert seen[1][1] == ["done-000000-000001"] and fsync.calls >= 4  # the first batch commits at once
+    assert all("." not in name for _, names in seen for name in names)
+    assert_same_export(full_export, out)
+
+    resumed = tmp_path / "resumed.h5"
+    parts = resumed.with_name(resumed.name + ".parts")
+    with pytest.raises(Stop):
+        export_run(run_path, resumed, HOOKS, model=organism, batch_size=4, on_batch=_stop_after(1, []))
+    assert all("." in name for name in _markers(parts))
+    seen.clear()
+    export_run(run_path, resumed, HOOKS, model=organism, batch_size=4, fsync=True, resume=True, on_batch=on_batch)
+    assert seen[0][0] > 0 and seen[0][1] == ["done-000000-000001"]  # the kept batch, made durable before the rest
+    assert_same_export(full_export, resumed)
+
+
 def _unshare_works() -> bool:
     if shutil.which("unshare") is None:
         return False
@@ -396,7 +506,7 @@ def test_selection_rounds_roles_samples(run_path, organism, tmp_path, capsys, mo
 def test_h5ls_lists_the_cache_file(full_export):
     listing = subprocess.run(["h5ls", "-r", str(full_export)], capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
-    for name in ("/tokens/offsets", "/tokens/token_str", "/tokens/role", "/activations/blocks.3.hook_resid_post"):
+    for name in ("/tokens/offsets", "/tokens/token_str_utf8", "/tokens/token_str_offsets", "/tokens/role", "/activations/blocks.3.hook_resid_post"):
         assert name in listing.stdout, listing.stdout
 
 

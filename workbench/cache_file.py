@@ -9,15 +9,21 @@ imports torch only when called.
 A cache file is created once with every dataset allocated at full size and everything but the
 activations written (:func:`create_cache_file`); the activation rows are then written with plain
 ``pwrite`` into the allocated chunks (:func:`write_rows`), so HDF5 never rewrites the file's
-metadata while data is in it. The file is fsynced and renamed onto its final name only when every
-row is there: a reader never sees a half-written cache (:mod:`workbench.cache_writer` does this
-resumably for ``workbench export``).
+metadata while data is in it. The file is renamed onto its final name only when every row is
+there, so a reader never sees a half-written cache: :func:`write_cache_file` fsyncs it first;
+:mod:`workbench.cache_writer` does this resumably for ``workbench export``, fsyncing only with
+``--fsync``. Token strings are one UTF-8 byte array with offsets (schema 2; schema 1's
+variable-length strings are still read).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,11 +36,10 @@ from workbench.errors import WorkbenchError
 from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
 ROLES = ("prompt", "response", "template", "unlabelled")
-STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20  # about 1 MiB of one hook per chunk
-NUL_STAND_IN = "\u2400"  # HDF5 strings cannot hold NUL (as in the run file)
+NUL_STAND_IN = "\u2400"  # how schema 1 stored NUL (HDF5 strings cannot hold it); schema 2 keeps it
 # TransformerLens hooks laid out [batch, head, query_pos, key_pos]; every other hook is [batch, pos, ...]
 ATTENTION_MAP_SUFFIXES = ("attn.hook_pattern", "attn.hook_attn_scores")
 
@@ -90,6 +95,73 @@ def _chunk_rows(per_token: tuple[int, ...], itemsize: int, n_tokens: int) -> int
     return max(1, min(n_tokens, CHUNK_BYTES // max(1, row)))
 
 
+def utf8_with_offsets(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 byte array and where each starts: (bytes ``[B]`` uint8, offsets
+    ``[len(strings) + 1]`` int64); string ``i`` is ``bytes[offsets[i] : offsets[i + 1]]``.
+
+    One encode of the text joined by NULs: where no string holds a NUL, the NUL bytes are the
+    boundaries (UTF-8 has no 0 byte inside a character), so no Python call is made per string."""
+    n = len(strings)
+    if not n:
+        return np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64)
+    data = np.frombuffer("\0".join(strings).encode("utf-8"), dtype=np.uint8)
+    nul = np.flatnonzero(data == 0)
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = 0
+    if len(nul) == n - 1:
+        offsets[1:n] = nul - np.arange(n - 1)  # each boundary less the NULs before it
+        offsets[n] = len(data) - (n - 1)
+        keep = np.ones(len(data), dtype=bool)
+        keep[nul] = False
+        return data[keep], offsets
+    np.cumsum([len(s.encode("utf-8")) for s in strings], out=offsets[1:])  # some string holds a NUL
+    return np.frombuffer("".join(strings).encode("utf-8"), dtype=np.uint8), offsets
+
+
+def read_token_strings(tokens: h5py.Group, rows: Sequence[np.ndarray]) -> list[list[str]]:
+    """The token strings of each array of token rows in ``rows``, from a cache file's ``tokens/``
+    group (either schema): ``[len(rows)][len(rows[i])]``."""
+    if "token_str" in tokens:  # schema 1: a variable-length string dataset
+        strings = tokens["token_str"][...]
+        return [[s.decode() if isinstance(s, bytes) else s for s in strings[p]] for p in rows]
+    text = tokens["token_str_utf8"][...].tobytes()
+    offsets = tokens["token_str_offsets"][...].tolist()
+    return [[text[offsets[j] : offsets[j + 1]].decode("utf-8") for j in p.tolist()] for p in rows]
+
+
+@functools.cache
+def libc_function(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name`` with ``argtypes`` (returning int, setting errno), or None
+    off Linux or where the library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
+
+
+def preallocate(path: Path) -> None:
+    """Reserve the disk blocks of the whole (sparse) file at ``path`` now, as ``numpy.save`` does
+    before it writes (Linux ``fallocate``): rows written later go into allocated blocks, which is
+    faster than filling holes (about a third on this project's ext4), and a disk too small for the
+    file fails now (``OSError`` ENOSPC), before any batch is computed. Where the call or the file
+    system cannot, nothing: the writes allocate."""
+    fallocate = libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if fallocate is None:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if fallocate(fd, 0, 0, os.fstat(fd).st_size) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(err, os.strerror(err), str(path))
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's (or a directory's) contents to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -110,6 +182,28 @@ def _attr(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool, np.integer, np.floating)) else json.dumps(value)
 
 
+_VLEN_UTF8 = h5py.string_dtype("utf-8")
+
+
+def _put_attr(oid: Any, name: str, value: Any) -> None:
+    """Write a scalar attribute on the object with low-level id ``oid``, typed as ``obj.attrs[name]
+    = value`` types it (str: variable-length UTF-8; int: int64; float: float64; bool), through
+    h5py's low-level API: a third of the time, and a cache file's creation writes about 25 of them."""
+    data = np.array(value, dtype=_VLEN_UTF8) if isinstance(value, str) else np.asarray(value)
+    attr = h5py.h5a.create(oid, name.encode(), h5py.h5t.py_create(data.dtype, logical=True), h5py.h5s.create(h5py.h5s.SCALAR))
+    attr.write(data)
+
+
+def _put_dataset(group: h5py.Group, name: str, data: np.ndarray) -> h5py.h5d.DatasetID:
+    """Write ``data`` as a contiguous dataset (as ``group.create_dataset(name, data=data)`` does,
+    through the low-level API) and return its id."""
+    data = np.ascontiguousarray(data)
+    ds = h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(data.dtype), h5py.h5s.create_simple(data.shape))
+    if data.size:
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+    return ds
+
+
 def create_cache_file(
     path: Path,
     attrs: dict[str, Any],
@@ -124,85 +218,97 @@ def create_cache_file(
     hook's rows lie in the file, in ``layouts`` order.
 
     The activations are then written with :func:`write_rows` (plain ``pwrite`` into the allocated
-    chunks), so the file's HDF5 metadata is never written again. ``path`` is written in place and
-    not fsynced: create it under a temporary name (the callers do) and make it durable with the
-    rows. ``attrs`` are the root attributes (dicts and lists stored as JSON); ``samples`` ``[S]``
-    each sample's run-file row (a sample may have no tokens); ``sample_index`` ``[S]`` its stable
-    global index (default: the row)."""
+    chunks), so the file's HDF5 metadata is never written again. The file's disk blocks are
+    reserved now (:func:`preallocate`): a disk too small for it fails here. ``path`` is written in
+    place and not fsynced: create it under a temporary name (the callers do). ``attrs`` are the
+    root attributes (dicts and lists stored as JSON); ``samples`` ``[S]`` each sample's run-file row
+    (a sample may have no tokens); ``sample_index`` ``[S]`` its stable global index (default: the row)."""
     n = tokens.n_tokens
     slots: list[ActivationSlot] = []
+    rows = np.asarray(samples, dtype=np.int64)
+    text, text_offsets = utf8_with_offsets(tokens.token_str)
+    root = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "status": status,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **{key: _attr(value) for key, value in attrs.items()},
+            "n_samples": len(tokens.offsets) - 1, "n_tokens": n, "hooks": json.dumps([h.name for h in layouts])}
+    labels = {
+        "offsets": np.asarray(tokens.offsets, dtype=np.int64),
+        "sample": np.asarray(tokens.sample, dtype=np.int32),
+        "round": np.asarray(tokens.round, dtype=np.int16),
+        "role": np.asarray(tokens.role, dtype=np.uint8),
+        "position": np.asarray(tokens.position, dtype=np.int32),
+        "token_id": np.asarray(tokens.token_id, dtype=np.int32),
+        "token_str_utf8": text,
+        "token_str_offsets": text_offsets,
+    }
 
     def fill(f: h5py.File) -> None:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["status"] = status
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for key, value in attrs.items():
-            f.attrs[key] = _attr(value)
-        f.attrs["n_samples"] = len(tokens.offsets) - 1
-        f.attrs["n_tokens"] = n
-        f.attrs["hooks"] = json.dumps([h.name for h in layouts])
-        t = f.create_group("tokens")
-        t.create_dataset("offsets", data=np.asarray(tokens.offsets, dtype=np.int64))
-        rows = np.asarray(samples, dtype=np.int64)
+        for key, value in root.items():
+            _put_attr(f.id, key, value)
         s = f.create_group("samples")
-        s.create_dataset("sample", data=rows)
-        s.create_dataset("index", data=rows if sample_index is None else np.asarray(sample_index, dtype=np.int64))
-        t.create_dataset("sample", data=np.asarray(tokens.sample, dtype=np.int32))
-        t.create_dataset("round", data=np.asarray(tokens.round, dtype=np.int16))
-        role = t.create_dataset("role", data=np.asarray(tokens.role, dtype=np.uint8))
-        role.attrs["labels"] = json.dumps(list(ROLES))
-        t.create_dataset("position", data=np.asarray(tokens.position, dtype=np.int32))
-        t.create_dataset("token_id", data=np.asarray(tokens.token_id, dtype=np.int32))
-        text = np.asarray([s.replace("\0", NUL_STAND_IN) for s in tokens.token_str], dtype=object)
-        t.create_dataset("token_str", data=text, dtype=STR)
+        _put_dataset(s, "sample", rows)
+        _put_dataset(s, "index", rows if sample_index is None else np.asarray(sample_index, dtype=np.int64))
+        t = f.create_group("tokens")
+        for name, values in labels.items():
+            dsid = _put_dataset(t, name, values)
+            if name == "role":
+                _put_attr(dsid, "labels", json.dumps(list(ROLES)))
         a = f.create_group("activations")
         for h in layouts:
-            ds = _allocated_dataset(a, h, n)
-            ds.attrs["axes"] = json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
-                                                      [f"dim{i}" for i in range(len(h.per_token))])])
-            ds.attrs["layout"] = "batch head query_pos key_pos" if h.is_attention_map else "batch pos ..."
-            slots.append(activation_slot(ds))
+            dsid, slot = _allocated_dataset(a, h, n)
+            _put_attr(dsid, "axes", json.dumps(["token", *(("head", "key_pos") if h.is_attention_map else
+                                                           [f"dim{i}" for i in range(len(h.per_token))])]))
+            _put_attr(dsid, "layout", "batch head query_pos key_pos" if h.is_attention_map else "batch pos ...")
+            slots.append(slot)
 
     with h5py.File(path, "w", locking=False) as f:
         fill(f)
+    preallocate(path)
     return slots
 
 
-def _allocated_dataset(group: h5py.Group, h: HookLayout, n: int) -> h5py.Dataset:
+def _allocated_dataset(group: h5py.Group, h: HookLayout, n: int) -> tuple[Any, ActivationSlot]:
     """``[n, *per_token]`` chunked along tokens (about ``CHUNK_BYTES`` a chunk), every chunk
-    allocated now and none written (no fill values: each row is written exactly once)."""
+    allocated now and none written (no fill values: each row is written exactly once) → (its
+    low-level dataset id, where its rows lie)."""
     dtype = np.dtype(h.dtype)
     shape = (n, *h.per_token)
     if not n or not all(shape):
-        return group.create_dataset(h.name, shape=shape, dtype=dtype)
+        return group.create_dataset(h.name, shape=shape, dtype=dtype).id, ActivationSlot(h.name, shape, str(dtype), ())
+    rows = _chunk_rows(h.per_token, dtype.itemsize, n)
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk((_chunk_rows(h.per_token, dtype.itemsize, n), *h.per_token))
+    dcpl.set_chunk((rows, *h.per_token))
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     tid = h5py.h5t.py_create(dtype, logical=True)
-    return h5py.Dataset(h5py.h5d.create(group.id, h.name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl))
+    dsid = h5py.h5d.create(group.id, h.name.encode(), tid, h5py.h5s.create_simple(shape), dcpl=dcpl)
+    row_bytes = int(np.prod(h.per_token, dtype=np.int64)) * dtype.itemsize
+    return dsid, ActivationSlot(h.name, shape, str(dtype), _chunk_segments(dsid, n, rows, row_bytes))
+
+
+def _chunk_segments(dsid: Any, n: int, rows: int, row_bytes: int) -> tuple[tuple[int, int], ...]:
+    """The ``(first row, byte offset)`` runs of consecutive chunks of an allocated dataset ``[n, ...]``
+    chunked ``rows`` rows at a time (low-level id ``dsid``)."""
+    offsets = np.zeros(-(-n // rows), dtype=np.int64)
+
+    def record(info: Any) -> None:
+        offsets[info.chunk_offset[0] // rows] = info.byte_offset
+
+    dsid.chunk_iter(record)
+    return tuple((chunk * rows, offset) for chunk, offset in _segments(offsets, rows * row_bytes))
 
 
 def activation_slot(ds: h5py.Dataset) -> ActivationSlot:
     """Where the rows of an allocated, uncompressed dataset ``[n, ...]`` lie in its file: HDF5
     allocates the chunks in order with an index node now and then between them, so the rows form
     a few contiguous segments (:class:`workbench.store.ActivationSlot`)."""
-    shape = tuple(int(x) for x in ds.shape)
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+    name, shape, dtype = ds.name.rsplit("/", 1)[-1], tuple(int(x) for x in ds.shape), ds.dtype
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     if not shape[0] or not row_bytes:
-        return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), ())
+        return ActivationSlot(name, shape, str(dtype), ())
     if ds.chunks is None:
-        return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), ((0, int(ds.id.get_offset())),))
-    rows = ds.chunks[0]
-    offsets = np.zeros(-(-shape[0] // rows), dtype=np.int64)
-
-    def record(info: Any) -> None:
-        offsets[info.chunk_offset[0] // rows] = info.byte_offset
-
-    ds.id.chunk_iter(record)
-    segments = tuple((chunk * rows, offset) for chunk, offset in _segments(offsets, rows * row_bytes))
-    return ActivationSlot(ds.name.rsplit("/", 1)[-1], shape, str(ds.dtype), segments)
+        return ActivationSlot(name, shape, str(dtype), ((0, int(ds.id.get_offset())),))
+    return ActivationSlot(name, shape, str(dtype), _chunk_segments(ds.id, shape[0], ds.chunks[0], row_bytes))
 
 
 def write_rows(fd: int, slots: Sequence[ActivationSlot], start: int, arrays: dict[str, np.ndarray]) -> int:
@@ -428,8 +534,7 @@ def load_activation_cache(
         return torch.from_numpy(out)
 
     token_ids = padded(t["token_id"][...].astype(np.int64), -1, np.int64)
-    strings = t["token_str"][...]
-    token_str = [[s.decode() if isinstance(s, bytes) else s for s in strings[p]] for p in picked]
+    token_str = read_token_strings(t, picked)
 
     def loader(name: str) -> Any:
         def load() -> Any:

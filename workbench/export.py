@@ -12,10 +12,12 @@ memory is one batch of chosen tokens.
 Writing (docs/CACHE.md, :mod:`workbench.cache_writer`): the token count is known before the first
 forward (the run holds every final transcript), so the cache file is created up front in
 ``OUT.parts/`` with its token labels and metadata written and every activation dataset allocated;
-each batch's rows are then written once, straight into place. Progress is recorded crash-safely (an
-fsync, then an empty ``done-A-B`` name), so ``--resume`` computes only the unfinished batches
-(batches are fixed by sample order: the result is bit-identical to an uninterrupted export). At
-the end the file is fsynced and renamed onto ``OUT``.
+each batch's rows are then written once, straight into place. Progress is recorded after each batch
+by an empty ``done-A-B.{boot}`` name, safe against the process dying (its writes are in the page
+cache) but not trusted after the machine restarts; with ``fsync=True`` (``--fsync``) by an fsync,
+then a durable ``done-A-B`` name, at most once a second. ``--resume`` computes only the unfinished
+batches (batches are fixed by sample order: the result is bit-identical to an uninterrupted
+export). At the end the file is renamed onto ``OUT`` (fsynced first with ``fsync=True``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import typer
 
-from workbench.cache_file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, is_attention_map
-from workbench.cache_writer import PartialCache, done_batches
+from workbench.cache_file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
+from workbench.cache_writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError
 
 FORMATS = ("hdf5", "saelens")
@@ -419,6 +421,7 @@ def export_run(
     resume: bool = False,
     overwrite: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    fsync: bool = False,
 ) -> Path:
     """Export every chosen token's activations of a run into ``out``; returns ``out``.
 
@@ -426,7 +429,9 @@ def export_run(
     finished sample); ``rounds`` 0-based (default all); ``roles`` among prompt/response/template.
     ``model``: a loaded model or a name to load (default: the run's own; it must be the run's model). ``format``: ``hdf5`` (docs/CACHE.md) or
     ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.saelens_export`).
-    ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each."""
+    ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each.
+    ``fsync``: durable against a power cut (fsynced commits at most once a second, ``out`` fsynced
+    before its rename); by default safe against the process dying only, with no fsync (docs/CACHE.md)."""
     from workbench.models import load_model
 
     run_path, out = Path(run_path), Path(out)
@@ -460,6 +465,7 @@ def export_run(
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
+    durable = is_durable(fsync)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
         if out.is_dir():
@@ -467,15 +473,7 @@ def export_run(
         else:
             out.unlink(missing_ok=True)
     with _disk_full_is_one_line(parts, plan, parts):
-        if parts.exists():
-            have = json.loads((parts / "manifest.json").read_text()) if (parts / "manifest.json").exists() else None
-            if have != json.loads(json.dumps(manifest)):
-                raise WorkbenchError(f"--resume: {parts} was started with other settings (run, hooks, selection, dtype, batch size or model)")
-        else:
-            parts.mkdir(parents=True)
-            tmp = parts / "manifest.json.tmp"
-            tmp.write_text(json.dumps(manifest, indent=1))
-            atomic_replace(tmp, parts / "manifest.json")
+        _start_or_check_parts(parts, manifest, durable)
     tokens = _token_table(run, plan, chosen, model.tokenizer)
     layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
                for name in names]
@@ -490,7 +488,7 @@ def export_run(
     sites = hf_sites(model, names)
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     total = tokens.n_tokens
-    with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create) as cache:
+    with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create, durable=durable) as cache:
         if on_batch:
             on_batch(cache.done_tokens, total)
         for k in cache.missing:
@@ -505,11 +503,36 @@ def export_run(
             from workbench.saelens_export import write_saelens
 
             cache.commit()
-            write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size)
+            write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size, fsync=durable)
         else:
             cache.finish(out)
     shutil.rmtree(parts, ignore_errors=True)
     return out
+
+
+def _start_or_check_parts(parts: Path, manifest: dict[str, Any], fsync: bool) -> None:
+    """Create ``parts`` with its manifest, or check that an interrupted export's is this one's.
+    A manifest that is missing or unreadable while no batch counts (a kill before it was in place,
+    or a restart after it was written without fsync) is written anew."""
+    path = parts / "manifest.json"
+    if parts.exists():
+        try:
+            have = json.loads(path.read_text())
+        except (OSError, ValueError):
+            have = None
+        if have is not None or done_batches(parts):
+            if have != json.loads(json.dumps(manifest)):
+                raise WorkbenchError(f"--resume: {parts} was started with other settings (run, hooks, selection, dtype, batch size or model)")
+            if fsync:
+                fsync_path(path)  # it may have been written without: the durable commits rely on it
+            return
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = parts / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    if fsync:
+        atomic_replace(tmp, path)
+    else:
+        tmp.replace(path)
 
 
 def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str, Any]:
@@ -560,6 +583,7 @@ def export_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
+    fsync: bool = typer.Option(False, "--fsync", help="Make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
@@ -585,7 +609,7 @@ def export_command(
                    rounds=None if wanted_rounds is None else [r - 1 for r in wanted_rounds],
                    roles=tuple(r.strip() for r in roles.split(",") if r.strip()), dtype=dtype, batch_size=batch_size,
                    format=format, context_size=context_size, device=device, resume=resume, overwrite=overwrite,
-                   on_batch=reporter.update)
+                   on_batch=reporter.update, fsync=fsync)
     print(f"wrote {out}", file=sys.stderr)
 
 

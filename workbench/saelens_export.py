@@ -61,9 +61,11 @@ def write_saelens(
     layouts: Sequence[HookLayout],
     blocks: Iterable[tuple[int, dict[str, np.ndarray]]],
     context_size: int,
+    fsync: bool = False,
 ) -> Path:
     """Pack ``blocks`` (``(first_token_row, {hook: [n, *per_token]})`` in token order) into windows
-    and save them as a ``datasets`` folder at ``out`` (built beside it, then renamed)."""
+    and save them as a ``datasets`` folder at ``out`` (built beside it, then renamed; with
+    ``fsync`` its files are fsynced before the rename and the rename after)."""
     from datasets import Dataset
     from datasets.arrow_writer import ArrowWriter
     from datasets.utils.logging import disable_progress_bar
@@ -110,11 +112,13 @@ def write_saelens(
     ds.info.description = json.dumps(info, default=str)
     ds.save_to_disk(str(tmp))
     del ds
-    for f in tmp.iterdir():
-        fsync_path(f)
+    if fsync:
+        for f in tmp.iterdir():
+            fsync_path(f)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    fsync_path(out.parent)
+    if fsync:
+        fsync_path(out.parent)
     shutil.rmtree(build)
     return out
 
