@@ -583,7 +583,7 @@ def export_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
-    fsync: bool = typer.Option(False, "--fsync", help="Make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
+    fsync: bool = typer.Option(False, "--fsync/--no-fsync", help="--fsync: make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
