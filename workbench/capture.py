@@ -179,7 +179,7 @@ def pooling(
     (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
     step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
     last position, ``[batch, 1, d_model]`` in the model's dtype (no work per step beyond keeping a
-    reference: :func:`stack_steps` joins them), to ``steps[site]``.
+    reference: :func:`round_pools` joins them), to ``steps[site]``.
 
     The sites are observed by wrapping their modules' ``forward`` for the duration of the block,
     not with PyTorch hooks: a module with a hook takes PyTorch's slower call path, which cost 7 %
@@ -264,10 +264,31 @@ def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], Non
     return undo
 
 
-def stack_steps(steps: list[torch.Tensor]) -> torch.Tensor:
-    """A site's decode steps as :func:`pooling` kept them (each ``[batch, 1, d_model]``) →
-    ``[batch, steps, d_model]`` float32."""
-    return torch.cat(steps, 1).float()
+def round_pools(
+    pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], sites: list[HookSite], lengths: list[int]
+) -> dict[str, torch.Tensor]:
+    """A round's two positions per hook from what :func:`pooling` kept over generation: the
+    prefill's pool (``pooled``, one row per sample: the last prompt token) and the mean over each
+    response of the decode steps (``steps``: step j feeds response token j back; ``lengths[i]``:
+    row i's response tokens) → ``{hook: [batch, 2, n_layers, d_model]}`` float32 on the CPU, layers
+    in the order of ``sites``, NaN in the mean of an empty response. Every site in one product."""
+    device = pooled[sites[0]].device  # a model placed over several devices pools each layer where it runs
+    last = torch.cat([pooled[s].to(device) for s in sites], 1)  # [B, S, d]
+    batch, n_sites, d_model = last.shape
+    n_steps = len(steps.get(sites[0], []))
+    if n_steps:
+        fed = torch.cat([t.to(device) for s in sites for t in steps[s]], 1).float().view(batch, n_sites, n_steps, d_model)
+        count = torch.tensor(lengths, device=device)
+        w = (torch.arange(n_steps, device=device)[None, :] < count[:, None]).float() / count.clamp(min=1)[:, None].float()
+        mean = torch.matmul(w[:, None, None, :], fed)[:, :, 0]  # [B, S, 1, T] @ [B, S, T, d] → [B, S, d]
+    else:
+        mean = torch.zeros_like(last)
+    acts = torch.stack([last, mean], 1).cpu()  # [B, 2, S, d]
+    acts[:, 1][torch.tensor(lengths) == 0] = float("nan")
+    hooks = list(dict.fromkeys(s.hook for s in sites))
+    if len(hooks) == 1:
+        return {hooks[0]: acts}
+    return {h: acts[:, :, [i for i, s in enumerate(sites) if s.hook == h]] for h in hooks}
 
 
 def stack_sites(pooled: dict[HookSite, torch.Tensor], sites: list[HookSite]) -> dict[str, torch.Tensor]:
