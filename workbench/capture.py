@@ -274,17 +274,18 @@ def round_pools(
     in the order of ``sites``, NaN in the mean of an empty response. Every site in one product."""
     device = pooled[sites[0]].device  # a model placed over several devices pools each layer where it runs
     last = torch.cat([pooled[s].to(device) for s in sites], 1)  # [B, S, d]
-    batch, n_sites, d_model = last.shape
     n_steps = len(steps.get(sites[0], []))
     if n_steps:
-        fed = torch.cat([t.to(device) for s in sites for t in steps[s]], 1).float().view(batch, n_sites, n_steps, d_model)
+        fed = torch.cat([torch.cat(steps[s], 1).to(device) for s in sites], 2).float()  # [B, T, S·d]
         count = torch.tensor(lengths, device=device)
         w = (torch.arange(n_steps, device=device)[None, :] < count[:, None]).float() / count.clamp(min=1)[:, None].float()
-        mean = torch.matmul(w[:, None, None, :], fed)[:, :, 0]  # [B, S, 1, T] @ [B, S, T, d] → [B, S, d]
+        mean = torch.bmm(w[:, None, :], fed).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
     else:
         mean = torch.zeros_like(last)
     acts = torch.stack([last, mean], 1).cpu()  # [B, 2, S, d]
-    acts[:, 1][torch.tensor(lengths) == 0] = float("nan")
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        acts[empty, 1] = float("nan")
     hooks = list(dict.fromkeys(s.hook for s in sites))
     if len(hooks) == 1:
         return {hooks[0]: acts}
