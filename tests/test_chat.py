@@ -61,3 +61,25 @@ def test_a_batch_renders_as_apply_chat_template_renders_each_row(tmp_path, templ
     assert _render_many(tok, conversations, True) == [_render(tok, c, True) for c in conversations]
     verdicts = [agrees for (text, _, _), agrees in _DIRECT_CHECKED.items() if text == str(tok.chat_template)]
     assert len(verdicts) >= 2 and all(verdicts)  # the direct way was taken (not the fallback), with and without the header
+
+
+COUNTS_THE_FIRST_MESSAGE = ("{% for m in messages %}{{ ' <' + m['role'] + ' ' + (messages[0]['content'] | length | string) + '> '"
+                            " + m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ ' <assistant>' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, SPACED, COUNTS_THE_FIRST_MESSAGE], ids=["chatml", "spaced", "counts-first-message"])
+def test_rows_sharing_a_follow_up_get_what_rendering_each_row_gives(tmp_path, template):
+    """Rows whose new turn is the same share one rendering of it; a template whose new turn reads
+    an earlier message (here the first message's length) makes the first and last rows of the group
+    disagree, and every row is rendered instead. Both ways equal rendering row by row."""
+    tok = build_tokenizer(tmp_path) if template is None else build_tokenizer(tmp_path, chat_template=template)
+    firsts = ["q", "a longer question", "  spaced  ", "mid", "a\nnew line"]
+    followups = [["review", "again"], ["review", "again"], ["review", "other"], ["think", "again"], ["review", "again"]]
+    rows = [[q, *f] for q, f in zip(firsts, followups)]
+    prefixes = ["P:", "", "Q:"]
+    histories = [""] * len(rows)
+    for t in range(3):
+        batch = next_round_inputs(tok, [r[: t + 1] for r in rows], prefixes[: t + 1], histories)
+        one = [next_round_input(tok, r[: t + 1], prefixes[: t + 1], h) for r, h in zip(rows, histories)]
+        assert batch == one
+        histories = [h for _, _, h in batch]

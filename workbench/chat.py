@@ -59,9 +59,35 @@ def next_round_inputs(
 ) -> list[tuple[str, str, str]]:
     """:func:`next_round_input` for every conversation of a batch (``instructions[i]``: row i's
     rounds so far; the prefixes are the batch's), rendered in one go (:func:`_render_many`).
-    Returns one ``(round input, closing, history)`` per row."""
-    rendered = _render_many(tokenizer, [_messages(texts, prefixes) for texts in instructions], add_generation_prompt=False)
-    return [_split_round(full, prefixes, history, len(texts) - 1) for full, texts, history in zip(rendered, instructions, histories)]
+    Returns one ``(round input, closing, history)`` per row.
+
+    Rows whose new turn is the same (the same round and instruction: a protocol's follow-up) share
+    its text: the first and the last row of each such group are rendered, and when their round
+    inputs and closings agree, the rows between take them, since a template renders a turn from
+    the turn itself, not from the contents before it (then a round renders two conversations, not
+    the batch's). When they differ, every row of the group is rendered."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, texts in enumerate(instructions):
+        groups.setdefault((len(texts), texts[-1]), []).append(i)
+    ends = sorted({rows[0] for rows in groups.values()} | {rows[-1] for rows in groups.values()})
+    done = dict(zip(ends, _render_rows(tokenizer, instructions, prefixes, histories, ends)))
+    rest = []
+    for (n, _), rows in groups.items():
+        first, last = done[rows[0]], done[rows[-1]]
+        if first[:2] == last[:2]:
+            done.update({i: (first[0], first[1], histories[i] + first[0] + _SENTINEL.format(n - 1)) for i in rows[1:-1]})
+        else:
+            rest += rows[1:-1]
+    done.update(zip(rest, _render_rows(tokenizer, instructions, prefixes, histories, rest)))
+    return [done[i] for i in range(len(instructions))]
+
+
+def _render_rows(
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[str], histories: list[str], rows: list[int]
+) -> list[tuple[str, str, str]]:
+    """:func:`next_round_input` of the given rows of a batch, rendered in one go."""
+    rendered = _render_many(tokenizer, [_messages(instructions[i], prefixes) for i in rows], add_generation_prompt=False)
+    return [_split_round(full, prefixes, histories[i], len(instructions[i]) - 1) for full, i in zip(rendered, rows)]
 
 
 def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str], history: str) -> tuple[str, str, str]:
