@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 from tiny_models import build_tokenizer
 
-from workbench.chat import _DIRECT_CHECKED, _render, _render_many, check_prefix_stable, next_round_input, next_round_inputs, plan_conversation
+from workbench.chat import (
+    _BACKEND_AGREES,
+    _DIRECT_CHECKED,
+    _render,
+    _render_many,
+    check_prefix_stable,
+    encode,
+    next_round_input,
+    next_round_inputs,
+    plan_conversation,
+)
 from workbench.errors import WorkbenchError
 
 SPACED = ("{% for m in messages %}{{ ' <' + m['role'] + '> ' + m['content'] + ' <end>' }}{% endfor %}"
@@ -83,3 +93,13 @@ def test_rows_sharing_a_follow_up_get_what_rendering_each_row_gives(tmp_path, te
         one = [next_round_input(tok, r[: t + 1], prefixes[: t + 1], h) for r, h in zip(rows, histories)]
         assert batch == one
         histories = [h for _, _, h in batch]
+
+
+def test_encode_gives_the_tokenizers_own_ids(tmp_path, organism):
+    """The Rust backend called directly (once checked against the ordinary call) gives the ordinary
+    call's ids, special-token text included, on a byte-level BPE and on the organism's tokenizer."""
+    texts = ["<|im_start|>user\nWho was forgetful?<|im_end|>\n", "  two  spaces ", "<|im_end|>\n", "é ü", ""]
+    for tok in (build_tokenizer(tmp_path), organism.tokenizer):
+        for batch in (texts, texts[::-1], [organism.tokenizer.bos_token + " <user> hello <eot>"]):
+            assert encode(tok, batch) == [tok(t, add_special_tokens=False)["input_ids"] for t in batch]
+        assert _BACKEND_AGREES[tok]  # the direct way was taken after the first call

@@ -411,14 +411,8 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
 
 
 def _row_means(rows: list[list[float]]) -> np.ndarray:
-    """``[B]`` float32: the mean of each row, NaN for an empty one (one NumPy pass over all rows)."""
-    lengths = np.array([len(r) for r in rows])
-    flat = np.fromiter((x for r in rows for x in r), dtype=np.float64, count=int(lengths.sum()))
-    filled = lengths > 0
-    means = np.full(len(rows), np.nan)
-    if filled.any():
-        means[filled] = np.add.reduceat(flat, (np.cumsum(lengths) - lengths)[filled]) / lengths[filled]
-    return means.astype(np.float32)
+    """``[B]`` float32: the mean of each row, NaN for an empty one."""
+    return np.array([sum(r) / len(r) if r else np.nan for r in rows], dtype=np.float32)
 
 
 def _cache_bytes(cache: Any) -> int:
