@@ -226,8 +226,15 @@ def _encode_distinct(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     agrees = _BACKEND_AGREES.get(tokenizer) if backend is not None else False
     if agrees:
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return _backend_ids(backend, texts)
     ordinary = tokenizer(texts, add_special_tokens=False)["input_ids"]
     if agrees is None:
-        _BACKEND_AGREES[tokenizer] = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == ordinary
+        _BACKEND_AGREES[tokenizer] = _backend_ids(backend, texts) == ordinary
     return ordinary
+
+
+def _backend_ids(backend: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text from a ``tokenizers.Tokenizer``, without the character offsets when
+    this version can leave them out (``encode_batch_fast``: half the time)."""
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in batch(texts, add_special_tokens=False)]

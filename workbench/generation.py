@@ -157,7 +157,7 @@ def carry(hf: Any, rnd: RoundOutput, pad_id: int) -> CarriedCache:
     The decode steps after a row's stop token become holes in the mask.
     """
     batch, prompt_len = rnd.prompt_mask.shape
-    steps = rnd.cache.get_seq_length() - prompt_len  # decode steps in the cache: n_steps − 1
+    steps = rnd.step_logits.shape[1] - 1  # decode steps in the cache after the prompt
     lengths = torch.tensor([len(ids) for ids in rnd.response_ids])
     held = (torch.arange(steps)[None, :] < lengths[:, None]).long()  # [batch, steps]
     mask = torch.cat([rnd.prompt_mask.cpu(), held], 1)

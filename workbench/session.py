@@ -247,9 +247,12 @@ class Session:
         self._prefixes.append(prefix)
 
         responses = [tok.decode(ids) for ids in response_ids]
-        probs = np.full((batch, self.n_options), np.nan, dtype=np.float32)
-        for k, rows in self._rows_by_option_count.items():  # one softmax per option count (rows with NaN beyond it)
-            probs[rows, :k] = option_confidence(option_nll[rows, :k]).numpy()
+        if list(self._rows_by_option_count) == [self.n_options] and len(self._rows_by_option_count[self.n_options]) == batch:
+            probs = option_confidence(option_nll).numpy()  # every row has every option: one softmax
+        else:
+            probs = np.full((batch, self.n_options), np.nan, dtype=np.float32)
+            for k, rows in self._rows_by_option_count.items():  # one softmax per option count (NaN beyond it)
+                probs[rows, :k] = option_confidence(option_nll[rows, :k]).numpy()
         result = RoundResult(
             round=t + 1,
             instructions=texts,
