@@ -182,8 +182,9 @@ def pooling(
     reference: :func:`round_pools` joins them), to ``steps[site]``.
 
     The sites are observed by wrapping their modules' ``forward`` for the duration of the block,
-    not with PyTorch hooks: a module with a hook takes PyTorch's slower call path, which cost 7 %
-    of each decode step of the organism (4 layers); the wrapper costs 2 % (docs/PERFORMANCE.md).
+    not with PyTorch hooks: a module with a hook takes PyTorch's slower call path on every call,
+    a few times the cost of the wrapper's one extra Python call (measured in docs/PERFORMANCE.md,
+    "Capture overhead with the cache carried").
     """
     pooled: dict[HookSite, torch.Tensor] = {}
     batch, seq = weights.shape[0], weights.shape[2]

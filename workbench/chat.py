@@ -66,7 +66,8 @@ def next_round_inputs(
     its text: the first and the last row of each such group are rendered, and when their round
     inputs and closings agree, the rows between take them, since a template renders a turn from
     the turn itself, not from the contents before it (then a round renders two conversations, not
-    the batch's). When they differ, every row of the group is rendered."""
+    the batch's). When they differ, every row of the group is rendered. (A template whose turn
+    text reads earlier messages is caught only where the first and last rows differ in them.)"""
     groups: dict[tuple[int, str], list[int]] = {}
     for i, texts in enumerate(instructions):
         groups.setdefault((len(texts), texts[-1]), []).append(i)
