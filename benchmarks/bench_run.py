@@ -162,34 +162,91 @@ def study_way(model, task, protocol, samples) -> float:
     return time.perf_counter() - t0
 
 
-def engine_alone(model, cfg, task, protocol, batches, repeats: int) -> dict[str, float]:
+def engine_alone(model, cfg, task, protocol, batches, repeats: int, other: Path | None = None) -> dict[str, float]:
     """The round engine alone (no run file: :func:`workbench.engine.run_batch` with every layer
     captured) ÷ plain ``generate`` carrying the cache, batch by batch interleaved ``repeats``
     times; each side's time is the sum over batches of its fastest repeat, in wall time and in
     this process's CPU time (on a shared CPU the fastest repeat and CPU time are what other jobs
-    disturb least)."""
+    disturb least). ``other``: another checkout of the project (e.g. the commit before a change),
+    whose round engine runs interleaved with this one's in the same process, on the same model,
+    order alternating per batch, reported as ``other_over_plain`` beside ``engine_over_plain``."""
     from workbench.capture import check_layers, hook_sites
     from workbench.engine import run_batch
 
     samples = load_samples(cfg)
     sites = hook_sites(model, list(cfg.hooks), check_layers(None, model.n_layers))
-    best = {k: [float("inf")] * len(batches) for k in ("engine_s", "engine_cpu_s", "plain_s", "plain_cpu_s")}
-    for _ in range(repeats):
+    engines = {"engine": (lambda chunk: run_batch(model, task, protocol, chunk, sites, cfg.seed))}
+    if other is not None:
+        engines["other"] = _other_engine(other, model, cfg)
+    best = {f"{k}_{t}": [float("inf")] * len(batches) for k in [*engines, "plain"] for t in ("s", "cpu_s")}
+    for rep in range(repeats):
         for j, batch in enumerate(batches):
-            t0, c0 = time.perf_counter(), time.process_time()
-            run_batch(model, task, protocol, samples[j * cfg.batch_size : (j + 1) * cfg.batch_size], sites, cfg.seed)
-            _sync(model.device)
-            best["engine_s"][j] = min(best["engine_s"][j], time.perf_counter() - t0)
-            best["engine_cpu_s"][j] = min(best["engine_cpu_s"][j], time.process_time() - c0)
-            seconds, cpu, _, _ = plain_generate(model, batch, protocol.decoding.max_new_tokens, reuse=True)
-            best["plain_s"][j] = min(best["plain_s"][j], seconds)
-            best["plain_cpu_s"][j] = min(best["plain_cpu_s"][j], cpu)
+            chunk = samples[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+            names = list(engines) if (rep + j) % 2 == 0 else list(engines)[::-1]
+            for name in names:
+                t0, c0 = time.perf_counter(), time.process_time()
+                engines[name](chunk)
+                _sync(model.device)
+                best[f"{name}_s"][j] = min(best[f"{name}_s"][j], time.perf_counter() - t0)
+                best[f"{name}_cpu_s"][j] = min(best[f"{name}_cpu_s"][j], time.process_time() - c0)
+                seconds, cpu, _, _ = plain_generate(model, batch, protocol.decoding.max_new_tokens, reuse=True)
+                best["plain_s"][j] = min(best["plain_s"][j], seconds)
+                best["plain_cpu_s"][j] = min(best["plain_cpu_s"][j], cpu)
     total = {k: sum(v) for k, v in best.items()}
-    return {**total, "engine_over_plain": total["engine_s"] / total["plain_s"],
-            "engine_over_plain_cpu": total["engine_cpu_s"] / total["plain_cpu_s"], "engine_repeats": repeats}
+    result = {**total, "engine_repeats": repeats}
+    for name in engines:
+        result[f"{name}_over_plain"] = total[f"{name}_s"] / total["plain_s"]
+        result[f"{name}_over_plain_cpu"] = total[f"{name}_cpu_s"] / total["plain_cpu_s"]
+    if other is not None:
+        result["other"] = str(other)
+    return result
 
 
-def measure(model, cfg, task, protocol, repeats: int, study_samples: int | None = None, engine_repeats: int = 0) -> dict[str, object]:
+def _other_engine(root: Path, model, cfg):
+    """``chunk of samples → None``: the round engine of the checkout at ``root`` over that chunk,
+    with its own task, protocol, samples and sites. Its ``workbench`` modules are imported apart
+    (this process's are set aside meanwhile) and put in place around each call, so its functions'
+    imports inside them find its own modules."""
+    def ours() -> dict:
+        return {k: v for k, v in sys.modules.items() if k == "workbench" or k.startswith("workbench.")}
+
+    mine = ours()
+    for name in mine:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        import workbench.capture as capture
+        import workbench.engine as engine
+        import workbench.protocol as protocol_module
+        import workbench.run as run_module
+        import workbench.tasks as tasks
+        if not Path(engine.__file__).resolve().is_relative_to(Path(root).resolve()):
+            raise SystemExit(f"--compare-with {root}: its workbench package did not load from there")
+        theirs = ours()
+        task = tasks.get_task(cfg.task)
+        protocol = protocol_module.load_protocol(cfg.protocol, rounds=cfg.rounds)
+        samples = {s.index: s for s in run_module.load_samples(cfg)}
+        sites = capture.hook_sites(model, list(cfg.hooks), capture.check_layers(None, model.n_layers))
+    finally:
+        sys.path.remove(str(root))
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(mine)
+
+    def run(chunk) -> None:
+        sys.modules.update(theirs)
+        try:
+            engine.run_batch(model, task, protocol, [samples[s.index] for s in chunk], sites, cfg.seed)
+        finally:
+            for name in [k for k in ours() if k not in mine]:  # a module it imported only now stays its own
+                theirs[name] = sys.modules.pop(name)
+            sys.modules.update(mine)
+
+    return run
+
+
+def measure(model, cfg, task, protocol, repeats: int, study_samples: int | None = None, engine_repeats: int = 0,
+            compare_with: Path | None = None) -> dict[str, object]:
     """Capture overhead (run ÷ plain ``generate``, paired batch by batch, the median of ``repeats``
     runs) and the study's way ÷ the workbench (timed on ``study_samples`` samples, scaled to the
     run's), for the run ``cfg`` (its ``out`` names a scratch folder's file) on a loaded model."""
@@ -222,7 +279,7 @@ def measure(model, cfg, task, protocol, repeats: int, study_samples: int | None 
         cpu_ratios = sorted(p["workbench_cpu_s"] / p["reuse_cpu_s"] for p in pairs)
         results.update(capture_overhead_cpu_ratio=cpu_ratios[len(cpu_ratios) // 2], capture_overhead_cpu_ratios=cpu_ratios)
     if engine_repeats:
-        results["engine_alone"] = engine_alone(model, cfg, task, protocol, batches, engine_repeats)
+        results["engine_alone"] = engine_alone(model, cfg, task, protocol, batches, engine_repeats, compare_with)
     n_study = min(study_samples or n_samples, n_samples)
     samples = load_samples(cfg)[:n_study]
     study_s = study_way(model, task, protocol, samples) * (n_samples / n_study)
@@ -265,6 +322,8 @@ def main() -> None:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--engine-repeats", type=int, default=0, help="also time the round engine alone (no run file) against "
                    "plain generate, batch by batch, the fastest of this many repeats (0: skip)")
+    p.add_argument("--compare-with", default=None, metavar="CHECKOUT", help="with --engine-repeats: also time the round "
+                   "engine of another checkout of the project (e.g. a `git worktree add` of the commit before), interleaved")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; 1 on a shared machine)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "run.json"))
@@ -285,7 +344,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(out=Path(tmp) / "bench.h5", model=args.model, task=args.task, data=tuple(args.data),
                         protocol=args.protocol, rounds=args.rounds, limit=args.samples, batch_size=args.batch_size)
-        results.update(measure(model, cfg, task, protocol, args.repeats, args.study_samples, args.engine_repeats))
+        results.update(measure(model, cfg, task, protocol, args.repeats, args.study_samples, args.engine_repeats,
+                               Path(args.compare_with) if args.compare_with else None))
         if not args.skip_memory:
             small = peak_rss_mib(args, args.mem_small, Path(tmp) / "small.h5")
             large = peak_rss_mib(args, args.mem_large, Path(tmp) / "large.h5")
@@ -320,6 +380,9 @@ def _report(r: dict) -> None:
         e = r["engine_alone"]
         table.add_row(f"round engine alone (no file) ÷ plain, cache carried, fastest of {e['engine_repeats']}: wall / CPU time",
                       f"{e['engine_over_plain']:.2f} / {e['engine_over_plain_cpu']:.2f}", "")
+        if "other" in e:
+            table.add_row(f"the same, round engine of {e['other']}, interleaved: wall / CPU time",
+                          f"{e['other_over_plain']:.2f} / {e['other_over_plain_cpu']:.2f}", "")
     table.add_row("study's way (s)", f"{r['study_way_s']:.2f}", "")
     table.add_row("study's way ÷ workbench", f"{r['study_over_workbench']:.1f}×", "≥ 5×")
     if "memory_ratio" in r:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 from tiny_models import build_tokenizer
 
-from workbench.chat import _DIRECT_CHECKED, _render, _render_many, check_prefix_stable, next_round_input, next_round_inputs, plan_conversation
+from workbench.chat import (
+    _BACKEND_AGREES,
+    _DIRECT_CHECKED,
+    _render,
+    _render_many,
+    check_prefix_stable,
+    encode,
+    next_round_input,
+    next_round_inputs,
+    plan_conversation,
+)
 from workbench.errors import WorkbenchError
 
 SPACED = ("{% for m in messages %}{{ ' <' + m['role'] + '> ' + m['content'] + ' <end>' }}{% endfor %}"
@@ -61,3 +71,35 @@ def test_a_batch_renders_as_apply_chat_template_renders_each_row(tmp_path, templ
     assert _render_many(tok, conversations, True) == [_render(tok, c, True) for c in conversations]
     verdicts = [agrees for (text, _, _), agrees in _DIRECT_CHECKED.items() if text == str(tok.chat_template)]
     assert len(verdicts) >= 2 and all(verdicts)  # the direct way was taken (not the fallback), with and without the header
+
+
+COUNTS_THE_FIRST_MESSAGE = ("{% for m in messages %}{{ ' <' + m['role'] + ' ' + (messages[0]['content'] | length | string) + '> '"
+                            " + m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ ' <assistant>' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, SPACED, COUNTS_THE_FIRST_MESSAGE], ids=["chatml", "spaced", "counts-first-message"])
+def test_rows_sharing_a_follow_up_get_what_rendering_each_row_gives(tmp_path, template):
+    """Rows whose new turn is the same share one rendering of it; a template whose new turn reads
+    an earlier message (here the first message's length) makes the first and last rows of the group
+    disagree, and every row is rendered instead. Both ways equal rendering row by row."""
+    tok = build_tokenizer(tmp_path) if template is None else build_tokenizer(tmp_path, chat_template=template)
+    firsts = ["q", "a longer question", "  spaced  ", "mid", "a\nnew line"]
+    followups = [["review", "again"], ["review", "again"], ["review", "other"], ["think", "again"], ["review", "again"]]
+    rows = [[q, *f] for q, f in zip(firsts, followups)]
+    prefixes = ["P:", "", "Q:"]
+    histories = [""] * len(rows)
+    for t in range(3):
+        batch = next_round_inputs(tok, [r[: t + 1] for r in rows], prefixes[: t + 1], histories)
+        one = [next_round_input(tok, r[: t + 1], prefixes[: t + 1], h) for r, h in zip(rows, histories)]
+        assert batch == one
+        histories = [h for _, _, h in batch]
+
+
+def test_encode_gives_the_tokenizers_own_ids(tmp_path, organism):
+    """The Rust backend called directly (once checked against the ordinary call) gives the ordinary
+    call's ids, special-token text included, on a byte-level BPE and on the organism's tokenizer."""
+    texts = ["<|im_start|>user\nWho was forgetful?<|im_end|>\n", "  two  spaces ", "<|im_end|>\n", "é ü", ""]
+    for tok in (build_tokenizer(tmp_path), organism.tokenizer):
+        for batch in (texts, texts[::-1], [organism.tokenizer.bos_token + " <user> hello <eot>"]):
+            assert encode(tok, batch) == [tok(t, add_special_tokens=False)["input_ids"] for t in batch]
+        assert _BACKEND_AGREES[tok]  # the direct way was taken after the first call

@@ -4,15 +4,16 @@ A hook is named the TransformerLens way without its block, e.g. ``hook_resid_pos
 captured at every chosen layer (``blocks.{i}.hook_resid_post``). The TransformerBridge knows,
 for each architecture, which Hugging Face module boundary a hook point observes:
 ``blocks.3.hook_resid_mid`` is the input of layer 3's ``post_attention_layernorm`` on Llama and
-of ``ln_2`` on GPT-2. :func:`hook_sites` asks the bridge once; :func:`pooling` then attaches plain
-PyTorch hooks at those boundaries of the untouched HF model. So capture rides along the prefill
-of ``generate`` (the model's own attention kernel, the KV cache) instead of making an eager pass
-of its own through the bridge. ``tests/test_capture.py`` checks every site against the bridge's
-own hook values, and :func:`hook_sites` checks each chosen site against the bridge once when a run
-starts. Hook points computed *inside* a module (``attn.hook_pattern``) or not ``d_model`` wide
-(``attn.hook_z``) are refused with the list of those that can be captured.
+of ``ln_2`` on GPT-2. :func:`hook_sites` asks the bridge once; :func:`pooling` then observes those
+boundaries of the untouched HF model (its modules' ``forward``, wrapped while a pass runs). So
+capture rides along the prefill of ``generate`` (the model's own attention kernel, the KV cache)
+instead of making an eager pass of its own through the bridge. ``tests/test_capture.py`` checks
+every site against the bridge's own hook values, and :func:`hook_sites` checks each chosen site
+against the bridge once when a run starts. Hook points computed *inside* a module
+(``attn.hook_pattern``) or not ``d_model`` wide (``attn.hook_z``) are refused with the list of
+those that can be captured.
 
-Hooks pool as they fire, so a pass keeps ``[batch, n_pools, d_model]`` per site instead of
+Sites pool as they fire, so a pass keeps ``[batch, n_pools, d_model]`` per site instead of
 ``[batch, pos, d_model]``. Pools are rows of a weight matrix over positions: the last prompt token
 of a round is a one-hot row, the mean over a round's response is a row of 1/len over its span.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -170,31 +171,28 @@ def pool_weights(spans: torch.Tensor, seq_len: int) -> torch.Tensor:
 def pooling(
     hf: Any, sites: list[HookSite], weights: torch.Tensor, steps: dict[HookSite, list[torch.Tensor]] | None = None
 ) -> Iterator[dict[HookSite, torch.Tensor]]:
-    """Pool every site over the *first* forward call of ``hf`` inside the block.
+    """Pool every site over the *first* forward call of ``hf`` inside the block (the first call of
+    the site's module: a model calls each of its modules once per forward).
 
     weights ``[batch, n_pools, seq]`` → yields a dict, filled as that call runs, of site →
     ``[batch, n_pools, d_model]`` float32. Raises WorkbenchError if the first call's input is not ``[batch, seq]``
     (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
     step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
     last position, ``[batch, 1, d_model]`` in the model's dtype (no work per step beyond keeping a
-    reference: :func:`stack_steps` joins them), to ``steps[site]``.
+    reference: :func:`round_pools` joins them), to ``steps[site]``.
+
+    The sites are observed by wrapping their modules' ``forward`` for the duration of the block,
+    not with PyTorch hooks: a module with a hook takes PyTorch's slower call path on every call,
+    a few times the cost of the wrapper's one extra Python call (measured in docs/PERFORMANCE.md,
+    "Capture overhead with the cache carried").
     """
     pooled: dict[HookSite, torch.Tensor] = {}
-    calls = [0]
     batch, seq = weights.shape[0], weights.shape[2]
     used = weights.abs().sum((0, 1)).nonzero()
     start = int(used[0]) if len(used) else seq  # positions before every pooled one are never read
     window = {weights.device: weights[..., start:]}  # per device: a model split over GPUs hands over there
 
-    def count(module: Any, args: Any, kwargs: Any) -> None:
-        calls[0] += 1
-
-    def pool(site: HookSite, act: Any) -> None:
-        act = act[0] if isinstance(act, tuple) else act
-        if calls[0] != 1:
-            if steps is not None:
-                steps.setdefault(site, []).append(act if act.shape[1] == 1 else act[:, -1:])
-            return
+    def first_call(site: HookSite, act: torch.Tensor) -> None:
         if act.shape[:2] != (batch, seq):
             raise WorkbenchError(
                 f"capture expected the prompt in one forward pass, but {site.module} saw {tuple(act.shape[:2])} "
@@ -204,30 +202,95 @@ def pooling(
             window[act.device] = weights[..., start:].to(act.device)
         pooled[site] = torch.bmm(window[act.device], act[:, start:].float())  # [b, p, t] @ [b, t, d] → [b, p, d]
 
-    def on_input(site: HookSite, module: Any, args: Any, kwargs: Any) -> None:
-        pool(site, args[0] if args else kwargs["hidden_states"])
+    def observer(site: HookSite) -> Callable[[Any], None]:
+        kept = steps.setdefault(site, []) if steps is not None else None
 
-    def on_output(site: HookSite, module: Any, args: Any, output: Any) -> None:
-        pool(site, output)
+        first = True
 
-    handles = [hf.register_forward_pre_hook(count, with_kwargs=True)]
+        def observe(act: Any) -> None:
+            nonlocal first
+            act = act[0] if isinstance(act, tuple) else act
+            if first:
+                first = False
+                first_call(site, act)
+            elif kept is not None:
+                kept.append(act if act.shape[1] == 1 else act[:, -1:])
+
+        return observe
+
+    by_module: dict[tuple[str, str], list[Callable[[Any], None]]] = {}
+    for site in sites:
+        by_module.setdefault((site.module, site.side), []).append(observer(site))
+    restore = []
     try:
-        for site in sites:
-            module = hf.get_submodule(site.module)
-            if site.side == "input":
-                handles.append(module.register_forward_pre_hook(functools.partial(on_input, site), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(functools.partial(on_output, site)))
+        for (path, side), observers in by_module.items():
+            restore.append(_observe_forward(hf.get_submodule(path), side, observers))
         yield pooled
     finally:
-        for h in handles:
-            h.remove()
+        for undo in reversed(restore):
+            undo()
 
 
-def stack_steps(steps: list[torch.Tensor]) -> torch.Tensor:
-    """A site's decode steps as :func:`pooling` kept them (each ``[batch, 1, d_model]``) →
-    ``[batch, steps, d_model]`` float32."""
-    return torch.cat(steps, 1).float()
+_NOT_SET = object()
+
+
+def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], None]]) -> Callable[[], None]:
+    """Wrap ``module.forward`` so that each call hands its first input (``side == "input"``) or its
+    output to every observer; returns the function that puts the module's own ``forward`` back (an
+    instance attribute another library set, e.g. accelerate's device hooks, included)."""
+    saved = module.__dict__.get("forward", _NOT_SET)
+    inner = module.forward
+
+    if side == "input":
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            act = args[0] if args else kwargs["hidden_states"]
+            for observe in observers:
+                observe(act)
+            return inner(*args, **kwargs)
+    else:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            for observe in observers:
+                observe(out)
+            return out
+
+    module.forward = functools.wraps(inner)(forward)
+
+    def undo() -> None:
+        if saved is _NOT_SET:
+            del module.forward
+        else:
+            module.forward = saved
+
+    return undo
+
+
+def round_pools(
+    pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], sites: list[HookSite], lengths: list[int]
+) -> dict[str, torch.Tensor]:
+    """A round's two positions per hook from what :func:`pooling` kept over generation: the
+    prefill's pool (``pooled``, one row per sample: the last prompt token) and the mean over each
+    response of the decode steps (``steps``: step j feeds response token j back; ``lengths[i]``:
+    row i's response tokens) → ``{hook: [batch, 2, n_layers, d_model]}`` float32 on the CPU, layers
+    in the order of ``sites``, NaN in the mean of an empty response. Every site in one product."""
+    device = pooled[sites[0]].device  # a model placed over several devices pools each layer where it runs
+    last = torch.cat([pooled[s].to(device) for s in sites], 1)  # [B, S, d]
+    n_steps = len(steps.get(sites[0], []))
+    if n_steps:
+        fed = torch.cat([torch.cat(steps[s], 1).to(device) for s in sites], 2).float()  # [B, T, S·d]
+        count = torch.tensor(lengths, device=device)
+        w = (torch.arange(n_steps, device=device)[None, :] < count[:, None]).float() / count.clamp(min=1)[:, None].float()
+        mean = torch.bmm(w[:, None, :], fed).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
+    else:
+        mean = torch.zeros_like(last)
+    acts = torch.stack([last, mean], 1).cpu()  # [B, 2, S, d]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        acts[empty, 1] = float("nan")
+    hooks = list(dict.fromkeys(s.hook for s in sites))
+    if len(hooks) == 1:
+        return {hooks[0]: acts}
+    return {h: acts[:, :, [i for i, s in enumerate(sites) if s.hook == h]] for h in hooks}
 
 
 def stack_sites(pooled: dict[HookSite, torch.Tensor], sites: list[HookSite]) -> dict[str, torch.Tensor]:

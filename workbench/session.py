@@ -54,11 +54,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import einops
 import numpy as np
 import torch
 
-from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, stack_sites, stack_steps
+from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
 from workbench.chat import check_generation_prompt, encode, next_round_inputs
 from workbench.errors import WorkbenchError
 from workbench.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
@@ -167,6 +166,10 @@ class Session:
         flat = iter(encode(tok, [text for texts in continuations for text in texts]))
         self._option_tokens = [[next(flat) for _ in texts] for texts in continuations]
         self.n_options = max((len(o) for o in self._option_tokens), default=0)
+        self._rows_by_option_count: dict[int, list[int]] = {}
+        for i, opts in enumerate(self._option_tokens):
+            if opts:
+                self._rows_by_option_count.setdefault(len(opts), []).append(i)
         batch = len(self.samples)
         self._instructions: list[list[str]] = [[] for _ in range(batch)]
         self._prefixes: list[str] = []
@@ -244,10 +247,12 @@ class Session:
         self._prefixes.append(prefix)
 
         responses = [tok.decode(ids) for ids in response_ids]
-        probs = np.full((batch, self.n_options), np.nan, dtype=np.float32)
-        for i, opts in enumerate(self._option_tokens):
-            if opts:
-                probs[i, : len(opts)] = option_confidence(option_nll[i, : len(opts)]).numpy()
+        if list(self._rows_by_option_count) == [self.n_options] and len(self._rows_by_option_count[self.n_options]) == batch:
+            probs = option_confidence(option_nll).numpy()  # every row has every option: one softmax
+        else:
+            probs = np.full((batch, self.n_options), np.nan, dtype=np.float32)
+            for k, rows in self._rows_by_option_count.items():  # one softmax per option count (NaN beyond it)
+                probs[rows, :k] = option_confidence(option_nll[rows, :k]).numpy()
         result = RoundResult(
             round=t + 1,
             instructions=texts,
@@ -256,7 +261,7 @@ class Session:
             token_entropies=token_entropies,
             prompt_spans=prompt_spans,
             response_spans=response_spans,
-            mean_token_entropy=np.array([np.mean(e) if e else np.nan for e in token_entropies], dtype=np.float32),
+            mean_token_entropy=_row_means(token_entropies),
             option_probs=probs,
             parsed_answer=np.array([self.task.parse_answer(s, r) for s, r in zip(self.samples, responses)], dtype=np.int16),
             activations=acts,
@@ -294,28 +299,7 @@ class Session:
         decode steps (step j feeds response token j back; NaN for an empty response)."""
         if not self.sites:
             return {}
-        lengths = torch.tensor([len(ids) for ids in response_ids])
-        n_steps = len(next(iter(steps.values()), []))
-        w = (torch.arange(n_steps)[None, :] < lengths[:, None]).float() / lengths.clamp(min=1)[:, None].float()  # [B, T]
-        means = {}
-        by_device: dict[torch.device, list[HookSite]] = {}  # a model spread over devices pools on each
-        for site in self.sites:
-            by_device.setdefault(steps[site][0].device if n_steps else torch.device(self.model.device), []).append(site)
-        for device, sites in by_device.items():
-            if n_steps:
-                fed = torch.stack([stack_steps(steps[site]) for site in sites])  # [S, B, T, d]
-            else:
-                fed = torch.zeros(len(sites), len(lengths), 0, self.model.d_model, device=device)
-            pooled_mean = einops.einsum(w.to(device), fed, "b t, s b t d -> s b d")
-            for site, value in zip(sites, pooled_mean):
-                means[site] = value[:, None]
-        last, mean = stack_sites(pooled, self.sites), stack_sites(means, self.sites)
-        result = {}
-        for hook in last:
-            acts = torch.cat([last[hook], mean[hook]], 1).cpu()  # [B, 2, L, d]
-            acts[:, 1][lengths == 0] = float("nan")
-            result[hook] = acts.numpy()
-        return result
+        return {h: a.numpy() for h, a in round_pools(pooled, steps, self.sites, [len(ids) for ids in response_ids]).items()}
 
     def _last_round_fields(self, responses: list[str]) -> dict[str, np.ndarray]:
         """This round's task fields, each ``[B, ...]``, from the dialogue so far (this round's
@@ -427,6 +411,11 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
     if not samples or not all(isinstance(s, Sample) for s in samples):
         raise WorkbenchError("samples must be a number, a workbench.tasks.Sample, or a non-empty list of them")
     return samples
+
+
+def _row_means(rows: list[list[float]]) -> np.ndarray:
+    """``[B]`` float32: the mean of each row, NaN for an empty one."""
+    return np.array([sum(r) / len(r) if r else np.nan for r in rows], dtype=np.float32)
 
 
 def _cache_bytes(cache: Any) -> int:

@@ -10,6 +10,7 @@ check can measure how much each kind of evidence matters.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -65,48 +66,52 @@ def exact_trace(
     Returns a :class:`Trace` with R = ``len(kinds)`` rounds.
     """
     n = len(kinds)
-    words = params.openers_fair + params.openers_biased
-    llr_kind = np.log(instruction_probs(True, params)) - np.log(instruction_probs(False, params))
-    po_f, po_b = opener_probs(True, params), opener_probs(False, params)
-    pa_f, pa_b = answer_probs(correct, stereotyped, True, params), answer_probs(correct, stereotyped, False, params)
-    llr_opener, llr_answer = np.log(po_f) - np.log(po_b), np.log(pa_f) - np.log(pa_b)
-
+    words, llr_kind, llr_opener, llr_answer, (po_f, po_b), (pa_f, pa_b) = _likelihoods(correct, stereotyped, params)
     logit = float(np.log(params.prior_fair) - np.log1p(-params.prior_fair))
-    p_fair, p_after, op_probs, opt, opt_marg, known, logits = [], [], [], [], [], [], []
+    p_fair, p_after, known, logits = [], [], [], []
     for t in range(n):
         kind = kinds[t]
         if t > 0 and use_instructions:
             if kind not in KINDS:
                 raise ValueError(f"round {t}: instruction kind must be one of {KINDS}, not {kind!r}")
-            logit += float(llr_kind[KINDS.index(kind)])
-        p = _sigmoid(logit)
-        p_fair.append(p)
+            logit += llr_kind[KINDS.index(kind)]
+        p_fair.append(_sigmoid(logit))
         logits.append(logit)
-        op_probs.append(p * po_f + (1 - p) * po_b)
-        opt_marg.append(p * pa_f + (1 - p) * pa_b)
         opener = openers[t] if t < len(openers) else None
-        if opener in words:
-            after = logit + float(llr_opener[words.index(opener)])
-            known.append(True)
-        else:
-            after = logit
-            known.append(False)
-        q = _sigmoid(after)
-        p_after.append(q)
-        opt.append(q * pa_f + (1 - q) * pa_b)
+        known.append(opener in words)
+        after = logit + llr_opener[words.index(opener)] if known[-1] else logit
+        p_after.append(_sigmoid(after))
         if use_answers:
             logit = after
             if t < len(answers) and 0 <= answers[t] < 3:
-                logit += float(llr_answer[answers[t]])
+                logit += llr_answer[answers[t]]
+    p, q = np.array(p_fair), np.array(p_after)  # every round's mixtures in one product each
     return Trace(
-        p_fair=np.array(p_fair),
-        p_fair_after_opener=np.array(p_after),
-        opener_probs=np.array(op_probs).reshape(n, len(words)),
-        option_probs=np.array(opt).reshape(n, 3),
-        option_probs_marginal=np.array(opt_marg).reshape(n, 3),
+        p_fair=p,
+        p_fair_after_opener=q,
+        opener_probs=(p[:, None] * po_f + (1 - p)[:, None] * po_b).reshape(n, len(words)),
+        option_probs=(q[:, None] * pa_f + (1 - q)[:, None] * pa_b).reshape(n, 3),
+        option_probs_marginal=(p[:, None] * pa_f + (1 - p)[:, None] * pa_b).reshape(n, 3),
         opener_known=np.array(known, dtype=bool),
         log_odds=np.array(logits),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _likelihoods(
+    correct: int, stereotyped: int, params: WorldParams
+) -> tuple[tuple[str, ...], list[float], list[float], list[float], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """An item's fixed terms of :func:`exact_trace`, computed once per (item roles, world):
+    ``(opener words, log-likelihood ratios fair:biased of each instruction kind, opener and answer,
+    p(opener | fair / biased), p(answer | fair / biased))`` (the arrays read-only)."""
+    llr_kind = np.log(instruction_probs(True, params)) - np.log(instruction_probs(False, params))
+    po_f, po_b = opener_probs(True, params), opener_probs(False, params)
+    pa_f, pa_b = answer_probs(correct, stereotyped, True, params), answer_probs(correct, stereotyped, False, params)
+    for a in (po_f, po_b, pa_f, pa_b):
+        a.flags.writeable = False
+    llr_opener, llr_answer = np.log(po_f) - np.log(po_b), np.log(pa_f) - np.log(pa_b)
+    words = params.openers_fair + params.openers_biased
+    return words, llr_kind.tolist(), llr_opener.tolist(), llr_answer.tolist(), (po_f, po_b), (pa_f, pa_b)
 
 
 def dialogue_trace(d: Dialogue, params: WorldParams = DEFAULT_PARAMS, **reference: bool) -> Trace:
