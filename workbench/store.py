@@ -45,6 +45,7 @@ import sys
 import time
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -975,6 +976,7 @@ class RunWriter:
             self.slots: list[ActivationSlot] = []
             self._fd = -1
             self._h5, self._datasets = None, {}
+            self._committer, self._commit_future = None, None
             return
         with h5py.File(folder / HEADER, "r", locking=False) as h:
             self.n_samples, self.n_options = int(h.attrs["n_samples"]), int(h.attrs["n_options"])
@@ -988,10 +990,13 @@ class RunWriter:
         self._h5: h5py.File | None = None  # activations.h5 through HDF5, opened at the first build
         self._datasets: dict[str, h5py.Dataset] = {}  # its datasets by path
         self._pending: list[tuple[int, int, dict[str, np.ndarray]]] = []  # finished since the last durable commit
+        self._committer: ThreadPoolExecutor | None = None  # runs durable commits beside the caller
+        self._commit_future: Future | None = None
         # finished batches whose rows are not in activations.h5 yet: (start, stop, arrays or their part's path)
         self._unbuilt: list[tuple[int, int, dict[str, np.ndarray] | Path]] = [
             (a, b, part) for a, b, part in _batch_parts(folder) if not _covered(built, a, b)]
-        self._last_commit = self._last_build = -math.inf  # the first batch commits and builds at once
+        self._last_commit = -math.inf  # the first batch commits at once
+        self._last_build = time.monotonic()  # rows are built in once BUILD_ROWS or COMMIT_INTERVAL_S have gathered
         self._boot = _boot_id()
 
     # --------------------------------------------------------------------- open
@@ -1082,10 +1087,13 @@ class RunWriter:
     def close(self) -> None:
         """Commit what was written (unless that fails too), release the file and the lock."""
         try:
-            if self._fd >= 0 and self._pending:
-                self.commit()
+            if self._fd >= 0:
+                self.commit(wait=True)
         except WorkbenchError:
             pass  # already failing (e.g. a full disk): the uncommitted batches are recomputed on --resume
+        if self._committer is not None:
+            self._committer.shutdown()
+            self._committer = None
         if self._h5 is not None:
             if self.path in FAILED_WRITES:  # HDF5 can crash closing a file whose write failed: leave it open
                 _ABANDONED.append(self._h5)
@@ -1102,6 +1110,8 @@ class RunWriter:
         """``[N]`` bool: which samples are complete."""
         if self._complete:
             return np.ones(self.n_samples, dtype=bool)
+        with _write_errors(self.path):
+            self._wait_commit()  # it renames and removes parts
         return _done_from_parts(self.folder, self.n_samples)
 
     def write_batch(self, start: int, arrays: dict[str, Any], activations: dict[str, np.ndarray], transcripts: list[list[int]]) -> None:
@@ -1134,14 +1144,15 @@ class RunWriter:
                     _start_writeback(self._fd, slot, start, stop)
             part = _batch_arrays(arrays, transcripts, self.n_rounds)
             self._check_shapes(part, batch)
-            if self._boot is None or self.replaces_old or (
-                    self.durable and time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S):
+            if self._boot is None or self.replaces_old:  # nothing can be provisional: commit now
                 self._pending.append((start, stop, part))
-                self.commit()
+                self.commit(wait=True)
             else:
+                _write_part(self.folder / _part_name(start, stop, self._boot), part, durable=False)
                 if self.durable:
                     self._pending.append((start, stop, part))
-                _write_part(self.folder / _part_name(start, stop, self._boot), part, durable=False)
+                    if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+                        self.commit()
             self._unbuilt.append((start, stop, part))
             if (sum(b - a for a, b, _ in self._unbuilt) >= BUILD_ROWS
                     or time.monotonic() - self._last_build >= COMMIT_INTERVAL_S):
@@ -1180,22 +1191,40 @@ class RunWriter:
         self._unbuilt = []
         self._last_build = time.monotonic()
 
-    def commit(self) -> None:
+    def commit(self, wait: bool = False) -> None:
         """Make every batch finished since the last commit durable (against a power cut too): fsync
         the activations, write the batches' other arrays as one part (fsynced, renamed into place,
-        the rename fsynced), then remove their provisional parts."""
-        if not self._pending:
-            return
-        start, stop = self._pending[0][0], self._pending[-1][1]
+        the rename fsynced), then remove their provisional parts. Those are in place already, so
+        unless ``wait`` the commit runs in a thread while the caller goes on (an fsync waits for
+        the disk, not the processor); one commit at a time, and its failure is raised by the next
+        call that writes."""
         with _write_errors(self.path):
-            os.fsync(self._fd)
-            _write_part(self.folder / _part_name(start, stop), _merge_batches([p[2] for p in self._pending]), durable=True)
-            if self.replaces_old:
-                self._take_over()
-            for a, b, _ in self._pending if self._boot else ():
-                (self.folder / _part_name(a, b, self._boot)).unlink(missing_ok=True)
-        self._pending = []
-        self._last_commit = time.monotonic()
+            self._wait_commit()
+            if not self._pending:
+                return
+            pending, self._pending = self._pending, []
+            self._last_commit = time.monotonic()
+            if wait or self.replaces_old or self._boot is None:
+                self._commit_now(pending)
+            else:
+                if self._committer is None:
+                    self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-commit")
+                self._commit_future = self._committer.submit(self._commit_now, pending)
+
+    def _wait_commit(self) -> None:
+        """Wait for the commit running in the thread (raising what it raised)."""
+        future, self._commit_future = self._commit_future, None
+        if future is not None:
+            future.result()
+
+    def _commit_now(self, pending: list[tuple[int, int, dict[str, np.ndarray]]]) -> None:
+        start, stop = pending[0][0], pending[-1][1]
+        os.fsync(self._fd)
+        _write_part(self.folder / _part_name(start, stop), _merge_batches([p[2] for p in pending]), durable=True)
+        if self.replaces_old:
+            self._take_over()
+        for a, b, _ in pending if self._boot else ():
+            (self.folder / _part_name(a, b, self._boot)).unlink(missing_ok=True)
 
     def _take_over(self) -> None:
         """``--overwrite``: the new run has a finished batch, so now (and only now) it replaces the old one."""
@@ -1214,6 +1243,8 @@ class RunWriter:
         durable, so no commit precedes it) and rename it to the run's path."""
         if self._complete:
             return
+        with _write_errors(self.path):
+            self._wait_commit()  # it renames and removes parts in the folder read here
         if not self.done_mask().all():
             self.commit()
             return
