@@ -453,3 +453,21 @@ def test_best_layer_tie_break():
     assert best_layer(np.array([0.5, 0.9]), np.array([1.0, 0.5])) == 1
     assert tie_break(np.array([0.5, 0.9]), np.array([1.0, 0.5]), None, 1) == ""
     assert tie_break(acc, np.ones(3), np.ones(3), 0) == "index"
+
+
+def test_weight_hashes_are_read_once_but_follow_a_changed_file(tmp_path):
+    """The weights' sha256 is cached per process (Session.save records it each time), keyed by the
+    file's size and modification time: a file written again is hashed again."""
+    import os
+
+    from workbench.models import weight_hashes
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    first = weight_hashes(str(tmp_path))
+    assert first == {"model.safetensors": hashlib.sha256(b"first weights").hexdigest()}
+    assert weight_hashes(str(tmp_path)) == first
+    weights.write_bytes(b"other weights")  # same size
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert weight_hashes(str(tmp_path)) == {"model.safetensors": hashlib.sha256(b"other weights").hexdigest()}

@@ -18,6 +18,7 @@ generation; ``model.bridge`` stays for names, for that check and for users' own 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -118,12 +119,21 @@ def weight_hashes(path: str, revision: str | None = None) -> dict[str, str]:
         if file.is_symlink() and blob.parent.name == "blobs" and len(blob.name) == 64:
             hashes[file.name] = blob.name
             continue
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 23), b""):
-                h.update(chunk)
-        hashes[file.name] = h.hexdigest()
+        stat = file.stat()
+        hashes[file.name] = _file_sha256(str(blob), stat.st_size, stat.st_mtime_ns)
     return hashes
+
+
+@functools.lru_cache(maxsize=512)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, read once per process while its size and modification time stay the same
+    (a run file records the weights' hashes: a 14 GB local model took ~15 s to hash at every
+    `Session.save`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def check_model_folder(path: str, name: str) -> None:

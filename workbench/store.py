@@ -760,21 +760,17 @@ def _copy_header(header: h5py.File, dst: h5py.File) -> None:
     header.copy(header["samples"], dst, "samples")
 
 
-def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File,
-                     in_memory: Iterable[tuple[int, int, dict[str, np.ndarray]]] = ()) -> np.ndarray:
-    """Create ``rounds/``, ``tokens/``, ``transcripts/`` and ``progress/`` in ``dst`` at full size
-    holding every finished batch part's rows, fixed-shape arrays copied in whole-part slabs (rows
-    not done: fill values, empty strings and sequences); add derived groups. ``in_memory``: the
-    writer's ``(start, stop, part arrays)`` of batches whose provisional parts need not be read
-    back. Returns ``done`` ``[N]``."""
+def _fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndarray:
+    """Create ``rounds/``, ``tokens/``, ``transcripts/`` and ``progress/`` in ``dst`` (the view of a
+    running run) at full size holding every finished batch part's rows, fixed-shape arrays copied
+    in whole-part slabs (rows not done: fill values, empty strings and sequences); add derived
+    groups. Returns ``done`` ``[N]``."""
     n, n_rounds, k = int(header.attrs["n_samples"]), int(header.attrs["n_rounds"]), int(header.attrs["n_options"])
     done = np.zeros(n, dtype=bool)
     fixed: dict[str, np.ndarray] = {}
     ragged: dict[str, tuple[tuple[int, ...], Any, bool, list]] = {}  # path -> (shape, dtype, text, pieces)
-    known = {(start, stop): arrays for start, stop, arrays in in_memory}
     for start, stop, part in _batch_parts(folder):
-        arrays = known.pop((start, stop), None)
-        arrays = _read_part(part) if arrays is None else arrays
+        arrays = _read_part(part)
         for key, value in arrays.items():
             if key.endswith(LENGTHS):
                 path = key[: -len(LENGTHS)]
