@@ -1119,10 +1119,11 @@ class RunWriter:
         activations: hook → ``[B, R, P, L, d]``. transcripts: ``[B][tokens]``.
 
         The activations go straight to their place in the file, the other arrays into a part file
-        renamed into place. Durability against a power cut costs fsyncs, so it is batched: at most
+        renamed into place: provisional (not fsynced, trusted until the machine restarts).
+        Durability against a power cut costs fsyncs, so it is batched and runs in a thread: at most
         every ``COMMIT_INTERVAL_S`` seconds (and by ``finish``/``close``) a commit fsyncs the
-        activations and writes the batches since the last commit as one fsynced part; in between a
-        batch's part is provisional (not fsynced, trusted until the machine restarts).
+        activations and writes the batches since the last commit as one fsynced part. The rows are
+        built into the run file to be every ``BUILD_ROWS`` rows or ``COMMIT_INTERVAL_S``.
         """
         if self._complete:
             raise WorkbenchError(f"{self.path} is complete; nothing to write")
