@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import json
 import os
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +31,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs
+from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs, libc_function
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
@@ -127,20 +125,6 @@ def read_token_strings(tokens: h5py.Group, rows: Sequence[np.ndarray]) -> list[l
     text = tokens["token_str_utf8"][...].tobytes()
     offsets = tokens["token_str_offsets"][...].tolist()
     return [[text[offsets[j] : offsets[j + 1]].decode("utf-8") for j in p.tolist()] for p in rows]
-
-
-@functools.cache
-def libc_function(name: str, *argtypes: Any) -> Any:
-    """The C library's function ``name`` with ``argtypes`` (returning int, setting errno), or None
-    off Linux or where the library has none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    return fn
 
 
 def preallocate(path: Path) -> None:

@@ -41,8 +41,8 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from workbench.cache_file import activation_slot, atomic_replace, fsync_path, libc_function, write_rows
-from workbench.store import (COMMIT_INTERVAL_S, LAYOUT, ActivationSlot, _boot_id, _copy_raw, _read_layout, _replace,
+from workbench.cache_file import activation_slot, atomic_replace, fsync_path, write_rows
+from workbench.store import (COMMIT_INTERVAL_S, LAYOUT, ActivationSlot, _boot_id, libc_function, _copy_raw, _read_layout, _replace,
                              _write_text_atomic)
 
 DATA, FINISHING, REPAIR = "cache.h5", "finishing.h5", "repair"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import math
@@ -602,8 +603,9 @@ def _read_built(folder: Path) -> list[tuple[int, int]] | None:
 def _write_built(folder: Path, rows: list[tuple[int, int]], durable: bool) -> None:
     """Record that ``activations.h5`` is consistent and holds ``rows``; ``durable``: fsynced (the
     file must be too), else valid until the machine restarts."""
-    text = json.dumps({"boot": None if durable else _boot_id(), "rows": [list(r) for r in rows]})
-    if durable or _boot_id() is None:
+    boot = None if durable else _boot_id()
+    text = json.dumps({"boot": boot, "rows": [list(r) for r in rows]})
+    if boot is None:
         _write_text_atomic(folder / BUILT, text)
     else:
         tmp = folder / (BUILT + ".tmp")
@@ -628,26 +630,32 @@ def _write_rows(fd: int, slot: ActivationSlot, start: int, rows: np.ndarray) -> 
         _pwrite_all(fd, memoryview(rows[lo - start : hi - start]).cast("B"), offset)
 
 
-_sync_file_range: Any = None  # libc's sync_file_range once looked up; False where there is none
+@functools.cache
+def libc_function(name: str, *argtypes: Any) -> Any:
+    """The C library's function ``name`` with ``argtypes`` (returning int, setting errno), or None
+    off Linux or where the library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    return fn
 
 
 def _start_writeback(fd: int, slot: ActivationSlot, start: int, stop: int) -> None:
     """Ask the kernel to start writing rows ``[start, stop)`` to the disk now, without waiting
     (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so the disk works while the next batches
     are computed and the next commit's fsync has little left to wait for. A no-op elsewhere."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        try:
-            import ctypes
+    import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            _sync_file_range = libc.sync_file_range
-            _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-        except (OSError, AttributeError):
-            _sync_file_range = False
-    if _sync_file_range:
+    fn = libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if fn is not None:
         for lo, hi, offset in slot.extents(start, stop):
-            _sync_file_range(fd, offset, (hi - lo) * slot.row_bytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
+            fn(fd, offset, (hi - lo) * slot.row_bytes, 2)  # 2 = SYNC_FILE_RANGE_WRITE
 
 
 def _read_rows(fd: int, slot: ActivationSlot, start: int, stop: int) -> np.ndarray:
