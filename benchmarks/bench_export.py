@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fair_io import free_page_reporting, settle  # noqa: E402
 from workbench.cache_file import HookLayout, TokenTable, create_cache_file, fsync_path  # noqa: E402
 from workbench.cache_writer import PartialCache  # noqa: E402
 
@@ -125,8 +126,8 @@ def numpy_save(path: Path, acts: np.ndarray, fsync: bool) -> dict:
 def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: int, repeats: int) -> dict:
     """``numpy.save``, the export's default writing, ``numpy.save`` + fsync and the export's
     ``--fsync`` writing of the same bytes, interleaved ``repeats`` times on fresh files (the order
-    rotated each repeat), each after an (untimed) ``os.sync`` so none is slowed by the dirty pages
-    of the one before; medians, in wall time and (where the disk is not waited for: no fsync) in
+    rotated each repeat), each after an (untimed) :func:`fair_io.settle` so none is slowed by the
+    dirty pages of the one before or by pages the host took back; medians, in wall time and (where the disk is not waited for: no fsync) in
     CPU time."""
     acts = _synthetic(n_hooks, n_tokens, d)
     token_str = synthetic_token_strings(n_tokens)
@@ -137,7 +138,7 @@ def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: i
     def clean() -> None:
         for f in [*tmp.glob("acts*.npy"), tmp / "c.h5"]:
             f.unlink(missing_ok=True)
-        os.sync()  # the write that follows starts with no dirty pages left by the one before (untimed)
+        settle(acts.nbytes)  # untimed: no dirty pages left by the write before, and pages the guest holds (fair_io)
 
     def plain() -> None:
         w = numpy_save(tmp / "acts.npy", acts, fsync=False)
@@ -261,7 +262,8 @@ def main() -> None:
     from workbench.run import RunConfig, run_protocol
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    results: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+                     "free_page_reporting": free_page_reporting()}
     (ROOT / "artifacts" / "runs").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts" / "runs") as tmp:
         tmp = Path(tmp)

@@ -13,7 +13,9 @@
    file and indexing it (what a viewer would otherwise do).
 
 Each measure is the median of ``--repeats`` runs, interleaved, each started after an (untimed)
-``os.sync`` so that none waits for the dirty pages the one before left.
+``os.sync`` and a touch of fresh memory (:func:`fair_io.settle`), so that none waits for the dirty
+pages the one before left and all get pages the guest holds (this VM hands freed pages back to
+its host: see ``benchmarks/fair_io.py``).
 
     python benchmarks/bench_store.py                 # 2000 samples × 5 rounds × 2 × 8 layers × 512
     python benchmarks/bench_store.py --quick
@@ -36,17 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fair_io import free_page_reporting, settle  # noqa: E402
 from workbench.store import RunFile, RunWriter, SampleTable  # noqa: E402
-
-
-def warm_memory(nbytes: int) -> float:
-    """Touch ``nbytes`` of memory once and free it; returns the seconds it took. In a virtual
-    machine a page the guest never used costs a fault in the host the first time (here about
-    0.4 GB/s against several GB/s), and the page cache of a fresh file gets such pages or reused
-    ones by chance: without this, one ``numpy.save`` of the same bytes varied 20× between runs."""
-    t0 = time.perf_counter()
-    np.ones(nbytes, dtype=np.uint8)
-    return time.perf_counter() - t0
 
 
 def write_run(path: Path, acts: np.ndarray, batch_size: int, durable: bool = True) -> tuple[float, float]:
@@ -103,19 +96,18 @@ def main() -> None:
     n, r = a.samples, a.rounds
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((n, r, 2, a.layers, a.d_model), dtype=np.float32)
-    warm_memory(4 * acts.nbytes)
     runs: dict[str, list[float]] = {k: [] for k in ("npy", "npy_sync", "write", "assembly", "write_nofsync", "assembly_nofsync")}
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as tmp:
         tmp = Path(tmp)
         for i in range(a.repeats):
-            for old in [*tmp.glob("*.npy"), *tmp.glob("*.h5")]:  # their page cache is reused: see warm_memory
+            for old in [*tmp.glob("*.npy"), *tmp.glob("*.h5")]:  # their page cache goes back to the host: see fair_io
                 if old.name not in ("acts0.npy", "run0.h5"):
                     old.unlink()
-            os.sync()
+            settle(acts.nbytes)
             t0 = time.perf_counter()
             np.save(tmp / f"acts{i}.npy", acts)
             runs["npy"].append(time.perf_counter() - t0)
-            os.sync()
+            settle(acts.nbytes)
             t0 = time.perf_counter()
             with open(tmp / f"sync{i}.npy", "wb") as fh:
                 np.save(fh, acts)
@@ -123,7 +115,7 @@ def main() -> None:
                 os.fsync(fh.fileno())
             runs["npy_sync"].append(time.perf_counter() - t0)
             for suffix, durable in (("", True), ("_nofsync", False)):
-                os.sync()
+                settle(acts.nbytes)
                 w, s = write_run(tmp / f"run{i}{suffix}.h5", acts, a.batch_size, durable)
                 runs["write" + suffix].append(w)
                 runs["assembly" + suffix].append(s)
@@ -157,7 +149,7 @@ def main() -> None:
            "assembly_share_of_write": asm_s / h5_s,
            "assembly_share_of_write_nofsync": med["assembly_nofsync"] / med["write_nofsync"],
            "durable_ratio_npy_fsync_over_write_plus_assembly": npy_sync_s / float(np.median(np.add(runs["write"], runs["assembly"]))),
-           "per_repeat": runs, "load_average": os.getloadavg()[0],
+           "per_repeat": runs, "load_average": os.getloadavg()[0], "free_page_reporting": free_page_reporting(),
            "h5_read_one_ms": h5_read * 1e3, "npy_load_then_index_ms": npy_read * 1e3, "npy_mmap_read_one_ms": mmap_read * 1e3}
     from rich.console import Console
     from rich.table import Table
