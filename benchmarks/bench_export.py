@@ -127,8 +127,8 @@ def bench_writes(tmp: Path, n_tokens: int, d: int, n_hooks: int, batch_tokens: i
     """``numpy.save``, the export's default writing, ``numpy.save`` + fsync and the export's
     ``--fsync`` writing of the same bytes, interleaved ``repeats`` times on fresh files (the order
     rotated each repeat), each after an (untimed) :func:`fair_io.settle` so none is slowed by the
-    dirty pages of the one before or by pages the host took back; medians, in wall time and (where the disk is not waited for: no fsync) in
-    CPU time."""
+    dirty pages of the one before or by pages the host took back; medians, in wall time and (where
+    the disk is not waited for: no fsync) in CPU time."""
     acts = _synthetic(n_hooks, n_tokens, d)
     token_str = synthetic_token_strings(n_tokens)
     keys = ("numpy_save_s", "numpy_save_cpu_s", "export_write_s", "export_create_s", "export_cpu_s",
