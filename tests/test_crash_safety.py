@@ -148,6 +148,36 @@ def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_pat
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
 
 
+def test_the_built_record_is_trusted_only_when_whole(tmp_path, monkeypatch):
+    """``built.json`` is rewritten in place: a kill after any of its writes but the last leaves a
+    record that does not parse (so the next writer rebuilds), never a wrong list of rows."""
+    store._write_built(tmp_path, [(0, 4)], durable=True)
+    assert store._read_built(tmp_path) == [(0, 4)]
+    store._distrust_built(tmp_path)
+    assert store._read_built(tmp_path) is None  # what a kill during the build's HDF5 writes leaves
+    store._write_built(tmp_path, [(0, 4), (8, 12)], durable=False)
+    assert store._read_built(tmp_path) == [(0, 4), (8, 12)]
+    store._write_built(tmp_path, [(0, 12)], durable=False)  # shorter than the text it overwrites
+    assert store._read_built(tmp_path) == [(0, 12)]
+    real, calls = store._pwrite_all, []
+
+    def killed_before_the_brace(fd, data, offset):
+        calls.append(bytes(data))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the kill: the first write landed, the second did not
+        real(fd, data, offset)
+
+    monkeypatch.setattr(store, "_pwrite_all", killed_before_the_brace)
+    with pytest.raises(KeyboardInterrupt):
+        store._write_built(tmp_path, [(0, 16)], durable=False)
+    assert calls[1] == b"{" and store._read_built(tmp_path) is None
+    monkeypatch.setattr(store, "_pwrite_all", real)
+    store._write_built(tmp_path, [(0, 16)], durable=False)
+    assert store._read_built(tmp_path) == [(0, 16)]
+    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # after a restart a provisional record counts for nothing
+    assert store._read_built(tmp_path) is None
+
+
 def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypatch):
     """A power cut may lose a provisional part's activation bytes (they were never fsynced): once
     the boot id has changed, readers ignore the provisional part and --resume recomputes it. The
