@@ -314,6 +314,39 @@ def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
     assert inject.differences(ref, got) == []
 
 
+API_AFTER_A_FULL_DISK = """
+import sys
+from workbench.errors import WorkbenchError
+from workbench.run import RunConfig, run_protocol
+try:
+    run_protocol(RunConfig(out=sys.argv[1], limit=12, rounds=3, batch_size=4, device="cpu"))
+except WorkbenchError as e:
+    print("caught:", e)
+print("script ends", flush=True)
+"""
+
+
+@pytest.mark.parametrize("ending, status", [("", 0), ("sys.exit(3)", 3), ("raise ValueError('the script fails')", 1)])
+def test_a_script_that_catches_a_full_disk_ends_with_its_own_status(reference, tmp_path, ending, status):
+    """From Python, a failed write is a WorkbenchError with the OS's words; the process then ends
+    with the status the script gives it (HDF5's exit handler would crash on the file it could not
+    close: a segmentation fault, status -11)."""
+    from replay import create_like
+
+    with h5py.File(reference) as ref, create_like(ref, tmp_path / "size.h5") as writer:
+        created = (writer.folder / store.ACTIVATIONS).stat().st_size
+    limit = (created + reference.stat().st_size) // 2 if ending != "sys.exit(3)" else 4096  # in the batches / at creation
+    script = API_AFTER_A_FULL_DISK + ending
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.h5")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, preexec_fn=_limit_file_size(limit))
+    assert done.returncode == status, done.stderr[-2000:]
+    (caught,) = [line for line in done.stdout.splitlines() if line.startswith("caught:")]
+    assert ("creating" in caught) == (limit == 4096) and "File too large" in caught, caught
+    assert "errno" not in caught and "H5" not in caught and "buf =" not in caught, caught  # not HDF5's own report
+    assert "script ends" in done.stdout
+    assert ("the script fails" in done.stderr) == (status == 1)
+
+
 def test_the_run_file_as_data(reference, tmp_path):
     """Named dimensions for xarray/h5netcdf on every group but the ragged ones, and RunFile's
     labelled views: to_xarray (done samples) and to_dataframe (one row per sample and round)."""

@@ -304,6 +304,9 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
     except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
         if not _is_disk_full(e):
             raise
+        from workbench.store import skip_hdf5_teardown
+
+        skip_hdf5_teardown()  # HDF5 may hold a dataset it could not close
         kept = len(done_batches(parts)) if parts.exists() else 0
         total = plan.n_batches if plan else "?"
         raise WorkbenchError(f"disk full writing {where}: {kept} of {total} batches are kept in {parts}; "

@@ -26,7 +26,8 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.shard import SHARD_FILE, ShardPlan, shard_path, shards_dir
-from workbench.store import FORMAT, RunLock, _add_dimension_scales, _fsync_path, decoded_attrs, run_exists
+from workbench.store import (FORMAT, RunLock, _add_dimension_scales, _fsync_path, decoded_attrs, os_reason, run_exists,
+                             skip_hdf5_teardown)
 
 # Root attributes that differ between the shards of one run; every other one must be equal.
 PER_SHARD = frozenset({"created", "finished", "run_id", "n_samples", "n_options", "device", "command_line", "shard", "status"})
@@ -384,8 +385,8 @@ def _merge_locked(run: Path, count: int, copy: bool, overwrite: bool) -> MergeRe
             _fsync_path(run.parent, directory=True)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            reason = e.strerror or str(e).splitlines()[0]
-            raise WorkbenchError(f"writing {run} failed: {reason}; the shards are unchanged") from None
+            skip_hdf5_teardown()
+            raise WorkbenchError(f"writing {run} failed: {os_reason(e)}; the shards are unchanged") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

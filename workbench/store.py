@@ -200,6 +200,38 @@ def _drop_failed_write_traceback(kind: Any, value: Any, tb: Any, previous: Any =
         previous(kind, value, tb)
 
 
+def os_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device"), also when
+    HDF5 wraps them in its own report (``..., errno = 28, error message = '...', buf = ...``)."""
+    text = str(e)
+    code = getattr(e, "errno", None)
+    found = re.findall(r"errno = (\d+)", text)
+    if not (isinstance(code, int) and code > 0) and found:
+        code = int(found[-1])
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    messages = re.findall(r"error message = '([^']*)'", text)
+    return messages[-1] if messages else (text.splitlines() or [type(e).__name__])[0]
+
+
+@functools.cache
+def skip_hdf5_teardown() -> None:
+    """After a failed write HDF5 holds a dataset it could not close, and its own exit handler
+    (``H5_term_library``, run by the C library's ``exit`` after Python has finished) crashes on it:
+    a script that caught the error would end with a segmentation fault. Register, once, the C
+    library's ``_exit`` as an ``on_exit`` handler: handlers run last-registered first, so it runs
+    before HDF5's, after Python's own teardown (its atexit functions, flushed streams), and ends
+    the process with the status ``exit`` was given. Every part a run keeps is already on disk. A
+    no-op off glibc."""
+    import ctypes
+
+    on_exit = libc_function("on_exit", ctypes.c_void_p, ctypes.c_void_p)
+    if on_exit is None:
+        return
+    _exit = ctypes.cast(ctypes.CDLL(None)._exit, ctypes.c_void_p)  # called as _exit(status, arg): arg is ignored
+    on_exit(_exit, None)
+
+
 @contextmanager
 def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
     """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line."""
@@ -211,9 +243,8 @@ def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
         if isinstance(e, RuntimeError) and "errno" not in str(e) and "write" not in str(e).lower():
             raise
         FAILED_WRITES.append(Path(path))
-        found = re.search(r"error message = '([^']*)'", str(e))
-        reason = getattr(e, "strerror", None) or (found.group(1) if found else str(e).splitlines()[0])
-        raise WorkbenchError(f"{action} {path} failed: {reason} ({_free_space(path)} free there); "
+        skip_hdf5_teardown()
+        raise WorkbenchError(f"{action} {path} failed: {os_reason(e)} ({_free_space(path)} free there); "
                              "finished batches are kept: make room and continue with --resume") from None
     sys.unraisablehook, sys.excepthook = previous  # kept after a failure: the failed file's objects are freed later
 
