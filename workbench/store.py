@@ -1234,8 +1234,9 @@ class RunWriter:
     def _build(self) -> None:
         """Write the finished batches' rows into ``activations.h5`` (the run file to be) through
         HDF5. HDF5 rewrites its metadata in place, so ``built.json`` is made unparseable first and
-        written again after the flush: a kill in between leaves no record, and the next writer rebuilds
-        the file from the parts (which stay the record of what is finished) and the raw activations."""
+        written again after the flush: a kill in between leaves no trusted record, and the next
+        writer rebuilds the file from the parts (which stay the record of what is finished) and the
+        raw activations."""
         if not self._unbuilt:
             return
         _distrust_built(self.folder)
