@@ -459,6 +459,30 @@ def test_a_full_disk_is_one_line_and_the_export_resumes(run_path, full_export, t
         assert np.array_equal(a[name], b[name]), name
 
 
+def test_a_file_size_limit_is_one_line_and_the_export_resumes(run_path, full_export, tmp_path):
+    """``ulimit -f`` (RLIMIT_FSIZE) below the cache file's size: the write fails with EFBIG, which
+    is one line naming the limit (no traceback, no crash at exit), and without the limit --resume
+    finishes, equal to the plain export."""
+    import resource
+
+    out = tmp_path / "cache.h5"
+    limit = full_export.stat().st_size // 4
+    args = [WORKBENCH, "export", str(run_path), "--hooks", "blocks.*.hook_resid_post,blocks.*.hook_attn_out",
+            "--out", str(out), "--device", "cpu", "--batch-size", "4"]
+    limited = subprocess.run(args, cwd=REPO, timeout=300, capture_output=True, text=True,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    lines = [line for line in limited.stderr.strip().splitlines() if line.strip()]
+    assert limited.returncode == 2 and len(lines) == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert lines[0].startswith("error: writing") and "File too large" in lines[0] and "ulimit -f" in lines[0], lines[0]
+    assert "batches are kept in" in lines[0] and "--resume" in lines[0] and not out.exists()
+    resumed = subprocess.run([*args, "--resume"], cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_all(full_export), read_all(out)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
 # --------------------------------------------------------------------------- refusals and the command line
 
 

@@ -29,6 +29,7 @@ import fnmatch
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -293,23 +294,44 @@ def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    return getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or "errno = 28" in str(e)
+_REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk is full, the quota is, or one file may not grow
+
+
+def _refused_write(e: BaseException) -> int | None:
+    """The errno of a write the file system refused for lack of room (``_REFUSED``), also when
+    HDF5 wraps it in its own report (``..., errno = 27, ...``); None for any other error."""
+    code = getattr(e, "errno", None)
+    if code not in _REFUSED:
+        found = [int(x) for x in re.findall(r"errno = (\d+)", str(e))]
+        code = next((c for c in reversed(found) if c in _REFUSED), None)
+    if code is None and "No space left" in str(e):
+        code = errno.ENOSPC
+    return code
 
 
 @contextlib.contextmanager
 def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) -> Iterator[None]:
+    """A write the file system refuses (full disk, full quota, a file-size limit) becomes one line
+    that says what is kept and what to do; other errors pass."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
-        if not _is_disk_full(e):
+        code = _refused_write(e)
+        if code is None:
             raise
-        from workbench.store import skip_hdf5_teardown
+        from workbench.store import _free_space, skip_hdf5_teardown
 
         skip_hdf5_teardown()  # HDF5 may hold a dataset it could not close
         kept = len(done_batches(parts)) if parts.exists() else 0
         total = plan.n_batches if plan else "?"
-        raise WorkbenchError(f"disk full writing {where}: {kept} of {total} batches are kept in {parts}; "
+        kept_text = f"{kept} of {total} batches are kept in {parts}"
+        if code == errno.EFBIG:
+            raise WorkbenchError(
+                f"writing {where} failed: {os.strerror(code)} (the file system, or a `ulimit -f`, refuses one file "
+                f"this large; the cache file is allocated at its full size); {kept_text}; lift the limit and run the "
+                "same command with --resume, or export fewer hooks, rounds or samples (see --help)") from None
+        what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+        raise WorkbenchError(f"{what} writing {where} ({_free_space(where)} free there): {kept_text}; "
                              "free some space and run the same command with --resume") from None
 
 
