@@ -157,6 +157,21 @@ def test_logreg_probe_misses_the_change_target_because_it_only_separates_saturat
         {m: float(v.mean()) for m, v in step.items()}
 
 
+def test_a_probe_tracked_under_its_own_name_is_shown_with_its_method(runs, fitted_probes, capsys):
+    """`workbench probe track --name bias`: the analysis says which method the probe was fitted
+    with (the name no longer does), in the result and in the printed table's title."""
+    from workbench.analysis_cli import print_analysis
+
+    path = runs["organism-world"]
+    _track(path, fitted_probes["logreg"], "bias")
+    result = _analyze(path, probe="bias")
+    entry = result["probe_vs_exact"]["probes"]["bias"]
+    assert entry["method"] == "logreg" and entry["hook"] == "hook_resid_post"
+    print_analysis(result)
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"probe bias (logreg) vs exact log-odds (Spearman ρ; best layer {entry['best_layer']})" in out
+
+
 def test_concept_uncertainty_sign_matches_the_world_and_simulation_beats_baseline(runs, fitted_probes):
     path = runs["organism"]
     _track(path, fitted_probes["ridge"], "ridge")

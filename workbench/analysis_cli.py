@@ -58,6 +58,8 @@ def analyze(
 
 def print_analysis(result: dict[str, Any]) -> None:
     """The analysis as tables: per-round metrics with intervals, convergence, flips, correlations."""
+    from workbench.analyze import probe_label
+
     r = result["run"]
     out.print(f"{r['path']}  model={r['model']}  protocol={r['protocol']}  samples={r['n_done']}/{r['n_samples']}  "
               f"rounds={r['n_rounds']}", markup=False, highlight=False)
@@ -103,7 +105,8 @@ def print_analysis(result: dict[str, Any]) -> None:
         pve = result["probe_vs_exact"]
         out.print(f"round number alone vs exact log-odds, pooled: ρ = {_num(pve['round_number_pooled']['rho'])} "
                   "(what a pooled figure can owe to the round number)", markup=False, highlight=False)
-        blocks = [(f"probe {name} vs exact log-odds (Spearman ρ; best layer {p['best_layer']})", p["layers"]) for name, p in pve["probes"].items()]
+        blocks = [(f"probe {probe_label(name, p)} vs exact log-odds (Spearman ρ; best layer {p['best_layer']})", p["layers"])
+                  for name, p in pve["probes"].items()]
         readout = result.get("readout_vs_exact", {})
         blocks += [(f"{readout['what']} ({hook}) vs exact log-odds (Spearman ρ)", layers) for hook, layers in readout.get("hooks", {}).items()]
         for title, layers in blocks:

@@ -198,7 +198,7 @@ def _probe_groups(run: RunFile, probe: str | None) -> list[tuple[str, dict[str, 
 
 def _concepts(run: RunFile, probe: str | None) -> dict[str, dict[str, Any]]:
     """Per tracked probe: ``scores`` ``[n, R, L]`` (projection; stereotype: cosine), ``layers``,
-    ``best`` (column of the layer the probe chose), ``kind``."""
+    ``best`` (column of the layer the probe chose), ``kind``, ``method`` (a probe's fitting method)."""
     out = {}
     for name, attrs in _probe_groups(run, probe):
         kind = attrs.get("kind")
@@ -208,7 +208,7 @@ def _concepts(run: RunFile, probe: str | None) -> dict[str, dict[str, Any]]:
         else:
             scores, best = run.array(f"probes/{name}/cosine"), len(layers) - 1
         out[name] = {"scores": scores.astype(np.float64), "layers": layers, "best": best, "kind": kind,
-                     "position": attrs.get("run_position"), "hook": attrs.get("hook")}
+                     "position": attrs.get("run_position"), "hook": attrs.get("hook"), "method": attrs.get("method")}
     return out
 
 
@@ -332,8 +332,17 @@ def _probe_vs_exact(run: RunFile, concepts: dict[str, dict[str, Any]]) -> dict[s
         for column, layer in enumerate(c["layers"]):
             views = correlation_views(c["scores"][:, :, column], exact)
             layers[str(layer)] = {**views, **_minima(views)}
-        out["probes"][name] = {"best_layer": c["layers"][c["best"]], "position": c["position"], "layers": layers}
+        out["probes"][name] = {"best_layer": c["layers"][c["best"]], "method": c["method"], "hook": c["hook"],
+                               "position": c["position"], "layers": layers}
     return out
+
+
+def probe_label(name: str, probe: dict[str, Any]) -> str:
+    """A tracked probe's name for a table title, with its fitting method when the name does not say
+    it (``"mine (logreg)"``; ``probe``: an entry of ``probe_vs_exact["probes"]``; files analysed
+    before the method was recorded have none)."""
+    method = probe.get("method")
+    return name if not method or method == name else f"{name} ({method})"
 
 
 def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from workbench.analyze import analyze
+from workbench.analyze import analyze, probe_label
 from workbench.errors import WorkbenchError
 from workbench.store import RunFile
 
@@ -331,7 +331,7 @@ def _correlations_html(result: dict[str, Any]) -> str:
             if u != "layer":
                 rows.append((f"concept {name} (layer {views['layer']}) vs {u.replace('_', ' ')}", v))
     for name, p in result.get("probe_vs_exact", {}).get("probes", {}).items():
-        rows.append((f"probe {name} (best layer {p['best_layer']}) vs exact log-odds", p["layers"][str(p["best_layer"])]))
+        rows.append((f"probe {probe_label(name, p)} (best layer {p['best_layer']}) vs exact log-odds", p["layers"][str(p["best_layer"])]))
     for hook, layers in result.get("readout_vs_exact", {}).get("hooks", {}).items():
         best = max(layers, key=lambda l: layers[l]["min_within_round"] if np.isfinite(layers[l]["min_within_round"]) else -2, default=None)
         if best is not None:
