@@ -90,6 +90,50 @@ def test_resume_refuses_other_settings(tmp_path, model_dirs):
     assert "Traceback" not in again.stderr
 
 
+def test_resume_on_another_device_warns_once_and_finishes(tmp_path):
+    """A run started on one device (here: its header says cuda:0, as a GPU machine writes it) and
+    resumed on another continues, with one `warning:` line saying so; a resume on the same device,
+    or of a finished run, says nothing."""
+    import warnings
+
+    from workbench.store import HEADER, PlacementChangedWarning, RunWriter, SampleTable, parts_dir
+
+    out = tmp_path / "moved.h5"
+    args = ["run", "--model", "organism", "--task", "organism", "--rounds", "2", "--limit", "64", "--batch-size", "4",
+            "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", *args], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("batch done: "):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with h5py.File(parts_dir(out) / HEADER, "r+") as header:
+        assert header.attrs["device"] == "cpu"
+        header.attrs["device"] = "cuda:0"
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    warned = [line for line in resumed.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warned) == 1 and warned[0].startswith("warning: --resume:") and "device cuda:0 → cpu" in warned[0], resumed.stderr
+    assert "PlacementChangedWarning" not in resumed.stderr
+    with RunFile(out) as run:
+        assert run.meta["status"] == "complete" and run.done.all()
+
+    n = 4
+    samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=["c"] * n, question=["q"] * n,
+                          options=[("a", "b")] * n, gold=[0] * n, category=[""] * n, condition=[""] * n, extra=["{}"] * n)
+    settings = {"layers": [0], "device": "cpu", "device_map": {}}
+    path = tmp_path / "api.h5"
+    with RunWriter.create(path, settings, samples, 1, {"h": (1, 4)}) as writer:
+        writer.write_batch(0, {"correct": np.ones((2, 1), bool)}, {"h": np.zeros((2, 1, 2, 1, 4), np.float32)}, [[1]] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunWriter.resume(path, settings).close()  # the same placement: silent
+    with pytest.warns(PlacementChangedWarning, match="device_map {} → {\"model.layers.0\": 0}"):
+        RunWriter.resume(path, {**settings, "device_map": {"model.layers.0": 0}}).close()
+
+
 def test_info_json_has_the_per_round_table(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
     made = cli(*run_args(model_dirs["gpt2"], out), "--limit", "3")

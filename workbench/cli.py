@@ -396,6 +396,7 @@ def main() -> None:
     value of the wrong type) becomes one ``error:`` line and exit status 2, Ctrl-C exit status 130."""
     from typer import _click as click  # Typer ≥ 0.24 vendors click: its exceptions, not the click package's
 
+    _own_warnings_as_lines()
     try:
         _mount_subcommands()
         code = app(standalone_mode=False, prog_name="workbench")
@@ -431,6 +432,23 @@ def entry() -> None:
             sys.stderr.flush()
             os._exit(code)
         raise
+
+
+def _own_warnings_as_lines() -> None:
+    """The workbench's own warnings (raised from its modules: a cache that would not fit, a resume on
+    another device) print as one ``warning:`` line; other libraries' keep Python's format."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if os.path.abspath(filename).startswith(package + os.sep):
+            err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), highlight=False, soft_wrap=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
 
 
 def _error_line(message: str) -> None:

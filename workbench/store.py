@@ -46,6 +46,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -72,6 +73,14 @@ NUL_STAND_IN = "\u2400"  # HDF5 strings cannot hold NUL; text keeps "␀", token
 # Settings that must match for --resume to continue a file (everything that changes the numbers).
 RESUME_KEYS = ("n_samples", "n_rounds", "model_path", "model_revision", "model_dtype", "task", "seed", "batch_size",
                "activation_dtype", "hooks", "layers", "data", "protocol")
+
+# Settings a resume may change with a warning: the batches agree to float rounding, not bit for bit.
+PLACEMENT_KEYS = ("device", "device_map")
+
+
+class PlacementChangedWarning(UserWarning):
+    """A run resumed on another device or device map than it started on."""
+
 
 # Ragged per-round arrays live in ``tokens/`` (so ``rounds/`` holds only fixed-shape arrays and strings).
 TOKEN_ARRAYS = {"response_token_ids": np.int32, "token_entropy": np.float32}
@@ -1136,6 +1145,7 @@ class RunWriter:
                 raise WorkbenchError(f"--resume: {path} does not exist")
             with h5py.File(header, "r", locking=False) as h:
                 _check_settings(path, h.attrs, settings)
+                _warn_if_moved(path, h.attrs, settings)
             return cls(path, parts_dir(path), lock, durable=durable)
         except BaseException:
             lock.release()
@@ -1338,6 +1348,7 @@ class RunWriter:
 
 
 def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
+    """Refuse a resume whose ``settings`` differ from the file's in one of ``RESUME_KEYS``."""
     for key in RESUME_KEYS:
         if key not in settings:
             continue
@@ -1348,6 +1359,23 @@ def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
         if have != want:
             detail = f" ({have} in the file, {want} now)" if len(str(have)) + len(str(want)) < 80 else ""
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
+
+
+def _warn_if_moved(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
+    """Warn (:class:`PlacementChangedWarning`) when an unfinished run resumes with another
+    placement (``PLACEMENT_KEYS``) than the file records (the one it started with)."""
+    moved = []
+    for key in PLACEMENT_KEYS:
+        if key in settings and key in attrs:
+            want = settings[key] if isinstance(settings[key], str) else json.dumps(settings[key])
+            have = attrs[key]
+            have = have.decode() if isinstance(have, bytes) else str(have)
+            if have != want:
+                moved.append(f"{key} {have} → {want}" if len(have) + len(want) < 60 else f"another {key}")
+    if moved:
+        warnings.warn(f"--resume: {path} started with another placement and continues with {', '.join(moved)}: "
+                      "the batches from before and after agree to float rounding, not bit for bit (a greedy "
+                      "near-tie can go the other way)", PlacementChangedWarning, stacklevel=3)
 
 
 def _add_dimension_scales(f: h5py.File, only: Iterable[str] | None = None) -> None:
