@@ -298,15 +298,13 @@ _REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk is full, the qu
 
 
 def _refused_write(e: BaseException) -> int | None:
-    """The errno of a write the file system refused for lack of room (``_REFUSED``), also when
-    HDF5 wraps it in its own report (``..., errno = 27, ...``); None for any other error."""
-    code = getattr(e, "errno", None)
-    if code not in _REFUSED:
-        found = [int(x) for x in re.findall(r"errno = (\d+)", str(e))]
-        code = next((c for c in reversed(found) if c in _REFUSED), None)
+    """The errno of a write the file system refused for lack of room (``_REFUSED``); None for any other error."""
+    from workbench.store import os_errno
+
+    code = os_errno(e)
     if code is None and "No space left" in str(e):
         code = errno.ENOSPC
-    return code
+    return code if code in _REFUSED else None
 
 
 @contextlib.contextmanager
@@ -319,7 +317,7 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
         code = _refused_write(e)
         if code is None:
             raise
-        from workbench.store import _free_space, skip_hdf5_teardown
+        from workbench.store import free_space, skip_hdf5_teardown
 
         skip_hdf5_teardown()  # HDF5 may hold a dataset it could not close
         kept = len(done_batches(parts)) if parts.exists() else 0
@@ -331,7 +329,7 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
                 f"this large; the cache file is allocated at its full size); {kept_text}; lift the limit and run the "
                 "same command with --resume, or export fewer hooks, rounds or samples (see --help)") from None
         what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
-        raise WorkbenchError(f"{what} writing {where} ({_free_space(where)} free there): {kept_text}; "
+        raise WorkbenchError(f"{what} writing {where} ({free_space(where)} free there): {kept_text}; "
                              "free some space and run the same command with --resume") from None
 
 

@@ -172,7 +172,8 @@ def _write_text_atomic(dest: Path, text: str) -> None:
     _replace(tmp, dest)
 
 
-def _free_space(path: Path) -> str:
+def free_space(path: Path) -> str:
+    """The space left on the file system that holds ``path`` (or its nearest existing folder), as text."""
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -209,15 +210,22 @@ def _drop_failed_write_traceback(kind: Any, value: Any, tb: Any, previous: Any =
         previous(kind, value, tb)
 
 
-def os_reason(e: BaseException) -> str:
-    """The operating system's words for a failed write ("No space left on device"), also when
-    HDF5 wraps them in its own report (``..., errno = 28, error message = '...', buf = ...``)."""
-    text = str(e)
+def os_errno(e: BaseException) -> int | None:
+    """The operating system's error number of a failed write, also when HDF5 wraps it in its own
+    report (``..., errno = 28, error message = '...', buf = ...``: the last one); None if it has none."""
     code = getattr(e, "errno", None)
-    found = re.findall(r"errno = (\d+)", text)
+    found = re.findall(r"errno = (\d+)", str(e))
     if not (isinstance(code, int) and code > 0) and found:
         code = int(found[-1])
-    if isinstance(code, int) and code > 0:
+    return code if isinstance(code, int) and code > 0 else None
+
+
+def os_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write ("No space left on device"), also when
+    HDF5 wraps them in its own report (see :func:`os_errno`)."""
+    text = str(e)
+    code = os_errno(e)
+    if code is not None:
         return os.strerror(code)
     messages = re.findall(r"error message = '([^']*)'", text)
     return messages[-1] if messages else (text.splitlines() or [type(e).__name__])[0]
@@ -253,7 +261,7 @@ def _write_errors(path: Path, action: str = "writing") -> Iterator[None]:
             raise
         FAILED_WRITES.append(Path(path))
         skip_hdf5_teardown()
-        raise WorkbenchError(f"{action} {path} failed: {os_reason(e)} ({_free_space(path)} free there); "
+        raise WorkbenchError(f"{action} {path} failed: {os_reason(e)} ({free_space(path)} free there); "
                              "finished batches are kept: make room and continue with --resume") from None
     sys.unraisablehook, sys.excepthook = previous  # kept after a failure: the failed file's objects are freed later
 
