@@ -93,6 +93,41 @@ def test_shard_comes_from_the_option_or_the_launcher():
     assert shard_path(Path("runs/age.h5"), 3, 8) == Path("runs/age.h5.shards/shard-003-of-008.h5")
 
 
+def test_under_a_launcher_only_rank_0_draws_progress_and_logs_name_the_rank(monkeypatch, capsys):
+    """torchrun's ranks share one terminal: rank 0 draws the bar (saying it is rank 0 of N) and the
+    loading spinner, the others draw nothing; in a log (no terminal) every rank writes its lines,
+    each prefixed with its rank. Checked on a real rich console writing to a buffer."""
+    import io
+
+    from rich.console import Console
+
+    from workbench import cli
+    from workbench.run import Progress
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    calls = [Progress(0, 12, 3, 0), Progress(0, 12, 3, 20, batch_samples=4, batch_rounds=1), Progress(4, 12, 3, 60)]
+
+    def drawn(rank: str, terminal: bool) -> str:
+        monkeypatch.setenv("RANK", rank)
+        screen = io.StringIO()
+        monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=terminal, width=100))
+        with cli._ProgressReporter(cli._launched_rank(None)) as reporter:
+            reporter.status("loading organism")
+            for p in calls:
+                reporter.update(p)
+        return screen.getvalue()
+
+    assert "rank 0 of 2: samples × rounds" in drawn("0", terminal=True)
+    assert drawn("1", terminal=True) == ""
+    capsys.readouterr()
+    drawn("1", terminal=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["rank 1/2: starting at: 0/12 samples (0 tok/s)", lines[1]] and lines[1].startswith("rank 1/2: batch done: 4/12 samples")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert cli._launched_rank(None) is None  # one process: no rank, no prefix
+
+
 @pytest.mark.parametrize("shard, needle", [("2/2", "0/2 … 1/2"), ("one", "takes K/N"), ("0/7", "only 6 batches")])
 def test_bad_shard_is_one_line_before_the_model_loads(capsys, monkeypatch, tmp_path, shard, needle):
     from workbench import models

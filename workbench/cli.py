@@ -185,7 +185,7 @@ def run(
     )
     merge_notes: list[str] = []
     try:
-        with _ProgressReporter() as reporter:
+        with _ProgressReporter(_launched_rank(shard)) as reporter:
             run_file = run_protocol(cfg, on_batch=reporter.update, on_status=reporter.status, on_merge=merge_notes.append)
     except KeyboardInterrupt:
         err.print(Text(f"interrupted; finished batches are kept in {out_path}. Continue with:\n  "
@@ -238,12 +238,31 @@ def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
         raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
 
 
-class _ProgressReporter:
-    """A rich progress bar (samples × rounds, tokens/s, ETA) on a terminal; a plain line per batch otherwise."""
+def _launched_rank(shard: Optional[str]) -> Optional[tuple[int, int]]:
+    """``(rank, world size)`` of a process started by torchrun or accelerate launch, else None (a
+    bad environment is None here: the run refuses it in one line)."""
+    from workbench.shard import resolve_shard
 
-    def __init__(self) -> None:
+    try:
+        spec = resolve_shard(shard, os.environ)
+    except WorkbenchError:
+        return None
+    return (spec.index, spec.count) if spec is not None and spec.launcher else None
+
+
+class _ProgressReporter:
+    """A rich progress bar (samples × rounds, tokens/s, ETA) on a terminal; a plain line per batch otherwise.
+
+    Under a launcher (``rank`` = (rank, world size)) the ranks share one terminal: only rank 0 draws
+    the bar and the loading spinner, labelled with its rank (the shards are equal, so it stands for
+    all); in a log every rank writes its plain lines, each starting ``rank K/N:``."""
+
+    def __init__(self, rank: Optional[tuple[int, int]] = None) -> None:
         self.progress: Any = None
-        self.status = Spinner(err)  # what loading the model is doing, until the first batch
+        self.rank = rank
+        self.live = rank is None or rank[0] == 0
+        self.prefix = "" if rank is None else f"rank {rank[0]}/{rank[1]}: "
+        self.status = Spinner(err, show=self.live)  # what loading the model is doing, until the first batch
         self.task_id: Any = None
         self.tokens = 0
         self.t0 = time.perf_counter()
@@ -271,10 +290,13 @@ class _ProgressReporter:
         if not err.is_terminal:
             if p.batch_rounds == 0:
                 what = "batch done" if p.new_tokens else "starting at"
-                print(f"{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
+                print(f"{self.prefix}{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
+        elif not self.live:
+            return
         elif self.progress is None:
+            label = "samples × rounds" if self.rank is None else f"rank 0 of {self.rank[1]}: samples × rounds"
             self.progress = Progress(
-                TextColumn("[bold]samples × rounds"), BarColumn(), MofNCompleteColumn(),
+                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=err,
                 speed_estimate_period=600,  # a round of a large model can take longer than rich's default 30 s
             )

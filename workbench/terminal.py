@@ -10,14 +10,16 @@ from rich.text import Text
 
 class Spinner:
     """A rich status spinner on stderr, told each step (``spinner("loading …")``); nothing when
-    stderr is not a terminal, so an error stays the only line in a log. ``stop()`` ends it."""
+    stderr is not a terminal, so an error stays the only line in a log, or when ``show`` is False
+    (a rank of a launcher other than rank 0). ``stop()`` ends it."""
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, show: bool = True) -> None:
         self.console = console or Console(stderr=True)
+        self.show = show
         self.status: Any = None
 
     def __call__(self, message: str) -> None:
-        if not self.console.is_terminal:
+        if not self.show or not self.console.is_terminal:
             return
         if self.status is None:
             self.status = self.console.status(Text(f"{message} …"))
