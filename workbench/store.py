@@ -1355,15 +1355,21 @@ class RunWriter:
         self._complete = True
 
 
+def _setting_pair(attrs: Any, settings: dict[str, Any], key: str) -> tuple[Any, Any]:
+    """``(the file's value, the value now)`` of setting ``key``, as the root attributes store them
+    (lists and dicts as JSON)."""
+    want = settings[key]
+    want = want if isinstance(want, (str, int, float, bool)) else json.dumps(want)
+    have = attrs.get(key)
+    return (have.item() if isinstance(have, np.generic) else have), want
+
+
 def _check_settings(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
     """Refuse a resume whose ``settings`` differ from the file's in one of ``RESUME_KEYS``."""
     for key in RESUME_KEYS:
         if key not in settings:
             continue
-        want = settings[key]
-        want = want if isinstance(want, (str, int, float, bool)) else json.dumps(want)
-        have = attrs.get(key)
-        have = have.item() if isinstance(have, np.generic) else have
+        have, want = _setting_pair(attrs, settings, key)
         if have != want:
             detail = f" ({have} in the file, {want} now)" if len(str(have)) + len(str(want)) < 80 else ""
             raise WorkbenchError(f"--resume: {path} was made with a different {key}{detail}")
@@ -1375,11 +1381,9 @@ def _warn_if_moved(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
     moved = []
     for key in PLACEMENT_KEYS:
         if key in settings and key in attrs:
-            want = settings[key] if isinstance(settings[key], str) else json.dumps(settings[key])
-            have = attrs[key]
-            have = have.decode() if isinstance(have, bytes) else str(have)
+            have, want = _setting_pair(attrs, settings, key)
             if have != want:
-                moved.append(f"{key} {have} → {want}" if len(have) + len(want) < 60 else f"another {key}")
+                moved.append(f"{key} {have} → {want}" if len(str(have)) + len(str(want)) < 60 else f"another {key}")
     if moved:
         warnings.warn(f"--resume: {path} started with another placement and continues with {', '.join(moved)}: "
                       "the batches from before and after agree to float rounding, not bit for bit (a greedy "
