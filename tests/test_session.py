@@ -159,6 +159,35 @@ def test_per_sample_instructions_come_from_one_seam(organism):
         by_step.step(["only one", "two"])
 
 
+def test_every_pass_of_a_round_runs_in_inference_mode(organism, monkeypatch):
+    """generate's passes, the one-token pass for an answer cut off, and sampled answers all run
+    without autograd bookkeeping; what a round returns is plain NumPy a user may edit."""
+    from workbench.sampling import sample_round, sampled_decoding
+
+    modes = []
+    real = organism.hf.forward
+
+    def forward(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(organism.hf, "forward", forward)
+    protocol = with_decoding(load_protocol("organism"), max_new_tokens=3)  # every answer is cut off
+
+    def sampled(out, prompts, samples, round_):
+        got = sample_round(organism.hf, organism.tokenizer, out, prompts, 2, sampled_decoding(protocol.decoding), organism.device, round_)
+        return {"ll": got.mean_log_likelihood}
+
+    s = Session(organism, "organism", protocol, 2, round_extras=sampled)
+    modes.clear()  # the capture sites' check when the session starts is no round's
+    rounds = [s.step() for _ in range(2)]
+    assert len(modes) >= 2 * (3 + 1 + 1) and all(modes)  # per round: generate's 3 passes, the cut-off answers' one, samples
+    assert not torch.is_inference_mode_enabled()
+    acts = rounds[-1].activations["hook_resid_post"]
+    acts[0] = 0.0  # the arrays are the caller's
+    assert torch.from_numpy(acts).add_(1).sum() > 0
+
+
 def test_a_cache_that_would_not_fit_falls_back_to_re_running(loaded):
     model = loaded("gpt2")
     protocol = with_decoding(load_protocol("bbq-paper"), max_new_tokens=4)

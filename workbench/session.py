@@ -24,7 +24,8 @@ generates for the whole batch with ``hf.generate``, scores the options on the pr
 pools the chosen hook sites (:mod:`workbench.capture`) from the passes generation makes: the last
 prompt token from the prefill, the mean over the response from the decode steps, which feed each
 response token back (plus one one-token pass for the last token of an answer cut off by
-``max_new_tokens``, which nothing fed back).
+``max_new_tokens``, which nothing fed back). A step runs under ``torch.inference_mode()`` (see
+:mod:`workbench.generation`): the arrays it returns are NumPy, the carried cache is the session's.
 
 **KV reuse across rounds.** Round t's input is, token for token, round t−1's input, its answer and
 the new template text and instruction. So the batch's cache is kept: round t runs only its new
@@ -198,6 +199,7 @@ class Session:
         return sum(r.prefill_tokens for r in self._rounds)
 
     # ------------------------------------------------------------------ one round
+    @torch.inference_mode()
     def step(self, instruction: str | Sequence[str] | None = None, on_tokens: TokensCallback | None = None) -> RoundResult:
         """Run the next round for every sample and return it (see the module docstring for where the
         instruction comes from when ``instruction`` is None). ``on_tokens(step, new_ids)``, when
