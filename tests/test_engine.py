@@ -214,6 +214,52 @@ def test_options_after_a_lead_equal_direct_computation(letters, loaded):
             np.testing.assert_allclose(res.option_probs[i, t], want.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("letters", [[" a", " b", " c"], [" a b", " c", " b a c"]], ids=["single-token", "multi-token"])
+def test_a_sample_with_fewer_options_is_scored_over_its_own(letters, loaded):
+    """Rows with 2 and 3 options in one batch: each row's probabilities are over its own options
+    (NaN beyond them), as a separate pass per option computes them."""
+    from workbench import tasks as tasks_module
+    from workbench.capture import hook_sites
+    from workbench.engine import run_batch
+    from workbench.protocol import load_protocol
+
+    model = loaded("llama")
+    tok = model.tokenizer
+    lead = 2
+    own = lambda s: letters[: 2 if s.index % 2 else 3]  # noqa: E731
+    task = Task(name="letters", multiple_choice=True, format_choices=BBQ.format_choices,
+                option_continuations=own, parse_answer=lambda s, text: -1, lead_length=lambda ids, tokenizer: lead)
+    samples = tasks_module.load_bbq([BBQ_FIXTURE], limit=3)
+    assert sorted({len(own(s)) for s in samples}) == [2, 3]
+    res = run_batch(model, task, load_protocol("bbq-paper", rounds=2), samples, hook_sites(model, ["hook_resid_post"], [0]), seed=0)
+    hf = reference_model(model.path)
+    for i, sample in enumerate(samples):
+        option_ids = [tok(x, add_special_tokens=False)["input_ids"] for x in own(sample)]
+        for t in range(2):
+            prompt = res.transcripts[i][: res.prompt_spans[i, t, 1]]
+            want = direct_option_probs(hf, prompt, res.response_ids[i][t][:lead], option_ids)
+            np.testing.assert_allclose(res.option_probs[i, t, : len(option_ids)], want.numpy(), rtol=1e-4, atol=1e-5)
+            assert np.isnan(res.option_probs[i, t, len(option_ids):]).all()
+
+
+def test_single_token_options_are_read_off_the_step_logits():
+    """The fast path of ``score_options``: each option's NLL is minus the log-softmax of the
+    generation's own logits at the row's answer step, NaN beyond a row's options (and for a row
+    with none)."""
+    from workbench.generation import RoundOutput, score_options
+
+    logits = torch.randn(4, 6, 30, generator=torch.Generator().manual_seed(0))
+    rnd = RoundOutput([[1, 2, 3, 4, 5]] * 4, [[0.0] * 6] * 4, logits, None, torch.ones(4, 2))
+    options = [[[3], [4], [5]], [[7], [8]], [], [[9]]]
+    leads = [2, 0, 1, 4]
+    got = score_options(None, rnd, leads, options, pad_id=0)
+    want = torch.full((4, 3), float("nan"))
+    for i, opts in enumerate(options):
+        for k, (token,) in enumerate(opts):
+            want[i, k] = -torch.log_softmax(logits[i, leads[i]], -1)[token]
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
 def test_token_entropy_matches_hand_computation(runs, loaded):
     """Mean token entropy of a round equals the entropy of each generated step's distribution,
     recomputed by hand from a plain forward over the transcript."""

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
@@ -278,9 +279,10 @@ def round_pools(
     n_steps = len(steps.get(sites[0], []))
     if n_steps:
         fed = torch.cat([torch.cat(steps[s], 1).to(device) for s in sites], 2).float()  # [B, T, S·d]
-        count = torch.tensor(lengths, device=device)
-        w = (torch.arange(n_steps, device=device)[None, :] < count[:, None]).float() / count.clamp(min=1)[:, None].float()
-        mean = torch.bmm(w[:, None, :], fed).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
+        count = np.asarray(lengths)
+        w = (np.arange(n_steps)[None, :] < count[:, None]) / np.maximum(count, 1)[:, None]  # [B, T]: 1/n over a response
+        w = torch.from_numpy(w.astype(np.float32)[:, None, :]).to(device)
+        mean = torch.bmm(w, fed).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
     else:
         mean = torch.zeros_like(last)
     acts = torch.stack([last, mean], 1).cpu()  # [B, 2, S, d]

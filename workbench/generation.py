@@ -208,11 +208,14 @@ def score_options(
     generated_to_answer = all(len(rnd.response_ids[i]) >= leads[i] and leads[i] < rnd.step_logits.shape[1] for i in range(batch))
     if single and generated_to_answer:  # one log-softmax over every row's step at its answer
         rows = [i for i in range(batch) if options[i]]
-        logp = torch.log_softmax(rnd.step_logits[rows, [leads[i] for i in rows]].float(), -1).cpu()  # [rows, vocab]
-        owner = [(j, k) for j, i in enumerate(rows) for k in range(len(options[i]))]
-        ids = [options[rows[j]][k][0] for j, k in owner]
-        got = -logp[[j for j, _ in owner], ids]
-        nll[[rows[j] for j, _ in owner], [k for _, k in owner]] = got
+        counts = [len(options[i]) for i in rows]
+        ids = [[tok[0] for tok in options[i]] + [0] * (width - n) for i, n in zip(rows, counts)]  # [rows, width]
+        logits = rnd.step_logits[rows, [leads[i] for i in rows]].float()  # [rows, vocab]
+        got = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids, device=logits.device)).cpu()  # [rows, width]
+        if len(rows) == batch and min(counts) == width:
+            return got
+        known = torch.tensor([[k < n for k in range(width)] for n in counts])
+        nll[rows] = got.where(known, nll[rows])
         return nll
     conts, groups, positions = [], [], []
     owner, predictor, target = [], [], []  # per option token: (sample, option), the position predicting it, its id

@@ -18,6 +18,7 @@ responses (an unparseable opener or letter is no evidence).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -75,13 +76,29 @@ def parse_answer(sample: Sample, text: str) -> int:
 def lead_length(response_ids: list[int], tokenizer: Any) -> int:
     """Generated tokens before the answer letter: the index of the first letter token; when there is
     none, the index after the first ``is`` (``"<opener> the answer is"`` → 4), else at most 4."""
-    tokens = tokenizer.convert_ids_to_tokens(list(response_ids))
-    for i, tok in enumerate(tokens):
-        if tok in LETTER_TOKENS:
+    letters, is_ids = _answer_token_ids(tokenizer)
+    for i, token in enumerate(response_ids):
+        if token in letters:
             return i
-    if "is" in tokens:
-        return tokens.index("is") + 1
-    return min(4, len(tokens))
+    for i, token in enumerate(response_ids):
+        if token in is_ids:
+            return i + 1
+    return min(4, len(response_ids))
+
+
+_ANSWER_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer → (letter ids, "is" ids)
+
+
+def _answer_token_ids(tokenizer: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """The ids whose token is a letter (``(a)``, ...) and those whose token is ``is``, looked up once
+    per tokenizer (an id counts only when it converts back to that token: never the unknown token)."""
+    if tokenizer not in _ANSWER_IDS:
+        def ids(tokens: tuple[str, ...]) -> frozenset[int]:
+            found = tokenizer.convert_tokens_to_ids(list(tokens))
+            return frozenset(i for i, t in zip(found, tokens) if i is not None and tokenizer.convert_ids_to_tokens(i) == t)
+
+        _ANSWER_IDS[tokenizer] = (ids(LETTER_TOKENS), ids(("is",)))
+    return _ANSWER_IDS[tokenizer]
 
 
 def world_instructions(sample: Sample, rounds: int) -> tuple[bool, list[str], list[str]]:
