@@ -177,12 +177,13 @@ def _report(r: dict) -> None:
     where = f"{r['device']}" + (f" ({r['gpu']})" if r["gpu"] else "")
     table = Table(title=f"GPU benchmark: {r['config']}, {_count(r['params'])} parameters, {r['dtype']}, {where}, "
                         f"{r['max_new_tokens']}-token answers; targets: overhead ≤ 1.05, study ÷ workbench ≥ 10×")
-    for c in ("batch", "rounds", "samples", "run s", "plain s", "overhead (range)", "study ÷ wb", "tokens/s", "peak GiB"):
+    for c in ("batch", "rounds", "samples", "run s", "plain s", "overhead (range)", "like for like", "study ÷ wb", "tokens/s", "peak GiB"):
         table.add_column(c, justify="right")
     for s in r["settings"]:
         spread = f" ({min(s['capture_overhead_ratios']):.2f}–{max(s['capture_overhead_ratios']):.2f})"
         table.add_row(str(s["batch_size"]), str(s["rounds"]), str(s["samples"]), f"{s['workbench_s']:.2f}", f"{s['plain_generate_s']:.2f}",
-                      f"{s['capture_overhead_ratio']:.3f}{spread}", f"{s['study_over_workbench']:.1f}×", f"{s['tokens_per_s']:.0f}",
+                      f"{s['capture_overhead_ratio']:.3f}{spread}", f"{s['over_plain_inference']:.3f}", f"{s['study_over_workbench']:.1f}×",
+                      f"{s['tokens_per_s']:.0f}",
                       "" if s["peak_memory_gib"] is None else f"{s['peak_memory_gib']:.1f}")
     Console().print(table)
 
