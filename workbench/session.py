@@ -220,9 +220,8 @@ class Session:
         past = self._carried_cache(piece_ids)
         new = piece_ids if past is not None else [tr + p for tr, p in zip(self._transcripts, piece_ids)]
         width = max(len(n) for n in new)
-        weights = np.zeros((batch, 1, width), dtype=np.float32)
+        weights = torch.zeros(batch, 1, width, device=model.device)
         weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
-        weights = torch.from_numpy(weights).to(model.device)
         steps: dict[HookSite, list[torch.Tensor]] = {}
         with pooling(model.hf, self.sites, weights, steps) as pooled:
             out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens)
