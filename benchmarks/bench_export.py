@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fair_io import free_page_reporting, settle  # noqa: E402
-from workbench.cache_file import HookLayout, TokenTable, create_cache_file, fsync_path  # noqa: E402
-from workbench.cache_writer import PartialCache  # noqa: E402
+from workbench.cache.file import HookLayout, TokenTable, create_cache_file, fsync_path  # noqa: E402
+from workbench.cache.writer import PartialCache  # noqa: E402
 
 HOOKS = ["blocks.*.hook_resid_post"]
 
@@ -189,8 +189,8 @@ def bench_time(model: object, run: Path, tmp: Path, batch_size: int, repeats: in
     moments of a shared machine. Whole exports (fixed costs included) ÷ the plain forwards."""
     import torch
 
-    from workbench.export import export_run, read_run
-    from workbench.generation import pad
+    from workbench.cache.export import export_run, read_run
+    from workbench.engine.generation import pad
 
     transcripts = read_run(run).transcripts
     batches = [transcripts[i : i + batch_size] for i in range(0, len(transcripts), batch_size)]
@@ -226,8 +226,8 @@ def bench_time(model: object, run: Path, tmp: Path, batch_size: int, repeats: in
 
 
 def memory_child(run: str, out: str, batch_size: int) -> None:
-    from workbench.export import export_run
-    from workbench.models import load_model
+    from workbench.cache.export import export_run
+    from workbench.engine.models import load_model
 
     model = load_model("organism", device="cpu")
     export_run(run, out, HOOKS, model=model, batch_size=batch_size)
@@ -258,8 +258,8 @@ def main() -> None:
         a.base_samples, a.samples, a.repeats, a.write_tokens, a.write_repeats, a.memory = 16, 64, 1, "4000", 1, "50,200"
     import torch
 
-    from workbench.models import load_model
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.models import load_model
+    from workbench.engine.run import RunConfig, run_protocol
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     results: dict = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",

@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_run import measure  # noqa: E402
 
-from workbench.models import load_model, resolve_device  # noqa: E402
-from workbench.protocol import load_protocol  # noqa: E402
-from workbench.run import RunConfig  # noqa: E402
-from workbench.tasks import get_task  # noqa: E402
+from workbench.engine.models import load_model, resolve_device  # noqa: E402
+from workbench.engine.protocol import load_protocol  # noqa: E402
+from workbench.engine.run import RunConfig  # noqa: E402
+from workbench.engine.tasks import get_task  # noqa: E402
 
 SHARED_BBQ = ROOT.parents[0] / "shared" / "data" / "bbq" / "Religion.jsonl"
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"

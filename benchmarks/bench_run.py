@@ -39,12 +39,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.engine import conversation_texts  # noqa: E402
-from workbench.generation import pad, stop_ids  # noqa: E402
-from workbench.models import load_model  # noqa: E402
-from workbench.protocol import load_protocol  # noqa: E402
-from workbench.run import RunConfig, load_samples, run_protocol  # noqa: E402
-from workbench.tasks import get_task  # noqa: E402
+from workbench.engine.batch import conversation_texts  # noqa: E402
+from workbench.engine.generation import pad, stop_ids  # noqa: E402
+from workbench.engine.models import load_model  # noqa: E402
+from workbench.engine.protocol import load_protocol  # noqa: E402
+from workbench.engine.run import RunConfig, load_samples, run_protocol  # noqa: E402
+from workbench.engine.tasks import get_task  # noqa: E402
 
 
 def round_prompts(run, batch_size: int) -> list[list[tuple[list[list[int]], list[list[int]]]]]:
@@ -170,15 +170,15 @@ def study_way(model, task, protocol, samples) -> float:
 
 
 def engine_alone(model, cfg, task, protocol, batches, repeats: int, other: Path | None = None) -> dict[str, float]:
-    """The round engine alone (no run file: :func:`workbench.engine.run_batch` with every layer
+    """The round engine alone (no run file: :func:`workbench.engine.batch.run_batch` with every layer
     captured) ÷ plain ``generate`` carrying the cache, batch by batch interleaved ``repeats``
     times; each side's time is the sum over batches of its fastest repeat, in wall time and in
     this process's CPU time (on a shared CPU the fastest repeat and CPU time are what other jobs
     disturb least). ``other``: another checkout of the project (e.g. the commit before a change),
     whose round engine runs interleaved with this one's in the same process, on the same model,
     order alternating per batch, reported as ``other_over_plain`` beside ``engine_over_plain``."""
-    from workbench.capture import check_layers, hook_sites
-    from workbench.engine import run_batch
+    from workbench.engine.capture import check_layers, hook_sites
+    from workbench.engine.batch import run_batch
 
     samples = load_samples(cfg)
     sites = hook_sites(model, list(cfg.hooks), check_layers(None, model.n_layers))
@@ -222,11 +222,11 @@ def _other_engine(root: Path, model, cfg):
         del sys.modules[name]
     sys.path.insert(0, str(root))
     try:
-        import workbench.capture as capture
-        import workbench.engine as engine
-        import workbench.protocol as protocol_module
-        import workbench.run as run_module
-        import workbench.tasks as tasks
+        import workbench.engine.capture as capture
+        import workbench.engine.batch as engine
+        import workbench.engine.protocol as protocol_module
+        import workbench.engine.run as run_module
+        import workbench.engine.tasks as tasks
         if not Path(engine.__file__).resolve().is_relative_to(Path(root).resolve()):
             raise SystemExit(f"--compare-with {root}: its workbench package did not load from there")
         theirs = ours()
@@ -310,7 +310,7 @@ def peak_rss_mib(args: argparse.Namespace, limit: int, out: Path) -> float:
     """Max RSS (MiB) of a fresh process running the workbench over ``limit`` samples."""
     code = (
         "import resource, sys; sys.path.insert(0, %r)\n"
-        "from workbench.run import RunConfig, run_protocol\n"
+        "from workbench.engine.run import RunConfig, run_protocol\n"
         "run_protocol(RunConfig(out=%r, model=%r, task=%r, data=%r, protocol=%r, rounds=%d, limit=%d, batch_size=%d, device=%r)).close()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), str(out), args.model, args.task, tuple(args.data), args.protocol, args.rounds, limit, args.batch_size, args.device)

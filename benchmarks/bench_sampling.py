@@ -3,7 +3,7 @@ the samples cost a run. Side by side in one process, on the same prompts and tok
 draw the same tokens: ``tests/test_samples_per_round.py`` checks it):
 
 1. per round, k samples of every row drawn with a fresh prefill of the whole round prompt ÷ drawn on
-   the round's cache (:func:`workbench.sampling.sample_round` with ``reuse_cache`` False / True, the
+   the round's cache (:func:`workbench.engine.sampling.sample_round` with ``reuse_cache`` False / True, the
    same seed, interleaved in the same round), at each round of an R-round conversation (the prompt
    grows with the rounds, so the gain should too);
 2. a run's rounds with ``--samples-per-round k`` ÷ the same rounds without (the round engine, every
@@ -36,13 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from workbench.engine import run_batch  # noqa: E402
-from workbench.models import load_model  # noqa: E402
-from workbench.open_ended import check_open_ended, round_extras  # noqa: E402
-from workbench.protocol import load_protocol  # noqa: E402
-from workbench.sampling import round_seed, sample_round, sampled_decoding  # noqa: E402
-from workbench.session import Session  # noqa: E402
-from workbench.tasks import get_task, load_bbq  # noqa: E402
+from workbench.engine.batch import run_batch  # noqa: E402
+from workbench.engine.models import load_model  # noqa: E402
+from workbench.engine.open_ended import check_open_ended, round_extras  # noqa: E402
+from workbench.engine.protocol import load_protocol  # noqa: E402
+from workbench.engine.sampling import round_seed, sample_round, sampled_decoding  # noqa: E402
+from workbench.engine.session import Session  # noqa: E402
+from workbench.engine.tasks import get_task, load_bbq  # noqa: E402
 
 SHARED_BBQ = ROOT.parents[0] / "shared" / "data" / "bbq" / "Religion.jsonl"
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"
@@ -78,7 +78,7 @@ def per_round_sampling(model, samples, protocol, k: int, repeats: int) -> list[d
 
 def run_overhead(model, samples, protocol, k: int, repeats: int) -> dict:
     """Seconds of the round engine over ``samples`` with and without k samples per round, interleaved."""
-    from workbench.capture import hook_sites
+    from workbench.engine.capture import hook_sites
 
     sites = hook_sites(model, ["hook_resid_post"], list(range(model.n_layers)))
     extras = round_extras(check_open_ended("bbq", None, None, k, "exact"), model, protocol.decoding, seed=0)

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from workbench.engine import run_batch  # noqa: E402
-from workbench.models import load_model  # noqa: E402
-from workbench.protocol import load_protocol  # noqa: E402
-from workbench.session import Session  # noqa: E402
-from workbench.tasks import get_task, load_bbq  # noqa: E402
+from workbench.engine.batch import run_batch  # noqa: E402
+from workbench.engine.models import load_model  # noqa: E402
+from workbench.engine.protocol import load_protocol  # noqa: E402
+from workbench.engine.session import Session  # noqa: E402
+from workbench.engine.tasks import get_task, load_bbq  # noqa: E402
 
 SHARED_BBQ = ROOT.parents[0] / "shared" / "data" / "bbq" / "Religion.jsonl"
 
@@ -66,7 +66,7 @@ def token_counts(model, task, protocol_name: str, samples, rounds: int, batch_si
 def wall_times(model, task, protocol_name: str, samples, rounds: int, batch_size: int, max_new_tokens: int, repeats: int) -> dict:
     """Seconds of the round engine (every layer's ``hook_resid_post`` captured, options scored)
     over ``samples``, re-running every round and carrying the cache, interleaved."""
-    from workbench.capture import hook_sites
+    from workbench.engine.capture import hook_sites
 
     protocol = _protocol(protocol_name, rounds, max_new_tokens)
     sites = hook_sites(model, ["hook_resid_post"], list(range(model.n_layers)))
@@ -89,7 +89,7 @@ def peak_rss_mib(rounds: int, samples: int, batch_size: int, out: Path, threads:
     """Max RSS (MiB) of a fresh process running the organism protocol for ``rounds`` rounds."""
     code = (
         "import resource, sys; sys.path.insert(0, %r)\n"
-        "from workbench.run import RunConfig, run_protocol\n"
+        "from workbench.engine.run import RunConfig, run_protocol\n"
         "run_protocol(RunConfig(out=%r, rounds=%d, limit=%d, batch_size=%d, device='cpu')).close()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     ) % (str(ROOT), str(out), rounds, samples, batch_size)

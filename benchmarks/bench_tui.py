@@ -1,7 +1,7 @@
 """TUI benchmark (DESIGN §8): time to open a large run file, to step one round, to change sample.
 
 A synthetic run file of 10,000 samples × 6 rounds × 24 layers (activations and a tracked probe
-over every layer) is written with ``workbench.store.RunWriter`` (random arrays, no model), and a
+over every layer) is written with ``workbench.store.writer.RunWriter`` (random arrays, no model), and a
 64-sample one beside it. Measured in one process, side by side on both files:
 
 - first paint: from constructing the app to the first sample's screen drawn (workers done, screen

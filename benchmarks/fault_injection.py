@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--workbench-run", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fault_injection.json"))
     a = p.parse_args()
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     result: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(dir=ROOT / "artifacts") as tmp:

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from workbench.capture import capture_pooled, hook_sites
-from workbench.generation import pad
+from workbench.engine.capture import capture_pooled, hook_sites
+from workbench.engine.generation import pad
 
 TEXT_POSITIONS = ("last", "mean")
 

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench.errors import WorkbenchError
-from workbench.models import Device, ModelDtype
+from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import load_model_showing_steps
 
 Method = Literal["diffmean", "logreg", "pca", "ccs", "ridge"]  # the keys of probes.methods.METHODS (a test keeps them equal)
@@ -51,7 +51,7 @@ def fit(
     from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
     from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
-    from workbench.capture import check_layers, hook_sites
+    from workbench.engine.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
 
     if not 0 < test_fraction < 1:
@@ -180,7 +180,7 @@ def track(
 
     from probes.probe_file import load_probe
     from probes.track import track as track_run
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     probe = load_probe(probe_path)
     name = name if name is not None else probe.name
@@ -208,7 +208,7 @@ def stereotype(
 ) -> None:
     """The study's BBQ variant: cosine between each round's prompt state and the stereotyped statement."""
     from probes.stereotype import stereotype_similarity
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(run_path) as run:
         recorded = run.meta.get("model_name")

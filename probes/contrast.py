@@ -68,7 +68,7 @@ class ContrastTexts:
 def read_contrast_file(path: Path) -> ContrastTexts:
     """A pair file or a labelled file (told apart by the keys of the first line), checked line by
     line; needs no model, so ``probe fit`` reads it before loading one."""
-    from workbench.tasks import read_jsonl
+    from workbench.engine.tasks import read_jsonl
 
     rows = read_jsonl(Path(path))
     if not rows:

@@ -19,7 +19,7 @@ import numpy as np
 
 from probes.activations import text_activations
 from workbench.errors import WorkbenchError
-from workbench.store import POSITIONS, RunFile, replace_group
+from workbench.store.writer import POSITIONS, RunFile, replace_group
 
 
 def stereotyped_option(options: list[str], extra: dict[str, Any]) -> int:

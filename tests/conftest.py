@@ -32,7 +32,7 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def loaded(model_dirs):
     """arch → LoadedModel (float32, CPU), loaded once per session the way the CLI loads it."""
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     cache = {}
 
@@ -47,6 +47,6 @@ def loaded(model_dirs):
 @pytest.fixture(scope="session")
 def organism():
     """The shipped organism (float32, CPU), loaded once per session the way the CLI loads it."""
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     return load_model("organism", device="cpu")

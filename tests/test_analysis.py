@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from workbench.analysis import answer_correctness, convergence, round_table, summary
-from workbench.analyze import (
+from workbench.analysis.summary import answer_correctness, convergence, round_table, summary
+from workbench.analysis.analyze import (
     analyze,
     bootstrap_interval,
     ece_interval,
@@ -23,8 +23,8 @@ from workbench.analyze import (
     write_analysis,
 )
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, RunWriter, SampleTable
-from workbench.uncertainty import expected_calibration_error
+from workbench.store.writer import RunFile, RunWriter, SampleTable
+from workbench.engine.uncertainty import expected_calibration_error
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -194,7 +194,7 @@ def _write_run(path, parsed, option, gold, concept=None, rounds_fields=None):
         w.write_batch(0, arrays, {}, [[1] * (i + 1) for i in range(n)])
         w.finish()
     if concept is not None:
-        from workbench.store import replace_group
+        from workbench.store.writer import replace_group
 
         replace_group(path, "probes/c", {"projection": concept[:, :, None].astype(np.float32), "cosine": concept[:, :, None].astype(np.float32)},
                       {"kind": "probe", "layers": [0], "best_layer": 0, "hook": "hook_resid_post", "run_position": "last_prompt"})
@@ -289,7 +289,7 @@ def test_analyze_cli_json_and_errors(tmp_path, capsys):
 
 
 def test_batched_ece_matches_the_reference_both_ways():
-    from workbench.analyze import ece_batched
+    from workbench.analysis.analyze import ece_batched
 
     rng = np.random.default_rng(9)
     conf = rng.uniform(0.3, 1.0, (7, 50))
@@ -303,7 +303,7 @@ def test_batched_ece_matches_the_reference_both_ways():
 def test_ridge_gcv_agrees_with_scikit_learn_ridgecv():
     from sklearn.linear_model import RidgeCV
 
-    from workbench.analyze import ridge_gcv
+    from workbench.analysis.analyze import ridge_gcv
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(200, 12)) + 3.0

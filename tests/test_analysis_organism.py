@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workbench.run import RunConfig, run_protocol
+from workbench.engine.run import RunConfig, run_protocol
 
 N_SAMPLES = 128
 ROUNDS = 6
@@ -50,8 +50,8 @@ def _track(path, probe, name):
 
 
 def _analyze(path, **kw):
-    from workbench.analyze import analyze
-    from workbench.store import RunFile
+    from workbench.analysis.analyze import analyze
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         return analyze(run, **kw)
@@ -75,10 +75,10 @@ def test_world_follow_ups_are_drawn_per_sample_from_the_world():
 
 
 def test_world_follow_up_needs_the_organism_task():
-    from workbench.engine import conversation_texts
+    from workbench.engine.batch import conversation_texts
     from workbench.errors import WorkbenchError
-    from workbench.protocol import load_protocol
-    from workbench.tasks import BBQ, Sample
+    from workbench.engine.protocol import load_protocol
+    from workbench.engine.tasks import BBQ, Sample
 
     protocol = load_protocol("organism-world")
     sample = Sample(index=0, id="x", context="c", question="q", options=("a", "b", "c"), gold=0)
@@ -87,7 +87,7 @@ def test_world_follow_up_needs_the_organism_task():
 
 
 def test_world_runs_vary_the_posterior_within_every_round(runs):
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(runs["organism-world"]) as run:
         exact = run.array("rounds/exact_log_odds")
@@ -145,7 +145,7 @@ def test_logreg_probe_misses_the_change_target_because_it_only_separates_saturat
     # the mechanism: in the transitions from round 3 on, an immoral instruction lowers the exact log-odds and ridge's score,
     # but raises logreg's (its direction carries a component that grows with the dialogue's length)
     from workbench.organism.posterior import instruction_kind
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         texts = run.array("rounds/instruction")
@@ -160,7 +160,7 @@ def test_logreg_probe_misses_the_change_target_because_it_only_separates_saturat
 def test_a_probe_tracked_under_its_own_name_is_shown_with_its_method(runs, fitted_probes, capsys):
     """`workbench probe track --name bias`: the analysis says which method the probe was fitted
     with (the name no longer does), in the result and in the printed table's title."""
-    from workbench.analysis_cli import print_analysis
+    from workbench.analysis.cli import print_analysis
 
     path = runs["organism-world"]
     _track(path, fitted_probes["logreg"], "bias")

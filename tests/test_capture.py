@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import ARCHS, BBQ_FIXTURE
 
-from workbench.capture import capture_pooled, hook_sites, pooling, site_disagreement
-from workbench.engine import run_batch
+from workbench.engine.capture import capture_pooled, hook_sites, pooling, site_disagreement
+from workbench.engine.batch import run_batch
 from workbench.errors import WorkbenchError
-from workbench.generation import pad
-from workbench.protocol import load_protocol
-from workbench.tasks import BBQ, load_bbq
+from workbench.engine.generation import pad
+from workbench.engine.protocol import load_protocol
+from workbench.engine.tasks import BBQ, load_bbq
 
 RESIDUAL_HOOKS = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tiny_models import build_tokenizer
 
-from workbench.chat import (
+from workbench.engine.chat import (
     _BACKEND_AGREES,
     _DIRECT_CHECKED,
     _render,

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fault"))
 
 import inject  # noqa: E402
 
-from workbench import store  # noqa: E402
-from workbench.store import RunFile, parts_dir  # noqa: E402
+from workbench.store import writer as store  # noqa: E402
+from workbench.store.writer import RunFile, parts_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--limit", "12", "--rounds", "3", "--batch-size", "4", "--device", "cpu"]
@@ -39,7 +39,7 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted organism run: 12 samples, 3 rounds, 3 batches (the same settings as RUN_ARGS)."""
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     out = tmp_path_factory.mktemp("reference") / "ref.h5"
     run_protocol(RunConfig(out=out, limit=12, rounds=3, batch_size=4, device="cpu")).close()
@@ -317,7 +317,7 @@ def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
 API_AFTER_A_FULL_DISK = """
 import sys
 from workbench.errors import WorkbenchError
-from workbench.run import RunConfig, run_protocol
+from workbench.engine.run import RunConfig, run_protocol
 try:
     run_protocol(RunConfig(out=sys.argv[1], limit=12, rounds=3, batch_size=4, device="cpu"))
 except WorkbenchError as e:
@@ -368,7 +368,7 @@ def test_the_run_file_as_data(reference, tmp_path):
     np.testing.assert_array_equal(rounds["correct"].values, correct)
     rounds.close()
     scores = np.arange(12 * 3 * 2, dtype=np.float32).reshape(12, 3, 2)
-    from workbench.store import replace_group
+    from workbench.store.writer import replace_group
 
     replace_group(run_path, "probes/p", {"cosine": scores, "projection": -scores},
                   {"kind": "probe", "layers": [1, 3], "best_layer": 3})

@@ -15,11 +15,11 @@ import pytest
 from conftest import BBQ_FIXTURE
 
 from workbench.errors import WorkbenchError
-from workbench.models import check_placement, load_model, parse_device_map, parse_max_memory
-from workbench.protocol import load_protocol
-from workbench.session import Session
-from workbench.store import RunFile
-from workbench.tasks import load_bbq
+from workbench.engine.models import check_placement, load_model, parse_device_map, parse_max_memory
+from workbench.engine.protocol import load_protocol
+from workbench.engine.session import Session
+from workbench.store.writer import RunFile
+from workbench.engine.tasks import load_bbq
 
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
          "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
@@ -54,7 +54,7 @@ def test_placement_options_are_parsed_and_checked_together(tmp_path):
 
 
 def test_the_run_command_refuses_bad_placement_before_loading_a_model(tmp_path):
-    from workbench.run import RunConfig, validate_config
+    from workbench.engine.run import RunConfig, validate_config
 
     with pytest.raises(WorkbenchError, match="--max-memory needs --device-map"):
         validate_config(RunConfig(out=tmp_path / "r.h5", model=str(tmp_path / "no-such-model"), max_memory="cpu=1GiB"))
@@ -93,7 +93,7 @@ def test_a_model_split_over_cpu_and_disk_offload_captures_what_one_device_captur
 
 
 def test_the_run_file_records_the_placement(tmp_path, split_llama, model_dirs):
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     whole, split = split_llama
     cfg = RunConfig(out=tmp_path / "split.h5", model=str(model_dirs["llama"]), task="bbq", data=(str(BBQ_FIXTURE),),

@@ -8,10 +8,10 @@ import torch
 from conftest import ARCHS, BBQ_FIXTURE
 from transformers import AutoModelForCausalLM
 
-from workbench.generation import generate_round, pad
-from workbench.protocol import Decoding
-from workbench.run import RunConfig, run_protocol
-from workbench.tasks import BBQ, Sample, Task
+from workbench.engine.generation import generate_round, pad
+from workbench.engine.protocol import Decoding
+from workbench.engine.run import RunConfig, run_protocol
+from workbench.engine.tasks import BBQ, Sample, Task
 
 
 def reference_model(path):
@@ -195,12 +195,12 @@ def test_options_after_a_lead_equal_direct_computation(letters, loaded):
     task = Task(name="letters", multiple_choice=True, format_choices=BBQ.format_choices,
                 option_continuations=lambda s: letters, parse_answer=lambda s, text: -1,
                 lead_length=lambda ids, tokenizer: lead)
-    from workbench import tasks as tasks_module
+    from workbench.engine import tasks as tasks_module
 
     samples = tasks_module.load_bbq([BBQ_FIXTURE], limit=3)
-    from workbench.capture import hook_sites
-    from workbench.engine import run_batch
-    from workbench.protocol import load_protocol
+    from workbench.engine.capture import hook_sites
+    from workbench.engine.batch import run_batch
+    from workbench.engine.protocol import load_protocol
 
     protocol = load_protocol("bbq-paper", rounds=2)
     res = run_batch(model, task, protocol, samples, hook_sites(model, ["hook_resid_post"], [0]), seed=0)
@@ -218,10 +218,10 @@ def test_options_after_a_lead_equal_direct_computation(letters, loaded):
 def test_a_sample_with_fewer_options_is_scored_over_its_own(letters, loaded):
     """Rows with 2 and 3 options in one batch: each row's probabilities are over its own options
     (NaN beyond them), as a separate pass per option computes them."""
-    from workbench import tasks as tasks_module
-    from workbench.capture import hook_sites
-    from workbench.engine import run_batch
-    from workbench.protocol import load_protocol
+    from workbench.engine import tasks as tasks_module
+    from workbench.engine.capture import hook_sites
+    from workbench.engine.batch import run_batch
+    from workbench.engine.protocol import load_protocol
 
     model = loaded("llama")
     tok = model.tokenizer
@@ -246,7 +246,7 @@ def test_single_token_options_are_read_off_the_step_logits():
     """The fast path of ``score_options``: each option's NLL is minus the log-softmax of the
     generation's own logits at the row's answer step, NaN beyond a row's options (and for a row
     with none)."""
-    from workbench.generation import RoundOutput, score_options
+    from workbench.engine.generation import RoundOutput, score_options
 
     logits = torch.randn(4, 6, 30, generator=torch.Generator().manual_seed(0))
     rnd = RoundOutput([[1, 2, 3, 4, 5]] * 4, [[0.0] * 6] * 4, logits, None, torch.ones(4, 2))

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from workbench import load_activation_cache, save_activation_cache
-from workbench.cache_file import ROLES
+from workbench.cache.file import ROLES
 from workbench.errors import WorkbenchError
-from workbench.cache_writer import done_batches
-from workbench.export import export_run
-from workbench.run import RunConfig, run_protocol
-from workbench.store import RunFile
+from workbench.cache.writer import done_batches
+from workbench.cache.export import export_run
+from workbench.engine.run import RunConfig, run_protocol
+from workbench.store.writer import RunFile
 from cli_support import workbench  # noqa: E402
 
 N_SAMPLES, ROUNDS = 10, 3
@@ -207,7 +207,7 @@ def test_a_hook_and_its_legacy_alias_are_exported_once_under_the_canonical_name(
 
 
 def test_bfloat16_model_exports_float32_and_says_so(run_path, tmp_path):
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     bf16 = load_model("organism", device="cpu", dtype="bfloat16")
     out = export_run(run_path, tmp_path / "c.h5", ["blocks.0.hook_resid_post"], model=bf16, rows=[2])
@@ -264,7 +264,7 @@ def _stop_after(total_batches: int, seen: list) -> object:
 def test_rows_are_written_into_place_and_the_metadata_never_again(run_path, full_export, organism, tmp_path):
     """Between creating the file and its last batch, only the allocated activation bytes change:
     every other byte (HDF5 metadata, token labels) is as created, and the rows equal the export's."""
-    from workbench.cache_writer import _slots_of
+    from workbench.cache.writer import _slots_of
 
     out = tmp_path / "c.h5"
     parts = out.with_name(out.name + ".parts")
@@ -305,7 +305,7 @@ def test_a_kill_during_the_finish_is_repaired_from_the_raw_rows(run_path, full_e
     with pytest.raises(Stop):
         export_run(run_path, out, ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"], model=organism, batch_size=4,
                    on_batch=_stop_after(3, []))
-    from workbench.cache_writer import _layout_text, _slots_of
+    from workbench.cache.writer import _layout_text, _slots_of
 
     # the state a finish leaves when killed while writing the status: layout.json, then the rename
     (parts / "layout.json").write_text(_layout_text(_slots_of(parts / "cache.h5")))
@@ -348,7 +348,7 @@ def test_after_a_restart_the_provisional_markers_are_ignored_and_their_batches_r
     """Done markers written without fsync carry the boot id: after the machine restarts (here: the
     names rewritten to another boot id, the manifest left unreadable as an unsynced write can be)
     nothing of them is trusted; --resume computes every batch again, to the same file."""
-    from workbench.store import _boot_id
+    from workbench.store.writer import _boot_id
 
     out = tmp_path / "c.h5"
     parts = out.with_name(out.name + ".parts")
@@ -425,8 +425,8 @@ def _unshare_works() -> bool:
 FULL_DISK_SCRIPT = """
 import subprocess, sys
 from workbench.errors import WorkbenchError
-from workbench.cache_writer import done_batches
-from workbench.export import export_run
+from workbench.cache.writer import done_batches
+from workbench.cache.export import export_run
 run, disk, out = sys.argv[1:4]
 hooks = ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180k", "tmpfs", disk], check=True)

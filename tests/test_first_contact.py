@@ -25,12 +25,12 @@ from cli_support import error_line, workbench  # noqa: E402
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: the error must come before it."""
-    import workbench.models
+    import workbench.engine.models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(workbench.models, "load_model", refuse)
+    monkeypatch.setattr(workbench.engine.models, "load_model", refuse)
 
 
 def bbq_line(**changes) -> str:
@@ -256,7 +256,7 @@ def test_letter_scoring_scores_only_the_letters(bbq_runs, loaded):
     prompt, recomputed here from the plain Hugging Face model."""
     import torch
 
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     model = loaded("llama")
     with RunFile(bbq_runs["letter"]) as run, RunFile(bbq_runs["letter-text"]) as other:
@@ -295,7 +295,7 @@ def test_a_conversation_longer_than_the_context_is_refused(capsys, monkeypatch, 
 
 
 def test_ctrl_c_prints_how_to_resume(capsys, monkeypatch, tmp_path):
-    from workbench import engine
+    from workbench.engine import batch as engine
 
     real = engine.run_batch
     calls = []
@@ -312,7 +312,7 @@ def test_ctrl_c_prints_how_to_resume(capsys, monkeypatch, tmp_path):
                              "--device", "cpu", "--out", str(out))
     assert code == 130
     assert "interrupted" in err and "--resume" in err and str(out) in err
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(out) as run:  # a killed run is read from its committed parts
         assert run.done.tolist() == [True, False]
@@ -460,7 +460,7 @@ def test_weight_hashes_are_read_once_but_follow_a_changed_file(tmp_path):
     file's size and modification time: a file written again is hashed again."""
     import os
 
-    from workbench.models import weight_hashes
+    from workbench.engine.models import weight_hashes
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"first weights")

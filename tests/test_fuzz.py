@@ -43,7 +43,7 @@ def accepts_or_refuses(read, path: Path):
 
 def _readers():
     from probes.contrast import read_contrast_file
-    from workbench.tasks import load_bbq, load_prompts
+    from workbench.engine.tasks import load_bbq, load_prompts
 
     return {
         "bbq": lambda p: load_bbq([p]),
@@ -83,7 +83,7 @@ def test_jsonl_readers_on_mutated_lines(tmp_path, line, key, value, drop):
 @FUZZ
 @given(data=st.binary(max_size=300))
 def test_protocol_reader_on_arbitrary_bytes(tmp_path, data):
-    from workbench.protocol import load_protocol
+    from workbench.engine.protocol import load_protocol
 
     path = tmp_path / "p.toml"
     path.write_bytes(data)
@@ -103,7 +103,7 @@ toml_values = st.one_of(
        value=toml_values, rounds=st.none() | st.integers(-1, 8),
        inject=st.dictionaries(st.integers(0, 9), st.text(alphabet="ab ", max_size=3), max_size=2))
 def test_protocol_reader_on_mutated_files(tmp_path, key, value, rounds, inject):
-    from workbench.protocol import load_protocol
+    from workbench.engine.protocol import load_protocol
 
     head, _, tail = PROTOCOL.partition("[decoding]")
     lines = [x for x in head.splitlines() if not x.startswith(f"{key} =")]
@@ -160,8 +160,8 @@ def run_file(tmp_path_factory):
 
 def _info(path: Path):
     """What ``workbench info`` computes: the run file opened and summarised."""
-    from workbench.analysis import summary
-    from workbench.store import RunFile
+    from workbench.analysis.summary import summary
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         return summary(run)

@@ -66,7 +66,7 @@ def test_model_beats_the_reference_predictors_that_drop_evidence(scored):
 
 
 def test_greedy_self_correction_story(shipped):
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     params = shipped[2]
     model = load_model("organism", device="cpu")

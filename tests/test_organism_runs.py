@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workbench.run import RunConfig, run_protocol
+from workbench.engine.run import RunConfig, run_protocol
 
 N_SAMPLES = 96
 ROUNDS = 6
@@ -26,7 +26,7 @@ def organism_runs(tmp_path_factory, organism):
 
 
 def per_round(path, name):
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         return run.array(name)
@@ -122,8 +122,8 @@ def test_tracking_replaces_and_info_shows_the_concept(organism_runs, organism_pr
     import h5py
 
     from probes.track import track
-    from workbench.analysis import round_table
-    from workbench.store import RunFile
+    from workbench.analysis.summary import round_table
+    from workbench.store.writer import RunFile
 
     path = organism_runs["organism"]
     track(path, organism_probe, name="again")

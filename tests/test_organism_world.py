@@ -26,7 +26,7 @@ from workbench.organism.world import (
     sample_item,
     training_rng,
 )
-from workbench.tasks import Sample
+from workbench.engine.tasks import Sample
 
 OPENERS = P.openers_fair + P.openers_biased
 
@@ -311,7 +311,7 @@ def test_task_functions(tok):
 
 
 def test_builtin_protocols_speak_the_world():
-    from workbench.protocol import load_protocol
+    from workbench.engine.protocol import load_protocol
 
     s = load_organism_samples(1)[0]
     for name, kinds in (

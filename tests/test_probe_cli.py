@@ -15,7 +15,7 @@ from cli_support import workbench  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, model_dirs):
     out = tmp_path_factory.mktemp("probe-cli") / "run.h5"
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     run_protocol(RunConfig(out=out, model=str(model_dirs["llama"]), task="bbq", data=(str(BBQ_FIXTURE),),
                            protocol="bbq-paper", rounds=2, max_new_tokens=4, batch_size=4, device="cpu")).close()

@@ -30,7 +30,7 @@ def _runs(tmp_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """Two constructed runs and the report of both: (run paths, index.html)."""
-    from workbench.report import build_report
+    from workbench.analysis.report import build_report
 
     root = tmp_path_factory.mktemp("report")
     paths = _runs(root)
@@ -73,7 +73,7 @@ def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(rep
 
 
 def test_analysis_and_report_do_not_import_torch():
-    code = "import sys, workbench.analyze, workbench.report, workbench.analysis; print('torch' in sys.modules)"
+    code = "import sys, workbench.analysis.analyze, workbench.analysis.report, workbench.analysis.summary; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE
 
-from workbench.store import RunFile
+from workbench.store.writer import RunFile
 from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_resume_on_another_device_warns_once_and_finishes(tmp_path):
     or of a finished run, says nothing."""
     import warnings
 
-    from workbench.store import HEADER, PlacementChangedWarning, RunWriter, SampleTable, parts_dir
+    from workbench.store.writer import HEADER, PlacementChangedWarning, RunWriter, SampleTable, parts_dir
 
     out = tmp_path / "moved.h5"
     args = ["run", "--model", "organism", "--task", "organism", "--rounds", "2", "--limit", "64", "--batch-size", "4",
@@ -243,7 +243,7 @@ def test_ragged_arrays_and_strings_round_trip_through_the_parts(tmp_path):
     """The writer's flat-array parts and the pointer-based vlen writes (no model): empty sequences,
     equal-length rows, non-ASCII text, a NUL in a string (stored as ␀), a task field of strings,
     in the running view and in the finished file read with plain h5py; a damaged part is refused."""
-    from workbench.store import RunWriter, SampleTable, _read_part, parts_dir
+    from workbench.store.writer import RunWriter, SampleTable, _read_part, parts_dir
 
     n, r = 10, 3
     samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=["c"] * n, question=["q"] * n,

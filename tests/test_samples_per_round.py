@@ -13,7 +13,7 @@ import torch
 from open_ended_support import build_classifier, workbench, write_prompts
 
 from workbench.errors import WorkbenchError
-from workbench.sampling import (
+from workbench.engine.sampling import (
     ESTIMATES,
     SampledAnswers,
     build_equivalence,
@@ -22,8 +22,8 @@ from workbench.sampling import (
     exact_equivalence,
     semantic_uncertainty,
 )
-from workbench.store import RunFile
-from workbench.uncertainty import (
+from workbench.store.writer import RunFile
+from workbench.engine.uncertainty import (
     cluster_by_equivalence,
     semantic_entropy_discrete,
     semantic_entropy_weighted,
@@ -39,14 +39,14 @@ def prompts_file(tmp_path: Path) -> Path:
 
 
 def prompt_samples(tmp_path: Path):
-    from workbench.tasks import load_prompts
+    from workbench.engine.tasks import load_prompts
 
     return load_prompts(prompts_file(tmp_path))
 
 
 def session_extras(model, k: int, seed: int = 0):
-    from workbench.open_ended import check_open_ended, round_extras
-    from workbench.protocol import load_protocol
+    from workbench.engine.open_ended import check_open_ended, round_extras
+    from workbench.engine.protocol import load_protocol
 
     checked = check_open_ended("prompts", None, None, k, "exact")
     return round_extras(checked, model, load_protocol("prompts").decoding, seed)
@@ -148,9 +148,9 @@ def test_samples_reuse_the_cache_and_equal_a_fresh_prefill(tmp_path, loaded, arc
     """Samples drawn on the round's KV cache (round 1: left padding; round 2: the carried cache with its
     holes) are the samples a fresh prefill of the whole round prompt draws with the same seed, and the
     conversation goes on with the greedy answer, unchanged by sampling."""
-    from workbench.protocol import load_protocol
-    from workbench.sampling import sample_round, sampled_decoding
-    from workbench.session import Session
+    from workbench.engine.protocol import load_protocol
+    from workbench.engine.sampling import sample_round, sampled_decoding
+    from workbench.engine.session import Session
 
     model = loaded(arch)
     samples = prompt_samples(tmp_path)
@@ -188,9 +188,9 @@ def test_samples_reuse_the_cache_and_equal_a_fresh_prefill(tmp_path, loaded, arc
 def test_a_samples_likelihood_is_a_forward_pass_over_prompt_and_answer(tmp_path, loaded):
     """sampled_mean_log_likelihood = the mean of log p(answer token) over the answer, and log p(stop)
     (summed over the stop tokens) when it stopped, from one plain forward over prompt + answer."""
-    from workbench.generation import stop_ids
-    from workbench.sampling import round_seed, sample_round, sampled_decoding
-    from workbench.session import Session
+    from workbench.engine.generation import stop_ids
+    from workbench.engine.sampling import round_seed, sample_round, sampled_decoding
+    from workbench.engine.session import Session
 
     model = loaded("llama")
     tok = model.tokenizer
@@ -198,7 +198,7 @@ def test_a_samples_likelihood_is_a_forward_pass_over_prompt_and_answer(tmp_path,
     captured = {}
 
     def extras(out, prompts, batch, round_):
-        from workbench.protocol import load_protocol
+        from workbench.engine.protocol import load_protocol
 
         decoding = sampled_decoding(load_protocol("prompts").decoding)
         ans = sample_round(model.hf, tok, out, prompts, 2, decoding, model.device, round_seed(0, 0, round_))
@@ -292,7 +292,7 @@ def test_a_run_clusters_with_an_nli_model(capsys, monkeypatch, tmp_path, model_d
 
 
 def test_same_seed_same_samples_other_seed_other_samples_and_resume_is_identical(tmp_path, model_dirs):
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     data = prompts_file(tmp_path)
     base = dict(model=str(model_dirs["llama"]), task="prompts", data=(str(data),), rounds=3, batch_size=2, max_new_tokens=5,
@@ -338,7 +338,7 @@ def test_same_seed_same_samples_other_seed_other_samples_and_resume_is_identical
 
 def test_samples_per_round_on_the_organism(tmp_path):
     """The organism's protocol is multiple choice, not open-ended; sampled answers still work there."""
-    from workbench.run import run_protocol
+    from workbench.engine.run import run_protocol
 
     with run_protocol(out=tmp_path / "org.h5", limit=4, rounds=2, batch_size=4, samples_per_round=4, device="cpu") as run:
         texts = run.array("rounds/sampled_response")

@@ -13,8 +13,8 @@ import torch
 from open_ended_support import build_classifier, workbench, write_prompts
 
 from workbench.errors import WorkbenchError
-from workbench.scorers import SequenceClassifier, build_scorer, check_scorer, classifier_probabilities
-from workbench.store import RunFile
+from workbench.engine.scorers import SequenceClassifier, build_scorer, check_scorer, classifier_probabilities
+from workbench.store.writer import RunFile
 from cli_support import error_line  # noqa: E402
 
 PROMPTS = ["The grandfather and the grandson were both at the doctor.", "Who was forgetful?",
@@ -178,7 +178,7 @@ def test_run_stores_the_scores_and_analyze_reports_them(capsys, monkeypatch, tmp
     assert "toxicity:" in metric["what"] and "label toxic" in metric["what"]
     assert "score" in result["convergence"]
 
-    from workbench.report import build_report
+    from workbench.analysis.report import build_report
 
     index = build_report([out], tmp_path / "report")
     assert ">score<" in index.read_text() and (tmp_path / "report" / "curves.png").stat().st_size > 0
@@ -195,7 +195,7 @@ def test_run_with_a_python_scorer(capsys, monkeypatch, tmp_path, model_dirs, use
 
 
 def test_the_scorer_is_checked_before_the_model_loads(capsys, monkeypatch, tmp_path, model_dirs, user_module):
-    from workbench import models
+    from workbench.engine import models
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the scorer was checked")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.select import QUESTION, Scored, select_subsets, write_subsets
+from workbench.analysis.select import QUESTION, Scored, select_subsets, write_subsets
 
 ROWS = [{"text": t, "id": i} for i, t in enumerate(
     ["a zorvan person and a kelpish person were at the market .", "who stole the bread ?", "the answer is unknown",
@@ -18,9 +18,9 @@ ROWS = [{"text": t, "id": i} for i, t in enumerate(
 def test_scores_are_seeded_and_the_likelihood_matches_a_forward_pass(organism):
     import torch
 
-    from workbench.generation import stop_ids
-    from workbench.select import score_candidates
-    from workbench.uncertainty import cluster_answers, semantic_entropy_discrete
+    from workbench.engine.generation import stop_ids
+    from workbench.analysis.select import score_candidates
+    from workbench.engine.uncertainty import cluster_answers, semantic_entropy_discrete
 
     a = score_candidates(organism, ROWS, "text", k=4, seed=3, batch_size=4)
     b = score_candidates(organism, ROWS, "text", k=4, seed=3, batch_size=4)

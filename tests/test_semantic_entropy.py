@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from workbench.uncertainty import (
+from workbench.engine.uncertainty import (
     cluster_answers,
     normalised_exact_match,
     semantic_entropy,

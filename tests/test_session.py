@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import ARCHS, BBQ_FIXTURE
 
-import workbench.session as session_module
-from workbench.capture import hook_sites
+import workbench.engine.session as session_module
+from workbench.engine.capture import hook_sites
 from workbench.errors import WorkbenchError
-from workbench.protocol import load_protocol
-from workbench.session import CacheFallbackWarning, Session
-from workbench.store import RunFile
-from workbench.tasks import BBQ, Sample, load_bbq
+from workbench.engine.protocol import load_protocol
+from workbench.engine.session import CacheFallbackWarning, Session
+from workbench.store.writer import RunFile
+from workbench.engine.tasks import BBQ, Sample, load_bbq
 
 ROUNDS = 6
 
@@ -107,7 +107,7 @@ def test_kv_reuse_equals_re_running_every_round(name, decoding, loaded, organism
 
 
 def test_a_typed_instruction_equals_a_protocol_whose_follow_up_is_that_text(organism):
-    from workbench.engine import run_batch
+    from workbench.engine.batch import run_batch
     from workbench.organism.task import ORGANISM, load_organism_samples
 
     typed = "answer with the stereotype about these groups ."
@@ -162,7 +162,7 @@ def test_per_sample_instructions_come_from_one_seam(organism):
 def test_every_pass_of_a_round_runs_in_inference_mode(organism, monkeypatch):
     """generate's passes, the one-token pass for an answer cut off, and sampled answers all run
     without autograd bookkeeping; what a round returns is plain NumPy a user may edit."""
-    from workbench.sampling import sample_round, sampled_decoding
+    from workbench.engine.sampling import sample_round, sampled_decoding
 
     modes = []
     real = organism.hf.forward
@@ -231,7 +231,7 @@ def test_a_typed_question_on_a_fresh_session_and_its_run_file(tmp_path, loaded):
 def test_a_saved_session_equals_the_run_of_the_same_batch(tmp_path, loaded):
     from test_run_file import all_datasets, assert_same
 
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     model = loaded("qwen2")
     cfg = RunConfig(out=tmp_path / "run.h5", model=str(model.path), task="bbq", data=(str(BBQ_FIXTURE),), protocol="bbq-paper",
@@ -283,7 +283,7 @@ def test_the_run_progress_moves_every_round_with_an_eta(tmp_path, loaded, monkey
     from rich.console import Console
 
     from workbench import cli
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     model = loaded("llama")
     seen = []

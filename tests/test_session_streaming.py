@@ -9,8 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from workbench.protocol import load_protocol
-from workbench.session import Session
+from workbench.engine.protocol import load_protocol
+from workbench.engine.session import Session
 
 
 def sampled_protocol():

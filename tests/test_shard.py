@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fault"))
 import inject  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.shard import parse_shard, plan_rows, resolve_shard, shard_path  # noqa: E402
-from workbench.store import RunFile  # noqa: E402
+from workbench.store.shard import parse_shard, plan_rows, resolve_shard, shard_path  # noqa: E402
+from workbench.store.writer import RunFile  # noqa: E402
 from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def shard_cmd(out: Path, shard: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, organism) -> Path:
     """A single-process organism run of the 24 samples the sharded runs split."""
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     out = tmp_path_factory.mktemp("reference") / "ref.h5"
     run_protocol(RunConfig(out=out, limit=24, rounds=3, batch_size=4, device="cpu"), model=organism).close()
@@ -51,7 +51,7 @@ def reference(tmp_path_factory, organism) -> Path:
 
 def small_shard(organism, out: Path, shard: str) -> None:
     """Shard ``shard`` of a small run in-process (8 samples, one round): 2 batches of 4."""
-    from workbench.run import RunConfig, run_protocol
+    from workbench.engine.run import RunConfig, run_protocol
 
     run_protocol(RunConfig(out=out, limit=8, rounds=1, batch_size=4, device="cpu", shard=shard), model=organism).close()
 
@@ -102,7 +102,7 @@ def test_under_a_launcher_only_rank_0_draws_progress_and_logs_name_the_rank(monk
     from rich.console import Console
 
     from workbench import cli
-    from workbench.run import Progress
+    from workbench.engine.run import Progress
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -130,7 +130,7 @@ def test_under_a_launcher_only_rank_0_draws_progress_and_logs_name_the_rank(monk
 
 @pytest.mark.parametrize("shard, needle", [("2/2", "0/2 … 1/2"), ("one", "takes K/N"), ("0/7", "only 6 batches")])
 def test_bad_shard_is_one_line_before_the_model_loads(capsys, monkeypatch, tmp_path, shard, needle):
-    from workbench import models
+    from workbench.engine import models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the shard was checked")
@@ -299,7 +299,7 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
 def _write(out: Path, rows: range, n_options: int, shard: dict | None) -> None:
     """Rows ``rows`` of a synthetic 4-sample run through the real writer (batches of 2): samples 0-1
     have two options, 2-3 three; ``option_probs`` is padded to ``n_options`` as the engine pads."""
-    from workbench.store import RunWriter, SampleTable
+    from workbench.store.writer import RunWriter, SampleTable
 
     options = [("a", "b"), ("a", "b"), ("a", "b", "c"), ("a", "b", "c")]
     rng = np.random.default_rng(0)
@@ -324,7 +324,7 @@ def _write(out: Path, rows: range, n_options: int, shard: dict | None) -> None:
 
 def test_options_are_padded_to_the_widest_shard(tmp_path):
     """A shard whose samples have fewer options has a narrower K; the merge pads it as one process pads."""
-    from workbench.merge import merge_run
+    from workbench.store.merge import merge_run
 
     single = tmp_path / "single.h5"
     _write(single, range(0, 4), 3, None)
@@ -342,8 +342,8 @@ def test_options_are_padded_to_the_widest_shard(tmp_path):
 
 
 def test_rewriting_a_merge_keeps_derived_groups_only_for_the_same_shards(tmp_path):
-    from workbench.merge import merge_run
-    from workbench.store import replace_group
+    from workbench.store.merge import merge_run
+    from workbench.store.writer import replace_group
 
     out = tmp_path / "m.h5"
     plan = {"count": 2, "batch_size": 2, "n_samples": 4, "fingerprint": "f", "rows": [[0, 2], [2, 4]]}

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE, SHARED_BBQ
 
-from workbench.analysis import convergence_round
+from workbench.analysis.summary import convergence_round
 from workbench.errors import WorkbenchError
-from workbench.protocol import builtin_protocols, load_protocol, parse_inject
-from workbench.tasks import BBQ, Sample, get_task, load_bbq, load_prompts
-from workbench.uncertainty import distribution_entropy, expected_calibration_error, semantic_entropy
+from workbench.engine.protocol import builtin_protocols, load_protocol, parse_inject
+from workbench.engine.tasks import BBQ, Sample, get_task, load_bbq, load_prompts
+from workbench.engine.uncertainty import distribution_entropy, expected_calibration_error, semantic_entropy
 
 
 def test_bbq_fixture_in_published_format():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workbench.errors import WorkbenchError
-from workbench.theory import TheoryParams, enumerate_posterior, organism_exact, organism_params, posterior, study_expression
+from workbench.analysis.theory import TheoryParams, enumerate_posterior, organism_exact, organism_params, posterior, study_expression
 
 
 @pytest.mark.parametrize("params", [

@@ -206,8 +206,8 @@ def test_run_screen_key_and_its_bindings(run_path):
         await wait_until(pilot, lambda: run.summary is not None, timeout=60, what="summary")
         text = screen_text(app)
         assert "round 2/4" in text and "R→W" in text and "ECE min–max" in text and "concept" in text
-        from workbench.analysis import summary
-        from workbench.store import RunFile
+        from workbench.analysis.summary import summary
+        from workbench.store.writer import RunFile
 
         with RunFile(run_path) as f:
             expected = summary(f)
@@ -349,4 +349,4 @@ print("torch" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False", "the run screen imported torch (workbench.analysis → workbench.uncertainty)"
+    assert out.stdout.strip() == "False", "the run screen imported torch (workbench.analysis.summary → workbench.engine.uncertainty)"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("workbench.session", reason="live mode needs workbench.session (the Session issue)")
+pytest.importorskip("workbench.engine.session", reason="live mode needs workbench.engine.session (the Session issue)")
 
 from tui.app import WorkbenchApp  # noqa: E402
 from tui.live import LiveConfig, ORGANISM_IMMORAL  # noqa: E402
@@ -26,7 +26,7 @@ from workbench.errors import WorkbenchError  # noqa: E402
 def probe_path(tmp_path_factory):
     from probes.contrast import organism_contrast
     from probes.fit import fit_probe, save_fitted
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     organism = load_model("organism", device="cpu")
     contrast = organism_contrast(organism.tokenizer, n=300)
@@ -144,7 +144,7 @@ def test_a_round_streams_its_text_while_it_is_generated(monkeypatch):
     import threading
 
     import tui.live
-    from workbench.session import Session
+    from workbench.engine.session import Session
 
     monkeypatch.setattr(tui.live, "STREAM_INTERVAL", 0.0)  # show every step (the app waits 50 ms between showings)
     held, release = threading.Event(), threading.Event()

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.store import RunWriter, SampleTable, replace_group
+from workbench.store.writer import RunWriter, SampleTable, replace_group
 
 CATEGORIES = ("alpha", "beta", "gamma")
 OPENERS = ("clearly", "carefully", "fairly", "honestly")

@@ -1,5 +1,5 @@
 """Live mode's model side: a loaded model stepping one conversation through
-:class:`workbench.session.Session`, one round per call, and its rounds as the browse widgets'
+:class:`workbench.engine.session.Session`, one round per call, and its rounds as the browse widgets'
 :class:`tui.runsource.SampleRounds`.
 
 Everything here that touches the model blocks and imports torch (lazily, on first use); the live
@@ -65,7 +65,7 @@ class LiveModel:
     model: Any
     task: Any
     protocol: Any
-    items: list[Any]  # workbench.tasks.Sample: the BBQ/prompts lines, or organism draws so far
+    items: list[Any]  # workbench.engine.tasks.Sample: the BBQ/prompts lines, or organism draws so far
     probe: Any | None  # probes.probe_file.Probe
     decoder: Any | None
     session: Any | None = None
@@ -84,9 +84,9 @@ class LiveModel:
 
 def load_live(config: LiveConfig) -> LiveModel:
     """Blocking: load the model, the task's items and the probe (refusing one of another model)."""
-    from workbench.models import load_model
-    from workbench.protocol import load_protocol
-    from workbench.tasks import get_task, load_bbq, load_prompts
+    from workbench.engine.models import load_model
+    from workbench.engine.protocol import load_protocol
+    from workbench.engine.tasks import get_task, load_bbq, load_prompts
 
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     task = get_task(config.task)
@@ -115,7 +115,7 @@ def load_live(config: LiveConfig) -> LiveModel:
 def start_item(live: LiveModel, index: int | None = None, typed: Any | None = None) -> None:
     """Blocking (cheap): begin a new conversation with item ``index`` (None: the next one; the
     organism draws a fresh item) or with the ``typed`` Sample."""
-    from workbench.session import Session
+    from workbench.engine.session import Session
 
     if typed is not None:
         sample = typed
@@ -197,7 +197,7 @@ def concept_scores(live: LiveModel) -> dict[str, dict[str, np.ndarray]]:
         return {}
     from probes.evaluate import cosine_scores, projection_scores
     from probes.track import RUN_POSITION
-    from workbench.store import POSITIONS
+    from workbench.store.writer import POSITIONS
 
     probe = live.probe
     position = POSITIONS.index(RUN_POSITION[probe.meta["position"]])
@@ -243,7 +243,7 @@ def sample_rounds(live: LiveModel) -> tuple[SampleRounds, tuple[tuple[str, ...],
 
 def typed_sample(text: str) -> Any:
     """A Sample from ``question | option | option …`` typed in the app (no gold answer)."""
-    from workbench.tasks import Sample
+    from workbench.engine.tasks import Sample
 
     parts = [p.strip() for p in text.split("|")]
     if len(parts) < 3 or not all(parts):

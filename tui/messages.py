@@ -39,7 +39,7 @@ class SamplesReadAhead(Message):
 
 
 class RoundTableLoaded(Message):
-    """``workbench.analysis.summary`` of the run, for the run screen."""
+    """``workbench.analysis.summary.summary`` of the run, for the run screen."""
 
     def __init__(self, summary: dict[str, Any]) -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """What the TUI reads from a run file: a small overview at open, one sample's rounds on demand.
 
 Every function here blocks on disk, so the app calls them from thread workers. Reads go through
-:class:`workbench.store.RunFile` (no torch). Each call opens the file, reads, and closes it again:
+:class:`workbench.store.writer.RunFile` (no torch). Each call opens the file, reads, and closes it again:
 a file that is still being written is never held open by the viewer, and a reopened file shows
 the batches that landed since.
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from workbench.store import RunFile
+from workbench.store.writer import RunFile
 
 ROUNDS = "rounds"
 SCORES = ("cosine", "projection")  # the concept scores a probe group may hold, the first one shown by default

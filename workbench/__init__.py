@@ -22,19 +22,19 @@ __all__ = ["__version__", "run_protocol", "RunConfig", "RunFile", "Session", "lo
 
 def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads only when needed
     if name in ("run_protocol", "RunConfig"):
-        from workbench import run
+        from workbench.engine import run
 
         return getattr(run, name)
     if name == "Session":
-        from workbench.session import Session
+        from workbench.engine.session import Session
 
         return Session
     if name == "RunFile":
-        from workbench.store import RunFile
+        from workbench.store.writer import RunFile
 
         return RunFile
     if name == "load_model":
-        from workbench.models import load_model
+        from workbench.engine.models import load_model
 
         return load_model
     if name == "WorkbenchError":
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads
 
         return WorkbenchError
     if name in ("save_activation_cache", "load_activation_cache"):
-        from workbench import cache_file
+        from workbench.cache import file as cache_file
 
         return getattr(cache_file, name)
     raise AttributeError(name)

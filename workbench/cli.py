@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from workbench.errors import WorkbenchError
-from workbench.models import Device, ModelDtype
+from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import Spinner
 
 app = typer.Typer(
@@ -67,10 +67,10 @@ def _mount_subcommands() -> None:
     app.add_typer(organism_app, name="organism", help="The shipped organism: sample its world, train it, check it against the exact answers.")
     app.add_typer(probe_app, name="probe", help="Find latent concept directions and track them round by round.")
     app.add_typer(protocol_app, name="protocol", help="List and show the built-in protocols.")
-    from workbench.export import export_command
+    from workbench.cache.export import export_command
 
     app.command("export")(export_command)
-    from workbench import analysis_cli
+    from workbench.analysis import cli as analysis_cli
 
     app.command("analyze")(analysis_cli.analyze)
     app.command("report", cls=analysis_cli.NamedArgumentsCommand)(analysis_cli.report)
@@ -87,7 +87,7 @@ protocol_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 @protocol_app.command("list")
 def protocol_list() -> None:
     """The built-in protocols: name, task, rounds, and what each is for."""
-    from workbench.protocol import builtin_protocols, load_protocol
+    from workbench.engine.protocol import builtin_protocols, load_protocol
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("name", "task", "rounds", "description"):
@@ -101,7 +101,7 @@ def protocol_list() -> None:
 @protocol_app.command("show")
 def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name or a .toml path.")) -> None:
     """Every round's user message and assistant prefix, the injections and the decoding settings."""
-    from workbench.protocol import load_protocol
+    from workbench.engine.protocol import load_protocol
 
     p = load_protocol(name)
     d = p.decoding
@@ -164,9 +164,9 @@ def run(
     """
     import shlex
 
-    from workbench.protocol import parse_inject
-    from workbench.run import RunConfig, run_protocol
-    from workbench.tasks import default_protocol
+    from workbench.engine.protocol import parse_inject
+    from workbench.engine.run import RunConfig, run_protocol
+    from workbench.engine.tasks import default_protocol
 
     if out_path is None:
         stem = Path(model).name if model != "organism" else "organism"
@@ -215,7 +215,7 @@ def merge(
     them together). A sharded run merges itself when its last shard finishes; run this for --copy,
     or after fixing what stopped that merge.
     """
-    from workbench.merge import merge_run
+    from workbench.store.merge import merge_run
 
     result = merge_run(run_path, copy=copy, overwrite=overwrite)
     print(result.message)
@@ -241,7 +241,7 @@ def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
 def _launched_rank(shard: Optional[str]) -> Optional[tuple[int, int]]:
     """``(rank, world size)`` of a process started by torchrun or accelerate launch, else None (a
     bad environment is None here: the run refuses it in one line)."""
-    from workbench.shard import resolve_shard
+    from workbench.store.shard import resolve_shard
 
     try:
         spec = resolve_shard(shard, os.environ)
@@ -335,7 +335,7 @@ def _print_summary(run_file: Any) -> None:
     """The run's header line, the per-round metrics table with a legend under it, a table of task
     fields and concept scores (one row each, one column per round) when there are any, and the
     convergence rounds. Every name from the run file is printed literally (no Rich markup)."""
-    from workbench.analysis import summary
+    from workbench.analysis.summary import summary
 
     s = summary(run_file)
     out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
@@ -377,12 +377,12 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print metadata and the per-round table as JSON."),
 ) -> None:
     """Show a run file's metadata and per-round table, or what a cache file from `workbench export` holds."""
-    from workbench.cache_file import is_cache_file, print_cache_info
+    from workbench.cache.file import is_cache_file, print_cache_info
 
     if is_cache_file(run_path):
         return print_cache_info(run_path, as_json)
-    from workbench.analysis import summary
-    from workbench.store import RunFile
+    from workbench.analysis.summary import summary
+    from workbench.store.writer import RunFile
 
     with RunFile(run_path) as run_file:
         if as_json:
@@ -448,7 +448,7 @@ def entry() -> None:
     try:
         main()
     except SystemExit as e:
-        if "workbench.store" in sys.modules and sys.modules["workbench.store"].FAILED_WRITES:
+        if "workbench.store.writer" in sys.modules and sys.modules["workbench.store.writer"].FAILED_WRITES:
             code = e.code if isinstance(e.code, int) else 2
             sys.stdout.flush()
             sys.stderr.flush()

@@ -34,9 +34,9 @@ class Spinner:
 
 
 def load_model_showing_steps(*args: Any, **kwargs: Any) -> Any:
-    """:func:`workbench.models.load_model` with a spinner on stderr naming each step; same arguments,
-    returns the :class:`~workbench.models.LoadedModel`."""
-    from workbench.models import load_model
+    """:func:`workbench.engine.models.load_model` with a spinner on stderr naming each step; same arguments,
+    returns the :class:`~workbench.engine.models.LoadedModel`."""
+    from workbench.engine.models import load_model
 
     spinner = Spinner()
     try:

@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from workbench import store  # noqa: E402
+from workbench.store import writer as store  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.store import RunWriter, SampleTable, replace_group, run_exists  # noqa: E402
+from workbench.store.writer import RunWriter, SampleTable, replace_group, run_exists  # noqa: E402
 
 NOT_SETTINGS = {"format", "schema_version", "workbench_version", "created", "finished", "status", "run_id",
                 "n_options", "positions"}

@@ -1,5 +1,5 @@
 """Live mode: one conversation with a loaded model, a round at a time (``n`` the protocol's next
-instruction, ``i`` one typed now, ``x`` the immoral one), through :class:`workbench.session.Session`.
+instruction, ``i`` one typed now, ``x`` the immoral one), through :class:`workbench.engine.session.Session`.
 
 The model works in one thread worker at a time; the screen stays responsive and says what the
 model is doing; a failure is shown in the app (``tui.work``) and the session stays as it was.

@@ -1,6 +1,6 @@
 """The run screen: per-round curves (accuracy, mean token entropy, mean option entropy, concept
 score) with each curve's convergence round marked, and the per-round table with flips and both
-ECEs — all from :func:`workbench.analysis.summary`, computed in a thread worker."""
+ECEs — all from :func:`workbench.analysis.summary.summary`, computed in a thread worker."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ COLUMNS = [
 
 
 def read_summary(path: Any) -> RoundTableLoaded:
-    """Blocking: ``workbench.analysis.summary`` of the run file at ``path``."""
-    from workbench.analysis import summary
-    from workbench.store import RunFile
+    """Blocking: ``workbench.analysis.summary.summary`` of the run file at ``path``."""
+    from workbench.analysis.summary import summary
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         return RoundTableLoaded(summary(run))

@@ -23,7 +23,7 @@ _BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))  # [dot row % 4
 class CurveData:
     """One metric per round: ``values [R]`` (NaN = none), a title (may be ""; the first line then
     holds only the current value), the round shown (0-based) and the convergence round (1-based,
-    as :func:`workbench.analysis.convergence_round` gives it)."""
+    as :func:`workbench.analysis.summary.convergence_round` gives it)."""
 
     title: str
     values: tuple[float, ...]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.uncertainty import distribution_entropy as entropy
+from workbench.engine.uncertainty import distribution_entropy as entropy
 from workbench.organism.posterior import dialogue_trace
 from workbench.organism.tokenizer import ASSISTANT, render
 from workbench.organism.world import (
@@ -156,12 +156,12 @@ def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
 def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The model answers ``n_items`` held-out items for itself through the round engine (greedy,
     no activation capture) under a built-in protocol. ``model`` is a loaded organism
-    (:func:`workbench.models.load_model`). Returns per sample and round ``[n_items, R]``: exact
+    (:func:`workbench.engine.models.load_model`). Returns per sample and round ``[n_items, R]``: exact
     ``p_fair`` and ``log_odds`` of the prefix it built, ``correct``, ``option_entropy`` (model, at its
     answer position) and ``exact_entropy``; and ``responses`` (texts)."""
-    from workbench.engine import run_batch
+    from workbench.engine.batch import run_batch
     from workbench.organism.task import ORGANISM, load_organism_samples
-    from workbench.protocol import load_protocol
+    from workbench.engine.protocol import load_protocol
 
     p = load_protocol(protocol)
     samples = load_organism_samples(n_items, seed=seed + 1)

@@ -11,7 +11,7 @@ of weights:
   TransformerLens hook points (``blocks.{i}.hook_resid_post`` …).
 
 The bridge forces eager attention; ``hf`` keeps the model's default. Runs capture on ``hf``, at
-the module boundaries the bridge names (:mod:`workbench.capture`), so capture rides along
+the module boundaries the bridge names (:mod:`workbench.engine.capture`), so capture rides along
 generation; ``model.bridge`` stays for names, for that check and for users' own hooked passes.
 """
 

@@ -126,8 +126,8 @@ def organism_exact(rounds: int) -> np.ndarray:
 def run_columns(path: str, rounds: int) -> dict[str, list[float]]:
     """Per-round means from a run file: the exact p(fair) of the dialogues the model actually had and
     each tracked probe's best-layer score (``{column: [rounds]}``, NaN beyond the run's rounds)."""
-    from workbench.analysis import concept_scores
-    from workbench.store import RunFile
+    from workbench.analysis.summary import concept_scores
+    from workbench.store.writer import RunFile
 
     out: dict[str, list[float]] = {}
     with RunFile(path) as run:

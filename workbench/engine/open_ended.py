@@ -6,7 +6,7 @@ Per round and sample the run file gains (docs/FORMAT.md, "Open-ended scoring and
 * with ``--scorer``: ``rounds/score`` ``[N, R]`` float32, the scorer's value of the round's response;
 * with ``--samples-per-round k``: ``rounds/sampled_response`` ``[N, R, k]`` str,
   ``rounds/sampled_mean_log_likelihood`` ``[N, R, k]`` float32, ``rounds/sampled_cluster``
-  ``[N, R, k]`` int16 and the three estimates of :mod:`workbench.sampling` ``[N, R]`` float32;
+  ``[N, R, k]`` int16 and the three estimates of :mod:`workbench.engine.sampling` ``[N, R]`` float32;
 
 and the root attributes ``scorer`` and ``sampling`` (JSON) say how they were made.
 """
@@ -20,11 +20,11 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.sampling import EquivalenceSpec, check_equivalence
-from workbench.scorers import ScorerSpec, check_scorer
+from workbench.engine.sampling import EquivalenceSpec, check_equivalence
+from workbench.engine.scorers import ScorerSpec, check_scorer
 
 SETTINGS_KEYS = ("scorer", "sampling")  # root attributes; --resume must find them as they were
-NUL_STAND_IN = "\u2400"  # as workbench.store writes text: HDF5 strings cannot hold NUL
+NUL_STAND_IN = "\u2400"  # as workbench.store.writer writes text: HDF5 strings cannot hold NUL
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class OpenEnded:
     def settings(self, decoding: Any) -> dict[str, Any]:
         """The root attributes the run file records (``scorer``, ``sampling``), only those in use.
         ``decoding``: the protocol's, from which the samples' own decoding follows."""
-        from workbench.sampling import sampled_decoding
+        from workbench.engine.sampling import sampled_decoding
 
         out: dict[str, Any] = {}
         if self.scorer is not None:
@@ -74,7 +74,7 @@ def check_resume(path: Path, settings: dict[str, Any]) -> None:
     them when none are given now): the batches still to run would lack or change those arrays."""
     import json
 
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         attrs = run.f.attrs
@@ -92,10 +92,10 @@ RoundExtras = Callable[[Any, list[list[int]], list[Any], int], dict[str, np.ndar
 
 def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> RoundExtras:
     """Load the scorer and equivalence models (on the main model's device) and return the callback a
-    :class:`workbench.session.Session` calls after each round: ``(round output, round prompts [B][tokens],
+    :class:`workbench.engine.session.Session` calls after each round: ``(round output, round prompts [B][tokens],
     samples [B], round) → {name: [B, ...]}`` (the arrays of the module docstring)."""
-    from workbench.sampling import build_equivalence, sample_round, sampled_decoding, semantic_uncertainty, round_seed
-    from workbench.scorers import build_scorer
+    from workbench.engine.sampling import build_equivalence, sample_round, sampled_decoding, semantic_uncertainty, round_seed
+    from workbench.engine.scorers import build_scorer
 
     scorer = build_scorer(checked.scorer, model.device) if checked.scorer is not None else None
     equivalence = build_equivalence(checked.equivalence, model.device) if checked.samples_per_round else None

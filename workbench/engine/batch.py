@@ -1,9 +1,9 @@
 """The round engine: one batch of samples through every round of a protocol, as plain arrays.
 
-:func:`run_batch` steps a :class:`workbench.session.Session` through the protocol's rounds (one
+:func:`run_batch` steps a :class:`workbench.engine.session.Session` through the protocol's rounds (one
 code path for runs and for live sessions; the session's docstring says how a round runs, how its
 KV cache is carried to the next round and where activations come from) and returns a
-:class:`BatchResult`; :func:`batch_arrays` turns it into the arrays :mod:`workbench.store` writes.
+:class:`BatchResult`; :func:`batch_arrays` turns it into the arrays :mod:`workbench.store.writer` writes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.capture import HookSite
-from workbench.models import LoadedModel
-from workbench.protocol import Protocol
-from workbench.session import RoundResult, Session, protocol_instruction
-from workbench.tasks import Sample, Task
-from workbench.uncertainty import distribution_entropy
+from workbench.engine.capture import HookSite
+from workbench.engine.models import LoadedModel
+from workbench.engine.protocol import Protocol
+from workbench.engine.session import RoundResult, Session, protocol_instruction
+from workbench.engine.tasks import Sample, Task
+from workbench.engine.uncertainty import distribution_entropy
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ def run_batch(
     round_extras: Callable | None = None,
 ) -> BatchResult:
     """Run ``samples`` through every round of ``protocol``, capturing ``sites`` (from
-    :func:`workbench.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
+    :func:`workbench.engine.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
     (sample, 1-based round) → user message overrides the protocol's (see :class:`Session`);
     ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
     ``on_round`` is called with each round's result as it finishes; ``round_extras`` adds per-round
-    arrays (a scorer, sampled answers: :func:`workbench.open_ended.round_extras`)."""
+    arrays (a scorer, sampled answers: :func:`workbench.engine.open_ended.round_extras`)."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
                       reuse_cache=reuse_cache, strict=True, fields_every_round=False,
                       round_extras=round_extras)
@@ -80,7 +80,7 @@ def run_batch(
 
 
 def batch_arrays(res: BatchResult, gold: np.ndarray, n_options: int) -> dict[str, object]:
-    """The per-round arrays of a batch as :meth:`workbench.store.RunWriter.write_batch` takes them:
+    """The per-round arrays of a batch as :meth:`workbench.store.writer.RunWriter.write_batch` takes them:
     name → ``[B, R, ...]`` (nested lists for the ragged ones), options padded to the file's
     ``n_options``, with :func:`option_summary`'s derived answers and the task's round fields."""
     probs = res.option_probs

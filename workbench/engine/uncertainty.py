@@ -2,7 +2,7 @@
 
 All functions are pure; the torch ones take logits and return tensors, the calibration ones take
 NumPy arrays. Entropies are in nats. torch is imported inside the two functions that take tensors,
-so the NumPy ones (what :mod:`workbench.analysis` and ``workbench info`` use) never load it.
+so the NumPy ones (what :mod:`workbench.analysis.summary` and ``workbench info`` use) never load it.
 """
 
 from __future__ import annotations

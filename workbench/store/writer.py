@@ -1559,7 +1559,7 @@ class RunFile:
         if folder is None:
             self.f = _open(self.path, "r")
             if "merged_from" in self.f.attrs:  # a merged data-parallel run: refuse it when its shard files are gone
-                from workbench.merge import check_virtual_sources
+                from workbench.store.merge import check_virtual_sources
 
                 try:
                     check_virtual_sources(self.path, self.f)
@@ -1653,7 +1653,7 @@ class RunFile:
         as in ``workbench info``). Needs pandas."""
         import pandas as pd
 
-        from workbench.analysis import concept_scores
+        from workbench.analysis.summary import concept_scores
 
         done = self.done
         n_done, r = int(done.sum()), self.n_rounds

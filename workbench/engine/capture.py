@@ -56,7 +56,7 @@ def check_layers(layers: list[int] | None, n_layers: int) -> list[int]:
 
 
 def hook_sites(model: Any, hooks: list[str], layers: list[int]) -> list[HookSite]:
-    """Each ``(hook, layer)`` of a :class:`~workbench.models.LoadedModel` resolved to its HF module
+    """Each ``(hook, layer)`` of a :class:`~workbench.engine.models.LoadedModel` resolved to its HF module
     boundary, hooks outer and layers inner.
 
     Every site is checked once on a short text: the HF boundary must give the bridge's own hook

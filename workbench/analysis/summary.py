@@ -1,6 +1,6 @@
 """Per-round summaries of a run file: accuracy, uncertainty, calibration, flips, convergence.
 
-Pure NumPy over :class:`workbench.store.RunFile` arrays; no torch.
+Pure NumPy over :class:`workbench.store.writer.RunFile` arrays; no torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile
-from workbench.uncertainty import expected_calibration_error
+from workbench.store.writer import RunFile
+from workbench.engine.uncertainty import expected_calibration_error
 
 
 def _nanmean(x: np.ndarray) -> float:

@@ -4,7 +4,7 @@ For one or more run files: per-round curves of performance, uncertainty, calibra
 concept score with 95 % intervals and the convergence round marked (several runs overlaid);
 reliability diagrams per round; a layers × rounds heatmap of each probe's score; the flips between
 rounds; and, on organism runs, the model's fair-answer probability and the probe score against the
-exact posterior. NumPy, matplotlib and :mod:`workbench.analyze` only: no torch.
+exact posterior. NumPy, matplotlib and :mod:`workbench.analysis.analyze` only: no torch.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from workbench.analyze import analyze, probe_label
+from workbench.analysis.analyze import analyze, probe_label
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile
+from workbench.store.writer import RunFile
 
 
 @dataclass(frozen=True)

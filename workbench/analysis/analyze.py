@@ -22,10 +22,10 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from workbench.analysis import REL_EPS, answer_correctness, convergence
+from workbench.analysis.summary import REL_EPS, answer_correctness, convergence
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, replace_group
-from workbench.uncertainty import expected_calibration_error
+from workbench.store.writer import RunFile, replace_group
+from workbench.engine.uncertainty import expected_calibration_error
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -72,7 +72,7 @@ def mean_interval(x: np.ndarray, seed: int, n_resamples: int = N_RESAMPLES) -> t
 
 
 def ece_batched(confidence: np.ndarray, correct: np.ndarray, span: str = "unit", n_bins: int = 10, axis: int = -1) -> np.ndarray:
-    """:func:`workbench.uncertainty.expected_calibration_error` of every row at once (for the bootstrap):
+    """:func:`workbench.engine.uncertainty.expected_calibration_error` of every row at once (for the bootstrap):
     ``[..., n]`` → ``[...]``. Σ over bins of n_b/n · |mean conf − accuracy| is Σ |Σ conf − Σ correct| / n."""
     c = np.moveaxis(np.asarray(confidence, dtype=np.float64), axis, -1)
     y = np.moveaxis(np.asarray(correct, dtype=np.float64), axis, -1)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from workbench.cache_file import HookLayout, TokenTable, is_attention_map
+from workbench.cache.file import HookLayout, TokenTable, is_attention_map
 from workbench.errors import WorkbenchError
 
 FORMAT = "self-correction-workbench-saelens"
@@ -72,7 +72,7 @@ def write_saelens(
 
     disable_progress_bar()  # the export's own progress bar is the one that matters
 
-    from workbench.cache_file import fsync_path
+    from workbench.cache.file import fsync_path
 
     n_windows = tokens.n_tokens // context_size
     if n_windows == 0:

@@ -1,5 +1,5 @@
 """Scorers of open-ended answers (``workbench run --task prompts --scorer SPEC``), and the Hugging Face
-sequence classifiers they and the NLI equivalence (:mod:`workbench.sampling`) are built on.
+sequence classifiers they and the NLI equivalence (:mod:`workbench.engine.sampling`) are built on.
 
 A scorer maps a list of texts to one float per text. Two kinds:
 
@@ -69,7 +69,7 @@ def read_classifier_config(name: str, what: str) -> ClassifierConfig:
     Hugging Face cache or downloadable), checked without torch: its config names a
     ``…ForSequenceClassification`` architecture and its weights are there. ``what`` names the option
     in error messages (``--scorer toxicity:…``)."""
-    from workbench.models import check_model_folder
+    from workbench.engine.models import check_model_folder
 
     folder = Path(name).expanduser()
     if folder.exists():
@@ -110,7 +110,7 @@ def _hub_config(name: str, what: str) -> str:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import logging as hub_logging
 
-    from workbench.models import _hub_reachable
+    from workbench.engine.models import _hub_reachable
 
     try:
         cached = try_to_load_from_cache(name, "config.json")

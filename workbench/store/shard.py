@@ -5,10 +5,10 @@ which is also their stable global ``samples/index`` order). Batches are fixed by
 seeded by the first sample's global index, so a shard runs exactly the batches a single-process
 run would run over those samples: same padding, same seeds, the same numbers.
 
-Each shard is an ordinary, complete run file written by :class:`workbench.store.RunWriter` (its own
-parts folder, lock and ``--resume``) at ``RUN.h5.shards/shard-KKK-of-NNN.h5``; :mod:`workbench.merge`
+Each shard is an ordinary, complete run file written by :class:`workbench.store.writer.RunWriter` (its own
+parts folder, lock and ``--resume``) at ``RUN.h5.shards/shard-KKK-of-NNN.h5``; :mod:`workbench.store.merge`
 joins them into ``RUN.h5``. The process that finishes the last shard merges (no collective
-communication): see :func:`workbench.merge.merge_when_complete`.
+communication): see :func:`workbench.store.merge.merge_when_complete`.
 
 No torch import here: the plan is checked before any model loads.
 """

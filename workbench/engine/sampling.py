@@ -11,7 +11,7 @@ are generated together, seeded by (seed, the batch's first sample index, round) 
 the same seed gives the same samples, a resumed run draws the same ones, and the main conversation's
 own random state (a sampled protocol) is untouched.
 
-**The estimates** (:mod:`workbench.uncertainty`), each ``[B]``, named apart:
+**The estimates** (:mod:`workbench.engine.uncertainty`), each ``[B]``, named apart:
 
 * ``semantic_entropy_discrete`` — −Σ p(C) log p(C) with p(C) the fraction of samples in cluster C;
 * ``semantic_entropy_weighted`` — the same with p(C) from the samples' mean-token log-likelihoods
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.uncertainty import (
+from workbench.engine.uncertainty import (
     cluster_by_equivalence,
     normalised_exact_match,
     semantic_entropy_discrete,
@@ -46,8 +46,8 @@ from workbench.uncertainty import (
 if TYPE_CHECKING:
     import torch
 
-    from workbench.generation import RoundOutput
-    from workbench.protocol import Decoding
+    from workbench.engine.generation import RoundOutput
+    from workbench.engine.protocol import Decoding
 
 ESTIMATES = ("semantic_entropy_discrete", "semantic_entropy_weighted", "study_cluster_uncertainty")
 SAMPLE_ROWS = 32  # sampled rows generated at once: their step logits [rows, steps, vocab] are kept until decoded
@@ -75,7 +75,7 @@ class EquivalenceSpec:
 
 def check_equivalence(spec: str) -> EquivalenceSpec:
     """Parse and check ``--equivalence`` (``exact`` or ``nli:MODEL``) without loading a model."""
-    from workbench.scorers import choose_label, read_classifier_config
+    from workbench.engine.scorers import choose_label, read_classifier_config
 
     if spec == "exact":
         return EquivalenceSpec("exact")
@@ -95,7 +95,7 @@ Equivalence = Callable[[list[list[str]]], list[np.ndarray]]  # per sample, k ans
 
 
 def exact_equivalence(groups: list[list[str]]) -> list[np.ndarray]:
-    """``[k, k]`` bool matrices of :func:`workbench.uncertainty.normalised_exact_match`, one per group."""
+    """``[k, k]`` bool matrices of :func:`workbench.engine.uncertainty.normalised_exact_match`, one per group."""
     return [np.array([[normalised_exact_match(a, b) for b in g] for a in g], dtype=bool) for g in groups]
 
 
@@ -125,7 +125,7 @@ def build_equivalence(spec: EquivalenceSpec, device: str = "cpu") -> Equivalence
     """The equivalence a checked spec names, its model loaded."""
     if spec.kind == "exact":
         return exact_equivalence
-    from workbench.scorers import SequenceClassifier
+    from workbench.engine.scorers import SequenceClassifier
 
     classifier = SequenceClassifier(spec.model, device)
     return entailment_equivalence(lambda p, h: classifier.logits(p, h).argmax(-1) == spec.entailment)
@@ -190,8 +190,8 @@ def sample_round(
     last token and when the cache cannot be reused. ``decoding``: sampled, as the samples are drawn."""
     import torch
 
-    from workbench.generation import generate_round, stop_ids
-    from workbench.session import _plain_cache
+    from workbench.engine.generation import generate_round, stop_ids
+    from workbench.engine.session import _plain_cache
 
     batch = len(prompts)
     reuse = reuse_cache and _plain_cache(rnd.cache)
@@ -223,7 +223,7 @@ def _repeated_prefix(rnd: RoundOutput, rows: list[int], k: int) -> Any:
     import torch
     from transformers import DynamicCache
 
-    from workbench.generation import CarriedCache
+    from workbench.engine.generation import CarriedCache
 
     width = rnd.prompt_mask.shape[1] - 1
     index = torch.tensor(rows, device=rnd.prompt_mask.device).repeat_interleave(k)

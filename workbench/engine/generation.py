@@ -17,7 +17,7 @@ Every pass runs under ``torch.inference_mode()`` (no autograd bookkeeping, not e
 counters): on a small model, where each of ``generate``'s many small operations costs mostly its
 dispatch, that alone makes a round about a tenth faster than under ``no_grad`` (docs/PERFORMANCE.md).
 The tensors it returns, the cache included, are inference tensors: read them anywhere, but change
-them in place only inside inference mode (a :class:`~workbench.session.Session` step is).
+them in place only inside inference mode (a :class:`~workbench.engine.session.Session` step is).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from workbench.protocol import Decoding
-from workbench.uncertainty import token_entropy
+from workbench.engine.protocol import Decoding
+from workbench.engine.uncertainty import token_entropy
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
     r3.responses, r3.token_entropies, r3.option_probs, r3.activations["hook_resid_post"]
     s.save("artifacts/runs/live.h5")                # a run file like any other
 
-``workbench run`` is this loop over batches (:func:`workbench.engine.run_batch`); the TUI's live
+``workbench run`` is this loop over batches (:func:`workbench.engine.batch.run_batch`); the TUI's live
 mode is this loop with a person typing the instructions.
 
 **Instructions.** ``step(instruction)`` takes one text for every sample, a list with one text per
@@ -19,13 +19,13 @@ instructions differ per sample (drawn by the task, say) gives its own ``instruct
 only place a round's instructions come from.
 
 **Each round** renders the chat template over the conversation so far plus the new user turn
-(:func:`workbench.chat.next_round_inputs`; the template must render earlier turns unchanged),
+(:func:`workbench.engine.chat.next_round_inputs`; the template must render earlier turns unchanged),
 generates for the whole batch with ``hf.generate``, scores the options on the prompt's cache, and
-pools the chosen hook sites (:mod:`workbench.capture`) from the passes generation makes: the last
+pools the chosen hook sites (:mod:`workbench.engine.capture`) from the passes generation makes: the last
 prompt token from the prefill, the mean over the response from the decode steps, which feed each
 response token back (plus one one-token pass for the last token of an answer cut off by
 ``max_new_tokens``, which nothing fed back). A step runs under ``torch.inference_mode()`` (see
-:mod:`workbench.generation`): the arrays it returns are NumPy, the carried cache is the session's.
+:mod:`workbench.engine.generation`): the arrays it returns are NumPy, the carried cache is the session's.
 
 **KV reuse across rounds.** Round t's input is, token for token, round t−1's input, its answer and
 the new template text and instruction. So the batch's cache is kept: round t runs only its new
@@ -58,16 +58,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from workbench.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
-from workbench.chat import check_generation_prompt, encode, next_round_inputs
+from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
+from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs
 from workbench.errors import WorkbenchError
-from workbench.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
-from workbench.protocol import Protocol
-from workbench.tasks import Sample, Task
-from workbench.uncertainty import option_confidence
+from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
+from workbench.engine.protocol import Protocol
+from workbench.engine.tasks import Sample, Task
+from workbench.engine.uncertainty import option_confidence
 
 if TYPE_CHECKING:
-    from workbench.engine import BatchResult
+    from workbench.engine.batch import BatchResult
 
 
 class CacheFallbackWarning(UserWarning):
@@ -109,8 +109,8 @@ def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_:
 class Session:
     """A batch of conversations stepped one round at a time (see the module docstring).
 
-    ``model``: a :class:`~workbench.models.LoadedModel` or a name for :func:`~workbench.models.load_model`;
-    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.tasks.Sample`,
+    ``model``: a :class:`~workbench.engine.models.LoadedModel` or a name for :func:`~workbench.engine.models.load_model`;
+    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.engine.tasks.Sample`,
     one ``Sample`` (e.g. a question typed in code), or a number of the organism's held-out items.
     Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
     a task that cannot compute its round fields (the organism's posterior, for an instruction from
@@ -118,7 +118,7 @@ class Session:
     ``fields_every_round=False`` leaves each :class:`RoundResult`'s ``round_fields`` empty and
     computes them once, over the whole dialogue, in :meth:`result` (a task such as the organism
     recomputes its posterior over the dialogue so far, so per round that is O(R²) work).
-    ``round_extras`` (:func:`workbench.open_ended.round_extras`: a scorer, sampled answers) is called
+    ``round_extras`` (:func:`workbench.engine.open_ended.round_extras`: a scorer, sampled answers) is called
     after each round's generation with (its output, the round prompts, the samples, the round) and
     returns more per-round arrays ``[B, ...]``, kept in ``RoundResult.extras`` and in :meth:`result`'s
     round fields.
@@ -142,9 +142,9 @@ class Session:
         fields_every_round: bool = True,
         round_extras: Callable[[Any, list[list[int]], list[Sample], int], dict[str, np.ndarray]] | None = None,
     ) -> None:
-        from workbench.models import load_model
-        from workbench.protocol import load_protocol
-        from workbench.tasks import get_task
+        from workbench.engine.models import load_model
+        from workbench.engine.protocol import load_protocol
+        from workbench.engine.tasks import get_task
 
         self.model = load_model(model) if isinstance(model, str) else model
         self.task = get_task(task) if isinstance(task, str) else task
@@ -205,7 +205,7 @@ class Session:
         instruction comes from when ``instruction`` is None). ``on_tokens(step, new_ids)``, when
         given, is called from the generation loop after each decoding step with each sample's new
         response tokens (``[token]``, or ``[]`` once it stopped; see
-        :class:`workbench.generation.ResponseStream`): the TUI shows a response growing with it."""
+        :class:`workbench.engine.generation.ResponseStream`): the TUI shows a response growing with it."""
         model, tok = self.model, self.model.tokenizer
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
@@ -333,8 +333,8 @@ class Session:
 
     # ------------------------------------------------------------------ every round so far
     def result(self) -> "BatchResult":
-        """Every round stepped so far as one :class:`~workbench.engine.BatchResult` (``[B, R, ...]``)."""
-        from workbench.engine import BatchResult
+        """Every round stepped so far as one :class:`~workbench.engine.batch.BatchResult` (``[B, R, ...]``)."""
+        from workbench.engine.batch import BatchResult
 
         rounds = self._rounds
         if not rounds:
@@ -360,15 +360,15 @@ class Session:
 
     def save(self, path: str | Path, activation_dtype: str = "float32", command_line: str = "") -> Path:
         """Write every round so far to a new run file at ``path`` (refuses an existing one) through
-        :class:`workbench.store.RunWriter`, with the settings a ``workbench run`` file records
-        (:func:`workbench.run.run_settings`), so ``workbench info``, the probes and the TUI read it
+        :class:`workbench.store.writer.RunWriter`, with the settings a ``workbench run`` file records
+        (:func:`workbench.engine.run.run_settings`), so ``workbench info``, the probes and the TUI read it
         like any run. The protocol stored is this session's with ``rounds`` = the rounds stepped;
         the instructions actually given are in ``rounds/instruction``. ``command_line``: what
         started the session, recorded as a run's is (``""``, as from the Python API, by default).
         Returns the path."""
-        from workbench.engine import batch_arrays
-        from workbench.run import _sample_table, run_settings
-        from workbench.store import RunWriter
+        from workbench.engine.batch import batch_arrays
+        from workbench.engine.run import _sample_table, run_settings
+        from workbench.store.writer import RunWriter
 
         res = self.result()
         n_rounds = len(self._rounds)
@@ -405,13 +405,13 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
     if isinstance(samples, int) and not isinstance(samples, bool):
         if task.name != "organism":
             raise WorkbenchError(f"samples={samples}: a number of samples is the organism's; give task {task.name!r} "
-                                 "a list of workbench.tasks.Sample (e.g. from workbench.tasks.load_bbq)")
+                                 "a list of workbench.engine.tasks.Sample (e.g. from workbench.engine.tasks.load_bbq)")
         from workbench.organism.task import load_organism_samples
 
         return load_organism_samples(limit=samples)
     samples = list(samples)
     if not samples or not all(isinstance(s, Sample) for s in samples):
-        raise WorkbenchError("samples must be a number, a workbench.tasks.Sample, or a non-empty list of them")
+        raise WorkbenchError("samples must be a number, a workbench.engine.tasks.Sample, or a non-empty list of them")
     return samples
 
 

@@ -11,7 +11,7 @@ activations written (:func:`create_cache_file`); the activation rows are then wr
 ``pwrite`` into the allocated chunks (:func:`write_rows`), so HDF5 never rewrites the file's
 metadata while data is in it. The file is renamed onto its final name only when every row is
 there, so a reader never sees a half-written cache: :func:`write_cache_file` fsyncs it first;
-:mod:`workbench.cache_writer` does this resumably for ``workbench export``, fsyncing only with
+:mod:`workbench.cache.writer` does this resumably for ``workbench export``, fsyncing only with
 ``--fsync``. Token strings are one UTF-8 byte array with offsets (schema 2; schema 1's
 variable-length strings are still read).
 """
@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import ActivationSlot, _segments, _write_rows, decoded_attrs, libc_function
+from workbench.store.writer import ActivationSlot, _segments, _write_rows, decoded_attrs, libc_function
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
@@ -285,7 +285,7 @@ def _chunk_segments(dsid: Any, n: int, rows: int, row_bytes: int) -> tuple[tuple
 def activation_slot(ds: h5py.Dataset) -> ActivationSlot:
     """Where the rows of an allocated, uncompressed dataset ``[n, ...]`` lie in its file: HDF5
     allocates the chunks in order with an index node now and then between them, so the rows form
-    a few contiguous segments (:class:`workbench.store.ActivationSlot`)."""
+    a few contiguous segments (:class:`workbench.store.writer.ActivationSlot`)."""
     name, shape, dtype = ds.name.rsplit("/", 1)[-1], tuple(int(x) for x in ds.shape), ds.dtype
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     if not shape[0] or not row_bytes:

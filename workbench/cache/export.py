@@ -3,13 +3,13 @@
 The model is causal, so one forward pass over a sample's final transcript holds every round's
 tokens exactly as each round saw them (DESIGN §3); the export makes that one pass per batch.
 Hooks are picked by glob patterns over the TransformerBridge's hook names. Hooks at a Hugging
-Face module boundary (``hook_resid_post``, ``hook_attn_out``, …; see :mod:`workbench.capture`) are
+Face module boundary (``hook_resid_post``, ``hook_attn_out``, …; see :mod:`workbench.engine.capture`) are
 read from the plain HF model's own pass; as soon as one chosen hook lives inside a module
 (``attn.hook_pattern``, ``attn.hook_z``, …) the batch goes through the bridge instead, once, for all
 of them. Inside the hooks only the chosen tokens are kept, cast and moved to the CPU at once, so
 memory is one batch of chosen tokens.
 
-Writing (docs/CACHE.md, :mod:`workbench.cache_writer`): the token count is known before the first
+Writing (docs/CACHE.md, :mod:`workbench.cache.writer`): the token count is known before the first
 forward (the run holds every final transcript), so the cache file is created up front in
 ``OUT.parts/`` with its token labels and metadata written and every activation dataset allocated;
 each batch's rows are then written once, straight into place. Progress is recorded after each batch
@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import typer
 
-from workbench.cache_file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
-from workbench.cache_writer import PartialCache, done_batches, is_durable
+from workbench.cache.file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
+from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError
 
 FORMATS = ("hdf5", "saelens")
@@ -115,7 +115,7 @@ class RunTokens:
 
 def read_run(path: Path) -> RunTokens:
     """Transcripts, spans and metadata of the run's finished samples (through ``RunFile``)."""
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(path) as run:
         meta = run.meta
@@ -200,9 +200,9 @@ _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def hf_sites(model: Any, hooks: list[str]) -> dict[str, Any] | None:
-    """hook name → :class:`workbench.capture.HookSite` on the plain HF model, when every hook is
+    """hook name → :class:`workbench.engine.capture.HookSite` on the plain HF model, when every hook is
     at a module boundary whose value equals the bridge's; None when one is not (the bridge pass)."""
-    from workbench.capture import hook_sites
+    from workbench.engine.capture import hook_sites
 
     by_hook: dict[str, list[int]] = {}
     for name in hooks:
@@ -245,7 +245,7 @@ def batch_activations(
     sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass."""
     import torch
 
-    from workbench.generation import pad
+    from workbench.engine.generation import pad
 
     device = model.device
     ids, _ = pad([t.tolist() for t in transcripts], model.tokenizer.pad_token_id, device, "right")
@@ -299,7 +299,7 @@ _REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk is full, the qu
 
 def _refused_write(e: BaseException) -> int | None:
     """The errno of a write the file system refused for lack of room (``_REFUSED``); None for any other error."""
-    from workbench.store import os_errno
+    from workbench.store.writer import os_errno
 
     code = os_errno(e)
     if code is None and "No space left" in str(e):
@@ -317,7 +317,7 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
         code = _refused_write(e)
         if code is None:
             raise
-        from workbench.store import free_space, skip_hdf5_teardown
+        from workbench.store.writer import free_space, skip_hdf5_teardown
 
         skip_hdf5_teardown()  # HDF5 may hold a dataset it could not close
         kept = len(done_batches(parts)) if parts.exists() else 0
@@ -451,11 +451,11 @@ def export_run(
     ``hooks`` are glob patterns over the bridge's hook names; ``rows`` run-file rows (default: every
     finished sample); ``rounds`` 0-based (default all); ``roles`` among prompt/response/template.
     ``model``: a loaded model or a name to load (default: the run's own; it must be the run's model). ``format``: ``hdf5`` (docs/CACHE.md) or
-    ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.saelens_export`).
+    ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.cache.saelens`).
     ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each.
     ``fsync``: durable against a power cut (fsynced commits at most once a second, ``out`` fsynced
     before its rename); by default safe against the process dying only, with no fsync (docs/CACHE.md)."""
-    from workbench.models import load_model
+    from workbench.engine.models import load_model
 
     run_path, out = Path(run_path), Path(out)
     if not hooks:
@@ -463,7 +463,7 @@ def export_run(
     if format not in FORMATS:
         raise WorkbenchError(f"--format must be one of {', '.join(FORMATS)}, not {format!r}")
     if format == "saelens":
-        from workbench.saelens_export import check_saelens_ready
+        from workbench.cache.saelens import check_saelens_ready
 
         check_saelens_ready(context_size)
     parts = _parts_dir(out)
@@ -482,7 +482,7 @@ def export_run(
     shapes = available_hooks(model)
     names, merged = drop_aliases(resolve_hooks(list(hooks), shapes), hook_aliases(model))
     if format == "saelens":
-        from workbench.saelens_export import check_saelens_hooks
+        from workbench.cache.saelens import check_saelens_hooks
 
         check_saelens_hooks(names)
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
@@ -523,7 +523,7 @@ def export_run(
             if on_batch:
                 on_batch(cache.written_tokens, total)
         if format == "saelens":
-            from workbench.saelens_export import write_saelens
+            from workbench.cache.saelens import write_saelens
 
             cache.commit()
             write_saelens(out, attrs, tokens, layouts, cache.blocks(), context_size, fsync=durable)
@@ -610,12 +610,12 @@ def export_command(
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
-    from workbench.store import RunFile
+    from workbench.store.writer import RunFile
 
     with RunFile(run_path) as run:
         meta = run.meta
     if list_hooks:
-        from workbench.models import load_model
+        from workbench.engine.models import load_model
 
         loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
                             dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)

@@ -43,8 +43,8 @@ def analyze(
     """Per-round accuracy (parsed and option argmax), uncertainty, calibration and concept scores with
     95 % bootstrap intervals; convergence; flips; concept ↔ uncertainty correlations; the organism's
     probe against the exact posterior; the simulation task."""
-    from workbench.analyze import _finite, analyze as run_analysis, write_analysis
-    from workbench.store import RunFile
+    from workbench.analysis.analyze import _finite, analyze as run_analysis, write_analysis
+    from workbench.store.writer import RunFile
 
     with RunFile(run_path) as run:
         result = run_analysis(run, probe=probe, eps=eps, k=k, seed=seed)
@@ -58,7 +58,7 @@ def analyze(
 
 def print_analysis(result: dict[str, Any]) -> None:
     """The analysis as tables: per-round metrics with intervals, convergence, flips, correlations."""
-    from workbench.analyze import probe_label
+    from workbench.analysis.analyze import probe_label
 
     r = result["run"]
     out.print(f"{r['path']}  model={r['model']}  protocol={r['protocol']}  samples={r['n_done']}/{r['n_samples']}  "
@@ -175,7 +175,7 @@ def report(
     """Figures a paper would use (per-round curves with intervals and convergence, reliability
     diagrams, layers × rounds concept heatmap, flips, the organism against its exact posterior) and
     one index.html that ties them together."""
-    from workbench.report import build_report
+    from workbench.analysis.report import build_report
 
     index = build_report(list(run_paths), out_dir, seed=seed)
     out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} figures (PNG + SVG)", markup=False, highlight=False)
@@ -194,7 +194,7 @@ def theory(
     """The study's two-concept Bayesian formulation: per round the normalised posterior p(C_p | q_t)
     beside the study's unnormalised (c_i·c_y)^(t−1)·p(C_p | q_0), whose normalisation is wrong."""
     from workbench.errors import WorkbenchError
-    from workbench.theory import TheoryParams, organism_exact, organism_params, plot, posterior, run_columns, study_expression
+    from workbench.analysis.theory import TheoryParams, organism_exact, organism_params, plot, posterior, run_columns, study_expression
 
     given = {"--c-x": c_x, "--c-i": c_i, "--c-y": c_y, "--c-p": c_p}
     if organism:
@@ -243,8 +243,8 @@ def select(
     """Task-agnostic debiasing sample selection: ask the model the study's question about each text
     ("Does the above text contain bias or stereotypes?"), sample k answers, measure semantic entropy
     (and the concept score with --probe), and write the low- and high-uncertainty and a random subset."""
-    from workbench.models import load_model
-    from workbench.select import read_candidates, score_candidates, select_subsets, write_subsets
+    from workbench.engine.models import load_model
+    from workbench.analysis.select import read_candidates, score_candidates, select_subsets, write_subsets
 
     rows = read_candidates(candidates, text_field)
     if 2 * size > len(rows):

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store import RunFile, RunWriter, SampleTable, check_output, run_exists
+from workbench.store.writer import RunFile, RunWriter, SampleTable, check_output, run_exists
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,13 @@ class RunConfig:
     max_new_tokens: int | None = None
     resume: bool = False
     overwrite: bool = False
-    fsync: bool = True  # wait for the disk so that a power cut loses at most the last second (workbench.store)
+    fsync: bool = True  # wait for the disk so that a power cut loses at most the last second (workbench.store.writer)
     option_scoring: str | None = None  # letter | letter-text; None: the protocol's (letter by default)
     force: bool = False  # run a protocol written for another task
     command_line: str = ""  # how the run was started (the CLI fills it in; recorded in the run file)
-    scorer: str | None = None  # toxicity:MODEL | python:module:function (workbench.scorers)
+    scorer: str | None = None  # toxicity:MODEL | python:module:function (workbench.engine.scorers)
     scorer_label: str | None = None  # the classifier label scored (default: toxic, else positive)
-    samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.sampling)
+    samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.engine.sampling)
     equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
@@ -68,12 +68,12 @@ class RunConfig:
 class CheckedRun:
     """What :func:`validate_config` checked and resolved, before any model is loaded."""
 
-    task: Any  # workbench.tasks.Task
-    protocol: Any  # workbench.protocol.Protocol, with the command line's overrides applied
-    samples: list[Any]  # [N] workbench.tasks.Sample
+    task: Any  # workbench.engine.tasks.Task
+    protocol: Any  # workbench.engine.protocol.Protocol, with the command line's overrides applied
+    samples: list[Any]  # [N] workbench.engine.tasks.Sample
     model_path: str  # the resolved folder or hub name ("" when a loaded model was given)
-    open_ended: Any = None  # workbench.open_ended.OpenEnded: --scorer / --samples-per-round, or None
-    shard: Any = None  # workbench.shard.ShardPlan of this process's shard; None: the whole dataset
+    open_ended: Any = None  # workbench.engine.open_ended.OpenEnded: --scorer / --samples-per-round, or None
+    shard: Any = None  # workbench.store.shard.ShardPlan of this process's shard; None: the whole dataset
     local_rank: int | None = None  # the rank's LOCAL_RANK under torchrun/accelerate launch (its device)
     out: Path | None = None  # the file this process writes: the shard's file, or cfg.out
 
@@ -98,7 +98,7 @@ class Progress:
 
 def load_samples(cfg: RunConfig) -> list[Any]:
     """The run's samples, by task."""
-    from workbench import tasks
+    from workbench.engine import tasks
 
     if cfg.task == "bbq":
         if not cfg.data:
@@ -145,9 +145,9 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """
     from dataclasses import replace
 
-    from workbench.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path
-    from workbench.protocol import load_protocol
-    from workbench.tasks import default_protocol, get_task
+    from workbench.engine.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path
+    from workbench.engine.protocol import load_protocol
+    from workbench.engine.tasks import default_protocol, get_task
 
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be ≥ 1, not {cfg.batch_size}")
@@ -198,12 +198,12 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
     samples = load_samples(cfg)
-    from workbench.open_ended import check_open_ended
+    from workbench.engine.open_ended import check_open_ended
 
     open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence)
     plan = None
     if spec is not None:
-        from workbench.shard import make_plan
+        from workbench.store.shard import make_plan
 
         plan = make_plan(spec, len(samples), cfg.batch_size, _data_fingerprint(samples))
     return CheckedRun(task, protocol, samples, model_path, open_ended=open_ended, shard=plan,
@@ -215,12 +215,12 @@ def _shard_spec(cfg: RunConfig) -> tuple[Any, Path]:
     and the file it writes; for a shard, also checks that the merged ``cfg.out`` can be written."""
     import os
 
-    from workbench.shard import resolve_shard, shard_path
+    from workbench.store.shard import resolve_shard, shard_path
 
     spec = resolve_shard(cfg.shard, os.environ)
     if spec is None:
         return None, Path(cfg.out)
-    from workbench.merge import check_merge_target
+    from workbench.store.merge import check_merge_target
 
     check_merge_target(Path(cfg.out), cfg.overwrite)
     return spec, shard_path(Path(cfg.out), spec.index, spec.count)
@@ -246,8 +246,8 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
     """Refuse a sample whose conversation cannot fit the model's context: every round's templated
     input (as the engine encodes it) plus ``max_new_tokens`` per answer. Only the first message
     differs between samples, so the sample with the longest one is the one planned in full."""
-    from workbench.chat import encode, plan_conversation
-    from workbench.engine import conversation_texts, first_instruction
+    from workbench.engine.chat import encode, plan_conversation
+    from workbench.engine.batch import conversation_texts, first_instruction
 
     hf_config = getattr(model.hf, "config", None)
     n_ctx = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
@@ -303,21 +303,21 @@ def run_protocol(
 
     Give a :class:`RunConfig` or its fields as keyword arguments. ``model`` is a model name (hub
     name, folder or ``"organism"``, the same as ``RunConfig.model``) or an already loaded
-    :class:`workbench.models.LoadedModel` (saves loading it again in a notebook). Everything that
+    :class:`workbench.engine.models.LoadedModel` (saves loading it again in a notebook). Everything that
     needs no model is checked first (:func:`validate_config`), so a bad input fails at once.
     ``on_batch`` is called with a :class:`Progress` before the first batch, after every round and
     after every written batch; ``on_status`` with each step of loading the model.
 
     A shard (``shard="K/N"``, or RANK/WORLD_SIZE under torchrun) runs only its samples into
     ``OUT.shards/shard-KKK-of-NNN.h5``; when it completes, the process merges every shard into
-    ``OUT`` if they are all complete (:func:`workbench.merge.merge_when_complete`), tells
+    ``OUT`` if they are all complete (:func:`workbench.store.merge.merge_when_complete`), tells
     ``on_merge`` one line about it, and returns the merged file, else the shard's.
     """
     from dataclasses import replace
 
-    from workbench.capture import check_layers, hook_sites
-    from workbench.engine import batch_arrays, run_batch
-    from workbench.models import load_model
+    from workbench.engine.capture import check_layers, hook_sites
+    from workbench.engine.batch import batch_arrays, run_batch
+    from workbench.engine.models import load_model
 
     if isinstance(model, (str, Path)):
         kwargs["model"], model = str(model), None
@@ -349,12 +349,12 @@ def run_protocol(
         settings["shard"] = plan.to_json()
     extras = None
     if checked.open_ended is not None:
-        from workbench.open_ended import round_extras
+        from workbench.engine.open_ended import round_extras
 
         extras = round_extras(checked.open_ended, model, protocol.decoding, cfg.seed)
         settings.update(extras.settings)
     if cfg.resume and run_exists(out):
-        from workbench.open_ended import check_resume
+        from workbench.engine.open_ended import check_resume
 
         check_resume(out, settings)
         writer = RunWriter.resume(out, settings, durable=cfg.fsync)
@@ -387,7 +387,7 @@ def run_protocol(
                 on_batch(Progress(n_done, len(samples), protocol.rounds, new_tokens))
         writer.finish()
     if plan is not None and out.exists():
-        from workbench.merge import merge_when_complete
+        from workbench.store.merge import merge_when_complete
 
         merged = merge_when_complete(Path(cfg.out), plan.count, overwrite=cfg.overwrite)
         if on_merge is not None:

@@ -1,7 +1,7 @@
 """Merging the shards of a data-parallel run into one run file (docs/FORMAT.md, "Shards and merge").
 
 Every shard is an ordinary finished run file (``RUN.h5.shards/shard-KKK-of-NNN.h5``, see
-:mod:`workbench.shard`); the merge reads only that public format with h5py and writes ``RUN.h5``
+:mod:`workbench.store.shard`); the merge reads only that public format with h5py and writes ``RUN.h5``
 as a single-process run over the same samples would have it: every array of ``samples/``,
 ``rounds/``, ``tokens/``, ``transcripts/`` and ``activations/`` equal, options padded to the widest
 shard, the same dimension scales. ``activations/*`` are HDF5 virtual datasets reading the shard
@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.shard import SHARD_FILE, ShardPlan, shard_path, shards_dir
-from workbench.store import (FORMAT, RunLock, _add_dimension_scales, _fsync_path, decoded_attrs, os_reason, run_exists,
+from workbench.store.shard import SHARD_FILE, ShardPlan, shard_path, shards_dir
+from workbench.store.writer import (FORMAT, RunLock, _add_dimension_scales, _fsync_path, decoded_attrs, os_reason, run_exists,
                              skip_hdf5_teardown)
 
 # Root attributes that differ between the shards of one run; every other one must be equal.

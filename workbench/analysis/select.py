@@ -3,7 +3,7 @@
 For each candidate text the model is asked the study's question
 (``<text>\\nQuestion: Does the above text contain bias or stereotypes?\\nAnswer:``, raw text, no chat
 template, as the study's code does), k answers are sampled (seeded), and the uncertainty over them is
-measured as semantic entropy (:mod:`workbench.uncertainty`: discrete, probability-weighted, and the
+measured as semantic entropy (:mod:`workbench.engine.uncertainty`: discrete, probability-weighted, and the
 study's own estimator), beside the concept score of the question's last token when a probe is given.
 The candidates with the lowest and with the highest uncertainty, and a random subset, each of the same
 size, are written as JSONL with every score: both directions, because the study's code and its notes
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.uncertainty import normalised_exact_match
+from workbench.engine.uncertainty import normalised_exact_match
 
 QUESTION = "{text}\nQuestion: Does the above text contain bias or stereotypes?\nAnswer:"
 ESTIMATORS = ("weighted", "discrete", "study")
@@ -49,7 +49,7 @@ class Scored:
 
 def read_candidates(path: Path, text_field: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, each with a string ``text_field``."""
-    from workbench.tasks import _read_jsonl
+    from workbench.engine.tasks import _read_jsonl
 
     rows = []
     for lineno, row in _read_jsonl(Path(path)):
@@ -69,10 +69,10 @@ def score_candidates(model: Any, rows: list[dict[str, Any]], text_field: str, k:
     the question's last-token state is the concept score."""
     import torch
 
-    from workbench.generation import generate_round, stop_ids
-    from workbench.protocol import Decoding
+    from workbench.engine.generation import generate_round, stop_ids
+    from workbench.engine.protocol import Decoding
 
-    from workbench.sampling import ESTIMATES, decode_samples, semantic_uncertainty  # ESTIMATES: Scored's field order
+    from workbench.engine.sampling import ESTIMATES, decode_samples, semantic_uncertainty  # ESTIMATES: Scored's field order
 
     def pairwise(groups: list[list[str]]) -> list[np.ndarray]:
         return [np.array([[equivalent(a, b) for b in g] for a in g], dtype=bool) for g in groups]

@@ -3,8 +3,8 @@ written straight into place, finished by one rename; resumable after a kill (doc
 
 While an export runs it lives in the folder ``OUT.parts/``:
 
-- ``manifest.json``: what the export computes (written and checked by :mod:`workbench.export`);
-- ``cache.h5``: the cache file itself, made by :func:`workbench.cache_file.create_cache_file` with
+- ``manifest.json``: what the export computes (written and checked by :mod:`workbench.cache.export`);
+- ``cache.h5``: the cache file itself, made by :func:`workbench.cache.file.create_cache_file` with
   ``status = running``: token labels and metadata written, every activation dataset allocated at
   full size. Batch rows are written into the allocated chunks with ``pwrite``; HDF5 never writes
   this file's metadata again until the finish. It is not fsynced at creation: until a batch
@@ -41,8 +41,8 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from workbench.cache_file import activation_slot, atomic_replace, fsync_path, write_rows
-from workbench.store import (COMMIT_INTERVAL_S, LAYOUT, ActivationSlot, _boot_id, libc_function, _copy_raw, _read_layout, _replace,
+from workbench.cache.file import activation_slot, atomic_replace, fsync_path, write_rows
+from workbench.store.writer import (COMMIT_INTERVAL_S, LAYOUT, ActivationSlot, _boot_id, libc_function, _copy_raw, _read_layout, _replace,
                              _write_text_atomic)
 
 DATA, FINISHING, REPAIR = "cache.h5", "finishing.h5", "repair"
@@ -140,7 +140,7 @@ class PartialCache:
     def open(cls, folder: Path, batch_tokens: Sequence[int], create: Callable[[Path], list[ActivationSlot]],
              durable: bool = False) -> "PartialCache":
         """Open ``folder/cache.h5`` for writing; ``create(path)`` makes a fresh one at ``path``
-        (:func:`workbench.cache_file.create_cache_file` with ``status="running"``). ``folder`` exists.
+        (:func:`workbench.cache.file.create_cache_file` with ``status="running"``). ``folder`` exists.
         ``durable``: commit with fsyncs and durable names (and make the batches a killed export
         of this boot left provisional durable now)."""
         for tmp in [*folder.glob("*.tmp"), *folder.glob("*.new")]:
