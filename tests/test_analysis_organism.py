@@ -78,7 +78,8 @@ def test_world_follow_up_needs_the_organism_task():
     from workbench.engine.batch import conversation_texts
     from workbench.errors import WorkbenchError
     from workbench.engine.protocol import load_protocol
-    from workbench.engine.tasks import BBQ, Sample
+    from workbench.engine.task import Sample
+    from workbench.engine.tasks import BBQ
 
     protocol = load_protocol("organism-world")
     sample = Sample(index=0, id="x", context="c", question="q", options=("a", "b", "c"), gold=0)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from workbench.engine.generation import generate_round, pad
 from workbench.engine.protocol import Decoding
 from workbench.engine.run import RunConfig, run_protocol
-from workbench.engine.tasks import BBQ, Sample, Task
+from workbench.engine.task import Sample, Task
+from workbench.engine.tasks import BBQ
 
 
 def reference_model(path):

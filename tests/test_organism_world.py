@@ -26,7 +26,7 @@ from workbench.organism.world import (
     sample_item,
     training_rng,
 )
-from workbench.engine.tasks import Sample
+from workbench.engine.task import Sample
 
 OPENERS = P.openers_fair + P.openers_biased
 

@@ -17,7 +17,8 @@ from workbench.errors import WorkbenchError
 from workbench.engine.protocol import load_protocol
 from workbench.engine.session import CacheFallbackWarning, Session
 from workbench.store.writer import RunFile
-from workbench.engine.tasks import BBQ, Sample, load_bbq
+from workbench.engine.task import Sample
+from workbench.engine.tasks import BBQ, load_bbq
 
 ROUNDS = 6
 

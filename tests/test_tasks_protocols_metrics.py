@@ -12,7 +12,8 @@ from conftest import BBQ_FIXTURE, SHARED_BBQ
 from workbench.analysis.summary import convergence_round
 from workbench.errors import WorkbenchError
 from workbench.engine.protocol import builtin_protocols, load_protocol, parse_inject
-from workbench.engine.tasks import BBQ, Sample, get_task, load_bbq, load_prompts
+from workbench.engine.task import Sample
+from workbench.engine.tasks import BBQ, get_task, load_bbq, load_prompts
 from workbench.engine.uncertainty import distribution_entropy, expected_calibration_error, semantic_entropy
 
 

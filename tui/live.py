@@ -65,7 +65,7 @@ class LiveModel:
     model: Any
     task: Any
     protocol: Any
-    items: list[Any]  # workbench.engine.tasks.Sample: the BBQ/prompts lines, or organism draws so far
+    items: list[Any]  # workbench.engine.task.Sample: the BBQ/prompts lines, or organism draws so far
     probe: Any | None  # probes.probe_file.Probe
     decoder: Any | None
     session: Any | None = None
@@ -243,7 +243,7 @@ def sample_rounds(live: LiveModel) -> tuple[SampleRounds, tuple[tuple[str, ...],
 
 def typed_sample(text: str) -> Any:
     """A Sample from ``question | option | option …`` typed in the app (no gold answer)."""
-    from workbench.engine.tasks import Sample
+    from workbench.engine.task import Sample
 
     parts = [p.strip() for p in text.split("|")]
     if len(parts) < 3 or not all(parts):

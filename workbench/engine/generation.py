@@ -290,3 +290,11 @@ def forward_after_prompt(
     ).logits
     crop_cache(rnd.cache, cached)
     return logits
+
+
+def plain_cache(cache: Any) -> bool:
+    """Whether every layer is a plain growing key/value cache (holes and crops mean what they say)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)

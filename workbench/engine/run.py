@@ -10,8 +10,6 @@ batches that were missing, with the same padding and seeds, and gives identical 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile, RunWriter, SampleTable, check_output, run_exists
+from workbench.engine.settings import data_fingerprint, run_settings, sample_table
+from workbench.store.writer import RunFile, RunWriter, check_output, run_exists
 
 
 @dataclass(frozen=True)
@@ -68,9 +67,9 @@ class RunConfig:
 class CheckedRun:
     """What :func:`validate_config` checked and resolved, before any model is loaded."""
 
-    task: Any  # workbench.engine.tasks.Task
+    task: Any  # workbench.engine.task.Task
     protocol: Any  # workbench.engine.protocol.Protocol, with the command line's overrides applied
-    samples: list[Any]  # [N] workbench.engine.tasks.Sample
+    samples: list[Any]  # [N] workbench.engine.task.Sample
     model_path: str  # the resolved folder or hub name ("" when a loaded model was given)
     open_ended: Any = None  # workbench.engine.open_ended.OpenEnded: --scorer / --samples-per-round, or None
     shard: Any = None  # workbench.store.shard.ShardPlan of this process's shard; None: the whole dataset
@@ -114,27 +113,6 @@ def load_samples(cfg: RunConfig) -> list[Any]:
         return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, offset=cfg.offset)
     tasks.get_task(cfg.task)  # raises the clean error for unknown tasks
     raise AssertionError(cfg.task)
-
-
-def _sample_table(samples: list[Any]) -> SampleTable:
-    return SampleTable(
-        index=[s.index for s in samples],
-        id=[s.id for s in samples],
-        context=[s.context for s in samples],
-        question=[s.question for s in samples],
-        options=[tuple(s.options) for s in samples],
-        gold=[s.gold for s in samples],
-        category=[s.category for s in samples],
-        condition=[s.condition for s in samples],
-        extra=[json.dumps(s.extra, ensure_ascii=False, sort_keys=True) for s in samples],
-    )
-
-
-def _data_fingerprint(samples: list[Any]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(json.dumps([s.index, s.id, s.context, s.question, list(s.options), s.gold], ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
 
 
 def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
@@ -205,7 +183,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     if spec is not None:
         from workbench.store.shard import make_plan
 
-        plan = make_plan(spec, len(samples), cfg.batch_size, _data_fingerprint(samples))
+        plan = make_plan(spec, len(samples), cfg.batch_size, data_fingerprint(samples))
     return CheckedRun(task, protocol, samples, model_path, open_ended=open_ended, shard=plan,
                       local_rank=spec.local_rank if spec else None, out=out)
 
@@ -264,33 +242,6 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
                                  f"the model's context is {n_ctx} (shorten the data, --rounds or --max-new-tokens)")
 
 
-def run_settings(
-    model: Any, task: Any, protocol: Any, samples: list[Any], data: dict[str, Any], hooks: list[str], layers: list[int],
-    batch_size: int, activation_dtype: str, seed: int, command_line: str = "",
-) -> dict[str, Any]:
-    """The root attributes a run file records (docs/FORMAT.md): the model's metadata (library
-    versions, weight hashes, placement …), the task, ``data`` (with the samples' fingerprint
-    added), the protocol and decoding, capture and batching. ``workbench run`` and
-    ``Session.save`` both write these."""
-    return {
-        **model.metadata(),
-        "task": task.name,
-        "data": {**data, "fingerprint": _data_fingerprint(samples)},
-        "protocol": json.loads(protocol.to_json()),
-        "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
-        "command_line": command_line,
-        "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
-        "seed": seed,
-        "hooks": list(hooks),
-        "layers": list(layers),
-        "batch_size": batch_size,
-        "activation_dtype": activation_dtype,
-        "n_samples": len(samples),
-        "n_rounds": protocol.rounds,
-        "device": model.device,
-    }
-
-
 def run_protocol(
     config: RunConfig | None = None,
     model: Any = None,
@@ -316,7 +267,8 @@ def run_protocol(
     from dataclasses import replace
 
     from workbench.engine.capture import check_layers, hook_sites
-    from workbench.engine.batch import batch_arrays, run_batch
+    from workbench.engine.batch import run_batch
+    from workbench.engine.batch_result import batch_arrays
     from workbench.engine.models import load_model
 
     if isinstance(model, (str, Path)):
@@ -359,7 +311,7 @@ def run_protocol(
         check_resume(out, settings)
         writer = RunWriter.resume(out, settings, durable=cfg.fsync)
     else:
-        writer = RunWriter.create(out, settings, _sample_table(samples), protocol.rounds,
+        writer = RunWriter.create(out, settings, sample_table(samples), protocol.rounds,
                                   {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
                                   overwrite=cfg.overwrite, durable=cfg.fsync)
     gold = np.asarray([s.gold for s in samples])

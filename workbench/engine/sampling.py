@@ -191,10 +191,10 @@ def sample_round(
     import torch
 
     from workbench.engine.generation import generate_round, stop_ids
-    from workbench.engine.session import _plain_cache
+    from workbench.engine.generation import plain_cache
 
     batch = len(prompts)
-    reuse = reuse_cache and _plain_cache(rnd.cache)
+    reuse = reuse_cache and plain_cache(rnd.cache)
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     texts: list[list[str]] = []
     ids: list[list[list[int]]] = []

@@ -61,13 +61,13 @@ import torch
 from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
 from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs
 from workbench.errors import WorkbenchError
-from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, score_options
+from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
 from workbench.engine.protocol import Protocol
-from workbench.engine.tasks import Sample, Task
+from workbench.engine.task import Sample, Task
 from workbench.engine.uncertainty import option_confidence
 
 if TYPE_CHECKING:
-    from workbench.engine.batch import BatchResult
+    from workbench.engine.batch_result import BatchResult
 
 
 class CacheFallbackWarning(UserWarning):
@@ -110,7 +110,7 @@ class Session:
     """A batch of conversations stepped one round at a time (see the module docstring).
 
     ``model``: a :class:`~workbench.engine.models.LoadedModel` or a name for :func:`~workbench.engine.models.load_model`;
-    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.engine.tasks.Sample`,
+    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.engine.task.Sample`,
     one ``Sample`` (e.g. a question typed in code), or a number of the organism's held-out items.
     Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
     a task that cannot compute its round fields (the organism's posterior, for an instruction from
@@ -234,7 +234,7 @@ class Session:
         response_ids, token_entropies = out.response_ids, out.token_entropies
         extras = {} if self.round_extras is None else self.round_extras(
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
-        self._past = carried if self.reuse_cache and _plain_cache(carried.cache) else None
+        self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
         response_spans = np.zeros((batch, 2), dtype=np.int64)
@@ -333,8 +333,8 @@ class Session:
 
     # ------------------------------------------------------------------ every round so far
     def result(self) -> "BatchResult":
-        """Every round stepped so far as one :class:`~workbench.engine.batch.BatchResult` (``[B, R, ...]``)."""
-        from workbench.engine.batch import BatchResult
+        """Every round stepped so far as one :class:`~workbench.engine.batch_result.BatchResult` (``[B, R, ...]``)."""
+        from workbench.engine.batch_result import BatchResult
 
         rounds = self._rounds
         if not rounds:
@@ -361,13 +361,13 @@ class Session:
     def save(self, path: str | Path, activation_dtype: str = "float32", command_line: str = "") -> Path:
         """Write every round so far to a new run file at ``path`` (refuses an existing one) through
         :class:`workbench.store.writer.RunWriter`, with the settings a ``workbench run`` file records
-        (:func:`workbench.engine.run.run_settings`), so ``workbench info``, the probes and the TUI read it
+        (:func:`workbench.engine.settings.run_settings`), so ``workbench info``, the probes and the TUI read it
         like any run. The protocol stored is this session's with ``rounds`` = the rounds stepped;
         the instructions actually given are in ``rounds/instruction``. ``command_line``: what
         started the session, recorded as a run's is (``""``, as from the Python API, by default).
         Returns the path."""
-        from workbench.engine.batch import batch_arrays
-        from workbench.engine.run import _sample_table, run_settings
+        from workbench.engine.batch_result import batch_arrays
+        from workbench.engine.settings import run_settings, sample_table
         from workbench.store.writer import RunWriter
 
         res = self.result()
@@ -381,7 +381,7 @@ class Session:
         settings.update(getattr(self.round_extras, "settings", {}))  # open_ended.round_extras: the scorer and sampling
         path = Path(path)
         hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}
-        with RunWriter.create(path, settings, _sample_table(self.samples), n_rounds, hook_shapes, activation_dtype) as writer:
+        with RunWriter.create(path, settings, sample_table(self.samples), n_rounds, hook_shapes, activation_dtype) as writer:
             gold = np.asarray([s.gold for s in self.samples])
             writer.write_batch(0, batch_arrays(res, gold, self.n_options), res.activations, res.transcripts)
             writer.finish()
@@ -405,13 +405,13 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
     if isinstance(samples, int) and not isinstance(samples, bool):
         if task.name != "organism":
             raise WorkbenchError(f"samples={samples}: a number of samples is the organism's; give task {task.name!r} "
-                                 "a list of workbench.engine.tasks.Sample (e.g. from workbench.engine.tasks.load_bbq)")
+                                 "a list of workbench.engine.task.Sample (e.g. from workbench.engine.tasks.load_bbq)")
         from workbench.organism.task import load_organism_samples
 
         return load_organism_samples(limit=samples)
     samples = list(samples)
     if not samples or not all(isinstance(s, Sample) for s in samples):
-        raise WorkbenchError("samples must be a number, a workbench.engine.tasks.Sample, or a non-empty list of them")
+        raise WorkbenchError("samples must be a number, a workbench.engine.task.Sample, or a non-empty list of them")
     return samples
 
 
@@ -424,14 +424,6 @@ def _cache_bytes(cache: Any) -> int:
     """Bytes of a cache's keys and values."""
     layers = getattr(cache, "layers", [])
     return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
-
-
-def _plain_cache(cache: Any) -> bool:
-    """Whether every layer is a plain growing key/value cache (holes and crops mean what they say)."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _default_cache_budget(device: str) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.organism.posterior import exact_trace, instruction_kind, parse_response
 from workbench.organism.world import DEFAULT_PARAMS, KINDS, LETTER_TOKENS, format_choices, heldout_rng, instruction_probs, sample_item
-from workbench.engine.tasks import WORLD_FOLLOWUP, Sample, Task
+from workbench.engine.task import WORLD_FOLLOWUP, Sample, Task
 
 
 def load_organism_samples(limit: int, seed: int = 1234, offset: int = 0) -> list[Sample]:
