@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fair_io import free_page_reporting, settle  # noqa: E402
-from workbench.cache.file import HookLayout, TokenTable, create_cache_file, fsync_path  # noqa: E402
+from workbench.cache.file import HookLayout, TokenTable, create_cache_file
+from workbench.store.durability import fsync_path  # noqa: E402
 from workbench.cache.writer import PartialCache  # noqa: E402
 
 HOOKS = ["blocks.*.hook_resid_post"]

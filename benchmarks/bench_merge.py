@@ -39,7 +39,7 @@ from bench_store import write_run  # noqa: E402
 
 from workbench.store.merge import merge_run  # noqa: E402
 from workbench.store.shard import plan_rows, shard_path  # noqa: E402
-from workbench.store.writer import RunFile  # noqa: E402
+from workbench.store.reader import RunFile  # noqa: E402
 
 
 # the sizes bench_store.py measures the writer at, split into shards

@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fair_io import free_page_reporting, settle  # noqa: E402
-from workbench.store.writer import RunFile, RunWriter, SampleTable  # noqa: E402
+from workbench.store.header import SampleTable
+from workbench.store.reader import RunFile
+from workbench.store.writer import RunWriter  # noqa: E402
 
 
 def write_run(path: Path, acts: np.ndarray, batch_size: int, durable: bool = True) -> tuple[float, float]:

@@ -180,7 +180,7 @@ def track(
 
     from probes.probe_file import load_probe
     from probes.track import track as track_run
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     probe = load_probe(probe_path)
     name = name if name is not None else probe.name
@@ -208,7 +208,7 @@ def stereotype(
 ) -> None:
     """The study's BBQ variant: cosine between each round's prompt state and the stereotyped statement."""
     from probes.stereotype import stereotype_similarity
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(run_path) as run:
         recorded = run.meta.get("model_name")

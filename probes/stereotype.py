@@ -19,7 +19,9 @@ import numpy as np
 
 from probes.activations import text_activations
 from workbench.errors import WorkbenchError
-from workbench.store.writer import POSITIONS, RunFile, replace_group
+from workbench.store.format import POSITIONS
+from workbench.store.groups import replace_group
+from workbench.store.reader import RunFile
 
 
 def stereotyped_option(options: list[str], extra: dict[str, Any]) -> int:

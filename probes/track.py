@@ -16,7 +16,9 @@ import numpy as np
 from probes.evaluate import cosine_scores, projection_scores
 from probes.probe_file import Probe
 from workbench.errors import WorkbenchError
-from workbench.store.writer import POSITIONS, RunFile, replace_group
+from workbench.store.format import POSITIONS
+from workbench.store.groups import replace_group
+from workbench.store.reader import RunFile
 
 RUN_POSITION = {"last": "last_prompt", "mean": "response_mean"}
 CHUNK = 256  # samples read at once: memory stays flat however large the run

@@ -23,7 +23,9 @@ from workbench.analysis.analyze import (
     write_analysis,
 )
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile, RunWriter, SampleTable
+from workbench.store.header import SampleTable
+from workbench.store.reader import RunFile
+from workbench.store.writer import RunWriter
 from workbench.engine.uncertainty import expected_calibration_error
 
 
@@ -194,7 +196,7 @@ def _write_run(path, parsed, option, gold, concept=None, rounds_fields=None):
         w.write_batch(0, arrays, {}, [[1] * (i + 1) for i in range(n)])
         w.finish()
     if concept is not None:
-        from workbench.store.writer import replace_group
+        from workbench.store.groups import replace_group
 
         replace_group(path, "probes/c", {"projection": concept[:, :, None].astype(np.float32), "cosine": concept[:, :, None].astype(np.float32)},
                       {"kind": "probe", "layers": [0], "best_layer": 0, "hook": "hook_resid_post", "run_position": "last_prompt"})

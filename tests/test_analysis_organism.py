@@ -51,7 +51,7 @@ def _track(path, probe, name):
 
 def _analyze(path, **kw):
     from workbench.analysis.analyze import analyze
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         return analyze(run, **kw)
@@ -88,7 +88,7 @@ def test_world_follow_up_needs_the_organism_task():
 
 
 def test_world_runs_vary_the_posterior_within_every_round(runs):
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(runs["organism-world"]) as run:
         exact = run.array("rounds/exact_log_odds")
@@ -146,7 +146,7 @@ def test_logreg_probe_misses_the_change_target_because_it_only_separates_saturat
     # the mechanism: in the transitions from round 3 on, an immoral instruction lowers the exact log-odds and ridge's score,
     # but raises logreg's (its direction carries a component that grows with the dialogue's length)
     from workbench.organism.posterior import instruction_kind
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         texts = run.array("rounds/instruction")

@@ -25,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent / "fault"))
 
 import inject  # noqa: E402
 
-from workbench.store import writer as store  # noqa: E402
-from workbench.store.writer import RunFile, parts_dir  # noqa: E402
+from workbench.store import activations, durability  # noqa: E402
+from workbench.store import writer as writer_module  # noqa: E402
+from workbench.store.format import ACTIVATIONS  # noqa: E402
+from workbench.store.format import parts_dir  # noqa: E402
+from workbench.store.reader import RunFile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--limit", "12", "--rounds", "3", "--batch-size", "4", "--device", "cpu"]
@@ -135,8 +138,8 @@ def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_pat
         writer.send_signal(signal.SIGKILL)
         writer.wait()
     names = {p.name for p in parts_dir(out).glob("batch-*")}
-    first = {"batch-00000000-00000004.part", f"batch-00000000-00000004.{store._boot_id()}.part"}
-    assert names - first == {f"batch-00000004-00000008.{store._boot_id()}.part"} and names & first, names
+    first = {"batch-00000000-00000004.part", f"batch-00000000-00000004.{durability.boot_id()}.part"}
+    assert names - first == {f"batch-00000004-00000008.{durability.boot_id()}.part"} and names & first, names
     # (batch 1's durable commit runs in a thread: the kill may come before it replaced the provisional part)
     with RunFile(out) as run:
         assert run.done.tolist() == [True] * 8 + [False] * 4
@@ -151,15 +154,15 @@ def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_pat
 def test_the_built_record_is_trusted_only_when_whole(tmp_path, monkeypatch):
     """``built.json`` is rewritten in place: a kill after any of its writes but the last leaves a
     record that does not parse (so the next writer rebuilds), never a wrong list of rows."""
-    store._write_built(tmp_path, [(0, 4)], durable=True)
-    assert store._read_built(tmp_path) == [(0, 4)]
-    store._distrust_built(tmp_path)
-    assert store._read_built(tmp_path) is None  # what a kill during the build's HDF5 writes leaves
-    store._write_built(tmp_path, [(0, 4), (8, 12)], durable=False)
-    assert store._read_built(tmp_path) == [(0, 4), (8, 12)]
-    store._write_built(tmp_path, [(0, 12)], durable=False)  # shorter than the text it overwrites
-    assert store._read_built(tmp_path) == [(0, 12)]
-    real, calls = store._pwrite_all, []
+    activations.write_built(tmp_path, [(0, 4)], durable=True)
+    assert activations.read_built(tmp_path) == [(0, 4)]
+    activations.distrust_built(tmp_path)
+    assert activations.read_built(tmp_path) is None  # what a kill during the build's HDF5 writes leaves
+    activations.write_built(tmp_path, [(0, 4), (8, 12)], durable=False)
+    assert activations.read_built(tmp_path) == [(0, 4), (8, 12)]
+    activations.write_built(tmp_path, [(0, 12)], durable=False)  # shorter than the text it overwrites
+    assert activations.read_built(tmp_path) == [(0, 12)]
+    real, calls = activations.pwrite_all, []
 
     def killed_before_the_brace(fd, data, offset):
         calls.append(bytes(data))
@@ -167,15 +170,22 @@ def test_the_built_record_is_trusted_only_when_whole(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # stands in for the kill: the first write landed, the second did not
         real(fd, data, offset)
 
-    monkeypatch.setattr(store, "_pwrite_all", killed_before_the_brace)
+    monkeypatch.setattr(activations, "pwrite_all", killed_before_the_brace)
     with pytest.raises(KeyboardInterrupt):
-        store._write_built(tmp_path, [(0, 16)], durable=False)
-    assert calls[1] == b"{" and store._read_built(tmp_path) is None
-    monkeypatch.setattr(store, "_pwrite_all", real)
-    store._write_built(tmp_path, [(0, 16)], durable=False)
-    assert store._read_built(tmp_path) == [(0, 16)]
-    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # after a restart a provisional record counts for nothing
-    assert store._read_built(tmp_path) is None
+        activations.write_built(tmp_path, [(0, 16)], durable=False)
+    assert calls[1] == b"{" and activations.read_built(tmp_path) is None
+    monkeypatch.setattr(activations, "pwrite_all", real)
+    activations.write_built(tmp_path, [(0, 16)], durable=False)
+    assert activations.read_built(tmp_path) == [(0, 16)]
+    restarted(monkeypatch, tmp_path)  # after a restart a provisional record counts for nothing
+    assert activations.read_built(tmp_path) is None
+
+
+def restarted(monkeypatch, tmp_path) -> None:
+    """Make the store see another boot id, as after the machine restarted."""
+    other = tmp_path / "boot_id"
+    other.write_text("0" * 32 + "\n")
+    monkeypatch.setattr(durability, "BOOT_ID_FILE", other)
 
 
 def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypatch):
@@ -190,10 +200,10 @@ def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypat
         writer.send_signal(signal.SIGKILL)
         writer.wait()
     folder = parts_dir(out)
-    (slot,) = store._read_layout(folder)
-    with open(folder / store.ACTIVATIONS, "r+b") as fh:
-        store._write_rows(fh.fileno(), slot, 4, np.zeros((4, *slot.shape[1:]), dtype=slot.dtype))
-    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # the machine has restarted
+    (slot,) = activations.read_layout(folder)
+    with open(folder / ACTIVATIONS, "r+b") as fh:
+        activations.write_slot_rows(fh.fileno(), slot, 4, np.zeros((4, *slot.shape[1:]), dtype=slot.dtype))
+    restarted(monkeypatch, tmp_path)  # the machine has restarted
     with RunFile(out) as run:
         assert run.done.tolist() == [True] * 4 + [False] * 8
     import replay
@@ -209,7 +219,7 @@ def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, 
     import replay
 
     calls = {"fsync": 0, "writeback": 0}
-    real_fsync, real_writeback = os.fsync, store._start_writeback
+    real_fsync, real_writeback = os.fsync, writer_module.start_writeback
 
     def fsync(fd):
         calls["fsync"] += 1
@@ -220,7 +230,7 @@ def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, 
         real_writeback(*args)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(store, "_start_writeback", writeback)
+    monkeypatch.setattr(writer_module, "start_writeback", writeback)
     with h5py.File(reference) as ref, replay.create_like(ref, tmp_path / "created.h5", durable=False):
         at_creation = dict(calls)
     for durable in (True, False):
@@ -253,7 +263,7 @@ def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, 
         writer.wait()
     with RunFile(out) as run:
         assert run.done.tolist() == [True] * 8 + [False] * 4
-    monkeypatch.setattr(store, "_boot_id", lambda: "0" * 32)  # the machine has restarted
+    restarted(monkeypatch, tmp_path)  # the machine has restarted
     with RunFile(out) as run:
         assert not run.done.any()
     replay.replay(reference, out, resume=True, pause_after=None, durable=False)
@@ -292,7 +302,7 @@ def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
     from replay import create_like
 
     with h5py.File(reference) as ref, create_like(ref, tmp_path / "size.h5") as writer:
-        created = (writer.folder / store.ACTIVATIONS).stat().st_size
+        created = (writer.folder / ACTIVATIONS).stat().st_size
     final = reference.stat().st_size
     assert created < final
     out = tmp_path / "run.h5"
@@ -334,7 +344,7 @@ def test_a_script_that_catches_a_full_disk_ends_with_its_own_status(reference, t
     from replay import create_like
 
     with h5py.File(reference) as ref, create_like(ref, tmp_path / "size.h5") as writer:
-        created = (writer.folder / store.ACTIVATIONS).stat().st_size
+        created = (writer.folder / ACTIVATIONS).stat().st_size
     limit = (created + reference.stat().st_size) // 2 if ending != "sys.exit(3)" else 4096  # in the batches / at creation
     script = API_AFTER_A_FULL_DISK + ending
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run.h5")], capture_output=True, text=True,
@@ -368,7 +378,7 @@ def test_the_run_file_as_data(reference, tmp_path):
     np.testing.assert_array_equal(rounds["correct"].values, correct)
     rounds.close()
     scores = np.arange(12 * 3 * 2, dtype=np.float32).reshape(12, 3, 2)
-    from workbench.store.writer import replace_group
+    from workbench.store.groups import replace_group
 
     replace_group(run_path, "probes/p", {"cosine": scores, "projection": -scores},
                   {"kind": "probe", "layers": [1, 3], "best_layer": 3})

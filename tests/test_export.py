@@ -24,7 +24,7 @@ from workbench.errors import WorkbenchError
 from workbench.cache.writer import done_batches
 from workbench.cache.export import export_run
 from workbench.engine.run import RunConfig, run_protocol
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from cli_support import workbench  # noqa: E402
 
 N_SAMPLES, ROUNDS = 10, 3
@@ -348,13 +348,13 @@ def test_after_a_restart_the_provisional_markers_are_ignored_and_their_batches_r
     """Done markers written without fsync carry the boot id: after the machine restarts (here: the
     names rewritten to another boot id, the manifest left unreadable as an unsynced write can be)
     nothing of them is trusted; --resume computes every batch again, to the same file."""
-    from workbench.store.writer import _boot_id
+    from workbench.store.durability import boot_id
 
     out = tmp_path / "c.h5"
     parts = out.with_name(out.name + ".parts")
     with pytest.raises(Stop):
         export_run(run_path, out, HOOKS, model=organism, batch_size=4, on_batch=_stop_after(2, []))
-    boot = _boot_id()
+    boot = boot_id()
     assert _markers(parts) == [f"done-000000-000001.{boot}", f"done-000001-000002.{boot}"]  # one after each batch
     assert done_batches(parts) == {0, 1}
     other = "f" * 32

@@ -256,7 +256,7 @@ def test_letter_scoring_scores_only_the_letters(bbq_runs, loaded):
     prompt, recomputed here from the plain Hugging Face model."""
     import torch
 
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     model = loaded("llama")
     with RunFile(bbq_runs["letter"]) as run, RunFile(bbq_runs["letter-text"]) as other:
@@ -312,7 +312,7 @@ def test_ctrl_c_prints_how_to_resume(capsys, monkeypatch, tmp_path):
                              "--device", "cpu", "--out", str(out))
     assert code == 130
     assert "interrupted" in err and "--resume" in err and str(out) in err
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(out) as run:  # a killed run is read from its committed parts
         assert run.done.tolist() == [True, False]

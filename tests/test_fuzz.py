@@ -161,7 +161,7 @@ def run_file(tmp_path_factory):
 def _info(path: Path):
     """What ``workbench info`` computes: the run file opened and summarised."""
     from workbench.analysis.summary import summary
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         return summary(run)

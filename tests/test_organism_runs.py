@@ -26,7 +26,7 @@ def organism_runs(tmp_path_factory, organism):
 
 
 def per_round(path, name):
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         return run.array(name)
@@ -123,7 +123,7 @@ def test_tracking_replaces_and_info_shows_the_concept(organism_runs, organism_pr
 
     from probes.track import track
     from workbench.analysis.summary import round_table
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     path = organism_runs["organism"]
     track(path, organism_probe, name="again")

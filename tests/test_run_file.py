@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import BBQ_FIXTURE
 
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,9 @@ def test_resume_on_another_device_warns_once_and_finishes(tmp_path):
     or of a finished run, says nothing."""
     import warnings
 
-    from workbench.store.writer import HEADER, PlacementChangedWarning, RunWriter, SampleTable, parts_dir
+    from workbench.store.format import HEADER, parts_dir
+    from workbench.store.header import SampleTable
+    from workbench.store.writer import PlacementChangedWarning, RunWriter
 
     out = tmp_path / "moved.h5"
     args = ["run", "--model", "organism", "--task", "organism", "--rounds", "2", "--limit", "64", "--batch-size", "4",
@@ -243,7 +245,10 @@ def test_ragged_arrays_and_strings_round_trip_through_the_parts(tmp_path):
     """The writer's flat-array parts and the pointer-based vlen writes (no model): empty sequences,
     equal-length rows, non-ASCII text, a NUL in a string (stored as ␀), a task field of strings,
     in the running view and in the finished file read with plain h5py; a damaged part is refused."""
-    from workbench.store.writer import RunWriter, SampleTable, _read_part, parts_dir
+    from workbench.store.format import parts_dir
+    from workbench.store.header import SampleTable
+    from workbench.store.parts import read_part
+    from workbench.store.writer import RunWriter
 
     n, r = 10, 3
     samples = SampleTable(index=list(range(n)), id=[str(i) for i in range(n)], context=["c"] * n, question=["q"] * n,
@@ -286,9 +291,9 @@ def test_ragged_arrays_and_strings_round_trip_through_the_parts(tmp_path):
     with RunWriter.create(tmp_path / "d.h5", {"layers": [0]}, samples, r, {"h": (1, 4)}) as writer:
         writer.write_batch(0, {"correct": np.ones((4, r), bool)}, {"h": np.zeros((4, r, 2, 1, 4), np.float32)}, [[1]] * 4)
         (part,) = parts_dir(tmp_path / "d.h5").glob("batch-*.part")
-        _read_part(part)
+        read_part(part)
         raw = bytearray(part.read_bytes())
         raw[-1] ^= 0xFF
         part.write_bytes(bytes(raw))
         with pytest.raises(OSError, match="damaged"):
-            _read_part(part)
+            read_part(part)

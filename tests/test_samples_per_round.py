@@ -22,7 +22,7 @@ from workbench.engine.sampling import (
     exact_equivalence,
     semantic_uncertainty,
 )
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from workbench.engine.uncertainty import (
     cluster_by_equivalence,
     semantic_entropy_discrete,

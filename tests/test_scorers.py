@@ -14,7 +14,7 @@ from open_ended_support import build_classifier, workbench, write_prompts
 
 from workbench.errors import WorkbenchError
 from workbench.engine.scorers import SequenceClassifier, build_scorer, check_scorer, classifier_probabilities
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from cli_support import error_line  # noqa: E402
 
 PROMPTS = ["The grandfather and the grandson were both at the doctor.", "Who was forgetful?",

@@ -16,7 +16,7 @@ from workbench.engine.capture import hook_sites
 from workbench.errors import WorkbenchError
 from workbench.engine.protocol import load_protocol
 from workbench.engine.session import CacheFallbackWarning, Session
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from workbench.engine.task import Sample
 from workbench.engine.tasks import BBQ, load_bbq
 

@@ -23,7 +23,7 @@ import inject  # noqa: E402
 
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.store.shard import parse_shard, plan_rows, resolve_shard, shard_path  # noqa: E402
-from workbench.store.writer import RunFile  # noqa: E402
+from workbench.store.reader import RunFile  # noqa: E402
 from cli_support import error_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,8 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
 def _write(out: Path, rows: range, n_options: int, shard: dict | None) -> None:
     """Rows ``rows`` of a synthetic 4-sample run through the real writer (batches of 2): samples 0-1
     have two options, 2-3 three; ``option_probs`` is padded to ``n_options`` as the engine pads."""
-    from workbench.store.writer import RunWriter, SampleTable
+    from workbench.store.header import SampleTable
+    from workbench.store.writer import RunWriter
 
     options = [("a", "b"), ("a", "b"), ("a", "b", "c"), ("a", "b", "c")]
     rng = np.random.default_rng(0)
@@ -343,7 +344,7 @@ def test_options_are_padded_to_the_widest_shard(tmp_path):
 
 def test_rewriting_a_merge_keeps_derived_groups_only_for_the_same_shards(tmp_path):
     from workbench.store.merge import merge_run
-    from workbench.store.writer import replace_group
+    from workbench.store.groups import replace_group
 
     out = tmp_path / "m.h5"
     plan = {"count": 2, "batch_size": 2, "n_samples": 4, "fingerprint": "f", "rows": [[0, 2], [2, 4]]}

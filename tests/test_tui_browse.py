@@ -207,7 +207,7 @@ def test_run_screen_key_and_its_bindings(run_path):
         text = screen_text(app)
         assert "round 2/4" in text and "R→W" in text and "ECE min–max" in text and "concept" in text
         from workbench.analysis.summary import summary
-        from workbench.store.writer import RunFile
+        from workbench.store.reader import RunFile
 
         with RunFile(run_path) as f:
             expected = summary(f)

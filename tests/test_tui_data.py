@@ -19,7 +19,7 @@ from tui.widgets.sample_list import common_prefix
 from tui.widgets.tokens import layout_tokens
 from tui_support import build_run
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.store.writer import RunWriter, SampleTable, replace_group
+from workbench.store.groups import replace_group
+from workbench.store.header import SampleTable
+from workbench.store.writer import RunWriter
 
 CATEGORIES = ("alpha", "beta", "gamma")
 OPENERS = ("clearly", "carefully", "fairly", "honestly")

@@ -62,7 +62,7 @@ def tui(
         live_config = LiveConfig.from_options(model=model, protocol=protocol, task=task, data=data, probe=probe,
                                               device=device, dtype=dtype)
     else:
-        from workbench.store.writer import RunFile
+        from workbench.store.reader import RunFile
 
         RunFile(run_path).close()  # a missing, foreign or truncated file is one clear line here, not in the app
     if serve:

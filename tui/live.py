@@ -197,7 +197,7 @@ def concept_scores(live: LiveModel) -> dict[str, dict[str, np.ndarray]]:
         return {}
     from probes.evaluate import cosine_scores, projection_scores
     from probes.track import RUN_POSITION
-    from workbench.store.writer import POSITIONS
+    from workbench.store.format import POSITIONS
 
     probe = live.probe
     position = POSITIONS.index(RUN_POSITION[probe.meta["position"]])

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 
 ROUNDS = "rounds"
 SCORES = ("cosine", "projection")  # the concept scores a probe group may hold, the first one shown by default

@@ -12,7 +12,7 @@ The Python API a notebook needs::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from workbench.version import __version__
 
 from typing import Any
 
@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:  # keep `import workbench` light: torch loads
 
         return Session
     if name == "RunFile":
-        from workbench.store.writer import RunFile
+        from workbench.store.reader import RunFile
 
         return RunFile
     if name == "load_model":

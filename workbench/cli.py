@@ -45,7 +45,7 @@ OptionScoring = Literal["letter", "letter-text"]
 
 def _version(value: bool) -> None:
     if value:
-        from workbench import __version__
+        from workbench.version import __version__
 
         print(f"workbench {__version__}")
         raise typer.Exit()
@@ -382,7 +382,7 @@ def info(
     if is_cache_file(run_path):
         return print_cache_info(run_path, as_json)
     from workbench.analysis.summary import summary
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(run_path) as run_file:
         if as_json:
@@ -448,7 +448,7 @@ def entry() -> None:
     try:
         main()
     except SystemExit as e:
-        if "workbench.store.writer" in sys.modules and sys.modules["workbench.store.writer"].FAILED_WRITES:
+        if "workbench.store.failed_writes" in sys.modules and sys.modules["workbench.store.failed_writes"].FAILED_WRITES:
             code = e.code if isinstance(e.code, int) else 2
             sys.stdout.flush()
             sys.stderr.flush()

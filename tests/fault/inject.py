@@ -76,7 +76,7 @@ def kill_then_resume(reference: Path, out: Path, shim: Path, k: int, args: tuple
     a reader sees (every batch whose ``write_batch`` had returned is done, and its rows are right),
     resume; None when the result equals the reference, else what went wrong."""
     from workbench.errors import WorkbenchError
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     killed = run([*REPLAY, str(reference), str(out), *args], shim, kill_at=k)
     if killed.returncode not in (-signal.SIGKILL, 0):

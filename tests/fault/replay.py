@@ -23,9 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from workbench.store import writer as store  # noqa: E402
+from workbench.store import failed_writes  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.store.writer import RunWriter, SampleTable, replace_group, run_exists  # noqa: E402
+from workbench.store.format import run_exists
+from workbench.store.groups import replace_group
+from workbench.store.header import SampleTable
+from workbench.store.writer import RunWriter  # noqa: E402
 
 NOT_SETTINGS = {"format", "schema_version", "workbench_version", "created", "finished", "status", "run_id",
                 "n_options", "positions"}
@@ -112,7 +115,7 @@ def main() -> None:
             replay(Path(a.paths[0]), Path(a.paths[1]), a.resume, a.pause_after, a.overwrite, durable=not a.no_fsync)
     except WorkbenchError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        if store.FAILED_WRITES:  # as the workbench executable does (cli.entry): no teardown after a failed write
+        if failed_writes.FAILED_WRITES:  # as the workbench executable does (cli.entry): no teardown after a failed write
             os._exit(2)
         sys.exit(2)
     print(json.dumps({"ok": True}))

@@ -35,7 +35,7 @@ COLUMNS = [
 def read_summary(path: Any) -> RoundTableLoaded:
     """Blocking: ``workbench.analysis.summary.summary`` of the run file at ``path``."""
     from workbench.analysis.summary import summary
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         return RoundTableLoaded(summary(run))

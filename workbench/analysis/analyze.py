@@ -24,7 +24,8 @@ from scipy import stats
 
 from workbench.analysis.summary import REL_EPS, answer_correctness, convergence
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile, replace_group
+from workbench.store.groups import replace_group
+from workbench.store.reader import RunFile
 from workbench.engine.uncertainty import expected_calibration_error
 
 CONFIDENCE = 0.95

@@ -44,7 +44,7 @@ def analyze(
     95 % bootstrap intervals; convergence; flips; concept ↔ uncertainty correlations; the organism's
     probe against the exact posterior; the simulation task."""
     from workbench.analysis.analyze import _finite, analyze as run_analysis, write_analysis
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(run_path) as run:
         result = run_analysis(run, probe=probe, eps=eps, k=k, seed=seed)

@@ -19,7 +19,7 @@ import numpy as np
 
 from workbench.analysis.analyze import analyze, probe_label
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,13 @@ Pure NumPy over :class:`workbench.store.writer.RunFile` arrays; no torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store.writer import RunFile
+from workbench.store.reader import RunFile
 from workbench.engine.uncertainty import expected_calibration_error
 
 
@@ -131,7 +130,7 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
              "option_answer", "answer", "correct", "parsed_correct", "option_correct"}
     named = answer_correctness(run) if multiple_choice else {}
     extras = {name: run.array(f"rounds/{name}") for name in run.names("rounds") if name not in known}
-    concepts = concept_scores(run)
+    concepts = run.concept_scores()
     rows = []
     for t in range(rounds):
         row: dict[str, Any] = {"round": t + 1, "n": int(n)}
@@ -158,21 +157,6 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
             row[name] = _nanmean(values[:, t]) if n else float("nan")
         rows.append(row)
     return rows
-
-
-def concept_scores(run: RunFile) -> dict[str, np.ndarray]:
-    """Per tracked probe, ``concept:{name}`` → projections ``[n_done, R]`` at the probe's best layer
-    (written by ``workbench probe track``); the stereotype variant's cosine at the last layer."""
-    out = {}
-    for name in run.names("probes"):
-        group = run.f[f"probes/{name}"]
-        layers = json.loads(group.attrs["layers"])
-        if group.attrs.get("kind") == "probe":
-            column = layers.index(int(group.attrs["best_layer"]))
-            out[f"concept:{name}"] = run.array(f"probes/{name}/projection")[:, :, column]
-        elif group.attrs.get("kind") == "stereotype-statement":
-            out[f"stereotype_cos_L{layers[-1]}"] = run.array(f"probes/{name}/cosine")[:, :, -1]
-    return out
 
 
 def summary(run: RunFile, eps: float | None = None, k: int = 2) -> dict[str, Any]:

@@ -126,15 +126,14 @@ def organism_exact(rounds: int) -> np.ndarray:
 def run_columns(path: str, rounds: int) -> dict[str, list[float]]:
     """Per-round means from a run file: the exact p(fair) of the dialogues the model actually had and
     each tracked probe's best-layer score (``{column: [rounds]}``, NaN beyond the run's rounds)."""
-    from workbench.analysis.summary import concept_scores
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     out: dict[str, list[float]] = {}
     with RunFile(path) as run:
         series = {}
         if "exact_p_fair" in run.names("rounds"):
             series["run exact"] = run.array("rounds/exact_p_fair").astype(float)
-        for name, values in concept_scores(run).items():
+        for name, values in run.concept_scores().items():
             series[f"run {name.replace('concept:', 'c:')} projection"] = values.astype(float)
     for name, values in series.items():
         means = np.nanmean(values, 0) if len(values) else np.array([])

@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import typer
 
-from workbench.cache.file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
+from workbench.cache.file import ROLES, HookLayout, TokenTable, create_cache_file, is_attention_map
+from workbench.store.durability import atomic_replace, fsync_path
 from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError
 
@@ -115,7 +116,7 @@ class RunTokens:
 
 def read_run(path: Path) -> RunTokens:
     """Transcripts, spans and metadata of the run's finished samples (through ``RunFile``)."""
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         meta = run.meta
@@ -299,7 +300,7 @@ _REFUSED = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk is full, the qu
 
 def _refused_write(e: BaseException) -> int | None:
     """The errno of a write the file system refused for lack of room (``_REFUSED``); None for any other error."""
-    from workbench.store.writer import os_errno
+    from workbench.store.durability import os_errno
 
     code = os_errno(e)
     if code is None and "No space left" in str(e):
@@ -317,7 +318,8 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
         code = _refused_write(e)
         if code is None:
             raise
-        from workbench.store.writer import free_space, skip_hdf5_teardown
+        from workbench.store.durability import free_space
+        from workbench.store.failed_writes import skip_hdf5_teardown
 
         skip_hdf5_teardown()  # HDF5 may hold a dataset it could not close
         kept = len(done_batches(parts)) if parts.exists() else 0
@@ -559,7 +561,7 @@ def _start_or_check_parts(parts: Path, manifest: dict[str, Any], fsync: bool) ->
 
 
 def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str, Any]:
-    from workbench import __version__
+    from workbench.version import __version__
 
     attrs: dict[str, Any] = {"source": "workbench export", "workbench_version": __version__, **model.metadata()}
     attrs.update({
@@ -610,7 +612,7 @@ def export_command(
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(run_path) as run:
         meta = run.meta

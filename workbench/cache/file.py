@@ -31,7 +31,9 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
-from workbench.store.writer import ActivationSlot, _segments, _write_rows, decoded_attrs, libc_function
+from workbench.store.activations import ActivationSlot, segments, write_slot_rows
+from workbench.store.durability import atomic_replace, libc_function
+from workbench.store.reader import decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
@@ -144,22 +146,6 @@ def preallocate(path: Path) -> None:
                 raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's) contents to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_replace(tmp: Path, path: Path) -> None:
-    """fsync ``tmp``, rename it onto ``path``, fsync the folder: after this ``path`` is whole on disk."""
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _attr(value: Any) -> Any:
@@ -279,7 +265,7 @@ def _chunk_segments(dsid: Any, n: int, rows: int, row_bytes: int) -> tuple[tuple
         offsets[info.chunk_offset[0] // rows] = info.byte_offset
 
     dsid.chunk_iter(record)
-    return tuple((chunk * rows, offset) for chunk, offset in _segments(offsets, rows * row_bytes))
+    return tuple((chunk * rows, offset) for chunk, offset in segments(offsets, rows * row_bytes))
 
 
 def activation_slot(ds: h5py.Dataset) -> ActivationSlot:
@@ -304,7 +290,7 @@ def write_rows(fd: int, slots: Sequence[ActivationSlot], start: int, arrays: dic
         if value.shape[1:] != slot.shape[1:] or (n is not None and len(value) != n) or start + len(value) > slot.shape[0]:
             raise ValueError(f"{slot.hook}: rows {start}:{start + len(value)} of shape {value.shape[1:]} do not fit {slot.shape}")
         n = len(value)
-        _write_rows(fd, slot, start, value)
+        write_slot_rows(fd, slot, start, value)
     return n or 0
 
 
@@ -600,7 +586,7 @@ def save_activation_cache(
         attrs.update(model.metadata())
     elif model is not None and hasattr(model, "cfg"):
         attrs["model_name"] = str(getattr(model.cfg, "model_name", ""))
-    from workbench import __version__
+    from workbench.version import __version__
 
     attrs["workbench_version"] = __version__
     blocks = ((i * pos, {name: v[i] for name, v in values.items()}) for i in range(batch))

@@ -72,7 +72,7 @@ def write_saelens(
 
     disable_progress_bar()  # the export's own progress bar is the one that matters
 
-    from workbench.cache.file import fsync_path
+    from workbench.store.durability import fsync_path
 
     n_windows = tokens.n_tokens // context_size
     if n_windows == 0:

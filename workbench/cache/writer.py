@@ -41,9 +41,11 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from workbench.cache.file import activation_slot, atomic_replace, fsync_path, write_rows
-from workbench.store.writer import (COMMIT_INTERVAL_S, LAYOUT, ActivationSlot, _boot_id, libc_function, _copy_raw, _read_layout, _replace,
-                             _write_text_atomic)
+from workbench.cache.file import activation_slot, write_rows
+from workbench.store.durability import atomic_replace, fsync_path
+from workbench.store.activations import ActivationSlot, copy_raw, read_layout
+from workbench.store.durability import boot_id, libc_function, replace_durably, write_text_atomic
+from workbench.store.format import COMMIT_INTERVAL_S, LAYOUT
 
 DATA, FINISHING, REPAIR = "cache.h5", "finishing.h5", "repair"
 DONE = re.compile(r"^done-(\d+)-(\d+)(?:\.([0-9a-f]+))?$")
@@ -52,7 +54,7 @@ DONE = re.compile(r"^done-(\d+)-(\d+)(?:\.([0-9a-f]+))?$")
 def is_durable(fsync: bool) -> bool:
     """Whether an export commits durably: when asked to (``--fsync``), and wherever the kernel gives
     no boot id (a provisional marker could not tell a restart from a kill there)."""
-    return fsync or _boot_id() is None
+    return fsync or boot_id() is None
 
 
 def marker_name(start: int, stop: int, boot: str | None) -> str:
@@ -74,7 +76,7 @@ def _markers(folder: Path) -> list[tuple[int, int, str | None, Path]]:
 def done_batches(folder: Path) -> set[int]:
     """The batches whose rows count as written in ``folder/cache.h5``: those of every durable
     ``done-A-B`` name and of every ``done-A-B.{boot}`` name written since this machine last started."""
-    boot = _boot_id()
+    boot = boot_id()
     done: set[int] = set()
     for start, stop, written, _ in _markers(folder):
         if written is None or written == boot:
@@ -130,7 +132,7 @@ class PartialCache:
         self.batch_tokens = list(batch_tokens)
         self.starts = np.concatenate([[0], np.cumsum(self.batch_tokens)]).astype(np.int64)
         self.done = done_batches(folder)
-        self._boot = _boot_id()
+        self._boot = boot_id()
         self.durable = is_durable(durable)
         self._fd = os.open(folder / DATA, os.O_RDWR)
         self._pending: list[int] = []
@@ -146,7 +148,7 @@ class PartialCache:
         for tmp in [*folder.glob("*.tmp"), *folder.glob("*.new")]:
             tmp.unlink()
         shutil.rmtree(folder / REPAIR, ignore_errors=True)
-        boot = _boot_id()
+        boot = boot_id()
         for _, _, written, marker in _markers(folder):
             if written is not None and written != boot:
                 marker.unlink()  # written before the machine restarted: its rows may not be on the disk
@@ -156,8 +158,8 @@ class PartialCache:
         elif finishing.exists():  # a finish was killed: its metadata may be damaged, its rows are whole
             (folder / REPAIR).mkdir()
             fresh = create(folder / REPAIR / DATA)
-            _copy_raw(finishing, _read_layout(folder), folder / REPAIR / DATA, fresh)
-            _replace(folder / REPAIR / DATA, data)
+            copy_raw(finishing, read_layout(folder), folder / REPAIR / DATA, fresh)
+            replace_durably(folder / REPAIR / DATA, data)
             finishing.unlink()
             shutil.rmtree(folder / REPAIR)
         if data.exists() and done_batches(folder):
@@ -247,8 +249,8 @@ class PartialCache:
         self.close()
         layout, finishing = self.folder / LAYOUT, self.folder / FINISHING
         if self.durable:
-            _write_text_atomic(layout, _layout_text(self.slots))  # for the repair of a killed finish
-            _replace(self.folder / DATA, finishing)
+            write_text_atomic(layout, _layout_text(self.slots))  # for the repair of a killed finish
+            replace_durably(self.folder / DATA, finishing)
         else:
             layout.write_text(_layout_text(self.slots))  # plain: counts only with this boot's markers
             os.replace(self.folder / DATA, finishing)

@@ -74,7 +74,7 @@ def check_resume(path: Path, settings: dict[str, Any]) -> None:
     them when none are given now): the batches still to run would lack or change those arrays."""
     import json
 
-    from workbench.store.writer import RunFile
+    from workbench.store.reader import RunFile
 
     with RunFile(path) as run:
         attrs = run.f.attrs

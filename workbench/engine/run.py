@@ -18,7 +18,10 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.engine.settings import data_fingerprint, run_settings, sample_table
-from workbench.store.writer import RunFile, RunWriter, check_output, run_exists
+from workbench.store.format import run_exists
+from workbench.store.lock import check_output
+from workbench.store.reader import RunFile
+from workbench.store.writer import RunWriter
 
 
 @dataclass(frozen=True)

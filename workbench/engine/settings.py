@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-from workbench.store.writer import SampleTable
+from workbench.store.header import SampleTable
 
 
 def sample_table(samples: list[Any]) -> SampleTable:

@@ -26,8 +26,12 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.store.shard import SHARD_FILE, ShardPlan, shard_path, shards_dir
-from workbench.store.writer import (FORMAT, RunLock, _add_dimension_scales, _fsync_path, decoded_attrs, os_reason, run_exists,
-                             skip_hdf5_teardown)
+from workbench.store.durability import fsync_path, os_reason
+from workbench.store.failed_writes import skip_hdf5_teardown
+from workbench.store.format import FORMAT, run_exists
+from workbench.store.header import add_dimension_scales
+from workbench.store.lock import RunLock
+from workbench.store.reader import decoded_attrs
 
 # Root attributes that differ between the shards of one run; every other one must be equal.
 PER_SHARD = frozenset({"created", "finished", "run_id", "n_samples", "n_options", "device", "command_line", "shard", "status"})
@@ -372,7 +376,7 @@ def _merge_locked(run: Path, count: int, copy: bool, overwrite: bool) -> MergeRe
                 _write_rows(f, run, shards, k)
                 f.require_group("progress").create_dataset("done", data=np.ones(n, dtype=np.uint8))
                 _write_activations(f, run, shards, n, copy)
-                _add_dimension_scales(f)
+                add_dimension_scales(f)
                 if run.exists():
                     with h5py.File(run, "r", locking=False) as old:
                         for group in _derived_groups(old):
@@ -380,9 +384,9 @@ def _merge_locked(run: Path, count: int, copy: bool, overwrite: bool) -> MergeRe
                                 old.copy(old[group], f, group)
                             else:
                                 notes.append(f"dropped {group}/ of the old {run.name} (its shards changed: compute it again)")
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, run)
-            _fsync_path(run.parent, directory=True)
+            fsync_path(run.parent, directory=True)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             skip_hdf5_teardown()
@@ -438,19 +442,3 @@ def merge_when_complete(run: Path, count: int, overwrite: bool = False, wait_s: 
         return _merge_locked(run, count, False, overwrite)
     finally:
         lock.release(remove=True)
-
-
-def check_virtual_sources(path: Path, f: h5py.File) -> None:
-    """Refuse a merged run whose activations read shard files that are not there (HDF5 would read
-    its fill value, NaN, in silence). Raises WorkbenchError naming the first missing file."""
-    group = f.get("activations")
-    if not isinstance(group, h5py.Group):
-        return
-    for ds in group.values():
-        if isinstance(ds, h5py.Dataset) and ds.is_virtual:
-            for source in ds.virtual_sources():
-                name = Path(source.file_name)
-                if not (name if name.is_absolute() else Path(path).parent / name).exists():
-                    raise WorkbenchError(f"{path}: its activations are read from {source.file_name}, which is missing "
-                                         f"(a merged run needs its shards folder beside it; `workbench merge --copy` "
-                                         "writes a self-contained file)")
