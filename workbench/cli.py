@@ -387,20 +387,11 @@ def info(
     with RunFile(run_path) as run_file:
         if as_json:
             s = summary(run_file)
-            print(json.dumps(_finite(s), indent=2, default=_json_default, allow_nan=False))
+            from workbench.json_values import finite
+
+            print(json.dumps(finite(s), indent=2, default=_json_default, allow_nan=False))
         else:
             _print_summary(run_file)
-
-
-def _finite(value: Any) -> Any:
-    """NaN → null, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -24,6 +24,7 @@ from scipy import stats
 
 from workbench.analysis.summary import REL_EPS, answer_correctness, convergence
 from workbench.errors import WorkbenchError
+from workbench.json_values import finite
 from workbench.store.groups import replace_group
 from workbench.store.reader import RunFile
 from workbench.engine.uncertainty import expected_calibration_error
@@ -470,25 +471,12 @@ def write_analysis(path: Path, result: dict[str, Any]) -> None:
     """Store ``result`` under ``analysis/`` of the run file (replacing an earlier analysis): the whole
     result as JSON in ``analysis/result``, and every per-round metric as ``analysis/metrics/<name>``
     ``[R, 3]`` float64 (estimate, low, high of the 95 % interval) with its ``what`` attribute."""
-    datasets: dict[str, np.ndarray] = {"result": np.asarray(json.dumps(_finite(result), allow_nan=False), dtype=object)}
+    datasets: dict[str, np.ndarray] = {"result": np.asarray(json.dumps(finite(result), allow_nan=False), dtype=object)}
     per_dataset: dict[str, dict[str, Any]] = {}
     for name, m in result["metrics"].items():
         datasets[f"metrics/{name}"] = np.stack([m["value"], m["low"], m["high"]], 1).astype(np.float64)
         per_dataset[f"metrics/{name}"] = {"what": m["what"], "columns": ["estimate", "low", "high"]}
     replace_group(Path(path), "analysis", datasets, {"created_by": "workbench analyze", "settings": result["settings"]}, per_dataset)
-
-
-def _finite(value: Any) -> Any:
-    """NaN → None, recursively (JSON has no NaN)."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.generic):
-        return _finite(value.item())
-    return value
 
 
 def read_analysis(run: RunFile) -> dict[str, Any] | None:

@@ -43,7 +43,8 @@ def analyze(
     """Per-round accuracy (parsed and option argmax), uncertainty, calibration and concept scores with
     95 % bootstrap intervals; convergence; flips; concept ↔ uncertainty correlations; the organism's
     probe against the exact posterior; the simulation task."""
-    from workbench.analysis.analyze import _finite, analyze as run_analysis, write_analysis
+    from workbench.analysis.analyze import analyze as run_analysis, write_analysis
+    from workbench.json_values import finite
     from workbench.store.reader import RunFile
 
     with RunFile(run_path) as run:
@@ -51,7 +52,7 @@ def analyze(
     if write:
         write_analysis(run_path, result)
     if as_json:
-        print(json.dumps(_finite(result), indent=1, allow_nan=False))
+        print(json.dumps(finite(result), indent=1, allow_nan=False))
     else:
         print_analysis(result)
 

@@ -338,7 +338,7 @@ def load_model(
     placing = _placement_kwargs(device_map, max_memory)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     kwargs["local_files_only"] = Path(path).exists() or _in_hub_cache(path, revision)
-    if not kwargs["local_files_only"] and not _hub_reachable():
+    if not kwargs["local_files_only"] and not hub_reachable():
         raise WorkbenchError(f"--model {name}: not a local folder, not in the Hugging Face cache, and the hub is unreachable")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -444,7 +444,7 @@ def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlparse
 

@@ -110,7 +110,7 @@ def _hub_config(name: str, what: str) -> str:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import logging as hub_logging
 
-    from workbench.engine.models import _hub_reachable
+    from workbench.engine.models import hub_reachable
 
     try:
         cached = try_to_load_from_cache(name, "config.json")
@@ -118,7 +118,7 @@ def _hub_config(name: str, what: str) -> str:
         cached = None
     if isinstance(cached, str):
         return cached
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WorkbenchError(f"{what}: {name} is not a local folder, not in the Hugging Face cache, and the hub is unreachable")
     hub_logging.set_verbosity_error()
     try:
