@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= artifacts/runs/demo.h5
 
-.PHONY: setup demo test bench clean-runs system-tools
+.PHONY: setup demo test test-quick bench clean-runs system-tools
 
 setup: $(VENV)/.installed system-tools
 
@@ -48,6 +48,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The suite without the tests marked slow (whole runs killed and resumed in subprocesses): a minute or two.
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_run.py

@@ -100,6 +100,7 @@ def test_kill_during_probe_track_leaves_the_run_whole(reference, shim, tmp_path)
         assert json.loads(run.f["probes/fault"].attrs["layers"]) == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp_path):
     out = tmp_path / "run.h5"
     writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "1"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -212,6 +213,7 @@ def test_after_a_restart_only_durable_parts_count(reference, tmp_path, monkeypat
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
 
 
+@pytest.mark.slow
 def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, tmp_path, monkeypatch):
     """--no-fsync: no fsync and no writeback request from the first batch to the finished file
     (the creation fsyncs its files as always); a SIGKILL at sampled writes, then --resume, still
@@ -270,6 +272,7 @@ def test_no_fsync_never_waits_for_the_disk_and_survives_a_kill(reference, shim, 
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_old_run_only_after_its_first_batch(reference, shim, tmp_path):
     out = tmp_path / "run.h5"
     shutil.copy(reference, out)
@@ -295,6 +298,7 @@ def _limit_file_size(limit: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_resumable(reference, tmp_path):
     """RLIMIT_FSIZE between the size of the run file to be when it is created and the finished run
     file's: the creation succeeds, writing the batches' rows into it fails; the error is one line,
@@ -336,6 +340,7 @@ print("script ends", flush=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending, status", [("", 0), ("sys.exit(3)", 3), ("raise ValueError('the script fails')", 1)])
 def test_a_script_that_catches_a_full_disk_ends_with_its_own_status(reference, tmp_path, ending, status):
     """From Python, a failed write is a WorkbenchError with the OS's words; the process then ends

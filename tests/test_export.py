@@ -222,6 +222,7 @@ def test_bfloat16_model_exports_float32_and_says_so(run_path, tmp_path):
 # --------------------------------------------------------------------------- crash safety
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_identical_to_an_uninterrupted_export(run_path, full_export, organism, tmp_path):
     out = tmp_path / "killed.h5"
     parts = out.with_name(out.name + ".parts")
@@ -441,6 +442,7 @@ subprocess.run(["cp", out, sys.argv[4]], check=True)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare (a private tmpfs to fill up)")
 def test_a_full_disk_is_one_line_and_the_export_resumes(run_path, full_export, tmp_path):
     """A real full disk: a 180 KiB tmpfs fits a few parts of the 1.2 MiB export; the error is one
@@ -459,6 +461,7 @@ def test_a_full_disk_is_one_line_and_the_export_resumes(run_path, full_export, t
         assert np.array_equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_the_export_resumes(run_path, full_export, tmp_path):
     """``ulimit -f`` (RLIMIT_FSIZE) below the cache file's size: the write fails with EFBIG, which
     is one line naming the limit (no traceback, no crash at exit), and without the limit --resume

@@ -81,6 +81,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, model_dirs):
     assert_same(a, b)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_settings(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
     assert cli(*run_args(model_dirs["llama"], out), "--limit", "2").returncode == 0
@@ -90,6 +91,7 @@ def test_resume_refuses_other_settings(tmp_path, model_dirs):
     assert "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_resume_on_another_device_warns_once_and_finishes(tmp_path):
     """A run started on one device (here: its header says cuda:0, as a GPU machine writes it) and
     resumed on another continues, with one `warning:` line saying so; a resume on the same device,
@@ -136,6 +138,7 @@ def test_resume_on_another_device_warns_once_and_finishes(tmp_path):
         RunWriter.resume(path, {**settings, "device_map": {"model.layers.0": 0}}).close()
 
 
+@pytest.mark.slow
 def test_info_json_has_the_per_round_table(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
     made = cli(*run_args(model_dirs["gpt2"], out), "--limit", "3")
@@ -156,6 +159,7 @@ def test_info_json_has_the_per_round_table(tmp_path, model_dirs):
     assert data["status"] == "complete" and data["n_done"] == 3
 
 
+@pytest.mark.slow
 def test_layout_is_plain_hdf5(tmp_path, model_dirs):
     """Readable with plain h5py: UTF-8 strings, one sample per activation chunk, no compression."""
     out = tmp_path / "r.h5"
@@ -171,6 +175,7 @@ def test_layout_is_plain_hdf5(tmp_path, model_dirs):
         assert f["rounds/correct"].dtype == np.uint8 and f["progress/done"][...].tolist() == [1, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("h5ls") is None, reason="h5ls not installed (make setup installs hdf5-tools as root)")
 def test_h5ls_reads_every_dataset(tmp_path, model_dirs):
     out = tmp_path / "r.h5"
@@ -197,6 +202,7 @@ def test_equal_length_rows_are_written(tmp_path, model_dirs, capsys, monkeypatch
         assert len(transcripts[0]) > len(ids[0, 0]) > 0
 
 
+@pytest.mark.slow
 def test_run_files_without_progress_or_with_bad_counts_give_one_line(tmp_path, model_dirs, capsys, monkeypatch):
     out = tmp_path / "r.h5"
     assert cli(*run_args(model_dirs["llama"], out), "--limit", "2").returncode == 0

@@ -153,6 +153,7 @@ def test_a_sharded_run_refuses_to_merge_over_a_single_process_run(capsys, monkey
     assert not (tmp_path / "ref.h5.shards").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_to_the_single_process_run(capsys, monkeypatch, tmp_path, reference):
     out = tmp_path / "runs" / "t.h5"
     done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "workbench", "run",
@@ -224,6 +225,7 @@ def test_a_virtual_merge_without_its_shards_is_refused_in_one_line(capsys, monke
     error_line(err, "v.h5.shards/shard-000-of-002.h5", "missing", "--copy")
 
 
+@pytest.mark.slow
 def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, reference, organism):
     out = tmp_path / "h.h5"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

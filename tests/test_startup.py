@@ -61,6 +61,7 @@ def test_commands_that_run_no_model_import_no_torch(args, files, tmp_path):
     assert not heavy, f"workbench {' '.join(args)} imported {heavy}"
 
 
+@pytest.mark.slow
 def test_the_check_can_fail(tmp_path):
     """A command that runs the model does import torch: the probe above sees imports."""
     code, modules = imported_by(["run", "--limit", "1", "--rounds", "1", "--out", str(tmp_path / "r.h5")], tmp_path)
