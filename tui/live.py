@@ -236,6 +236,7 @@ def sample_rounds(live: LiveModel) -> tuple[SampleRounds, tuple[tuple[str, ...],
         mean_token_entropy=np.array([r.mean_token_entropy[0] for r in rounds], dtype=np.float32),
         option_entropy=np.asarray(option_entropy, dtype=np.float32),
         concept=concept_scores(live),
+        prefixes=tuple(live.protocol.prefix(t + 1) for t in range(len(rounds))),
     )
     pieces = tuple(tuple(token_pieces(live.decoder, ids)) for ids in rounds_view.token_ids)
     return rounds_view, pieces

@@ -23,7 +23,7 @@ from textual.widgets import Footer, Static
 from tui import live as model_side
 from tui.keymap import LIVE_BINDINGS
 from tui.messages import LiveBusy, LiveReady, LiveRoundDone, LiveSaved, LiveTokens, WorkFailed
-from tui.screens.browse import LayerKeys, entropy_scale_max, sample_view, show_concept
+from tui.screens.browse import LayerKeys, entropy_scale_max, sample_view, show_concept, show_entropy
 from tui.widgets.conversation import Conversation
 from tui.widgets.option_bars import OptionBars
 from tui.widgets.status import StatusLine
@@ -171,6 +171,7 @@ class LiveScreen(LayerKeys, Screen):
         self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats", layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, "cosine", t, self.layer_index)
+        show_entropy(self, sample, t, self.coloured)
 
     # ------------------------------------------------------------------ keys
     def action_step(self) -> None:

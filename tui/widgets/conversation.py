@@ -16,8 +16,10 @@ from tui.widgets.tokens import TokenView
 
 def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim_style, pending: str | None = None) -> Text:
     """Rounds ``0 … round_ − 1`` (instruction and response each) and the current round's
-    instruction, with labels; every model and user string literal. ``pending``: the instruction of
-    a round still being generated (``round_`` = the rounds the sample has)."""
+    instruction, with labels; every model and user string literal. A round's assistant prefix (the
+    words the protocol made the model say before it generated, ``sample.prefixes``) is shown dimmed
+    before its response; the current round's ends the text, just above its tokens. ``pending``: the
+    instruction of a round still being generated (``round_`` = the rounds the sample has)."""
     text = Text(end="")
     if sample.context or sample.question:
         text.append("item  ", dim_style)
@@ -28,6 +30,9 @@ def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim
         text.append_text(literal(sample.instructions[t] if t < sample.n_rounds else pending or ""))
         note = ("  (generating …)" if pending is not None else "  (shown below)") if t == round_ else ""
         text.append(f"\nmodel · round {t + 1}{note}\n", model_style)
+        prefix = sample.prefixes[t] if t < len(sample.prefixes) else ""
+        if prefix:
+            text.append_text(literal(prefix, dim_style))
         if t < round_:
             text.append_text(literal(sample.responses[t]))
             text.append("\n")
