@@ -351,6 +351,22 @@ def is_cache_file(path: Path) -> bool:
         return False
 
 
+def recorded_run(path: Path) -> tuple[str | None, Path | None]:
+    """The run a cache file was exported from: the path it records (``run_file``; None for a cache
+    ``save_activation_cache`` wrote) and that file when it is there — the path as recorded, else
+    the same name beside the cache (the two were moved together) — or None."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        recorded = f.attrs.get("run_file")
+    if recorded is None:
+        return None, None
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    for candidate in (Path(recorded), path.parent / Path(recorded).name):
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return recorded, candidate
+    return recorded, None
+
+
 def open_cache_file(path: Path) -> h5py.File:
     """Open a cache file read-only, refusing anything else with one line."""
     path = Path(path)
