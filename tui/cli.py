@@ -56,7 +56,7 @@ def tui(
     protocol: Optional[str] = typer.Option(None, help="--live: protocol name or .toml path (default: organism for the organism, else bbq-paper)."),
     task: Optional[str] = typer.Option(None, help="--live: organism, bbq or prompts (default: organism for the organism, else bbq)."),
     data: Optional[Path] = typer.Option(None, help="--live: a BBQ or prompts JSONL file to draw items from."),
-    probe: Optional[Path] = typer.Option(None, help="--live: a probe file (workbench probe fit) whose concept score is shown per round."),
+    probe: Optional[Path] = typer.Option(None, help="--live: a probe file (workbench probe fit) whose concept score is shown per round. Default: the first probe of the same model in artifacts/probes/ (organism-fair.h5, which make demo fits, first); the header names it."),
     device: str = typer.Option("auto", help="--live: auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="--live: model dtype: auto, float32, bfloat16, float16."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="A TOML keymap (default: ~/.config/workbench/keys.toml when it exists)."),

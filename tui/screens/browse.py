@@ -76,9 +76,10 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     curve, heatmap = screen.query_one("#concept-curve", Curve), screen.query_one(ConceptHeatmap)
     heatmap.cell_width = cell_width_for(screen.size.width)
     if probe is None or sample is None or probe.name not in sample.concept:
+        what = "no probe" if probe is None else "no round yet" if sample is None or not sample.n_rounds else "not scored"
         curve.show(CurveData("", ()))
-        curve.border_title = "concept: no probe"
-        heatmap.clear("no probe")
+        curve.border_title = f"concept: {what}"
+        heatmap.clear(what)
         heatmap.border_title = "layers × rounds"
         return
     values = sample.concept[probe.name][score]  # [R, L_probe]
@@ -87,6 +88,16 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     curve.show(CurveData("", tuple(values[:, layer_index].tolist()), round_))
     heatmap.show(values, probe.layers, probe.ranges[score], round_, layer_index, score[:3])
     heatmap.border_title = f"{score[:3]} L × r"
+
+
+def entropy_line(sample: SampleRounds, round_: int) -> str:
+    """``r2 token H 1.008 · option H 0.736 nats`` of round ``round_`` (0-based); no option part
+    for an open-ended task."""
+    tok_h, opt_h = float(sample.mean_token_entropy[round_]), float(sample.option_entropy[round_])
+    info = f"r{round_ + 1} token H {tok_h:.3f}"
+    if math.isfinite(opt_h):
+        info += f" · option H {opt_h:.3f}"
+    return info + " nats"
 
 
 def show_entropy(screen: Screen, sample: SampleRounds | None, round_: int, coloured: bool) -> None:
@@ -293,12 +304,8 @@ class SampleScreen(LayerKeys, Screen):
         samples.border_subtitle = self.filter.label()
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
-        tok_h, opt_h = float(sample.mean_token_entropy[t]), float(sample.option_entropy[t])
-        info = f"r{t + 1} token H {tok_h:.3f}"
-        if math.isfinite(opt_h):
-            info += f" · option H {opt_h:.3f}"
         hint = " · hover a token for its entropy and id" if self.size.width >= 110 else ""
-        self.query_one("#token-info", Static).update(info + " nats" + hint, layout=False)
+        self.query_one("#token-info", Static).update(entropy_line(sample, t) + hint, layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
         show_entropy(self, sample, t, self.coloured)
