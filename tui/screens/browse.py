@@ -77,8 +77,8 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     heatmap.cell_width = cell_width_for(screen.size.width)
     if probe is None or sample is None or probe.name not in sample.concept:
         what = "no probe" if probe is None else "no round yet" if sample is None or not sample.n_rounds else "not scored"
-        curve.show(CurveData("", ()))
-        curve.border_title = f"concept: {what}"
+        curve.show(CurveData(what, ()))  # the title fits at 80 columns; the body says why there is no curve
+        curve.border_title = "concept"
         heatmap.clear(what)
         heatmap.border_title = "layers × rounds"
         return

@@ -144,7 +144,7 @@ class Curve(BaseStyleCache, Widget):
         lines = [fit_line([Segment(title, self.get_component_rich_style("curve--title"))], width, base)]
         rows, cols = height - 2, width - AXIS_WIDTH
         if rows < 1 or cols < 2 or not finite.size:
-            message = "" if finite.size else "no values"
+            message = "" if finite.size or (not n and data.title) else "no values"  # an empty curve with a title: the title says why
             lines += [fit_line([Segment(message if i == 0 else "")], width, base) for i in range(max(0, height - 1))]
             return lines[:height]
         lo, hi = float(finite.min()), float(finite.max())
