@@ -107,6 +107,8 @@ def test_history_text_styles_the_prefix_dim_and_keeps_the_response_plain(run_pat
     assert response_at == start + len(FIRST)  # prefix and response as the model saw them, nothing between
     assert not any(span.style == dim for span in text.spans if span.start <= response_at < span.end)
     assert plain.rstrip().endswith(FOLLOWUP)  # the current round's prefix ends the history, above its tokens
+    pending = history_text(sample, sample.n_rounds, Style(), Style(), dim, pending="typed now", pending_prefix="So it is")
+    assert pending.plain.rstrip().endswith("typed now\nmodel · round 7  (generating …)\nSo it is")  # live: the round being generated
 
 
 def test_round_prefixes_of_a_protocol():

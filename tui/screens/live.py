@@ -31,11 +31,11 @@ from tui.work import run_blocking
 
 
 def probe_label(live: model_side.LiveModel) -> str:
-    """What the header says of the probe: ``NAME (PATH, found)`` when it was found at the default
-    place (:data:`tui.live.DEFAULT_PROBES`), ``NAME (PATH)`` when given with --probe, or how to give one."""
+    """What the header says of the probe: its file, ``PATH (found)`` when it was found at the default
+    place (:data:`tui.live.DEFAULT_PROBES`) rather than given with --probe, or how to give one."""
     if live.probe is None:
         return "none (--probe FILE)"
-    return f"{live.probe.name} ({live.probe_path}{', found' if live.probe_found else ''})"
+    return f"{live.probe_path}{' (found)' if live.probe_found else ''}"
 
 
 class LiveScreen(LayerKeys, Screen):
@@ -134,7 +134,8 @@ class LiveScreen(LayerKeys, Screen):
             return  # the round ended (or failed) before this arrived
         self.streamed = message
         sample = self.sample if self.sample is not None else model_side.sample_rounds(self.live)[0]  # no rounds yet
-        self.query_one(Conversation).show_partial(sample, message.instruction, message.ids, message.pieces)
+        self.query_one(Conversation).show_partial(sample, message.instruction, message.ids, message.pieces,
+                                                  self.live.protocol.prefix(message.number))
         self.query_one("#live-progress", Static).update(f"working: {self.busy} … {len(message.ids)} tokens", layout=False)
 
     def on_live_round_done(self, message: LiveRoundDone) -> None:
