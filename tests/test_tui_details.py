@@ -86,7 +86,7 @@ def test_the_forced_assistant_prefix_is_shown_dimmed_before_each_response(run_pa
         assert FIRST in text  # round 1's prefix, just above its tokens
         await press(app, pilot, "n")
         text = screen_text(app)
-        assert FIRST + app.screen.sample.responses[0] in text.replace("\n", "")  # round 1 in the history: prefix + response
+        assert FIRST + " " + app.screen.sample.responses[0] in text.replace("\n", "")  # round 1 in the history: prefix, response
         assert FOLLOWUP.split(",")[0] in text
 
     drive(run_path, body, size=(200, 40))
@@ -104,11 +104,14 @@ def test_history_text_styles_the_prefix_dim_and_keeps_the_response_plain(run_pat
     styles = {span.style for span in text.spans if span.start <= start < span.end}
     assert dim in styles
     response_at = plain.index(sample.responses[0], start)
-    assert response_at == start + len(FIRST)  # prefix and response as the model saw them, nothing between
+    assert plain[start + len(FIRST):response_at] == " "  # the responses here start with no space: one between, unstyled
     assert not any(span.style == dim for span in text.spans if span.start <= response_at < span.end)
     assert plain.rstrip().endswith(FOLLOWUP)  # the current round's prefix ends the history, above its tokens
     pending = history_text(sample, sample.n_rounds, Style(), Style(), dim, pending="typed now", pending_prefix="So it is")
     assert pending.plain.rstrip().endswith("typed now\nmodel · round 7  (generating …)\nSo it is")  # live: the round being generated
+    spaced = read_sample(run_path, 0)
+    spaced = type(spaced)(**{**spaced.__dict__, "responses": tuple(" " + r for r in spaced.responses)})
+    assert FIRST + " " + sample.responses[0] in history_text(spaced, 1, Style(), Style(), dim).plain  # no second space
 
 
 def test_round_prefixes_of_a_protocol():

@@ -35,6 +35,9 @@ def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim
         prefix = sample.prefixes[t] if t < len(sample.prefixes) else pending_prefix if t == sample.n_rounds else ""
         if prefix:
             text.append_text(literal(prefix, dim_style))
+            response = sample.responses[t] if t < sample.n_rounds else ""
+            if not prefix[-1].isspace() and not response[:1].isspace():
+                text.append(" ")  # a word-level tokenizer decodes without the space between words the model saw
         if t < round_:
             text.append_text(literal(sample.responses[t]))
             text.append("\n")
