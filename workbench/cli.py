@@ -271,6 +271,11 @@ class _ProgressReporter:
     def __enter__(self) -> "_ProgressReporter":
         return self
 
+    @property
+    def progress(self) -> Any:
+        """The rich ``Progress`` drawn on a terminal (None before the first batch, and in a log)."""
+        return self.bar.bar
+
     def __exit__(self, *exc: Any) -> None:
         self.status.stop()
         self.bar.close()
