@@ -77,8 +77,11 @@ def fit(
     margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
     data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin)
     check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
-    with _progress(len(data.token_ids)) as advance:
-        ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, advance)
+    from workbench.terminal import ProgressBar
+
+    with ProgressBar("activations", "texts", console=err) as bar:
+        bar.update(0, len(data.token_ids))
+        ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, bar.advance)
     save_fitted(path, loaded, data, method, hook, position, test_fraction, seed, ev, arrays)
     from probes.probe_file import load_probe
 
@@ -92,28 +95,6 @@ def _ints(text: Optional[str]) -> Optional[list[int]]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise WorkbenchError(f"--layers takes comma-separated integers, not {text!r}") from None
-
-
-class _progress:
-    """A progress bar over contrast texts on a terminal; silent otherwise."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.bar = None
-
-    def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if err.is_terminal:
-            self.bar = Progress(TextColumn("[bold]activations"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err)
-            self.bar.start()
-            task = self.bar.add_task("acts", total=self.total)
-            return lambda k: self.bar.advance(task, k)
-        return None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _show(probe) -> None:

@@ -50,10 +50,11 @@ def save_word_tokenizer(folder: Path, words: set[str]) -> None:
 
 def build_run(path: Path, n_samples: int = 12, n_rounds: int = 4, n_layers: int = 3, d_model: int = 8,
               seed: int = 0, response: Callable[[int, int, int], str] = default_response,
-              done: np.ndarray | None = None, probe: bool = True, batch: int = 16) -> Path:
+              done: np.ndarray | None = None, probe: bool = True, batch: int = 16, protocol: dict | None = None) -> Path:
     """Write a run file at ``path`` (its tokenizer in ``path``'s folder + ``.tokenizer``) and
     return ``path``. ``done``: ``[N]`` bool of the samples written (default all; a partial run
-    keeps status ``running``). ``probe``: add a tracked probe ``fair`` (cosine and projection)."""
+    keeps status ``running``). ``probe``: add a tracked probe ``fair`` (cosine and projection).
+    ``protocol``: keys added to the recorded protocol (e.g. ``first_prefix``)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     done = np.ones(n_samples, dtype=bool) if done is None else np.asarray(done, dtype=bool)
@@ -76,7 +77,7 @@ def build_run(path: Path, n_samples: int = 12, n_rounds: int = 4, n_layers: int 
     settings = {
         "model_name": "synthetic", "model_path": str(folder), "model_revision": "", "model_dtype": "float32",
         "model_class": "none", "n_layers": n_layers, "d_model": d_model, "task": "organism",
-        "protocol": {"name": "synthetic", "rounds": n_rounds}, "hooks": ["hook_resid_post"],
+        "protocol": {"name": "synthetic", "rounds": n_rounds, **(protocol or {})}, "hooks": ["hook_resid_post"],
         "layers": list(range(n_layers)), "seed": seed, "batch_size": batch,
     }
     writer = RunWriter.create(path, settings, samples, n_rounds, {"hook_resid_post": (n_layers, d_model)})

@@ -25,6 +25,7 @@ class WorkbenchApp(App):
     BINDINGS = APP_BINDINGS
     TITLE = "workbench"
     ENABLE_COMMAND_PALETTE = True
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # styles.tcss lays the sample view out tighter below 120 columns
 
     def __init__(self, run_path: str | Path | None = None, live: Any = None, keymap: dict[str, str] | None = None) -> None:
         super().__init__()

@@ -29,6 +29,26 @@ def serve_command(run_path: Path | None, keys: Path | None, live_options: dict[s
     return shlex.join(args)
 
 
+def browsed_run(path: Path) -> Path:
+    """The run file ``workbench tui PATH`` opens: ``PATH``, checked (a missing, foreign or truncated
+    file is one clear line here, not in the app); for an activation cache (``workbench export``),
+    the run it records when that file is there (said on stderr), else one line naming the command."""
+    from workbench.cache.file import is_cache_file, recorded_run
+    from workbench.store.reader import RunFile
+
+    if Path(path).is_file() and is_cache_file(path):
+        recorded, found = recorded_run(path)
+        if found is None:
+            hint = (f"its run {recorded} is not there: open the run with  workbench tui RUN.h5" if recorded else
+                    "it records no run (save_activation_cache)")
+            raise WorkbenchError(f"{path} is an activation cache (workbench export), not a run file; {hint}; "
+                                 f"workbench info {path} shows what the cache holds")
+        print(f"{path} is an activation cache (workbench export): opening its run {found}", file=sys.stderr, flush=True)
+        path = found
+    RunFile(path).close()
+    return path
+
+
 def tui(
     run_path: Optional[Path] = typer.Argument(None, help="A run file to browse (written by `workbench run`)."),
     live: bool = typer.Option(False, "--live", help="Step rounds live with a loaded model instead of browsing a file."),
@@ -36,7 +56,7 @@ def tui(
     protocol: Optional[str] = typer.Option(None, help="--live: protocol name or .toml path (default: organism for the organism, else bbq-paper)."),
     task: Optional[str] = typer.Option(None, help="--live: organism, bbq or prompts (default: organism for the organism, else bbq)."),
     data: Optional[Path] = typer.Option(None, help="--live: a BBQ or prompts JSONL file to draw items from."),
-    probe: Optional[Path] = typer.Option(None, help="--live: a probe file (workbench probe fit) whose concept score is shown per round."),
+    probe: Optional[Path] = typer.Option(None, help="--live: a probe file (workbench probe fit) whose concept score is shown per round. Default: the first probe of the same model in artifacts/probes/ (organism-fair.h5, which make demo fits, first); the header names it."),
     device: str = typer.Option("auto", help="--live: auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="--live: model dtype: auto, float32, bfloat16, float16."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="A TOML keymap (default: ~/.config/workbench/keys.toml when it exists)."),
@@ -62,9 +82,7 @@ def tui(
         live_config = LiveConfig.from_options(model=model, protocol=protocol, task=task, data=data, probe=probe,
                                               device=device, dtype=dtype)
     else:
-        from workbench.store.reader import RunFile
-
-        RunFile(run_path).close()  # a missing, foreign or truncated file is one clear line here, not in the app
+        run_path = browsed_run(run_path)
     if serve:
         from textual_serve.server import Server
 

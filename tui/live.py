@@ -21,6 +21,8 @@ from tui.runsource import ProbeInfo, SampleRounds
 from tui.tokens import decoder_for, token_pieces
 from workbench.errors import WorkbenchError
 
+DEFAULT_PROBES = Path("artifacts/probes")  # where `workbench probe fit` and `make demo` write probe files
+DEMO_PROBE = "organism-fair.h5"  # the one `make demo` fits: preferred among the organism's
 STREAM_INTERVAL = 0.05  # seconds between two showings of a round's growing text (at most 20 redraws a second)
 
 # the immoral instruction `x` injects when the protocol names none of its own
@@ -71,6 +73,8 @@ class LiveModel:
     session: Any | None = None
     item_index: int = 0
     probe_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    probe_path: Path | None = None  # the probe file shown, given with --probe or found (probe_found)
+    probe_found: bool = False  # True: probe_path was found at the default place (DEFAULT_PROBES), not given
 
     @property
     def probe_info(self) -> ProbeInfo | None:
@@ -101,15 +105,45 @@ def load_live(config: LiveConfig) -> LiveModel:
         items = load_organism_samples(limit=1)
     if not items:
         raise WorkbenchError(f"{config.data}: no items")
-    probe = None
+    probe, probe_path = None, config.probe
     if config.probe is not None:
         from probes.probe_file import load_probe
 
         probe = load_probe(Path(config.probe))
-        same = probe.meta["model_path"] == model.path or probe.meta["model_name"] == model.name == "organism"
-        if not same or int(probe.meta["d_model"]) != model.d_model:
+        if not probe_fits(probe, model):
             raise WorkbenchError(f"{config.probe} was fitted on {probe.meta['model_name']}, not on {model.name}")
-    return LiveModel(config, model, task, protocol, items, probe, decoder_for(model.metadata()))
+    else:
+        probe_path, probe = default_probe(model)
+    return LiveModel(config, model, task, protocol, items, probe, decoder_for(model.metadata()),
+                     probe_path=None if probe_path is None else Path(probe_path), probe_found=config.probe is None and probe is not None)
+
+
+def probe_fits(probe: Any, model: Any) -> bool:
+    """Whether ``probe`` (a :class:`probes.probe_file.Probe`) was fitted on ``model`` (a LoadedModel):
+    the same model path (or both the organism) and width."""
+    same = probe.meta.get("model_path") == model.path or probe.meta.get("model_name") == model.name == "organism"
+    return bool(same) and int(probe.meta.get("d_model", -1)) == model.d_model
+
+
+def default_probe(model: Any, folder: Path = DEFAULT_PROBES) -> tuple[Path | None, Any | None]:
+    """The probe live mode shows when no ``--probe`` is given: among the probe files in ``folder``
+    (where ``probe fit`` and ``make demo`` write them), the first fitted on ``model`` — the demo's
+    ``organism-fair.h5`` first, then the newest. Files that do not load are passed over.
+    Returns (its path, the loaded Probe), or (None, None)."""
+    from probes.probe_file import load_probe
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None, None
+    files = sorted((p for p in folder.glob("*.h5") if p.is_file()), key=lambda p: (p.name != DEMO_PROBE, -p.stat().st_mtime))
+    for path in files:
+        try:
+            probe = load_probe(path)
+        except WorkbenchError:
+            continue
+        if probe_fits(probe, model):
+            return path, probe
+    return None, None
 
 
 def start_item(live: LiveModel, index: int | None = None, typed: Any | None = None) -> None:
@@ -236,6 +270,7 @@ def sample_rounds(live: LiveModel) -> tuple[SampleRounds, tuple[tuple[str, ...],
         mean_token_entropy=np.array([r.mean_token_entropy[0] for r in rounds], dtype=np.float32),
         option_entropy=np.asarray(option_entropy, dtype=np.float32),
         concept=concept_scores(live),
+        prefixes=tuple(live.protocol.prefix(t + 1) for t in range(len(rounds))),
     )
     pieces = tuple(tuple(token_pieces(live.decoder, ids)) for ids in rounds_view.token_ids)
     return rounds_view, pieces

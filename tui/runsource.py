@@ -103,6 +103,7 @@ class SampleRounds:
     mean_token_entropy: np.ndarray  # [R] float32
     option_entropy: np.ndarray  # [R] float32
     concept: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # probe → score → [R, L_probe]
+    prefixes: tuple[str, ...] = ()  # [R] the assistant prefix the protocol forced before each response ("" none)
 
     @property
     def n_rounds(self) -> int:
@@ -111,6 +112,18 @@ class SampleRounds:
 
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def round_prefixes(protocol: Any, n_rounds: int) -> tuple[str, ...]:
+    """``[n_rounds]`` the assistant prefix of each round under ``protocol`` (the run's protocol
+    JSON as a dict: ``first_prefix`` for round 1, ``followup_prefix`` after, as
+    :meth:`workbench.engine.protocol.Protocol.prefix` gives them); "" where there is none or the
+    run recorded no protocol."""
+    if not isinstance(protocol, dict):
+        return ("",) * n_rounds
+    first, followup = (protocol.get(k, "") for k in ("first_prefix", "followup_prefix"))
+    first, followup = (x if isinstance(x, str) else "" for x in (first, followup))
+    return tuple(first if t == 0 else followup for t in range(n_rounds))
 
 
 def _robust_range(values: np.ndarray) -> tuple[float, float]:
@@ -176,6 +189,7 @@ def read_samples(path: str | Path, positions: Sequence[int], probes: Sequence[Pr
             return run.array(name, samples=order)
 
         n_rounds = run.n_rounds
+        prefixes = round_prefixes(run.meta.get("protocol"), n_rounds)
         columns = {name: rows(name) for name in (
             "samples/id", "samples/category", "samples/context", "samples/question", "samples/gold",
             f"{ROUNDS}/instruction", f"{ROUNDS}/response", f"{ROUNDS}/option_probs", f"{ROUNDS}/answer",
@@ -206,6 +220,7 @@ def read_samples(path: str | Path, positions: Sequence[int], probes: Sequence[Pr
             mean_token_entropy=np.asarray(one(f"{ROUNDS}/mean_token_entropy"), dtype=np.float32),
             option_entropy=np.asarray(one(f"{ROUNDS}/option_entropy"), dtype=np.float32),
             concept={p.name: {score: np.asarray(v[k], dtype=np.float32) for score, v in concept[p.name].items()} for p in probes},
+            prefixes=prefixes,
         )
     return [out[int(p)] for p in positions]
 

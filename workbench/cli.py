@@ -23,7 +23,7 @@ from rich.text import Text
 
 from workbench.errors import WorkbenchError
 from workbench.engine.models import Device, ModelDtype
-from workbench.terminal import Spinner
+from workbench.terminal import ProgressBar, Spinner
 
 app = typer.Typer(
     name="workbench",
@@ -258,52 +258,41 @@ class _ProgressReporter:
     all); in a log every rank writes its plain lines, each starting ``rank K/N:``."""
 
     def __init__(self, rank: Optional[tuple[int, int]] = None) -> None:
-        self.progress: Any = None
         self.rank = rank
         self.live = rank is None or rank[0] == 0
         self.prefix = "" if rank is None else f"rank {rank[0]}/{rank[1]}: "
         self.status = Spinner(err, show=self.live)  # what loading the model is doing, until the first batch
-        self.task_id: Any = None
+        label = "samples × rounds" if rank is None else f"rank 0 of {rank[1]}: samples × rounds"
+        # a plain line per batch in a log (interval 0: every batch is a line, as before)
+        self.bar = ProgressBar(label, "rounds", console=err, show=self.live, interval=0.0)
         self.tokens = 0
         self.t0 = time.perf_counter()
 
     def __enter__(self) -> "_ProgressReporter":
         return self
 
+    @property
+    def progress(self) -> Any:
+        """The rich ``Progress`` drawn on a terminal (None before the first batch, and in a log)."""
+        return self.bar.bar
+
     def __exit__(self, *exc: Any) -> None:
         self.status.stop()
-        if self.progress is not None:
-            self.progress.stop()
+        self.bar.close()
 
     def update(self, p: Any) -> None:
         """Called once before the first batch (new_tokens = 0), after every round and after every batch."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.status.stop()
-
-        total, done = p.total_samples * p.rounds, p.done_rounds
         if p.new_tokens == 0 and p.batch_rounds == 0:
             self.t0 = time.perf_counter()  # the model is loaded: start the clock
         if p.batch_rounds:
             self.tokens += p.new_tokens  # a written batch repeats its rounds' tokens
         speed = f"{self.tokens / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
-        if not err.is_terminal:
-            if p.batch_rounds == 0:
-                what = "batch done" if p.new_tokens else "starting at"
-                print(f"{self.prefix}{what}: {p.done_samples}/{p.total_samples} samples ({speed})", file=sys.stderr, flush=True)
-        elif not self.live:
-            return
-        elif self.progress is None:
-            label = "samples × rounds" if self.rank is None else f"rank 0 of {self.rank[1]}: samples × rounds"
-            self.progress = Progress(
-                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), console=err,
-                speed_estimate_period=600,  # a round of a large model can take longer than rich's default 30 s
-            )
-            self.progress.start()
-            self.task_id = self.progress.add_task("run", total=total, completed=done, speed="")
-        else:
-            self.progress.update(self.task_id, completed=done, speed=speed)
+        if not err.is_terminal and p.batch_rounds != 0:
+            return  # in a log: a line per batch, not per round
+        what = "batch done" if p.new_tokens else "starting at"
+        self.bar.update(p.done_rounds, p.total_samples * p.rounds, speed=speed,
+                        line=f"{self.prefix}{what}: {p.done_samples}/{p.total_samples} samples ({speed})")
 
 
 def _fmt(value: Any) -> str:

@@ -27,6 +27,7 @@ from tui.runsource import SCORES, ProbeInfo, RunOverview, SampleRounds, read_ove
 from tui.tokens import decoder_for, token_pieces
 from tui.widgets.conversation import Conversation
 from tui.widgets.curve import Curve, CurveData
+from tui.widgets.entropy_curve import EntropyCurve, colour_legend
 from tui.widgets.heatmap import ConceptHeatmap, cell_width_for
 from tui.widgets.option_bars import OptionBars
 from tui.widgets.sample_list import SampleList
@@ -75,9 +76,10 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     curve, heatmap = screen.query_one("#concept-curve", Curve), screen.query_one(ConceptHeatmap)
     heatmap.cell_width = cell_width_for(screen.size.width)
     if probe is None or sample is None or probe.name not in sample.concept:
-        curve.show(CurveData("", ()))
-        curve.border_title = "concept: no probe"
-        heatmap.clear("no probe")
+        what = "no probe" if probe is None else "no round yet" if sample is None or not sample.n_rounds else "not scored"
+        curve.show(CurveData(what, ()))  # the title fits at 80 columns; the body says why there is no curve
+        curve.border_title = "concept"
+        heatmap.clear(what)
         heatmap.border_title = "layers × rounds"
         return
     values = sample.concept[probe.name][score]  # [R, L_probe]
@@ -88,13 +90,39 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
     heatmap.border_title = f"{score[:3]} L × r"
 
 
+def entropy_line(sample: SampleRounds, round_: int) -> str:
+    """``r2 token H 1.008 · option H 0.736 nats`` of round ``round_`` (0-based); no option part
+    for an open-ended task."""
+    tok_h, opt_h = float(sample.mean_token_entropy[round_]), float(sample.option_entropy[round_])
+    info = f"r{round_ + 1} token H {tok_h:.3f}"
+    if math.isfinite(opt_h):
+        info += f" · option H {opt_h:.3f}"
+    return info + " nats"
+
+
+def show_entropy(screen: Screen, sample: SampleRounds | None, round_: int, coloured: bool) -> None:
+    """Draw ``sample``'s mean token entropy and option entropy per round (``#entropy-curve``) and
+    the legend of its tokens' colouring (the conversation's border subtitle) on ``screen``
+    (browse and live share this)."""
+    curve = screen.query_one("#entropy-curve", EntropyCurve)
+    curve.border_title = "entropy"
+    conversation = screen.query_one(Conversation)
+    if sample is None or not sample.n_rounds:
+        curve.clear()
+        conversation.border_subtitle = None
+        return
+    curve.show(sample.mean_token_entropy, sample.option_entropy, round_)
+    conversation.border_subtitle = colour_legend(entropy_scale_max(sample), coloured)
+
+
 def sample_view() -> Vertical:
     """The conversation, the token line, and the details row (option bars, concept curve,
-    heatmap) of one sample: the browse and live screens show the same."""
+    entropy curve, heatmap) of one sample: the browse and live screens show the same."""
     return Vertical(
         Conversation(id="conversation"),
         Static("", id="token-info", markup=False),
-        Horizontal(OptionBars(id="options"), Curve(id="concept-curve"), ConceptHeatmap(id="heatmap"), id="details"),
+        Horizontal(OptionBars(id="options"), Curve(id="concept-curve"), EntropyCurve(id="entropy-curve"),
+                   ConceptHeatmap(id="heatmap"), id="details"),
         id="main",
     )
 
@@ -276,14 +304,11 @@ class SampleScreen(LayerKeys, Screen):
         samples.border_subtitle = self.filter.label()
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
-        tok_h, opt_h = float(sample.mean_token_entropy[t]), float(sample.option_entropy[t])
-        info = f"r{t + 1} token H {tok_h:.3f}"
-        if math.isfinite(opt_h):
-            info += f" · option H {opt_h:.3f}"
         hint = " · hover a token for its entropy and id" if self.size.width >= 110 else ""
-        self.query_one("#token-info", Static).update(info + " nats" + hint, layout=False)
+        self.query_one("#token-info", Static).update(entropy_line(sample, t) + hint, layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
+        show_entropy(self, sample, t, self.coloured)
 
     # ------------------------------------------------------------------ actions (keys)
     def _set_round(self, round_: int) -> None:
@@ -358,6 +383,7 @@ class SampleScreen(LayerKeys, Screen):
     def action_toggle_colours(self) -> None:
         self.coloured = not self.coloured
         self.query_one(TokenView).set_coloured(self.coloured)
+        show_entropy(self, self.sample, self.round, self.coloured)
 
     def action_filter(self) -> None:
         if self.overview is None:

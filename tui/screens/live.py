@@ -23,11 +23,19 @@ from textual.widgets import Footer, Static
 from tui import live as model_side
 from tui.keymap import LIVE_BINDINGS
 from tui.messages import LiveBusy, LiveReady, LiveRoundDone, LiveSaved, LiveTokens, WorkFailed
-from tui.screens.browse import LayerKeys, entropy_scale_max, sample_view, show_concept
+from tui.screens.browse import LayerKeys, entropy_line, entropy_scale_max, sample_view, show_concept, show_entropy
 from tui.widgets.conversation import Conversation
 from tui.widgets.option_bars import OptionBars
 from tui.widgets.status import StatusLine
 from tui.work import run_blocking
+
+
+def probe_label(live: model_side.LiveModel) -> str:
+    """What the header says of the probe: its file, ``PATH (found)`` when it was found at the default
+    place (:data:`tui.live.DEFAULT_PROBES`) rather than given with --probe, or how to give one."""
+    if live.probe is None:
+        return "none (--probe FILE)"
+    return f"{live.probe_path}{' (found)' if live.probe_found else ''}"
 
 
 class LiveScreen(LayerKeys, Screen):
@@ -56,6 +64,7 @@ class LiveScreen(LayerKeys, Screen):
 
     def on_mount(self) -> None:
         self.query_one(OptionBars).border_title = "p̂(option)"
+        self.query_one(OptionBars).clear("loading …")
         self.query_one(Conversation).clear("loading the model …")
         self.work("loading " + self.config.model, lambda: self._load())
 
@@ -116,13 +125,17 @@ class LiveScreen(LayerKeys, Screen):
         text = " ".join(x for x in (s.context, s.question) if x)
         self.query_one(Conversation).clear(f"item {self.live.item_index + 1}: {text}\n\n"
                                            "n: round 1 with the protocol's instruction · i: type your own · o: another item")
+        self.query_one(OptionBars).clear("no round yet (n)" if s.options else "no options (open-ended task)")
+        show_concept(self, None, self.probe, "cosine", 0, self.layer_index)
+        show_entropy(self, None, 0, self.coloured)
 
     def on_live_tokens(self, message: LiveTokens) -> None:
         if self.busy is None or self.live is None or self.live.session is None:
             return  # the round ended (or failed) before this arrived
         self.streamed = message
         sample = self.sample if self.sample is not None else model_side.sample_rounds(self.live)[0]  # no rounds yet
-        self.query_one(Conversation).show_partial(sample, message.instruction, message.ids, message.pieces)
+        self.query_one(Conversation).show_partial(sample, message.instruction, message.ids, message.pieces,
+                                                  self.live.protocol.prefix(message.number))
         self.query_one("#live-progress", Static).update(f"working: {self.busy} … {len(message.ids)} tokens", layout=False)
 
     def on_live_round_done(self, message: LiveRoundDone) -> None:
@@ -146,6 +159,9 @@ class LiveScreen(LayerKeys, Screen):
             self.show_round()  # not a half-streamed round
         elif self.live is not None and self.live.session is not None:
             self.show_item()
+        elif self.live is None:  # the model did not load
+            self.query_one(OptionBars).clear("no model")
+            self.query_one(Conversation).clear(f"the model did not load: {message.error}")
 
     # ------------------------------------------------------------------ drawing
     def show_status(self) -> None:
@@ -155,6 +171,8 @@ class LiveScreen(LayerKeys, Screen):
             parts.append(("round", f"{self.round + 1}/{self.sample.n_rounds}"))
         if live is not None and live.session is not None:
             parts.append(("item", f"{live.item_index + 1}"))
+        if live is not None:
+            parts.append(("probe", probe_label(live)))
         self.query_one(StatusLine).show(parts)
         progress = self.query_one("#live-progress", Static)
         progress.set_class(self.busy is not None, "busy")
@@ -168,9 +186,10 @@ class LiveScreen(LayerKeys, Screen):
             return
         t = self.round
         self.query_one(Conversation).show(sample, self.pieces, t, self.coloured, entropy_scale_max(sample))
-        self.query_one("#token-info", Static).update(f"r{t + 1} token H {float(sample.mean_token_entropy[t]):.3f} nats", layout=False)
+        self.query_one("#token-info", Static).update(entropy_line(sample, t), layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
         show_concept(self, sample, self.probe, "cosine", t, self.layer_index)
+        show_entropy(self, sample, t, self.coloured)
 
     # ------------------------------------------------------------------ keys
     def action_step(self) -> None:

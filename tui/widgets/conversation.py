@@ -14,10 +14,14 @@ from tui.textdiff import word_diff
 from tui.widgets.tokens import TokenView
 
 
-def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim_style, pending: str | None = None) -> Text:
+def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim_style, pending: str | None = None,
+                 pending_prefix: str = "") -> Text:
     """Rounds ``0 … round_ − 1`` (instruction and response each) and the current round's
-    instruction, with labels; every model and user string literal. ``pending``: the instruction of
-    a round still being generated (``round_`` = the rounds the sample has)."""
+    instruction, with labels; every model and user string literal. A round's assistant prefix (the
+    words the protocol made the model say before it generated, ``sample.prefixes``) is shown dimmed
+    before its response; the current round's ends the text, just above its tokens. ``pending``: the
+    instruction of a round still being generated (``round_`` = the rounds the sample has), and
+    ``pending_prefix`` its assistant prefix."""
     text = Text(end="")
     if sample.context or sample.question:
         text.append("item  ", dim_style)
@@ -28,6 +32,12 @@ def history_text(sample: SampleRounds, round_: int, user_style, model_style, dim
         text.append_text(literal(sample.instructions[t] if t < sample.n_rounds else pending or ""))
         note = ("  (generating …)" if pending is not None else "  (shown below)") if t == round_ else ""
         text.append(f"\nmodel · round {t + 1}{note}\n", model_style)
+        prefix = sample.prefixes[t] if t < len(sample.prefixes) else pending_prefix if t == sample.n_rounds else ""
+        if prefix:
+            text.append_text(literal(prefix, dim_style))
+            response = sample.responses[t] if t < sample.n_rounds else ""
+            if not prefix[-1].isspace() and not response[:1].isspace():
+                text.append(" ")  # a word-level tokenizer decodes without the space between words the model saw
         if t < round_:
             text.append_text(literal(sample.responses[t]))
             text.append("\n")
@@ -80,13 +90,15 @@ class Conversation(VerticalScroll):
             diff.update(Text("round 1: no earlier response to compare", style=style("conversation--dim")))
         self.anchor()  # scrolled to the end (the current response and its diff) in the same layout pass
 
-    def show_partial(self, sample: SampleRounds, instruction: str, ids: tuple[int, ...], pieces: tuple[str, ...]) -> None:
-        """Show ``sample``'s rounds and the next one being generated: its ``instruction`` and the
-        response so far (``ids``/``pieces`` ``[T]``, not coloured: the entropies come with the round)."""
+    def show_partial(self, sample: SampleRounds, instruction: str, ids: tuple[int, ...], pieces: tuple[str, ...],
+                     prefix: str = "") -> None:
+        """Show ``sample``'s rounds and the next one being generated: its ``instruction``, its
+        assistant ``prefix`` and the response so far (``ids``/``pieces`` ``[T]``, not coloured: the
+        entropies come with the round)."""
         style = self.get_component_rich_style
         self.query_one("#history", Static).update(history_text(
             sample, sample.n_rounds, style("conversation--user"), style("conversation--model"), style("conversation--dim"),
-            pending=instruction))
+            pending=instruction, pending_prefix=prefix))
         self.query_one(TokenView).show(pieces, ids, [], 1.0, False)
         self.query_one("#diff", Static).update(Text(f"{len(ids)} tokens so far …", style=style("conversation--dim")))
         self.anchor()

@@ -72,6 +72,46 @@ def round_column(t: int, n_rounds: int, cols: int) -> int:
     return x // 2
 
 
+def round_ticks(n_rounds: int, cols: int) -> dict[int, int]:
+    """Which rounds get a number on a round axis ``cols`` cells wide: round (0-based) → the cell
+    its number starts at. The first, the last, then every round in order, each placed only where
+    it keeps a blank cell to its neighbours. The same whatever round is shown, so stepping never
+    moves a label."""
+    taken = [False] * cols
+    out: dict[int, int] = {}
+    for t in dict.fromkeys([0, n_rounds - 1, *range(n_rounds)]):
+        text = str(t + 1)
+        c = round_column(t, n_rounds, cols)
+        start = min(max(0, c - len(text) // 2), cols - len(text))
+        if start < 0 or any(taken[max(0, start - 1):start + len(text) + 1]):
+            continue
+        taken[start:start + len(text)] = [True] * len(text)
+        out[t] = start
+    return out
+
+
+def round_axis(n_rounds: int, cols: int, current: int, converged: int | None, current_style: Style,
+               converged_style: Style) -> list[Segment]:
+    """The round axis under a plot ``cols`` cells wide: :func:`round_ticks`' numbers, the current
+    round's (0-based) in ``current_style``; the convergence round (1-based) as ``▲`` in its column
+    when that cell is blank, else its number drawn in ``converged_style`` (a label is never
+    replaced). Returns ``cols`` one-cell segments."""
+    axis = [" "] * cols
+    styles: list[Style | None] = [None] * cols
+    for t, start in round_ticks(n_rounds, cols).items():
+        for k, ch in enumerate(str(t + 1)):
+            axis[start + k] = ch
+            if t == current:
+                styles[start + k] = current_style
+            elif converged is not None and t == converged - 1:
+                styles[start + k] = converged_style
+    if converged is not None and 1 <= converged <= n_rounds:
+        c = round_column(converged - 1, n_rounds, cols)
+        if axis[c] == " ":
+            axis[c], styles[c] = "▲", converged_style
+    return [Segment(ch, st) for ch, st in zip(axis, styles)]
+
+
 class Curve(BaseStyleCache, Widget):
     """One :class:`CurveData`, fitted to the widget's size (title line, plot, round axis)."""
 
@@ -104,7 +144,7 @@ class Curve(BaseStyleCache, Widget):
         lines = [fit_line([Segment(title, self.get_component_rich_style("curve--title"))], width, base)]
         rows, cols = height - 2, width - AXIS_WIDTH
         if rows < 1 or cols < 2 or not finite.size:
-            message = "" if finite.size else "no values"
+            message = "" if finite.size or (not n and data.title) else "no values"  # an empty curve with a title: the title says why
             lines += [fit_line([Segment(message if i == 0 else "")], width, base) for i in range(max(0, height - 1))]
             return lines[:height]
         lo, hi = float(finite.min()), float(finite.max())
@@ -121,27 +161,9 @@ class Curve(BaseStyleCache, Widget):
                 ch = chr(0x2800 + grid[r][c])
                 segments.append(Segment(ch, line_style + current_style if c == current_col else line_style))
             lines.append(fit_line(segments, width, base))
-        axis = [" "] * cols
-        styles: list[Style | None] = [None] * cols
-        taken = [False] * cols
-        # round numbers by priority (the current round, the first, the last, then every one), each
-        # placed only where it keeps a blank cell to its neighbours
-        for t in dict.fromkeys([min(data.current_round, n - 1), 0, n - 1, *range(n)]):
-            text = str(t + 1)
-            c = round_column(t, n, cols)
-            start = min(max(0, c - len(text) // 2), cols - len(text))
-            if start < 0 or any(taken[max(0, start - 1):start + len(text) + 1]):
-                continue
-            for k, ch in enumerate(text):
-                axis[start + k] = ch
-                taken[start + k] = True
-                if t == data.current_round:
-                    styles[start + k] = current_style
-        if data.converged is not None and 1 <= data.converged <= n:
-            c = round_column(data.converged - 1, n, cols)
-            axis[c] = "▲"
-            styles[c] = self.get_component_rich_style("curve--converged")
-        segments = [Segment(" " * (AXIS_WIDTH - 1) + "└")] + [Segment(ch, st) for ch, st in zip(axis, styles)]
+        converged_style = self.get_component_rich_style("curve--converged")
+        axis = round_axis(n, cols, data.current_round, data.converged, current_style, converged_style)
+        segments = [Segment(" " * (AXIS_WIDTH - 1) + "└"), *axis]
         lines.append(fit_line(segments, width, base))
         return lines
 

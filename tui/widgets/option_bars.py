@@ -35,11 +35,18 @@ class OptionBars(BaseStyleCache, Widget):
         self.probs = np.zeros(0, dtype=np.float32)
         self.gold = -1
         self.answer = -1
+        self.message = ""  # shown when there are no options
 
     def show(self, options: tuple[str, ...], probs: np.ndarray, gold: int, answer: int) -> None:
         resized = len(options) != len(self.options)
         self.options, self.probs, self.gold, self.answer = options, np.asarray(probs, dtype=np.float32), gold, answer
+        self.message = "no options (open-ended task)"
         self.refresh(layout=resized)
+
+    def clear(self, message: str = "") -> None:
+        """No bars; ``message`` instead (e.g. while a model loads)."""
+        self.options, self.probs, self.message = (), np.zeros(0, dtype=np.float32), message
+        self.refresh(layout=True)
 
     def get_content_height(self, container, viewport, width: int) -> int:
         return max(1, len(self.options))
@@ -48,7 +55,7 @@ class OptionBars(BaseStyleCache, Widget):
         width = self.size.width
         base = self.base_style
         if not self.options:
-            return fit_line([Segment("no options (open-ended task)" if y == 0 else "")], width, base)
+            return fit_line([Segment(self.message if y == 0 else "")], width, base)
         if y >= len(self.options):
             return Strip.blank(width, base)
         p = float(self.probs[y]) if y < len(self.probs) else math.nan

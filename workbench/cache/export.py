@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -410,6 +409,68 @@ def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int
     return plan, chosen
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
+          "g": 1000**3, "gb": 1000**3, "gib": 2**30, "t": 1000**4, "tb": 1000**4, "tib": 2**40}
+
+
+def parse_size(text: str, option: str = "--max-size") -> int:
+    """Bytes from ``10GiB``, ``500 MB``, ``1.5G``, ``1024`` (k/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise WorkbenchError(f"{option} takes a size such as 10GiB, 500MB or 2000000 (bytes), not {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``228.0 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def estimate_bytes(n_tokens: int, layouts: list[HookLayout]) -> int:
+    """The activations of an export: ``n_tokens`` rows of every hook's per-token shape (an attention
+    map's ``[head, key_pos]`` padded to the longest transcript) at its dtype. The token table and
+    metadata add about 20 bytes a token on top."""
+    return sum(n_tokens * int(np.prod(h.per_token)) * np.dtype(h.dtype).itemsize for h in layouts) + 20 * n_tokens
+
+
+def _bytes_under(path: Path) -> int:
+    """Bytes of the file ``path``, or of every file under the folder ``path`` (0 when there is none)."""
+    if path.is_file() and not path.is_symlink():
+        return path.stat().st_size
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes free to this user on the file system of ``path`` (or its nearest existing folder)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def check_size(estimate: int, out: Path, parts: Path, max_size: int | None, reclaimed: int) -> None:
+    """Refuse (one line) an export of about ``estimate`` bytes into ``out`` that exceeds ``max_size``
+    or the free space there (plus ``reclaimed``: what --overwrite or --resume will free or reuse)."""
+    advice = "fewer hooks, --samples, --rounds or --roles, or --dtype float16"
+    if max_size is not None and estimate > max_size:
+        raise WorkbenchError(f"the export would write about {human_bytes(estimate)} to {out}, more than --max-size "
+                             f"{human_bytes(max_size)}: choose {advice}, or raise --max-size")
+    free = free_bytes(parts)
+    if free is not None and estimate > free + reclaimed:
+        raise WorkbenchError(f"the export would write about {human_bytes(estimate)} to {out} but only "
+                             f"{human_bytes(free + reclaimed)} is free there: choose {advice}, or another --out")
+
+
 def _token_table(run: RunTokens, plan: ExportPlan, chosen: list[np.ndarray], tokenizer: Any) -> TokenTable:
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     sample, rnd, role, position, ids = [], [], [], [], []
@@ -447,6 +508,8 @@ def export_run(
     overwrite: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     fsync: bool = False,
+    max_size: int | None = None,
+    on_estimate: Callable[[str], None] | None = None,
 ) -> Path:
     """Export every chosen token's activations of a run into ``out``; returns ``out``.
 
@@ -456,7 +519,10 @@ def export_run(
     ``saelens`` (a Hugging Face ``datasets`` folder, :mod:`workbench.cache.saelens`).
     ``on_batch(done_tokens, total_tokens)`` is called once before the first batch and after each.
     ``fsync``: durable against a power cut (fsynced commits at most once a second, ``out`` fsynced
-    before its rename); by default safe against the process dying only, with no fsync (docs/CACHE.md)."""
+    before its rename); by default safe against the process dying only, with no fsync (docs/CACHE.md).
+    Before anything is written, the size is estimated (:func:`estimate_bytes`, told to
+    ``on_estimate`` as one line) and an export larger than ``max_size`` bytes or the free space is
+    refused (:func:`check_size`)."""
     from workbench.engine.models import load_model
 
     run_path, out = Path(run_path), Path(out)
@@ -488,6 +554,14 @@ def export_run(
 
         check_saelens_hooks(names)
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
+               for name in names]
+    n_tokens = int(sum(len(c) for c in chosen))
+    estimate = estimate_bytes(n_tokens, layouts)
+    if on_estimate:
+        on_estimate(f"exporting about {human_bytes(estimate)}: {len(plan.rows)} samples, {n_tokens:,} tokens, "
+                    f"{len(layouts)} hooks ({plan.dtype}) to {out}")
+    check_size(estimate, out, parts, max_size, (_bytes_under(out) if overwrite else 0) + (_bytes_under(parts) if resume or overwrite else 0))
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
     durable = is_durable(fsync)
@@ -500,8 +574,6 @@ def export_run(
     with _disk_full_is_one_line(parts, plan, parts):
         _start_or_check_parts(parts, manifest, durable)
     tokens = _token_table(run, plan, chosen, model.tokenizer)
-    layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
-               for name in names]
     attrs = _cache_attrs(meta, model, plan)
     if merged:
         attrs["hook_aliases"] = merged
@@ -609,6 +681,7 @@ def export_command(
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
     fsync: bool = typer.Option(False, "--fsync/--no-fsync", help="--fsync: make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Refuse an export whose estimated size is larger, e.g. 10GiB or 500MB (the estimate is printed before anything is written; default: the free space where OUT goes)."),
     list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
@@ -629,46 +702,20 @@ def export_command(
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
     wanted_rounds = _int_list(rounds, "--rounds")
-    with _Progress() as reporter:
+    limit = None if max_size is None else parse_size(max_size)
+    with export_progress() as reporter:
         export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
                    rounds=None if wanted_rounds is None else [r - 1 for r in wanted_rounds],
                    roles=tuple(r.strip() for r in roles.split(",") if r.strip()), dtype=dtype, batch_size=batch_size,
                    format=format, context_size=context_size, device=device, resume=resume, overwrite=overwrite,
-                   on_batch=reporter.update, fsync=fsync)
+                   on_batch=reporter.update, fsync=fsync, max_size=limit,
+                   on_estimate=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"wrote {out}", file=sys.stderr)
 
 
-class _Progress:
-    """A rich progress bar over tokens on a terminal; a plain line per batch otherwise."""
+def export_progress() -> Any:
+    """The export's :class:`workbench.terminal.ProgressBar` over tokens; its ``update(done, total)``
+    is :func:`export_run`'s ``on_batch``."""
+    from workbench.terminal import ProgressBar
 
-    def __init__(self) -> None:
-        self.bar: Any = None
-        self.task: Any = None
-        self.t0 = time.perf_counter()
-        self.first: int | None = None
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def update(self, done: int, total: int) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        if self.first is None:  # the model is loaded and the finished parts counted: start the clock
-            self.t0, self.first = time.perf_counter(), done
-        speed = f"{(done - self.first) / max(1e-9, time.perf_counter() - self.t0):.0f} tok/s"
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            print(f"exported {done}/{total} tokens ({speed})", file=sys.stderr, flush=True)
-            return
-        if self.bar is None:
-            self.bar = Progress(TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]}"),
-                                TimeRemainingColumn(), console=console)
-            self.bar.start()
-            self.task = self.bar.add_task("export", total=total, completed=done, speed="")
-        else:
-            self.bar.update(self.task, completed=done, speed=speed)
+    return ProgressBar("exported", "tokens")

@@ -337,6 +337,22 @@ def is_cache_file(path: Path) -> bool:
         return False
 
 
+def recorded_run(path: Path) -> tuple[str | None, Path | None]:
+    """The run a cache file was exported from: the path it records (``run_file``; None for a cache
+    ``save_activation_cache`` wrote) and that file when it is there — the path as recorded, else
+    the same name beside the cache (the two were moved together) — or None."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        recorded = f.attrs.get("run_file")
+    if recorded is None:
+        return None, None
+    recorded = recorded.decode() if isinstance(recorded, bytes) else str(recorded)
+    for candidate in (Path(recorded), path.parent / Path(recorded).name):
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return recorded, candidate
+    return recorded, None
+
+
 def open_cache_file(path: Path) -> h5py.File:
     """Open a cache file read-only, refusing anything else with one line."""
     path = Path(path)
@@ -360,13 +376,17 @@ def open_cache_file(path: Path) -> h5py.File:
 
 
 def cache_summary(path: Path) -> dict[str, Any]:
-    """What ``workbench info`` shows about a cache file: attributes (JSON decoded), tokens per
-    role, and each hook's shape and dtype."""
+    """What ``workbench info`` shows about a cache file: attributes (JSON decoded; the selection's
+    rounds counted from 1, as the CLI takes them — the file stores them 0-based), tokens per role,
+    and each hook's shape and dtype."""
     with open_cache_file(path) as f:
         meta = decoded_attrs(f.attrs)
         roles = np.bincount(f["tokens/role"][...], minlength=len(ROLES))
         hooks = {name: {"shape": list(ds.shape), "dtype": str(ds.dtype), "mib": round(ds.size * ds.dtype.itemsize / 2**20, 2)}
                  for name, ds in f["activations"].items()}
+    selection = meta.get("selection")
+    if isinstance(selection, dict) and isinstance(selection.get("rounds"), list):  # stored 0-based; shown from 1
+        meta["selection"] = {**selection, "rounds": [int(r) + 1 for r in selection["rounds"]]}
     return {"path": str(path), "meta": meta, "tokens_per_role": {r: int(c) for r, c in zip(ROLES, roles) if c},
             "hooks": {h: hooks[h] for h in meta.get("hooks", hooks)}}
 
@@ -415,17 +435,107 @@ class _LazyTensors(dict):
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The part of a TransformerLens ``model.cfg`` that ``ActivationCache`` methods such as
+    ``accumulated_resid``, ``stack_activation`` and negative layer indices read, filled from the
+    model's Hugging Face ``config.json`` (:func:`model_config`)."""
+
+    model_name: str
+    n_layers: int
+    d_model: int
+    n_heads: int | None = None
+    d_head: int | None = None
+    d_mlp: int | None = None
+    d_vocab: int | None = None
+    n_ctx: int | None = None
+    normalization_type: str | None = None  # "RMS" or "LN"
+    attn_only: bool = False
+    final_rms: bool = False
+
+
+class ConfigOnlyModel:
+    """What a loaded cache hands its ``ActivationCache`` as ``model`` when none is given: the
+    model's :class:`ModelConfig` as ``cfg`` and nothing else. A method that needs more (weights:
+    ``apply_ln=True``, ``logit_attrs``, ``compute_head_results``…) gets one line naming ``model=``."""
+
+    def __init__(self, cfg: ModelConfig | None, why: str) -> None:
+        self._cfg, self._why = cfg, why
+
+    @property
+    def cfg(self) -> ModelConfig:
+        if self._cfg is None:
+            raise WorkbenchError(f"this needs the model's config, and {self._why}: pass "
+                                 "load_activation_cache(..., model=load_model(NAME_OR_PATH)) (or a TransformerBridge)")
+        return self._cfg
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_cfg", "_why"):
+            raise AttributeError(name)
+        raise WorkbenchError(f"ActivationCache needs the model itself for this (model.{name}), not only its config: "
+                             "pass load_activation_cache(..., model=load_model(NAME_OR_PATH)) (or a TransformerBridge)")
+
+
+def _hf_config_file(model_path: str, revision: str = "") -> Path | None:
+    """The ``config.json`` of a model folder, or of a hub name already in the local Hugging Face
+    cache (nothing is downloaded); None when neither is there."""
+    if not model_path:
+        return None
+    folder = Path(model_path)
+    if folder.is_dir():
+        return folder / "config.json" if (folder / "config.json").is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_path, "config.json", revision=revision or None)
+    except Exception:  # not a hub name (a folder that is gone), or no hub library
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def model_config(meta: dict[str, Any]) -> tuple[ModelConfig | None, str]:
+    """The :class:`ModelConfig` of the model a cache records (its ``model_path``: a folder, or a hub
+    name in the local Hugging Face cache), and "" — or None and why not (one phrase)."""
+    model_path, name = str(meta.get("model_path", "") or ""), str(meta.get("model_name", "") or "")
+    config_file = _hf_config_file(model_path, str(meta.get("model_revision", "") or ""))
+    if config_file is None:
+        where = f"{name or 'its model'}'s config.json is not at {model_path!r}" if model_path else "the cache records no model path"
+        return None, where
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{config_file} does not read ({type(e).__name__})"
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw  # vision-language models
+
+    def first(*keys: str) -> Any:
+        return next((text[k] for k in keys if isinstance(text.get(k), int)), None)
+
+    n_layers = first("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    d_model = first("hidden_size", "n_embd", "d_model")
+    if n_layers is None or d_model is None:
+        return None, f"{config_file} names no layer count or width"
+    n_heads = first("num_attention_heads", "n_head", "num_heads")
+    d_head = first("head_dim") or (d_model // n_heads if n_heads else None)
+    norm = "RMS" if "rms_norm_eps" in text else "LN" if any(k in text for k in ("layer_norm_eps", "layer_norm_epsilon")) else None
+    return ModelConfig(model_name=name or model_path, n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
+                       d_mlp=first("intermediate_size", "n_inner", "ffn_dim"), d_vocab=first("vocab_size"),
+                       n_ctx=first("max_position_embeddings", "n_positions", "n_ctx"), normalization_type=norm,
+                       final_rms=norm == "RMS"), ""
+
+
+@dataclass(frozen=True)
 class LoadedCache:
     """What :func:`load_activation_cache` gives back: ``B`` samples padded to ``P`` positions.
 
-    ``cache[hook]`` is TransformerLens-shaped (``[B, P, *rest]``; ``[B, head, P, key_pos]`` for
-    attention maps) and read from disk on first access; positions past a sample's own tokens are 0.
+    It indexes like the TransformerLens ``ActivationCache`` it holds (``c["resid_post", 3]``,
+    ``c["blocks.3.hook_resid_post"]``, ``c.accumulated_resid()``, ``c.stack_activation(…)``, …):
+    each hook is TransformerLens-shaped (``[B, P, *rest]``; ``[B, head, P, key_pos]`` for attention
+    maps) and read from disk on first access; positions past a sample's own tokens are 0.
     """
 
     cache: Any  # transformer_lens.ActivationCache
     token_ids: Any  # [B, P] int64 torch tensor, -1 in padding
     sample: Any  # [B] int64: each row's sample (run-file row)
-    round: Any  # [B, P] int16 torch tensor, -1 in padding
+    round: Any  # [B, P] int16 torch tensor: the token's round counted from 1; 0 for a token of no round; -1 in padding
     role: Any  # [B, P] uint8 torch tensor: index into ROLES (255 in padding)
     position: Any  # [B, P] int32: position in the transcript, -1 in padding
     mask: Any  # [B, P] bool: real tokens
@@ -435,6 +545,26 @@ class LoadedCache:
     @property
     def roles(self) -> tuple[str, ...]:
         return ROLES
+
+    def __getitem__(self, key: Any) -> Any:
+        """``self.cache[key]``: a hook's tensor by name or TransformerLens shorthand (``("resid_post", 3)``)."""
+        return self.cache[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.cache.cache_dict
+
+    def __iter__(self) -> Any:
+        return iter(self.cache)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other ``ActivationCache`` attribute (``accumulated_resid``, ``stack_activation``,
+        ``keys``, ``model``…), from the cache held."""
+        if name.startswith("__") or name == "cache":
+            raise AttributeError(name)
+        return getattr(self.cache, name)
 
 
 def _select(values: Sequence[int] | slice | None, all_values: np.ndarray) -> np.ndarray:
@@ -459,12 +589,21 @@ def load_activation_cache(
     """A cache file as a TransformerLens ``ActivationCache`` (lazy: each hook is read on first access).
 
     ``hooks`` (default all), ``samples`` (run-file rows, as in ``tokens/sample``), ``rounds``
-    (0-based) and ``roles`` (names from ``ROLES``) select tokens; the selected tokens of each sample
-    form one row, right-padded to the longest. ``model`` is handed to the ``ActivationCache`` (for
-    its methods that need ``model.cfg``). See :class:`LoadedCache` for shapes."""
+    (counted from 1, as in the CLI and the TUI) and ``roles`` (names from ``ROLES``) select tokens;
+    the selected tokens of each sample form one row, right-padded to the longest. ``model`` (a
+    ``LoadedModel`` or a ``TransformerBridge``) is handed to the ``ActivationCache`` for its methods
+    that need the model; without it the cache gets the model's config (:func:`model_config`, from
+    the ``config.json`` at the model path the cache records), enough for ``accumulated_resid``,
+    ``stack_activation`` and negative layers; what needs more says so in one line. See
+    :class:`LoadedCache` for shapes."""
     import torch
     from transformer_lens import ActivationCache
 
+    if rounds is not None:
+        rounds = list(rounds)
+        bad = [r for r in rounds if not isinstance(r, (int, np.integer)) or r < 1]
+        if bad:
+            raise WorkbenchError(f"rounds={rounds}: rounds are counted from 1 (round 1 is the first), got {bad[0]!r}")
     f = open_cache_file(Path(path))
     meta = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     available = list(f["activations"].keys())
@@ -483,7 +622,7 @@ def load_activation_cache(
     offsets = t["offsets"][...]
     sample_of_row = f["samples/sample"][...]
     round_all, role_all = t["round"][...], t["role"][...]
-    keep = _select(rounds, round_all.astype(np.int64))
+    keep = _select(None if rounds is None else [int(r) - 1 for r in rounds], round_all.astype(np.int64))  # the file counts from 0
     if roles is not None:
         keep &= np.isin(role_all, [ROLES.index(r) for r in roles])
     picked, kept = [], []  # per sample with any selected token: its token rows; its file row
@@ -517,12 +656,16 @@ def load_activation_cache(
             return (value.transpose(1, 2) if is_attention_map(name) else value).to(device)
         return load
 
+    if model is None:
+        model = ConfigOnlyModel(*model_config(meta))
+    else:
+        model = getattr(model, "bridge", model)  # a LoadedModel: its TransformerBridge
     cache = ActivationCache(_LazyTensors({h: loader(h) for h in hooks}), model, has_batch_dim=True)
     return LoadedCache(
         cache=cache,
         token_ids=token_ids,
         sample=torch.from_numpy(sample_of_row[np.asarray(kept, dtype=np.int64)].astype(np.int64)),
-        round=padded(round_all, -1, np.int16),
+        round=padded((round_all.astype(np.int32) + 1).astype(np.int16), -1, np.int16),  # from 1; no round (-1 in the file) → 0
         role=padded(role_all, 255, np.uint8),
         position=padded(t["position"][...], -1, np.int32),
         mask=padded(np.ones(len(round_all), dtype=bool), False, bool),

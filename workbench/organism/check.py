@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,8 +87,10 @@ def _letter_and_opener_ids(tokenizer: Any, params: WorldParams) -> tuple[list[in
     return letters, openers
 
 
-def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], params: WorldParams = DEFAULT_PARAMS, batch_size: int = 64) -> Scored:
-    """Teacher-forced forward passes over ``dialogues``; the distributions of every assistant turn."""
+def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], params: WorldParams = DEFAULT_PARAMS, batch_size: int = 64,
+                    on_batch: Callable[[int], None] | None = None) -> Scored:
+    """Teacher-forced forward passes over ``dialogues``; the distributions of every assistant turn.
+    ``on_batch(k)`` is told after each batch of ``k`` dialogues (a progress display)."""
     import torch
 
     letters, openers = _letter_and_opener_ids(tokenizer, params)
@@ -117,6 +119,8 @@ def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], param
                 cols["exact_openers"].append(exact.opener_probs[t])
                 cols["exact_p_fair"].append(exact.p_fair[t])
                 cols["round_index"].append(t)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return Scored(**{k: np.asarray(v) for k, v in cols.items()})
 
 
@@ -153,12 +157,14 @@ def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
 # ----------------------------------------------------------------------------- self-correction
 
 
-def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, batch_size: int = 32) -> dict[str, np.ndarray]:
+def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, batch_size: int = 32,
+                           on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """The model answers ``n_items`` held-out items for itself through the round engine (greedy,
     no activation capture) under a built-in protocol. ``model`` is a loaded organism
     (:func:`workbench.engine.models.load_model`). Returns per sample and round ``[n_items, R]``: exact
     ``p_fair`` and ``log_odds`` of the prefix it built, ``correct``, ``option_entropy`` (model, at its
-    answer position) and ``exact_entropy``; and ``responses`` (texts)."""
+    answer position) and ``exact_entropy``; and ``responses`` (texts). ``on_batch(k)`` is told after
+    each batch of ``k`` items."""
     from workbench.engine.batch import run_batch
     from workbench.organism.task import ORGANISM, load_organism_samples
     from workbench.engine.protocol import load_protocol
@@ -176,11 +182,14 @@ def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: i
         parts["option_entropy"].append(entropy(res.option_probs))
         parts["exact_entropy"].append(entropy(res.round_fields["exact_option_probs"]))
         parts["responses"].append(np.array(res.responses, dtype=object))
+        if on_batch is not None:
+            on_batch(len(batch))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def self_correction_table(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED) -> dict[str, np.ndarray]:
+def self_correction_table(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED,
+                          on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Per round means of :func:`self_correction_rounds`: exact p(fair), exact log-odds, accuracy,
     model option entropy, exact option entropy; each shape [n_rounds]."""
-    rounds = self_correction_rounds(model, protocol, n_items, seed)
+    rounds = self_correction_rounds(model, protocol, n_items, seed, on_batch=on_batch)
     return {k: rounds[k].astype(float).mean(0) for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy")}

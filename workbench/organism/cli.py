@@ -128,7 +128,7 @@ def check(
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np
 
-    from workbench.terminal import load_model_showing_steps
+    from workbench.terminal import ProgressBar, load_model_showing_steps
     from workbench.organism.check import CHECK_SEED, checkpoint_meta, fidelity_rows, heldout_dialogues, score_dialogues, self_correction_table
 
     if n < 1 or items < 1:
@@ -138,7 +138,9 @@ def check(
     seed = CHECK_SEED if seed is None else seed
     params, meta = checkpoint_meta(model)
     loaded = load_model_showing_steps(str(model) if model is not None else "organism", device="cpu")
-    scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params)
+    with ProgressBar("held-out dialogues", "dialogues") as bar:
+        bar.update(0, n)
+        scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params, on_batch=bar.advance)
     rec = meta.get("training", {})
     table = Table(
         title=f"answer distribution vs the exact predictive: {n} held-out dialogues, {len(scored.round_index)} answers (seed {seed})",
@@ -153,7 +155,9 @@ def check(
     console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n", markup=False)
 
     for protocol in ("organism", "organism-neutral", "organism-inject"):
-        res = self_correction_table(loaded, protocol, n_items=items, seed=seed)
+        with ProgressBar(f"{protocol}: items", "items") as bar:
+            bar.update(0, items)
+            res = self_correction_table(loaded, protocol, n_items=items, seed=seed, on_batch=bar.advance)
         rounds = len(res["p_fair"])
         t = Table(title=f"{protocol}: the model answers {items} held-out items for itself (greedy)", title_justify="left")
         t.add_column("per round")
