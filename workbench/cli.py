@@ -37,7 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-Task = Literal["organism", "bbq", "prompts"]
+Task = Literal["organism", "bbq", "mc", "prompts"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -122,11 +122,13 @@ def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world."),
-    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable) or a prompts JSONL."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line) or a folder saved by datasets' save_to_disk."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),
+    fields: Optional[str] = typer.Option(None, metavar="NAME=PATH,...", help="mc and prompts: where each field is in a record; PATH is a key or dotted keys into nested records (prompt.text; choices.0). mc: id, context, question, options (a list field, or A|B|C: one field per option), label (an option's index or text), category. prompts: text, id."),
+    options: Optional[str] = typer.Option(None, metavar="A|B|...", help="mc: the same options for every row, e.g. \"yes, this is harmful|no, this is not harmful\" (instead of --fields options=...)."),
     limit: Optional[int] = typer.Option(None, help="Number of samples (after filtering and --offset). organism default: 64."),
     offset: int = typer.Option(0, help="Skip this many samples first."),
     protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
@@ -173,7 +175,7 @@ def run(
         out_path = Path("artifacts/runs") / f"{stem}-{Path(protocol or default_protocol(task)).stem}.h5"
     cfg = RunConfig(
         out=out_path, model=model, task=task, data=tuple(str(p) for p in data), condition=condition,
-        category=category, prompt_field=prompt_field, limit=limit, offset=offset, protocol=protocol,
+        category=category, prompt_field=prompt_field, fields=fields, options=options, limit=limit, offset=offset, protocol=protocol,
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
         hooks=tuple(h.strip() for h in hooks.split(",")),
         layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,

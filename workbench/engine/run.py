@@ -32,6 +32,8 @@ class RunConfig:
     condition: str | None = None
     category: str | None = None
     prompt_field: str = "prompt"
+    fields: str | None = None  # --fields NAME=PATH,...: mc and prompts map their names to (dotted) paths
+    options: str | None = None  # --options "A|B": mc's fixed options, the same for every row
     limit: int | None = None
     offset: int = 0
     protocol: str | None = None  # None: the task's own (bbq → bbq-paper, organism → organism)
@@ -103,10 +105,22 @@ def load_samples(cfg: RunConfig) -> list[Any]:
         if not cfg.data:
             raise WorkbenchError("--task bbq needs --data FILE.jsonl (BBQ files as published)")
         return tasks.load_bbq([Path(p) for p in cfg.data], cfg.condition, cfg.category, cfg.offset, cfg.limit)
+    from workbench.engine.records import parse_fields
+
+    if cfg.task not in ("mc", "prompts") and (cfg.fields or cfg.options):
+        raise WorkbenchError(f"--fields and --options map a file's fields for --task mc or prompts, not {cfg.task}")
     if cfg.task == "prompts":
         if len(cfg.data) != 1:
-            raise WorkbenchError("--task prompts needs one --data FILE.jsonl")
-        return tasks.load_prompts(Path(cfg.data[0]), cfg.prompt_field, cfg.offset, cfg.limit)
+            raise WorkbenchError("--task prompts needs one --data FILE (JSONL, CSV or a saved dataset folder)")
+        if cfg.options:
+            raise WorkbenchError("--options gives a multiple-choice task's options; --task prompts has none")
+        fields = parse_fields(cfg.fields, tasks.PROMPT_FIELDS)
+        return tasks.load_prompts(Path(cfg.data[0]), cfg.prompt_field, cfg.offset, cfg.limit, fields)
+    if cfg.task == "mc":
+        if not cfg.data:
+            raise WorkbenchError("--task mc needs --data FILE (JSONL, CSV or a saved dataset folder) and --fields")
+        fields = parse_fields(cfg.fields, tasks.MC_FIELDS)
+        return tasks.load_mc([Path(p) for p in cfg.data], fields, cfg.options, cfg.offset, cfg.limit)
     if cfg.task == "organism":
         from workbench.organism.task import load_organism_samples
 
@@ -292,6 +306,8 @@ def run_protocol(
     check_context_length(model, protocol, task, all_samples)  # every shard refuses alike
     data = {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
             "offset": cfg.offset, "limit": cfg.limit}
+    if cfg.fields or cfg.options:
+        data.update(fields=cfg.fields, options=cfg.options)
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
                             cfg.activation_dtype, cfg.seed, cfg.command_line)
     if rank_device is not None:
