@@ -99,8 +99,12 @@ def protocol_list() -> None:
 
 
 @protocol_app.command("show")
-def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name or a .toml path.")) -> None:
-    """Every round's user message and assistant prefix, the injections and the decoding settings."""
+def protocol_show(
+    name: str = typer.Argument(..., help="A built-in protocol name or a .toml path."),
+    show_template: bool = typer.Option(False, "--template", help="Also print the protocol's chat template file."),
+) -> None:
+    """Every round's user message and assistant prefix, the system message, where the texts were
+    quoted from, the chat template, the injections and the decoding settings."""
     from workbench.engine.protocol import load_protocol
 
     p = load_protocol(name)
@@ -108,14 +112,22 @@ def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name
     decoding = f"sampled (temperature {d.temperature}, top_p {d.top_p})" if d.do_sample else "greedy"
     lines = [f"{p.name}: {p.description}" if p.description else p.name,
              f"task {p.task or 'any'}, {p.rounds} rounds, {decoding}, at most {d.max_new_tokens} new tokens per answer, "
-             f"option scoring {p.option_scoring}", ""]
+             f"option scoring {p.option_scoring}"]
+    if p.source:
+        lines.append(f"quoted from: {p.source}")
+    lines.append(f"chat template: {p.chat_template_file}" if p.chat_template else "chat template: the model's own")
+    if p.system:
+        lines.append(f"system: {p.system}")
+    lines.append("")
     for t in range(1, p.rounds + 1):
         user = p.first if t == 1 else p.instruction(t)
         tag = " (injected)" if t in p.inject else ""
         lines.append(f"round {t}{tag}\n  user: {user}")
         if p.prefix(t):
             lines.append(f"  assistant begins: {p.prefix(t)}")
-    out.print("\n".join(lines), markup=False, highlight=False)
+    if p.chat_template and show_template:
+        lines += ["", f"chat template ({p.chat_template_file}):", p.chat_template]
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)  # the texts exactly, never re-wrapped
 
 
 @app.command()
@@ -133,6 +145,7 @@ def run(
     offset: int = typer.Option(0, help="Skip this many samples first."),
     protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
     force: bool = typer.Option(False, "--force", help="Run a protocol written for another task."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", metavar="FILE", help="A Jinja chat template file used instead of the model's own and the protocol's (e.g. the raw [INST] strings the study fed zephyr); recorded in the run file."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
     inject: list[str] = typer.Option([], metavar="ROUND:TEXT", help="Replace a round's follow-up with TEXT (repeatable)."),
     option_scoring: Optional[OptionScoring] = typer.Option(None, help="What option confidence scores: the letter ' (a)' (the study's, default) or ' (a) option text'."),
@@ -181,7 +194,7 @@ def run(
         layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
-        force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
+        force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
         shard=shard,
     )

@@ -59,7 +59,8 @@ class RunConfig:
     scorer: str | None = None  # toxicity:MODEL | python:module:function (workbench.engine.scorers)
     scorer_label: str | None = None  # the classifier label scored (default: toxic, else positive)
     samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.engine.sampling)
-    equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
+    equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL | nli-nocontra:MODEL
+    chat_template: str | None = None  # a Jinja chat template file used instead of the model's (and the protocol's)
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
@@ -167,7 +168,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise WorkbenchError(f"--max-new-tokens must be ≥ 1, not {cfg.max_new_tokens}")
     task = get_task(cfg.task, cfg.option_scoring or "letter")
-    protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring)
+    protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring,
+                             cfg.chat_template)
     if protocol.task and protocol.task != cfg.task and not cfg.force:
         raise WorkbenchError(f"protocol {protocol.name!r} is written for --task {protocol.task}, not {cfg.task} "
                              f"(the {cfg.task} task's own is {default_protocol(cfg.task)!r}; --force runs it anyway)")
@@ -301,6 +303,9 @@ def run_protocol(
                            device_map=cfg.device_map, max_memory=cfg.max_memory)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
+    from workbench.engine.chat import styled_model
+
+    model = styled_model(model, protocol)  # the protocol's chat template and system message, when it has them
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, all_samples)  # every shard refuses alike
