@@ -105,7 +105,7 @@ def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> Ro
     def extras(out: Any, prompts: list[list[int]], samples: list[Any], round_: int) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
         if scorer is not None:
-            result["score"] = scorer([model.tokenizer.decode(ids) for ids in out.response_ids])
+            result["score"] = scorer([model.tokenizer.decode(ids) for ids in out.response_ids], samples)
         if k:
             answers = sample_round(model.hf, model.tokenizer, out, prompts, k, sampling, model.device,
                                    round_seed(seed, samples[0].index, round_))

@@ -142,7 +142,7 @@ PROMPTS = Task(
 )
 
 
-PROMPT_FIELDS = ("text", "id")  # --fields names of the prompts task
+PROMPT_FIELDS = ("text", "id", "label")  # --fields names of the prompts task
 
 
 def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limit: int | None = None,
@@ -162,6 +162,8 @@ def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limi
         ident = get_path(row.record, fields["id"], row.where, "id") if "id" in fields else row.record.get("id", _line_of(row))
         top = text_path.split(".")[0] if text_path not in row.record else text_path
         extra = json_safe({k: v for k, v in row.record.items() if k != top})
+        if "label" in fields:  # the gold text a scorer such as label-match reads
+            extra["label"] = text_value(get_path(row.record, fields["label"], row.where, "label"), row.where, "label", fields["label"])
         samples.append(Sample(index=len(samples), id=str(ident), context=value, question="", extra=extra))
     return _slice(samples, offset, limit)
 
