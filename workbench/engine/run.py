@@ -61,6 +61,7 @@ class RunConfig:
     samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.engine.sampling)
     equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL | nli-nocontra:MODEL
     chat_template: str | None = None  # a Jinja chat template file used instead of the model's (and the protocol's)
+    likelihood: str = "no-stop"  # sampled answers' mean log-likelihood: no-stop (Farquhar et al.) | with-stop
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
@@ -194,7 +195,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 
-    open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence)
+    open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence, cfg.likelihood)
     plan = None
     if spec is not None:
         from workbench.store.shard import make_plan
