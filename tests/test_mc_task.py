@@ -126,3 +126,12 @@ def test_run_mc_from_the_command_line(capsys, monkeypatch, tmp_path, model_dirs)
     code, _, err = workbench(capsys, monkeypatch, *args[:-2], "--out", str(tmp_path / "bad.h5"), "--fields", "question=response,label=nope")
     assert code == 2
     error_line(err, "no field 'nope'")
+
+
+def test_a_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "saved").mkdir()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(WorkbenchError, match=r"needs the datasets package \(pip install 'workbench\[data\]'"):
+        read_rows(tmp_path / "saved")

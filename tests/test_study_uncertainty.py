@@ -174,6 +174,21 @@ def test_the_stored_token_ids_recompute_every_likelihood(capsys, monkeypatch, tm
     assert 0 in lengths and 4 in lengths and any(0 < n < 4 for n in lengths)  # stopped at once, ran to the limit, stopped between
     assert not np.allclose(stored["no-stop"], stored["with-stop"])  # the same seeded answers, the two rules
 
+    # a file made before the likelihood was recorded counted the stop: --resume takes it as with-stop
+    import h5py
+
+    from workbench.engine.open_ended import check_resume
+    from workbench.errors import WorkbenchError
+
+    path = tmp_path / "with-stop.h5"
+    with h5py.File(path, "r") as f:
+        record = json.loads(f.attrs["sampling"])
+    with h5py.File(path, "r+") as f:
+        f.attrs["sampling"] = json.dumps({k: v for k, v in record.items() if not k.startswith("likelihood")})
+    check_resume(path, {"sampling": record})
+    with pytest.raises(WorkbenchError, match="--resume"):
+        check_resume(path, {"sampling": {**record, "likelihood": "no-stop"}})
+
 def test_pearson_interval_beside_spearman():
     """Fisher's z interval: r = 0.5 on n = 28 gives atanh(0.5) ± 1.96/5, back through tanh."""
     rng = np.random.default_rng(0)

@@ -95,10 +95,23 @@ def check_resume(path: Path, settings: dict[str, Any]) -> None:
         for key in SETTINGS_KEYS:
             have = attrs.get(key)
             have = have.decode() if isinstance(have, bytes) else have
+            if key == "sampling" and have is not None and "likelihood" not in json.loads(have):
+                # made before the likelihood was recorded: it counted the stop token (with-stop)
+                have = json.dumps(_with_likelihood(json.loads(have), "with-stop"))
             want = json.dumps(settings[key]) if key in settings else None
             if have != want:
                 raise WorkbenchError(f"--resume: {path} was made with a different --{'scorer' if key == 'scorer' else 'samples-per-round/--equivalence'} "
                                      f"({'none' if have is None else have[:60]} in the file, {'none' if want is None else want[:60]} now)")
+
+
+def _with_likelihood(sampling: dict[str, Any], likelihood: str) -> dict[str, Any]:
+    """A ``sampling`` record with the likelihood keys where :meth:`OpenEnded.settings` puts them."""
+    out: dict[str, Any] = {}
+    for k, v in sampling.items():
+        if k == "seeded_by":
+            out.update(likelihood=likelihood, likelihood_rule=LIKELIHOOD_RULES[likelihood])
+        out[k] = v
+    return out
 
 
 RoundExtras = Callable[[Any, list[list[int]], list[Any], int], dict[str, np.ndarray]]

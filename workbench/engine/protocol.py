@@ -80,10 +80,18 @@ class Protocol:
         return self.first_prefix if round_ == 1 else self.followup_prefix
 
     def to_json(self) -> str:
-        """The protocol as JSON (what the run file stores)."""
+        """The protocol as JSON (what the run file stores). ``system``, ``chat_template``,
+        ``chat_template_file`` and ``source`` only when set, so a protocol without them is recorded
+        as before they existed (and ``--resume`` of an older file finds it the same)."""
         d = asdict(self)
         d["inject"] = {str(k): v for k, v in self.inject.items()}
+        for key in OPTIONAL_KEYS:
+            if not d[key]:
+                del d[key]
         return json.dumps(d, ensure_ascii=False)
+
+
+OPTIONAL_KEYS = ("system", "chat_template", "chat_template_file", "source")  # left out of to_json when empty
 
 
 def builtin_protocols() -> list[str]:

@@ -106,7 +106,7 @@ def read_saved_dataset(folder: Path) -> list[Row]:
         import datasets
     except ImportError:
         raise WorkbenchError(f"{folder} is a saved Hugging Face dataset: reading it needs the datasets package "
-                             "(pip install datasets)") from None
+                             "(pip install 'workbench[data]', or pip install datasets)") from None
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as e:  # not a saved dataset, or damaged: one line whatever datasets raises
