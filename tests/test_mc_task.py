@@ -135,3 +135,12 @@ def test_a_saved_dataset_without_the_datasets_package_is_one_line(tmp_path, monk
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(WorkbenchError, match=r"needs the datasets package \(pip install 'workbench\[data\]'"):
         read_rows(tmp_path / "saved")
+
+
+def test_a_text_file_is_one_prompt_per_line(tmp_path):
+    """The study's datasets/winogender/wino_gender.txt layout: one sentence per line."""
+    path = tmp_path / "wino_gender.txt"
+    path.write_text("The technician told the customer that _ could pay with cash.\n\n  The taxpayer met with the accountant.  \n")
+    samples = load_prompts(path)
+    assert [s.context for s in samples] == ["The technician told the customer that _ could pay with cash.", "The taxpayer met with the accountant."]
+    assert [s.id for s in samples] == ["1", "3"]  # the line number

@@ -135,7 +135,7 @@ def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
     task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world."),
-    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line) or a folder saved by datasets' save_to_disk."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line), a folder saved by datasets' save_to_disk, or (prompts) a .txt of one prompt per line."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),

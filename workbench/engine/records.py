@@ -6,6 +6,8 @@ dict), whatever its format:
 * ``.jsonl`` (or any other file): one JSON object per line (:func:`read_jsonl`);
 * ``.csv``: a header line, then one record per row (Python's ``csv`` module: quoted fields may hold
   commas, quotes and line breaks);
+* ``.txt``: one record per non-empty line, ``{"prompt": the line}`` (the study's
+  ``datasets/winogender/wino_gender.txt``);
 * a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict`` with one split, or
   ``FOLDER/SPLIT``): read with ``datasets.load_from_disk``. ``datasets`` is imported only then.
 
@@ -99,6 +101,18 @@ def read_csv(path: Path) -> list[Row]:
     return rows
 
 
+def read_lines(path: Path) -> list[Row]:
+    """The non-empty lines of a text file as records ``{"prompt": line}`` (surrounding space removed)."""
+    path = Path(path)
+    data = _read_bytes(path, "a text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise WorkbenchError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return [Row(f"{path}:{lineno}", i + 1, {"prompt": line.strip()})
+            for i, (lineno, line) in enumerate((n, l) for n, l in enumerate(text.splitlines(), 1) if l.strip())]
+
+
 def read_saved_dataset(folder: Path) -> list[Row]:
     """The rows of a Hugging Face dataset saved with ``save_to_disk`` (a ``Dataset``, a
     ``DatasetDict`` with a single split, or ``FOLDER/SPLIT`` of one)."""
@@ -119,13 +133,15 @@ def read_saved_dataset(folder: Path) -> list[Row]:
 
 
 def read_rows(path: Path) -> list[Row]:
-    """The records of a data file by its kind: a folder is a saved dataset, ``.csv`` is CSV, anything
-    else JSONL (see the module docstring)."""
+    """The records of a data file by its kind: a folder is a saved dataset, ``.csv`` is CSV, ``.txt``
+    one prompt per line, anything else JSONL (see the module docstring)."""
     path = Path(path)
     if path.is_dir():
         return read_saved_dataset(path)
     if path.suffix.lower() == ".csv":
         return read_csv(path)
+    if path.suffix.lower() == ".txt":
+        return read_lines(path)
     return [Row(f"{path}:{lineno}", i + 1, record) for i, (lineno, record) in enumerate(read_jsonl(path))]
 
 
