@@ -34,11 +34,18 @@ _MISSING = object()
 @dataclass(frozen=True)
 class Row:
     """One record of a data file: ``where`` names it in errors (``file.csv:row 3``), ``number`` is
-    its 1-based position among the file's records, ``record`` the record itself."""
+    its 1-based position among the file's records, ``record`` the record itself, ``line`` its line
+    in a JSONL or text file (else ``number``): a sample's id when the record names none."""
 
     where: str
     number: int
     record: dict[str, Any]
+    line: int = 0
+
+    @property
+    def default_id(self) -> str:
+        """The id of a record that has none: its line (JSONL, text), else its position."""
+        return str(self.line or self.number)
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -109,7 +116,7 @@ def read_lines(path: Path) -> list[Row]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise WorkbenchError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    return [Row(f"{path}:{lineno}", i + 1, {"prompt": line.strip()})
+    return [Row(f"{path}:{lineno}", i + 1, {"prompt": line.strip()}, lineno)
             for i, (lineno, line) in enumerate((n, l) for n, l in enumerate(text.splitlines(), 1) if l.strip())]
 
 
@@ -142,7 +149,7 @@ def read_rows(path: Path) -> list[Row]:
         return read_csv(path)
     if path.suffix.lower() == ".txt":
         return read_lines(path)
-    return [Row(f"{path}:{lineno}", i + 1, record) for i, (lineno, record) in enumerate(read_jsonl(path))]
+    return [Row(f"{path}:{lineno}", i + 1, record, lineno) for i, (lineno, record) in enumerate(read_jsonl(path))]
 
 
 def parse_fields(text: str | None, known: tuple[str, ...], option: str = "--fields") -> dict[str, str]:

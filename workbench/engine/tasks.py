@@ -159,19 +159,13 @@ def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limi
         value = get_path(row.record, text_path, row.where, "the prompt" + hint)
         if not isinstance(value, str) or not value.strip():
             raise WorkbenchError(f"{row.where}: {text_path} must be a non-empty string")
-        ident = get_path(row.record, fields["id"], row.where, "id") if "id" in fields else row.record.get("id", _line_of(row))
+        ident = get_path(row.record, fields["id"], row.where, "id") if "id" in fields else row.record.get("id", row.default_id)
         top = text_path.split(".")[0] if text_path not in row.record else text_path
         extra = json_safe({k: v for k, v in row.record.items() if k != top})
         if "label" in fields:  # the gold text a scorer such as label-match reads
             extra["label"] = text_value(get_path(row.record, fields["label"], row.where, "label"), row.where, "label", fields["label"])
         samples.append(Sample(index=len(samples), id=str(ident), context=value, question="", extra=extra))
     return _slice(samples, offset, limit)
-
-
-def _line_of(row: Any) -> int:
-    """A row's line number for a JSONL file (its id when it has none), else its record number."""
-    tail = row.where.rpartition(":")[2]
-    return int(tail) if tail.isdigit() else row.number
 
 
 # ----------------------------------------------------------------------------- any multiple-choice file
@@ -235,7 +229,7 @@ def load_mc(
         raise WorkbenchError("--task mc needs its options: --fields options=FIELD (a list, or FIELD1|FIELD2|…) or --options \"A|B\"")
     if "question" not in fields and "context" not in fields:
         raise WorkbenchError("--task mc needs the text asked: --fields question=PATH (and/or context=PATH)")
-    used = {p.split(".")[0] for name, p in fields.items() for p in (p.split("|") if name == "options" else [p])}
+    field_paths = [part.strip() for name, spec in fields.items() for part in (spec.split("|") if name == "options" else [spec])]
     kept: list[Sample] = []
     for path in paths:
         for row in read_rows(Path(path)):
@@ -249,7 +243,8 @@ def load_mc(
             gold = -1
             if "label" in fields:
                 gold = gold_index(get_path(rec, fields["label"], where, "label"), options, where, fields["label"])
-            ident = text_value(get_path(rec, fields["id"], where, "id"), where, "id", fields["id"]) if "id" in fields else str(_line_of(row))
+            ident = text_value(get_path(rec, fields["id"], where, "id"), where, "id", fields["id"]) if "id" in fields else row.default_id
+            used = {fp if fp in rec else fp.split(".")[0] for fp in field_paths}  # the top-level fields read
             extra = json_safe({k: v for k, v in rec.items() if k not in used})
             kept.append(Sample(index=len(kept), id=ident, context=text.get("context", ""), question=text.get("question", ""),
                                options=options, gold=gold, category=text.get("category", ""), extra=extra))
