@@ -124,7 +124,8 @@ def protocol_show(
         tag = " (injected)" if t in p.inject else ""
         lines.append(f"round {t}{tag}\n  user: {user}")
         if p.prefix(t):
-            lines.append(f"  assistant begins: {p.prefix(t)}")
+            prefix = p.prefix(t)  # quoted when its own whitespace matters (the study's raw [INST] prefixes)
+            lines.append(f"  assistant begins: {json.dumps(prefix, ensure_ascii=False) if prefix != prefix.strip() else prefix}")
     if p.chat_template and show_template:
         lines += ["", f"chat template ({p.chat_template_file}):", p.chat_template]
     out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)  # the texts exactly, never re-wrapped
