@@ -244,3 +244,28 @@ def test_run_with_a_chat_template_file_records_it(capsys, monkeypatch, tmp_path,
                              "--chat-template", str(tmp_path / "nope.jinja"), "--out", str(tmp_path / "x.h5"))
     assert code == 2
     error_line(err, "--chat-template", "nope.jinja")
+
+
+def test_a_session_runs_per_row_prefixes_and_a_system_message(loaded):
+    """bbq-paper-llama3 through a real Session (the model's own ChatML template): each row's round-2
+    prefix names its own options, the system message comes first, the model object given is untouched,
+    and carrying the KV cache gives the transcript re-running every round gives."""
+    from dataclasses import replace as dc_replace
+
+    from workbench.engine.session import Session
+
+    model = loaded("llama")
+    protocol = dc_replace(load_protocol("bbq-paper-llama3"), rounds=2, decoding=dc_replace(load_protocol("bbq-paper-llama3").decoding, max_new_tokens=3))
+    other = Sample(1, "t", "Two people.", "Who left?", ("The first", "The second", "Unknown"), 2)
+    runs = []
+    for reuse in (True, False):
+        s = Session(model, "bbq", protocol, [BBQ_SAMPLE, other], hooks=(), reuse_cache=reuse)
+        s.step()
+        s.step()
+        runs.append(s)
+    assert runs[0].transcripts == runs[1].transcripts
+    assert model.tokenizer.chat_template == runs[0].model.tokenizer.chat_template.split("-%}", 1)[1]  # the original has no system line
+    for row, sample in enumerate((BBQ_SAMPLE, other)):
+        text = model.tokenizer.decode(runs[0].transcripts[row])
+        assert text.startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>")
+        assert f"among {get_task('bbq').format_choices(sample.options)} is" in text

@@ -43,7 +43,12 @@ def styled_tokenizer(tokenizer: Any, chat_template: str = "", system: str = "") 
         return base
     if getattr(tokenizer, "workbench_style", None) == (chat_template, system):
         return tokenizer
-    template = chat_template or base.chat_template
+    template = chat_template
+    if not template:
+        try:
+            template = base.get_chat_template()  # the default one when a tokenizer names several
+        except Exception:  # no template at all
+            template = ""
     if not template:
         raise WorkbenchError("the protocol's system message needs a chat template: the model has none (give --chat-template FILE)")
     if system:

@@ -128,6 +128,9 @@ class Session:
     ``fields_every_round=False`` leaves each :class:`RoundResult`'s ``round_fields`` empty and
     computes them once, over the whole dialogue, in :meth:`result` (a task such as the organism
     recomputes its posterior over the dialogue so far, so per round that is O(R²) work).
+    A protocol with a ``chat_template`` or a ``system`` message is rendered with them
+    (:func:`workbench.engine.chat.styled_model`: ``session.model`` is then a copy whose tokenizer
+    has them; the model given is left as it was).
     ``round_extras`` (:func:`workbench.engine.open_ended.round_extras`: a scorer, sampled answers) is called
     after each round's generation with (its output, the round prompts, the samples, the round) and
     returns more per-round arrays ``[B, ...]``, kept in ``RoundResult.extras`` and in :meth:`result`'s
