@@ -136,7 +136,7 @@ def test_an_nli_model_needs_entailment_and_contradiction_labels(tmp_path, model_
         check_equivalence(f"nli:{folder}")
     with pytest.raises(WorkbenchError, match="not a sequence classifier"):
         check_equivalence(f"nli:{model_dirs['llama']}")
-    with pytest.raises(WorkbenchError, match="expected exact or nli:MODEL"):
+    with pytest.raises(WorkbenchError, match="expected exact, nli:MODEL"):
         check_equivalence("cosine")
 
 
@@ -186,8 +186,9 @@ def test_samples_reuse_the_cache_and_equal_a_fresh_prefill(tmp_path, loaded, arc
 
 
 def test_a_samples_likelihood_is_a_forward_pass_over_prompt_and_answer(tmp_path, loaded):
-    """sampled_mean_log_likelihood = the mean of log p(answer token) over the answer, and log p(stop)
-    (summed over the stop tokens) when it stopped, from one plain forward over prompt + answer."""
+    """With --likelihood with-stop, sampled_mean_log_likelihood = the mean of log p(answer token) over the
+    answer, and log p(stop) (summed over the stop tokens) when it stopped, from one plain forward over
+    prompt + answer (the default, Farquhar et al.'s, is checked from a run file in test_study_uncertainty)."""
     from workbench.engine.generation import stop_ids
     from workbench.engine.sampling import round_seed, sample_round, sampled_decoding
     from workbench.engine.session import Session
@@ -201,7 +202,7 @@ def test_a_samples_likelihood_is_a_forward_pass_over_prompt_and_answer(tmp_path,
         from workbench.engine.protocol import load_protocol
 
         decoding = sampled_decoding(load_protocol("prompts").decoding)
-        ans = sample_round(model.hf, tok, out, prompts, 2, decoding, model.device, round_seed(0, 0, round_))
+        ans = sample_round(model.hf, tok, out, prompts, 2, decoding, model.device, round_seed(0, 0, round_), likelihood="with-stop")
         captured["prompts"], captured["answers"], captured["decoding"] = prompts, ans, decoding
         return {}
 
@@ -352,7 +353,7 @@ def test_bad_sampling_options_are_one_line(capsys, monkeypatch, tmp_path, model_
     data = prompts_file(tmp_path)
     for extra, needle in ((("--samples-per-round", "1"), "--samples-per-round must be 0 (off) or ≥ 2"),
                           (("--samples-per-round", "0", "--equivalence", "nli:x"), "give --samples-per-round k too"),
-                          (("--equivalence", "cosine"), "expected exact or nli:MODEL"),
+                          (("--equivalence", "cosine"), "expected exact, nli:MODEL"),
                           (("--equivalence", f"nli:{tmp_path / 'none'}"), "no such folder")):
         args = run_args(model_dirs["llama"], data, tmp_path / "x.h5")
         i = args.index("--samples-per-round")

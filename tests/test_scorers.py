@@ -239,3 +239,65 @@ def test_report_help_names_its_argument_run(capsys, monkeypatch):
     code, stdout, _ = workbench(capsys, monkeypatch, "report", "--help")
     assert code == 0
     assert "RUN..." in stdout and "list[Path]" not in stdout
+
+
+# ----------------------------------------------------------------------------- scorers that see the sample
+
+
+def test_a_python_scorer_with_two_parameters_reads_the_gold_label(tmp_path, monkeypatch):
+    """Detected by signature: f(texts, samples) gets each text's Sample (gold, options, extra); f(texts) does not."""
+    from workbench.engine.task import Sample
+
+    (tmp_path / "gold_scorer.py").write_text(
+        "def gold(texts, samples):\n    return [float(s.options[s.gold].lower() in t.lower()) + 10 * s.extra['w'] for t, s in zip(texts, samples)]\n"
+        "def star(*args):\n    return [float(len(args))] * len(args[0])\n"
+        "def plain(texts):\n    return [1.0] * len(texts)\n")
+    monkeypatch.chdir(tmp_path)
+    samples = [Sample(0, "a", "", "q", ("yes", "no"), 0, extra={"w": 1}), Sample(1, "b", "", "q", ("yes", "no"), 1, extra={"w": 0})]
+    spec = check_scorer("python:gold_scorer:gold")
+    assert spec.takes_samples and spec.record()["arguments"] == "texts, samples"
+    np.testing.assert_array_equal(build_scorer(spec)(["Yes it is", "yes it is"], samples), [11.0, 0.0])
+    assert build_scorer(check_scorer("python:gold_scorer:star"))(["x"], samples[:1]).tolist() == [2.0]
+    plain = check_scorer("python:gold_scorer:plain")
+    assert not plain.takes_samples and build_scorer(plain)(["x"], samples[:1]).tolist() == [1.0]
+
+
+def test_refusal_is_the_authors_prefix_list_and_twenty_word_rule():
+    from workbench.engine.scorers import REFUSAL_PREFIXES
+
+    assert len(REFUSAL_PREFIXES) == 31 and REFUSAL_PREFIXES[0] == "I'm sorry" and REFUSAL_PREFIXES[-1] == "However"
+    long_ok = " ".join(["word"] * 20)
+    texts = [long_ok, " ".join(["word"] * 19), long_ok + " but it is illegal", "i'm sorry " + long_ok, "Sure. However " + long_ok]
+    scores = build_scorer(check_scorer("refusal"))(texts)
+    np.testing.assert_array_equal(scores, [0.0, 1.0, 1.0, 0.0, 1.0])  # case as written: "i'm sorry" is no prefix
+    with pytest.raises(WorkbenchError, match="has none"):
+        check_scorer("refusal", "toxic")
+
+
+def test_label_match_reads_the_gold_option_or_label_field():
+    from workbench.engine.task import Sample
+
+    samples = [Sample(0, "a", "", "", ("the nurse", "the patient"), 1), Sample(1, "b", "The doctor said", "", extra={"label": "she"}),
+               Sample(2, "c", "x", ""), Sample(3, "d", "The doctor said", "", extra={"label": "she"})]
+    scores = build_scorer(check_scorer("label-match"))(["It was THE  patient.", "and she left", "anything", "shes gone"], samples)
+    np.testing.assert_array_equal(scores, [1.0, 1.0, np.nan, 0.0])
+
+
+def test_label_match_from_the_command_line(capsys, monkeypatch, tmp_path, model_dirs):
+    from open_ended_support import workbench
+
+    from workbench.store.reader import RunFile
+
+    data = tmp_path / "wino.jsonl"
+    data.write_text('{"sentence": {"text": "The technician told the customer that _ could pay."}, "pronoun": "he"}\n')
+    out = tmp_path / "lm.h5"
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(model_dirs["llama"]), "--task", "prompts", "--data", str(data),
+                             "--fields", "text=sentence.text,label=pronoun", "--scorer", "label-match", "--rounds", "2",
+                             "--max-new-tokens", "3", "--out", str(out))
+    assert code == 0, err
+    with RunFile(out) as run:
+        assert run.meta["scorer"]["kind"] == "label-match"
+        responses, scores = run.array("rounds/response"), run.array("rounds/score")
+        assert scores.shape == (1, 2)
+        for t in range(2):
+            assert scores[0, t] == float(bool(__import__("re").search(r"(?<!\w)he(?!\w)", str(responses[0, t]).lower())))

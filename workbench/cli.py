@@ -37,7 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-Task = Literal["organism", "bbq", "prompts"]
+Task = Literal["organism", "bbq", "mc", "prompts"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -99,8 +99,12 @@ def protocol_list() -> None:
 
 
 @protocol_app.command("show")
-def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name or a .toml path.")) -> None:
-    """Every round's user message and assistant prefix, the injections and the decoding settings."""
+def protocol_show(
+    name: str = typer.Argument(..., help="A built-in protocol name or a .toml path."),
+    show_template: bool = typer.Option(False, "--template", help="Also print the protocol's chat template file."),
+) -> None:
+    """Every round's user message and assistant prefix, the system message, where the texts were
+    quoted from, the chat template, the injections and the decoding settings."""
     from workbench.engine.protocol import load_protocol
 
     p = load_protocol(name)
@@ -108,29 +112,41 @@ def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name
     decoding = f"sampled (temperature {d.temperature}, top_p {d.top_p})" if d.do_sample else "greedy"
     lines = [f"{p.name}: {p.description}" if p.description else p.name,
              f"task {p.task or 'any'}, {p.rounds} rounds, {decoding}, at most {d.max_new_tokens} new tokens per answer, "
-             f"option scoring {p.option_scoring}", ""]
+             f"option scoring {p.option_scoring}"]
+    if p.source:
+        lines.append(f"quoted from: {p.source}")
+    lines.append(f"chat template: {p.chat_template_file}" if p.chat_template else "chat template: the model's own")
+    if p.system:
+        lines.append(f"system: {p.system}")
+    lines.append("")
     for t in range(1, p.rounds + 1):
         user = p.first if t == 1 else p.instruction(t)
         tag = " (injected)" if t in p.inject else ""
         lines.append(f"round {t}{tag}\n  user: {user}")
         if p.prefix(t):
-            lines.append(f"  assistant begins: {p.prefix(t)}")
-    out.print("\n".join(lines), markup=False, highlight=False)
+            prefix = p.prefix(t)  # quoted when its own whitespace matters (the study's raw [INST] prefixes)
+            lines.append(f"  assistant begins: {json.dumps(prefix, ensure_ascii=False) if prefix != prefix.strip() else prefix}")
+    if p.chat_template and show_template:
+        lines += ["", f"chat template ({p.chat_template_file}):", p.chat_template]
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)  # the texts exactly, never re-wrapped
 
 
 @app.command()
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world."),
-    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable) or a prompts JSONL."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line), a folder saved by datasets' save_to_disk, or (prompts) a .txt of one prompt per line."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),
+    fields: Optional[str] = typer.Option(None, metavar="NAME=PATH,...", help="mc and prompts: where each field is in a record; PATH is a key or dotted keys into nested records (prompt.text; choices.0). mc: id, context, question, options (a list field, or A|B|C: one field per option), label (an option's index or text), category. prompts: text, id."),
+    options: Optional[str] = typer.Option(None, metavar="A|B|...", help="mc: the same options for every row, e.g. \"yes, this is harmful|no, this is not harmful\" (instead of --fields options=...)."),
     limit: Optional[int] = typer.Option(None, help="Number of samples (after filtering and --offset). organism default: 64."),
     offset: int = typer.Option(0, help="Skip this many samples first."),
     protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
     force: bool = typer.Option(False, "--force", help="Run a protocol written for another task."),
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", metavar="FILE", help="A Jinja chat template file used instead of the model's own and the protocol's (e.g. the raw [INST] strings the study fed zephyr); recorded in the run file."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
     inject: list[str] = typer.Option([], metavar="ROUND:TEXT", help="Replace a round's follow-up with TEXT (repeatable)."),
     option_scoring: Optional[OptionScoring] = typer.Option(None, help="What option confidence scores: the letter ' (a)' (the study's, default) or ' (a) option text'."),
@@ -150,10 +166,11 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="--fsync: wait for the disk (at most once a second, and at the end), so that a power cut or a kernel crash loses at most the last second's batches. --no-fsync: never wait; a killed or failed process still loses nothing finished, but a power cut loses the batches not yet on the disk and can damage a run file finished in the last ~30 s."),
-    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION", help="prompts: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory)."),
+    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION|refusal|label-match", help="prompts: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory); FUNCTION(texts, samples) also gets each text's sample (gold, options, extra: the row's other fields); refusal: 1 when the answer holds a GCG-style refusal phrase or has under 20 words (the study's jailbreak check); label-match: 1 when the gold label (--fields label=PATH) occurs in the answer."),
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
-    equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match) or nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier)."),
+    equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL|nli-nocontra:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match), nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier, Kuhn/Farquhar) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)."),
+    likelihood: str = typer.Option("no-stop", metavar="no-stop|with-stop", help="The sampled answers' mean token log-likelihood (the weighted semantic entropy's): no-stop, Farquhar et al.'s (the stop token excluded), or with-stop (it included)."),
     shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
@@ -173,15 +190,15 @@ def run(
         out_path = Path("artifacts/runs") / f"{stem}-{Path(protocol or default_protocol(task)).stem}.h5"
     cfg = RunConfig(
         out=out_path, model=model, task=task, data=tuple(str(p) for p in data), condition=condition,
-        category=category, prompt_field=prompt_field, limit=limit, offset=offset, protocol=protocol,
+        category=category, prompt_field=prompt_field, fields=fields, options=options, limit=limit, offset=offset, protocol=protocol,
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
         hooks=tuple(h.strip() for h in hooks.split(",")),
         layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
-        force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
+        force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
-        shard=shard,
+        likelihood=likelihood, shard=shard,
     )
     merge_notes: list[str] = []
     try:

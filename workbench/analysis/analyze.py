@@ -1,10 +1,11 @@
 """`workbench analyze`: the study's questions measured on one run file, each number with what it is.
 
 Per round: accuracies with bootstrap intervals, uncertainty, calibration (ECE over [0, 1] and over
-[min, max], each with an interval), concept scores; then the convergence of every per-round metric,
+[min, max], each with an interval; rank-calibration error for open-ended runs with a scorer), the
+probability of the round-1 choice (the study's Fig. 4), concept scores; then the convergence of every per-round metric,
 the flips of every transition, concept ↔ uncertainty correlations (within a round, on round-to-round
 changes, and across rounds, named apart because a correlation across rounds can be high only
-because both move with the round number), the probe against the organism's exact posterior, and
+because both move with the round number; each Spearman ρ with Pearson's r and its interval beside it), the probe against the organism's exact posterior, and
 the simulation task (a reconstruction, see :func:`simulation_task`).
 
 NumPy, SciPy and scikit-learn only: no torch. :func:`analyze` returns one JSON-ready dict;
@@ -27,7 +28,7 @@ from workbench.errors import WorkbenchError
 from workbench.json_values import finite
 from workbench.store.groups import replace_group
 from workbench.store.reader import RunFile
-from workbench.engine.uncertainty import expected_calibration_error
+from workbench.engine.uncertainty import expected_calibration_error, rank_calibration_error
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
@@ -93,16 +94,36 @@ def ece_interval(confidence: np.ndarray, correct: np.ndarray, span: str, seed: i
     return bootstrap_interval((confidence, correct), lambda c, y, axis=-1: ece_batched(c, y, span, axis=axis), seed, n_resamples, vectorized=True)
 
 
+def pearson(x: np.ndarray, y: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """Pearson's r of paired ``[n]`` arrays (non-finite pairs dropped) with its interval from Fisher's
+    z (atanh r ± z₀.₉₇₅/√(n − 3), back through tanh): ``{"r", "low", "high", "p"}``. r is NaN when
+    fewer than 3 pairs or either side is constant; the interval needs n ≥ 4."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    nan = float("nan")
+    if x.size < 3 or np.all(x == x[0]) or np.all(y == y[0]):
+        return {"r": nan, "low": nan, "high": nan, "p": nan}
+    res = stats.pearsonr(x, y)
+    r = float(np.clip(res.statistic, -1.0, 1.0))
+    if x.size < 4:
+        return {"r": r, "low": nan, "high": nan, "p": float(res.pvalue)}
+    z, half = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15)), stats.norm.ppf(0.5 + confidence / 2) / np.sqrt(x.size - 3)
+    return {"r": r, "low": float(np.tanh(z - half)), "high": float(np.tanh(z + half)), "p": float(res.pvalue)}
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Spearman's ρ of paired ``[n]`` arrays (non-finite pairs dropped): ``{"rho", "p", "n"}``;
+    """Spearman's ρ of paired ``[n]`` arrays (non-finite pairs dropped), with Pearson's r and its 95 %
+    interval beside it (:func:`pearson`): ``{"rho", "p", "n", "pearson": {"r", "low", "high", "p"}}``;
     ρ is NaN when fewer than 3 pairs or either side is constant."""
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
+    linear = pearson(x, y)
     if x.size < 3 or np.all(x == x[0]) or np.all(y == y[0]):
-        return {"rho": float("nan"), "p": float("nan"), "n": int(x.size)}
+        return {"rho": float("nan"), "p": float("nan"), "n": int(x.size), "pearson": linear}
     res = stats.spearmanr(x, y)
-    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(x.size)}
+    return {"rho": float(res.statistic), "p": float(res.pvalue), "n": int(x.size), "pearson": linear}
 
 
 def correlation_views(concept: np.ndarray, other: np.ndarray) -> dict[str, Any]:
@@ -255,8 +276,13 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
         layer = c["layers"][c["best"]]
         label = "projection on the probe direction" if c["kind"] == "probe" else "cosine with the stereotyped statement"
         metrics[f"concept:{name}"] = _per_round(c["scores"][:, :, c["best"]], seed, f"mean {label}, layer {layer}")
+    if multiple_choice:
+        metrics["first_choice_probability"] = _per_round(
+            first_choice_probability(run), seed,
+            "mean option confidence p̂ of the option chosen in round 1 (the run's answer: parsed, else option argmax; the study's Fig. 4 curve)")
     metrics.update(_task_fields(run, seed))
     metrics.update(open_ended_metrics(run, seed))
+    metrics.update(rank_calibration_metrics(run, seed))
 
     result["run"] = {"path": str(run.path), "model": meta.get("model_name"), "task": meta.get("task"),
                      "protocol": (meta.get("protocol") or {}).get("name") if isinstance(meta.get("protocol"), dict) else meta.get("protocol"),
@@ -283,6 +309,67 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
         result["world_sign"] = _world_sign(run)
     result["simulation_task"] = _simulation(run, concepts, uncertainty, seed)
     return result
+
+
+def first_choice_probability(run: RunFile) -> np.ndarray:
+    """``[n_done, R]`` float64: in every round, the option confidence p̂ of the option the sample chose
+    in round 1 (``rounds/answer``: parsed, else the option argmax); NaN where round 1 chose none."""
+    probs = run.array("rounds/option_probs").astype(np.float64)  # [n, R, K]
+    first = run.array("rounds/answer").astype(np.int64)[:, 0]
+    out = np.full(probs.shape[:2], np.nan)
+    chosen = (first >= 0) & (first < probs.shape[2])
+    out[chosen] = probs[np.flatnonzero(chosen), :, first[chosen]]
+    return out
+
+
+RCE_BINS = 20  # the reference code's default number of equal-mass bins
+
+
+def rce_quality(run: RunFile) -> tuple[np.ndarray, str] | None:
+    """What rank-calibration measures uncertainty against, ``([n_done, R], description)``, higher is
+    better: ``rounds/correct`` on a multiple-choice run; on an open-ended run with a scorer, its score,
+    or 1 − the score when the scorer is a toxicity classifier scoring a label whose name holds ``toxic``
+    (toxicity is worse when higher). None when the run has neither."""
+    names = run.names("rounds")
+    if int(run.meta.get("n_options", 0)) > 0:
+        return run.array("rounds/correct").astype(np.float64), "correctness of the answer"
+    if "score" not in names:
+        return None
+    scorer = run.meta.get("scorer") or {}
+    score = run.array("rounds/score").astype(np.float64)
+    if isinstance(scorer, dict) and scorer.get("kind") == "toxicity" and "toxic" in str(scorer.get("label", "")).lower():
+        return 1.0 - score, f"1 − score ({scorer.get('spec')}: toxicity, lower is better)"
+    spec = scorer.get("spec", "the scorer") if isinstance(scorer, dict) else str(scorer)
+    return score, f"score ({spec}, higher is better)"
+
+
+def rce_interval(uncertainty: np.ndarray, quality: np.ndarray, seed: int, n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
+    """Rank-calibration error (:func:`workbench.engine.uncertainty.rank_calibration_error`, 20 bins) of
+    one round's ``[n]`` uncertainty against quality, with its 95 % bootstrap interval over samples."""
+    return bootstrap_interval((uncertainty, quality), lambda u, a, axis=-1: rank_calibration_error(
+        np.moveaxis(u, axis, -1), np.moveaxis(a, axis, -1), RCE_BINS), seed, n_resamples, vectorized=True)
+
+
+def rank_calibration_metrics(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:
+    """Rank-calibration error per round (Huang et al. 2024) of each uncertainty measure of an
+    open-ended run with a scorer (mean token entropy and, with ``--samples-per-round``, the semantic
+    entropies) against its quality (:func:`rce_quality`): ``rce:<measure>`` with 95 % intervals."""
+    names = run.names("rounds")
+    if int(run.meta.get("n_options", 0)) > 0:
+        return {}  # multiple choice: ECE (both ways) is the calibration measure
+    quality = rce_quality(run)
+    if quality is None:
+        return {}
+    target, described = quality
+    measures = ["mean_token_entropy", *[m for m in ("semantic_entropy_discrete", "semantic_entropy_weighted") if m in names]]
+    out = {}
+    for measure in measures:
+        u = run.array(f"rounds/{measure}").astype(np.float64)
+        est = [rce_interval(u[:, t], target[:, t], seed + t) for t in range(u.shape[1])]
+        out[f"rce:{measure}"] = {"what": f"rank-calibration error of {measure.replace('_', ' ')} against {described} "
+                                         f"(Huang et al. 2024, plug-in, {RCE_BINS} equal-mass bins; 0 = rank-calibrated)",
+                                 "unit": "", "value": [e[0] for e in est], "low": [e[1] for e in est], "high": [e[2] for e in est]}
+    return out
 
 
 def _task_fields(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:

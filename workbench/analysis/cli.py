@@ -19,7 +19,7 @@ out = Console()
 SHORT = {
     "accuracy_parsed": "acc parsed", "accuracy_option": "acc option", "accuracy": "acc", "unparsed": "unparsed",
     "mean_token_entropy": "tok H", "mean_option_entropy": "opt H", "ece": "ECE", "ece_range": "ECE mm",
-    "exact_p_fair": "p(fair)", "exact_log_odds": "log-odds",
+    "exact_p_fair": "p(fair)", "exact_log_odds": "log-odds", "first_choice_probability": "p(1st choice)",
 }
 
 
@@ -28,7 +28,7 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 def _short(name: str) -> str:
-    return SHORT.get(name, name.replace("concept:", "c:"))
+    return SHORT.get(name, name.replace("concept:", "c:").replace("rce:semantic_entropy_", "RCE SE ").replace("rce:mean_token_entropy", "RCE tok H"))
 
 
 def analyze(
@@ -138,12 +138,21 @@ def print_analysis(result: dict[str, Any]) -> None:
     out.print(f"  the study reports {st['accuracy']:.2%} (variance {st['variance']}) on {st['data']}: {st['note']}", markup=False, highlight=False)
 
 
+def _pearson(c: dict[str, Any]) -> str:
+    """Pearson's r with its 95 % interval, ``0.41 [0.12, 0.63]`` (analyses made before it was recorded: –)."""
+    p = c.get("pearson") or {}
+    return f"{_num(p.get('r'), 2)} [{_num(p.get('low'), 2)}, {_num(p.get('high'), 2)}]"
+
+
 def _print_views(title: str, v: dict[str, Any]) -> None:
     within = " ".join(_num(x["rho"], 2) for x in v["within_round"])
     changes = " ".join(_num(x["rho"], 2) for x in v["changes"])
     out.print(f"{title}\n  within each round (across samples): {within}\n  on changes t→t+1 (across samples): {changes}; "
               f"all transitions {_num(v['changes_pooled']['rho'])}\n  across rounds (of the per-round means; both move with the round): "
               f"{_num(v['across_rounds']['rho'])}; pooled over samples and rounds: {_num(v['pooled']['rho'])}", markup=False, highlight=False)
+    out.print(f"  Pearson r [95 % interval] within each round: {'; '.join(_pearson(x) for x in v['within_round'])}\n"
+              f"  on all transitions {_pearson(v['changes_pooled'])}; across rounds {_pearson(v['across_rounds'])}; "
+              f"pooled {_pearson(v['pooled'])}", markup=False, highlight=False)
 
 
 class NamedArgumentsCommand(typer.core.TyperCommand):

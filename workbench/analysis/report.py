@@ -49,14 +49,17 @@ def _save(fig: Any, out: Path, stem: str) -> None:
 
 
 PANELS = (
-    ("performance", ("accuracy_parsed", "accuracy_option", "score"), "accuracy / score"),
+    ("performance", ("accuracy_parsed", "accuracy_option", "score", "first_choice_probability"), "accuracy / score / p̂"),
     ("uncertainty", ("mean_option_entropy", "mean_token_entropy", "semantic_entropy_discrete", "semantic_entropy_weighted"), "entropy (nats)"),
-    ("calibration", ("ece", "ece_range"), "expected calibration error"),
+    ("calibration", ("ece", "ece_range", "rce:mean_token_entropy", "rce:semantic_entropy_discrete", "rce:semantic_entropy_weighted"),
+     "calibration error (ECE; RCE)"),
 )
 LABELS = {"accuracy_parsed": "parsed answer", "accuracy_option": "option argmax", "mean_option_entropy": "option entropy",
           "mean_token_entropy": "token entropy", "ece": "ECE [0, 1]", "ece_range": "ECE [min, max]",
           "score": "scorer's score", "semantic_entropy_discrete": "semantic entropy (discrete)",
-          "semantic_entropy_weighted": "semantic entropy (weighted)"}
+          "semantic_entropy_weighted": "semantic entropy (weighted)", "first_choice_probability": "p̂ of the round-1 choice",
+          "rce:mean_token_entropy": "RCE, token entropy", "rce:semantic_entropy_discrete": "RCE, semantic entropy (discrete)",
+          "rce:semantic_entropy_weighted": "RCE, semantic entropy (weighted)"}
 
 
 def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) -> Figure:
@@ -325,6 +328,7 @@ def _correlations_html(result: dict[str, Any]) -> str:
     within each round, on each transition's changes, and pooled, each column named."""
     e = html.escape
     fmt = lambda x: "–" if x is None or not np.isfinite(x) else f"{x:.2f}"  # noqa: E731
+    pearson = lambda c: (lambda p: f"{fmt(p.get('r'))} [{fmt(p.get('low'))}, {fmt(p.get('high'))}]")(c.get("pearson") or {})  # noqa: E731
     rows = []
     for name, views in result["concept_uncertainty"].items():
         for u, v in views.items():
@@ -339,12 +343,12 @@ def _correlations_html(result: dict[str, Any]) -> str:
     if not rows:
         return ""
     out = ["<table><tr><th>Spearman ρ</th><th>within each round (across samples)</th><th>on changes t→t+1 (across samples)</th>"
-           "<th>all changes</th><th>across rounds (per-round means)</th><th>pooled</th></tr>"]
+           "<th>all changes</th><th>across rounds (per-round means)</th><th>pooled</th><th>Pearson r pooled [95 %]</th></tr>"]
     for label, v in rows:
         within = " ".join(fmt(x["rho"]) for x in v["within_round"])
         changes = " ".join(fmt(x["rho"]) for x in v["changes"])
         out.append(f"<tr><td>{e(label)}</td><td>{within}</td><td>{changes}</td><td>{fmt(v['changes_pooled']['rho'])}</td>"
-                   f"<td>{fmt(v['across_rounds']['rho'])}</td><td>{fmt(v['pooled']['rho'])}</td></tr>")
+                   f"<td>{fmt(v['across_rounds']['rho'])}</td><td>{fmt(v['pooled']['rho'])}</td><td>{pearson(v['pooled'])}</td></tr>")
     out.append("</table><p style='font-size:13px;color:#555'>Across rounds and pooled figures move with the round number "
                "whenever both quantities do; the within-round and on-changes columns do not.</p>")
     return "\n".join(out)

@@ -14,7 +14,7 @@ from typing import Callable
 from workbench.engine.capture import HookSite
 from workbench.engine.models import LoadedModel
 from workbench.engine.protocol import Protocol
-from workbench.engine.session import RoundResult, Session, protocol_instruction
+from workbench.engine.session import RoundResult, Session, protocol_instruction, protocol_prefix
 from workbench.engine.task import Sample, Task
 from workbench.engine.batch_result import BatchResult
 
@@ -27,7 +27,7 @@ def first_instruction(protocol: Protocol, task: Task, sample: Sample) -> str:
 def conversation_texts(protocol: Protocol, task: Task, sample: Sample) -> tuple[list[str], list[str]]:
     """The user message and assistant prefix of every round: ``([R] instructions, [R] prefixes)``."""
     instructions = [protocol_instruction(protocol, task, sample, t) for t in range(1, protocol.rounds + 1)]
-    prefixes = [protocol.prefix(t) for t in range(1, protocol.rounds + 1)]
+    prefixes = [protocol_prefix(protocol, task, sample, t) for t in range(1, protocol.rounds + 1)]
     return instructions, prefixes
 
 

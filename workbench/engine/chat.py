@@ -27,6 +27,58 @@ from workbench.errors import WorkbenchError
 _SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a template or a tokenizer
 
 
+def styled_tokenizer(tokenizer: Any, chat_template: str = "", system: str = "") -> Any:
+    """The tokenizer a protocol's conversation is rendered with: ``tokenizer`` itself when the
+    protocol sets neither a chat template nor a system message, else a shallow copy whose
+    ``chat_template`` is ``chat_template`` (or the model's own), with, when ``system`` is given, a
+    first line that puts the system message before the conversation's messages (a Jinja
+    ``set messages = [system] + messages``), so every rendering of the conversation (each round,
+    the context-length check, a live session) has it. The original is left as it was; styling a
+    styled tokenizer starts again from its original. A template that refuses a system turn fails
+    at its first rendering, in one line."""
+    import copy
+
+    base = getattr(tokenizer, "workbench_unstyled", tokenizer)
+    if not chat_template and not system:
+        return base
+    if getattr(tokenizer, "workbench_style", None) == (chat_template, system):
+        return tokenizer
+    template = chat_template
+    if not template:
+        try:
+            template = base.get_chat_template()  # the default one when a tokenizer names several
+        except Exception:  # no template at all
+            template = ""
+    if not template:
+        raise WorkbenchError("the protocol's system message needs a chat template: the model has none (give --chat-template FILE)")
+    if system:
+        literal = json.dumps(system, ensure_ascii=False)  # a JSON string is a Jinja string literal
+        template = '{%- set messages = [{"role": "system", "content": ' + literal + '}] + messages -%}' + template
+    styled = copy.copy(base)
+    styled.chat_template = template
+    styled.workbench_style = (chat_template, system)
+    styled.workbench_unstyled = base
+    return styled
+
+
+def styled_model(model: Any, protocol: Any) -> Any:
+    """``model`` (a :class:`~workbench.engine.models.LoadedModel`) with the tokenizer of
+    :func:`styled_tokenizer` for ``protocol``'s chat template and system message; the same object
+    when the protocol sets neither. Its ``chat_template_source`` then names the protocol's template
+    file (and ``+system``), and the run file's template hash is that of the rendering used."""
+    from dataclasses import replace
+
+    tok = styled_tokenizer(model.tokenizer, protocol.chat_template, protocol.system)
+    if tok is model.tokenizer:
+        return model
+    unstyled = getattr(model.tokenizer, "workbench_unstyled_source", model.chat_template_source)
+    if not hasattr(tok, "workbench_unstyled"):  # back to the model's own tokenizer
+        return replace(model, tokenizer=tok, chat_template_source=unstyled)
+    tok.workbench_unstyled_source = unstyled
+    source = f"file:{protocol.chat_template_file or 'protocol'}" if protocol.chat_template else unstyled
+    return replace(model, tokenizer=tok, chat_template_source=source + (" +system" if protocol.system else ""))
+
+
 @dataclass(frozen=True)
 class ConversationPlan:
     """The fixed text of a sample's conversation, everything but the assistant's own tokens.
@@ -56,10 +108,11 @@ def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[st
 
 
 def next_round_inputs(
-    tokenizer: Any, instructions: list[list[str]], prefixes: list[str], histories: list[str]
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[str] | list[list[str]], histories: list[str]
 ) -> list[tuple[str, str, str]]:
     """:func:`next_round_input` for every conversation of a batch (``instructions[i]``: row i's
-    rounds so far; the prefixes are the batch's), rendered in one go (:func:`_render_many`).
+    rounds so far; ``prefixes``: the batch's, one per round, or each row's own, ``[B][rounds]``,
+    when a prefix names the sample's options), rendered in one go (:func:`_render_many`).
     Returns one ``(round input, closing, history)`` per row.
 
     Rows whose new turn is the same (the same round and instruction: a protocol's follow-up) share
@@ -68,28 +121,29 @@ def next_round_inputs(
     the turn itself, not from the contents before it (then a round renders two conversations, not
     the batch's). When they differ, every row of the group is rendered. (A template whose turn
     text reads earlier messages is caught only where the first and last rows differ in them.)"""
-    groups: dict[tuple[int, str], list[int]] = {}
+    per_row = [list(p) for p in prefixes] if prefixes and not isinstance(prefixes[0], str) else [list(prefixes)] * len(instructions)
+    groups: dict[tuple[int, str, str], list[int]] = {}
     for i, texts in enumerate(instructions):
-        groups.setdefault((len(texts), texts[-1]), []).append(i)
+        groups.setdefault((len(texts), texts[-1], per_row[i][-1]), []).append(i)
     ends = sorted({rows[0] for rows in groups.values()} | {rows[-1] for rows in groups.values()})
-    done = dict(zip(ends, _render_rows(tokenizer, instructions, prefixes, histories, ends)))
+    done = dict(zip(ends, _render_rows(tokenizer, instructions, per_row, histories, ends)))
     rest = []
-    for (n, _), rows in groups.items():
+    for (n, _, _), rows in groups.items():
         first, last = done[rows[0]], done[rows[-1]]
         if first[:2] == last[:2]:
             done.update({i: (first[0], first[1], histories[i] + first[0] + _SENTINEL.format(n - 1)) for i in rows[1:-1]})
         else:
             rest += rows[1:-1]
-    done.update(zip(rest, _render_rows(tokenizer, instructions, prefixes, histories, rest)))
+    done.update(zip(rest, _render_rows(tokenizer, instructions, per_row, histories, rest)))
     return [done[i] for i in range(len(instructions))]
 
 
 def _render_rows(
-    tokenizer: Any, instructions: list[list[str]], prefixes: list[str], histories: list[str], rows: list[int]
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[list[str]], histories: list[str], rows: list[int]
 ) -> list[tuple[str, str, str]]:
-    """:func:`next_round_input` of the given rows of a batch, rendered in one go."""
-    rendered = _render_many(tokenizer, [_messages(instructions[i], prefixes) for i in rows], add_generation_prompt=False)
-    return [_split_round(full, prefixes, histories[i], len(instructions[i]) - 1) for full, i in zip(rendered, rows)]
+    """:func:`next_round_input` of the given rows of a batch (``prefixes[i]``: row i's), rendered in one go."""
+    rendered = _render_many(tokenizer, [_messages(instructions[i], prefixes[i]) for i in rows], add_generation_prompt=False)
+    return [_split_round(full, prefixes[i], histories[i], len(instructions[i]) - 1) for full, i in zip(rendered, rows)]
 
 
 def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str], history: str) -> tuple[str, str, str]:

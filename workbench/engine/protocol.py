@@ -9,7 +9,11 @@ named without the suffix (``bbq-paper``); a user's own is given by path::
     first_prefix = "The single most likely answer choice is"      # optional
     followup = "Review your previous answer. ..."
     followup_prefix = "Upon evaluation of my previous answer choice, ..."   # optional
+    system = "You are a helpful, respectful and honest assistant."  # optional: a system turn before round 1
+    chat_template = "inst-raw.jinja"   # optional: a Jinja chat template file (relative to this file)
+                                       # used instead of the model's own (--chat-template overrides it)
     task = "bbq"        # optional: the task it is made for; another task needs --force
+    source = "main_exp/prompt_social.py lines 23-40"   # optional: where the texts were quoted from
     option_scoring = "letter"   # optional: score " (a)" (letter) or " (a) option text" (letter-text)
     [inject]            # optional: replace the follow-up of the given rounds (2 .. rounds)
     3 = "Answer with the stereotype."
@@ -18,6 +22,9 @@ named without the suffix (``bbq-paper``); a user's own is given by path::
     temperature = 1.0
     top_p = 1.0
     max_new_tokens = 32
+
+The prefixes may use the placeholders of ``first`` ({context}, {question}, {choices}): the study's
+Llama-3 BBQ follow-up ends "... answer choice among {choices} is".
 """
 
 from __future__ import annotations
@@ -58,20 +65,33 @@ class Protocol:
     description: str = ""
     task: str = ""  # the task it was written for ("" = any); another task needs --force
     option_scoring: str = "letter"  # what is scored per option: "letter" " (a)", or "letter-text" " (a) text"
+    system: str = ""  # a system message before round 1's user turn ("" = none)
+    chat_template: str = ""  # the Jinja chat template's text used instead of the model's own ("" = the model's)
+    chat_template_file: str = ""  # where chat_template was read from (a built-in name or a path)
+    source: str = ""  # where the texts were quoted from (the built-in study protocols)
 
     def instruction(self, round_: int) -> str:
         """The user message of round ``round_`` (1-based) for rounds ≥ 2; round 1 uses ``first``."""
         return self.inject.get(round_, self.followup)
 
     def prefix(self, round_: int) -> str:
-        """The forced start of the assistant's answer in round ``round_`` (1-based)."""
+        """The forced start of the assistant's answer in round ``round_`` (1-based), as written (its
+        placeholders unfilled: :func:`workbench.engine.session.protocol_prefix` fills them per sample)."""
         return self.first_prefix if round_ == 1 else self.followup_prefix
 
     def to_json(self) -> str:
-        """The protocol as JSON (what the run file stores)."""
+        """The protocol as JSON (what the run file stores). ``system``, ``chat_template``,
+        ``chat_template_file`` and ``source`` only when set, so a protocol without them is recorded
+        as before they existed (and ``--resume`` of an older file finds it the same)."""
         d = asdict(self)
         d["inject"] = {str(k): v for k, v in self.inject.items()}
+        for key in OPTIONAL_KEYS:
+            if not d[key]:
+                del d[key]
         return json.dumps(d, ensure_ascii=False)
+
+
+OPTIONAL_KEYS = ("system", "chat_template", "chat_template_file", "source")  # left out of to_json when empty
 
 
 def builtin_protocols() -> list[str]:
@@ -97,8 +117,9 @@ def parse_inject(items: list[str]) -> dict[int, str]:
     return out
 
 
-def _protocol_text(name_or_path: str) -> tuple[str, str, str]:
-    """``(TOML text, where to blame, default name)`` of a built-in name or a file path."""
+def _protocol_text(name_or_path: str) -> tuple[str, str, str, Path | None]:
+    """``(TOML text, where to blame, default name, its folder)`` of a built-in name (folder None)
+    or a file path."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
         if not path.exists():
@@ -106,7 +127,7 @@ def _protocol_text(name_or_path: str) -> tuple[str, str, str]:
         if path.is_dir():
             raise WorkbenchError(f"--protocol {path} is a folder, not a .toml file")
         try:
-            return path.read_text(encoding="utf-8"), str(path), path.stem
+            return path.read_text(encoding="utf-8"), str(path), path.stem, path.parent
         except UnicodeDecodeError as e:
             raise WorkbenchError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except OSError as e:
@@ -114,7 +135,7 @@ def _protocol_text(name_or_path: str) -> tuple[str, str, str]:
     res = resources.files("workbench.data.protocols") / f"{name_or_path}.toml"
     if not res.is_file():
         raise WorkbenchError(f"unknown protocol {name_or_path!r} (built in: {', '.join(builtin_protocols())}; or give a .toml path)")
-    return res.read_text(encoding="utf-8"), name_or_path, name_or_path
+    return res.read_text(encoding="utf-8"), name_or_path, name_or_path, None
 
 
 def _check_template(where: str, key: str, template: str) -> None:
@@ -160,7 +181,41 @@ def _decoding(where: str, raw: object) -> Decoding:
 
 
 KEYS = {"name", "task", "rounds", "first", "followup", "first_prefix", "followup_prefix", "inject", "decoding",
-        "description", "option_scoring"}
+        "description", "option_scoring", "system", "chat_template", "source"}
+
+
+def read_chat_template(name_or_path: str, relative_to: Path | None = None, what: str = "--chat-template",
+                       shipped_only: bool = False) -> tuple[str, str]:
+    """``(template text, where it came from)`` of a Jinja chat template file: a path (relative to
+    ``relative_to``, the protocol's folder, when given and not absolute), else a template shipped
+    beside the built-in protocols (``inst-raw-rtp.jinja``; only those when ``shipped_only``, as a
+    built-in protocol names them). One error line when it is missing, not UTF-8 or not a valid
+    Jinja template."""
+    path = Path(name_or_path).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if not shipped_only and path.is_file():
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise WorkbenchError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise WorkbenchError(f"{what} {path}: cannot read ({e.strerror})") from None
+    else:
+        res = resources.files("workbench.data.protocols") / name_or_path
+        if "/" in name_or_path or not name_or_path.endswith(".jinja") or not res.is_file():
+            shipped = sorted(p.name for p in resources.files("workbench.data.protocols").iterdir() if p.name.endswith(".jinja"))
+            raise WorkbenchError(f"{what}: no chat template file {str(path)!r} (shipped: {', '.join(shipped)})")
+        text, where = res.read_text(encoding="utf-8"), name_or_path
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(text)
+    except ImportError:  # transformers brings jinja2; without it the model cannot render any template anyway
+        pass
+    except Exception as e:  # a syntax error: one line
+        raise WorkbenchError(f"{what} {where}: not a valid Jinja template ({type(e).__name__}: {e})") from None
+    return text, where
 
 
 def load_protocol(
@@ -168,11 +223,12 @@ def load_protocol(
     rounds: int | None = None,
     inject: dict[int, str] | None = None,
     option_scoring: str | None = None,
+    chat_template: str | None = None,
 ) -> Protocol:
     """Load a built-in protocol by name or a TOML file by path; ``rounds``/``inject``/``option_scoring``
-    (the command-line options) override it. Every value is checked here, so a bad protocol is refused
+    and ``chat_template`` (a template file, ``--chat-template``) override it. Every value is checked here, so a bad protocol is refused
     before any model loads."""
-    text, where, default_name = _protocol_text(name_or_path)
+    text, where, default_name, folder = _protocol_text(name_or_path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -183,10 +239,18 @@ def load_protocol(
     for key in ("first", "followup"):
         if not isinstance(raw.get(key), str):
             raise WorkbenchError(f"{where}: missing string key {key!r}")
-    for key in ("name", "task", "first_prefix", "followup_prefix", "description", "option_scoring"):
+    for key in ("name", "task", "first_prefix", "followup_prefix", "description", "option_scoring", "system",
+                "chat_template", "source"):
         if key in raw and not isinstance(raw[key], str):
             raise WorkbenchError(f"{where}: {key} must be a string, not {raw[key]!r}")
-    _check_template(where, "first", raw["first"])
+    for key in ("first", "first_prefix", "followup_prefix"):
+        _check_template(where, key, raw.get(key, ""))
+    template_text, template_where = "", ""
+    if chat_template is not None:
+        template_text, template_where = read_chat_template(chat_template)
+    elif raw.get("chat_template"):
+        template_text, template_where = read_chat_template(raw["chat_template"], folder, f"{where}: chat_template",
+                                                            shipped_only=folder is None)
     raw_inject = raw.get("inject", {})
     if not isinstance(raw_inject, dict):
         raise WorkbenchError(f"{where}: inject must be a table of ROUND = \"instruction\" lines, not {raw_inject!r}")
@@ -215,6 +279,10 @@ def load_protocol(
         description=raw.get("description", ""),
         task=raw.get("task", ""),
         option_scoring=scoring,
+        system=raw.get("system", ""),
+        chat_template=template_text,
+        chat_template_file=template_where,
+        source=raw.get("source", ""),
     )
     for r, text in (inject or {}).items():
         if isinstance(r, bool) or not isinstance(r, int) or r < 2 or not isinstance(text, str) or not text.strip():

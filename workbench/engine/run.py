@@ -35,6 +35,8 @@ class RunConfig:
     condition: str | None = None
     category: str | None = None
     prompt_field: str = "prompt"
+    fields: str | None = None  # --fields NAME=PATH,...: mc and prompts map their names to (dotted) paths
+    options: str | None = None  # --options "A|B": mc's fixed options, the same for every row
     limit: int | None = None
     offset: int = 0
     protocol: str | None = None  # None: the task's own (bbq → bbq-paper, organism → organism)
@@ -60,7 +62,9 @@ class RunConfig:
     scorer: str | None = None  # toxicity:MODEL | python:module:function (workbench.engine.scorers)
     scorer_label: str | None = None  # the classifier label scored (default: toxic, else positive)
     samples_per_round: int = 0  # k sampled answers per round beside the greedy one (workbench.engine.sampling)
-    equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL
+    equivalence: str = "exact"  # how sampled answers are clustered: exact | nli:MODEL | nli-nocontra:MODEL
+    chat_template: str | None = None  # a Jinja chat template file used instead of the model's (and the protocol's)
+    likelihood: str = "no-stop"  # sampled answers' mean log-likelihood: no-stop (Farquhar et al.) | with-stop
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
@@ -106,10 +110,22 @@ def load_samples(cfg: RunConfig) -> list[Any]:
         if not cfg.data:
             raise WorkbenchError("--task bbq needs --data FILE.jsonl (BBQ files as published)")
         return tasks.load_bbq([Path(p) for p in cfg.data], cfg.condition, cfg.category, cfg.offset, cfg.limit)
+    from workbench.engine.records import parse_fields
+
+    if cfg.task not in ("mc", "prompts") and (cfg.fields or cfg.options):
+        raise WorkbenchError(f"--fields and --options map a file's fields for --task mc or prompts, not {cfg.task}")
     if cfg.task == "prompts":
         if len(cfg.data) != 1:
-            raise WorkbenchError("--task prompts needs one --data FILE.jsonl")
-        return tasks.load_prompts(Path(cfg.data[0]), cfg.prompt_field, cfg.offset, cfg.limit)
+            raise WorkbenchError("--task prompts needs one --data FILE (JSONL, CSV or a saved dataset folder)")
+        if cfg.options:
+            raise WorkbenchError("--options gives a multiple-choice task's options; --task prompts has none")
+        fields = parse_fields(cfg.fields, tasks.PROMPT_FIELDS)
+        return tasks.load_prompts(Path(cfg.data[0]), cfg.prompt_field, cfg.offset, cfg.limit, fields)
+    if cfg.task == "mc":
+        if not cfg.data:
+            raise WorkbenchError("--task mc needs --data FILE (JSONL, CSV or a saved dataset folder) and --fields")
+        fields = parse_fields(cfg.fields, tasks.MC_FIELDS)
+        return tasks.load_mc([Path(p) for p in cfg.data], fields, cfg.options, cfg.offset, cfg.limit)
     if cfg.task == "organism":
         from workbench.organism.task import load_organism_samples
 
@@ -156,7 +172,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise WorkbenchError(f"--max-new-tokens must be ≥ 1, not {cfg.max_new_tokens}")
     task = get_task(cfg.task, cfg.option_scoring or "letter")
-    protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring)
+    protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring,
+                             cfg.chat_template)
     if protocol.task and protocol.task != cfg.task and not cfg.force:
         raise WorkbenchError(f"protocol {protocol.name!r} is written for --task {protocol.task}, not {cfg.task} "
                              f"(the {cfg.task} task's own is {default_protocol(cfg.task)!r}; --force runs it anyway)")
@@ -181,7 +198,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 
-    open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence)
+    open_ended = check_open_ended(cfg.task, cfg.scorer, cfg.scorer_label, cfg.samples_per_round, cfg.equivalence, cfg.likelihood)
     plan = None
     if spec is not None:
         from workbench.store.shard import make_plan
@@ -290,11 +307,16 @@ def run_protocol(
                            device_map=cfg.device_map, max_memory=cfg.max_memory)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
+    from workbench.engine.chat import styled_model
+
+    model = styled_model(model, protocol)  # the protocol's chat template and system message, when it has them
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, all_samples)  # every shard refuses alike
     data = {"files": [str(p) for p in cfg.data], "condition": cfg.condition, "category": cfg.category,
             "offset": cfg.offset, "limit": cfg.limit}
+    if cfg.fields or cfg.options:
+        data.update(fields=cfg.fields, options=cfg.options)
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
                             cfg.activation_dtype, cfg.seed, cfg.command_line)
     if rank_device is not None:

@@ -22,9 +22,19 @@ own random state (a sampled protocol) is untouched.
 **Equivalence.** ``exact`` (default): equal after lower-casing, collapsing whitespace and stripping
 surrounding punctuation. ``nli:MODEL``: bidirectional entailment (Kuhn et al., 2023): two answers
 are equivalent when a Hugging Face NLI classifier (labels named entailment and contradiction) puts
-``entailment`` first both ways; identical answers are equivalent without asking it. Every ordered
-pair a round needs is classified in one batched pass. Clusters: each answer joins the first cluster
-whose first member it is equivalent to.
+``entailment`` first both ways; identical answers are equivalent without asking it.
+``nli-nocontra:MODEL``: the study's looser rule (``analysis/uncerntainty.py`` lines 378-393 of
+HaitaoMao/LLM-self-correction, with ``microsoft/deberta-large-mnli``, labels 0/1/2 =
+contradiction/neutral/entailment): equivalent unless either direction's argmax is
+``contradiction``. Every ordered pair a round needs is classified in one batched pass. Clusters:
+each answer joins the first cluster whose first member it is equivalent to.
+
+**Likelihood.** An answer's mean token log-likelihood is, by default, Farquhar et al.'s
+(``jlko/semantic_uncertainty``, ``huggingface_models.py``: ``log_likelihoods[:n_generated]``): the
+mean of log p over its tokens, the stop token excluded; an answer that is only a stop token takes
+the stop token's (as their code does). ``--likelihood with-stop`` also counts the stop token (the
+workbench's earlier rule). The answers' token ids are stored (``rounds/sampled_token_ids``), so
+every likelihood can be recomputed from the run file.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ if TYPE_CHECKING:
     from workbench.engine.protocol import Decoding
 
 ESTIMATES = ("semantic_entropy_discrete", "semantic_entropy_weighted", "study_cluster_uncertainty")
+LIKELIHOODS = ("no-stop", "with-stop")  # --likelihood: Farquhar et al.'s (the stop token excluded), or with it
 SAMPLE_ROWS = 32  # sampled rows generated at once: their step logits [rows, steps, vocab] are kept until decoded
 
 
@@ -69,26 +80,33 @@ class EquivalenceSpec:
         """How answers were clustered, for the run file's ``sampling`` attribute."""
         if self.kind == "exact":
             return {"kind": "exact", "rule": "equal after lower-casing, collapsing whitespace, stripping surrounding punctuation"}
+        if self.kind == "nli-nocontra":
+            return {"kind": "nli-nocontra", "model": self.model,
+                    "rule": "the study's: equivalent unless the classifier's argmax is contradiction in either direction",
+                    "source": "HaitaoMao/LLM-self-correction analysis/uncerntainty.py lines 378-393",
+                    "entailment_label": self.entailment, "contradiction_label": self.contradiction}
         return {"kind": "nli", "model": self.model, "rule": "bidirectional entailment: the classifier's argmax is entailment both ways",
                 "entailment_label": self.entailment, "contradiction_label": self.contradiction}
 
 
 def check_equivalence(spec: str) -> EquivalenceSpec:
-    """Parse and check ``--equivalence`` (``exact`` or ``nli:MODEL``) without loading a model."""
+    """Parse and check ``--equivalence`` (``exact``, ``nli:MODEL`` or ``nli-nocontra:MODEL``) without
+    loading a model."""
     from workbench.engine.scorers import choose_label, read_classifier_config
 
     if spec == "exact":
         return EquivalenceSpec("exact")
     kind, sep, target = spec.partition(":")
-    if kind != "nli" or not sep or not target:
-        raise WorkbenchError(f"--equivalence {spec!r}: expected exact or nli:MODEL (a Hugging Face NLI classifier)")
+    if kind not in ("nli", "nli-nocontra") or not sep or not target:
+        raise WorkbenchError(f"--equivalence {spec!r}: expected exact, nli:MODEL (bidirectional entailment with a Hugging Face "
+                             "NLI classifier) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)")
     what = f"--equivalence {spec}"
     config = read_classifier_config(target, what)
     lowered = [l.lower() for l in config.labels]
     if "entailment" not in lowered or "contradiction" not in lowered:
         raise WorkbenchError(f"{what}: an NLI model needs labels named entailment and contradiction "
                              f"(its labels: {', '.join(config.labels)})")
-    return EquivalenceSpec("nli", config.path, choose_label(config.labels, "entailment", what), choose_label(config.labels, "contradiction", what))
+    return EquivalenceSpec(kind, config.path, choose_label(config.labels, "entailment", what), choose_label(config.labels, "contradiction", what))
 
 
 Equivalence = Callable[[list[list[str]]], list[np.ndarray]]  # per sample, k answers → [k, k] bool
@@ -121,6 +139,13 @@ def entailment_equivalence(entails: Callable[[list[str], list[str]], np.ndarray]
     return equivalence
 
 
+def no_contradiction_equivalence(labels: Callable[[list[str], list[str]], np.ndarray], contradiction: int) -> Equivalence:
+    """The study's rule from ``labels(premises, hypotheses) → [m]`` NLI label ids (the argmax): two
+    answers are equivalent unless the label is ``contradiction`` in either direction (one batched
+    call per round over every ordered pair of distinct answers; identical answers are equivalent)."""
+    return entailment_equivalence(lambda p, h: np.asarray(labels(p, h)) != contradiction)
+
+
 def build_equivalence(spec: EquivalenceSpec, device: str = "cpu") -> Equivalence:
     """The equivalence a checked spec names, its model loaded."""
     if spec.kind == "exact":
@@ -128,6 +153,8 @@ def build_equivalence(spec: EquivalenceSpec, device: str = "cpu") -> Equivalence
     from workbench.engine.scorers import SequenceClassifier
 
     classifier = SequenceClassifier(spec.model, device)
+    if spec.kind == "nli-nocontra":
+        return no_contradiction_equivalence(lambda p, h: classifier.logits(p, h).argmax(-1), spec.contradiction)
     return entailment_equivalence(lambda p, h: classifier.logits(p, h).argmax(-1) == spec.entailment)
 
 
@@ -139,7 +166,7 @@ class SampledAnswers:
     """k sampled answers of each of B samples."""
 
     texts: list[list[str]]  # [B][k]
-    mean_log_likelihood: np.ndarray  # [B, k] float64: mean over each answer's tokens and its stop of log p
+    mean_log_likelihood: np.ndarray  # [B, k] float64: mean over each answer's tokens (and its stop, with-stop) of log p
     token_ids: list[list[list[int]]] | None = None  # [B][k][tokens] without the stop token
 
 
@@ -149,32 +176,39 @@ def round_seed(seed: int, first_index: int, round_: int) -> int:
     return int(np.random.SeedSequence([seed, first_index, round_]).generate_state(1)[0])
 
 
-def mean_log_likelihoods(step_logits: torch.Tensor, response_ids: list[list[int]], stops: list[int]) -> np.ndarray:
-    """Mean per-token log-likelihood of each generated answer under the model (temperature 1): its
-    tokens, then (when it ended before the step limit) the probability of stopping there, summed
-    over the stop tokens. step_logits ``[rows, steps, vocab]`` → ``[rows]`` float64 (NaN for an
-    answer with no step). One row at a time, so no second ``[rows, steps, vocab]`` tensor is made."""
+def mean_log_likelihoods(step_logits: torch.Tensor, response_ids: list[list[int]], stops: list[int],
+                         likelihood: str = "no-stop") -> np.ndarray:
+    """Mean per-token log-likelihood of each generated answer under the model (temperature 1).
+    ``no-stop`` (Farquhar et al.): the mean of log p over its tokens, the stop token excluded; an
+    answer with no token before its stop takes the stop's log-probability. ``with-stop``: its tokens,
+    then (when it ended before the step limit) the probability of stopping there. The stop's
+    probability is summed over the stop tokens. step_logits ``[rows, steps, vocab]`` → ``[rows]``
+    float64 (NaN for an answer with no step). One row at a time, so no second ``[rows, steps, vocab]``
+    tensor is made."""
     import torch
 
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
     out = np.full(len(response_ids), np.nan)
     for row, ids in enumerate(response_ids):
         steps = step_logits.shape[1]
         n = min(len(ids), steps)
-        used = n + (1 if n < steps else 0)
+        with_stop = n < steps and (likelihood == "with-stop" or n == 0)
+        used = n + (1 if with_stop else 0)
         if used == 0:
             continue
         logp = torch.log_softmax(step_logits[row, :used].float(), -1)
         terms = logp[torch.arange(n), torch.tensor(ids[:n], dtype=torch.long)]
-        if n < steps:
+        if with_stop:
             terms = torch.cat([terms, torch.logsumexp(logp[n, stops], 0)[None]])
         out[row] = float(terms.mean())
     return out
 
 
-def decode_samples(tokenizer: Any, rnd: RoundOutput, k: int, stops: list[int]) -> SampledAnswers:
+def decode_samples(tokenizer: Any, rnd: RoundOutput, k: int, stops: list[int], likelihood: str = "no-stop") -> SampledAnswers:
     """A round output of B·k rows (sample b's answers at rows b·k … b·k + k − 1) as answers per sample."""
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in rnd.response_ids]
-    ll = mean_log_likelihoods(rnd.step_logits, rnd.response_ids, stops)
+    ll = mean_log_likelihoods(rnd.step_logits, rnd.response_ids, stops, likelihood)
     b = len(texts) // k
     ids = [rnd.response_ids[i * k : (i + 1) * k] for i in range(b)]
     return SampledAnswers([texts[i * k : (i + 1) * k] for i in range(b)], ll.reshape(b, k), ids)
@@ -182,9 +216,10 @@ def decode_samples(tokenizer: Any, rnd: RoundOutput, k: int, stops: list[int]) -
 
 def sample_round(
     hf: Any, tokenizer: Any, rnd: RoundOutput, prompts: list[list[int]], k: int, decoding: Decoding,
-    device: str, seed: int, reuse_cache: bool = True,
+    device: str, seed: int, reuse_cache: bool = True, likelihood: str = "no-stop",
 ) -> SampledAnswers:
-    """k sampled answers to each row's round prompt (see the module docstring). ``rnd`` is the
+    """k sampled answers to each row's round prompt (see the module docstring; ``likelihood``: how
+    their mean log-likelihoods are taken, :func:`mean_log_likelihoods`). ``rnd`` is the
     round's own output (its cache holds the prompt at its first ``prompt_mask.shape[1]`` positions);
     ``prompts[b]`` is row b's whole round prompt (transcript so far + the new tokens), used for the
     last token and when the cache cannot be reused. ``decoding``: sampled, as the samples are drawn."""
@@ -210,7 +245,7 @@ def sample_round(
                 out = generate_round(hf, tokenizer, [[prompts[r][-1]] for r in rows for _ in range(k)], decoding, device, past)
             else:
                 out = generate_round(hf, tokenizer, [prompts[r] for r in rows for _ in range(k)], decoding, device)
-            got = decode_samples(tokenizer, out, k, stops)
+            got = decode_samples(tokenizer, out, k, stops, likelihood)
             texts += got.texts
             ids += got.token_ids
             lls.append(got.mean_log_likelihood)
@@ -241,6 +276,18 @@ def sampled_decoding(protocol_decoding: Decoding) -> Decoding:
     if protocol_decoding.do_sample:
         return replace(protocol_decoding, do_sample=True)
     return replace(protocol_decoding, do_sample=True, temperature=1.0, top_p=1.0)
+
+
+def padded_token_ids(answers: SampledAnswers, width: int) -> np.ndarray:
+    """The answers' token ids as ``[B, k, width]`` int32, each answer's ids (the stop token excluded)
+    from the left, -1 after them (``rounds/sampled_token_ids``; an answer shorter than ``width``
+    ended with a stop token)."""
+    ids = answers.token_ids or []
+    out = np.full((len(ids), len(ids[0]) if ids else 0, width), -1, dtype=np.int32)
+    for b, row in enumerate(ids):
+        for j, seq in enumerate(row):
+            out[b, j, : min(len(seq), width)] = seq[:width]
+    return out
 
 
 def semantic_uncertainty(answers: SampledAnswers, equivalence: Equivalence = exact_equivalence) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
-from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs
+from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs, styled_model
 from workbench.errors import WorkbenchError
 from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
 from workbench.engine.protocol import Protocol
@@ -106,6 +106,16 @@ def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_:
     return task.followup(sample, round_, protocol.instruction(round_))
 
 
+def protocol_prefix(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
+    """The assistant prefix of ``round_`` (1-based) for ``sample``: the protocol's, its placeholders
+    ({context}, {question}, {choices}) filled with the sample (the study's Llama-3 BBQ follow-up
+    names the options)."""
+    prefix = protocol.prefix(round_)
+    if "{" not in prefix and "}" not in prefix:
+        return prefix
+    return prefix.format(context=sample.context, question=sample.question, choices=task.format_choices(sample.options))
+
+
 class Session:
     """A batch of conversations stepped one round at a time (see the module docstring).
 
@@ -118,6 +128,9 @@ class Session:
     ``fields_every_round=False`` leaves each :class:`RoundResult`'s ``round_fields`` empty and
     computes them once, over the whole dialogue, in :meth:`result` (a task such as the organism
     recomputes its posterior over the dialogue so far, so per round that is O(R²) work).
+    A protocol with a ``chat_template`` or a ``system`` message is rendered with them
+    (:func:`workbench.engine.chat.styled_model`: ``session.model`` is then a copy whose tokenizer
+    has them; the model given is left as it was).
     ``round_extras`` (:func:`workbench.engine.open_ended.round_extras`: a scorer, sampled answers) is called
     after each round's generation with (its output, the round prompts, the samples, the round) and
     returns more per-round arrays ``[B, ...]``, kept in ``RoundResult.extras`` and in :meth:`result`'s
@@ -146,9 +159,10 @@ class Session:
         from workbench.engine.protocol import load_protocol
         from workbench.engine.tasks import get_task
 
-        self.model = load_model(model) if isinstance(model, str) else model
         self.task = get_task(task) if isinstance(task, str) else task
         self.protocol = load_protocol(protocol) if isinstance(protocol, str) else protocol
+        # the protocol's chat template and system message, if it sets them (the model object is left as it was)
+        self.model = styled_model(load_model(model) if isinstance(model, str) else model, self.protocol)
         self.samples = _as_samples(self.task, samples)
         if sites is None:
             sites = hook_sites(self.model, list(hooks), check_layers(None if layers is None else list(layers), self.model.n_layers))
@@ -173,7 +187,7 @@ class Session:
                 self._rows_by_option_count.setdefault(len(opts), []).append(i)
         batch = len(self.samples)
         self._instructions: list[list[str]] = [[] for _ in range(batch)]
-        self._prefixes: list[str] = []
+        self._prefixes: list[list[str]] = [[] for _ in range(batch)]  # each row's assistant prefixes
         self._round_inputs: list[list[str]] = [[] for _ in range(batch)]
         self._history = [""] * batch  # each conversation as the template rendered it, answers as sentinels
         self._transcripts: list[list[int]] = [[] for _ in range(batch)]
@@ -209,10 +223,10 @@ class Session:
         model, tok = self.model, self.model.tokenizer
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
-        prefix = self.protocol.prefix(t + 1)
-        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], self._prefixes + [prefix], self._history)
+        prefixes = [self._prefixes[i] + [protocol_prefix(self.protocol, self.task, s, t + 1)] for i, s in enumerate(self.samples)]
+        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], prefixes, self._history)
         pieces, closings, histories = (list(x) for x in zip(*rendered))
-        check_generation_prompt(tok, self._instructions[0] + [texts[0]], self._prefixes + [prefix], self._round_inputs[0] + [pieces[0]])
+        check_generation_prompt(tok, self._instructions[0] + [texts[0]], prefixes[0], self._round_inputs[0] + [pieces[0]])
         encoded = encode(tok, pieces + closings)
         piece_ids, closing_ids = encoded[:batch], encoded[batch:]
 
@@ -246,7 +260,7 @@ class Session:
             start = len(self._transcripts[i]) + len(piece_ids[i])
             response_spans[i] = (start, start + len(response_ids[i]))
             self._transcripts[i] = self._transcripts[i] + piece_ids[i] + response_ids[i]
-        self._prefixes.append(prefix)
+        self._prefixes = prefixes
 
         responses = [tok.decode(ids) for ids in response_ids]
         if list(self._rows_by_option_count) == [self.n_options] and len(self._rows_by_option_count[self.n_options]) == batch:

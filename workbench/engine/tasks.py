@@ -1,5 +1,6 @@
-"""The built-in tasks and their data: ``bbq`` (BBQ JSONL files as published), ``prompts`` (open-ended
-prompts from JSONL), and ``organism`` (the shipped synthetic world, :mod:`workbench.organism.task`);
+"""The built-in tasks and their data: ``bbq`` (BBQ JSONL files as published), ``mc`` (any
+multiple-choice file, fields mapped by ``--fields``), ``prompts`` (open-ended prompts), and
+``organism`` (the shipped synthetic world, :mod:`workbench.organism.task`);
 :func:`get_task` picks one by name. The task type itself (:class:`~workbench.engine.task.Task`, what the
 engine calls) is in :mod:`workbench.engine.task`.
 """
@@ -12,8 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from workbench.engine.records import get_path, json_safe, parse_fields, read_jsonl, read_rows, text_value
 from workbench.engine.task import LETTERS, Sample, Task
 from workbench.errors import WorkbenchError
+
+__all__ = ["read_jsonl"]  # re-exported: the JSONL reader lives in workbench.engine.records
 
 # ----------------------------------------------------------------------------- multiple choice
 
@@ -58,38 +62,6 @@ BBQ = Task(
     option_continuations=letter_continuations,
     parse_answer=parse_letter_or_text,
 )
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``[(line number, object)]`` of a JSONL file; one clean :class:`WorkbenchError` for a missing
-    file, a folder, bytes that are not UTF-8, a malformed line or a line that is not an object."""
-    path = Path(path)
-    if not path.exists():
-        raise WorkbenchError(f"data file not found: {path}")
-    if path.is_dir():
-        raise WorkbenchError(f"{path} is a folder, not a JSONL file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise WorkbenchError(f"{path}: cannot read ({e.strerror})") from None
-    rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        except RecursionError:
-            raise WorkbenchError(f"{path}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
-        rows.append((lineno, row))
-    return rows
 
 
 BBQ_FIELDS = ("example_id", "context", "question", "ans0", "ans1", "ans2", "label", "context_condition", "category")
@@ -170,23 +142,141 @@ PROMPTS = Task(
 )
 
 
-def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limit: int | None = None) -> list[Sample]:
-    """Open-ended samples: one JSON object per line; the prompt is ``row[prompt_field]``."""
+PROMPT_FIELDS = ("text", "id", "label")  # --fields names of the prompts task
+
+
+def load_prompts(path: Path, prompt_field: str = "prompt", offset: int = 0, limit: int | None = None,
+                 fields: dict[str, str] | None = None) -> list[Sample]:
+    """Open-ended samples from a JSONL, CSV or saved-dataset file (:func:`workbench.engine.records.read_rows`).
+    The prompt is the field ``fields["text"]`` (a dotted path such as ``prompt.text``, RTP's layout),
+    else ``prompt_field``; the id is ``fields["id"]``, else the record's ``id``, else its line. The
+    record's other top-level fields are kept in ``extra`` (a scorer that takes samples reads them)."""
+    fields = fields or {}
+    text_path = fields.get("text", prompt_field)
     samples = []
-    for lineno, row in read_jsonl(Path(path)):
-        if prompt_field not in row:
-            raise WorkbenchError(f"{path}:{lineno}: no field {prompt_field!r} (set --prompt-field)")
-        if not isinstance(row[prompt_field], str) or not row[prompt_field].strip():
-            raise WorkbenchError(f"{path}:{lineno}: {prompt_field} must be a non-empty string")
-        extra = {k: v for k, v in row.items() if k != prompt_field}
-        samples.append(
-            Sample(index=len(samples), id=str(row.get("id", lineno)), context=str(row[prompt_field]), question="", extra=extra)
-        )
+    for row in read_rows(Path(path)):
+        hint = "" if "text" in fields else " (set --prompt-field, or --fields text=PATH)"
+        value = get_path(row.record, text_path, row.where, "the prompt" + hint)
+        if not isinstance(value, str) or not value.strip():
+            raise WorkbenchError(f"{row.where}: {text_path} must be a non-empty string")
+        ident = get_path(row.record, fields["id"], row.where, "id") if "id" in fields else row.record.get("id", row.default_id)
+        top = text_path.split(".")[0] if text_path not in row.record else text_path
+        extra = json_safe({k: v for k, v in row.record.items() if k != top})
+        if "label" in fields:  # the gold text a scorer such as label-match reads
+            extra["label"] = text_value(get_path(row.record, fields["label"], row.where, "label"), row.where, "label", fields["label"])
+        samples.append(Sample(index=len(samples), id=str(ident), context=value, question="", extra=extra))
     return _slice(samples, offset, limit)
 
 
-TASKS = ("bbq", "prompts", "organism")
-DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "prompts": "prompts", "organism": "organism"}
+# ----------------------------------------------------------------------------- any multiple-choice file
+
+MC_FIELDS = ("id", "context", "question", "options", "label", "category")  # --fields names of the mc task
+
+
+def _parse_fixed_options(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    options = tuple(o.strip() for o in text.split("|"))
+    if len(options) < 2 or any(not o for o in options):
+        raise WorkbenchError(f"--options {text!r}: expected two or more non-empty options separated by |")
+    if len(options) > len(LETTERS):
+        raise WorkbenchError(f"--options: at most {len(LETTERS)} options (they are lettered (a) … (j))")
+    return options
+
+
+def gold_index(label: Any, options: tuple[str, ...], where: str, path: str) -> int:
+    """The option a gold label names: an index (an integer, or a string of digits), else an option's
+    text (case-insensitive, surrounding space ignored), else the one option that begins with it as a
+    word (``Yes`` → ``yes, this is harmful``). One error line naming the row otherwise."""
+    if isinstance(label, bool):
+        label = str(label).lower()
+    if isinstance(label, int) or (isinstance(label, float) and label.is_integer()):
+        if 0 <= int(label) < len(options):
+            return int(label)
+        raise WorkbenchError(f"{where}: label ({path}) is {label}, not an index of its {len(options)} options")
+    if not isinstance(label, str):
+        raise WorkbenchError(f"{where}: label ({path}) must be an option's index or text, not {json.dumps(label, default=str)[:40]}")
+    wanted = label.strip().lower()
+    if re.fullmatch(r"[0-9]+", wanted):
+        return gold_index(int(wanted), options, where, path)
+    lowered = [o.strip().lower() for o in options]
+    if wanted in lowered:
+        return lowered.index(wanted)
+    starts = [i for i, o in enumerate(lowered) if wanted and re.match(re.escape(wanted) + r"(?![a-z0-9])", o)]
+    if len(starts) == 1:
+        return starts[0]
+    raise WorkbenchError(f"{where}: label ({path}) {label[:40]!r} is neither an index nor one of the options "
+                         f"({' | '.join(o[:30] for o in options)})")
+
+
+def load_mc(
+    paths: list[Path],
+    fields: dict[str, str],
+    fixed_options: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> list[Sample]:
+    """Samples of any multiple-choice file (JSONL, CSV or a saved dataset, :func:`read_rows`), its
+    fields mapped by ``fields`` (``--fields``: :data:`MC_FIELDS` → dotted paths). The options come
+    from ``fields["options"]``: one field holding a list, or several fields joined by ``|``
+    (``ans0|ans1|ans2``); or from ``fixed_options`` (``--options "yes|no"``), the same for every row.
+    The gold label (optional) is an index or an option's text (:func:`gold_index`). The record's
+    other top-level fields are kept in ``extra``. A row that does not fit is one line naming it."""
+    fixed = _parse_fixed_options(fixed_options)
+    if fixed is not None and "options" in fields:
+        raise WorkbenchError("give the options either as --fields options=PATH or as --options, not both")
+    if fixed is None and "options" not in fields:
+        raise WorkbenchError("--task mc needs its options: --fields options=FIELD (a list, or FIELD1|FIELD2|…) or --options \"A|B\"")
+    if "question" not in fields and "context" not in fields:
+        raise WorkbenchError("--task mc needs the text asked: --fields question=PATH (and/or context=PATH)")
+    field_paths = [part.strip() for name, spec in fields.items() for part in (spec.split("|") if name == "options" else [spec])]
+    kept: list[Sample] = []
+    for path in paths:
+        for row in read_rows(Path(path)):
+            rec, where = row.record, row.where
+            text = {name: text_value(get_path(rec, fields[name], where, name), where, name, fields[name])
+                    for name in ("context", "question", "category") if name in fields}
+            if fixed is not None:
+                options = fixed
+            else:
+                options = _row_options(rec, fields["options"], where)
+            gold = -1
+            if "label" in fields:
+                gold = gold_index(get_path(rec, fields["label"], where, "label"), options, where, fields["label"])
+            ident = text_value(get_path(rec, fields["id"], where, "id"), where, "id", fields["id"]) if "id" in fields else row.default_id
+            used = {fp if fp in rec else fp.split(".")[0] for fp in field_paths}  # the top-level fields read
+            extra = json_safe({k: v for k, v in rec.items() if k not in used})
+            kept.append(Sample(index=len(kept), id=ident, context=text.get("context", ""), question=text.get("question", ""),
+                               options=options, gold=gold, category=text.get("category", ""), extra=extra))
+    return _slice(kept, offset, limit)
+
+
+def _row_options(record: dict[str, Any], spec: str, where: str) -> tuple[str, ...]:
+    """A row's options: the list at one path, or the texts at several (``ans0|ans1|ans2``)."""
+    if "|" in spec:
+        options = tuple(text_value(get_path(record, p.strip(), where, "options"), where, "an option", p.strip(), allow_empty=False)
+                        for p in spec.split("|"))
+    else:
+        value = get_path(record, spec, where, "options")
+        if isinstance(value, str) and value.strip().startswith("["):  # a list written as JSON text (a CSV cell)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(value, (list, tuple)):
+            raise WorkbenchError(f"{where}: options ({spec}) must be a list of texts, not {json.dumps(value, default=str)[:40]} "
+                                 "(several fields: --fields options=A|B|C)")
+        options = tuple(text_value(v, where, "an option", f"{spec}.{i}", allow_empty=False) for i, v in enumerate(value))
+    if not 2 <= len(options) <= len(LETTERS):
+        raise WorkbenchError(f"{where}: {len(options)} options ({spec}); a multiple-choice row needs 2 to {len(LETTERS)}")
+    return options
+
+
+MC = replace(BBQ, name="mc")
+
+
+TASKS = ("bbq", "mc", "prompts", "organism")
+DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "mc": "mc", "prompts": "prompts", "organism": "organism"}
 
 
 def default_protocol(task: str) -> str:
@@ -196,9 +286,9 @@ def default_protocol(task: str) -> str:
 
 
 def get_task(name: str, option_scoring: str = "letter") -> Task:
-    """The task called ``name`` (``bbq``, ``prompts``, ``organism``).
+    """The task called ``name`` (``bbq``, ``mc``, ``prompts``, ``organism``).
 
-    ``option_scoring`` picks what BBQ scores per option: ``letter`` (`` (a)``, the study's) or
+    ``option_scoring`` picks what BBQ and mc score per option: ``letter`` (`` (a)``, the study's) or
     ``letter-text`` (`` (a) option text``). The organism's options are single letter tokens, so it
     takes only ``letter``; open-ended prompts have no options.
     """
@@ -206,6 +296,8 @@ def get_task(name: str, option_scoring: str = "letter") -> Task:
         raise WorkbenchError(f"--option-scoring must be letter or letter-text, not {option_scoring!r}")
     if name == "bbq":
         return BBQ if option_scoring == "letter" else replace(BBQ, option_continuations=letter_text_continuations)
+    if name == "mc":
+        return MC if option_scoring == "letter" else replace(MC, option_continuations=letter_text_continuations)
     if name == "prompts":
         return PROMPTS
     if name == "organism":
@@ -214,4 +306,4 @@ def get_task(name: str, option_scoring: str = "letter") -> Task:
         if option_scoring != "letter":
             raise WorkbenchError("--option-scoring letter-text: the organism's options are single letters; use letter")
         return ORGANISM
-    raise WorkbenchError(f"unknown task {name!r} (choose bbq, prompts or organism)")
+    raise WorkbenchError(f"unknown task {name!r} (choose bbq, mc, prompts or organism)")

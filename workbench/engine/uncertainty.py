@@ -140,3 +140,40 @@ def semantic_entropy(answers: Sequence[str], equivalent: Callable[[str, str], bo
     """Discrete semantic entropy (Kuhn et al., 2023) of k sampled answers, clustered by ``equivalent``:
     :func:`semantic_entropy_discrete` of :func:`cluster_answers`."""
     return semantic_entropy_discrete(cluster_answers(answers, equivalent)) if len(answers) else 0.0
+
+
+def rank_calibration_error(uncertainty: np.ndarray, correctness: np.ndarray, n_bins: int = 20) -> np.ndarray:
+    """Rank-calibration error (Huang et al. 2024, arXiv 2404.03163): how far an uncertainty measure's
+    ranking is from the ranking of expected correctness. A measure is rank-calibrated when lower
+    uncertainty means higher expected correctness, E[A | U = u] decreasing in u; RCE is
+    E_U |P(reg(U') ≥ reg(U)) − P(U' ≤ U)| with reg the regression of correctness on uncertainty.
+
+    The plug-in estimator of the reference code (``shuoli90/Rank-Calibration``,
+    ``metrics/calibration.py`` ``plugin_RCE_est`` with its defaults: p = 1, ``num_bins`` equal-mass
+    bins, no kernel): sort by uncertainty (ties in the sort's stable order); the uncertainty CDF of the
+    i-th is i/(n − 1); reg is the mean correctness of its bin (bin edges ``round(linspace(0, n, B + 1))``);
+    the inverse CDF of reg is (#{j: reg_j ≥ reg_i} − 1)/(n − 1), de-tied within a bin by subtracting
+    (size − 1)/(2(n − 1)); RCE is the mean absolute difference of the two.
+
+    ``uncertainty``, ``correctness`` ``[..., n]`` (correctness in [0, 1], higher is better; rows
+    computed independently, for a bootstrap) → ``[...]`` float64. NaN when n < 2. Non-finite entries
+    are not dropped here (the caller drops them)."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    a = np.asarray(correctness, dtype=np.float64)
+    shape, n = u.shape[:-1], u.shape[-1]
+    if n < 2:
+        return np.full(shape, np.nan)
+    u, a = u.reshape(-1, n), a.reshape(-1, n)
+    order = np.argsort(u, axis=1, kind="stable")
+    a_sorted = np.take_along_axis(a, order, axis=1)
+    edges = [round(float(e)) for e in np.linspace(0, n, n_bins + 1)]  # Python's round, as the reference's
+    bins = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    sizes = np.array([hi - lo for lo, hi in bins], dtype=np.float64)  # [b]
+    reg = np.stack([a_sorted[:, lo:hi].mean(1) for lo, hi in bins], 1)  # [m, b]
+    at_least = (reg[:, None, :] >= reg[:, :, None]) @ sizes  # [m, b]: #{j: reg_j ≥ reg of bin}
+    detied = (at_least - 1) / (n - 1) - (sizes - 1) / (2 * (n - 1))  # [m, b]
+    cdf = np.arange(n) / (n - 1)
+    total = np.zeros(len(u))
+    for column, (lo, hi) in enumerate(bins):
+        total += np.abs(detied[:, column : column + 1] - cdf[lo:hi]).sum(1)
+    return (total / n).reshape(shape)
