@@ -37,7 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-Task = Literal["organism", "bbq", "prompts"]
+Task = Literal["organism", "bbq", "prompts", "vqa", "vqa-open"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -122,14 +122,14 @@ def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world."),
-    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable) or a prompts JSONL."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA or Gemma3)."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable), a prompts JSONL or a vqa JSONL."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),
     limit: Optional[int] = typer.Option(None, help="Number of samples (after filtering and --offset). organism default: 64."),
     offset: int = typer.Option(0, help="Skip this many samples first."),
-    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
+    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts, vqa: vqa-moral, vqa-open: vqa-open)."),
     force: bool = typer.Option(False, "--force", help="Run a protocol written for another task."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
     inject: list[str] = typer.Option([], metavar="ROUND:TEXT", help="Replace a round's follow-up with TEXT (repeatable)."),
@@ -150,7 +150,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="--fsync: wait for the disk (at most once a second, and at the end), so that a power cut or a kernel crash loses at most the last second's batches. --no-fsync: never wait; a killed or failed process still loses nothing finished, but a power cut loses the batches not yet on the disk and can damage a run file finished in the last ~30 s."),
-    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION", help="prompts: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory)."),
+    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION", help="prompts, vqa-open: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory)."),
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match) or nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier)."),

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
+from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools, stack_sites
 from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs
 from workbench.errors import WorkbenchError
 from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
@@ -181,6 +181,9 @@ class Session:
         self._rounds: list[RoundResult] = []
         self._past: CarriedCache | None = None
         self._fields_error: str | None = None
+        self._vision = _check_images(self.model, self.samples)
+        self._pixels: dict[str, torch.Tensor] = {}  # the processor's image inputs, made in round 1
+        self._image_pool: dict[str, np.ndarray] = {}  # hook → [B, L, d]: the mean over the image tokens
 
     # ------------------------------------------------------------------ state
     @property
@@ -210,22 +213,33 @@ class Session:
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
         prefix = self.protocol.prefix(t + 1)
-        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], self._prefixes + [prefix], self._history)
+        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], self._prefixes + [prefix],
+                                     self._history, image=self._vision)
         pieces, closings, histories = (list(x) for x in zip(*rendered))
-        check_generation_prompt(tok, self._instructions[0] + [texts[0]], self._prefixes + [prefix], self._round_inputs[0] + [pieces[0]])
+        check_generation_prompt(tok, self._instructions[0] + [texts[0]], self._prefixes + [prefix], self._round_inputs[0] + [pieces[0]],
+                                image=self._vision)
         encoded = encode(tok, pieces + closings)
         piece_ids, closing_ids = encoded[:batch], encoded[batch:]
+        if self._vision and t == 0:  # the image placeholder expanded into the image tokens, and the pixel values
+            piece_ids = self._encode_images(pieces)
 
         prompt_spans = np.array([(len(tr), len(tr) + len(p)) for tr, p in zip(self._transcripts, piece_ids)], dtype=np.int64)
         past = self._carried_cache(piece_ids)
         new = piece_ids if past is not None else [tr + p for tr, p in zip(self._transcripts, piece_ids)]
         width = max(len(n) for n in new)
-        weights = torch.zeros(batch, 1, width, device=model.device)
+        with_image = self._vision and past is None  # this prefill holds the image tokens: pixel values go in
+        weights = torch.zeros(batch, 2 if with_image else 1, width, device=model.device)
         weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
+        if with_image:  # row 1: the mean over the image tokens
+            weights[:, 1] = _image_rows(new, width, model.image_token_id).to(model.device)
         steps: dict[HookSite, list[torch.Tensor]] = {}
         with pooling(model.hf, self.sites, weights, steps) as pooled:
-            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens)
+            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens,
+                                 model_kwargs=self._image_kwargs if with_image else None)
             carried = carry(model.hf, out, tok.pad_token_id)
+        if with_image and self.sites:
+            self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
+            pooled = {k: v[:, :1] for k, v in pooled.items()}
         acts = self._round_activations(pooled, steps, out.response_ids)
         option_nll = torch.full((batch, self.n_options), float("nan"))
         if self.n_options:
@@ -234,6 +248,7 @@ class Session:
         response_ids, token_entropies = out.response_ids, out.token_entropies
         extras = {} if self.round_extras is None else self.round_extras(
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
+        extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -275,6 +290,38 @@ class Session:
         result = replace(result, round_fields=self._last_round_fields(responses))
         self._rounds.append(result)
         return result
+
+    def _encode_images(self, pieces: list[str]) -> list[list[int]]:
+        """Round 1 of a vision session: each row's first piece through the processor with its image
+        → the row's token ids, the image placeholder expanded into the image tokens; the pixel values
+        (and what the family needs beside them) are kept for every prefill that holds the image."""
+        from workbench.engine.images import load_image
+
+        images = [[load_image(s.image, f"sample {s.id}")] for s in self.samples]
+        try:
+            enc = self.model.processor(text=pieces, images=images, add_special_tokens=False, padding=True, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise WorkbenchError(f"the model's processor refused the images ({str(e).splitlines()[0][:200]})") from None
+        mask = enc["attention_mask"].bool()
+        ids = [row[keep].tolist() for row, keep in zip(enc["input_ids"], mask)]
+        self._pixels = {k: v.to(self.model.device) for k, v in enc.items()
+                        if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids") and torch.is_tensor(v)}
+        if "pixel_values" in self._pixels:
+            self._pixels["pixel_values"] = self._pixels["pixel_values"].to(self.model.hf.dtype)
+        return ids
+
+    def _image_kwargs(self, ids: torch.Tensor) -> dict[str, Any]:
+        """``generate``'s image keywords for a prefill over the left-padded ``ids`` ``[B, width]`` that
+        holds the image tokens: the pixel values, ``token_type_ids`` (1 exactly on the image tokens,
+        0 on all text: Gemma3 attends bidirectionally inside an image) where the processor makes
+        them, and a plain cache (full layers, which crop, where a family's own cache would have
+        sliding-window layers that cannot: option scoring crops)."""
+        from transformers import DynamicCache
+
+        kwargs: dict[str, Any] = {**self._pixels, "cache": DynamicCache()}
+        if "token_type_ids" in getattr(self.model.processor, "model_input_names", ()):
+            kwargs["token_type_ids"] = (ids == self.model.image_token_id).long()
+        return kwargs
 
     def _carried_cache(self, piece_ids: list[list[int]]) -> CarriedCache | None:
         """The cache to run this round on, or None to re-run the whole conversation (no cache yet,
@@ -413,6 +460,34 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
     if not samples or not all(isinstance(s, Sample) for s in samples):
         raise WorkbenchError("samples must be a number, a workbench.engine.task.Sample, or a non-empty list of them")
     return samples
+
+
+def _check_images(model: Any, samples: list[Sample]) -> bool:
+    """Whether the session's samples carry images (then every one must, and the model must take
+    them: one line otherwise)."""
+    with_image = [s for s in samples if s.image]
+    if not with_image:
+        return False
+    if len(with_image) != len(samples):
+        missing = next(s for s in samples if not s.image)
+        raise WorkbenchError(f"sample {missing.id} has no image, but others of the batch have: give every sample an image")
+    if not getattr(model, "vision", False):
+        raise WorkbenchError(f"the samples carry images, but {model.name} is a text-only model "
+                             "(give an image-text-to-text model: a LLaVA or Gemma3 folder or hub name)")
+    return True
+
+
+def _image_rows(rows: list[list[int]], width: int, image_token_id: int) -> torch.Tensor:
+    """``[B, width]`` pooling weights: 1/n on each left-padded row's n image tokens (0 elsewhere)."""
+    ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+    hit = (ids == image_token_id).float()
+    return hit / hit.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _cpu(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {h: a.float().cpu() for h, a in acts.items()}
 
 
 def _row_means(rows: list[list[float]]) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""Images of vision-language samples: checked, fingerprinted and thumbnailed before any model loads.
+
+An item's image is a file path (relative to its JSONL file). :func:`image_record` opens it with
+Pillow once: a missing, unreadable or non-image file, or one too large to decode, is one
+:class:`~workbench.errors.WorkbenchError` line naming it. The record (path, sha256 of the bytes,
+size, a PNG thumbnail of at most ``THUMBNAIL`` pixels a side, base64) goes into the sample's
+``extra`` JSON, so the run file shows the picture without the original (docs/FORMAT.md, "Images").
+:func:`load_image` gives the RGB picture the processor resizes for the model. Pillow only: no torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+THUMBNAIL = 48  # pixels, the longer side of the stored thumbnail
+MAX_PIXELS = 64_000_000  # a larger picture is refused before it is decoded (memory stays bounded)
+
+
+def _open(path: Path, where: str) -> Any:
+    """The decoded RGB picture at ``path`` (a PIL image), or one line naming what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise WorkbenchError(f"{where}: image not found: {path}")
+    if not path.is_file():
+        raise WorkbenchError(f"{where}: {path} is not a file")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise WorkbenchError(f"{where}: {path} is {img.width}×{img.height} pixels, over the "
+                                     f"{MAX_PIXELS // 1_000_000} megapixel limit (resize it first)")
+            return img.convert("RGB")
+    except WorkbenchError:
+        raise
+    except UnidentifiedImageError:
+        raise WorkbenchError(f"{where}: {path} is not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise WorkbenchError(f"{where}: {path} is too large to decode ({e})") from None
+    except OSError as e:
+        raise WorkbenchError(f"{where}: cannot read the image {path} ({getattr(e, 'strerror', None) or e})") from None
+    except (ValueError, SyntaxError) as e:  # a damaged file Pillow half-parsed
+        raise WorkbenchError(f"{where}: {path} is a damaged image ({e})") from None
+
+
+def load_image(path: str | Path, where: str = "image") -> Any:
+    """The picture at ``path`` as a PIL RGB image (see :func:`image_record` for the errors)."""
+    return _open(Path(path), where)
+
+
+def thumbnail_png(img: Any, size: int = THUMBNAIL) -> bytes:
+    """PNG bytes of ``img`` shrunk to at most ``size`` pixels a side (aspect kept)."""
+    small = img.copy()
+    small.thumbnail((size, size))
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def image_record(path: Path, given: str, where: str) -> dict[str, Any]:
+    """What a run file keeps about a sample's image: ``{"given": the path as the data file wrote it,
+    "path": the resolved path, "sha256": of the file's bytes, "width", "height", "thumbnail_png":
+    base64 PNG}``. Raises :class:`WorkbenchError` naming ``where`` (``file:line``) and the path."""
+    img = _open(path, where)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise WorkbenchError(f"{where}: cannot read the image {path} ({e.strerror})") from None
+    return {"given": given, "path": str(path), "sha256": digest, "width": img.width, "height": img.height,
+            "thumbnail_png": base64.b64encode(thumbnail_png(img)).decode("ascii")}
+
+
+def thumbnail_from_extra(extra: dict[str, Any]) -> bytes | None:
+    """The PNG bytes of the thumbnail a sample's ``extra`` holds (:func:`image_record`), or None."""
+    record = extra.get("image") if isinstance(extra, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("thumbnail_png"), str):
+        return None
+    try:
+        return base64.b64decode(record["thumbnail_png"], validate=True)
+    except ValueError:
+        return None
