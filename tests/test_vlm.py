@@ -1,0 +1,289 @@
+"""Vision-language models (LLaVA, Gemma3) on tiny random models built here with their processors:
+the image in round 1's prefill only and the cache carried after it, against a full recompute with
+the image and against Hugging Face's own hidden states; the image position; the checks that refuse
+bad inputs in one line before a model loads; TransformerLens never installing torchvision."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_support import error_line, workbench
+from tiny_models import build_model, build_vlm, write_images
+
+from workbench.engine.capture import hook_sites
+from workbench.engine.protocol import load_protocol
+from workbench.engine.session import Session
+from workbench.engine.tasks import VQA, load_vqa
+from workbench.errors import WorkbenchError
+
+FAMILIES = ("llava", "gemma3")
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["What colour is the square?", "Which colour fills the middle of the picture, would you say?", "Colour?"]
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vlm")
+    return {arch: build_vlm(arch, root / arch) for arch in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_dirs):
+    from workbench.engine.models import load_model
+
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = load_model(str(vlm_dirs[arch]), device="cpu", dtype="float32")
+        return cache[arch]
+
+    return get
+
+
+def write_items(folder: Path, n: int = 3, open_ended: bool = False) -> Path:
+    """``folder/items.jsonl`` with ``n`` questions about the pictures in ``folder/imgs/`` (relative paths)."""
+    write_images(folder / "imgs", n)
+    lines = []
+    for i in range(n):
+        row = {"image": f"imgs/{i:03d}.png", "question": QUESTIONS[i % 3], "id": f"q{i}"}
+        if not open_ended:
+            row.update(options=["red", "green", "blue"], label=i % 3)
+        lines.append(json.dumps(row))
+    (folder / "items.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "items.jsonl"
+
+
+def protocol(rounds=3, max_new_tokens=4, name="vqa-moral"):
+    p = load_protocol(name)
+    return dataclasses.replace(p, rounds=rounds, decoding=dataclasses.replace(p.decoding, max_new_tokens=max_new_tokens))
+
+
+def session(model, samples, reuse=True, rounds=3, max_new_tokens=4):
+    s = Session(model, VQA, protocol(rounds, max_new_tokens), samples, reuse_cache=reuse, strict=True,
+                sites=hook_sites(model, ["hook_resid_post"], list(range(model.n_layers))))
+    for _ in range(rounds):
+        s.step()
+    return s
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_carried_rounds_equal_a_full_recompute_with_the_image(arch, vlm, tmp_path):
+    """Three rounds, three rows whose questions differ in length: with the cache carried (no pixel
+    values after round 1) the same greedy tokens, and option probabilities and activations within
+    1e-4 of re-running each round's whole conversation with the image; the vision tower runs once
+    per batch, not once per round."""
+    model = vlm(arch)
+    samples = load_vqa(write_items(tmp_path))
+    calls = []
+    tower = model.hf.model.vision_tower
+    handle = tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kept = session(model, samples, reuse=True)
+        n_kept = len(calls)
+        again = session(model, samples, reuse=False)
+    finally:
+        handle.remove()
+    assert n_kept == 1 and len(calls) - n_kept == 3  # once for the batch; re-running: once per round
+    assert [r.reused_cache for r in kept.rounds] == [False, True, True]
+    a, b = kept.result(), again.result()
+    assert a.response_ids == b.response_ids
+    assert any(len(set(map(tuple, row))) > 1 or row[0] for row in a.response_ids)  # not all empty
+    np.testing.assert_allclose(a.option_probs, b.option_probs, atol=1e-4)
+    scale = np.abs(b.activations["hook_resid_post"]).max()
+    np.testing.assert_allclose(a.activations["hook_resid_post"], b.activations["hook_resid_post"], atol=1e-4 * scale)
+    np.testing.assert_allclose(a.round_fields["image_hook_resid_post"], b.round_fields["image_hook_resid_post"], atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_capture_equals_hugging_face_hidden_states(arch, vlm, tmp_path):
+    """One conversation of three rounds: the captured residuals equal a plain cache-free Hugging Face
+    forward over the final transcript with the image (``output_hidden_states``; the last layer before
+    the final norm, as for text) at the last prompt token and over each response; the image position
+    pools exactly the image tokens; and each greedy response is the forward's argmax (Gemma3's
+    sliding-window layers, here narrower than the conversation, included)."""
+    model = vlm(arch)
+    sample = load_vqa(write_items(tmp_path, 1))
+    s = session(model, sample, rounds=3, max_new_tokens=5)
+    res = s.result()
+    ids = torch.tensor([res.transcripts[0]])
+    from PIL import Image
+
+    enc = model.processor.image_processor([Image.open(sample[0].image).convert("RGB")], return_tensors="pt")
+    image_tok = ids == model.image_token_id
+    assert int(image_tok.sum()) == 4  # the tiny towers give 4 image tokens
+    kwargs = {"pixel_values": enc["pixel_values"]}
+    if arch == "gemma3":
+        kwargs["token_type_ids"] = image_tok.long()
+        assert ids.shape[1] > model.hf.config.text_config.sliding_window
+    last_layer = []
+    layers = model.hf.model.language_model.layers
+    h = layers[-1].register_forward_hook(lambda m, i, o: last_layer.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            out = model.hf(input_ids=ids, output_hidden_states=True, use_cache=False, **kwargs)
+    finally:
+        h.remove()
+    hidden = torch.stack([*out.hidden_states[1:-1], last_layer[0]], 2)[0].numpy()  # [pos, L, d]
+    acts = res.activations["hook_resid_post"][0]  # [R, 2, L, d]
+    scale = np.abs(hidden).max()
+    for t in range(3):
+        p0, p1 = res.prompt_spans[0, t]
+        r0, r1 = res.response_spans[0, t]
+        np.testing.assert_allclose(acts[t, 0], hidden[p1 - 1], atol=1e-4 * scale, err_msg=f"round {t + 1} last prompt")
+        if r1 > r0:
+            np.testing.assert_allclose(acts[t, 1], hidden[r0:r1].mean(0), atol=1e-4 * scale, err_msg=f"round {t + 1} response")
+            argmax = out.logits[0, r0 - 1 : r1 - 1].argmax(-1).tolist()
+            assert argmax == res.response_ids[0][t], f"round {t + 1}"
+        np.testing.assert_allclose(res.round_fields["image_hook_resid_post"][0, t], hidden[image_tok[0].numpy()].mean(0),
+                                   atol=1e-4 * scale)
+
+
+def test_the_image_goes_in_the_first_user_turn_through_the_processor(vlm, tmp_path):
+    """Round 1's tokens are the processor's for the chat template's first turn with the image
+    (``[{"type": "image"}, {"type": "text", ...}]``), the image tokens expanded; later rounds are text."""
+    model = vlm("llava")
+    sample = load_vqa(write_items(tmp_path, 1))
+    s = session(model, sample, rounds=2, max_new_tokens=3)
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.rounds[0].instructions[0]}]}]
+    text = model.processor.apply_chat_template(messages, add_generation_prompt=True)
+    want = model.processor(text=[text], images=[[Image.open(sample[0].image).convert("RGB")]], add_special_tokens=False)["input_ids"][0]
+    got = s.transcripts[0][: len(want)]
+    assert list(want) == got
+    start, stop = s.rounds[1].prompt_spans[0]
+    assert model.image_token_id not in s.transcripts[0][start:stop]
+
+
+def test_samples_keep_their_image_path_hash_and_thumbnail(tmp_path):
+    samples = load_vqa(write_items(tmp_path, 2))
+    record = samples[1].extra["image"]
+    png = (tmp_path / "imgs" / "001.png").read_bytes()
+    assert record["given"] == "imgs/001.png" and Path(record["path"]) == tmp_path / "imgs" / "001.png"
+    assert record["sha256"] == hashlib.sha256(png).hexdigest()
+    from PIL import Image
+
+    thumb = Image.open(io.BytesIO(base64.b64decode(record["thumbnail_png"])))
+    assert thumb.format == "PNG" and max(thumb.size) <= 48 and (record["width"], record["height"]) == (40, 40)
+    assert samples[1].image == str(tmp_path / "imgs" / "001.png") and samples[1].options == ("red", "green", "blue")
+
+
+@pytest.mark.parametrize("damage", ["missing", "not-an-image", "truncated", "folder"])
+def test_a_bad_image_is_one_line_before_the_model_loads(damage, tmp_path, capsys, monkeypatch, vlm_dirs):
+    items = write_items(tmp_path, 2)
+    bad = tmp_path / "imgs" / "001.png"
+    if damage == "missing":
+        bad.unlink()
+    elif damage == "not-an-image":
+        bad.write_text("hello, not a picture\n")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        bad.unlink()
+        bad.mkdir()
+    import workbench.engine.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data was checked"))
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(vlm_dirs["llava"]), "--task", "vqa",
+                             "--data", str(items), "--out", str(tmp_path / "run.h5"))
+    assert code != 0
+    error_line(err, "items.jsonl:2", "001.png")
+    assert not (tmp_path / "run.h5").exists()
+
+
+def test_a_text_only_model_is_refused_for_vqa(tmp_path, capsys, monkeypatch):
+    text_model = build_model("llama", tmp_path / "llama")
+    items = write_items(tmp_path, 1)
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(text_model), "--task", "vqa",
+                             "--data", str(items), "--out", str(tmp_path / "run.h5"))
+    assert code != 0
+    error_line(err, "--task vqa", "text-only", "LLaVA (llava), Gemma3 (gemma3)")
+
+
+def test_a_text_only_loaded_model_is_refused_by_a_session(loaded, tmp_path):
+    with pytest.raises(WorkbenchError, match="text-only"):
+        Session(loaded("llama"), VQA, protocol(), load_vqa(write_items(tmp_path, 1)))
+
+
+def test_an_unsupported_vision_family_is_refused_in_one_line(vlm_dirs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "paligemma"
+    shutil.copytree(vlm_dirs["gemma3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "paligemma"
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(folder), "--task", "vqa",
+                             "--data", str(write_items(tmp_path, 1)), "--out", str(tmp_path / "run.h5"))
+    assert code != 0
+    error_line(err, "PaliGemma", "supported: LLaVA (llava), Gemma3 (gemma3)")
+
+
+def test_transformer_lens_never_installs_torchvision(monkeypatch):
+    """TransformerLens's own fallback (``_ensure_torchvision``: ``pip install torchvision`` when a
+    processor fails to load during a boot) runs no installer inside :func:`no_package_installs`,
+    and is itself again afterwards."""
+    from transformer_lens.model_bridge.sources.transformers import helpers
+
+    from workbench.engine.models import no_package_installs
+
+    ran = []
+    monkeypatch.setattr(subprocess, "check_call", lambda *a, **k: ran.append(a))
+    original = helpers._ensure_torchvision
+
+    class Bridge:
+        processor = None
+
+    class Cfg:
+        is_multimodal = True
+        is_audio_model = False
+
+    with no_package_installs():
+        assert os.environ["PIP_NO_INDEX"] == "1"
+        for flag, _ in helpers._MODALITY_PROCESSOR_LOADERS:
+            setattr(Cfg, flag, True)
+        helpers.load_modality_processor(Bridge(), Cfg(), "/nonexistent/model/folder", False, None)
+    assert ran == [] and Bridge.processor is None
+    assert helpers._ensure_torchvision is original
+    with pytest.raises(ImportError):
+        import torchvision  # noqa: F401  (and it must stay so: it would replace the pinned torch)
+
+
+def test_vqa_run_through_the_command_line(vlm_dirs, tmp_path, capsys, monkeypatch):
+    """``workbench run --task vqa``: the image position beside the two text ones, and each sample's
+    image record in the run file; ``--task vqa-open`` with a scorer."""
+    from workbench.store.writer import RunFile
+
+    items = write_items(tmp_path, 2)
+    out = tmp_path / "vqa.h5"
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(vlm_dirs["llava"]), "--task", "vqa", "--data", str(items),
+                             "--rounds", "2", "--max-new-tokens", "3", "--out", str(out))
+    assert code == 0, err
+    with RunFile(out) as run:
+        assert run.f["rounds/image_hook_resid_post"].shape == (2, 2, 3, 64)
+        extra = json.loads(run.array("samples/extra")[1])
+        assert extra["image"]["given"] == "imgs/001.png" and len(extra["image"]["sha256"]) == 64
+        assert run.meta["vision"]["family"] == "LLaVA" and run.meta["task"] == "vqa"
+    (tmp_path / "scorer_mod.py").write_text("def score(texts):\n    return [float(len(t)) for t in texts]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    open_items = write_items(tmp_path / "open", 2, open_ended=True)
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(vlm_dirs["gemma3"]), "--task", "vqa-open",
+                             "--data", str(open_items), "--rounds", "2", "--max-new-tokens", "3",
+                             "--scorer", "python:scorer_mod:score", "--out", str(tmp_path / "open.h5"))
+    assert code == 0, err
+    with RunFile(tmp_path / "open.h5") as run:
+        responses = run.array("rounds/response")
+        np.testing.assert_array_equal(run.array("rounds/score"), [[len(r) for r in row] for row in responses])
