@@ -287,3 +287,52 @@ def test_vqa_run_through_the_command_line(vlm_dirs, tmp_path, capsys, monkeypatc
     with RunFile(tmp_path / "open.h5") as run:
         responses = run.array("rounds/response")
         np.testing.assert_array_equal(run.array("rounds/score"), [[len(r) for r in row] for row in responses])
+
+
+def test_export_image_rows_equal_a_plain_forward(vlm, tmp_path, capsys, monkeypatch):
+    """``workbench export --roles image,prompt,response`` of a VLM run: the image tokens labelled
+    ``image``, and their rows (like every exported row) equal a plain Hugging Face forward over the
+    transcript with the picture; a changed picture is one line."""
+    import h5py
+    from PIL import Image
+
+    from workbench.cache.file import ROLES
+    from workbench.engine.run import run_protocol
+
+    model = vlm("llava")
+    items = write_items(tmp_path, 2)
+    run = tmp_path / "vqa.h5"
+    run_protocol(model=model, out=str(run), task="vqa", data=(str(items),), rounds=2, max_new_tokens=3, batch_size=2)
+    monkeypatch.setattr("workbench.engine.models.load_model", lambda *a, **k: model)
+    cache = tmp_path / "cache.h5"
+    code, _, err = workbench(capsys, monkeypatch, "export", str(run), "--hooks", "blocks.*.hook_resid_post",
+                             "--roles", "image,prompt,response", "--out", str(cache))
+    assert code == 0, err
+    with h5py.File(cache, "r") as f:
+        role, position = f["tokens/role"][...], f["tokens/position"][...]
+        offsets = f["tokens/offsets"][...]
+        acts = f["activations/blocks.1.hook_resid_post"][...]
+    with RunFileOpen(run) as r:
+        transcripts = r.array("transcripts/token_ids")
+    for i in range(2):
+        rows = slice(offsets[i], offsets[i + 1])
+        ids = torch.tensor([list(transcripts[i])])
+        image_at = np.flatnonzero(ids[0].numpy() == model.image_token_id)
+        assert sorted(position[rows][role[rows] == ROLES.index("image")]) == list(image_at)
+        picture = Image.open(tmp_path / "imgs" / f"{i:03d}.png").convert("RGB")
+        pixels = model.processor.image_processor([picture], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            hidden = model.hf(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states[2][0].numpy()
+        np.testing.assert_allclose(acts[rows], hidden[position[rows]], atol=1e-4 * np.abs(hidden).max())
+    write_images(tmp_path / "other", 3)
+    (tmp_path / "other" / "001.png").replace(tmp_path / "imgs" / "000.png")  # another picture under the run's name
+    code, _, err = workbench(capsys, monkeypatch, "export", str(run), "--hooks", "blocks.*.hook_resid_post",
+                             "--out", str(tmp_path / "again.h5"))
+    assert code != 0
+    error_line(err, "000.png", "changed since the run")
+
+
+def RunFileOpen(path):
+    from workbench.store.writer import RunFile
+
+    return RunFile(path)

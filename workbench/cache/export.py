@@ -77,12 +77,14 @@ class ExportPlan:
 # --------------------------------------------------------------------------- the run's tokens
 
 
-def token_labels(length: int, prompt_span: np.ndarray, response_span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def token_labels(length: int, prompt_span: np.ndarray, response_span: np.ndarray,
+                 image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Round and role of every position of one transcript.
 
     prompt_span, response_span ``[R, 2]`` → (round ``[length]`` int16, role ``[length]`` uint8 index
     into ``ROLES``): a round's prompt span is ``prompt``, its response span ``response``; what
-    follows the last response (the chat template's closing text) is ``template`` of the last round."""
+    follows the last response (the chat template's closing text) is ``template`` of the last round.
+    ``image`` ``[length]`` bool (a VLM run: the transcript's image tokens) makes those ``image``."""
     rounds = np.full(length, -1, dtype=np.int16)
     roles = np.full(length, ROLES.index("template"), dtype=np.uint8)
     for t, ((ps, pe), (rs, re_)) in enumerate(zip(prompt_span, response_span)):
@@ -90,6 +92,8 @@ def token_labels(length: int, prompt_span: np.ndarray, response_span: np.ndarray
         rounds[rs:re_], roles[rs:re_] = t, ROLES.index("response")
     end = int(max(prompt_span[:, 1].max(), response_span[:, 1].max())) if len(prompt_span) else 0
     rounds[end:] = len(prompt_span) - 1
+    if image is not None:
+        roles[image] = ROLES.index("image")
     return rounds, roles
 
 
@@ -111,6 +115,13 @@ class RunTokens:
     prompt_span: np.ndarray  # [n_done, R, 2]
     response_span: np.ndarray  # [n_done, R, 2]
     digest: str
+    images: list[dict[str, Any]] | None = None  # [n_done] a VLM run's image records (samples/extra "image"); None: text
+
+    def image_mask(self, i: int) -> np.ndarray | None:
+        """``[len]`` bool: the image tokens of done sample ``i``'s transcript (None for a text run)."""
+        if self.images is None:
+            return None
+        return self.transcripts[i] == int(self.meta["vision"]["image_token_id"])
 
 
 def read_run(path: Path) -> RunTokens:
@@ -124,12 +135,52 @@ def read_run(path: Path) -> RunTokens:
         prompt_span = run.array("rounds/prompt_span")
         response_span = run.array("rounds/response_span")
         index = run.array("samples/index")
+        images = None
+        if isinstance(meta.get("vision"), dict):
+            images = [json.loads(e).get("image", {}) for e in run.array("samples/extra")]
     h = hashlib.sha256()
     for part in (rows.astype(np.int64), prompt_span.astype(np.int64), response_span.astype(np.int64)):
         h.update(part.tobytes())
     for t in transcripts:
         h.update(np.int64(len(t)).tobytes() + t.tobytes())
-    return RunTokens(meta, rows, np.asarray(index, dtype=np.int64), transcripts, prompt_span, response_span, h.hexdigest())
+    return RunTokens(meta, rows, np.asarray(index, dtype=np.int64), transcripts, prompt_span, response_span, h.hexdigest(), images)
+
+
+def run_images(run: RunTokens, rows: list[int]) -> list[Any] | None:
+    """The pictures of a VLM run's ``rows`` (PIL RGB), each checked against the sha256 the run
+    recorded; None for a text run. One line naming the file when one is gone or changed."""
+    if run.images is None:
+        return None
+    from workbench.engine.images import load_image
+
+    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
+    pictures = []
+    for r in rows:
+        record = run.images[position_of_row[r]]
+        path = Path(str(record.get("path", "")))
+        where = f"sample row {r}"
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise WorkbenchError(f"{where}: the run's image {path} cannot be read ({e.strerror}); the export recomputes "
+                                 "its activations from the picture") from None
+        if digest != record.get("sha256"):
+            raise WorkbenchError(f"{where}: the image {path} changed since the run (sha256 {digest[:12]}…, the run "
+                                 f"recorded {str(record.get('sha256'))[:12]}…)")
+        pictures.append(load_image(path, where))
+    return pictures
+
+
+def image_inputs(model: Any, images: list[Any], ids: Any) -> dict[str, Any]:
+    """A forward's image keywords for right-padded ``ids`` ``[B, len]`` (one picture per row): the
+    processor's pixel values and, where the family takes them (Gemma3), ``token_type_ids`` (1 on
+    the image tokens)."""
+    enc = model.processor.image_processor(images, return_tensors="pt")
+    kwargs = {k: v.to(model.device) for k, v in enc.items() if hasattr(v, "to") and k != "num_crops"}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(model.hf.dtype)
+    if "token_type_ids" in getattr(model.processor, "model_input_names", ()):
+        kwargs["token_type_ids"] = (ids == model.image_token_id).long()
+    return kwargs
 
 
 # --------------------------------------------------------------------------- hooks
@@ -237,12 +288,14 @@ def batch_activations(
     sites: dict[str, Any] | None,
     dtype: str,
     key_length: int,
+    images: list[Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """One forward pass over right-padded transcripts; each hook's value at the chosen positions.
 
     transcripts ``[B][len_i]``, chosen ``[B][n_i]`` positions → ``{hook: [Σ n_i, *per_token]}`` in
     ``dtype``, samples in order; attention maps ``[Σ n_i, n_heads, key_length]``, zero past each
-    sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass."""
+    sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass.
+    ``images`` (a VLM run: one picture per transcript) go in as pixel values (:func:`image_inputs`)."""
     import torch
 
     from workbench.engine.generation import pad
@@ -253,6 +306,7 @@ def batch_activations(
     p_idx = torch.from_numpy(np.concatenate(chosen).astype(np.int64)).to(device)
     out_dtype = _torch_dtype(dtype)
     got: dict[str, np.ndarray] = {}
+    pixels = image_inputs(model, images, ids) if images is not None else {}
 
     def keep(name: str, act: torch.Tensor) -> None:
         if is_attention_map(name):  # [batch, head, q, k] → [tokens, head, key_length]
@@ -274,7 +328,7 @@ def batch_activations(
                     else:
                         hook = functools.partial(lambda n, mod, args, output: keep(n, output[0] if isinstance(output, tuple) else output), name)
                         handles.append(module.register_forward_hook(hook))
-                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False)  # no KV cache to fill: one pass
+                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False, **pixels)  # no KV cache to fill: one pass
             finally:
                 for h in handles:
                     h.remove()
@@ -283,7 +337,10 @@ def batch_activations(
             stop = max(int(m.group(1)) for m in layers) + 1 if all(layers) else None
             fwd = [(name, functools.partial(lambda n, act, hook: keep(n, act), name)) for name in hooks]
             with model.bridge.hooks(fwd_hooks=fwd):
-                model.bridge(ids, return_type=None, stop_at_layer=stop)
+                if pixels:
+                    model.bridge(ids, return_type=None, **pixels)
+                else:
+                    model.bridge(ids, return_type=None, stop_at_layer=stop)
     return got
 
 
@@ -374,9 +431,11 @@ def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int
                 roles: list[str], dtype: str, batch_size: int) -> tuple[ExportPlan, list[np.ndarray]]:
     """The fixed plan and, per exported sample, its chosen positions."""
     n_rounds = run.prompt_span.shape[1] if len(run.prompt_span) else int(run.meta.get("n_rounds", 0))
-    bad = [r for r in roles if r not in ROLES[:3]]
+    known = ROLES[:3] + (("image",) if run.images is not None else ())
+    bad = [r for r in roles if r not in known]
     if bad:
-        raise WorkbenchError(f"--roles: unknown role {bad[0]!r} (roles: {', '.join(ROLES[:3])})")
+        also = "" if run.images is not None or bad[0] != "image" else " (image: a vision-language model's run only)"
+        raise WorkbenchError(f"--roles: unknown role {bad[0]!r} (roles: {', '.join(known)}){also}")
     if rounds is not None and any(not 0 <= r < n_rounds for r in rounds):
         raise WorkbenchError(f"--rounds: the run has rounds 1..{n_rounds}")
     if batch_size < 1:
@@ -394,7 +453,7 @@ def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int
     chosen = []
     for r in rows:
         i = position_of_row[r]
-        rnd, role = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
+        rnd, role = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i], run.image_mask(i))
         chosen.append(_chosen(rnd, role, rounds, roles))
     if not sum(len(c) for c in chosen):
         raise WorkbenchError("the selection (--samples, --rounds, --roles) holds no tokens")
@@ -413,7 +472,7 @@ def _token_table(run: RunTokens, plan: ExportPlan, chosen: list[np.ndarray], tok
     sample, rnd, role, position, ids = [], [], [], [], []
     for r, c in zip(plan.rows, chosen):
         i = position_of_row[r]
-        rr, ro = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
+        rr, ro = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i], run.image_mask(i))
         sample.append(np.full(len(c), r, dtype=np.int32))
         rnd.append(rr[c])
         role.append(ro[c])
@@ -486,6 +545,7 @@ def export_run(
 
         check_saelens_hooks(names)
     plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    pictures = run_images(run, plan.rows)  # checked before anything is written
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
     durable = is_durable(fsync)
@@ -518,7 +578,8 @@ def export_run(
             batch_rows = plan.batch_rows(k)
             first = k * plan.batch_size
             arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
-                                       chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length)
+                                       chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length,
+                                       None if pictures is None else pictures[first : first + len(batch_rows)])
             cache.write(k, arrays)
             if on_batch:
                 on_batch(cache.written_tokens, total)
@@ -597,7 +658,7 @@ def export_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Cache file to write (HDF5), or a folder for --format saelens. Default: beside the run, RUN-cache.h5."),
     rounds: Optional[str] = typer.Option(None, help="Comma-separated rounds to keep, 1-based (default: all)."),
     samples: Optional[str] = typer.Option(None, help="Run-file rows to keep: A:B or A,B,C (default: every finished sample)."),
-    roles: str = typer.Option("prompt,response,template", help="Token roles to keep: prompt (user turn, assistant header and prefix), response (generated), template (the closing text)."),
+    roles: str = typer.Option("prompt,response,template", help="Token roles to keep: prompt (user turn, assistant header and prefix), response (generated), template (the closing text); a vision-language model's run also image (the image tokens, otherwise part of round 1's prompt)."),
     dtype: str = typer.Option("auto", help="Stored dtype: auto (the model's; float32 for bfloat16), float32 or float16."),
     format: str = typer.Option("hdf5", "--format", help="hdf5 (docs/CACHE.md) or saelens (a datasets folder SAELens' ActivationsStore reads)."),
     context_size: int = typer.Option(128, help="--format saelens: tokens per window."),
