@@ -336,3 +336,49 @@ def RunFileOpen(path):
     from workbench.store.writer import RunFile
 
     return RunFile(path)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_identical(vlm, vlm_dirs, tmp_path):
+    """A VLM run killed (SIGKILL) after its first batch and continued with ``--resume`` equals an
+    uninterrupted run, every array and activation bit for bit (the image tokens of the batches
+    still to run enter their round 1 again)."""
+    import h5py
+
+    from workbench.engine.run import run_protocol
+
+    items = write_items(tmp_path, 3)
+    args = ["--model", str(vlm_dirs["gemma3"]), "--task", "vqa", "--data", str(items), "--rounds", "2",
+            "--max-new-tokens", "3", "--batch-size", "1", "--device", "cpu"]
+    reference = tmp_path / "reference.h5"
+    run_protocol(model=vlm("gemma3"), out=str(reference), task="vqa", data=(str(items),), rounds=2, max_new_tokens=3, batch_size=1)
+    out = tmp_path / "killed.h5"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "run", *args, "--out", str(out)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    try:
+        for line in proc.stderr:
+            if line.startswith("batch done: 1/"):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists()  # killed before the last batch: no run file yet
+    done = subprocess.run([sys.executable, "-m", "workbench", "run", *args, "--out", str(out), "--resume"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    def arrays(path):
+        found = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: found.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    a, b = arrays(out), arrays(reference)
+    assert set(a) == set(b) and "rounds/image_hook_resid_post" in a
+    for name in a:
+        if a[name].dtype == object:  # strings, or ragged rows of numbers
+            assert all(np.array_equal(x, y) for x, y in zip(a[name].reshape(-1), b[name].reshape(-1))), name
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
