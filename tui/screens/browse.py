@@ -29,6 +29,7 @@ from tui.widgets.conversation import Conversation
 from tui.widgets.curve import Curve, CurveData
 from tui.widgets.heatmap import ConceptHeatmap, cell_width_for
 from tui.widgets.option_bars import OptionBars
+from tui.widgets.picture import Picture
 from tui.widgets.sample_list import SampleList
 from tui.widgets.status import StatusLine
 from tui.widgets.tokens import TokenView
@@ -94,7 +95,8 @@ def sample_view() -> Vertical:
     return Vertical(
         Conversation(id="conversation"),
         Static("", id="token-info", markup=False),
-        Horizontal(OptionBars(id="options"), Curve(id="concept-curve"), ConceptHeatmap(id="heatmap"), id="details"),
+        Horizontal(Picture(id="picture"), OptionBars(id="options"), Curve(id="concept-curve"), ConceptHeatmap(id="heatmap"),
+                   id="details"),
         id="main",
     )
 
@@ -283,6 +285,7 @@ class SampleScreen(LayerKeys, Screen):
         hint = " · hover a token for its entropy and id" if self.size.width >= 110 else ""
         self.query_one("#token-info", Static).update(info + " nats" + hint, layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
+        self.query_one(Picture).show(sample.thumbnail)  # a vision-language run's image; hidden otherwise
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
 
     # ------------------------------------------------------------------ actions (keys)
