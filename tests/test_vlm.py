@@ -382,3 +382,43 @@ def test_resume_after_sigkill_is_identical(vlm, vlm_dirs, tmp_path):
             assert all(np.array_equal(x, y) for x, y in zip(a[name].reshape(-1), b[name].reshape(-1))), name
         else:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_vision_hooks_are_listed_and_exported_per_patch(vlm, tmp_path, capsys, monkeypatch):
+    """``--list-hooks`` names the vision tower's and projector's hooks; exporting one writes one row
+    per image patch equal to Hugging Face's vision tower; mixing them with language hooks, or hooks
+    with other patch counts, is one line."""
+    import h5py
+    from PIL import Image
+
+    from workbench.engine.run import run_protocol
+
+    model = vlm("llava")
+    items = write_items(tmp_path, 3)
+    run = tmp_path / "vqa.h5"
+    run_protocol(model=model, out=str(run), task="vqa", data=(str(items),), rounds=1, max_new_tokens=2, batch_size=3)
+    monkeypatch.setattr("workbench.engine.models.load_model", lambda *a, **k: model)
+    code, out, err = workbench(capsys, monkeypatch, "export", str(run), "--list-hooks")
+    assert code == 0, err
+    listed = dict(line.split("  ", 1) for line in out.splitlines())
+    assert listed["vision_encoder.encoder_layers.1.hook_resid_post"].startswith("[32]")
+    assert "vision_projector.hook_out" in listed and "blocks.0.hook_resid_post" in listed
+    cache = tmp_path / "vision.h5"
+    code, _, err = workbench(capsys, monkeypatch, "export", str(run), "--hooks", "vision_encoder.encoder_layers.*.hook_resid_post",
+                             "--roles", "image", "--batch-size", "2", "--out", str(cache))
+    assert code == 0, err
+    pictures = [Image.open(tmp_path / "imgs" / f"{i:03d}.png").convert("RGB") for i in range(3)]
+    pixels = model.processor.image_processor(pictures, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model.hf.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    with h5py.File(cache, "r") as f:
+        assert list(f["tokens/position"][:6]) == [0, 1, 2, 3, 4, 0] and set(f["tokens/role"][...]) == {4}
+        for layer in (0, 1):
+            got = f[f"activations/vision_encoder.encoder_layers.{layer}.hook_resid_post"][...]
+            np.testing.assert_allclose(got, hidden[layer + 1].reshape(-1, 32).numpy(), atol=1e-5)
+    for hooks, needle in (("vision_projector.hook_out,blocks.0.hook_resid_post", "export them separately"),
+                          ("vision_projector.hook_out,vision_encoder.hook_vision_embed", "rows per image")):
+        code, _, err = workbench(capsys, monkeypatch, "export", str(run), "--hooks", hooks, "--roles", "image",
+                                 "--out", str(tmp_path / "no.h5"))
+        assert code != 0
+        error_line(err, needle)

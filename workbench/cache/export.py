@@ -23,6 +23,7 @@ export). At the end the file is renamed onto ``OUT`` (fsynced first with ``fsync
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import errno
 import fnmatch
@@ -186,21 +187,57 @@ def image_inputs(model: Any, images: list[Any], ids: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- hooks
 
 
+VISION_PREFIXES = ("vision_encoder.", "vision_projector.")  # the bridge's names of a VLM's tower and projector
+
+
+def is_vision_hook(name: str) -> bool:
+    """Whether a hook belongs to a VLM's vision tower or projector: its rows are an image's patches
+    (or the projector's image tokens), not the transcript's positions."""
+    return name.startswith(VISION_PREFIXES)
+
+
+def _listing_pass(model: Any) -> tuple[Any, dict[str, Any], int]:
+    """``(ids [1, seq], forward keywords, seq)`` of the short pass that lists the hooks: a short
+    text, and for a VLM the processor's image placeholder with a grey picture before it."""
+    import torch
+
+    if not getattr(model, "vision", False):
+        seq = 5
+        tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
+        return tokens, {}, int(tokens.shape[1])
+    from PIL import Image
+
+    processor = model.processor
+    placeholder = getattr(processor, "boi_token", None) or processor.image_token
+    size = getattr(processor.image_processor, "crop_size", None) or getattr(processor.image_processor, "size", None) or {}
+    side = int(size.get("height") or size.get("shortest_edge") or 224) if isinstance(size, dict) else 224
+    grey = Image.new("RGB", (side, side), (128, 128, 128))
+    enc = processor(text=[placeholder + " hooks are listed"], images=[[grey]], add_special_tokens=False, return_tensors="pt")
+    ids = enc["input_ids"].to(model.device)
+    return ids, image_inputs(model, [grey], ids), int(ids.shape[1])
+
+
 def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
     """Every bridge hook that fires in a forward pass with one float value per position →
     its per-token shape (``(d_model,)``, ``(n_heads, d_head)``; attention maps ``(n_heads, 0)``,
-    the key axis filled in later). From one bridge pass on a short text."""
+    the key axis filled in later). From one bridge pass on a short text (a VLM's: with a picture).
+    A VLM's vision hooks (:func:`is_vision_hook`) are listed per image patch: the shape of one
+    patch's value, the patches per image in :func:`vision_patches`."""
     import torch
 
-    seq = 5
-    tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
-    seq = tokens.shape[1]
+    tokens, pixels, seq = _listing_pass(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: True, return_type=None)
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: True, return_type=None, **pixels)
     found = {}
     for name, value in cache.items():
         if not value.is_floating_point() or value.ndim < 2:
+            continue
+        if is_vision_hook(name):
+            if is_attention_map(name) and value.ndim == 4 and value.shape[2] == value.shape[3]:
+                found[name] = (int(value.shape[1]), 0)
+            elif value.ndim >= 3 and value.shape[0] == 1 and not is_attention_map(name):
+                found[name] = tuple(int(x) for x in value.shape[2:])
             continue
         if is_attention_map(name):
             if value.ndim == 4 and value.shape[2] == value.shape[3] == seq:
@@ -208,6 +245,50 @@ def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
         elif value.shape[1] == seq:
             found[name] = tuple(int(x) for x in value.shape[2:])
     return found
+
+
+def vision_patches(model: Any, hooks: list[str]) -> dict[str, int]:
+    """Rows per image of each vision hook in ``hooks`` (the tower's patches, a CLS token included
+    where the tower has one; the projector's image tokens), from one listing pass."""
+    import torch
+
+    tokens, pixels, _ = _listing_pass(model)
+    rows: dict[str, int] = {}
+    fwd = [(h, functools.partial(lambda n, act, hook: rows.__setitem__(n, int(act.shape[2 if is_attention_map(n) else 1])), h))
+           for h in hooks]
+    with warnings.catch_warnings(), torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd):
+        warnings.simplefilter("ignore")
+        model.bridge(tokens, return_type=None, **pixels)
+    return rows
+
+
+def vision_activations(model: Any, images: list[Any], hooks: list[str], dtype: str, n_rows: int) -> dict[str, np.ndarray]:
+    """The vision hooks' values for a batch of pictures, through the bridge (one pass of the
+    processor's image placeholder with each picture) → ``{hook: [B · n_rows, *per_patch]}`` in
+    ``dtype``, the pictures in order, each picture's ``n_rows`` patches in order; attention maps
+    ``[B · n_rows, n_heads, n_rows]``."""
+    import torch
+
+    processor = model.processor
+    placeholder = getattr(processor, "boi_token", None) or processor.image_token
+    enc = processor(text=[placeholder] * len(images), images=[[im] for im in images], add_special_tokens=False,
+                    padding=True, return_tensors="pt")
+    ids = enc["input_ids"].to(model.device)
+    pixels = image_inputs(model, images, ids)
+    got: dict[str, np.ndarray] = {}
+    out_dtype = _torch_dtype(dtype)
+
+    def keep(name: str, act: torch.Tensor, hook: Any) -> None:
+        rows = act.transpose(1, 2) if is_attention_map(name) else act  # [B, patch, ...]
+        got[name] = rows.reshape(-1, *rows.shape[2:]).to(out_dtype).cpu().numpy()
+
+    fwd = [(h, functools.partial(keep, h)) for h in hooks]
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=fwd):
+        model.bridge(ids, return_type=None, attention_mask=enc["attention_mask"].to(model.device), **pixels)
+    for name, value in got.items():
+        if len(value) != len(images) * n_rows:
+            raise WorkbenchError(f"{name}: {len(value)} rows for {len(images)} pictures, expected {n_rows} each")
+    return got
 
 
 def resolve_hooks(patterns: list[str], available: dict[str, tuple[int, ...]]) -> list[str]:
@@ -467,6 +548,32 @@ def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int
     return plan, chosen
 
 
+def plan_vision_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int] | None, rounds: list[int] | None,
+                       roles: list[str], dtype: str, batch_size: int, n_rows: int) -> tuple[ExportPlan, list[np.ndarray]]:
+    """An export of vision hooks: its rows are each picture's ``n_rows`` patches (role ``image``,
+    round 0, position = the patch's index), so the selection must keep round 1 and the role image."""
+    if run.images is None:
+        raise WorkbenchError(f"{hooks[0]} is a vision hook, but {run_path} is not a vision-language run")
+    if "image" not in roles or (rounds is not None and 0 not in rounds):
+        raise WorkbenchError("vision hooks are exported per image patch (role image, round 1): add image to --roles "
+                             "and round 1 to --rounds")
+    plan, _ = plan_export(run, run_path, hooks, rows, None, ["image"], dtype, batch_size)
+    chosen = [np.arange(n_rows) for _ in plan.rows]
+    batch_tokens = [n_rows * len(plan.batch_rows(k)) for k in range(plan.n_batches)]
+    return dataclasses.replace(plan, rounds=[0], roles=["image"], key_length=n_rows, batch_tokens=batch_tokens), chosen
+
+
+def _patch_table(plan: ExportPlan, n_rows: int) -> TokenTable:
+    """The token table of a vision export: ``n_rows`` patch rows per picture (no token ids)."""
+    n = len(plan.rows)
+    return TokenTable(
+        offsets=(np.arange(n + 1) * n_rows).astype(np.int64), sample=np.repeat(np.asarray(plan.rows, dtype=np.int32), n_rows),
+        round=np.zeros(n * n_rows, dtype=np.int16), role=np.full(n * n_rows, ROLES.index("image"), dtype=np.uint8),
+        position=np.tile(np.arange(n_rows, dtype=np.int32), n), token_id=np.full(n * n_rows, -1, dtype=np.int32),
+        token_str=[f"patch {j}" for j in range(n_rows)] * n,
+    )
+
+
 def _token_table(run: RunTokens, plan: ExportPlan, chosen: list[np.ndarray], tokenizer: Any) -> TokenTable:
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     sample, rnd, role, position, ids = [], [], [], [], []
@@ -544,7 +651,22 @@ def export_run(
         from workbench.cache.saelens import check_saelens_hooks
 
         check_saelens_hooks(names)
-    plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    vision = [n for n in names if is_vision_hook(n)]
+    n_rows = 0
+    if vision:
+        if len(vision) != len(names):
+            raise WorkbenchError(f"{vision[0]} is a vision hook (rows: image patches) and {next(n for n in names if n not in vision)} "
+                                 "a language-model hook (rows: transcript tokens): export them separately")
+        per_image = vision_patches(model, vision)
+        if len(set(per_image.values())) > 1:
+            (a, na), (b, nb) = sorted(per_image.items(), key=lambda kv: kv[1])[0], sorted(per_image.items(), key=lambda kv: kv[1])[-1]
+            raise WorkbenchError(f"{a} has {na} rows per image and {b} {nb} (the tower's patches and CLS, the projector's "
+                                 "image tokens): export them separately")
+        n_rows = next(iter(per_image.values()))
+        plan, chosen = plan_vision_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype),
+                                          batch_size, n_rows)
+    else:
+        plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
     pictures = run_images(run, plan.rows)  # checked before anything is written
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
@@ -557,7 +679,7 @@ def export_run(
             out.unlink(missing_ok=True)
     with _disk_full_is_one_line(parts, plan, parts):
         _start_or_check_parts(parts, manifest, durable)
-    tokens = _token_table(run, plan, chosen, model.tokenizer)
+    tokens = _patch_table(plan, n_rows) if vision else _token_table(run, plan, chosen, model.tokenizer)
     layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
                for name in names]
     attrs = _cache_attrs(meta, model, plan)
@@ -568,7 +690,7 @@ def export_run(
         return create_cache_file(path, attrs, tokens, layouts, samples=np.asarray(plan.rows),
                                  sample_index=np.asarray(plan.sample_index), status="running")
 
-    sites = hf_sites(model, names)
+    sites = None if vision else hf_sites(model, names)
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     total = tokens.n_tokens
     with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create, durable=durable) as cache:
@@ -577,9 +699,12 @@ def export_run(
         for k in cache.missing:
             batch_rows = plan.batch_rows(k)
             first = k * plan.batch_size
-            arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
-                                       chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length,
-                                       None if pictures is None else pictures[first : first + len(batch_rows)])
+            if vision:
+                arrays = vision_activations(model, pictures[first : first + len(batch_rows)], names, plan.dtype, n_rows)
+            else:
+                arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
+                                           chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length,
+                                           None if pictures is None else pictures[first : first + len(batch_rows)])
             cache.write(k, arrays)
             if on_batch:
                 on_batch(cache.written_tokens, total)
@@ -668,7 +793,7 @@ def export_command(
     resume: bool = typer.Option(False, help="Continue an interrupted export (its OUT.parts folder)."),
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
     fsync: bool = typer.Option(False, "--fsync/--no-fsync", help="--fsync: make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
-    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
+    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit. A vision-language model's vision tower and projector hooks (vision_encoder.*, vision_projector.*) are listed per image patch: export them on their own (--roles image), one row per patch."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
     from workbench.store.writer import RunFile
@@ -683,7 +808,8 @@ def export_command(
         aliases = hook_aliases(loaded)
         for name, shape in available_hooks(loaded).items():
             alias = f"  (alias of {aliases[name]})" if name in aliases else ""
-            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}")
+            where = "  (per image patch)" if is_vision_hook(name) else ""
+            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}{where}")
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
