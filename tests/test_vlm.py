@@ -422,3 +422,39 @@ def test_vision_hooks_are_listed_and_exported_per_patch(vlm, tmp_path, capsys, m
                                  "--out", str(tmp_path / "no.h5"))
         assert code != 0
         error_line(err, needle)
+
+
+def test_probe_fit_on_contrast_lines_with_pictures(vlm, tmp_path, capsys, monkeypatch):
+    """``workbench probe fit`` on pairs that carry a picture: each text is one user message with
+    the picture before it, and its activation is Hugging Face's hidden state at its last token
+    with the picture; a text-only model given such lines is refused in one line."""
+    import h5py
+    from PIL import Image
+
+    from probes.activations import text_activations
+    from probes.contrast import load_contrast
+
+    model = vlm("llava")
+    write_images(tmp_path / "imgs", 4)
+    lines = [{"image": f"imgs/{i:03d}.png", "positive": f"the fair answer {i}", "negative": f"the biased answer {i}"} for i in range(4)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    data = load_contrast(str(pairs), model.tokenizer, paired=True, fmt="chat", processor=model.processor)
+    assert data.images[0] == data.images[1] == str(tmp_path / "imgs" / "000.png")
+    assert sum(t == model.image_token_id for t in data.token_ids[2]) == 4
+    acts = text_activations(model, data.token_ids, "hook_resid_post", [0, 1], "last", batch_size=3, images=data.images)
+    for i in (0, 5):
+        picture = Image.open(data.images[i]).convert("RGB")
+        pixels = model.processor.image_processor([picture], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            hidden = model.hf(input_ids=torch.tensor([data.token_ids[i]]), pixel_values=pixels, output_hidden_states=True).hidden_states
+        np.testing.assert_allclose(acts[:, i].numpy(), torch.stack([hidden[1][0, -1], hidden[2][0, -1]]).numpy(), atol=1e-5)
+    monkeypatch.setattr("probes.cli.load_model_showing_steps", lambda *a, **k: model)
+    out = tmp_path / "probe.h5"
+    code, _, err = workbench(capsys, monkeypatch, "probe", "fit", "--contrast", str(pairs), "--format", "chat",
+                             "--model", "llava", "--test-fraction", "0.5", "--out", str(out))
+    assert code == 0, err
+    with h5py.File(out, "r") as f:
+        assert f["directions"].shape == (3, 64)
+    with pytest.raises(WorkbenchError, match="text-only"):
+        load_contrast(str(pairs), model.tokenizer, paired=True, fmt="chat", processor=None)

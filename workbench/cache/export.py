@@ -45,6 +45,7 @@ import typer
 
 from workbench.cache.file import ROLES, HookLayout, TokenTable, atomic_replace, create_cache_file, fsync_path, is_attention_map
 from workbench.cache.writer import PartialCache, done_batches, is_durable
+from workbench.engine.images import image_inputs
 from workbench.errors import WorkbenchError
 
 FORMATS = ("hdf5", "saelens")
@@ -172,16 +173,7 @@ def run_images(run: RunTokens, rows: list[int]) -> list[Any] | None:
     return pictures
 
 
-def image_inputs(model: Any, images: list[Any], ids: Any) -> dict[str, Any]:
-    """A forward's image keywords for right-padded ``ids`` ``[B, len]`` (one picture per row): the
-    processor's pixel values and, where the family takes them (Gemma3), ``token_type_ids`` (1 on
-    the image tokens)."""
-    enc = model.processor.image_processor(images, return_tensors="pt")
-    kwargs = {k: v.to(model.device) for k, v in enc.items() if hasattr(v, "to") and k != "num_crops"}
-    kwargs["pixel_values"] = kwargs["pixel_values"].to(model.hf.dtype)
-    if "token_type_ids" in getattr(model.processor, "model_input_names", ()):
-        kwargs["token_type_ids"] = (ids == model.image_token_id).long()
-    return kwargs
+
 
 
 # --------------------------------------------------------------------------- hooks

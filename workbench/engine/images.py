@@ -84,3 +84,16 @@ def thumbnail_from_extra(extra: dict[str, Any]) -> bytes | None:
         return base64.b64decode(record["thumbnail_png"], validate=True)
     except ValueError:
         return None
+
+
+def image_inputs(model: Any, images: list[Any], ids: Any) -> dict[str, Any]:
+    """The image keywords of one forward of a loaded vision-language model over ``ids`` ``[B, len]``
+    (torch, padded either side; one picture per row, ``images`` PIL): the processor's pixel values
+    in the model's dtype and, where the family takes them (Gemma3), ``token_type_ids`` ``[B, len]``
+    (1 exactly on the image tokens, 0 on text and padding)."""
+    enc = model.processor.image_processor(images, return_tensors="pt")
+    kwargs = {k: v.to(model.device) for k, v in enc.items() if hasattr(v, "to") and k != "num_crops"}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(model.hf.dtype)
+    if "token_type_ids" in getattr(model.processor, "model_input_names", ()):
+        kwargs["token_type_ids"] = (ids == model.image_token_id).long()
+    return kwargs
