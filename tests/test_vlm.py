@@ -277,6 +277,10 @@ def test_vqa_run_through_the_command_line(vlm_dirs, tmp_path, capsys, monkeypatc
         extra = json.loads(run.array("samples/extra")[1])
         assert extra["image"]["given"] == "imgs/001.png" and len(extra["image"]["sha256"]) == 64
         assert run.meta["vision"]["family"] == "LLaVA" and run.meta["task"] == "vqa"
+    code, _, err = workbench(capsys, monkeypatch, "report", str(out), "--out", str(tmp_path / "report"))
+    assert code == 0, err
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and extra["image"]["thumbnail_png"] in page and "q1 r1" in page
     (tmp_path / "scorer_mod.py").write_text("def score(texts):\n    return [float(len(t)) for t in texts]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     open_items = write_items(tmp_path / "open", 2, open_ended=True)
@@ -458,3 +462,24 @@ def test_probe_fit_on_contrast_lines_with_pictures(vlm, tmp_path, capsys, monkey
         assert f["directions"].shape == (3, 64)
     with pytest.raises(WorkbenchError, match="text-only"):
         load_contrast(str(pairs), model.tokenizer, paired=True, fmt="chat", processor=None)
+
+
+def test_a_session_from_python_with_a_picture(vlm, tmp_path):
+    """``Session(model, task="vqa", samples=[Sample(..., image="cat.png")])``: the task's own protocol,
+    the picture checked and recorded, ``save`` keeps its record; a missing picture is one line."""
+    from workbench.engine.task import Sample
+    from workbench.store.writer import RunFile
+
+    (picture,) = write_images(tmp_path, 1)
+    sample = Sample(index=0, id="cat", context="", question="What colour is it?", options=("red", "blue"), gold=0,
+                    image=str(picture))
+    s = Session(vlm("llava"), task="vqa", samples=[sample])
+    assert s.protocol.name == "vqa-moral"
+    s.step()
+    s.save(tmp_path / "live.h5")
+    with RunFile(tmp_path / "live.h5") as run:
+        record = json.loads(run.array("samples/extra")[0])["image"]
+        assert record["sha256"] == hashlib.sha256(picture.read_bytes()).hexdigest()
+        assert run.array("rounds/image_hook_resid_post").shape == (1, 1, 3, 64)
+    with pytest.raises(WorkbenchError, match="image not found"):
+        Session(vlm("llava"), task="vqa", samples=[dataclasses.replace(sample, image=str(tmp_path / "gone.png"))])

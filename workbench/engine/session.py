@@ -110,7 +110,8 @@ class Session:
     """A batch of conversations stepped one round at a time (see the module docstring).
 
     ``model``: a :class:`~workbench.engine.models.LoadedModel` or a name for :func:`~workbench.engine.models.load_model`;
-    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.engine.task.Sample`,
+    ``task``/``protocol``: names or objects (no protocol: the task's own, e.g. ``vqa`` → ``vqa-moral``);
+    a sample with an ``image`` (a picture file) needs an image-text-to-text model (:mod:`workbench.engine.images`); ``samples``: a list of :class:`~workbench.engine.task.Sample`,
     one ``Sample`` (e.g. a question typed in code), or a number of the organism's held-out items.
     Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
     a task that cannot compute its round fields (the organism's posterior, for an instruction from
@@ -128,7 +129,7 @@ class Session:
         self,
         model: Any,
         task: str | Task = "organism",
-        protocol: str | Protocol = "organism",
+        protocol: str | Protocol | None = None,
         samples: int | Sample | Sequence[Sample] = 3,
         *,
         hooks: Sequence[str] = DEFAULT_HOOKS,
@@ -144,12 +145,16 @@ class Session:
     ) -> None:
         from workbench.engine.models import load_model
         from workbench.engine.protocol import load_protocol
-        from workbench.engine.tasks import get_task
+        from workbench.engine.tasks import DEFAULT_PROTOCOLS, get_task
 
         self.model = load_model(model) if isinstance(model, str) else model
         self.task = get_task(task) if isinstance(task, str) else task
+        if protocol is None:  # the task's own (vqa → vqa-moral …); the organism's for a task of one's own
+            protocol = DEFAULT_PROTOCOLS.get(self.task.name, "organism")
         self.protocol = load_protocol(protocol) if isinstance(protocol, str) else protocol
         self.samples = _as_samples(self.task, samples)
+        if any(s.image for s in self.samples):  # checked and recorded (path, sha256, thumbnail) as load_vqa does
+            self.samples = [_with_image_record(s) for s in self.samples]
         if sites is None:
             sites = hook_sites(self.model, list(hooks), check_layers(None if layers is None else list(layers), self.model.n_layers))
         self.sites = sites
@@ -475,6 +480,18 @@ def _check_images(model: Any, samples: list[Sample]) -> bool:
         raise WorkbenchError(f"the samples carry images, but {model.name} is a text-only model "
                              "(give an image-text-to-text model: a LLaVA or Gemma3 folder or hub name)")
     return True
+
+
+def _with_image_record(sample: Sample) -> Sample:
+    """``sample`` with its image's record (:func:`workbench.engine.images.image_record`) in ``extra``
+    when it has an image and no record yet (a Sample made in code); one line for a bad picture."""
+    if not sample.image or isinstance(sample.extra.get("image"), dict):
+        return sample
+    from workbench.engine.images import image_record
+
+    path = Path(sample.image).expanduser()
+    record = image_record(path, sample.image, f"sample {sample.id}")
+    return replace(sample, image=str(path), extra={**sample.extra, "image": record})
 
 
 def _image_rows(rows: list[list[int]], width: int, image_token_id: int) -> torch.Tensor:
