@@ -39,6 +39,15 @@ the price is attention over the holes, a few tokens per round per row (measured 
 docs/PERFORMANCE.md). Numerically it is the same computation as re-running the whole conversation
 (``reuse_cache=False``), which ``tests/test_session.py`` checks on every architecture family.
 
+**Images.** A sample with an ``image`` (a vision-language model: LLaVA, Gemma3) has the picture in
+its first user turn (the processor's chat template; the processor expands its placeholder into the
+image tokens). The pixel values (and Gemma3's ``token_type_ids``, 1 on the image tokens) enter
+only a prefill that holds the image tokens: round 1, or a round that re-runs the whole
+conversation; carried rounds run on the cache, which holds the image, so the vision tower runs
+once per batch. Such a prefill starts a plain ``DynamicCache`` (full layers, which crop for option
+scoring: Gemma3's own has sliding-window layers that cannot), and also pools the mean over the image
+tokens, kept in every round's ``extras`` as ``image_{hook}`` ``[B, L, d]``.
+
 **Memory.** A session holds one batch's cache. Before a round, if the carried cache would grow
 beyond ``max_cache_bytes`` (default: half the device's free memory, a quarter of RAM on a CPU),
 the round re-runs the whole conversation instead, with a :class:`CacheFallbackWarning`; its
@@ -92,7 +101,7 @@ class RoundResult:
     round_fields: dict[str, np.ndarray]  # task extras, each [B, ...]
     prefill_tokens: int  # tokens this round's prefill ran (padding excluded)
     reused_cache: bool  # whether the round ran on the cache the round before left
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  # round_extras' arrays, each [B, ...]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # round_extras' arrays, each [B, ...]; with images image_{hook} [B, L, d]
 
 
 def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
@@ -309,7 +318,7 @@ class Session:
             raise WorkbenchError(f"the model's processor refused the images ({str(e).splitlines()[0][:200]})") from None
         mask = enc["attention_mask"].bool()
         ids = [row[keep].tolist() for row, keep in zip(enc["input_ids"], mask)]
-        self._pixels = {k: v.to(self.model.device) for k, v in enc.items()
+        self._pixels = {k: v for k, v in enc.items()  # kept on the CPU: only a prefill from scratch needs them again
                         if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids") and torch.is_tensor(v)}
         if "pixel_values" in self._pixels:
             self._pixels["pixel_values"] = self._pixels["pixel_values"].to(self.model.hf.dtype)
@@ -323,7 +332,7 @@ class Session:
         sliding-window layers that cannot: option scoring crops)."""
         from transformers import DynamicCache
 
-        kwargs: dict[str, Any] = {**self._pixels, "cache": DynamicCache()}
+        kwargs: dict[str, Any] = {**{k: v.to(self.model.device) for k, v in self._pixels.items()}, "cache": DynamicCache()}
         if "token_type_ids" in getattr(self.model.processor, "model_input_names", ()):
             kwargs["token_type_ids"] = (ids == self.model.image_token_id).long()
         return kwargs
