@@ -483,3 +483,11 @@ def test_a_session_from_python_with_a_picture(vlm, tmp_path):
         assert run.array("rounds/image_hook_resid_post").shape == (1, 1, 3, 64)
     with pytest.raises(WorkbenchError, match="image not found"):
         Session(vlm("llava"), task="vqa", samples=[dataclasses.replace(sample, image=str(tmp_path / "gone.png"))])
+
+
+def test_a_picture_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    import workbench.engine.images as images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 40 * 40 - 1)  # the test pictures are 40 × 40
+    with pytest.raises(WorkbenchError, match=r"items.jsonl:1: .*000.png is 40×40 pixels, over the"):
+        load_vqa(write_items(tmp_path, 1))

@@ -53,9 +53,10 @@ def load_image(path: str | Path, where: str = "image") -> Any:
     return _open(Path(path), where)
 
 
-def thumbnail_png(img: Any, size: int = THUMBNAIL) -> bytes:
-    """PNG bytes of ``img`` shrunk to at most ``size`` pixels a side (aspect kept)."""
-    small = img.copy()
+def thumbnail_png(img: Any, size: int = THUMBNAIL, in_place: bool = False) -> bytes:
+    """PNG bytes of ``img`` shrunk to at most ``size`` pixels a side (aspect kept); ``in_place``
+    shrinks ``img`` itself (no second full-size copy of a large picture)."""
+    small = img if in_place else img.copy()
     small.thumbnail((size, size))
     buf = io.BytesIO()
     small.save(buf, format="PNG", optimize=True)
@@ -68,11 +69,16 @@ def image_record(path: Path, given: str, where: str) -> dict[str, Any]:
     base64 PNG}``. Raises :class:`WorkbenchError` naming ``where`` (``file:line``) and the path."""
     img = _open(path, where)
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        h = hashlib.sha256()
+        with open(path, "rb") as f:  # in blocks: a large file is not held twice
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
     except OSError as e:
         raise WorkbenchError(f"{where}: cannot read the image {path} ({e.strerror})") from None
-    return {"given": given, "path": str(path), "sha256": digest, "width": img.width, "height": img.height,
-            "thumbnail_png": base64.b64encode(thumbnail_png(img)).decode("ascii")}
+    width, height = img.width, img.height
+    return {"given": given, "path": str(path), "sha256": digest, "width": width, "height": height,
+            "thumbnail_png": base64.b64encode(thumbnail_png(img, in_place=True)).decode("ascii")}
 
 
 def thumbnail_from_extra(extra: dict[str, Any]) -> bytes | None:
