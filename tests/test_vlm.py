@@ -1,4 +1,4 @@
-"""Vision-language models (LLaVA, Gemma3) on tiny random models built here with their processors:
+"""Vision-language models (LLaVA, LLaVA-NeXT, Gemma3) on tiny random models built here with their processors:
 the image in round 1's prefill only and the cache carried after it, against a full recompute with
 the image and against Hugging Face's own hidden states; the image position; the checks that refuse
 bad inputs in one line before a model loads; TransformerLens never installing torchvision."""
@@ -28,7 +28,7 @@ from workbench.engine.session import Session
 from workbench.engine.tasks import VQA, load_vqa
 from workbench.errors import WorkbenchError
 
-FAMILIES = ("llava", "gemma3")
+FAMILIES = ("llava", "gemma3", "llava_next")
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What colour is the square?", "Which colour fills the middle of the picture, would you say?", "Colour?"]
 
@@ -86,7 +86,12 @@ def test_carried_rounds_equal_a_full_recompute_with_the_image(arch, vlm, tmp_pat
     1e-4 of re-running each round's whole conversation with the image; the vision tower runs once
     per batch, not once per round."""
     model = vlm(arch)
-    samples = load_vqa(write_items(tmp_path))
+    items = write_items(tmp_path)
+    if arch == "llava_next":  # any resolution: a wide picture gets other tiles, so rows differ in image tokens
+        from PIL import Image
+
+        Image.new("RGB", (60, 30), (200, 40, 40)).save(tmp_path / "imgs" / "001.png")
+    samples = load_vqa(items)
     calls = []
     tower = model.hf.model.vision_tower
     handle = tower.register_forward_hook(lambda *a: calls.append(1))
@@ -98,6 +103,9 @@ def test_carried_rounds_equal_a_full_recompute_with_the_image(arch, vlm, tmp_pat
         handle.remove()
     assert n_kept == 1 and len(calls) - n_kept == 3  # once for the batch; re-running: once per round
     assert [r.reused_cache for r in kept.rounds] == [False, True, True]
+    if arch == "llava_next":
+        counts = [sum(t == model.image_token_id for t in row) for row in kept.transcripts]
+        assert counts[0] != counts[1]
     a, b = kept.result(), again.result()
     assert a.response_ids == b.response_ids
     assert any(len(set(map(tuple, row))) > 1 or row[0] for row in a.response_ids)  # not all empty
@@ -123,8 +131,8 @@ def test_capture_equals_hugging_face_hidden_states(arch, vlm, tmp_path):
 
     enc = model.processor.image_processor([Image.open(sample[0].image).convert("RGB")], return_tensors="pt")
     image_tok = ids == model.image_token_id
-    assert int(image_tok.sum()) == 4  # the tiny towers give 4 image tokens
-    kwargs = {"pixel_values": enc["pixel_values"]}
+    assert int(image_tok.sum()) == (24 if arch == "llava_next" else 4)  # 4 patches; LLaVA-NeXT: a base view and 2 × 2 tiles
+    kwargs = {k: v for k, v in enc.items() if k in ("pixel_values", "image_sizes")}
     if arch == "gemma3":
         kwargs["token_type_ids"] = image_tok.long()
         assert ids.shape[1] > model.hf.config.text_config.sliding_window
@@ -210,7 +218,7 @@ def test_a_text_only_model_is_refused_for_vqa(tmp_path, capsys, monkeypatch):
     code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(text_model), "--task", "vqa",
                              "--data", str(items), "--out", str(tmp_path / "run.h5"))
     assert code != 0
-    error_line(err, "--task vqa", "text-only", "LLaVA (llava), Gemma3 (gemma3)")
+    error_line(err, "--task vqa", "text-only", "LLaVA (llava), LLaVA-NeXT (llava_next), Gemma3 (gemma3)")
 
 
 def test_a_text_only_loaded_model_is_refused_by_a_session(loaded, tmp_path):
@@ -229,7 +237,7 @@ def test_an_unsupported_vision_family_is_refused_in_one_line(vlm_dirs, tmp_path,
     code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(folder), "--task", "vqa",
                              "--data", str(write_items(tmp_path, 1)), "--out", str(tmp_path / "run.h5"))
     assert code != 0
-    error_line(err, "PaliGemma", "supported: LLaVA (llava), Gemma3 (gemma3)")
+    error_line(err, "PaliGemma", "supported: LLaVA (llava), LLaVA-NeXT (llava_next), Gemma3 (gemma3)")
 
 
 def test_transformer_lens_never_installs_torchvision(monkeypatch):

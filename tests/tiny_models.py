@@ -100,6 +100,7 @@ GEMMA3_TEMPLATE = (
 
 VLM_SPECIAL = {
     "llava": ["<image>"],
+    "llava_next": ["<image>"],
     "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"],
 }
 
@@ -115,7 +116,7 @@ def _vlm_tokenizer(arch: str, folder: Path, chat_template: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 20 + ["USER ASSISTANT picture image colour red green blue square"] * 20, trainer)
     extra = {}
-    if arch == "llava":
+    if arch in ("llava", "llava_next"):
         extra = {"image_token": "<image>"}
         eos = "<|im_end|>"
     else:
@@ -148,7 +149,7 @@ def build_vlm(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16) 
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    template = LLAVA_TEMPLATE if arch == "llava" else GEMMA3_TEMPLATE
+    template = GEMMA3_TEMPLATE if arch == "gemma3" else LLAVA_TEMPLATE
     tok = _vlm_tokenizer(arch, folder, template)
     ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -165,6 +166,23 @@ def build_vlm(arch: str, folder: Path, seed: int = 0, sliding_window: int = 16) 
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                    chat_template=template)
+    elif arch == "llava_next":  # any-resolution: the picture as a base view and tiles of a 28 or 56 pixel grid
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=28, patch_size=14, projection_dim=32)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=1024, **ids)
+        grid = [[28, 56], [56, 28], [56, 56]]
+        cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                              vision_feature_layer=-2, vision_feature_select_strategy="default", image_grid_pinpoints=grid,
+                              pad_token_id=tok.pad_token_id)
+        model = LlavaNextForConditionalGeneration(cfg)
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                                     image_grid_pinpoints=grid)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=template)
     elif arch == "gemma3":
         vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                     image_size=28, patch_size=14)

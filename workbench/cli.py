@@ -122,7 +122,7 @@ def protocol_show(name: str = typer.Argument(..., help="A built-in protocol name
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA or Gemma3)."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; prompts: open-ended JSONL; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA, LLaVA-NeXT or Gemma3)."),
     data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable), a prompts JSONL or a vqa JSONL."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),

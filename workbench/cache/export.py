@@ -649,6 +649,11 @@ def export_run(
         if len(vision) != len(names):
             raise WorkbenchError(f"{vision[0]} is a vision hook (rows: image patches) and {next(n for n in names if n not in vision)} "
                                  "a language-model hook (rows: transcript tokens): export them separately")
+        from workbench.engine.models import vision_family
+
+        if vision_family(model.hf.config) == "LLaVA-NeXT":
+            raise WorkbenchError(f"{vision[0]}: LLaVA-NeXT's tower sees each picture as a varying number of tiles; "
+                                 "its vision hooks are not exported yet (its language-model hooks are, --roles image included)")
         per_image = vision_patches(model, vision)
         if len(set(per_image.values())) > 1:
             (a, na), (b, nb) = sorted(per_image.items(), key=lambda kv: kv[1])[0], sorted(per_image.items(), key=lambda kv: kv[1])[-1]

@@ -321,7 +321,7 @@ def resolve_model_path(name: str) -> str:
 # ----------------------------------------------------------------------------- vision-language models
 # model_type → the family's name. Each is tested end to end on a tiny random model
 # (tests/test_vlm.py): the carried cache against a full recompute, capture against Hugging Face.
-VISION_FAMILIES = {"llava": "LLaVA", "gemma3": "Gemma3"}
+VISION_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "gemma3": "Gemma3"}
 
 
 def vision_family(config: Any) -> str:
@@ -330,7 +330,7 @@ def vision_family(config: Any) -> str:
 
 
 def supported_families() -> str:
-    """``"LLaVA (llava), Gemma3 (gemma3)"``: the image-text-to-text families the workbench runs."""
+    """``"LLaVA (llava), LLaVA-NeXT (llava_next), Gemma3 (gemma3)"``: the image-text-to-text families the workbench runs."""
     return ", ".join(f"{name} ({key})" for key, name in VISION_FAMILIES.items())
 
 

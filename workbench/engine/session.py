@@ -39,7 +39,7 @@ the price is attention over the holes, a few tokens per round per row (measured 
 docs/PERFORMANCE.md). Numerically it is the same computation as re-running the whole conversation
 (``reuse_cache=False``), which ``tests/test_session.py`` checks on every architecture family.
 
-**Images.** A sample with an ``image`` (a vision-language model: LLaVA, Gemma3) has the picture in
+**Images.** A sample with an ``image`` (a vision-language model: LLaVA, LLaVA-NeXT, Gemma3) has the picture in
 its first user turn (the processor's chat template; the processor expands its placeholder into the
 image tokens). The pixel values (and Gemma3's ``token_type_ids``, 1 on the image tokens) enter
 only a prefill that holds the image tokens: round 1, or a round that re-runs the whole
@@ -487,7 +487,7 @@ def _check_images(model: Any, samples: list[Sample]) -> bool:
         raise WorkbenchError(f"sample {missing.id} has no image, but others of the batch have: give every sample an image")
     if not getattr(model, "vision", False):
         raise WorkbenchError(f"the samples carry images, but {model.name} is a text-only model "
-                             "(give an image-text-to-text model: a LLaVA or Gemma3 folder or hub name)")
+                             "(give an image-text-to-text model: a LLaVA, LLaVA-NeXT or Gemma3 folder or hub name)")
     return True
 
 
