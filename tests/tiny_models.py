@@ -74,15 +74,16 @@ def build_model(arch: str, folder: Path, seed: int = 0, chat_template: str | Non
 # Tiny random LLaVA and Gemma3 models with their processors (Pillow-only image processors: no
 # torchvision), saved to a folder and loaded by path as a user loads a real one.
 
+# llava-hf/llava-1.5-7b-hf's own template: every content is a list of parts (a plain string renders as
+# nothing), no end-of-turn token, "ASSISTANT:" vs "ASSISTANT: " + answer (prefix-stable up to whitespace)
 LLAVA_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ ' ' }}"
-    "{% elif m['role'] == 'system' %}{{ m['content'] + ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' + m['content'] + '<|im_end|>' }}{% endif %}"
-    "{% endfor %}"
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 

@@ -155,14 +155,19 @@ _NOT_STABLE = ("the chat template is not prefix-stable (a round's prompt is not 
 
 
 def _messages(instructions: list[str], prefixes: list[str], image: bool = False) -> list[dict[str, Any]]:
-    """The conversation with each assistant content replaced by its prefix and a sentinel (and,
-    with ``image``, an image before the first user text)."""
-    messages: list[dict[str, Any]] = []
+    """The conversation with each assistant content replaced by its prefix and a sentinel. With
+    ``image``, an image before the first user text, and every content a list of parts, as a
+    processor's ``apply_chat_template`` hands them to its template (some, LLaVA-1.5's, render a
+    plain string content as nothing)."""
+    if image:
+        parts = lambda text: [{"type": "text", "text": text}]  # noqa: E731
+        messages: list[dict[str, Any]] = []
+        for t, text in enumerate(instructions):
+            messages.append({"role": "user", "content": ([{"type": "image"}] if t == 0 else []) + parts(text)})
+            messages.append({"role": "assistant", "content": parts(prefixes[t] + _SENTINEL.format(t))})
+        return messages
+    messages = []
     for t, text in enumerate(instructions):
-        if image and t == 0:
-            messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]})
-            messages.append({"role": "assistant", "content": prefixes[t] + _SENTINEL.format(t)})
-            continue
         messages.append({"role": "user", "content": text})
         messages.append({"role": "assistant", "content": prefixes[t] + _SENTINEL.format(t)})
     return messages

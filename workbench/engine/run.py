@@ -253,7 +253,8 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
     answers = protocol.rounds * protocol.decoding.max_new_tokens
     lengths = [len(ids) for ids in encode(model.tokenizer, [first_instruction(protocol, task, s) for s in samples])]
     for s in [samples[int(np.argmax(lengths))]]:
-        plan = plan_conversation(model.tokenizer, *conversation_texts(protocol, task, s))
+        plan = plan_conversation(model.tokenizer, *conversation_texts(protocol, task, s),
+                                 image=bool(getattr(s, "image", None)) and getattr(model, "vision", False))
         prompt = sum(len(ids) for ids in encode(model.tokenizer, list(plan.round_inputs)))
         if getattr(model, "vision", False) and s.image:  # the image placeholder becomes the image tokens
             prompt += int(getattr(model.processor, "image_seq_length", 0) or getattr(hf_config, "image_seq_length", 0) or 0)
