@@ -13,6 +13,14 @@ of weights:
 The bridge forces eager attention; ``hf`` keeps the model's default. Runs capture on ``hf``, at
 the module boundaries the bridge names (:mod:`workbench.engine.capture`), so capture rides along
 generation; ``model.bridge`` stays for names, for that check and for users' own hooked passes.
+
+An image-text-to-text model (a config with a ``vision_config``) of a supported family
+(:data:`VISION_FAMILIES`: LLaVA, LLaVA-NeXT, Gemma3) loads with ``AutoModelForImageTextToText``
+and its ``AutoProcessor`` (``LoadedModel.processor``; the tokenizer is the processor's); its bridge
+has the language model's hooks as for text and the vision tower's and projector's
+(``vision_encoder.*``, ``vision_projector.*``). Another family is refused in one line. The boot
+runs under :func:`no_package_installs`: TransformerLens would otherwise ``pip install torchvision``
+when a processor fails to load, replacing the pinned torch.
 """
 
 from __future__ import annotations
