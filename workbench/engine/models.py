@@ -1,4 +1,4 @@
-"""Loading a causal LM: a plain Hugging Face model for generation and a TransformerLens bridge for hooks.
+"""Loading a causal LM (or an image-text-to-text model): a plain Hugging Face model for generation and a TransformerLens bridge for hooks.
 
 ``TransformerBridge.boot_transformers(hf_model=m)`` rewrites ``m`` in place, and with
 transformers 5.x and transformer-lens 4.3.0 cached generation through the rewritten model is
