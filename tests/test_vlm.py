@@ -499,3 +499,13 @@ def test_a_picture_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path
     monkeypatch.setattr(images, "MAX_PIXELS", 40 * 40 - 1)  # the test pictures are 40 × 40
     with pytest.raises(WorkbenchError, match=r"items.jsonl:1: .*000.png is 40×40 pixels, over the"):
         load_vqa(write_items(tmp_path, 1))
+
+
+@pytest.mark.parametrize("data, needle", [((), "needs one --data"), (("a.jsonl", "b.jsonl"), "needs one --data"),
+                                          (("missing.jsonl",), "data file not found")])
+def test_vqa_data_is_checked_in_one_line(data, needle, tmp_path, capsys, monkeypatch, vlm_dirs):
+    args = [x for d in data for x in ("--data", str(tmp_path / d))]
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", str(vlm_dirs["llava"]), "--task", "vqa", *args,
+                             "--out", str(tmp_path / "run.h5"))
+    assert code != 0
+    error_line(err, needle)

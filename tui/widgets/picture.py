@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
@@ -43,9 +44,7 @@ def half_block_line(pixels: np.ndarray, y: int) -> list[Segment]:
     return [Segment(HALF_BLOCK, Style.from_color(_rgb(t), _rgb(b))) for t, b in zip(top, bottom)]
 
 
-def _rgb(p: np.ndarray) -> "Color":  # noqa: F821  (rich.color.Color)
-    from rich.color import Color
-
+def _rgb(p: np.ndarray) -> Color:
     return Color.from_rgb(int(p[0]), int(p[1]), int(p[2]))
 
 
