@@ -190,7 +190,8 @@ def bench_time(model: object, run: Path, tmp: Path, batch_size: int, repeats: in
     moments of a shared machine. Whole exports (fixed costs included) ÷ the plain forwards."""
     import torch
 
-    from workbench.cache.export import export_run, read_run
+    from workbench.cache.export import export_run
+    from workbench.cache.plan import read_run
     from workbench.engine.generation import pad
 
     transcripts = read_run(run).transcripts

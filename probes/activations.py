@@ -21,11 +21,13 @@ def text_activations(
     position: str = "last",
     batch_size: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    images: list[str] | None = None,
 ) -> torch.Tensor:
     """Pooled activations of each text: ``[n_layers, n, d_model]`` float32.
 
     ``position`` is ``last`` (the last token) or ``mean`` (the mean over all tokens). Texts are
     sorted by length into batches, so little padding is computed; the output keeps input order.
+    ``images``: one picture path per text (a vision-language model; the texts hold its image tokens).
     """
     if position not in TEXT_POSITIONS:
         raise ValueError(f"position must be one of {TEXT_POSITIONS}")
@@ -39,7 +41,12 @@ def text_activations(
         ids, _ = pad(seqs, model.tokenizer.pad_token_id, model.device, "right")
         lengths = torch.tensor([len(s) for s in seqs])
         spans = torch.stack([torch.zeros_like(lengths), lengths, torch.zeros_like(lengths), lengths], -1)[:, None, :]
-        acts = capture_pooled(model.hf, ids, spans.to(model.device), sites)[hook]  # [b, 1, 2, L, d]
+        pixels = {}
+        if images is not None:
+            from workbench.engine.images import image_inputs, load_image
+
+            pixels = image_inputs(model, [load_image(images[i]) for i in rows], ids)
+        acts = capture_pooled(model.hf, ids, spans.to(model.device), sites, **pixels)[hook]  # [b, 1, 2, L, d]
         out[:, torch.from_numpy(rows)] = acts[:, 0, which].permute(1, 0, 2)
         if on_batch is not None:
             on_batch(len(rows))

@@ -32,7 +32,7 @@ METHOD_HELP = ("diffmean (mean difference), logreg (L2 logistic regression, all 
 
 @app.command()
 def fit(
-    contrast: str = typer.Option("organism", help="'organism' (the shipped world's concept), or a JSONL file: {\"positive\": ..., \"negative\": ...} or {\"text\": ..., \"label\": 0|1} per line."),
+    contrast: str = typer.Option("organism", help="'organism' (the shipped world's concept), or a JSONL file: {\"positive\": ..., \"negative\": ...} or {\"text\": ..., \"label\": 0|1} per line; for a vision-language model each line may carry an \"image\" (a path relative to the file, every line or none; with --format chat)."),
     method: Method = typer.Option("diffmean", help=METHOD_HELP),
     model: str = typer.Option("organism", help="Hub name, local folder, or 'organism'."),
     hook: str = typer.Option("hook_resid_post", help="Hook captured at every layer (TransformerLens name without the block)."),
@@ -75,7 +75,7 @@ def fit(
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
     margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
-    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin)
+    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin, processor=loaded.processor)
     check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
     from workbench.terminal import ProgressBar
 

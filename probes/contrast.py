@@ -12,7 +12,9 @@ Sources (``--contrast``):
 * a labelled JSONL file – ``{"text": ..., "label": 0|1}`` per line (e.g. toxic comments).
 
 JSONL texts are used as written (``--format raw``) or as one user message through the model's chat
-template with the assistant header after it (``--format chat``).
+template with the assistant header after it (``--format chat``). For a vision-language model every
+line may carry an ``"image"`` (a path relative to the file; every line or none): the picture goes
+in the user message before the text (``--format chat``), as a run's first turn does.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class ContrastSet:
     labels: np.ndarray  # [n] int64
     pairs: np.ndarray | None  # [n_pairs, 2] int64
     target: np.ndarray | None  # [n] a continuous ground truth (organism: exact posterior log-odds)
-    digest: str  # sha256 of the texts and labels: recorded in the probe file
+    digest: str  # sha256 of the texts and labels (and pictures): recorded in the probe file
     margin: float | None = None  # organism: prefixes with |p(fair) − ½| < margin were left out
+    images: list[str] | None = None  # [n] each text's picture (a vision-language model's contrast); None: text only
 
 
 def _digest(token_ids: list[list[int]], labels: np.ndarray) -> str:
@@ -63,6 +66,7 @@ class ContrastTexts:
     texts: list[str]
     labels: np.ndarray
     pairs: np.ndarray | None
+    images: list[dict[str, Any]] | None = None  # [n] each text's image record (workbench.engine.images.image_record)
 
 
 def read_contrast_file(path: Path) -> ContrastTexts:
@@ -74,8 +78,20 @@ def read_contrast_file(path: Path) -> ContrastTexts:
     if not rows:
         raise WorkbenchError(f"{path}: no contrast lines")
     paired = "positive" in rows[0][1]
-    texts, labels, pairs = [], [], []
+    with_image = "image" in rows[0][1]
+    texts, labels, pairs, images = [], [], [], []
     for lineno, row in rows:
+        if ("image" in row) != with_image:
+            raise WorkbenchError(f"{path}:{lineno}: every contrast line or none carries an \"image\" (line {rows[0][0]} "
+                                 f"{'does' if with_image else 'does not'})")
+        if with_image:
+            from workbench.engine.images import image_record
+
+            given = row["image"]
+            if not isinstance(given, str) or not given.strip() or "\x00" in given:
+                raise WorkbenchError(f"{path}:{lineno}: image must be a path (relative to the file)")
+            record = image_record(Path(path).parent / given, given, f"{path}:{lineno}")
+            images += [record] * (2 if paired else 1)
         if paired:
             if not isinstance(row.get("positive"), str) or not isinstance(row.get("negative"), str):
                 raise WorkbenchError(f"{path}:{lineno}: a pair line needs string fields 'positive' and 'negative'")
@@ -95,7 +111,7 @@ def read_contrast_file(path: Path) -> ContrastTexts:
     if len(set(labels)) < 2:
         raise WorkbenchError(f"{path}: every line has label {labels[0]}; a contrast needs both")
     return ContrastTexts(Path(path).stem, texts, np.asarray(labels, dtype=np.int64),
-                         np.asarray(pairs, dtype=np.int64) if paired else None)
+                         np.asarray(pairs, dtype=np.int64) if paired else None, images if with_image else None)
 
 
 def check_splittable(name: str, labels: np.ndarray, pairs: np.ndarray | None, test_fraction: float) -> None:
@@ -109,20 +125,36 @@ def check_splittable(name: str, labels: np.ndarray, pairs: np.ndarray | None, te
                                  f"with --test-fraction {test_fraction} (add lines or change the fraction)")
 
 
-def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw") -> ContrastSet:
-    """A pair file or a labelled file (see :func:`read_contrast_file`), tokenized."""
+def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw", processor: Any = None) -> ContrastSet:
+    """A pair file or a labelled file (see :func:`read_contrast_file`), tokenized; lines with
+    pictures through ``processor`` (a vision-language model's), which expands the image tokens."""
     if fmt not in ("raw", "chat"):
         raise WorkbenchError(f"--format must be raw or chat, not {fmt!r}")
     texts = read_contrast_file(path)
-    token_ids = [_encode(tokenizer, text, fmt) for text in texts.texts]
-    return ContrastSet(
-        name=texts.name,
-        token_ids=token_ids,
-        labels=texts.labels,
-        pairs=texts.pairs,
-        target=None,
-        digest=_digest(token_ids, texts.labels),
-    )
+    if texts.images is None:
+        token_ids = [_encode(tokenizer, text, fmt) for text in texts.texts]
+        return ContrastSet(name=texts.name, token_ids=token_ids, labels=texts.labels, pairs=texts.pairs, target=None,
+                           digest=_digest(token_ids, texts.labels))
+    if processor is None:
+        raise WorkbenchError(f"{path}: the contrast lines carry images, but the model is text-only "
+                             "(give an image-text-to-text model, or lines without \"image\")")
+    if fmt != "chat":
+        raise WorkbenchError(f"{path}: contrast lines with images need --format chat (the picture goes in the user message)")
+    token_ids = [_encode_with_image(tokenizer, processor, text, record["path"]) for text, record in zip(texts.texts, texts.images)]
+    digest = _digest(token_ids, texts.labels)
+    digest = hashlib.sha256((digest + "".join(r["sha256"] for r in texts.images)).encode()).hexdigest()[:16]
+    return ContrastSet(name=texts.name, token_ids=token_ids, labels=texts.labels, pairs=texts.pairs, target=None,
+                       digest=digest, images=[r["path"] for r in texts.images])
+
+
+def _encode_with_image(tokenizer: Any, processor: Any, text: str, image: str) -> list[int]:
+    """One user message with the picture before ``text``, through the chat template and the
+    processor (the image placeholder expanded into the image tokens), the assistant header after it."""
+    from workbench.engine.images import load_image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(processor(text=[rendered], images=[[load_image(image)]], add_special_tokens=False)["input_ids"][0])
 
 
 ORGANISM_CONTRAST_SEED = 777  # disjoint from training, `organism check` and the run task's items
@@ -185,15 +217,16 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
 
 
 def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: str = "raw", seed: int = ORGANISM_CONTRAST_SEED,
-                  margin: float = ORGANISM_MARGIN) -> ContrastSet:
+                  margin: float = ORGANISM_MARGIN, processor: Any = None) -> ContrastSet:
     """``organism`` or a JSONL path → a ContrastSet (``paired`` asks the organism for pairs; ``margin``:
-    the organism's left-out band around p(fair) = ½, see :func:`organism_contrast`)."""
+    the organism's left-out band around p(fair) = ½, see :func:`organism_contrast`; ``processor``: a
+    vision-language model's, for lines with pictures)."""
     if spec == "organism":
         return organism_contrast(tokenizer, n=n, paired=paired, seed=seed, margin=margin)
     path = Path(spec)
     if not path.exists():
         raise WorkbenchError(f"--contrast: {spec} is neither 'organism' nor an existing JSONL file")
-    contrast = load_jsonl_contrast(path, tokenizer, fmt)
+    contrast = load_jsonl_contrast(path, tokenizer, fmt, processor)
     if paired and contrast.pairs is None:
         raise WorkbenchError(f"{spec}: this method needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
     return contrast

@@ -35,7 +35,7 @@ def fit_probe(
     also ``alpha`` ``[L]``, the penalty chosen per layer). A regression method is fitted to that
     target (see :func:`probes.evaluate.fit_and_evaluate`).
     """
-    acts = text_activations(model, contrast.token_ids, hook, layers, position, batch_size, on_batch)  # [L, n, d]
+    acts = text_activations(model, contrast.token_ids, hook, layers, position, batch_size, on_batch, contrast.images)  # [L, n, d]
     labels = torch.from_numpy(contrast.labels)
     pairs = torch.from_numpy(contrast.pairs) if contrast.pairs is not None and method in PAIRED_METHODS else None
     ev = fit_and_evaluate(method, acts, labels, pairs=pairs, test_fraction=test_fraction, seed=seed, target=contrast.target)

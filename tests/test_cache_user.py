@@ -147,7 +147,7 @@ def test_rounds_are_counted_from_1_in_load_and_info(resid_cache, capsys, monkeyp
 
 
 def test_export_prints_its_size_and_refuses_more_than_max_size(organism_run, tmp_path, capsys, monkeypatch):
-    from workbench.cache.export import estimate_bytes, parse_size
+    from workbench.cache.size import estimate_bytes, parse_size
     from workbench.cache.file import HookLayout
 
     out = tmp_path / "pattern.h5"

@@ -427,9 +427,9 @@ FULL_DISK_SCRIPT = """
 import subprocess, sys
 from workbench.errors import WorkbenchError
 from workbench.cache.writer import done_batches
-import workbench.cache.export as export
+import workbench.cache.size as size
 from workbench.cache.export import export_run
-export.free_bytes = lambda path: None  # the free space unknown at the size check: the disk fills while the export writes
+size.free_bytes = lambda path: None  # the free space unknown at the size check: the disk fills while the export writes
 run, disk, out = sys.argv[1:4]
 hooks = ["blocks.*.hook_resid_post", "blocks.*.hook_attn_out"]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180k", "tmpfs", disk], check=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import json
 import numpy as np
 
 from workbench.store.groups import replace_group
@@ -50,11 +51,14 @@ def save_word_tokenizer(folder: Path, words: set[str]) -> None:
 
 def build_run(path: Path, n_samples: int = 12, n_rounds: int = 4, n_layers: int = 3, d_model: int = 8,
               seed: int = 0, response: Callable[[int, int, int], str] = default_response,
-              done: np.ndarray | None = None, probe: bool = True, batch: int = 16, protocol: dict | None = None) -> Path:
+              done: np.ndarray | None = None, probe: bool = True, batch: int = 16, protocol: dict | None = None,
+              images: list[dict] | None = None) -> Path:
     """Write a run file at ``path`` (its tokenizer in ``path``'s folder + ``.tokenizer``) and
     return ``path``. ``done``: ``[N]`` bool of the samples written (default all; a partial run
     keeps status ``running``). ``probe``: add a tracked probe ``fair`` (cosine and projection).
-    ``protocol``: keys added to the recorded protocol (e.g. ``first_prefix``)."""
+    ``protocol``: keys added to the recorded protocol (e.g. ``first_prefix``). ``images``: each
+    sample's image record (``workbench.engine.images.image_record``), as a vision-language run
+    keeps it in ``samples/extra``."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     done = np.ones(n_samples, dtype=bool) if done is None else np.asarray(done, dtype=bool)
@@ -72,7 +76,8 @@ def build_run(path: Path, n_samples: int = 12, n_rounds: int = 4, n_layers: int 
         context=[f"context of sample {i}" for i in range(n_samples)], question=["who did it ?"] * n_samples,
         options=[OPTIONS] * n_samples, gold=gold.tolist(),
         category=[CATEGORIES[i % len(CATEGORIES)] for i in range(n_samples)],
-        condition=["ambig"] * n_samples, extra=["{}"] * n_samples,
+        condition=["ambig"] * n_samples,
+        extra=["{}"] * n_samples if images is None else [json.dumps({"image": r}) for r in images],
     )
     settings = {
         "model_name": "synthetic", "model_path": str(folder), "model_revision": "", "model_dtype": "float32",
@@ -80,6 +85,8 @@ def build_run(path: Path, n_samples: int = 12, n_rounds: int = 4, n_layers: int 
         "protocol": {"name": "synthetic", "rounds": n_rounds, **(protocol or {})}, "hooks": ["hook_resid_post"],
         "layers": list(range(n_layers)), "seed": seed, "batch_size": batch,
     }
+    if images is not None:
+        settings["vision"] = {"family": "LLaVA", "image_token_id": 0}
     writer = RunWriter.create(path, settings, samples, n_rounds, {"hook_resid_post": (n_layers, d_model)})
     with writer:
         for start in range(0, n_samples, batch):

@@ -104,6 +104,7 @@ class SampleRounds:
     option_entropy: np.ndarray  # [R] float32
     concept: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # probe → score → [R, L_probe]
     prefixes: tuple[str, ...] = ()  # [R] the assistant prefix the protocol forced before each response ("" none)
+    thumbnail: bytes | None = None  # a vision-language run's picture (PNG bytes, samples/extra "image"); None: no picture
 
     @property
     def n_rounds(self) -> int:
@@ -197,6 +198,7 @@ def read_samples(path: str | Path, positions: Sequence[int], probes: Sequence[Pr
         options = rows("samples/options") if "samples/options" in run.f else None
         ids, entropies = response_token_ids(run, order), token_entropies(run, order)
         concept = {p.name: {score: rows(f"probes/{p.name}/{score}") for score in p.ranges} for p in probes}
+        thumbnails = sample_thumbnails(rows("samples/extra")) if isinstance(run.meta.get("vision"), dict) else [None] * len(order)
     out = {}
     for k, position in enumerate(order):
         def one(name: str) -> Any:
@@ -221,8 +223,23 @@ def read_samples(path: str | Path, positions: Sequence[int], probes: Sequence[Pr
             option_entropy=np.asarray(one(f"{ROUNDS}/option_entropy"), dtype=np.float32),
             concept={p.name: {score: np.asarray(v[k], dtype=np.float32) for score, v in concept[p.name].items()} for p in probes},
             prefixes=prefixes,
+            thumbnail=thumbnails[k],
         )
     return [out[int(p)] for p in positions]
+
+
+def sample_thumbnails(extras: Any) -> list[bytes | None]:
+    """Each sample's thumbnail (PNG bytes) from its ``samples/extra`` JSON, None where it has none
+    or the JSON is damaged (a file is a stranger's)."""
+    from workbench.engine.images import thumbnail_from_extra
+
+    out: list[bytes | None] = []
+    for text in extras:
+        try:
+            out.append(thumbnail_from_extra(json.loads(_str(text))))
+        except (ValueError, TypeError):
+            out.append(None)
+    return out
 
 
 def search_text(path: str | Path, needle: str) -> np.ndarray:

@@ -37,7 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-Task = Literal["organism", "bbq", "mc", "prompts"]
+Task = Literal["organism", "bbq", "mc", "prompts", "vqa", "vqa-open"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -135,8 +135,8 @@ def protocol_show(
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
     model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world."),
-    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line), a folder saved by datasets' save_to_disk, or (prompts) a .txt of one prompt per line."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA, LLaVA-NeXT or Gemma3)."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line), a folder saved by datasets' save_to_disk, or (prompts) a .txt of one prompt per line; for vqa/vqa-open a JSONL."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),
     prompt_field: str = typer.Option("prompt", help="prompts: the JSON field holding the prompt."),
@@ -144,7 +144,7 @@ def run(
     options: Optional[str] = typer.Option(None, metavar="A|B|...", help="mc: the same options for every row, e.g. \"yes, this is harmful|no, this is not harmful\" (instead of --fields options=...)."),
     limit: Optional[int] = typer.Option(None, help="Number of samples (after filtering and --offset). organism default: 64."),
     offset: int = typer.Option(0, help="Skip this many samples first."),
-    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts)."),
+    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="A built-in protocol (`workbench protocol list`) or a .toml path. Default: the task's own (bbq: bbq-paper, organism: organism, prompts: prompts, vqa: vqa-moral, vqa-open: vqa-open)."),
     force: bool = typer.Option(False, "--force", help="Run a protocol written for another task."),
     chat_template: Optional[Path] = typer.Option(None, "--chat-template", metavar="FILE", help="A Jinja chat template file used instead of the model's own and the protocol's (e.g. the raw [INST] strings the study fed zephyr); recorded in the run file."),
     rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
@@ -166,7 +166,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="--fsync: wait for the disk (at most once a second, and at the end), so that a power cut or a kernel crash loses at most the last second's batches. --no-fsync: never wait; a killed or failed process still loses nothing finished, but a power cut loses the batches not yet on the disk and can damage a run file finished in the last ~30 s."),
-    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION|refusal|label-match", help="prompts: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory); FUNCTION(texts, samples) also gets each text's sample (gold, options, extra: the row's other fields); refusal: 1 when the answer holds a GCG-style refusal phrase or has under 20 words (the study's jailbreak check); label-match: 1 when the gold label (--fields label=PATH) occurs in the answer."),
+    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION|refusal|label-match", help="prompts, vqa-open: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory); FUNCTION(texts, samples) also gets each text's sample (gold, options, extra: the row's other fields); refusal: 1 when the answer holds a GCG-style refusal phrase or has under 20 words (the study's jailbreak check); label-match: 1 when the gold label (--fields label=PATH) occurs in the answer."),
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL|nli-nocontra:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match), nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier, Kuhn/Farquhar) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)."),

@@ -30,6 +30,7 @@ from tui.widgets.curve import Curve, CurveData
 from tui.widgets.entropy_curve import EntropyCurve, colour_legend
 from tui.widgets.heatmap import ConceptHeatmap, cell_width_for
 from tui.widgets.option_bars import OptionBars
+from tui.widgets.picture import Picture
 from tui.widgets.sample_list import SampleList
 from tui.widgets.status import StatusLine
 from tui.widgets.tokens import TokenView
@@ -121,7 +122,7 @@ def sample_view() -> Vertical:
     return Vertical(
         Conversation(id="conversation"),
         Static("", id="token-info", markup=False),
-        Horizontal(OptionBars(id="options"), Curve(id="concept-curve"), EntropyCurve(id="entropy-curve"),
+        Horizontal(Picture(id="picture"), OptionBars(id="options"), Curve(id="concept-curve"), EntropyCurve(id="entropy-curve"),
                    ConceptHeatmap(id="heatmap"), id="details"),
         id="main",
     )
@@ -307,6 +308,7 @@ class SampleScreen(LayerKeys, Screen):
         hint = " · hover a token for its entropy and id" if self.size.width >= 110 else ""
         self.query_one("#token-info", Static).update(entropy_line(sample, t) + hint, layout=False)
         self.query_one(OptionBars).show(sample.options, sample.option_probs[t], sample.gold, int(sample.answer[t]))
+        self.query_one(Picture).show(sample.thumbnail)  # a vision-language run's image; hidden otherwise
         show_concept(self, sample, self.probe, self.score, t, self.layer_index)
         show_entropy(self, sample, t, self.coloured)
 

@@ -258,7 +258,7 @@ def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    results, names, sections = [], [], []
+    results, names, sections, pictures = [], [], [], {}
     stems = _unique_stems(paths)
     for path, stem in zip(paths, stems):
         with RunFile(path) as run:
@@ -270,11 +270,13 @@ def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
                 organism_figure(run, result, out, f"{stem}-organism"),
             ) if f is not None]
             sections.append((stem, run.meta, result, figures))
+            if isinstance(run.meta.get("vision"), dict):
+                pictures[stem] = pictures_html(run)
         results.append(result)
         names.append(stem)
     curves = curves_figure(results, names, out)
     index = out / "index.html"
-    index.write_text(_html(curves, sections), encoding="utf-8")
+    index.write_text(_html(curves, sections, pictures), encoding="utf-8")
     return index
 
 
@@ -286,7 +288,43 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 META_KEYS = ("model_name", "model_path", "model_dtype", "task", "n_samples", "n_rounds", "seed", "status", "created", "workbench_version")
 
 
-def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, Any], list[Figure]]]) -> str:
+PICTURES_SHOWN = 24  # thumbnails in a vision-language run's section
+
+
+def pictures_html(run: RunFile) -> str:
+    """A vision-language run's first ``PICTURES_SHOWN`` pictures (the thumbnails the run file keeps,
+    inline as PNG data), each with its sample id and whether round 1's and the last round's answers
+    were right."""
+    import base64
+
+    from workbench.engine.images import thumbnail_from_extra
+
+    e = html.escape
+    n = min(PICTURES_SHOWN, int(run.done.sum()))
+    if not n:
+        return ""
+    rows = list(range(n))
+    ids, extras, correct = run.array("samples/id", rows), run.array("samples/extra", rows), run.array("rounds/correct", rows)
+    cells = []
+    for sample_id, extra, right in zip(ids, extras, correct):
+        try:
+            png = thumbnail_from_extra(json.loads(str(extra)))
+        except (ValueError, TypeError):
+            png = None
+        if png is None:
+            continue
+        mark = lambda ok: "✓" if ok else "✗"  # noqa: E731
+        cells.append(f"<figure style='display:inline-block;margin:4px;text-align:center'>"
+                     f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' style='width:96px;image-rendering:pixelated'>"
+                     f"<figcaption>{e(str(sample_id))} r1 {mark(right[0])} r{len(right)} {mark(right[-1])}</figcaption></figure>")
+    if not cells:
+        return ""
+    return (f"<h3>Pictures</h3><p>The first {len(cells)} samples' pictures (the run file's thumbnails) with round 1's "
+            f"and the last round's answer (✓ right, ✗ wrong).</p><div>{''.join(cells)}</div>")
+
+
+def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, Any], list[Figure]]],
+          pictures: dict[str, str] | None = None) -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>workbench report</title><style>",
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222} img{max-width:100%}",
@@ -319,6 +357,7 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
                              f"(variance {s['accuracy_variance']:.5f}) vs majority baseline {s['baseline_mean']:.3f}, "
                              f"{s['n']} transitions. The study reports 83.18 % on RealToxicityPrompts.</p>")
         parts += [_figure_html(f) for f in figures]
+        parts.append((pictures or {}).get(stem, ""))
     parts.append("</body></html>")
     return "\n".join(parts)
 

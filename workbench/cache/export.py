@@ -23,210 +23,31 @@ export). At the end the file is renamed onto ``OUT`` (fsynced first with ``fsync
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
-import fnmatch
 import functools
-import hashlib
 import json
 import os
-import re
 import shutil
 import sys
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import typer
 
-from workbench.cache.file import ROLES, HookLayout, TokenTable, create_cache_file, is_attention_map
+from workbench.cache.file import ROLES, HookLayout, create_cache_file, is_attention_map
 from workbench.store.durability import atomic_replace, fsync_path
 from workbench.cache.writer import PartialCache, done_batches, is_durable
+from workbench.engine.images import image_inputs
 from workbench.errors import WorkbenchError
+from workbench.cache.plan import ExportPlan, check_same_model, export_dtype, parse_rows, plan_export, read_run, run_images, token_table
+from workbench.cache.size import bytes_under, check_size, estimate_bytes, human_bytes, parse_size
+from workbench.cache.vision import patch_table, plan_vision_export, vision_activations, vision_patches
+from workbench.cache.hooks import BLOCK_HOOK, available_hooks, drop_aliases, hf_sites, hook_aliases, is_vision_hook, resolve_hooks, torch_dtype
+
 
 FORMATS = ("hdf5", "saelens")
-EXPORT_DTYPES = ("auto", "float32", "float16")
-
-
-@dataclass(frozen=True)
-class ExportPlan:
-    """What an export computes, fixed before the first batch (a resumed export must match it)."""
-
-    run_file: str
-    run_digest: str
-    rows: list[int]  # run-file rows exported, in order
-    sample_index: list[int]  # their stable global indices
-    rounds: list[int] | None  # 0-based; None: all
-    roles: list[str]
-    hooks: list[str]
-    dtype: str
-    batch_size: int
-    key_length: int  # the key axis of attention maps: the longest chosen transcript
-    batch_tokens: list[int]  # chosen tokens per batch
-
-    @property
-    def n_batches(self) -> int:
-        return len(self.batch_tokens)
-
-    def batch_rows(self, k: int) -> list[int]:
-        return self.rows[k * self.batch_size : (k + 1) * self.batch_size]
-
-
-# --------------------------------------------------------------------------- the run's tokens
-
-
-def token_labels(length: int, prompt_span: np.ndarray, response_span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Round and role of every position of one transcript.
-
-    prompt_span, response_span ``[R, 2]`` → (round ``[length]`` int16, role ``[length]`` uint8 index
-    into ``ROLES``): a round's prompt span is ``prompt``, its response span ``response``; what
-    follows the last response (the chat template's closing text) is ``template`` of the last round."""
-    rounds = np.full(length, -1, dtype=np.int16)
-    roles = np.full(length, ROLES.index("template"), dtype=np.uint8)
-    for t, ((ps, pe), (rs, re_)) in enumerate(zip(prompt_span, response_span)):
-        rounds[ps:pe], roles[ps:pe] = t, ROLES.index("prompt")
-        rounds[rs:re_], roles[rs:re_] = t, ROLES.index("response")
-    end = int(max(prompt_span[:, 1].max(), response_span[:, 1].max())) if len(prompt_span) else 0
-    rounds[end:] = len(prompt_span) - 1
-    return rounds, roles
-
-
-def _chosen(rounds: np.ndarray, roles: np.ndarray, want_rounds: list[int] | None, want_roles: list[str]) -> np.ndarray:
-    keep = np.isin(roles, [ROLES.index(r) for r in want_roles])
-    if want_rounds is not None:
-        keep &= np.isin(rounds, want_rounds)
-    return np.flatnonzero(keep)
-
-
-@dataclass(frozen=True)
-class RunTokens:
-    """The done samples of a run file: transcripts and spans, read once."""
-
-    meta: dict[str, Any]
-    rows: np.ndarray  # [n_done] run-file rows
-    index: np.ndarray  # [n_done] stable global sample index
-    transcripts: list[np.ndarray]  # [n_done][len] int32
-    prompt_span: np.ndarray  # [n_done, R, 2]
-    response_span: np.ndarray  # [n_done, R, 2]
-    digest: str
-
-
-def read_run(path: Path) -> RunTokens:
-    """Transcripts, spans and metadata of the run's finished samples (through ``RunFile``)."""
-    from workbench.store.reader import RunFile
-
-    with RunFile(path) as run:
-        meta = run.meta
-        rows = np.flatnonzero(run.done)
-        transcripts = [np.asarray(t, dtype=np.int32) for t in run.array("transcripts/token_ids")]
-        prompt_span = run.array("rounds/prompt_span")
-        response_span = run.array("rounds/response_span")
-        index = run.array("samples/index")
-    h = hashlib.sha256()
-    for part in (rows.astype(np.int64), prompt_span.astype(np.int64), response_span.astype(np.int64)):
-        h.update(part.tobytes())
-    for t in transcripts:
-        h.update(np.int64(len(t)).tobytes() + t.tobytes())
-    return RunTokens(meta, rows, np.asarray(index, dtype=np.int64), transcripts, prompt_span, response_span, h.hexdigest())
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
-    """Every bridge hook that fires in a forward pass with one float value per position →
-    its per-token shape (``(d_model,)``, ``(n_heads, d_head)``; attention maps ``(n_heads, 0)``,
-    the key axis filled in later). From one bridge pass on a short text."""
-    import torch
-
-    seq = 5
-    tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
-    seq = tokens.shape[1]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: True, return_type=None)
-    found = {}
-    for name, value in cache.items():
-        if not value.is_floating_point() or value.ndim < 2:
-            continue
-        if is_attention_map(name):
-            if value.ndim == 4 and value.shape[2] == value.shape[3] == seq:
-                found[name] = (int(value.shape[1]), 0)
-        elif value.shape[1] == seq:
-            found[name] = tuple(int(x) for x in value.shape[2:])
-    return found
-
-
-def resolve_hooks(patterns: list[str], available: dict[str, tuple[int, ...]]) -> list[str]:
-    """The hook names matched by glob ``patterns``, in the bridge's order. A pattern matching
-    nothing raises one line naming the nearest valid names first."""
-    if not patterns:
-        raise WorkbenchError("--hooks is required, e.g. --hooks 'blocks.*.hook_resid_post' (workbench export RUN --list-hooks lists them)")
-    names = list(available)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            nearest = difflib.get_close_matches(pattern, names, n=len(names), cutoff=0.0)
-            shown = ", ".join(nearest[:12]) + (f", … ({len(names)} in all; --list-hooks lists them)" if len(nearest) > 12 else "")
-            raise WorkbenchError(f"unknown hook {pattern!r}: it matches none of the model's hooks (nearest: {shown})")
-        chosen.update(hits)
-    return [n for n in names if n in chosen]
-
-
-def hook_aliases(model: Any) -> dict[str, str]:
-    """alias → canonical name of every bridge hook name that is another name of a hook point:
-    TransformerLens 4 keeps the legacy names (``blocks.0.hook_resid_post``, ``blocks.0.attn.hook_z``)
-    as aliases of its own (``blocks.0.hook_out``, ``blocks.0.attn.o.hook_in``); both fire with one tensor."""
-    out = {}
-    for name, point in model.bridge.hook_dict.items():
-        canonical = getattr(point, "name", None)
-        if isinstance(canonical, str) and canonical and canonical != name:
-            out[name] = canonical
-    return out
-
-
-def drop_aliases(names: list[str], aliases: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-    """``names`` without each alias whose canonical hook is chosen too (the same values twice) →
-    (kept names, {dropped alias: its canonical name})."""
-    chosen = set(names)
-    dropped = {n: aliases[n] for n in names if aliases.get(n) in chosen}
-    return [n for n in names if n not in dropped], dropped
-
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def hf_sites(model: Any, hooks: list[str]) -> dict[str, Any] | None:
-    """hook name → :class:`workbench.engine.capture.HookSite` on the plain HF model, when every hook is
-    at a module boundary whose value equals the bridge's; None when one is not (the bridge pass)."""
-    from workbench.engine.capture import hook_sites
-
-    by_hook: dict[str, list[int]] = {}
-    for name in hooks:
-        m = _BLOCK_HOOK.match(name)
-        if m is None or is_attention_map(name):
-            return None
-        by_hook.setdefault(m.group(2), []).append(int(m.group(1)))
-    sites = {}
-    for hook, layers in by_hook.items():
-        try:
-            for site in hook_sites(model, [hook], sorted(layers)):
-                sites[f"blocks.{site.layer}.{hook}"] = site
-        except WorkbenchError:
-            return None
-    return sites
-
-
-# --------------------------------------------------------------------------- one batch
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
 
 
 def batch_activations(
@@ -237,12 +58,14 @@ def batch_activations(
     sites: dict[str, Any] | None,
     dtype: str,
     key_length: int,
+    images: list[Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """One forward pass over right-padded transcripts; each hook's value at the chosen positions.
 
     transcripts ``[B][len_i]``, chosen ``[B][n_i]`` positions → ``{hook: [Σ n_i, *per_token]}`` in
     ``dtype``, samples in order; attention maps ``[Σ n_i, n_heads, key_length]``, zero past each
-    sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass."""
+    sample's own length. ``sites`` (from :func:`hf_sites`): read from the HF model's own pass.
+    ``images`` (a VLM run: one picture per transcript) go in as pixel values (:func:`image_inputs`)."""
     import torch
 
     from workbench.engine.generation import pad
@@ -251,8 +74,9 @@ def batch_activations(
     ids, _ = pad([t.tolist() for t in transcripts], model.tokenizer.pad_token_id, device, "right")
     b_idx = torch.from_numpy(np.repeat(np.arange(len(chosen)), [len(c) for c in chosen])).to(device)
     p_idx = torch.from_numpy(np.concatenate(chosen).astype(np.int64)).to(device)
-    out_dtype = _torch_dtype(dtype)
+    out_dtype = torch_dtype(dtype)
     got: dict[str, np.ndarray] = {}
+    pixels = image_inputs(model, images, ids) if images is not None else {}
 
     def keep(name: str, act: torch.Tensor) -> None:
         if is_attention_map(name):  # [batch, head, q, k] → [tokens, head, key_length]
@@ -274,16 +98,19 @@ def batch_activations(
                     else:
                         hook = functools.partial(lambda n, mod, args, output: keep(n, output[0] if isinstance(output, tuple) else output), name)
                         handles.append(module.register_forward_hook(hook))
-                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False)  # no KV cache to fill: one pass
+                model.hf(input_ids=ids, logits_to_keep=1, use_cache=False, **pixels)  # no KV cache to fill: one pass
             finally:
                 for h in handles:
                     h.remove()
         else:
-            layers = [_BLOCK_HOOK.match(n) for n in hooks]
+            layers = [BLOCK_HOOK.match(n) for n in hooks]
             stop = max(int(m.group(1)) for m in layers) + 1 if all(layers) else None
             fwd = [(name, functools.partial(lambda n, act, hook: keep(n, act), name)) for name in hooks]
             with model.bridge.hooks(fwd_hooks=fwd):
-                model.bridge(ids, return_type=None, stop_at_layer=stop)
+                if pixels:
+                    model.bridge(ids, return_type=None, **pixels)
+                else:
+                    model.bridge(ids, return_type=None, stop_at_layer=stop)
     return got
 
 
@@ -332,163 +159,6 @@ def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) ->
         what = "disk full" if code == errno.ENOSPC else "disk quota exceeded"
         raise WorkbenchError(f"{what} writing {where} ({free_space(where)} free there): {kept_text}; "
                              "free some space and run the same command with --resume") from None
-
-
-# --------------------------------------------------------------------------- the export
-
-
-def parse_rows(text: str | None, n_samples: int) -> list[int] | None:
-    """``--samples``: ``A:B`` (a slice of run-file rows), ``A,B,C``, or None (all)."""
-    if text is None:
-        return None
-    try:
-        if ":" in text:
-            lo, _, hi = text.partition(":")
-            return list(range(*slice(int(lo) if lo else None, int(hi) if hi else None).indices(n_samples)))
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WorkbenchError(f"--samples takes A:B or comma-separated run-file rows, not {text!r}") from None
-
-
-def check_same_model(model: Any, meta: dict[str, Any], run_path: Path) -> None:
-    """Refuse a run file made with another model than the loaded one."""
-    ours = model.metadata()
-    same_place = (ours["model_name"] == meta.get("model_name") == "organism") or (
-        Path(str(meta.get("model_path", ""))).expanduser().resolve() == Path(ours["model_path"]).expanduser().resolve()
-        if Path(str(meta.get("model_path", ""))).exists() else meta.get("model_path") == ours["model_path"])
-    keys = ("model_class", "n_layers", "d_model")
-    if not same_place or meta.get("model_revision", "") != ours["model_revision"] or any(meta.get(k) != ours[k] for k in keys):
-        raise WorkbenchError(f"{run_path} was made with model {meta.get('model_name')!r} ({meta.get('model_path')}), "
-                             f"not the loaded {ours['model_name']!r} ({ours['model_path']}); pass --model {meta.get('model_name')}")
-
-
-def export_dtype(requested: str, model_dtype: str) -> str:
-    """``auto``: the model's dtype when HDF5 has it, float32 for bfloat16 (exact)."""
-    if requested not in EXPORT_DTYPES:
-        raise WorkbenchError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {requested!r}")
-    if requested == "auto":
-        return model_dtype if model_dtype in ("float32", "float16") else "float32"
-    return requested
-
-
-def plan_export(run: RunTokens, run_path: Path, hooks: list[str], rows: list[int] | None, rounds: list[int] | None,
-                roles: list[str], dtype: str, batch_size: int) -> tuple[ExportPlan, list[np.ndarray]]:
-    """The fixed plan and, per exported sample, its chosen positions."""
-    n_rounds = run.prompt_span.shape[1] if len(run.prompt_span) else int(run.meta.get("n_rounds", 0))
-    bad = [r for r in roles if r not in ROLES[:3]]
-    if bad:
-        raise WorkbenchError(f"--roles: unknown role {bad[0]!r} (roles: {', '.join(ROLES[:3])})")
-    if rounds is not None and any(not 0 <= r < n_rounds for r in rounds):
-        raise WorkbenchError(f"--rounds: the run has rounds 1..{n_rounds}")
-    if batch_size < 1:
-        raise WorkbenchError("--batch-size must be at least 1")
-    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
-    if rows is None:
-        rows = [int(r) for r in run.rows]
-    n_samples = int(run.meta.get("n_samples", len(run.rows)))
-    outside = [r for r in rows if not 0 <= r < n_samples]
-    if outside:
-        raise WorkbenchError(f"--samples: row {outside[0]} is out of range (the run has rows 0..{n_samples - 1})")
-    not_done = [r for r in rows if r not in position_of_row]
-    if not_done:
-        raise WorkbenchError(f"--samples: row {not_done[0]} is not finished in {run_path} ({len(not_done)} rows are not)")
-    chosen = []
-    for r in rows:
-        i = position_of_row[r]
-        rnd, role = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
-        chosen.append(_chosen(rnd, role, rounds, roles))
-    if not sum(len(c) for c in chosen):
-        raise WorkbenchError("the selection (--samples, --rounds, --roles) holds no tokens")
-    lengths = [len(run.transcripts[position_of_row[r]]) for r in rows]
-    batch_tokens = [int(sum(len(c) for c in chosen[k : k + batch_size])) for k in range(0, len(rows), batch_size)]
-    plan = ExportPlan(
-        run_file=str(run_path), run_digest=run.digest, rows=rows,
-        sample_index=[int(run.index[position_of_row[r]]) for r in rows], rounds=rounds, roles=list(roles),
-        hooks=hooks, dtype=dtype, batch_size=batch_size, key_length=max(lengths), batch_tokens=batch_tokens,
-    )
-    return plan, chosen
-
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 2**10, "m": 1000**2, "mb": 1000**2, "mib": 2**20,
-          "g": 1000**3, "gb": 1000**3, "gib": 2**30, "t": 1000**4, "tb": 1000**4, "tib": 2**40}
-
-
-def parse_size(text: str, option: str = "--max-size") -> int:
-    """Bytes from ``10GiB``, ``500 MB``, ``1.5G``, ``1024`` (k/M/G/T are powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text or "")
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise WorkbenchError(f"{option} takes a size such as 10GiB, 500MB or 2000000 (bytes), not {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def human_bytes(n: float) -> str:
-    """``n`` bytes as ``228.0 MiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
-def estimate_bytes(n_tokens: int, layouts: list[HookLayout]) -> int:
-    """The activations of an export: ``n_tokens`` rows of every hook's per-token shape (an attention
-    map's ``[head, key_pos]`` padded to the longest transcript) at its dtype. The token table and
-    metadata add about 20 bytes a token on top."""
-    return sum(n_tokens * int(np.prod(h.per_token)) * np.dtype(h.dtype).itemsize for h in layouts) + 20 * n_tokens
-
-
-def _bytes_under(path: Path) -> int:
-    """Bytes of the file ``path``, or of every file under the folder ``path`` (0 when there is none)."""
-    if path.is_file() and not path.is_symlink():
-        return path.stat().st_size
-    if not path.is_dir() or path.is_symlink():
-        return 0
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def free_bytes(path: Path) -> int | None:
-    """Bytes free to this user on the file system of ``path`` (or its nearest existing folder)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        return shutil.disk_usage(probe).free
-    except OSError:
-        return None
-
-
-def check_size(estimate: int, out: Path, parts: Path, max_size: int | None, reclaimed: int) -> None:
-    """Refuse (one line) an export of about ``estimate`` bytes into ``out`` that exceeds ``max_size``
-    or the free space there (plus ``reclaimed``: what --overwrite or --resume will free or reuse)."""
-    advice = "fewer hooks, --samples, --rounds or --roles, or --dtype float16"
-    if max_size is not None and estimate > max_size:
-        raise WorkbenchError(f"the export would write about {human_bytes(estimate)} to {out}, more than --max-size "
-                             f"{human_bytes(max_size)}: choose {advice}, or raise --max-size")
-    free = free_bytes(parts)
-    if free is not None and estimate > free + reclaimed:
-        raise WorkbenchError(f"the export would write about {human_bytes(estimate)} to {out} but only "
-                             f"{human_bytes(free + reclaimed)} is free there: choose {advice}, or another --out")
-
-
-def _token_table(run: RunTokens, plan: ExportPlan, chosen: list[np.ndarray], tokenizer: Any) -> TokenTable:
-    position_of_row = {int(r): i for i, r in enumerate(run.rows)}
-    sample, rnd, role, position, ids = [], [], [], [], []
-    for r, c in zip(plan.rows, chosen):
-        i = position_of_row[r]
-        rr, ro = token_labels(len(run.transcripts[i]), run.prompt_span[i], run.response_span[i])
-        sample.append(np.full(len(c), r, dtype=np.int32))
-        rnd.append(rr[c])
-        role.append(ro[c])
-        position.append(c.astype(np.int32))
-        ids.append(run.transcripts[i][c])
-    token_id = np.concatenate(ids)
-    strings = {int(u): tokenizer.decode([int(u)]) for u in np.unique(token_id)}
-    return TokenTable(
-        offsets=np.concatenate([[0], np.cumsum([len(c) for c in chosen])]).astype(np.int64),
-        sample=np.concatenate(sample), round=np.concatenate(rnd), role=np.concatenate(role),
-        position=np.concatenate(position), token_id=token_id, token_str=[strings[int(u)] for u in token_id],
-    )
 
 
 def export_run(
@@ -553,7 +223,28 @@ def export_run(
         from workbench.cache.saelens import check_saelens_hooks
 
         check_saelens_hooks(names)
-    plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    vision = [n for n in names if is_vision_hook(n)]
+    n_rows = 0
+    if vision:
+        if len(vision) != len(names):
+            raise WorkbenchError(f"{vision[0]} is a vision hook (rows: image patches) and {next(n for n in names if n not in vision)} "
+                                 "a language-model hook (rows: transcript tokens): export them separately")
+        from workbench.engine.models import vision_family
+
+        if vision_family(model.hf.config) == "LLaVA-NeXT":
+            raise WorkbenchError(f"{vision[0]}: LLaVA-NeXT's tower sees each picture as a varying number of tiles; "
+                                 "its vision hooks are not exported yet (its language-model hooks are, --roles image included)")
+        per_image = vision_patches(model, vision)
+        if len(set(per_image.values())) > 1:
+            (a, na), (b, nb) = sorted(per_image.items(), key=lambda kv: kv[1])[0], sorted(per_image.items(), key=lambda kv: kv[1])[-1]
+            raise WorkbenchError(f"{a} has {na} rows per image and {b} {nb} (the tower's patches and CLS, the projector's "
+                                 "image tokens): export them separately")
+        n_rows = next(iter(per_image.values()))
+        plan, chosen = plan_vision_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype),
+                                          batch_size, n_rows)
+    else:
+        plan, chosen = plan_export(run, run_path, names, rows, rounds, list(roles), export_dtype(dtype, model.dtype), batch_size)
+    pictures = run_images(run, plan.rows)  # checked before anything is written
     layouts = [HookLayout(name, (shapes[name][0], plan.key_length) if is_attention_map(name) else shapes[name], plan.dtype)
                for name in names]
     n_tokens = int(sum(len(c) for c in chosen))
@@ -561,7 +252,7 @@ def export_run(
     if on_estimate:
         on_estimate(f"exporting about {human_bytes(estimate)}: {len(plan.rows)} samples, {n_tokens:,} tokens, "
                     f"{len(layouts)} hooks ({plan.dtype}) to {out}")
-    check_size(estimate, out, parts, max_size, (_bytes_under(out) if overwrite else 0) + (_bytes_under(parts) if resume or overwrite else 0))
+    check_size(estimate, out, parts, max_size, (bytes_under(out) if overwrite else 0) + (bytes_under(parts) if resume or overwrite else 0))
     manifest = {"plan": asdict(plan), "model": model.metadata()}
     manifest["plan"].pop("run_file")
     durable = is_durable(fsync)
@@ -573,7 +264,7 @@ def export_run(
             out.unlink(missing_ok=True)
     with _disk_full_is_one_line(parts, plan, parts):
         _start_or_check_parts(parts, manifest, durable)
-    tokens = _token_table(run, plan, chosen, model.tokenizer)
+    tokens = patch_table(plan, n_rows) if vision else token_table(run, plan, chosen, model.tokenizer)
     attrs = _cache_attrs(meta, model, plan)
     if merged:
         attrs["hook_aliases"] = merged
@@ -582,7 +273,7 @@ def export_run(
         return create_cache_file(path, attrs, tokens, layouts, samples=np.asarray(plan.rows),
                                  sample_index=np.asarray(plan.sample_index), status="running")
 
-    sites = hf_sites(model, names)
+    sites = None if vision else hf_sites(model, names)
     position_of_row = {int(r): i for i, r in enumerate(run.rows)}
     total = tokens.n_tokens
     with _disk_full_is_one_line(parts, plan, parts), PartialCache.open(parts, plan.batch_tokens, create, durable=durable) as cache:
@@ -591,8 +282,12 @@ def export_run(
         for k in cache.missing:
             batch_rows = plan.batch_rows(k)
             first = k * plan.batch_size
-            arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
-                                       chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length)
+            if vision:
+                arrays = vision_activations(model, pictures[first : first + len(batch_rows)], names, plan.dtype, n_rows)
+            else:
+                arrays = batch_activations(model, [run.transcripts[position_of_row[r]] for r in batch_rows],
+                                           chosen[first : first + len(batch_rows)], names, sites, plan.dtype, plan.key_length,
+                                           None if pictures is None else pictures[first : first + len(batch_rows)])
             cache.write(k, arrays)
             if on_batch:
                 on_batch(cache.written_tokens, total)
@@ -671,7 +366,7 @@ def export_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Cache file to write (HDF5), or a folder for --format saelens. Default: beside the run, RUN-cache.h5."),
     rounds: Optional[str] = typer.Option(None, help="Comma-separated rounds to keep, 1-based (default: all)."),
     samples: Optional[str] = typer.Option(None, help="Run-file rows to keep: A:B or A,B,C (default: every finished sample)."),
-    roles: str = typer.Option("prompt,response,template", help="Token roles to keep: prompt (user turn, assistant header and prefix), response (generated), template (the closing text)."),
+    roles: str = typer.Option("prompt,response,template", help="Token roles to keep: prompt (user turn, assistant header and prefix), response (generated), template (the closing text); a vision-language model's run also image (the image tokens, otherwise part of round 1's prompt)."),
     dtype: str = typer.Option("auto", help="Stored dtype: auto (the model's; float32 for bfloat16), float32 or float16."),
     format: str = typer.Option("hdf5", "--format", help="hdf5 (docs/CACHE.md) or saelens (a datasets folder SAELens' ActivationsStore reads)."),
     context_size: int = typer.Option(128, help="--format saelens: tokens per window."),
@@ -682,7 +377,7 @@ def export_command(
     overwrite: bool = typer.Option(False, help="Replace an existing OUT (and any interrupted export of it)."),
     fsync: bool = typer.Option(False, "--fsync/--no-fsync", help="--fsync: make the export durable against a power cut: fsync its progress at most once a second and OUT before it is renamed into place (the disk's speed then bounds the export). Without it the export, like numpy.save, is safe against the process dying (kill, Ctrl-C, a full disk: --resume continues it) but not against a power cut: an OUT finished less than about 30 s before one may be incomplete, and an interrupted export is recomputed from the start."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Refuse an export whose estimated size is larger, e.g. 10GiB or 500MB (the estimate is printed before anything is written; default: the free space where OUT goes)."),
-    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit."),
+    list_hooks: bool = typer.Option(False, "--list-hooks", help="Print the hook names the model has, with their per-token shapes (and which are legacy aliases of another), and exit. A vision-language model's vision tower and projector hooks (vision_encoder.*, vision_projector.*) are listed per image patch: export them on their own (--roles image), one row per patch."),
 ) -> None:
     """Export every token's activations for chosen hooks, recomputed from the run's final transcripts (one pass per batch)."""
     from workbench.store.reader import RunFile
@@ -697,7 +392,8 @@ def export_command(
         aliases = hook_aliases(loaded)
         for name, shape in available_hooks(loaded).items():
             alias = f"  (alias of {aliases[name]})" if name in aliases else ""
-            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}")
+            where = "  (per image patch)" if is_vision_hook(name) else ""
+            print(f"{name}  {list(shape) if not is_attention_map(name) else [shape[0], 'key_pos']}{alias}{where}")
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))

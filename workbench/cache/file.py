@@ -37,7 +37,7 @@ from workbench.store.reader import decoded_attrs
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
-ROLES = ("prompt", "response", "template", "unlabelled")
+ROLES = ("prompt", "response", "template", "unlabelled", "image")  # image: a VLM run's image tokens (appended: indices stay)
 CHUNK_BYTES = 1 << 20  # about 1 MiB of one hook per chunk
 NUL_STAND_IN = "\u2400"  # how schema 1 stored NUL (HDF5 strings cannot hold it); schema 2 keeps it
 # TransformerLens hooks laid out [batch, head, query_pos, key_pos]; every other hook is [batch, pos, ...]

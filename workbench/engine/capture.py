@@ -305,8 +305,10 @@ def stack_sites(pooled: dict[HookSite, torch.Tensor], sites: list[HookSite]) -> 
 
 
 @torch.no_grad()
-def capture_pooled(hf: Any, tokens: torch.Tensor, spans: torch.Tensor, sites: list[HookSite]) -> dict[str, torch.Tensor]:
-    """One forward over right-padded sequences, pooled per round.
+def capture_pooled(hf: Any, tokens: torch.Tensor, spans: torch.Tensor, sites: list[HookSite],
+                   **model_kwargs: Any) -> dict[str, torch.Tensor]:
+    """One forward over right-padded sequences, pooled per round (``model_kwargs``: more keywords
+    for the forward, e.g. a vision-language model's pixel values).
 
     tokens ``[batch, seq]`` (right-padded; causal attention keeps pads out of real positions),
     spans ``[batch, rounds, 4]`` (see :func:`pool_weights`) → ``{hook: [batch, rounds, 2, n_layers,
@@ -316,7 +318,7 @@ def capture_pooled(hf: Any, tokens: torch.Tensor, spans: torch.Tensor, sites: li
     batch, seq = tokens.shape
     rounds = spans.shape[1]
     with pooling(hf, sites, pool_weights(spans, seq)) as pooled:
-        hf(input_ids=tokens, logits_to_keep=1)
+        hf(input_ids=tokens, logits_to_keep=1, **model_kwargs)
     empty = (spans[..., 3] <= spans[..., 2]).cpu()
     result = {}
     for hook, acts in stack_sites(pooled, sites).items():

@@ -94,21 +94,22 @@ class ConversationPlan:
     closing: str
 
 
-def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[str]) -> ConversationPlan:
+def plan_conversation(tokenizer: Any, instructions: list[str], prefixes: list[str], image: bool = False) -> ConversationPlan:
     """Split a conversation of ``len(instructions)`` rounds into the template's text pieces, one
-    round at a time (:func:`next_round_input`, as a session builds it).
+    round at a time (:func:`next_round_input`, as a session builds it). ``image``: the first user
+    turn carries an image (see :func:`next_round_input`).
 
     Raises WorkbenchError when the chat template drops or rewrites assistant messages.
     """
     pieces, history, closing = [], "", ""
     for t in range(len(instructions)):
-        piece, closing, history = next_round_input(tokenizer, instructions[: t + 1], prefixes[: t + 1], history)
+        piece, closing, history = next_round_input(tokenizer, instructions[: t + 1], prefixes[: t + 1], history, image)
         pieces.append(piece)
     return ConversationPlan(tuple(instructions), tuple(prefixes), tuple(pieces), closing)
 
 
 def next_round_inputs(
-    tokenizer: Any, instructions: list[list[str]], prefixes: list[str] | list[list[str]], histories: list[str]
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[str] | list[list[str]], histories: list[str], image: bool = False
 ) -> list[tuple[str, str, str]]:
     """:func:`next_round_input` for every conversation of a batch (``instructions[i]``: row i's
     rounds so far; ``prefixes``: the batch's, one per round, or each row's own, ``[B][rounds]``,
@@ -126,7 +127,7 @@ def next_round_inputs(
     for i, texts in enumerate(instructions):
         groups.setdefault((len(texts), texts[-1], per_row[i][-1]), []).append(i)
     ends = sorted({rows[0] for rows in groups.values()} | {rows[-1] for rows in groups.values()})
-    done = dict(zip(ends, _render_rows(tokenizer, instructions, per_row, histories, ends)))
+    done = dict(zip(ends, _render_rows(tokenizer, instructions, per_row, histories, ends, image)))
     rest = []
     for (n, _, _), rows in groups.items():
         first, last = done[rows[0]], done[rows[-1]]
@@ -134,19 +135,22 @@ def next_round_inputs(
             done.update({i: (first[0], first[1], histories[i] + first[0] + _SENTINEL.format(n - 1)) for i in rows[1:-1]})
         else:
             rest += rows[1:-1]
-    done.update(zip(rest, _render_rows(tokenizer, instructions, per_row, histories, rest)))
+    done.update(zip(rest, _render_rows(tokenizer, instructions, per_row, histories, rest, image)))
     return [done[i] for i in range(len(instructions))]
 
 
 def _render_rows(
-    tokenizer: Any, instructions: list[list[str]], prefixes: list[list[str]], histories: list[str], rows: list[int]
+    tokenizer: Any, instructions: list[list[str]], prefixes: list[list[str]], histories: list[str], rows: list[int],
+    image: bool = False,
 ) -> list[tuple[str, str, str]]:
     """:func:`next_round_input` of the given rows of a batch (``prefixes[i]``: row i's), rendered in one go."""
-    rendered = _render_many(tokenizer, [_messages(instructions[i], prefixes[i]) for i in rows], add_generation_prompt=False)
+    rendered = _render_many(tokenizer, [_messages(instructions[i], prefixes[i], image) for i in rows], add_generation_prompt=False)
     return [_split_round(full, prefixes[i], histories[i], len(instructions[i]) - 1) for full, i in zip(rendered, rows)]
 
 
-def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str], history: str) -> tuple[str, str, str]:
+def next_round_input(
+    tokenizer: Any, instructions: list[str], prefixes: list[str], history: str, image: bool = False
+) -> tuple[str, str, str]:
     """The text that starts the last round of a conversation whose earlier rounds are ``history``.
 
     ``instructions``/``prefixes`` hold every round so far (the last one is new); ``history`` is the
@@ -155,10 +159,14 @@ def next_round_input(tokenizer: Any, instructions: list[str], prefixes: list[str
     the text after the previous round's sentinel, up to and including the new round's prefix, is
     the round input. Returns ``(round input, closing text after the new round's answer, history)``.
 
+    ``image``: the first user turn's content is ``[{"type": "image"}, {"type": "text", "text": …}]``
+    (an image-text-to-text model's processor template writes its image placeholder there, which
+    the processor expands into the image tokens); later turns are plain text.
+
     Raises WorkbenchError when the rendering does not start with ``history`` (an earlier turn was
     rendered differently once a later one was added) or drops the new assistant message.
     """
-    full = _render(tokenizer, _messages(instructions, prefixes), add_generation_prompt=False)
+    full = _render(tokenizer, _messages(instructions, prefixes, image), add_generation_prompt=False)
     return _split_round(full, prefixes, history, len(instructions) - 1)
 
 
@@ -174,31 +182,44 @@ def _split_round(full: str, prefixes: list[str], history: str, t: int) -> tuple[
     return piece, closing, history + piece + _SENTINEL.format(t)
 
 
-def check_generation_prompt(tokenizer: Any, instructions: list[str], prefixes: list[str], round_inputs: list[str]) -> None:
+def check_generation_prompt(
+    tokenizer: Any, instructions: list[str], prefixes: list[str], round_inputs: list[str], image: bool = False
+) -> None:
     """Raise WorkbenchError unless the ``add_generation_prompt=True`` rendering of the conversation up
     to the last user message is the start of the conversation as built from ``round_inputs`` (every
     round so far; up to whitespace the template puts between the assistant header and the content,
     which the round input keeps, as the conversation does). One render: a session checks each new
     round on one sample of its batch."""
     t = len(instructions) - 1
-    with_header = _render_many(tokenizer, [_messages(instructions, prefixes)[: 2 * t + 1]], add_generation_prompt=True)[0]
+    with_header = _render_many(tokenizer, [_messages(instructions, prefixes, image)[: 2 * t + 1]], add_generation_prompt=True)[0]
     history = "".join(p + _SENTINEL.format(i) for i, p in enumerate(round_inputs[:t])) + round_inputs[t][: len(round_inputs[t]) - len(prefixes[t])]
     if not (history.startswith(with_header) and history[len(with_header) :].strip() == ""):
         raise WorkbenchError(_NOT_STABLE)
 
 
-def check_prefix_stable(tokenizer: Any, plan: ConversationPlan) -> None:
+def check_prefix_stable(tokenizer: Any, plan: ConversationPlan, image: bool = False) -> None:
     """:func:`check_generation_prompt` for every round of ``plan``."""
     for t in range(len(plan.round_inputs)):
-        check_generation_prompt(tokenizer, list(plan.instructions[: t + 1]), list(plan.prefixes[: t + 1]), list(plan.round_inputs[: t + 1]))
+        check_generation_prompt(tokenizer, list(plan.instructions[: t + 1]), list(plan.prefixes[: t + 1]),
+                                list(plan.round_inputs[: t + 1]), image)
 
 
 _NOT_STABLE = ("the chat template is not prefix-stable (a round's prompt is not the start of the conversation "
                "rendered with its answer); the workbench needs a template that renders earlier turns unchanged")
 
 
-def _messages(instructions: list[str], prefixes: list[str]) -> list[dict[str, str]]:
-    """The conversation with each assistant content replaced by its prefix and a sentinel."""
+def _messages(instructions: list[str], prefixes: list[str], image: bool = False) -> list[dict[str, Any]]:
+    """The conversation with each assistant content replaced by its prefix and a sentinel. With
+    ``image``, an image before the first user text, and every content a list of parts, as a
+    processor's ``apply_chat_template`` hands them to its template (some, LLaVA-1.5's, render a
+    plain string content as nothing)."""
+    if image:
+        parts = lambda text: [{"type": "text", "text": text}]  # noqa: E731
+        messages: list[dict[str, Any]] = []
+        for t, text in enumerate(instructions):
+            messages.append({"role": "user", "content": ([{"type": "image"}] if t == 0 else []) + parts(text)})
+            messages.append({"role": "assistant", "content": parts(prefixes[t] + _SENTINEL.format(t))})
+        return messages
     messages = []
     for t, text in enumerate(instructions):
         messages.append({"role": "user", "content": text})

@@ -110,13 +110,17 @@ class ResponseStream:
 @torch.inference_mode()
 def generate_round(
     hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
-    on_tokens: TokensCallback | None = None,
+    on_tokens: TokensCallback | None = None, model_kwargs: Callable[[torch.Tensor], dict[str, Any]] | None = None,
 ) -> RoundOutput:
     """Generate one assistant turn for every prompt of the batch (see the module docstring).
 
     Without ``past``, ``prompts[i]`` is row i's whole conversation so far; with it, only the tokens
     that follow what ``past`` holds (the cache grows in place: the caller gives it up).
     ``on_tokens``: called after each decoding step with the new tokens (:class:`ResponseStream`).
+    ``model_kwargs(ids)``: more keywords for ``generate``, made from the left-padded input ids
+    ``[batch, width]`` (a vision-language model's pixel values and token types for the prefill that
+    holds the image tokens: :meth:`workbench.engine.session.Session` gives them to a round run from
+    scratch only; a carried cache already holds the image).
     """
     ids, mask = pad(prompts, tokenizer.pad_token_id, device, "left")
     if past is not None:  # generate takes the whole sequence and runs the part the cache lacks
@@ -125,6 +129,8 @@ def generate_round(
     stops = stop_ids(hf, tokenizer)
     sampling = {"temperature": decoding.temperature, "top_p": decoding.top_p} if decoding.do_sample else {}
     cache = {"cache": past.cache} if past is not None else {}
+    if model_kwargs is not None:
+        cache.update(model_kwargs(ids))
     out = hf.generate(
         input_ids=ids,
         attention_mask=mask,

@@ -1,4 +1,4 @@
-"""Loading a causal LM: a plain Hugging Face model for generation and a TransformerLens bridge for hooks.
+"""Loading a causal LM (or an image-text-to-text model): a plain Hugging Face model for generation and a TransformerLens bridge for hooks.
 
 ``TransformerBridge.boot_transformers(hf_model=m)`` rewrites ``m`` in place, and with
 transformers 5.x and transformer-lens 4.3.0 cached generation through the rewritten model is
@@ -13,10 +13,19 @@ of weights:
 The bridge forces eager attention; ``hf`` keeps the model's default. Runs capture on ``hf``, at
 the module boundaries the bridge names (:mod:`workbench.engine.capture`), so capture rides along
 generation; ``model.bridge`` stays for names, for that check and for users' own hooked passes.
+
+An image-text-to-text model (a config with a ``vision_config``) of a supported family
+(:data:`VISION_FAMILIES`: LLaVA, LLaVA-NeXT, Gemma3) loads with ``AutoModelForImageTextToText``
+and its ``AutoProcessor`` (``LoadedModel.processor``; the tokenizer is the processor's); its bridge
+has the language model's hooks as for text and the vision tower's and projector's
+(``vision_encoder.*``, ``vision_projector.*``). Another family is refused in one line. The boot
+runs under :func:`no_package_installs`: TransformerLens would otherwise ``pip install torchvision``
+when a processor fails to load, replacing the pinned torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -26,7 +35,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Iterator, Literal, get_args
 
 from workbench.errors import WorkbenchError
 
@@ -62,6 +71,13 @@ class LoadedModel:
     d_model: int
     chat_template_source: str  # "model" or "plain"
     placement: dict[str, Any] | None = None  # device_map runs: {"requested", "max_memory", "placed": {module: device}}
+    processor: Any = None  # an image-text-to-text model's processor (images → pixel values, image tokens); None for text
+    image_token_id: int | None = None  # the token id of one image position in the language model's input (config.image_token_id)
+
+    @property
+    def vision(self) -> bool:
+        """Whether the model takes images (an image-text-to-text model loaded with its processor)."""
+        return self.processor is not None
 
     def metadata(self) -> dict[str, Any]:
         """What the run file records about the model (DESIGN §4), with what a rerun needs to be
@@ -81,6 +97,10 @@ class LoadedModel:
             "weights_sha256": weight_hashes(self.path, self.revision or None),
             "library_versions": library_versions(),
             "device_map": self.placement or {},  # {} on one device (`device`)
+            **({"vision": {"family": vision_family(self.hf.config), "image_token_id": self.image_token_id,
+                           "processor_class": type(self.processor).__name__,
+                           "image_processor_class": type(getattr(self.processor, "image_processor", None)).__name__}}
+               if self.vision else {}),
         }
 
 
@@ -306,6 +326,83 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- vision-language models
+# model_type → the family's name. Each is tested end to end on a tiny random model
+# (tests/test_vlm.py): the carried cache against a full recompute, capture against Hugging Face.
+VISION_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "gemma3": "Gemma3"}
+
+
+def vision_family(config: Any) -> str:
+    """The supported family of an image-text-to-text config (``"LLaVA"``, ``"Gemma3"``), or ``""``."""
+    return VISION_FAMILIES.get(getattr(config, "model_type", ""), "")
+
+
+def supported_families() -> str:
+    """``"LLaVA (llava), LLaVA-NeXT (llava_next), Gemma3 (gemma3)"``: the image-text-to-text families the workbench runs."""
+    return ", ".join(f"{name} ({key})" for key, name in VISION_FAMILIES.items())
+
+
+def takes_images(path: str) -> bool | None:
+    """Whether a local model folder's ``config.json`` describes an image-text-to-text model (it has a
+    ``vision_config``), read without importing torch; None for a hub name (known when it loads)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return isinstance(json.loads(config.read_text(encoding="utf-8")).get("vision_config"), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def no_package_installs() -> Iterator[None]:
+    """TransformerLens installs torchvision by itself (``pip``/``uv pip install``) when a model's
+    processor fails to load during a boot (``_ensure_torchvision``), which would replace the
+    pinned torch. For the duration of the block that function answers "not available" and pip
+    may use no index; the boot goes on without the bridge's own processor (the workbench loads
+    its own, and names what is missing in one line)."""
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:  # another TransformerLens layout: nothing of the kind to stop
+        helpers = None
+    saved = getattr(helpers, "_ensure_torchvision", None)
+    saved_env = {k: os.environ.get(k) for k in ("PIP_NO_INDEX", "UV_OFFLINE")}
+    os.environ.update({"PIP_NO_INDEX": "1", "UV_OFFLINE": "1"})
+    if saved is not None:
+        helpers._ensure_torchvision = lambda: False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            helpers._ensure_torchvision = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _load_processor(path: str, name: str, kwargs: dict[str, Any]) -> Any:
+    """An image-text-to-text model's processor; one line naming what is missing when it cannot load
+    (an image processor that needs torchvision, which the workbench never installs: it would
+    replace the pinned torch)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, **kwargs)
+    except (ImportError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "torchvision" in str(e).lower():
+            raise WorkbenchError(f"--model {name}: its image processor needs torchvision, which is not installed (the "
+                                 "workbench does not install it: it would replace the pinned torch; install a torchvision "
+                                 "built for this torch, or give the model a Pillow image processor)") from None
+        raise WorkbenchError(f"--model {name}: could not load its processor ({text[:200]})") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise WorkbenchError(f"--model {name}: its processor ({type(processor).__name__}) has no image processor or "
+                             "no tokenizer")
+    return processor
+
+
 def load_model(
     name: str = "organism",
     device: str = "auto",
@@ -357,14 +454,29 @@ def load_model(
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise failed("config (unknown architecture?)", e) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise failed("tokenizer", e) from None
+    processor = None
+    if getattr(config, "vision_config", None) is not None:  # an image-text-to-text model
+        if not vision_family(config):
+            raise WorkbenchError(f"--model {name}: the workbench does not run {type(config).__name__.removesuffix('Config')} "
+                                 f"image-text-to-text models yet (supported: {supported_families()})")
+        processor = _load_processor(path, name, kwargs)
+        tokenizer = processor.tokenizer
+        if not getattr(tokenizer, "chat_template", None) and getattr(processor, "chat_template", None):
+            tokenizer.chat_template = processor.chat_template
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise failed("tokenizer", e) from None
     where = device if device_map is None else f"device map {device_map if isinstance(device_map, str) else 'from the JSON'}"
     status(f"loading the weights of {name} ({type(config).__name__.removesuffix('Config')}, {torch_dtype}, {where})")
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs, **placing)
+        if processor is not None:
+            from transformers import AutoModelForImageTextToText
+
+            hf = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs, **placing)
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs, **placing)
     except (OSError, ValueError, KeyError, SafetensorError, ImportError) as e:
         raise failed("weights", e) from None
     except RuntimeError as e:  # accelerate's own refusals (a map that names no module of this model …)
@@ -398,6 +510,8 @@ def load_model(
         d_model=int(bridge.cfg.d_model),
         chat_template_source=template_source,
         placement=placement,
+        processor=processor,
+        image_token_id=None if processor is None else int(config.image_token_id),
     )
 
 
@@ -471,9 +585,10 @@ def _boot_bridge(hf: Any, path: str, tokenizer: Any, device: str, dtype: Any, tr
     shadow = copy.deepcopy(hf, shared)  # same tensors, separate module tree for the bridge to rewrite
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        bridge = TransformerBridge.boot_transformers(
-            path, hf_model=shadow, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        with no_package_installs():
+            bridge = TransformerBridge.boot_transformers(
+                path, hf_model=shadow, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            )
     except (ValueError, KeyError, NotImplementedError) as e:
         if getattr(hf, "hf_device_map", None):
             raise WorkbenchError(f"TransformerLens cannot boot {type(hf).__name__} on this device map ({str(e).splitlines()[0]})") from None

@@ -74,8 +74,8 @@ def check_open_ended(task: str, scorer: str | None, scorer_label: str | None, sa
         raise WorkbenchError("--scorer-label needs --scorer toxicity:MODEL")
     if equivalence != "exact" and not samples_per_round:
         raise WorkbenchError(f"--equivalence {equivalence} clusters sampled answers: give --samples-per-round k too")
-    if scorer is not None and task != "prompts":
-        raise WorkbenchError(f"--scorer scores open-ended answers: use it with --task prompts (not {task}, "
+    if scorer is not None and task not in ("prompts", "vqa-open"):
+        raise WorkbenchError(f"--scorer scores open-ended answers: use it with --task prompts or vqa-open (not {task}, "
                              "whose answers are scored against gold options)")
     if scorer is None and not samples_per_round:
         return None

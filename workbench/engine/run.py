@@ -126,6 +126,11 @@ def load_samples(cfg: RunConfig) -> list[Any]:
             raise WorkbenchError("--task mc needs --data FILE (JSONL, CSV or a saved dataset folder) and --fields")
         fields = parse_fields(cfg.fields, tasks.MC_FIELDS)
         return tasks.load_mc([Path(p) for p in cfg.data], fields, cfg.options, cfg.offset, cfg.limit)
+    if cfg.task in tasks.VISION_TASKS:
+        if len(cfg.data) != 1:
+            raise WorkbenchError(f"--task {cfg.task} needs one --data FILE.jsonl "
+                                 '(lines {"image": "imgs/001.png", "question": ..., "options": [...], "label": 0})')
+        return tasks.load_vqa(Path(cfg.data[0]), cfg.task == "vqa-open", cfg.offset, cfg.limit)
     if cfg.task == "organism":
         from workbench.organism.task import load_organism_samples
 
@@ -142,7 +147,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """
     from dataclasses import replace
 
-    from workbench.engine.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path
+    from workbench.engine.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path, takes_images
     from workbench.engine.protocol import load_protocol
     from workbench.engine.tasks import default_protocol, get_task
 
@@ -195,6 +200,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         if cfg.task == "organism" and not (Path(model_path) / "organism.json").is_file():
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
+        check_vision_model(cfg.task, cfg.model, takes_images(model_path))
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 
@@ -240,6 +246,19 @@ def _rank_device(device: str, local_rank: int | None) -> tuple[str, str | None]:
     return "cuda", f"cuda:{local_rank}"
 
 
+def check_vision_model(task: str, model_name: str, takes_images: bool | None) -> None:
+    """Refuse a picture task (``vqa``, ``vqa-open``) on a text-only model, and a text task on nothing
+    (a vision-language model runs text tasks too). ``takes_images`` None: not known yet (a hub
+    name, checked again once loaded)."""
+    from workbench.engine.tasks import VISION_TASKS
+
+    if task in VISION_TASKS and takes_images is False:
+        from workbench.engine.models import supported_families
+
+        raise WorkbenchError(f"--task {task} asks questions about pictures, but --model {model_name} is a text-only model "
+                             f"(give an image-text-to-text model: {supported_families()})")
+
+
 def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any]) -> None:
     """Refuse a sample whose conversation cannot fit the model's context: every round's templated
     input (as the engine encodes it) plus ``max_new_tokens`` per answer. Only the first message
@@ -254,8 +273,11 @@ def check_context_length(model: Any, protocol: Any, task: Any, samples: list[Any
     answers = protocol.rounds * protocol.decoding.max_new_tokens
     lengths = [len(ids) for ids in encode(model.tokenizer, [first_instruction(protocol, task, s) for s in samples])]
     for s in [samples[int(np.argmax(lengths))]]:
-        plan = plan_conversation(model.tokenizer, *conversation_texts(protocol, task, s))
+        plan = plan_conversation(model.tokenizer, *conversation_texts(protocol, task, s),
+                                 image=bool(getattr(s, "image", None)) and getattr(model, "vision", False))
         prompt = sum(len(ids) for ids in encode(model.tokenizer, list(plan.round_inputs)))
+        if getattr(model, "vision", False) and s.image:  # the image placeholder becomes the image tokens
+            prompt += int(getattr(model.processor, "image_seq_length", 0) or getattr(hf_config, "image_seq_length", 0) or 0)
         if prompt + answers > n_ctx:
             raise WorkbenchError(f"sample {s.id} (index {s.index}): its {protocol.rounds}-round conversation needs up to "
                                  f"{prompt + answers} tokens ({prompt} of prompts, {protocol.decoding.max_new_tokens} per answer); "
@@ -310,6 +332,7 @@ def run_protocol(
     from workbench.engine.chat import styled_model
 
     model = styled_model(model, protocol)  # the protocol's chat template and system message, when it has them
+    check_vision_model(cfg.task, model.name, model.vision)
     layers = check_layers(list(cfg.layers) if cfg.layers is not None else None, model.n_layers)
     sites = hook_sites(model, list(cfg.hooks), layers)
     check_context_length(model, protocol, task, all_samples)  # every shard refuses alike

@@ -39,6 +39,15 @@ the price is attention over the holes, a few tokens per round per row (measured 
 docs/PERFORMANCE.md). Numerically it is the same computation as re-running the whole conversation
 (``reuse_cache=False``), which ``tests/test_session.py`` checks on every architecture family.
 
+**Images.** A sample with an ``image`` (a vision-language model: LLaVA, LLaVA-NeXT, Gemma3) has the picture in
+its first user turn (the processor's chat template; the processor expands its placeholder into the
+image tokens). The pixel values (and Gemma3's ``token_type_ids``, 1 on the image tokens) enter
+only a prefill that holds the image tokens: round 1, or a round that re-runs the whole
+conversation; carried rounds run on the cache, which holds the image, so the vision tower runs
+once per batch. Such a prefill starts a plain ``DynamicCache`` (full layers, which crop for option
+scoring: Gemma3's own has sliding-window layers that cannot), and also pools the mean over the image
+tokens, kept in every round's ``extras`` as ``image_{hook}`` ``[B, L, d]``.
+
 **Memory.** A session holds one batch's cache. Before a round, if the carried cache would grow
 beyond ``max_cache_bytes`` (default: half the device's free memory, a quarter of RAM on a CPU),
 the round re-runs the whole conversation instead, with a :class:`CacheFallbackWarning`; its
@@ -58,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools
+from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools, stack_sites
 from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs, styled_model
 from workbench.errors import WorkbenchError
 from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
@@ -92,7 +101,7 @@ class RoundResult:
     round_fields: dict[str, np.ndarray]  # task extras, each [B, ...]
     prefill_tokens: int  # tokens this round's prefill ran (padding excluded)
     reused_cache: bool  # whether the round ran on the cache the round before left
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  # round_extras' arrays, each [B, ...]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # round_extras' arrays, each [B, ...]; with images image_{hook} [B, L, d]
 
 
 def protocol_instruction(protocol: Protocol, task: Task, sample: Sample, round_: int) -> str:
@@ -120,7 +129,8 @@ class Session:
     """A batch of conversations stepped one round at a time (see the module docstring).
 
     ``model``: a :class:`~workbench.engine.models.LoadedModel` or a name for :func:`~workbench.engine.models.load_model`;
-    ``task``/``protocol``: names or objects; ``samples``: a list of :class:`~workbench.engine.task.Sample`,
+    ``task``/``protocol``: names or objects (no protocol: the task's own, e.g. ``vqa`` → ``vqa-moral``);
+    a sample with an ``image`` (a picture file) needs an image-text-to-text model (:mod:`workbench.engine.images`); ``samples``: a list of :class:`~workbench.engine.task.Sample`,
     one ``Sample`` (e.g. a question typed in code), or a number of the organism's held-out items.
     Capture ``hooks`` at ``layers`` (default: every layer), or give checked ``sites``. ``strict``:
     a task that cannot compute its round fields (the organism's posterior, for an instruction from
@@ -141,7 +151,7 @@ class Session:
         self,
         model: Any,
         task: str | Task = "organism",
-        protocol: str | Protocol = "organism",
+        protocol: str | Protocol | None = None,
         samples: int | Sample | Sequence[Sample] = 3,
         *,
         hooks: Sequence[str] = DEFAULT_HOOKS,
@@ -157,13 +167,17 @@ class Session:
     ) -> None:
         from workbench.engine.models import load_model
         from workbench.engine.protocol import load_protocol
-        from workbench.engine.tasks import get_task
+        from workbench.engine.tasks import DEFAULT_PROTOCOLS, get_task
 
         self.task = get_task(task) if isinstance(task, str) else task
+        if protocol is None:  # the task's own (vqa → vqa-moral …); the organism's for a task of one's own
+            protocol = DEFAULT_PROTOCOLS.get(self.task.name, "organism")
         self.protocol = load_protocol(protocol) if isinstance(protocol, str) else protocol
         # the protocol's chat template and system message, if it sets them (the model object is left as it was)
         self.model = styled_model(load_model(model) if isinstance(model, str) else model, self.protocol)
         self.samples = _as_samples(self.task, samples)
+        if any(s.image for s in self.samples):  # checked and recorded (path, sha256, thumbnail) as load_vqa does
+            self.samples = [_with_image_record(s) for s in self.samples]
         if sites is None:
             sites = hook_sites(self.model, list(hooks), check_layers(None if layers is None else list(layers), self.model.n_layers))
         self.sites = sites
@@ -195,6 +209,9 @@ class Session:
         self._rounds: list[RoundResult] = []
         self._past: CarriedCache | None = None
         self._fields_error: str | None = None
+        self._vision = _check_images(self.model, self.samples)
+        self._pixels: dict[str, torch.Tensor] = {}  # the processor's image inputs, made in round 1
+        self._image_pool: dict[str, np.ndarray] = {}  # hook → [B, L, d]: the mean over the image tokens
 
     # ------------------------------------------------------------------ state
     @property
@@ -224,22 +241,33 @@ class Session:
         batch, t = len(self.samples), len(self._rounds)
         texts = self._round_instructions(instruction)
         prefixes = [self._prefixes[i] + [protocol_prefix(self.protocol, self.task, s, t + 1)] for i, s in enumerate(self.samples)]
-        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], prefixes, self._history)
+        rendered = next_round_inputs(tok, [self._instructions[i] + [texts[i]] for i in range(batch)], prefixes, self._history,
+                                     image=self._vision)
         pieces, closings, histories = (list(x) for x in zip(*rendered))
-        check_generation_prompt(tok, self._instructions[0] + [texts[0]], prefixes[0], self._round_inputs[0] + [pieces[0]])
+        check_generation_prompt(tok, self._instructions[0] + [texts[0]], prefixes[0], self._round_inputs[0] + [pieces[0]],
+                                image=self._vision)
         encoded = encode(tok, pieces + closings)
         piece_ids, closing_ids = encoded[:batch], encoded[batch:]
+        if self._vision and t == 0:  # the image placeholder expanded into the image tokens, and the pixel values
+            piece_ids = self._encode_images(pieces)
 
         prompt_spans = np.array([(len(tr), len(tr) + len(p)) for tr, p in zip(self._transcripts, piece_ids)], dtype=np.int64)
         past = self._carried_cache(piece_ids)
         new = piece_ids if past is not None else [tr + p for tr, p in zip(self._transcripts, piece_ids)]
         width = max(len(n) for n in new)
-        weights = torch.zeros(batch, 1, width, device=model.device)
+        with_image = self._vision and past is None  # this prefill holds the image tokens: pixel values go in
+        weights = torch.zeros(batch, 2 if with_image else 1, width, device=model.device)
         weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
+        if with_image:  # row 1: the mean over the image tokens
+            weights[:, 1] = _image_rows(new, width, model.image_token_id).to(model.device)
         steps: dict[HookSite, list[torch.Tensor]] = {}
         with pooling(model.hf, self.sites, weights, steps) as pooled:
-            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens)
+            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens,
+                                 model_kwargs=self._image_kwargs if with_image else None)
             carried = carry(model.hf, out, tok.pad_token_id)
+        if with_image and self.sites:
+            self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
+            pooled = {k: v[:, :1] for k, v in pooled.items()}
         acts = self._round_activations(pooled, steps, out.response_ids)
         option_nll = torch.full((batch, self.n_options), float("nan"))
         if self.n_options:
@@ -248,6 +276,7 @@ class Session:
         response_ids, token_entropies = out.response_ids, out.token_entropies
         extras = {} if self.round_extras is None else self.round_extras(
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
+        extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -289,6 +318,38 @@ class Session:
         result = replace(result, round_fields=self._last_round_fields(responses))
         self._rounds.append(result)
         return result
+
+    def _encode_images(self, pieces: list[str]) -> list[list[int]]:
+        """Round 1 of a vision session: each row's first piece through the processor with its image
+        → the row's token ids, the image placeholder expanded into the image tokens; the pixel values
+        (and what the family needs beside them) are kept for every prefill that holds the image."""
+        from workbench.engine.images import load_image
+
+        images = [[load_image(s.image, f"sample {s.id}")] for s in self.samples]
+        try:
+            enc = self.model.processor(text=pieces, images=images, add_special_tokens=False, padding=True, return_tensors="pt")
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise WorkbenchError(f"the model's processor refused the images ({str(e).splitlines()[0][:200]})") from None
+        mask = enc["attention_mask"].bool()
+        ids = [row[keep].tolist() for row, keep in zip(enc["input_ids"], mask)]
+        self._pixels = {k: v for k, v in enc.items()  # kept on the CPU: only a prefill from scratch needs them again
+                        if k not in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids") and torch.is_tensor(v)}
+        if "pixel_values" in self._pixels:
+            self._pixels["pixel_values"] = self._pixels["pixel_values"].to(self.model.hf.dtype)
+        return ids
+
+    def _image_kwargs(self, ids: torch.Tensor) -> dict[str, Any]:
+        """``generate``'s image keywords for a prefill over the left-padded ``ids`` ``[B, width]`` that
+        holds the image tokens: the pixel values, ``token_type_ids`` (1 exactly on the image tokens,
+        0 on all text: Gemma3 attends bidirectionally inside an image) where the processor makes
+        them, and a plain cache (full layers, which crop, where a family's own cache would have
+        sliding-window layers that cannot: option scoring crops)."""
+        from transformers import DynamicCache
+
+        kwargs: dict[str, Any] = {**{k: v.to(self.model.device) for k, v in self._pixels.items()}, "cache": DynamicCache()}
+        if "token_type_ids" in getattr(self.model.processor, "model_input_names", ()):
+            kwargs["token_type_ids"] = (ids == self.model.image_token_id).long()
+        return kwargs
 
     def _carried_cache(self, piece_ids: list[list[int]]) -> CarriedCache | None:
         """The cache to run this round on, or None to re-run the whole conversation (no cache yet,
@@ -427,6 +488,46 @@ def _as_samples(task: Task, samples: int | Sample | Sequence[Sample]) -> list[Sa
     if not samples or not all(isinstance(s, Sample) for s in samples):
         raise WorkbenchError("samples must be a number, a workbench.engine.task.Sample, or a non-empty list of them")
     return samples
+
+
+def _check_images(model: Any, samples: list[Sample]) -> bool:
+    """Whether the session's samples carry images (then every one must, and the model must take
+    them: one line otherwise)."""
+    with_image = [s for s in samples if s.image]
+    if not with_image:
+        return False
+    if len(with_image) != len(samples):
+        missing = next(s for s in samples if not s.image)
+        raise WorkbenchError(f"sample {missing.id} has no image, but others of the batch have: give every sample an image")
+    if not getattr(model, "vision", False):
+        raise WorkbenchError(f"the samples carry images, but {model.name} is a text-only model "
+                             "(give an image-text-to-text model: a LLaVA, LLaVA-NeXT or Gemma3 folder or hub name)")
+    return True
+
+
+def _with_image_record(sample: Sample) -> Sample:
+    """``sample`` with its image's record (:func:`workbench.engine.images.image_record`) in ``extra``
+    when it has an image and no record yet (a Sample made in code); one line for a bad picture."""
+    if not sample.image or isinstance(sample.extra.get("image"), dict):
+        return sample
+    from workbench.engine.images import image_record
+
+    path = Path(sample.image).expanduser()
+    record = image_record(path, sample.image, f"sample {sample.id}")
+    return replace(sample, image=str(path), extra={**sample.extra, "image": record})
+
+
+def _image_rows(rows: list[list[int]], width: int, image_token_id: int) -> torch.Tensor:
+    """``[B, width]`` pooling weights: 1/n on each left-padded row's n image tokens (0 elsewhere)."""
+    ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+    hit = (ids == image_token_id).float()
+    return hit / hit.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _cpu(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {h: a.float().cpu() for h, a in acts.items()}
 
 
 def _row_means(rows: list[list[float]]) -> np.ndarray:

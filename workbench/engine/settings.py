@@ -28,10 +28,13 @@ def sample_table(samples: list[Any]) -> SampleTable:
 
 
 def data_fingerprint(samples: list[Any]) -> str:
-    """16 hex digits of sha256 over the samples' index, id, context, question, options and gold."""
+    """16 hex digits of sha256 over the samples' index, id, context, question, options and gold (and,
+    for a sample with an image, the image file's sha256: a resumed run refuses changed pictures)."""
     h = hashlib.sha256()
     for s in samples:
         h.update(json.dumps([s.index, s.id, s.context, s.question, list(s.options), s.gold], ensure_ascii=False).encode())
+        if getattr(s, "image", None):
+            h.update(str(s.extra.get("image", {}).get("sha256", "")).encode())
     return h.hexdigest()[:16]
 
 

@@ -43,6 +43,7 @@ class Sample:
     category: str = ""
     condition: str = ""  # "ambig" / "disambig" for BBQ-shaped tasks
     extra: dict[str, Any] = field(default_factory=dict)  # task-specific fields, stored as JSON
+    image: str | None = None  # a vision task's picture (a file path), shown in the first user turn
 
 
 def _no_round_fields(sample: Sample, instructions: list[str], responses: list[str]) -> dict[str, np.ndarray]:

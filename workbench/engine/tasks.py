@@ -1,6 +1,7 @@
 """The built-in tasks and their data: ``bbq`` (BBQ JSONL files as published), ``mc`` (any
-multiple-choice file, fields mapped by ``--fields``), ``prompts`` (open-ended prompts), and
-``organism`` (the shipped synthetic world, :mod:`workbench.organism.task`);
+multiple-choice file, fields mapped by ``--fields``), ``prompts`` (open-ended prompts), ``vqa`` and
+``vqa-open`` (questions about pictures, for vision-language models), and ``organism`` (the shipped
+synthetic world, :mod:`workbench.organism.task`);
 :func:`get_task` picks one by name. The task type itself (:class:`~workbench.engine.task.Task`, what the
 engine calls) is in :mod:`workbench.engine.task`.
 """
@@ -275,8 +276,59 @@ def _row_options(record: dict[str, Any], spec: str, where: str) -> tuple[str, ..
 MC = replace(BBQ, name="mc")
 
 
-TASKS = ("bbq", "mc", "prompts", "organism")
-DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "mc": "mc", "prompts": "prompts", "organism": "organism"}
+# ----------------------------------------------------------------------------- images (vision-language models)
+
+VQA = replace(BBQ, name="vqa")  # multiple choice about a picture: letters scored and parsed as for BBQ
+VQA_OPEN = replace(PROMPTS, name="vqa-open")  # open-ended answers about a picture (a --scorer grades them)
+VISION_TASKS = ("vqa", "vqa-open")
+
+
+def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int | None = None) -> list[Sample]:
+    """Samples about pictures from a JSONL file, one object per line:
+    ``{"image": "imgs/001.png", "question": "...", "options": ["...", "..."], "label": 1}``
+    (``options`` and ``label`` for ``vqa``; ``vqa-open`` needs only ``image`` and ``question``;
+    optional ``id`` and ``category``; other fields are kept in ``extra``). The image path is
+    relative to the JSONL file. Every image is opened before anything else happens
+    (:func:`workbench.engine.images.image_record`): a missing, unreadable or non-image file is one
+    line naming it. Its record (path, sha256, a thumbnail) goes into ``extra["image"]``."""
+    from workbench.engine.images import image_record
+
+    path = Path(path)
+    samples = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("image", "question"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise WorkbenchError(f"{where}: {key} must be a non-empty string (a VQA line is "
+                                     '{"image": "imgs/001.png", "question": "...", "options": [...], "label": 0})')
+        options: tuple[str, ...] = ()
+        gold = -1
+        if not open_ended:
+            raw = row.get("options")
+            if not isinstance(raw, list) or not 2 <= len(raw) <= len(LETTERS) or not all(isinstance(o, str) and o for o in raw):
+                raise WorkbenchError(f"{where}: options must be a list of 2 to {len(LETTERS)} non-empty strings")
+            label = row.get("label")
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(raw):
+                raise WorkbenchError(f"{where}: label must be the index of the correct option (0..{len(raw) - 1}), "
+                                     f"not {json.dumps(label)[:40]}")
+            options, gold = tuple(raw), label
+        given = row["image"]
+        if "\x00" in given:
+            raise WorkbenchError(f"{where}: the image path holds a NUL character")
+        image = (path.parent / given) if not Path(given).is_absolute() else Path(given)
+        record = image_record(image, given, where)
+        extra = {k: v for k, v in row.items() if k not in ("image", "question", "options", "label", "id", "category")}
+        extra["image"] = record
+        samples.append(Sample(index=len(samples), id=str(row.get("id", lineno)), context="", question=row["question"],
+                              options=options, gold=gold, category=str(row.get("category", "")), extra=extra,
+                              image=str(image)))
+    return _slice(samples, offset, limit)
+
+
+
+TASKS = ("bbq", "mc", "prompts", "organism", *VISION_TASKS)
+DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "mc": "mc", "prompts": "prompts", "organism": "organism", "vqa": "vqa-moral",
+                     "vqa-open": "vqa-open"}
 
 
 def default_protocol(task: str) -> str:
@@ -286,7 +338,7 @@ def default_protocol(task: str) -> str:
 
 
 def get_task(name: str, option_scoring: str = "letter") -> Task:
-    """The task called ``name`` (``bbq``, ``mc``, ``prompts``, ``organism``).
+    """The task called ``name`` (``bbq``, ``mc``, ``prompts``, ``organism``, ``vqa``, ``vqa-open``).
 
     ``option_scoring`` picks what BBQ and mc score per option: ``letter`` (`` (a)``, the study's) or
     ``letter-text`` (`` (a) option text``). The organism's options are single letter tokens, so it
@@ -300,10 +352,14 @@ def get_task(name: str, option_scoring: str = "letter") -> Task:
         return MC if option_scoring == "letter" else replace(MC, option_continuations=letter_text_continuations)
     if name == "prompts":
         return PROMPTS
+    if name == "vqa":
+        return VQA if option_scoring == "letter" else replace(VQA, option_continuations=letter_text_continuations)
+    if name == "vqa-open":
+        return VQA_OPEN
     if name == "organism":
         from workbench.organism.task import ORGANISM
 
         if option_scoring != "letter":
             raise WorkbenchError("--option-scoring letter-text: the organism's options are single letters; use letter")
         return ORGANISM
-    raise WorkbenchError(f"unknown task {name!r} (choose bbq, mc, prompts or organism)")
+    raise WorkbenchError(f"unknown task {name!r} (choose {', '.join(TASKS[:-1])} or {TASKS[-1]})")
