@@ -62,6 +62,7 @@ class LoadedModel:
     d_model: int
     chat_template_source: str  # "model" or "plain"
     placement: dict[str, Any] | None = None  # device_map runs: {"requested", "max_memory", "placed": {module: device}}
+    adapter: dict[str, Any] | None = None  # a merged LoRA adapter: {"path", "sha256", ...} (workbench.engine.adapter)
 
     def metadata(self) -> dict[str, Any]:
         """What the run file records about the model (DESIGN §4), with what a rerun needs to be
@@ -81,6 +82,7 @@ class LoadedModel:
             "weights_sha256": weight_hashes(self.path, self.revision or None),
             "library_versions": library_versions(),
             "device_map": self.placement or {},  # {} on one device (`device`)
+            "adapter": self.adapter or {},  # {} without --adapter
         }
 
 
