@@ -122,6 +122,22 @@ def test_a_run_with_the_adapter_equals_a_run_of_the_merged_model(tuned, tmp_path
             assert [list(x) for x in np.ravel(a.array(name))] == [list(x) for x in np.ravel(m.array(name))]
         np.testing.assert_allclose(a.array("rounds/option_probs"), m.array("rounds/option_probs"), atol=1e-5)
         assert np.abs(a.array("rounds/option_probs") - b.array("rounds/option_probs")).max() > 1e-3  # the adapter matters
+    # export recomputes the adapter run's activations with its recorded adapter: equal to the merged model's
+    import h5py
+
+    for name in ("a", "m"):
+        code, _, err = workbench(capsys, monkeypatch, "export", str(tmp_path / f"{name}.h5"), "--hooks", "blocks.1.hook_resid_post",
+                                 "--device", "cpu", "--out", str(tmp_path / f"{name}-cache.h5"))
+        assert code == 0, err
+    with h5py.File(tmp_path / "a-cache.h5") as ca, h5py.File(tmp_path / "m-cache.h5") as cm:
+        key = "activations/blocks.1.hook_resid_post"
+        np.testing.assert_allclose(ca[key][...], cm[key][...], atol=1e-4)
+    # a probe fitted on the adapted model records the adapter
+    code, _, err = workbench(capsys, monkeypatch, "probe", "fit", "--n", "120", "--layers", "1", "--device", "cpu", "--adapter", str(adapter),
+                             "--out", str(tmp_path / "probe.h5"))
+    assert code == 0, err
+    with h5py.File(tmp_path / "probe.h5") as f:
+        assert f.attrs["adapter_sha256"] == record_sha(adapter)
     # --resume refuses another adapter (and none), in one line
     code, _, err = workbench(capsys, monkeypatch, *common, "--out", str(tmp_path / "a.h5"), "--resume")
     assert code != 0
@@ -172,6 +188,11 @@ def test_bad_inputs_are_one_line_before_training(tuned, tmp_path, capsys, monkey
     error_line(err, "another width", "v_proj")
     code, _, err = workbench(capsys, monkeypatch, "run", "--limit", "2", "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "y.h5"))
     error_line(err, "--adapter", "no such folder")
+    for command in (("tui", "--live"), ("probe", "fit")):
+        code, _, err = workbench(capsys, monkeypatch, *command, "--adapter", str(llama), "--out" if command[0] == "probe" else "--device",
+                                 str(tmp_path / "p.h5") if command[0] == "probe" else "cpu")
+        assert code != 0
+        error_line(err, "--adapter", "a model folder, not an adapter")
 
 
 @pytest.mark.slow
