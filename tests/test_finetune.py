@@ -109,8 +109,9 @@ def test_a_run_with_the_adapter_equals_a_run_of_the_merged_model(tuned, tmp_path
     assert code == 0, err
     assert (merged / "model.safetensors").is_file() and (merged / "organism.json").is_file() and not (merged / "adapter_config.json").exists()
     common = ("run", "--limit", "4", "--rounds", "2", "--batch-size", "4", "--device", "cpu", "--no-fsync")
-    code, _, err = workbench(capsys, monkeypatch, *common, "--adapter", str(adapter), "--out", str(tmp_path / "a.h5"))
+    code, summary, err = workbench(capsys, monkeypatch, *common, "--adapter", str(adapter), "--out", str(tmp_path / "a.h5"))
     assert code == 0, err
+    assert f"adapter={adapter.resolve()}" in summary  # the summary names it
     code, _, err = workbench(capsys, monkeypatch, *common, "--model", str(merged), "--out", str(tmp_path / "m.h5"))
     assert code == 0, err
     code, _, err = workbench(capsys, monkeypatch, *common, "--out", str(tmp_path / "base.h5"))

@@ -344,6 +344,9 @@ def _print_summary(run_file: Any) -> None:
     s = summary(run_file)
     out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
               f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
+    adapter = run_file.meta.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("path"):
+        out.print(f"adapter={adapter['path']}  sha256={str(adapter.get('sha256', ''))[:16]}…", markup=False, highlight=False, soft_wrap=True)
     rows = s["rounds"]
     if not rows:
         return

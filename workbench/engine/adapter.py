@@ -161,6 +161,10 @@ def apply_adapter(model: Any, adapter: str | Path | None) -> Any:
         return model
     info = check_adapter(adapter, model.path if Path(model.path).is_dir() else None)
     folder = Path(info["path"])
+    placed = (model.placement or {}).get("placed") or {}
+    if "disk" in placed.values():
+        raise WorkbenchError("--adapter with modules offloaded to disk by --device-map: their weights cannot be merged in place; "
+                             "write a merged model with `workbench finetune --merge` (or peft's merge_and_unload) and run it with --model")
     check_fits(model.hf, folder)
     try:
         from peft import PeftModel
