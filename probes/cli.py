@@ -46,6 +46,7 @@ def fit(
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
+    adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="A LoRA adapter (e.g. from `workbench finetune`) merged into the model after it loads; its sha256 is recorded in the probe file."),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
     from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
@@ -71,7 +72,7 @@ def fit(
         if paired and texts.pairs is None:
             raise WorkbenchError(f"{contrast}: --method {method} needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
         check_splittable(contrast, texts.labels, texts.pairs if paired else None, test_fraction)
-    loaded = load_model_showing_steps(model, device, dtype)
+    loaded = load_model_showing_steps(model, device, dtype, adapter=adapter)
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
     margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
@@ -186,6 +187,7 @@ def stereotype(
     model: Optional[str] = typer.Option(None, help="The run's model (default: the one recorded in the run file)."),
     hook: str = typer.Option("hook_resid_post", help="A hook the run captured."),
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
+    adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="A LoRA adapter merged into the model (default: the one the run recorded, if any)."),
 ) -> None:
     """The study's BBQ variant: cosine between each round's prompt state and the stereotyped statement."""
     from probes.stereotype import stereotype_similarity
@@ -193,7 +195,9 @@ def stereotype(
 
     with RunFile(run_path) as run:
         recorded = run.meta.get("model_name")
-    cos = stereotype_similarity(run_path, load_model_showing_steps(model or recorded, device), hook)
+        recorded_adapter = (run.meta.get("adapter") or {}).get("path") if isinstance(run.meta.get("adapter"), dict) else None
+    loaded = load_model_showing_steps(model or recorded, device, adapter=adapter or recorded_adapter)
+    cos = stereotype_similarity(run_path, loaded, hook)
     table = Table(title="cosine with the stereotyped statement (mean over samples)", header_style="bold")
     table.add_column("round", justify="right")
     for layer in range(cos.shape[2]):

@@ -67,6 +67,7 @@ def probe_metadata(model: Any, contrast: ContrastSet, method: str, hook: str, po
         "d_model": model.d_model, "n_layers": model.n_layers, "hook": hook, "position": position,
         "method": method, "contrast": describe(contrast), "test_fraction": test_fraction, "seed": seed,
         "best_layer": best_layer,
+        "adapter_sha256": (getattr(model, "adapter", None) or {}).get("sha256", ""),  # a merged LoRA adapter (--adapter), "" without
     }
 
 

@@ -9,7 +9,8 @@ n_pairs, digest), ``test_fraction``, ``seed``, ``best_layer``, ``created``. Data
 continuous ground truth ``test_target_spearman [L]``, and for ``ridge`` ``alpha [L]`` (the penalty chosen
 per layer). Files written since ``ridge`` existed also carry ``best_layer_by`` (``test_accuracy``, or
 ``test_target_spearman`` for a regression probe fitted to a target) and ``fitted_to`` (``label`` or
-``target``).
+``target``); files written since ``--adapter`` existed carry ``adapter_sha256`` (the sha256 of the LoRA
+adapter merged into the model it was fitted on, ``""`` for none).
 """
 
 from __future__ import annotations

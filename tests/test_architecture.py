@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", (r"workbench\.engine(\..*)?", r"workbench\.organism\.task", r"workbench\.terminal")),
     ("probes", (r"probes(\..*)?",)),
     ("cache", (r"workbench\.cache(\..*)?",)),
-    ("analysis", (r"workbench\.analysis(\..*)?", r"workbench\.organism\.(check|train|cli)")),
+    ("analysis", (r"workbench\.analysis(\..*)?", r"workbench\.organism\.(check|train|cli|debias)")),
     ("tui", (r"tui(\..*)?",)),
     ("face", (r"workbench", r"workbench\.cli", r"workbench\.__main__", r"workbench\.data(\..*)?")),
 ]

@@ -59,6 +59,7 @@ def tui(
     probe: Optional[Path] = typer.Option(None, help="--live: a probe file (workbench probe fit) whose concept score is shown per round. Default: the first probe of the same model in artifacts/probes/ (organism-fair.h5, which make demo fits, first); the header names it."),
     device: str = typer.Option("auto", help="--live: auto, cpu, cuda or mps."),
     dtype: str = typer.Option("auto", help="--live: model dtype: auto, float32, bfloat16, float16."),
+    adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="--live: a LoRA adapter (e.g. from `workbench finetune`) merged into the model after it loads."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="A TOML keymap (default: ~/.config/workbench/keys.toml when it exists)."),
     serve: bool = typer.Option(False, "--serve", help="Serve the app to a web browser (textual-serve) instead of this terminal."),
     host: str = typer.Option("localhost", help="--serve: the address to listen on."),
@@ -80,7 +81,7 @@ def tui(
         from tui.live import LiveConfig
 
         live_config = LiveConfig.from_options(model=model, protocol=protocol, task=task, data=data, probe=probe,
-                                              device=device, dtype=dtype)
+                                              device=device, dtype=dtype, adapter=adapter)
     else:
         run_path = browsed_run(run_path)
     if serve:

@@ -41,10 +41,11 @@ class LiveConfig:
     probe: Path | None = None
     device: str = "auto"
     dtype: str = "auto"
+    adapter: Path | None = None  # a LoRA adapter merged after the model loads (workbench.engine.adapter)
 
     @classmethod
     def from_options(cls, model: str, protocol: str | None, task: str | None, data: Path | None, probe: Path | None,
-                     device: str = "auto", dtype: str = "auto") -> "LiveConfig":
+                     device: str = "auto", dtype: str = "auto", adapter: Path | None = None) -> "LiveConfig":
         """Fill the defaults (the organism's own task and protocol; bbq and bbq-paper for any other
         model) and check the files exist, before any model loads."""
         task = task or ("organism" if model == "organism" else "bbq")
@@ -56,7 +57,11 @@ class LiveConfig:
         for path, what in ((data, "--data"), (probe, "--probe")):
             if path is not None and not Path(path).is_file():
                 raise WorkbenchError(f"{what}: file not found: {path}")
-        return cls(model=model, protocol=protocol, task=task, data=data, probe=probe, device=device, dtype=dtype)
+        if adapter is not None:
+            from workbench.engine.adapter import check_adapter
+
+            check_adapter(adapter)
+        return cls(model=model, protocol=protocol, task=task, data=data, probe=probe, device=device, dtype=dtype, adapter=adapter)
 
 
 @dataclass
@@ -92,7 +97,9 @@ def load_live(config: LiveConfig) -> LiveModel:
     from workbench.engine.protocol import load_protocol
     from workbench.engine.tasks import get_task, load_bbq, load_prompts
 
-    model = load_model(config.model, device=config.device, dtype=config.dtype)
+    from workbench.engine.adapter import apply_adapter
+
+    model = apply_adapter(load_model(config.model, device=config.device, dtype=config.dtype), config.adapter)
     task = get_task(config.task)
     protocol = load_protocol(config.protocol)
     if config.task == "bbq":

@@ -76,6 +76,9 @@ def _mount_subcommands() -> None:
     app.command("report", cls=analysis_cli.NamedArgumentsCommand)(analysis_cli.report)
     app.command("theory")(analysis_cli.theory)
     app.command("select")(analysis_cli.select)
+    from workbench.analysis.finetune_cli import finetune_command
+
+    app.command("finetune")(finetune_command)
     from tui.cli import tui as tui_command
 
     app.command(name="tui")(tui_command)
@@ -171,6 +174,7 @@ def run(
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL|nli-nocontra:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match), nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier, Kuhn/Farquhar) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)."),
     likelihood: str = typer.Option("no-stop", metavar="no-stop|with-stop", help="The sampled answers' mean token log-likelihood (the weighted semantic entropy's): no-stop, Farquhar et al.'s (the stop token excluded), or with-stop (it included)."),
+    adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="A LoRA adapter folder (peft's format, e.g. from `workbench finetune`), merged into the model's weights after it loads; its path and sha256 are recorded, and --resume refuses another."),
     shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
@@ -198,7 +202,7 @@ def run(
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
-        likelihood=likelihood, shard=shard,
+        likelihood=likelihood, shard=shard, adapter=str(adapter) if adapter is not None else None,
     )
     merge_notes: list[str] = []
     try:
@@ -346,6 +350,9 @@ def _print_summary(run_file: Any) -> None:
     s = summary(run_file)
     out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
               f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
+    adapter = run_file.meta.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("path"):
+        out.print(f"adapter={adapter['path']}  sha256={str(adapter.get('sha256', ''))[:16]}…", markup=False, highlight=False, soft_wrap=True)
     rows = s["rounds"]
     if not rows:
         return

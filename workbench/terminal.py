@@ -34,14 +34,21 @@ class Spinner:
             self.status = None
 
 
-def load_model_showing_steps(*args: Any, **kwargs: Any) -> Any:
+def load_model_showing_steps(*args: Any, adapter: Any = None, **kwargs: Any) -> Any:
     """:func:`workbench.engine.models.load_model` with a spinner on stderr naming each step; same arguments,
+    plus ``adapter`` (a LoRA adapter folder merged after loading, :func:`workbench.engine.adapter.apply_adapter`);
     returns the :class:`~workbench.engine.models.LoadedModel`."""
+    from workbench.engine.adapter import apply_adapter, check_adapter
     from workbench.engine.models import load_model
 
+    if adapter is not None:
+        check_adapter(adapter)  # a missing or foreign folder fails before the model loads
     spinner = Spinner()
     try:
-        return load_model(*args, on_status=spinner, **kwargs)
+        model = load_model(*args, on_status=spinner, **kwargs)
+        if adapter is not None:
+            spinner(f"merging the adapter {adapter} into the weights")
+        return apply_adapter(model, adapter)
     finally:
         spinner.stop()
 

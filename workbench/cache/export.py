@@ -41,7 +41,7 @@ from workbench.store.durability import atomic_replace, fsync_path
 from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.engine.images import image_inputs
 from workbench.errors import WorkbenchError
-from workbench.cache.plan import ExportPlan, check_same_model, export_dtype, parse_rows, plan_export, read_run, run_images, token_table
+from workbench.cache.plan import ExportPlan, check_same_model, export_dtype, parse_rows, plan_export, read_run, recorded_adapter, run_images, token_table
 from workbench.cache.size import bytes_under, check_size, estimate_bytes, human_bytes, parse_size
 from workbench.cache.vision import patch_table, plan_vision_export, vision_activations, vision_patches
 from workbench.cache.hooks import BLOCK_HOOK, available_hooks, drop_aliases, hf_sites, hook_aliases, is_vision_hook, resolve_hooks, torch_dtype
@@ -214,8 +214,14 @@ def export_run(
         raise WorkbenchError(f"{run_path} has no finished samples to export")
     meta = run.meta
     if model is None or isinstance(model, str):
+        from workbench.engine.adapter import apply_adapter, check_adapter
+
+        adapter = recorded_adapter(meta)
+        if adapter is not None:
+            check_adapter(adapter, option="the run's adapter")
         model = load_model(model or str(meta.get("model_name", "organism")), device=device,
                            dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+        model = apply_adapter(model, adapter)
     check_same_model(model, meta, run_path)
     shapes = available_hooks(model)
     names, merged = drop_aliases(resolve_hooks(list(hooks), shapes), hook_aliases(model))
@@ -389,6 +395,9 @@ def export_command(
 
         loaded = load_model(model or str(meta.get("model_name", "organism")), device=device,
                             dtype=str(meta.get("model_dtype", "auto")), revision=meta.get("model_revision") or None)
+        from workbench.engine.adapter import apply_adapter
+
+        loaded = apply_adapter(loaded, recorded_adapter(meta))
         aliases = hook_aliases(loaded)
         for name, shape in available_hooks(loaded).items():
             alias = f"  (alias of {aliases[name]})" if name in aliases else ""

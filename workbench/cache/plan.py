@@ -155,8 +155,14 @@ def parse_rows(text: str | None, n_samples: int) -> list[int] | None:
         raise WorkbenchError(f"--samples takes A:B or comma-separated run-file rows, not {text!r}") from None
 
 
+def recorded_adapter(meta: dict[str, Any]) -> str | None:
+    """The folder of the LoRA adapter a run was made with (``adapter`` of its settings), or None."""
+    adapter = meta.get("adapter")
+    return str(adapter["path"]) if isinstance(adapter, dict) and adapter.get("path") else None
+
+
 def check_same_model(model: Any, meta: dict[str, Any], run_path: Path) -> None:
-    """Refuse a run file made with another model than the loaded one."""
+    """Refuse a run file made with another model than the loaded one (or with another LoRA adapter merged)."""
     ours = model.metadata()
     same_place = (ours["model_name"] == meta.get("model_name") == "organism") or (
         Path(str(meta.get("model_path", ""))).expanduser().resolve() == Path(ours["model_path"]).expanduser().resolve()
@@ -165,6 +171,10 @@ def check_same_model(model: Any, meta: dict[str, Any], run_path: Path) -> None:
     if not same_place or meta.get("model_revision", "") != ours["model_revision"] or any(meta.get(k) != ours[k] for k in keys):
         raise WorkbenchError(f"{run_path} was made with model {meta.get('model_name')!r} ({meta.get('model_path')}), "
                              f"not the loaded {ours['model_name']!r} ({ours['model_path']}); pass --model {meta.get('model_name')}")
+    theirs = meta.get("adapter") if isinstance(meta.get("adapter"), dict) else {}
+    if (theirs or {}).get("sha256") != (ours.get("adapter") or {}).get("sha256"):
+        raise WorkbenchError(f"{run_path} was made with {'the adapter ' + str(theirs['path']) if theirs else 'no adapter'}, "
+                             f"the loaded model has {'the adapter ' + str(ours['adapter']['path']) if ours.get('adapter') else 'none'}")
 
 
 def export_dtype(requested: str, model_dtype: str) -> str:

@@ -78,6 +78,7 @@ class LoadedModel:
     def vision(self) -> bool:
         """Whether the model takes images (an image-text-to-text model loaded with its processor)."""
         return self.processor is not None
+    adapter: dict[str, Any] | None = None  # a merged LoRA adapter: {"path", "sha256", ...} (workbench.engine.adapter)
 
     def metadata(self) -> dict[str, Any]:
         """What the run file records about the model (DESIGN §4), with what a rerun needs to be
@@ -101,6 +102,7 @@ class LoadedModel:
                            "processor_class": type(self.processor).__name__,
                            "image_processor_class": type(getattr(self.processor, "image_processor", None)).__name__}}
                if self.vision else {}),
+            "adapter": self.adapter or {},  # {} without --adapter
         }
 
 

@@ -67,6 +67,7 @@ class RunConfig:
     likelihood: str = "no-stop"  # sampled answers' mean log-likelihood: no-stop (Farquhar et al.) | with-stop
     device_map: str | None = None  # auto | balanced | balanced_low_0 | sequential | JSON object | JSON file (models.parse_device_map)
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
+    adapter: str | None = None  # a LoRA adapter folder merged into the model after it loads (workbench.engine.adapter)
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
 
 
@@ -201,6 +202,12 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
         check_vision_model(cfg.task, cfg.model, takes_images(model_path))
+    if cfg.adapter is not None:
+        from workbench.engine.adapter import check_adapter
+
+        if model_given:
+            raise WorkbenchError("--adapter with an already loaded model: apply it with workbench.engine.adapter.apply_adapter first")
+        check_adapter(cfg.adapter, model_path if Path(model_path).is_dir() else None)
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 
@@ -327,6 +334,12 @@ def run_protocol(
     if model is None:
         model = load_model(cfg.model, load_device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
                            device_map=cfg.device_map, max_memory=cfg.max_memory)
+        if cfg.adapter is not None:
+            from workbench.engine.adapter import apply_adapter
+
+            if on_status is not None:
+                on_status(f"merging the adapter {cfg.adapter} into the weights")
+            model = apply_adapter(model, cfg.adapter)
     elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
         raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
     from workbench.engine.chat import styled_model
@@ -357,6 +370,9 @@ def run_protocol(
         from workbench.engine.open_ended import check_resume
 
         check_resume(out, settings)
+        from workbench.engine.adapter import check_resume_adapter
+
+        check_resume_adapter(out, settings)
         writer = RunWriter.resume(out, settings, durable=cfg.fsync)
     else:
         writer = RunWriter.create(out, settings, sample_table(samples), protocol.rounds,

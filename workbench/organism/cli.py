@@ -166,3 +166,69 @@ def check(
         for key, label in (("p_fair", "exact p(fair)"), ("log_odds", "exact log-odds"), ("correct", "accuracy"), ("option_entropy", "option entropy (model)"), ("exact_entropy", "option entropy (exact)")):
             t.add_row(label, *(f"{v:.2f}" if key == "log_odds" else f"{v:.3f}" for v in np.asarray(res[key])))
         console.print(t)
+
+
+@app.command()
+def debias(
+    out: Path = typer.Option(Path("artifacts/runs/debias"), "--out", help="Folder for the subsets, adapters, runs, debias.json and debias.png."),
+    size: int = typer.Option(200, "--size", help="Candidate dialogues in each subset (low, high, random)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Candidate dialogues drawn from the world (default: 4 × size)."),
+    items: int = typer.Option(128, "--items", help="Held-out items every model answers under each protocol."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds of the runs (default: the protocols' 6)."),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank."),
+    epochs: int = typer.Option(2, "--epochs", help="Fine-tuning passes over each subset."),
+    lr: float = typer.Option(1e-3, "--lr", help="Fine-tuning learning rate."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Dialogues per fine-tuning step."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="A probe file for the concept score (default: a diffmean probe fitted on the organism)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the candidates, the random subset, the fine-tunes and the bootstrap."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what --out holds."),
+) -> None:
+    """Debiasing by selection on the organism: candidates with known z, selected by the model's uncertainty into low/high/random, a LoRA fine-tune on each, runs under the baseline and moral protocols, and a table with paired intervals against the un-fine-tuned model."""
+    from workbench.analysis.finetune_cli import StepReporter
+    from workbench.organism.debias import METRIC_LABELS, METRICS, DebiasConfig, debias as run_debias
+    from workbench.terminal import Spinner
+
+    cfg = DebiasConfig(out=out, size=size, candidates=candidates, items=items, rounds=rounds, rank=rank, epochs=epochs, lr=lr,
+                       batch_size=batch_size, probe=probe, seed=seed, overwrite=overwrite)
+    spinner = Spinner(Console(stderr=True))
+    reporter: list[StepReporter] = []
+
+    def status(message: str) -> None:
+        if reporter:
+            reporter.pop().stop()
+        if not spinner.console.is_terminal:
+            print(message, file=__import__("sys").stderr, flush=True)
+        spinner(message)
+
+    def on_step(step: int, total: int, loss: float) -> None:
+        spinner.stop()
+        if not reporter:
+            reporter.append(StepReporter())
+        reporter[0](step, total, loss)
+
+    try:
+        result = run_debias(cfg, on_status=status, on_step=on_step)
+    finally:
+        spinner.stop()
+        for r in reporter:
+            r.stop()
+    comp = Table(title="the subsets: what the world knows about them, beside what they were chosen by", title_justify="left")
+    for col in ("subset", "n", "fair z", "mean exact p(fair)", "ambiguous", "mean uncertainty (nats)", "mean concept"):
+        comp.add_column(col, justify="left" if col == "subset" else "right")
+    for name, c in result["composition"].items():
+        comp.add_row(name, str(c["n"]), f"{c['fair_fraction']:.3f}", f"{c['mean_exact_p_fair']:.3f}", f"{c['ambiguous_fraction']:.3f}",
+                     f"{c['mean_uncertainty']:.3f}", f"{c['mean_concept']:.3f}")
+    console.print(comp)
+    table = Table(title=f"each model on {items} held-out items; Δ vs the un-fine-tuned model [95 % paired bootstrap]", title_justify="left")
+    table.add_column("subset")
+    table.add_column("protocol")
+    for metric in METRICS:
+        table.add_column(METRIC_LABELS[metric], justify="right")
+    for row in result["table"]:
+        cells = []
+        for metric in METRICS:
+            v = row[metric]
+            cells.append(f"{v['a']:.3f}" if row["subset"] == "none" else f"{v['a']:.3f}\n{v['diff']:+.3f} [{v['lo']:+.3f},{v['hi']:+.3f}]")
+        table.add_row(row["subset"], row["protocol"], *cells)
+    console.print(table)
+    console.print(Text(f"wrote {out}/debias.json, {out}/debias.png ({result['wall_time_s']:.0f} s)"))
