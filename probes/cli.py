@@ -46,11 +46,13 @@ def fit(
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing probe file at --out (never another kind of file)."),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
     from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
     from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
+    from probes.probe_file import check_probe_out
     from workbench.engine.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
 
@@ -63,6 +65,7 @@ def fit(
         raise WorkbenchError("--layers takes one or more layer numbers ≥ 0 (leave it out for all)")
     path = out_path or Path("artifacts/probes") / f"{Path(contrast).stem}-{method}.h5"
     check_output_path(path)
+    check_probe_out(path, overwrite)
     paired = method in PAIRED_METHODS
     if contrast != "organism":
         texts = read_contrast_file(Path(contrast)) if Path(contrast).exists() else None
@@ -120,15 +123,16 @@ def _show(probe) -> None:
     """The probe's metadata, its per-layer table (best layer in bold green) and how the best layer won.
     Every string from the file is printed literally (no Rich markup)."""
     from probes.probe_file import tie_break
+    from workbench.printable import visible
 
     m = probe.meta
     c = m.get("contrast") if isinstance(m.get("contrast"), dict) else {}
-    out.print(Text(f"{probe.path}", style="bold").append(
+    out.print(Text(visible(probe.path, newlines=False), style="bold").append(visible(
         f"  method={m['method']}  model={m['model_name']}  hook={m['hook']}  position={m['position']}  d_model={m['d_model']}",
-        style=""), highlight=False)
-    out.print(Text(f"contrast {c.get('name', '?')}: {c.get('n', '?')} texts ({c.get('n_positive', '?')} positive, "
-                   f"{c.get('n_pairs', '?')} pairs), digest {c.get('digest', '?')}; held-out fraction "
-                   f"{m.get('test_fraction', '?')}, seed {m.get('seed', '?')}"), highlight=False)
+        newlines=False), style=""), highlight=False)
+    out.print(Text(visible(f"contrast {c.get('name', '?')}: {c.get('n', '?')} texts ({c.get('n_positive', '?')} positive, "
+                           f"{c.get('n_pairs', '?')} pairs), digest {c.get('digest', '?')}; held-out fraction "
+                           f"{m.get('test_fraction', '?')}, seed {m.get('seed', '?')}", newlines=False)), highlight=False)
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     a = probe.arrays
     cols = [("layer", None), ("train acc", "train_accuracy"), ("test acc", "test_accuracy"), ("test AUROC", "test_auroc"),

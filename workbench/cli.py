@@ -337,9 +337,11 @@ def _print_summary(run_file: Any) -> None:
     convergence rounds. Every name from the run file is printed literally (no Rich markup)."""
     from workbench.analysis.summary import summary
 
+    from workbench.printable import visible
+
     s = summary(run_file)
-    out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
-              f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
+    out.print(visible(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
+                      f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", newlines=False), markup=False, highlight=False)
     rows = s["rounds"]
     if not rows:
         return
@@ -363,12 +365,13 @@ def _print_summary(run_file: Any) -> None:
         for r in rows:
             fields.add_column(Text(str(r["round"])), justify="right", no_wrap=True)
         for name in others:
-            fields.add_row(Text(name.removeprefix("mean_").replace(":", " ")), *[Text(_fmt(r[name])) for r in rows])
+            fields.add_row(Text(visible(name.removeprefix("mean_").replace(":", " "), newlines=False)), *[Text(_fmt(r[name])) for r in rows])
         out.print(fields)
     conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
-            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
+        out.print(visible("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
+            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), newlines=False),
+            markup=False, highlight=False)
 
 
 @app.command()
@@ -465,4 +468,6 @@ def _own_warnings_as_lines() -> None:
 
 
 def _error_line(message: str) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), highlight=False, soft_wrap=True)
+    from workbench.printable import visible
+
+    err.print(Text.assemble(("error: ", "bold red"), visible(" ".join(message.split()), newlines=False)), highlight=False, soft_wrap=True)

@@ -14,6 +14,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from workbench.printable import visible
 from tui.messages import SampleHighlighted
 from tui.widgets.lines import BaseStyleCache
 
@@ -21,9 +22,10 @@ RIGHT, WRONG = "✓", "✗"
 
 
 def _fit(text: str, width: int) -> str:
-    """``text`` cut or padded to exactly ``width`` cells (a cut ends with …)."""
+    """``text`` (control characters made visible) cut or padded to exactly ``width`` cells (a cut ends with …)."""
     if width <= 0:
         return ""
+    text = visible(text, newlines=False)
     return text.ljust(width) if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 

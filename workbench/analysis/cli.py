@@ -60,7 +60,9 @@ def analyze(
 def print_analysis(result: dict[str, Any]) -> None:
     """The analysis as tables: per-round metrics with intervals, convergence, flips, correlations."""
     from workbench.analysis.analyze import probe_label
+    from workbench.printable import visible_tree
 
+    result = visible_tree(result)  # names from the run file: control characters shown, never obeyed
     r = result["run"]
     out.print(f"{r['path']}  model={r['model']}  protocol={r['protocol']}  samples={r['n_done']}/{r['n_samples']}  "
               f"rounds={r['n_rounds']}", markup=False, highlight=False)

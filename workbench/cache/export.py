@@ -44,6 +44,7 @@ import typer
 
 from workbench.cache.file import ROLES, HookLayout, TokenTable, create_cache_file, is_attention_map
 from workbench.store.durability import atomic_replace, fsync_path
+from workbench.store.trust import refuse_symlinks
 from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError
 
@@ -469,6 +470,7 @@ def export_run(
 
         check_saelens_ready(context_size)
     parts = _parts_dir(out)
+    refuse_symlinks(parts, out)
     if out.exists() and not overwrite:
         raise WorkbenchError(f"{out} already exists (use --overwrite to replace it)")
     if parts.exists() and not (resume or overwrite):

@@ -18,6 +18,7 @@ from workbench.store.activations import activation_view, read_layout
 from workbench.store.build import copy_header, fill_from_parts
 from workbench.store.format import ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, parts_dir, staging_dir
 from workbench.store.header import add_dimension_scales
+from workbench.store.trust import check_contained, open_contained
 
 # --------------------------------------------------------------------------- reading
 def open_run(path: Path, mode: str) -> h5py.File:
@@ -35,7 +36,11 @@ def open_run(path: Path, mode: str) -> h5py.File:
             raise WorkbenchError(f"{path} is a folder, not a run file") from None
         raise WorkbenchError(f"{path} is not a readable HDF5 file ({'truncated' if 'truncated' in msg else 'corrupt or not HDF5'})") from None
     try:
+        check_contained(f, path, shards_folder=Path(path).with_name(Path(path).name + ".shards"))
         check_run_attrs(path, f)
+    except WorkbenchError:
+        f.close()
+        raise
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:  # HDF5's own objects are damaged
         f.close()
         raise WorkbenchError(f"{path} is a damaged HDF5 file ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
@@ -82,13 +87,16 @@ def _running_view(path: Path, folder: Path) -> h5py.File:
 def _running_view_once(folder: Path) -> h5py.File:
     view = h5py.File(f"{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
     try:
-        with h5py.File(folder / HEADER, "r", locking=False) as header:
+        with open_contained(folder / HEADER, locking=False) as header:
             copy_header(header, view)
             fill_from_parts(view, folder, header)
             layers_json = header.attrs.get("layers", "[]")
         raw = folder / ACTIVATIONS if (folder / ACTIVATIONS).exists() else folder / ASSEMBLING
+        if raw.is_symlink():
+            raise WorkbenchError(f"{raw}: refused, a symlink where the run's own activations file should be")
         activation_view(view, raw, read_layout(folder), layers_json)
         add_dimension_scales(view)
+        check_contained(view, folder, external_files=[raw])  # exactly its own activations file, not a symlink
     except BaseException:
         view.close()
         raise
@@ -330,6 +338,9 @@ def _readable_parts(path: Path) -> Path | None:
     if path.exists():
         return None
     for folder in (parts_dir(path), staging_dir(path)):
+        if folder.is_symlink():
+            raise WorkbenchError(f"{folder}: refused, a symlink where the run's parts folder should be "
+                                 "(a workbench never reads or writes through one)")
         if (folder / HEADER).exists() and (folder / LAYOUT).exists():
             return folder
     return None
