@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import load_model_showing_steps
 
@@ -41,7 +41,7 @@ def fit(
     n: int = typer.Option(2000, help="organism: number of contrast texts to draw."),
     text_format: TextFormat = typer.Option("raw", "--format", help="JSONL texts: raw (as written) or chat (one user message through the chat template)."),
     test_fraction: float = typer.Option(0.25, help="Held-out fraction for accuracy and AUROC."),
-    seed: int = typer.Option(0, help="Seed of the held-out split (and of CCS restarts)."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the held-out split (and of CCS restarts)."),
     batch_size: int = typer.Option(64, help="Texts per forward pass."),
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
@@ -60,7 +60,8 @@ def fit(
         raise WorkbenchError(f"--test-fraction must be between 0 and 1, not {test_fraction}")
     if n < 1 or batch_size < 1:
         raise WorkbenchError(f"--{'n' if n < 1 else 'batch-size'} must be ≥ 1")
-    wanted = _ints(layers)
+    wanted = parse_int_list(layers, "--layers")
+    wanted = None if wanted is None else list(wanted)
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise WorkbenchError("--layers takes one or more layer numbers ≥ 0 (leave it out for all)")
     path = out_path or Path("artifacts/probes") / f"{Path(contrast).stem}-{method}.h5"
@@ -88,13 +89,6 @@ def fit(
     _show(load_probe(path))
 
 
-def _ints(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WorkbenchError(f"--layers takes comma-separated integers, not {text!r}") from None
 
 
 class _progress:

@@ -25,7 +25,7 @@ import numpy as np
 
 from workbench.errors import WorkbenchError
 from workbench.store.durability import write_h5_atomic
-from workbench.store.trust import check_contained, refuse_symlinks
+from workbench.store.trust import check_contained, refuse_special_file, refuse_symlinks
 
 FORMAT = "self-correction-workbench-probe"
 SCHEMA_VERSION = 1
@@ -104,6 +104,7 @@ def load_probe(path: Path) -> Probe:
         raise WorkbenchError(f"probe file not found: {path}")
     if path.is_dir():
         raise WorkbenchError(f"{path} is a folder, not a probe file")
+    refuse_special_file(path)
     try:
         f = h5py.File(path, "r")
     except OSError:

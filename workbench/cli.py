@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import Spinner
 
@@ -176,7 +176,7 @@ def run(
         category=category, prompt_field=prompt_field, limit=limit, offset=offset, protocol=protocol,
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
         hooks=tuple(h.strip() for h in hooks.split(",")),
-        layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
+        layers=parse_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
@@ -229,13 +229,6 @@ def _resume_args(argv: list[str], out_path: Path) -> list[str]:
     return [*args, "--resume"]
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
 
 
 def _launched_rank(shard: Optional[str]) -> Optional[tuple[int, int]]:

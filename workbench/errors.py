@@ -35,3 +35,22 @@ def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folde
         raise WorkbenchError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise WorkbenchError(f"{option} {path}: {parent} is not writable")
+
+
+def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integers as a command-line option gives it (``"0,2,5"`` → ``(0, 2, 5)``);
+    None when ``text`` is None. Refuses, naming ``option``, a value that is not an integer, an empty item
+    (``1,,2``, a trailing comma) and a number given twice (``0,0``). Raises WorkbenchError."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if any(not x for x in items) and text.strip():
+        raise WorkbenchError(f"{option} {text!r} has an empty item: give comma-separated integers such as 0,2,5")
+    try:
+        values = tuple(int(x) for x in items if x)
+    except ValueError:
+        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise WorkbenchError(f"{option} names {repeated[0]} more than once")
+    return values

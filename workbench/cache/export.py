@@ -44,9 +44,10 @@ import typer
 
 from workbench.cache.file import ROLES, HookLayout, TokenTable, create_cache_file, is_attention_map
 from workbench.store.durability import atomic_replace, fsync_path
+from workbench.store.reader import decoded_attrs
 from workbench.store.trust import refuse_symlinks
 from workbench.cache.writer import PartialCache, done_batches, is_durable
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 
 FORMATS = ("hdf5", "saelens")
 EXPORT_DTYPES = ("auto", "float32", "float16")
@@ -140,18 +141,19 @@ def read_run(path: Path) -> RunTokens:
 def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
     """Every bridge hook that fires in a forward pass with one float value per position →
     its per-token shape (``(d_model,)``, ``(n_heads, d_head)``; attention maps ``(n_heads, 0)``,
-    the key axis filled in later). From one bridge pass on a short text."""
+    the key axis filled in later). From one bridge pass on a short text, twice in a batch (a value
+    shared by the batch, such as the rotary tables ``[1, pos, d]``, is not per token)."""
     import torch
 
     seq = 5
-    tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
+    tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]] * 2, device=model.device)
     seq = tokens.shape[1]
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda name: True, return_type=None)
     found = {}
     for name, value in cache.items():
-        if not value.is_floating_point() or value.ndim < 2:
+        if not value.is_floating_point() or value.ndim < 2 or value.shape[0] != 2:
             continue
         if is_attention_map(name):
             if value.ndim == 4 and value.shape[2] == value.shape[3] == seq:
@@ -471,6 +473,10 @@ def export_run(
         check_saelens_ready(context_size)
     parts = _parts_dir(out)
     refuse_symlinks(parts, out)
+    if resume and overwrite:
+        raise WorkbenchError("--resume and --overwrite exclude each other (--resume continues OUT.parts, --overwrite starts over)")
+    if out.resolve() == run_path.resolve() or (out.exists() and run_path.exists() and os.path.samefile(out, run_path)):
+        raise WorkbenchError(f"--out {out} is the run being exported: give the cache another path")
     if out.exists() and not overwrite:
         raise WorkbenchError(f"{out} already exists (use --overwrite to replace it)")
     if parts.exists() and not (resume or overwrite):
@@ -537,6 +543,26 @@ def export_run(
     return out
 
 
+def finished_export(out: Path) -> bool:
+    """Whether ``out`` is a complete cache file that the interrupted export in ``OUT.parts`` (if any)
+    was writing: the same run digest and hooks (an export killed after its final rename leaves
+    both). Reads attributes only."""
+    from workbench.cache.file import is_cache_file, open_cache_file
+
+    if not is_cache_file(out):
+        return False
+    try:
+        with open_cache_file(out) as f:
+            attrs = decoded_attrs(f.attrs)
+    except WorkbenchError:
+        return False
+    try:
+        plan = json.loads((_parts_dir(out) / "manifest.json").read_text())["plan"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return plan.get("run_digest") == attrs.get("run_digest") and list(plan.get("hooks", [])) == list(attrs.get("hooks", []))
+
+
 def _start_or_check_parts(parts: Path, manifest: dict[str, Any], fsync: bool) -> None:
     """Create ``parts`` with its manifest, or check that an interrupted export's is this one's.
     A manifest that is missing or unreadable while no batch counts (a kill before it was in place,
@@ -586,13 +612,6 @@ def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str
 # --------------------------------------------------------------------------- the command
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
 
 
 def export_command(
@@ -618,6 +637,7 @@ def export_command(
 
     with RunFile(run_path) as run:
         meta = run.meta
+        running, n_done = run.running, int(run.done.sum())
     if list_hooks:
         from workbench.engine.models import load_model
 
@@ -630,7 +650,15 @@ def export_command(
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
-    wanted_rounds = _int_list(rounds, "--rounds")
+    if resume and not overwrite and out.exists() and finished_export(out):
+        refuse_symlinks(_parts_dir(out))
+        shutil.rmtree(_parts_dir(out), ignore_errors=True)
+        print(f"{out} is complete already (the export finished before it was stopped): nothing left to do", file=sys.stderr)
+        return
+    if running:
+        print(f"note: {run_path} is still running: exporting the {n_done} of {meta.get('n_samples')} samples finished now "
+              "(export again once it has finished for the rest)", file=sys.stderr)
+    wanted_rounds = parse_int_list(rounds, "--rounds")
     with _Progress() as reporter:
         export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
                    rounds=None if wanted_rounds is None else [r - 1 for r in wanted_rounds],

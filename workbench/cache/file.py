@@ -35,7 +35,7 @@ from workbench.store.activations import ActivationSlot, segments, write_slot_row
 from workbench.store.durability import atomic_replace, libc_function
 from workbench.store.reader import decoded_attrs
 from workbench.printable import visible
-from workbench.store.trust import check_contained
+from workbench.store.trust import check_contained, refuse_special_file
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
@@ -333,15 +333,17 @@ def write_cache_file(
 def is_cache_file(path: Path) -> bool:
     """Whether ``path`` is an HDF5 file with this module's ``format`` attribute."""
     try:
+        refuse_special_file(path)
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == FORMAT
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, WorkbenchError):
         return False
 
 
 def open_cache_file(path: Path) -> h5py.File:
     """Open a cache file read-only, refusing anything else with one line."""
     path = Path(path)
+    refuse_special_file(path)
     try:
         f = h5py.File(path, "r")
     except FileNotFoundError:

@@ -34,8 +34,8 @@ class RunLock:
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise WorkbenchError(f"{run_path} is being written by another process (pid {holder}); "
-                                     "wait for it to finish, or stop it first") from None
+                raise WorkbenchError(f"{run_path} is being written by another process (pid {holder}): it is running; "
+                                     f"wait for it to finish (`workbench info {run_path}` shows its progress), or stop it first") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
@@ -73,9 +73,9 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
             break
     if path.exists() and not os.access(path, os.R_OK):
         raise WorkbenchError(f"--out {path}: the existing file cannot be read (permission denied)")
-    if run_exists(path) and not resume and not overwrite:
-        raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")
     if resume and overwrite:
         raise WorkbenchError("--resume and --overwrite exclude each other")
     if parent.exists() and lock_path(path).exists():
-        RunLock.acquire(path).release()
+        RunLock.acquire(path).release()  # a running run is named as running, before "use --resume"
+    if run_exists(path) and not resume and not overwrite:
+        raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")

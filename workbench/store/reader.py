@@ -16,12 +16,14 @@ import numpy as np
 from workbench.errors import WorkbenchError
 from workbench.store.activations import activation_view, read_layout
 from workbench.store.build import copy_header, fill_from_parts
-from workbench.store.format import ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, parts_dir, staging_dir
+from workbench.store.format import (ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, STANDARD_ARRAYS,
+                                    parts_dir, staging_dir)
 from workbench.store.header import add_dimension_scales
-from workbench.store.trust import check_contained, open_contained
+from workbench.store.trust import check_contained, open_contained, refuse_special_file
 
 # --------------------------------------------------------------------------- reading
 def open_run(path: Path, mode: str) -> h5py.File:
+    refuse_special_file(path)
     try:
         f = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
     except FileNotFoundError:
@@ -68,6 +70,57 @@ def check_run_attrs(path: Path, f: h5py.File) -> None:
     done = f["progress/done"]
     if done.shape != (int(f.attrs["n_samples"]),):
         raise WorkbenchError(f"{path}: progress/done has shape {done.shape}, expected ({int(f.attrs['n_samples'])},)")
+    check_layout(path, f)
+
+
+def check_layout(path: Path, f: h5py.File) -> None:
+    """Refuse a run whose arrays disagree with its attributes (a lying ``n_rounds``, a damaged or
+    forged file): every array of ``samples/``, ``rounds/``, ``tokens/``, ``transcripts/`` and
+    ``activations/`` has one row per sample; those of ``rounds/``, ``tokens/`` and ``activations/``
+    one column per round; the standard arrays their documented shape and kind of dtype; activations
+    ``[N, R, P, L, d]`` of floats. Reads metadata only. Raises WorkbenchError naming the array."""
+    n, r = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"])
+    k = f.attrs.get("n_options")
+    for group in ("samples", "rounds", "tokens", "transcripts", "activations"):
+        g = f.get(group)
+        if g is None:
+            continue
+        if not isinstance(g, h5py.Group):
+            raise WorkbenchError(f"{path}: {group} is not a group: the file is damaged")
+        for name, ds in g.items():
+            where = f"{group}/{name}"
+            if not isinstance(ds, h5py.Dataset):
+                continue
+            if h5py.h5ds.is_scale(ds.id):
+                continue
+            shape = ds.shape or ()
+            wanted: tuple[Any, ...] = (n,) + ((r,) if group in ("rounds", "tokens", "activations") else ())
+            if group == "activations":
+                wanted += (len(POSITIONS),)
+            if tuple(shape[: len(wanted)]) != wanted:
+                raise WorkbenchError(f"{path}: {where} has shape {tuple(shape)}, but the file says {n} samples and {r} rounds "
+                                     f"(expected {tuple(wanted)} first): the file is damaged")
+            if group == "activations" and (len(shape) != 5 or ds.dtype.kind != "f"):
+                raise WorkbenchError(f"{path}: {where} is {ds.dtype} {tuple(shape)}, not floats [samples, rounds, positions, layers, d_model]")
+            standard = STANDARD_ARRAYS.get(where)
+            if standard is not None:
+                tail, dtype = standard
+                expected = (n, *(r if d == "R" else int(k) if d == "K" and k is not None else d for d in tail))
+                if "K" in tail and k is None:
+                    expected = (*expected[:-1], shape[-1] if shape else None)
+                if tuple(shape) != expected or not _same_kind(ds.dtype, np.dtype(dtype)):
+                    raise WorkbenchError(f"{path}: {where} is {ds.dtype} {tuple(shape)}, expected {np.dtype(dtype)} "
+                                         f"{expected}: the file is damaged")
+
+
+def _same_kind(have: np.dtype, want: np.dtype) -> bool:
+    """Whether ``have`` can be read as ``want``: the same string or vlen kind, else the same numeric kind."""
+    if h5py.check_string_dtype(want) is not None or h5py.check_string_dtype(have) is not None:
+        return h5py.check_string_dtype(have) is not None and h5py.check_string_dtype(want) is not None
+    vlen_want, vlen_have = h5py.check_vlen_dtype(want), h5py.check_vlen_dtype(have)
+    if vlen_want is not None or vlen_have is not None:
+        return vlen_want is not None and vlen_have is not None and vlen_want.kind == vlen_have.kind
+    return have.kind == want.kind or (want.kind in "iu" and have.kind in "iu")
 
 
 def _running_view(path: Path, folder: Path) -> h5py.File:

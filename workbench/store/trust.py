@@ -145,3 +145,17 @@ def open_nofollow(path: Path | str, flags: int, mode: int = 0o644) -> int:
         if e.errno == errno.ELOOP:
             refuse_symlinks(path)
         raise
+
+
+def refuse_special_file(path: Path | str) -> None:
+    """Refuse, in one line, a path that exists but is neither a regular file nor a folder (a FIFO,
+    which would block opening it forever; a device; a socket). Symlinks are followed here: a reader
+    may open a run through one. Returns nothing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the opener's own error names it
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device" if (
+            stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a regular file"
+        raise WorkbenchError(f"{path} is {kind}, not a file the workbench reads")
