@@ -47,6 +47,7 @@ def fit(
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing probe file at --out (never another kind of file)."),
+    max_lines: int = typer.Option(100_000, "--max-lines", min=1, help="A JSONL contrast with more lines is refused before any is used (one forward pass per text)."),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
     from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
@@ -69,7 +70,7 @@ def fit(
     check_probe_out(path, overwrite)
     paired = method in PAIRED_METHODS
     if contrast != "organism":
-        texts = read_contrast_file(Path(contrast)) if Path(contrast).exists() else None
+        texts = read_contrast_file(Path(contrast), max_lines) if Path(contrast).exists() else None
         if texts is None:
             raise WorkbenchError(f"--contrast: {contrast} is neither 'organism' nor an existing JSONL file")
         if paired and texts.pairs is None:
@@ -79,7 +80,7 @@ def fit(
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
     margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
-    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin)
+    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin, max_lines=max_lines)
     check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
     with _progress(len(data.token_ids)) as advance:
         ev, arrays = fit_probe(loaded, data, method, hook, chosen, position, test_fraction, seed, batch_size, advance)

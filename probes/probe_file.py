@@ -151,6 +151,10 @@ def _check(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> N
     if arrays["directions"].shape != (n, int(meta["d_model"])) or arrays["directions"].dtype.kind != "f":
         raise WorkbenchError(f"{path}: directions must be [{n} layers, d_model {meta['d_model']}] floats, "
                              f"not {list(arrays['directions'].shape)}")
+    bad = [int(layer) for layer, row in zip(layers, arrays["directions"]) if not np.all(np.isfinite(row)) or not np.any(row)]
+    if bad:
+        raise WorkbenchError(f"{path}: the direction of layer {bad[0]} is not finite or is all zeros (a failed fit, or a damaged "
+                             "file): its scores would be NaN; fit the probe again")
     for name in (*ARRAYS[2:], "test_target_spearman", "test_margin", "alpha"):
         if name in arrays and (arrays[name].shape != (n,) or arrays[name].dtype.kind not in "fiu"):
             raise WorkbenchError(f"{path}: {name} must be [{n}] numbers, one per layer")

@@ -448,12 +448,16 @@ def _own_warnings_as_lines() -> None:
     another device) print as one ``warning:`` line; other libraries' keep Python's format."""
     import warnings
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packages = tuple(os.path.join(root, name) + os.sep for name in ("workbench", "probes", "tui"))
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        if os.path.abspath(filename).startswith(package + os.sep):
-            err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), highlight=False, soft_wrap=True)
+        if os.path.abspath(filename).startswith(packages):
+            from workbench.printable import visible
+
+            err.print(Text.assemble(("warning: ", "bold yellow"), visible(" ".join(str(message).split()), newlines=False)),
+                      highlight=False, soft_wrap=True)
         else:
             show(message, category, filename, lineno, file, line)
 
