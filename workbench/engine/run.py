@@ -145,9 +145,6 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         raise WorkbenchError(f"--rounds must be ≥ 1, not {cfg.rounds}")
     if not 0 <= cfg.seed < 2**63:
         raise WorkbenchError(f"--seed must be between 0 and 2**63 - 1, not {cfg.seed}")
-    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
-        given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
-        raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     if cfg.limit is not None and cfg.limit < 1:
         raise WorkbenchError(f"--limit must be ≥ 1, not {cfg.limit}")
     if cfg.offset < 0:
@@ -187,6 +184,9 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
+    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
+        given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
+        raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     spec, out = _shard_spec(cfg)
     check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     model_path = ""
