@@ -15,7 +15,7 @@ setup: $(VENV)/.installed system-tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,data]"
 	touch $@
 
 # System tools the tests drive: h5ls (hdf5-tools) for the file-format tests, tmux for the TUI's terminal

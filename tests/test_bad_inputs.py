@@ -229,3 +229,20 @@ def test_export_of_every_hook_skips_those_that_are_not_per_token(capsys, monkeyp
         names = set(f["activations"])
     assert "blocks.0.hook_resid_post" in names or "blocks.0.hook_out" in names
     assert "rotary_emb.hook_cos" not in names and "rotary_emb.hook_sin" not in names
+
+
+def test_a_missing_data_package_is_one_line_naming_the_extra(capsys, monkeypatch, tmp_path, small_run):
+    """pandas, xarray and datasets come with the ``[data]`` extra: without one, the feature says so."""
+    from workbench.errors import WorkbenchError
+    from workbench.store.reader import RunFile
+
+    for module in ("pandas", "xarray", "datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import pandas` now raises ImportError
+    with RunFile(small_run) as run:
+        for view, module in ((run.to_dataframe, "pandas"), (run.to_xarray, "xarray")):
+            with pytest.raises(WorkbenchError, match=rf"needs the `{module}` package: pip install 'self-correction-workbench\[data\]'"):
+                view()
+    code, _, err = workbench(capsys, monkeypatch, "export", str(small_run), "--hooks", "x", "--format", "saelens",
+                             "--out", str(tmp_path / "s"))
+    assert code != 0
+    error_line(err, "--format saelens", "datasets", "[data]")

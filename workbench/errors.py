@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class WorkbenchError(Exception):
@@ -54,3 +55,16 @@ def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
     if repeated:
         raise WorkbenchError(f"{option} names {repeated[0]} more than once")
     return values
+
+
+def import_optional(module: str, feature: str) -> Any:
+    """``importlib.import_module(module)`` for a feature that needs one of the ``[data]`` extra's
+    packages (pandas, xarray, h5netcdf, datasets): the module, or a WorkbenchError naming ``feature``
+    and the install command when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise WorkbenchError(f"{feature} needs the `{module.split('.')[0]}` package: "
+                             "pip install 'self-correction-workbench[data]'") from None

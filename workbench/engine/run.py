@@ -184,9 +184,6 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
-    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
-        given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
-        raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     spec, out = _shard_spec(cfg)
     check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     model_path = ""
@@ -196,6 +193,9 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         if cfg.task == "organism" and not (Path(model_path) / "organism.json").is_file():
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
+    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
+        given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
+        raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, import_optional
 from workbench.store.activations import activation_view, read_layout
 from workbench.store.build import copy_header, fill_from_parts
 from workbench.store.format import (ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, STANDARD_ARRAYS,
@@ -307,17 +307,18 @@ class RunFile:
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per done sample and round: ``sample`` (the global sample
-        index), ``round`` (0-based), the task fields (``id``, ``category``, ``condition``, ``gold``,
-        ``context``, ``question``), every per-round value of ``rounds/`` (metrics, answers, the
-        instruction and the response) and the concept scores of tracked probes (``concept:{name}``,
-        as in ``workbench info``). Needs pandas."""
-        import pandas as pd
+        index), ``round`` (counted from 1, as the CLI and the TUI count), the task fields (``id``,
+        ``category``, ``condition``, ``gold``, ``context``, ``question``), every per-round value of
+        ``rounds/`` (metrics, answers, the instruction and the response) and the concept scores of
+        tracked probes (``concept:{name}``, as in ``workbench info``). Needs pandas (the ``[data]``
+        extra; one line naming it when missing)."""
+        pd = import_optional("pandas", "RunFile.to_dataframe")
 
         done = self.done
         n_done, r = int(done.sum()), self.n_rounds
         columns: dict[str, Any] = {
             "sample": np.repeat(self.array("samples/index"), r),
-            "round": np.tile(np.arange(r), n_done),
+            "round": np.tile(np.arange(1, r + 1), n_done),
         }
         for name in ("id", "category", "condition", "gold", "context", "question"):
             columns[name] = np.repeat(self.array(f"samples/{name}"), r)
@@ -329,16 +330,19 @@ class RunFile:
 
     def to_xarray(self, activations: bool = True) -> Any:
         """An xarray Dataset of the done samples, every axis named and labelled: ``sample`` (global
-        index), ``round`` (0-based), ``option``, ``position``, ``layer``, ``d_model``. Holds the
-        task fields of ``samples/``, every fixed-shape array of ``rounds/``, the tracked probes'
-        scores (``probes/{name}/{array}``, axes ``sample, round, {name}_layer``) and, unless
-        ``activations=False``, ``activations/{hook}``. Everything is read into memory: for a large
-        run open one group lazily with ``xarray.open_dataset(path, engine="h5netcdf", group=…)``.
-        Needs xarray."""
-        import xarray as xr
+        index), ``round`` (counted from 1), ``option``, ``position``, ``layer`` (the model's layer
+        numbers), ``d_model``. Holds the task fields of ``samples/``, every fixed-shape array of
+        ``rounds/``, the tracked probes' scores (``probe_{name}_{array}``, axes ``sample, round,
+        layer``; NaN at a captured layer the probe was not fitted on) and, unless
+        ``activations=False``, ``activations_{hook}`` ``[sample, round, position, layer, d_model]``.
+        Variable names hold no "/" (netCDF and ``ds.name`` attribute access need none). Everything
+        is read into memory: for a large run open one group lazily with
+        ``xarray.open_dataset(path, engine="h5netcdf", group=…)``. Needs xarray (the ``[data]`` extra)."""
+        xr = import_optional("xarray", "RunFile.to_xarray")
 
         k = int(self.f.attrs["n_options"])
-        coords: dict[str, Any] = {"sample": self.array("samples/index"), "round": np.arange(self.n_rounds),
+        sample = self.array("samples/index")
+        coords: dict[str, Any] = {"sample": sample, "round": np.arange(1, self.n_rounds + 1),
                                   "option": np.arange(k), "position": list(POSITIONS)}
         data: dict[str, Any] = {}
         for name in self.names("samples"):
@@ -354,23 +358,30 @@ class RunFile:
             data[name] = (tuple(dims), value)
         if self.names("rounds") and any(name.endswith("_span") for name in self.names("rounds")):
             coords["bound"] = ["start", "end"]
+        arrays: dict[str, Any] = {}  # on the "layer" axis: aligned on the union of their layers
         if activations:
             for hook in self.names("activations"):
                 ds = self.f[f"activations/{hook}"]
-                coords["layer"] = json.loads(ds.attrs["layers"])
-                coords["d_model"] = np.arange(ds.shape[-1])
-                data[f"activations/{hook}"] = (("sample", "round", "position", "layer", "d_model"), self.array(f"activations/{hook}"))
+                arrays[f"activations_{hook}"] = xr.DataArray(
+                    self.array(f"activations/{hook}"), dims=("sample", "round", "position", "layer", "d_model"),
+                    coords={"layer": json.loads(ds.attrs["layers"]), "d_model": np.arange(ds.shape[-1])})
         for name in self.names("probes"):
             group = self.f[f"probes/{name}"]
             layers = json.loads(group.attrs["layers"]) if "layers" in group.attrs else None
             for array in sorted(group.keys()):
                 value = self.array(f"probes/{name}/{array}")
-                dims = ("sample", "round", f"{name}_layer")[: value.ndim]
-                data[f"probes/{name}/{array}"] = (dims, value)
+                key = f"probe_{name}_{array}".replace("/", "_")
                 if value.ndim == 3 and layers is not None and len(layers) == value.shape[2]:
-                    coords[f"{name}_layer"] = layers
-        return xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
-                                                      for key, value in self.meta.items()})
+                    arrays[key] = xr.DataArray(value, dims=("sample", "round", "layer"), coords={"layer": layers})
+                else:
+                    data[key] = (("sample", "round", f"{key}_dim2")[: value.ndim], value)
+        out = xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
+                                                     for key, value in self.meta.items()})
+        if arrays:
+            aligned = xr.align(*arrays.values(), join="outer")
+            out = out.assign({key: value.assign_coords(sample=sample, round=coords["round"])
+                              for key, value in zip(arrays, aligned)})
+        return out
 
     def sample_round(self, index: int, round_: int) -> dict[str, Any]:
         """Everything about one sample (file row) and round (0-based): random access, no full reads."""
