@@ -199,6 +199,12 @@ def test_the_lock_itself_never_opens_a_symlink(tmp_path):
     with pytest.raises(WorkbenchError, match="symlink"):
         RunLock.acquire(tmp_path / "run.h5")
     assert victim.read_text() == "precious\n"
+    (tmp_path / "run.h5.lock").unlink()
+    (tmp_path / "run.h5.parts").mkdir()  # a real parts folder with a symlink among its files
+    (tmp_path / "run.h5.parts" / "built.json").symlink_to(victim)
+    with pytest.raises(WorkbenchError, match="built.json"):
+        RunLock.acquire(tmp_path / "run.h5")
+    assert victim.read_text() == "precious\n"
 
 
 def test_probe_track_and_export_refuse_symlinks_where_they_write(capsys, monkeypatch, tmp_path, clean_run, no_model):
@@ -287,3 +293,19 @@ def test_the_tui_shows_a_hostile_model_name_literally(tmp_path, clean_run):
     from tui.literal import literal
 
     assert "\x1b" not in literal(HOSTILE_TEXT).plain and "␛[2J" in literal(HOSTILE_TEXT).plain
+
+
+def test_report_and_analyze_on_a_probe_named_with_control_and_mathtext_characters(capsys, monkeypatch, tmp_path):
+    from tui_support import build_run
+
+    run = build_run(tmp_path / "run.h5", n_samples=6, n_rounds=3)
+    hostile = "a$\\frac{b$\x1b[2J"
+    with h5py.File(run, "r+") as f:
+        f.move("probes/fair", f"probes/{hostile}")
+    code, out, err = workbench(capsys, monkeypatch, "report", str(run), "--out", str(tmp_path / "report"))
+    assert code == 0, err
+    _assert_no_control(out + err)
+    code, out, err = workbench(capsys, monkeypatch, "analyze", str(run))
+    assert code == 0, err
+    _assert_no_control(out + err)
+    assert "a$\\frac{b$␛[2J" in out

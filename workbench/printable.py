@@ -12,12 +12,16 @@ import re
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\x80-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-def visible(text: object, newlines: bool = True) -> str:
+def visible(text: object, newlines: bool = True, pictures: bool = True) -> str:
     """``str(text)`` with every control character shown as a visible stand-in, never obeyed: C0 as
     its Unicode control picture (ESC → ␛, U+2400 + code), DEL as ␡, C1 and bidirectional controls as
-    ⍰; tabs as four spaces. ``newlines`` False: a newline too becomes ␊ (a one-line field)."""
+    ⍰; tabs as four spaces. ``newlines`` False: a newline too becomes ␊ (a one-line field).
+    ``pictures`` False: escapes as Python writes them instead (``\\x1b``, ``\\u202e``), for fonts
+    without the control pictures (figures)."""
     def stand_in(m: re.Match[str]) -> str:
         code = ord(m.group())
+        if not pictures:
+            return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
         return chr(0x2400 + code) if code < 0x20 else "␡" if code == 0x7F else "⍰"
 
     text = str(text).replace("\t", "    ")

@@ -45,7 +45,7 @@ import typer
 from workbench.cache.file import ROLES, HookLayout, TokenTable, create_cache_file, is_attention_map
 from workbench.store.durability import atomic_replace, fsync_path
 from workbench.store.reader import decoded_attrs
-from workbench.store.trust import refuse_symlinks
+from workbench.store.trust import refuse_symlinks, refuse_symlinks_in
 from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.errors import WorkbenchError, parse_int_list
 
@@ -472,7 +472,8 @@ def export_run(
 
         check_saelens_ready(context_size)
     parts = _parts_dir(out)
-    refuse_symlinks(parts, out)
+    refuse_symlinks(out)
+    refuse_symlinks_in(parts)
     if resume and overwrite:
         raise WorkbenchError("--resume and --overwrite exclude each other (--resume continues OUT.parts, --overwrite starts over)")
     if out.resolve() == run_path.resolve() or (out.exists() and run_path.exists() and os.path.samefile(out, run_path)):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.store.format import lock_path, parts_dir, run_exists, staging_dir
-from workbench.store.trust import open_nofollow, refuse_symlinks
+from workbench.store.trust import open_nofollow, refuse_symlinks, refuse_symlinks_in
 
 # --------------------------------------------------------------------------- the writer's lock
 @dataclass
@@ -26,7 +26,9 @@ class RunLock:
     def acquire(cls, run_path: Path) -> "RunLock":
         """Take the lock or raise a WorkbenchError naming the process that holds it."""
         lock = lock_path(Path(run_path))
-        refuse_symlinks(lock, parts_dir(Path(run_path)), staging_dir(Path(run_path)))
+        refuse_symlinks(lock)
+        refuse_symlinks_in(parts_dir(Path(run_path)))
+        refuse_symlinks_in(staging_dir(Path(run_path)))
         while True:
             fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -60,7 +62,9 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
     made and written, the path is not a folder, an existing run needs --resume or --overwrite, and
     no other process is writing it. Raises WorkbenchError with one line."""
     path = Path(path)
-    refuse_symlinks(lock_path(path), parts_dir(path), staging_dir(path))
+    refuse_symlinks(lock_path(path))
+    refuse_symlinks_in(parts_dir(path))
+    refuse_symlinks_in(staging_dir(path))
     if path.is_dir():
         raise WorkbenchError(f"--out {path} is a folder; give a file name such as {path / 'run.h5'}")
     parent = path.parent

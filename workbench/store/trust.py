@@ -136,6 +136,20 @@ def refuse_symlinks(*paths: Path | str) -> None:
                                  "writes its own file or folder; it never writes or deletes through one: remove it")
 
 
+def refuse_symlinks_in(folder: Path | str) -> None:
+    """:func:`refuse_symlinks` for ``folder`` and every entry in it (a run's parts folder, an
+    export's ``OUT.parts``: the workbench writes, truncates and deletes the files there). A folder
+    that does not exist passes."""
+    refuse_symlinks(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_symlink():
+            refuse_symlinks(entry.path)
+
+
 def open_nofollow(path: Path | str, flags: int, mode: int = 0o644) -> int:
     """``os.open(path, flags | O_NOFOLLOW | O_CLOEXEC, mode)``: a file descriptor, or WorkbenchError
     (one line) when ``path`` is a symlink."""
