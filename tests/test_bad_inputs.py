@@ -246,3 +246,18 @@ def test_a_missing_data_package_is_one_line_naming_the_extra(capsys, monkeypatch
                              "--out", str(tmp_path / "s"))
     assert code != 0
     error_line(err, "--format saelens", "datasets", "[data]")
+
+
+def test_export_onto_a_full_disk_is_one_line_without_hdf5_tracebacks(tmp_path, organism_run):
+    """RLIMIT_FSIZE below the cache file's size: once, h5py printed a traceback for every object of the
+    failed file it freed before the one-line error."""
+    import resource
+
+    limit = 20_000
+    done = subprocess.run([sys.executable, "-m", "workbench", "export", str(organism_run), "--hooks", "blocks.*.hook_resid_post",
+                           "--out", str(tmp_path / "c.h5")], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)), cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("exported ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--resume" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and "HDF5-DIAG" not in done.stderr

@@ -314,9 +314,13 @@ def _refused_write(e: BaseException) -> int | None:
 @contextlib.contextmanager
 def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) -> Iterator[None]:
     """A write the file system refuses (full disk, full quota, a file-size limit) becomes one line
-    that says what is kept and what to do; other errors pass."""
+    that says what is kept and what to do (h5py's tracebacks as it frees the failed file's objects
+    dropped); other errors pass."""
+    from workbench.store.failed_writes import quiet_failed_writes
+
     try:
-        yield
+        with quiet_failed_writes():
+            yield
     except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
         code = _refused_write(e)
         if code is None:

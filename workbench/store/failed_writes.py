@@ -64,6 +64,17 @@ def skip_hdf5_teardown() -> None:
 
 
 @contextmanager
+def quiet_failed_writes() -> Iterator[None]:
+    """While inside, drop the tracebacks h5py prints as it frees the objects of a failed write (see
+    :func:`_drop_failed_write_noise`); after a failure they stay dropped (those objects are freed
+    later), after success the previous hooks are back."""
+    previous = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _drop_failed_write_noise, _drop_failed_write_traceback
+    yield
+    sys.unraisablehook, sys.excepthook = previous
+
+
+@contextmanager
 def write_errors(path: Path, action: str = "writing",
                  then: str = "finished batches are kept: make room and continue with --resume") -> Iterator[None]:
     """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line
