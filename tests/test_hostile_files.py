@@ -289,10 +289,36 @@ def test_control_characters_from_a_file_are_shown_never_obeyed(capsys, monkeypat
     _assert_no_control(out + err)
 
 
-def test_the_tui_shows_a_hostile_model_name_literally(tmp_path, clean_run):
-    from tui.literal import literal
+def test_the_tui_shows_text_from_a_hostile_file_literally(tmp_path):
+    """Sample ids and categories, the model name, the protocol, a probe's name, an instruction and
+    a response holding ESC sequences: the screen shows ␛, never the raw ESC a terminal obeys."""
+    import asyncio
 
-    assert "\x1b" not in literal(HOSTILE_TEXT).plain and "␛[2J" in literal(HOSTILE_TEXT).plain
+    from tui_support import build_run, wait_until
+
+    from tui.app import WorkbenchApp
+    from tui.screens.browse import SampleScreen
+
+    run = build_run(tmp_path / "run.h5", n_samples=4, n_rounds=2)
+    with h5py.File(run, "r+") as f:
+        f["samples/id"][0] = "evil\x1b[2J-0"
+        f["samples/category"][0] = "cat\x1b]0;pwned\x07"
+        f.attrs["model_name"] = HOSTILE_TEXT
+        f.move("probes/fair", "probes/p\x1b[31m")
+        f["rounds/response"][0, 0] = "the answer\x1b[2J is (a)"
+
+    async def main() -> str:
+        app = WorkbenchApp(run_path=run)
+        async with app.run_test(size=(120, 32)) as pilot:
+            await wait_until(pilot, lambda: isinstance(app.screen, SampleScreen) and app.screen.sample is not None, what="first sample")
+            await pilot.pause()
+            screen = app.export_screenshot()
+            assert app.failures == []
+            return screen
+
+    screen = asyncio.run(main())
+    assert "\x1b" not in screen and "\x07" not in screen
+    assert "␛[2J" in screen
 
 
 def test_report_and_analyze_on_a_probe_named_with_control_and_mathtext_characters(capsys, monkeypatch, tmp_path):

@@ -75,7 +75,7 @@ class SampleList(BaseStyleCache, ScrollView, can_focus=True):
         self.ids = tuple(i[len(self.prefix):] for i in ids)
         self.categories, self.correct, self.marks = categories, correct, marks
         self.id_width = max((len(i) for i in self.ids), default=1)
-        self.border_title = f"samples {self.prefix}…" if self.prefix else "samples"
+        self.border_title = visible(f"samples {self.prefix}…", newlines=False) if self.prefix else "samples"
 
     def set_visible(self, positions: np.ndarray, keep: int | None = None) -> None:
         """Show these positions; put the cursor on ``keep`` when it is among them, else on the first."""
