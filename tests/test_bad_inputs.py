@@ -248,6 +248,7 @@ def test_a_missing_data_package_is_one_line_naming_the_extra(capsys, monkeypatch
     error_line(err, "--format saelens", "datasets", "[data]")
 
 
+@pytest.mark.slow
 def test_export_onto_a_full_disk_is_one_line_without_hdf5_tracebacks(tmp_path, organism_run):
     """RLIMIT_FSIZE below the cache file's size: once, h5py printed a traceback for every object of the
     failed file it freed before the one-line error."""
