@@ -262,3 +262,27 @@ def test_export_onto_a_full_disk_is_one_line_without_hdf5_tracebacks(tmp_path, o
     lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("exported ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--resume" in lines[0], done.stderr
     assert "Traceback" not in done.stderr and "HDF5-DIAG" not in done.stderr
+
+
+def test_exporting_a_run_that_is_not_finished_says_what_it_holds(capsys, monkeypatch, tmp_path):
+    """A run interrupted after its first batch is read from its parts: the export says it covers
+    only the samples finished so far."""
+    from workbench.engine import batch as engine
+
+    real, calls = engine.run_batch, []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_batch", interrupt_second)
+    run = tmp_path / "run.h5"
+    code, _, err = workbench(capsys, monkeypatch, *ORGANISM_RUN, "--batch-size", "1", "--device", "cpu", "--out", str(run))
+    assert code == 130 and not run.exists(), err
+    monkeypatch.setattr(engine, "run_batch", real)
+    code, _, err = workbench(capsys, monkeypatch, "export", str(run), "--hooks", "blocks.0.hook_resid_post", "--out", str(tmp_path / "c.h5"))
+    assert code == 0, err
+    note = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "not finished" in note[0] and "1 of 2 samples" in note[0], err

@@ -661,8 +661,8 @@ def export_command(
         print(f"{out} is complete already (the export finished before it was stopped): nothing left to do", file=sys.stderr)
         return
     if running:
-        print(f"note: {run_path} is still running: exporting the {n_done} of {meta.get('n_samples')} samples finished now "
-              "(export again once it has finished for the rest)", file=sys.stderr)
+        print(f"note: {run_path} is not finished (still running, or stopped before its end): exporting the {n_done} of "
+              f"{meta.get('n_samples')} samples finished so far (export again once it has finished for the rest)", file=sys.stderr)
     wanted_rounds = parse_int_list(rounds, "--rounds")
     with _Progress() as reporter:
         export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),
