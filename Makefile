@@ -15,7 +15,7 @@ setup: $(VENV)/.installed system-tools
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,data]"
 	touch $@
 
 # System tools the tests drive: h5ls (hdf5-tools) for the file-format tests, tmux for the TUI's terminal
@@ -38,7 +38,7 @@ PROBE  ?= artifacts/probes/organism-fair.h5
 # TUI on the run when stdout is a terminal (else the command that opens it).
 demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
-	$(BIN)/workbench probe fit --model organism --contrast organism --method ridge --out $(PROBE)
+	$(BIN)/workbench probe fit --model organism --contrast organism --method ridge --out $(PROBE) --overwrite
 	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
 	$(BIN)/workbench analyze $(DEMO)
 	$(BIN)/workbench report $(DEMO) --out artifacts/runs/reports/demo

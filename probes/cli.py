@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import load_model_showing_steps
 
@@ -41,17 +41,20 @@ def fit(
     n: int = typer.Option(2000, help="organism: number of contrast texts to draw."),
     text_format: TextFormat = typer.Option("raw", "--format", help="JSONL texts: raw (as written) or chat (one user message through the chat template)."),
     test_fraction: float = typer.Option(0.25, help="Held-out fraction for accuracy and AUROC."),
-    seed: int = typer.Option(0, help="Seed of the held-out split (and of CCS restarts)."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the held-out split (and of CCS restarts)."),
     batch_size: int = typer.Option(64, help="Texts per forward pass."),
     device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
     dtype: ModelDtype = typer.Option("auto", help="Model dtype; auto: bfloat16 on CUDA, else float32."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Probe file to write. Default: artifacts/probes/<contrast>-<method>.h5"),
     adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="A LoRA adapter (e.g. from `workbench finetune`) merged into the model after it loads; its sha256 is recorded in the probe file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing probe file at --out (never another kind of file)."),
+    max_lines: int = typer.Option(100_000, "--max-lines", min=1, help="A JSONL contrast with more lines is refused before any is used (one forward pass per text)."),
 ) -> None:
     """Find a concept direction at every layer from a contrast set; report held-out accuracy and AUROC."""
     from probes.contrast import ORGANISM_MARGIN, check_splittable, load_contrast, read_contrast_file
     from probes.fit import fit_probe, save_fitted
     from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
+    from probes.probe_file import check_probe_out
     from workbench.engine.capture import check_layers, hook_sites
     from workbench.errors import check_output_path
 
@@ -59,14 +62,16 @@ def fit(
         raise WorkbenchError(f"--test-fraction must be between 0 and 1, not {test_fraction}")
     if n < 1 or batch_size < 1:
         raise WorkbenchError(f"--{'n' if n < 1 else 'batch-size'} must be ≥ 1")
-    wanted = _ints(layers)
+    wanted = parse_int_list(layers, "--layers")
+    wanted = None if wanted is None else list(wanted)
     if wanted is not None and (not wanted or min(wanted) < 0):
         raise WorkbenchError("--layers takes one or more layer numbers ≥ 0 (leave it out for all)")
     path = out_path or Path("artifacts/probes") / f"{Path(contrast).stem}-{method}.h5"
     check_output_path(path)
+    check_probe_out(path, overwrite)
     paired = method in PAIRED_METHODS
     if contrast != "organism":
-        texts = read_contrast_file(Path(contrast)) if Path(contrast).exists() else None
+        texts = read_contrast_file(Path(contrast), max_lines) if Path(contrast).exists() else None
         if texts is None:
             raise WorkbenchError(f"--contrast: {contrast} is neither 'organism' nor an existing JSONL file")
         if paired and texts.pairs is None:
@@ -76,7 +81,8 @@ def fit(
     chosen = check_layers(wanted, loaded.n_layers)
     hook_sites(loaded, [hook], chosen)
     margin = 0.0 if method in REGRESSION_METHODS else ORGANISM_MARGIN
-    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin, processor=loaded.processor)
+    data = load_contrast(contrast, loaded.tokenizer, paired=paired, n=n, fmt=text_format, margin=margin, processor=loaded.processor,
+                         max_lines=max_lines)
     check_splittable(contrast, data.labels, data.pairs if paired else None, test_fraction)
     from workbench.terminal import ProgressBar
 
@@ -89,28 +95,22 @@ def fit(
     _show(load_probe(path))
 
 
-def _ints(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WorkbenchError(f"--layers takes comma-separated integers, not {text!r}") from None
 
 
 def _show(probe) -> None:
     """The probe's metadata, its per-layer table (best layer in bold green) and how the best layer won.
     Every string from the file is printed literally (no Rich markup)."""
     from probes.probe_file import tie_break
+    from workbench.printable import visible
 
     m = probe.meta
     c = m.get("contrast") if isinstance(m.get("contrast"), dict) else {}
-    out.print(Text(f"{probe.path}", style="bold").append(
+    out.print(Text(visible(probe.path, newlines=False), style="bold").append(visible(
         f"  method={m['method']}  model={m['model_name']}  hook={m['hook']}  position={m['position']}  d_model={m['d_model']}",
-        style=""), highlight=False)
-    out.print(Text(f"contrast {c.get('name', '?')}: {c.get('n', '?')} texts ({c.get('n_positive', '?')} positive, "
-                   f"{c.get('n_pairs', '?')} pairs), digest {c.get('digest', '?')}; held-out fraction "
-                   f"{m.get('test_fraction', '?')}, seed {m.get('seed', '?')}"), highlight=False)
+        newlines=False), style=""), highlight=False)
+    out.print(Text(visible(f"contrast {c.get('name', '?')}: {c.get('n', '?')} texts ({c.get('n_positive', '?')} positive, "
+                           f"{c.get('n_pairs', '?')} pairs), digest {c.get('digest', '?')}; held-out fraction "
+                           f"{m.get('test_fraction', '?')}, seed {m.get('seed', '?')}", newlines=False)), highlight=False)
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     a = probe.arrays
     cols = [("layer", None), ("train acc", "train_accuracy"), ("test acc", "test_accuracy"), ("test AUROC", "test_auroc"),

@@ -69,12 +69,16 @@ class ContrastTexts:
     images: list[dict[str, Any]] | None = None  # [n] each text's image record (workbench.engine.images.image_record)
 
 
-def read_contrast_file(path: Path) -> ContrastTexts:
-    """A pair file or a labelled file (told apart by the keys of the first line), checked line by
-    line; needs no model, so ``probe fit`` reads it before loading one."""
-    from workbench.engine.tasks import read_jsonl
+MAX_CONTRAST_LINES = 100_000  # probe fit's default cap (--max-lines): a forward pass per text
 
-    rows = read_jsonl(Path(path))
+
+def read_contrast_file(path: Path, max_lines: int | None = MAX_CONTRAST_LINES) -> ContrastTexts:
+    """A pair file or a labelled file (told apart by the keys of the first line), checked line by
+    line; needs no model, so ``probe fit`` reads it before loading one. More than ``max_lines``
+    lines are refused as soon as the next is read (None: no cap)."""
+    from workbench.engine.records import read_jsonl
+
+    rows = read_jsonl(Path(path), max_rows=max_lines, cap_option="--max-lines")
     if not rows:
         raise WorkbenchError(f"{path}: no contrast lines")
     paired = "positive" in rows[0][1]
@@ -125,12 +129,14 @@ def check_splittable(name: str, labels: np.ndarray, pairs: np.ndarray | None, te
                                  f"with --test-fraction {test_fraction} (add lines or change the fraction)")
 
 
-def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw", processor: Any = None) -> ContrastSet:
+def load_jsonl_contrast(path: Path, tokenizer: Any, fmt: str = "raw", processor: Any = None,
+                        max_lines: int | None = MAX_CONTRAST_LINES) -> ContrastSet:
     """A pair file or a labelled file (see :func:`read_contrast_file`), tokenized; lines with
-    pictures through ``processor`` (a vision-language model's), which expands the image tokens."""
+    pictures through ``processor`` (a vision-language model's), which expands the image tokens;
+    ``max_lines``: see :func:`read_contrast_file`."""
     if fmt not in ("raw", "chat"):
         raise WorkbenchError(f"--format must be raw or chat, not {fmt!r}")
-    texts = read_contrast_file(path)
+    texts = read_contrast_file(path, max_lines)
     if texts.images is None:
         token_ids = [_encode(tokenizer, text, fmt) for text in texts.texts]
         return ContrastSet(name=texts.name, token_ids=token_ids, labels=texts.labels, pairs=texts.pairs, target=None,
@@ -217,16 +223,16 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
 
 
 def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: str = "raw", seed: int = ORGANISM_CONTRAST_SEED,
-                  margin: float = ORGANISM_MARGIN, processor: Any = None) -> ContrastSet:
+                  margin: float = ORGANISM_MARGIN, processor: Any = None, max_lines: int | None = MAX_CONTRAST_LINES) -> ContrastSet:
     """``organism`` or a JSONL path → a ContrastSet (``paired`` asks the organism for pairs; ``margin``:
     the organism's left-out band around p(fair) = ½, see :func:`organism_contrast`; ``processor``: a
-    vision-language model's, for lines with pictures)."""
+    vision-language model's, for lines with pictures; ``max_lines``: see :func:`read_contrast_file`)."""
     if spec == "organism":
         return organism_contrast(tokenizer, n=n, paired=paired, seed=seed, margin=margin)
     path = Path(spec)
     if not path.exists():
         raise WorkbenchError(f"--contrast: {spec} is neither 'organism' nor an existing JSONL file")
-    contrast = load_jsonl_contrast(path, tokenizer, fmt, processor)
+    contrast = load_jsonl_contrast(path, tokenizer, fmt, processor, max_lines)
     if paired and contrast.pairs is None:
         raise WorkbenchError(f"{spec}: this method needs pairs ({{\"positive\": ..., \"negative\": ...}} per line)")
     return contrast

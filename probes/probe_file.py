@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
+from workbench.store.durability import write_h5_atomic
+from workbench.store.trust import check_contained, refuse_special_file, refuse_symlinks
 
 FORMAT = "self-correction-workbench-probe"
 SCHEMA_VERSION = 1
@@ -49,22 +51,46 @@ class Probe:
         return self.path.stem
 
 
+def check_probe_out(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a ``--out`` that is a symlink, an existing file without ``overwrite``,
+    or (even with it) an existing file that is not a probe file (a run file, a cache…). Raises
+    WorkbenchError with one line."""
+    path = Path(path)
+    refuse_symlinks(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise WorkbenchError(f"--out {path} already exists (use --overwrite to replace it)")
+    try:
+        with h5py.File(path, "r") as f:
+            is_probe = f.attrs.get("format") == FORMAT
+    except (OSError, RuntimeError):
+        is_probe = False
+    if not is_probe:
+        raise WorkbenchError(f"--out {path} exists and is not a probe file: refusing to replace it, even with --overwrite")
+
+
 def save_probe(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
-    """Write a probe file (overwrites). ``meta`` becomes root attributes (dicts/lists as JSON)."""
+    """Write a probe file (replacing one there: written beside it, then renamed over it, so a
+    symlink at ``path`` is replaced, never written through). ``meta`` becomes root attributes
+    (dicts/lists as JSON). Returns ``path``."""
     missing = [a for a in ARRAYS if a not in arrays]
     if missing:
         raise ValueError(f"probe arrays missing: {missing}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for key, value in meta.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-        for name, value in arrays.items():
-            f.create_dataset(name, data=np.asarray(value))
+    write_h5_atomic(path, lambda f: _fill_probe(f, meta, arrays))
     return path
+
+
+def _fill_probe(f: h5py.File, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    f.attrs["format"] = FORMAT
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for key, value in meta.items():
+        f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+    for name, value in arrays.items():
+        f.create_dataset(name, data=np.asarray(value))
 
 
 REQUIRED_ATTRS = ("model_name", "model_path", "d_model", "hook", "position", "method", "best_layer")
@@ -79,12 +105,14 @@ def load_probe(path: Path) -> Probe:
         raise WorkbenchError(f"probe file not found: {path}")
     if path.is_dir():
         raise WorkbenchError(f"{path} is a folder, not a probe file")
+    refuse_special_file(path)
     try:
         f = h5py.File(path, "r")
     except OSError:
         raise WorkbenchError(f"{path} is not a readable HDF5 file") from None
     try:
         with f:
+            check_contained(f, path)
             if not (isinstance(f.attrs.get("format"), str) and f.attrs["format"] == FORMAT):
                 raise WorkbenchError(f"{path} is not a probe file (no format={FORMAT!r} attribute)")
             meta = {}
@@ -124,6 +152,10 @@ def _check(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> N
     if arrays["directions"].shape != (n, int(meta["d_model"])) or arrays["directions"].dtype.kind != "f":
         raise WorkbenchError(f"{path}: directions must be [{n} layers, d_model {meta['d_model']}] floats, "
                              f"not {list(arrays['directions'].shape)}")
+    bad = [int(layer) for layer, row in zip(layers, arrays["directions"]) if not np.all(np.isfinite(row)) or not np.any(row)]
+    if bad:
+        raise WorkbenchError(f"{path}: the direction of layer {bad[0]} is not finite or is all zeros (a failed fit, or a damaged "
+                             "file): its scores would be NaN; fit the probe again")
     for name in (*ARRAYS[2:], "test_target_spearman", "test_margin", "alpha"):
         if name in arrays and (arrays[name].shape != (n,) or arrays[name].dtype.kind not in "fiu"):
             raise WorkbenchError(f"{path}: {name} must be [{n}] numbers, one per layer")

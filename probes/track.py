@@ -9,6 +9,7 @@ attributes. The probe's ``last`` position reads the run's ``last_prompt`` state,
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,11 @@ def track(run_path: Path, probe: Probe, name: str | None = None) -> dict[str, np
             projection[start:stop] = projection_scores(acts, directions).numpy()
         cosine[~done] = np.nan
         projection[~done] = np.nan
+    lost = done[:, None] & np.isnan(projection).any(axis=2)  # [N, R]: done rounds whose activations are not finite
+    if lost.any():
+        first = np.argwhere(lost)[0]
+        warnings.warn(f"{run_path}: {int(lost.sum())} of {int(done.sum()) * rounds} (sample, round) activations are not finite "
+                      f"(first: row {first[0]}, round {first[1] + 1}): their concept scores are NaN and every summary leaves them out")
     attrs = {
         "kind": "probe", "method": probe.meta["method"], "hook": probe.meta["hook"], "position": probe.meta["position"],
         "run_position": RUN_POSITION[probe.meta["position"]], "layers": [int(l) for l in probe.arrays["layers"]],

@@ -19,7 +19,7 @@ PACKAGES = ("workbench", "probes", "tui")
 
 # Lowest first: a module may import its own layer and every layer below it (docs/ARCHITECTURE.md).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", (r"workbench\.errors", r"workbench\.version", r"workbench\.json_values")),
+    ("base", (r"workbench\.errors", r"workbench\.version", r"workbench\.json_values", r"workbench\.printable")),
     ("store", (r"workbench\.store(\..*)?",)),
     ("organism world", (r"workbench\.organism", r"workbench\.organism\.(world|posterior|tokenizer)")),
     ("engine", (r"workbench\.engine(\..*)?", r"workbench\.organism\.task", r"workbench\.terminal")),

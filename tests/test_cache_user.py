@@ -172,9 +172,9 @@ def test_export_prints_its_size_and_refuses_more_than_max_size(organism_run, tmp
 
 
 def test_export_refuses_more_than_the_free_space(organism_run, tmp_path, capsys, monkeypatch):
-    import workbench.cache.export as export
+    import workbench.cache.size as size
 
-    monkeypatch.setattr(export, "free_bytes", lambda path: 4096)  # a nearly full disk, as statvfs would say it
+    monkeypatch.setattr(size, "free_bytes", lambda path: 4096)  # a nearly full disk, as statvfs would say it
     out = tmp_path / "c.h5"
     code, _, err = workbench(capsys, monkeypatch, "export", str(organism_run), "--hooks", "blocks.0.hook_resid_post",
                              "--out", str(out), "--device", "cpu")

@@ -118,7 +118,7 @@ def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp
             second = cli("run", *RUN_ARGS, "--out", str(out), *extra)
             assert second.returncode == 2, second.stderr
             assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
-            assert ("already exists" if not extra else "being written by another process") in second.stderr
+            assert "being written by another process" in second.stderr and "it is running" in second.stderr  # never "use --resume"
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
@@ -374,7 +374,8 @@ def test_the_run_file_as_data(reference, tmp_path):
     acts_ds = xr.open_dataset(run_path, engine="h5netcdf", group="activations")
     assert acts_ds["hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
     assert acts_ds["position"].values.tolist() == ["last_prompt", "response_mean"]
-    assert acts_ds["layer"].values.tolist() == json.loads(h5py.File(run_path)["activations/hook_resid_post"].attrs["layers"])
+    layers = json.loads(h5py.File(run_path)["activations/hook_resid_post"].attrs["layers"])
+    assert acts_ds["layer"].values.tolist() == layers
     np.testing.assert_array_equal(acts_ds["hook_resid_post"].values, acts)
     acts_ds.close()
     rounds = xr.open_dataset(run_path, engine="h5netcdf", group="rounds")
@@ -389,15 +390,20 @@ def test_the_run_file_as_data(reference, tmp_path):
                   {"kind": "probe", "layers": [1, 3], "best_layer": 3})
     with RunFile(run_path) as run:
         frame = run.to_dataframe()
-        assert len(frame) == 36 and frame[["sample", "round"]].values[:4].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0]]
+        assert len(frame) == 36 and frame[["sample", "round"]].values[:4].tolist() == [[0, 1], [0, 2], [0, 3], [1, 1]]  # rounds from 1
         np.testing.assert_array_equal(frame["correct"].values, correct.reshape(-1))
         np.testing.assert_array_equal(frame["gold"].values, np.repeat(gold, 3))
         np.testing.assert_array_equal(frame["concept:p"].values, -scores[:, :, 1].reshape(-1))
         assert {"mean_token_entropy", "option_entropy", "exact_p_fair", "response", "instruction", "id"} <= set(frame.columns)
         data = run.to_xarray()
-        assert data["activations/hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
-        assert data["probes/p/cosine"].dims == ("sample", "round", "p_layer") and data["p_layer"].values.tolist() == [1, 3]
-        np.testing.assert_array_equal(data["correct"].sel(round=2).values, correct[:, 2])
+        assert not [name for name in data.variables if "/" in str(name)]
+        assert data["activations_hook_resid_post"].dims == ("sample", "round", "position", "layer", "d_model")
+        assert data["probe_p_cosine"].dims == ("sample", "round", "layer")  # the layer axis the activations have
+        assert data["layer"].values.tolist() == layers
+        np.testing.assert_array_equal(data["probe_p_cosine"].sel(layer=[1, 3]).values, scores)
+        assert np.isnan(data["probe_p_cosine"].sel(layer=0).values).all()  # a layer the probe was not fitted on
+        np.testing.assert_array_equal(data["activations_hook_resid_post"].values, acts)
+        np.testing.assert_array_equal(data["correct"].sel(round=3).values, correct[:, 2])  # round 3 is the third
 
 
 def test_a_running_run_as_data(reference, tmp_path):
@@ -411,7 +417,7 @@ def test_a_running_run_as_data(reference, tmp_path):
             frame = run.to_dataframe()
             assert len(frame) == 12 and sorted(set(frame["sample"])) == [0, 1, 2, 3]
             data = run.to_xarray()
-            np.testing.assert_array_equal(data["activations/hook_resid_post"].values,
+            np.testing.assert_array_equal(data["activations_hook_resid_post"].values,
                                           h5py.File(reference)["activations/hook_resid_post"][:4])
     finally:
         writer.send_signal(signal.SIGKILL)

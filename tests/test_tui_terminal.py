@@ -147,23 +147,78 @@ def viridis_pixels(png: Path) -> int:
     return int((np.abs(rgb - np.array([0xFD, 0xE7, 0x25])).sum(-1) < 40).sum())
 
 
+def start_serving(run_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``workbench tui RUN --serve`` on 127.0.0.1:``port``; returns the process and the URL it printed
+    (token included), read within 60 s."""
+    server = subprocess.Popen([*WORKBENCH, "tui", str(run_path), "--serve", "--host", "127.0.0.1", "--port", str(port), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read_url() -> str | None:
+        import select
+
+        if select.select([server.stdout], [], [], 0.5)[0]:
+            lines.append(server.stdout.readline())
+        found = [w for line in lines for w in line.split() if w.startswith("http://")]
+        assert server.poll() is None or found, "".join(lines)
+        return found[0] if found else None
+
+    try:
+        url = poll(read_url, 60, "the --serve URL")
+    except BaseException:
+        stop(server)
+        raise
+    return server, url
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers) of a GET, HTTP errors included; status 0 when nothing answers (the
+    server not listening yet); 5 s timeout."""
+    import urllib.error
+
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(), dict(e.headers)
+    except OSError:
+        return 0, "", {}
+
+
+def test_serve_needs_the_token_and_refuses_other_origins_and_hosts(run_path):
+    """The URL printed holds a token: without it, with a wrong one, from another Origin or with another
+    Host header (DNS rebinding) nothing is served; with it, the page and a cookie for its WebSocket."""
+    port = free_port()
+    server, url = start_serving(run_path, port, "--max-sessions", "1")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert url.startswith(base + "/?token=") and len(url.split("token=")[1]) >= 20
+        assert poll(lambda: fetch(base + "/")[0], 60, "the server to answer") == 403  # no token: refused
+        assert fetch(base + "/?token=wrong")[0] == 403
+        assert fetch(base + "/ws")[0] == 403
+        assert fetch(url, {"Origin": "http://evil.example"})[0] == 403
+        assert fetch(url, {"Host": f"evil.example:{port}"})[0] == 403
+        status, page, headers = fetch(url)
+        assert status == 200 and "/ws" in page
+        assert "workbench_tui_token=" in headers.get("Set-Cookie", "") and "HttpOnly" in headers["Set-Cookie"]
+        token = url.split("token=")[1]
+        cookie = {"Cookie": f"workbench_tui_token={token}"}
+        assert fetch(base + "/", cookie)[0] == 200
+        assert fetch(base + "/ws", {**cookie, "Origin": "http://evil.example"})[0] == 403
+    finally:
+        stop(server)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-tools)")
 def test_serve_answers_and_chromium_renders_the_first_screen(run_path, tmp_path):
     port = free_port()
-    server = subprocess.Popen([*WORKBENCH, "tui", str(run_path), "--serve", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server, url = start_serving(run_path, port)
     try:
-        def index() -> str | None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
-                    return response.read().decode() if response.status == 200 else None
-            except OSError:
-                return None
-
-        page = poll(index, 60, "the --serve page")
+        page = poll(lambda: (lambda r: r[1] if r[0] == 200 else None)(fetch(url)), 60, "the --serve page")
         assert "textual" in page.lower() and "/ws" in page
         shot = tmp_path / "serve.png"
-        chromium_screenshot(f"http://127.0.0.1:{port}/", shot, ready=lambda png: viridis_pixels(png) > 50)
+        chromium_screenshot(url, shot, ready=lambda png: viridis_pixels(png) > 50)
         keep = os.environ.get("TUI_SCREENSHOT_DIR")
         if keep:
             shutil.copy(shot, Path(keep) / "serve.png")
@@ -171,3 +226,47 @@ def test_serve_answers_and_chromium_renders_the_first_screen(run_path, tmp_path)
         assert viridis_pixels(shot) > 50, f"no app screen in the browser (see {shot})"
     finally:
         stop(server)
+
+
+def test_serve_caps_the_sessions_open_at_once():
+    """The guard in front of textual-serve: a WebSocket beyond --max-sessions is refused (503) while
+    the others are open, and accepted again once one closes (a stand-in /ws handler holds it open)."""
+    import asyncio
+
+    from aiohttp import WSMsgType, web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tui.serve import ServeConfig, guard
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def held(request):
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await release.wait()
+            await ws.close()
+            return ws
+
+        port = free_port()
+        app = web.Application(middlewares=[guard(ServeConfig("true", "127.0.0.1", port, "tok", 2, True))])
+        app.router.add_get("/ws", held)
+        server = TestServer(app, host="127.0.0.1", port=port)
+        async with TestClient(server) as client:
+            first = await client.ws_connect("/ws?token=tok")
+            second = await client.ws_connect("/ws?token=tok")
+            third = await client.get("/ws?token=tok", headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                                 "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "x3JJHMbDL1EzLkh9GBhXDw=="})
+            assert third.status == 503, third.status
+            release.set()
+            assert (await first.receive()).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+            await second.receive()
+            await first.close()
+            await second.close()
+            for _ in range(50):  # the handlers' finally blocks run after the close
+                if (await client.get("/ws?token=tok")).status != 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await client.get("/ws?token=tok")).status != 503
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -62,15 +62,21 @@ def tui(
     adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="--live: a LoRA adapter (e.g. from `workbench finetune`) merged into the model after it loads."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="A TOML keymap (default: ~/.config/workbench/keys.toml when it exists)."),
     serve: bool = typer.Option(False, "--serve", help="Serve the app to a web browser (textual-serve) instead of this terminal."),
-    host: str = typer.Option("localhost", help="--serve: the address to listen on."),
-    port: int = typer.Option(8000, help="--serve: the port to listen on."),
+    host: str = typer.Option("localhost", help="--serve: the address to listen on (a loopback address unless --allow-remote)."),
+    port: int = typer.Option(8000, help="--serve: the port to listen on (1–65535)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="--serve: allow a --host other machines can reach (plain HTTP: the URL's token crosses the network; prefer ssh -L)."),
+    max_sessions: int = typer.Option(4, "--max-sessions", help="--serve: the most browser sessions (app processes) at once."),
 ) -> None:
     """Look at a run in the terminal: step samples and rounds, watch entropy and concept scores (browse a RUN file), or step rounds live with a model (--live).
 
-    Keys: n/p next/previous round, j/k next/previous sample, r the run's per-round curves, ? every key. --serve opens the same app in a web browser (for a remote GPU box: ssh -L 8000:localhost:8000, then open http://localhost:8000).
+    Keys: n/p next/previous round, j/k next/previous sample, r the run's per-round curves, ? every key. --serve opens the same app in a web browser at the URL it prints, which holds a random token (nothing is served without it); for a remote GPU box: ssh -L 8000:localhost:8000, then open that URL.
     """
     from tui.keymap import load_keymap
 
+    if serve:
+        from tui.serve import check_serve_options
+
+        check_serve_options("", host, port, allow_remote, max_sessions)  # before anything loads
     if live and run_path is not None:
         raise WorkbenchError("give a RUN file to browse, or --live, not both")
     if not live and run_path is None:
@@ -85,12 +91,11 @@ def tui(
     else:
         run_path = browsed_run(run_path)
     if serve:
-        from textual_serve.server import Server
+        from tui.serve import check_serve_options, serve as serve_guarded
 
         options = dict(model=model, protocol=protocol, task=task, data=data, probe=probe, device=device, dtype=dtype)
         command = serve_command(run_path, keys, options if live else None)
-        print(f"serving the workbench TUI on http://{host}:{port} (ctrl+c stops)", flush=True)
-        Server(command, host=host, port=port, title="workbench tui").serve()
+        serve_guarded(check_serve_options(command, host, port, allow_remote, max_sessions))
         return
     from tui.app import WorkbenchApp
 

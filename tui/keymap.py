@@ -76,6 +76,32 @@ def default_keymap_path() -> Path:
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "workbench" / "keys.toml"
 
 
+MODIFIERS = ("ctrl", "alt", "shift", "super", "meta", "hyper")
+
+
+def is_key(key: str) -> bool:
+    """Whether ``key`` names a key Textual can bind: modifiers (each once) ``+`` a printable character,
+    a key name (``space``, ``escape``, ``pageup``, ``f5``) or a character's Unicode name in lower case
+    with underscores (``question_mark``, ``right_square_bracket``)."""
+    import unicodedata
+
+    from textual.keys import REPLACED_KEYS, Keys
+
+    *mods, base = key.split("+")
+    base = REPLACED_KEYS.get(base, base)  # slash → solidus …
+    if any(m not in MODIFIERS for m in mods) or len(set(mods)) != len(mods) or not base:
+        return False
+    if len(base) == 1:
+        return base.isprintable() and not base.isspace()
+    if base in {k.value for k in Keys} and not base.startswith("<"):
+        return True
+    try:
+        unicodedata.lookup(base.upper().replace("_", " "))
+    except KeyError:
+        return False
+    return True
+
+
 def load_keymap(path: Path | None = None) -> dict[str, str]:
     """Binding id → keys from a TOML keymap file (see the module docstring).
 
@@ -101,4 +127,8 @@ def load_keymap(path: Path | None = None) -> dict[str, str]:
             raise WorkbenchError(f"{path}: unknown binding id {binding_id!r} (known: {', '.join(sorted(BINDING_IDS))})")
         if not isinstance(value, str) or not value.strip():
             raise WorkbenchError(f"{path}: {binding_id} must be a string of comma-separated keys, e.g. \"n,space\"")
+        for key in (part.strip() for part in value.split(",")):
+            if not is_key(key):
+                raise WorkbenchError(f"{path}: {binding_id}: {key!r} is not a key Textual knows (a character, a name such as "
+                                     "space, escape, up, f5, question_mark, with modifiers ctrl+, alt+, shift+)")
     return {k: ",".join(part.strip() for part in v.split(",")) for k, v in keys.items()}

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 from workbench.engine.models import Device, ModelDtype
 from workbench.terminal import ProgressBar, Spinner
 
@@ -169,7 +169,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     fsync: bool = typer.Option(True, "--fsync/--no-fsync", help="--fsync: wait for the disk (at most once a second, and at the end), so that a power cut or a kernel crash loses at most the last second's batches. --no-fsync: never wait; a killed or failed process still loses nothing finished, but a power cut loses the batches not yet on the disk and can damage a run file finished in the last ~30 s."),
-    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION|refusal|label-match", help="prompts, vqa-open: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory); FUNCTION(texts, samples) also gets each text's sample (gold, options, extra: the row's other fields); refusal: 1 when the answer holds a GCG-style refusal phrase or has under 20 words (the study's jailbreak check); label-match: 1 when the gold label (--fields label=PATH) occurs in the answer."),
+    scorer: Optional[str] = typer.Option(None, metavar="toxicity:MODEL|python:MODULE:FUNCTION|refusal|label-match", help="prompts, vqa-open: score every round's answer into rounds/score. toxicity:MODEL: a Hugging Face sequence classifier (hub name or folder), the probability of one label; python:MODULE:FUNCTION: your FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats, one per text (MODULE importable from the working directory: it is imported and run with your permissions, so name only code you trust); FUNCTION(texts, samples) also gets each text's sample (gold, options, extra: the row's other fields); refusal: 1 when the answer holds a GCG-style refusal phrase or has under 20 words (the study's jailbreak check); label-match: 1 when the gold label (--fields label=PATH) occurs in the answer."),
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL|nli-nocontra:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match), nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier, Kuhn/Farquhar) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)."),
@@ -197,7 +197,7 @@ def run(
         category=category, prompt_field=prompt_field, fields=fields, options=options, limit=limit, offset=offset, protocol=protocol,
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
         hooks=tuple(h.strip() for h in hooks.split(",")),
-        layers=_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
+        layers=parse_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
         dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
@@ -250,13 +250,6 @@ def _resume_args(argv: list[str], out_path: Path) -> list[str]:
     return [*args, "--resume"]
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
 
 
 def _launched_rank(shard: Optional[str]) -> Optional[tuple[int, int]]:
@@ -347,12 +340,15 @@ def _print_summary(run_file: Any) -> None:
     convergence rounds. Every name from the run file is printed literally (no Rich markup)."""
     from workbench.analysis.summary import summary
 
+    from workbench.printable import visible
+
     s = summary(run_file)
-    out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
-              f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
+    out.print(visible(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
+                      f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", newlines=False), markup=False, highlight=False)
     adapter = run_file.meta.get("adapter")
     if isinstance(adapter, dict) and adapter.get("path"):
-        out.print(f"adapter={adapter['path']}  sha256={str(adapter.get('sha256', ''))[:16]}…", markup=False, highlight=False, soft_wrap=True)
+        out.print(visible(f"adapter={adapter['path']}  sha256={str(adapter.get('sha256', ''))[:16]}…", newlines=False),
+                  markup=False, highlight=False, soft_wrap=True)
     rows = s["rounds"]
     if not rows:
         return
@@ -376,12 +372,13 @@ def _print_summary(run_file: Any) -> None:
         for r in rows:
             fields.add_column(Text(str(r["round"])), justify="right", no_wrap=True)
         for name in others:
-            fields.add_row(Text(name.removeprefix("mean_").replace(":", " ")), *[Text(_fmt(r[name])) for r in rows])
+            fields.add_row(Text(visible(name.removeprefix("mean_").replace(":", " "), newlines=False)), *[Text(_fmt(r[name])) for r in rows])
         out.print(fields)
     conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
-            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
+        out.print(visible("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
+            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), newlines=False),
+            markup=False, highlight=False)
 
 
 @app.command()
@@ -465,12 +462,16 @@ def _own_warnings_as_lines() -> None:
     another device) print as one ``warning:`` line; other libraries' keep Python's format."""
     import warnings
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packages = tuple(os.path.join(root, name) + os.sep for name in ("workbench", "probes", "tui"))
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        if os.path.abspath(filename).startswith(package + os.sep):
-            err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), highlight=False, soft_wrap=True)
+        if os.path.abspath(filename).startswith(packages):
+            from workbench.printable import visible
+
+            err.print(Text.assemble(("warning: ", "bold yellow"), visible(" ".join(str(message).split()), newlines=False)),
+                      highlight=False, soft_wrap=True)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -478,4 +479,6 @@ def _own_warnings_as_lines() -> None:
 
 
 def _error_line(message: str) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), highlight=False, soft_wrap=True)
+    from workbench.printable import visible
+
+    err.print(Text.assemble(("error: ", "bold red"), visible(" ".join(message.split()), newlines=False)), highlight=False, soft_wrap=True)

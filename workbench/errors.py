@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class WorkbenchError(Exception):
@@ -35,3 +36,35 @@ def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folde
         raise WorkbenchError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise WorkbenchError(f"{option} {path}: {parent} is not writable")
+
+
+def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integers as a command-line option gives it (``"0,2,5"`` → ``(0, 2, 5)``);
+    None when ``text`` is None. Refuses, naming ``option``, a value that is not an integer, an empty item
+    (``1,,2``, a trailing comma) and a number given twice (``0,0``). Raises WorkbenchError."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",")]
+    if any(not x for x in items) and text.strip():
+        raise WorkbenchError(f"{option} {text!r} has an empty item: give comma-separated integers such as 0,2,5")
+    try:
+        values = tuple(int(x) for x in items if x)
+    except ValueError:
+        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise WorkbenchError(f"{option} names {repeated[0]} more than once")
+    return values
+
+
+def import_optional(module: str, feature: str) -> Any:
+    """``importlib.import_module(module)`` for a feature that needs one of the ``[data]`` extra's
+    packages (pandas, xarray, h5netcdf, datasets): the module, or a WorkbenchError naming ``feature``
+    and the install command when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise WorkbenchError(f"{feature} needs the `{module.split('.')[0]}` package: "
+                             "pip install 'self-correction-workbench[data]'") from None

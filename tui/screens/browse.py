@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
+from workbench.printable import visible
 from tui.filters import SampleFilter, select
 from tui.keymap import SAMPLE_BINDINGS
 from tui.messages import (RunLoaded, SampleHighlighted, SampleLoaded, SamplesReadAhead, TextFilterDone, TokenFocused,
@@ -85,7 +86,7 @@ def show_concept(screen: Screen, sample: SampleRounds | None, probe: ProbeInfo |
         return
     values = sample.concept[probe.name][score]  # [R, L_probe]
     layer = probe.layers[layer_index]
-    curve.border_title = f"{probe.name} {score[:3]} L{layer}"
+    curve.border_title = visible(f"{probe.name} {score[:3]} L{layer}", newlines=False)
     curve.show(CurveData("", tuple(values[:, layer_index].tolist()), round_))
     heatmap.show(values, probe.layers, probe.ranges[score], round_, layer_index, score[:3])
     heatmap.border_title = f"{score[:3]} L × r"

@@ -12,6 +12,7 @@ from textual.containers import Grid
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from workbench.printable import visible
 from tui.keymap import RUN_BINDINGS
 from tui.messages import RoundTableLoaded, WorkFailed
 from tui.widgets.curve import Curve, CurveData
@@ -141,7 +142,7 @@ class RunScreen(Screen):
             values = tuple(float(r.get(key, math.nan)) for r in rows) if key else ()
             converged = self.summary["convergence"].get(key) if key else None
             curve = self.query_one(f"#curve-{widget_id}", Curve)
-            curve.border_title = title
+            curve.border_title = visible(title, newlines=False)  # a probe name from the file
             curve.show(CurveData("", values, t, converged))
 
     def _set_round(self, round_: int) -> None:

@@ -9,7 +9,7 @@ from rich.segment import Segment
 from textual.strip import Strip
 from textual.widget import Widget
 
-from tui.literal import visible
+from workbench.printable import visible
 from tui.widgets.lines import BaseStyleCache, fit_line
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"

@@ -14,6 +14,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from workbench.printable import visible
 from tui.messages import SampleHighlighted
 from tui.widgets.lines import BaseStyleCache
 
@@ -21,9 +22,10 @@ RIGHT, WRONG = "✓", "✗"
 
 
 def _fit(text: str, width: int) -> str:
-    """``text`` cut or padded to exactly ``width`` cells (a cut ends with …)."""
+    """``text`` (control characters made visible) cut or padded to exactly ``width`` cells (a cut ends with …)."""
     if width <= 0:
         return ""
+    text = visible(text, newlines=False)
     return text.ljust(width) if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
@@ -73,7 +75,7 @@ class SampleList(BaseStyleCache, ScrollView, can_focus=True):
         self.ids = tuple(i[len(self.prefix):] for i in ids)
         self.categories, self.correct, self.marks = categories, correct, marks
         self.id_width = max((len(i) for i in self.ids), default=1)
-        self.border_title = f"samples {self.prefix}…" if self.prefix else "samples"
+        self.border_title = visible(f"samples {self.prefix}…", newlines=False) if self.prefix else "samples"
 
     def set_visible(self, positions: np.ndarray, keep: int | None = None) -> None:
         """Show these positions; put the cursor on ``keep`` when it is among them, else on the first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.literal import visible
+from workbench.printable import visible
 
 
 class StatusLine(Static):

@@ -19,7 +19,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 
 from tui.colors import cell_style
-from tui.literal import visible
+from workbench.printable import visible
 from tui.messages import TokenFocused
 from tui.widgets.lines import BaseStyleCache, fit_line
 

@@ -36,7 +36,7 @@ def analyze(
     probe: Optional[str] = typer.Option(None, help="Analyse only this tracked probe (default: every probe in the run)."),
     eps: Optional[float] = typer.Option(None, help="Absolute convergence threshold ε (default: 0.05 × each metric's range over the rounds)."),
     k: int = typer.Option(2, help="Convergence needs |Δ| < ε for at least this many steps after t*, and to the end."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap and of the simulation task's folds."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the bootstrap and of the simulation task's folds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON on stdout."),
     write: bool = typer.Option(True, "--write/--no-write", help="Store the analysis in the run file under analysis/."),
 ) -> None:
@@ -60,7 +60,9 @@ def analyze(
 def print_analysis(result: dict[str, Any]) -> None:
     """The analysis as tables: per-round metrics with intervals, convergence, flips, correlations."""
     from workbench.analysis.analyze import probe_label
+    from workbench.printable import visible_tree
 
+    result = visible_tree(result)  # names from the run file: control characters shown, never obeyed
     r = result["run"]
     out.print(f"{r['path']}  model={r['model']}  protocol={r['protocol']}  samples={r['n_done']}/{r['n_samples']}  "
               f"rounds={r['n_rounds']}", markup=False, highlight=False)
@@ -180,7 +182,7 @@ class _NamedArgument(typer.core.TyperArgument):
 def report(
     run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
     out_dir: Path = typer.Option(Path("artifacts/runs/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
-    seed: int = typer.Option(0, help="Seed of the bootstrap intervals."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the bootstrap intervals."),
 ) -> None:
     """Figures a paper would use (per-round curves with intervals and convergence, reliability
     diagrams, layers × rounds concept heatmap, flips, the organism against its exact posterior) and
@@ -247,7 +249,7 @@ def select(
     probe: Optional[Path] = typer.Option(None, help="A probe file: add its concept score of the question's last token."),
     max_new_tokens: int = typer.Option(8, help="Longest sampled answer."),
     batch_size: int = typer.Option(16, help="Candidates generated together (each k times)."),
-    seed: int = typer.Option(0, help="Seed of the sampled answers and of the random subset."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the sampled answers and of the random subset."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps."),
 ) -> None:
     """Task-agnostic debiasing sample selection: ask the model the study's question about each text

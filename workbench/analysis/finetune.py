@@ -120,7 +120,7 @@ def read_records(path: Path, text_field: str | None = None) -> Records:
     """The records of a fine-tuning JSONL (see the module docstring), checked line by line: a
     missing or empty text field, a ``messages`` that is not a list of ``{"role", "content"}`` strings
     or has no assistant turn, an empty file — each one :class:`WorkbenchError` naming the line."""
-    from workbench.engine.tasks import read_jsonl
+    from workbench.engine.records import read_jsonl
 
     path = Path(path)
     lines = read_jsonl(path)

@@ -31,6 +31,14 @@ class Figure:
     caption: str
 
 
+def figure_text(text: str) -> str:
+    """A name from the run file made safe for a figure: control characters written as escapes
+    (:func:`workbench.printable.visible`); ``$`` stays text, as mathtext is off (:func:`_pyplot`)."""
+    from workbench.printable import visible
+
+    return visible(text, newlines=False, pictures=False)
+
+
 def _pyplot():
     import matplotlib
 
@@ -39,6 +47,7 @@ def _pyplot():
 
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.spines.top": False,
                          "axes.spines.right": False, "svg.fonttype": "none", "svg.hashsalt": "workbench"})
+    plt.rcParams["text.parse_math"] = False  # names from a run file are text: "$…$" in one never fails a figure
     return plt
 
 
@@ -87,7 +96,7 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
                 value, low, high = (np.array(m[key], dtype=float) for key in ("value", "low", "high"))
                 # one colour per run (per metric when there is one run), one line style per metric
                 color = colors[i % len(colors)] if len(results) > 1 else colors[j % len(colors)]
-                label = LABELS.get(metric, metric.removeprefix("concept:"))
+                label = figure_text(LABELS.get(metric, metric.removeprefix("concept:")))
                 label = f"{run_name}: {label}" if len(results) > 1 else label
                 ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label)
                 ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
@@ -167,7 +176,7 @@ def heatmap_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
         ax.set_xticks(range(1, mean.shape[1] + 1))
         ax.set_xlabel("round")
         ax.set_ylabel("layer")
-        ax.set_title(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})")
+        ax.set_title(figure_text(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})"))
         fig.colorbar(im, ax=ax, label="mean projection")
     fig.tight_layout()
     _save(fig, out, stem)
@@ -239,7 +248,7 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
         ax.scatter(log_odds.ravel(), score.ravel(), c=round_index.ravel() + 1, cmap=cmap, s=8, alpha=0.7, vmin=0.5, vmax=rounds + 0.5)
         v = result.get("probe_vs_exact", {}).get("probes", {}).get(name, {}).get("layers", {}).get(str(layers[best]), {})
         rho = v.get("min_within_round")
-        ax.set_title(f"{name}, layer {layers[best]}" + (f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}" if rho is not None and np.isfinite(rho) else ""), fontsize=8)
+        ax.set_title(figure_text(f"{name}, layer {layers[best]}") + (f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}" if rho is not None and np.isfinite(rho) else ""), fontsize=8)
         ax.set_xlabel("exact log-odds of fair")
         ax.set_ylabel("probe score (projection)")
     fig.colorbar(sc, ax=axes[0].tolist(), label="round", ticks=range(1, rounds + 1))

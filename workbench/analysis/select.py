@@ -49,7 +49,7 @@ class Scored:
 
 def read_candidates(path: Path, text_field: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, each with a string ``text_field``."""
-    from workbench.engine.tasks import read_jsonl
+    from workbench.engine.records import read_jsonl
 
     rows = []
     for lineno, row in read_jsonl(Path(path)):

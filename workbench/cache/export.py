@@ -38,9 +38,11 @@ import typer
 
 from workbench.cache.file import ROLES, HookLayout, create_cache_file, is_attention_map
 from workbench.store.durability import atomic_replace, fsync_path
+from workbench.store.reader import decoded_attrs
+from workbench.store.trust import refuse_symlinks, refuse_symlinks_in
 from workbench.cache.writer import PartialCache, done_batches, is_durable
 from workbench.engine.images import image_inputs
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, parse_int_list
 from workbench.cache.plan import ExportPlan, check_same_model, export_dtype, parse_rows, plan_export, read_run, recorded_adapter, run_images, token_table
 from workbench.cache.size import bytes_under, check_size, estimate_bytes, human_bytes, parse_size
 from workbench.cache.vision import patch_table, plan_vision_export, vision_activations, vision_patches
@@ -137,9 +139,13 @@ def _refused_write(e: BaseException) -> int | None:
 @contextlib.contextmanager
 def _disk_full_is_one_line(where: Path, plan: ExportPlan | None, parts: Path) -> Iterator[None]:
     """A write the file system refuses (full disk, full quota, a file-size limit) becomes one line
-    that says what is kept and what to do; other errors pass."""
+    that says what is kept and what to do (h5py's tracebacks as it frees the failed file's objects
+    dropped); other errors pass."""
+    from workbench.store.failed_writes import quiet_failed_writes
+
     try:
-        yield
+        with quiet_failed_writes():
+            yield
     except (OSError, RuntimeError) as e:  # h5py reports a failed write as either
         code = _refused_write(e)
         if code is None:
@@ -205,6 +211,12 @@ def export_run(
 
         check_saelens_ready(context_size)
     parts = _parts_dir(out)
+    refuse_symlinks(out)
+    refuse_symlinks_in(parts)
+    if resume and overwrite:
+        raise WorkbenchError("--resume and --overwrite exclude each other (--resume continues OUT.parts, --overwrite starts over)")
+    if out.resolve() == run_path.resolve() or (out.exists() and run_path.exists() and os.path.samefile(out, run_path)):
+        raise WorkbenchError(f"--out {out} is the run being exported: give the cache another path")
     if out.exists() and not overwrite:
         raise WorkbenchError(f"{out} already exists (use --overwrite to replace it)")
     if parts.exists() and not (resume or overwrite):
@@ -308,6 +320,26 @@ def export_run(
     return out
 
 
+def finished_export(out: Path) -> bool:
+    """Whether ``out`` is a complete cache file that the interrupted export in ``OUT.parts`` (if any)
+    was writing: the same run digest and hooks (an export killed after its final rename leaves
+    both). Reads attributes only."""
+    from workbench.cache.file import is_cache_file, open_cache_file
+
+    if not is_cache_file(out):
+        return False
+    try:
+        with open_cache_file(out) as f:
+            attrs = decoded_attrs(f.attrs)
+    except WorkbenchError:
+        return False
+    try:
+        plan = json.loads((_parts_dir(out) / "manifest.json").read_text())["plan"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return plan.get("run_digest") == attrs.get("run_digest") and list(plan.get("hooks", [])) == list(attrs.get("hooks", []))
+
+
 def _start_or_check_parts(parts: Path, manifest: dict[str, Any], fsync: bool) -> None:
     """Create ``parts`` with its manifest, or check that an interrupted export's is this one's.
     A manifest that is missing or unreadable while no batch counts (a kill before it was in place,
@@ -357,13 +389,6 @@ def _cache_attrs(meta: dict[str, Any], model: Any, plan: ExportPlan) -> dict[str
 # --------------------------------------------------------------------------- the command
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise WorkbenchError(f"{option} takes comma-separated integers, not {text!r}") from None
 
 
 def export_command(
@@ -390,6 +415,7 @@ def export_command(
 
     with RunFile(run_path) as run:
         meta = run.meta
+        running, n_done = run.running, int(run.done.sum())
     if list_hooks:
         from workbench.engine.models import load_model
 
@@ -406,7 +432,15 @@ def export_command(
         return
     patterns = [p.strip() for h in hooks for p in h.split(",") if p.strip()]
     out = out or run_path.with_name(run_path.stem + ("-saelens" if format == "saelens" else "-cache.h5"))
-    wanted_rounds = _int_list(rounds, "--rounds")
+    if resume and not overwrite and out.exists() and finished_export(out):
+        refuse_symlinks(_parts_dir(out))
+        shutil.rmtree(_parts_dir(out), ignore_errors=True)
+        print(f"{out} is complete already (the export finished before it was stopped): nothing left to do", file=sys.stderr)
+        return
+    if running:
+        print(f"note: {run_path} is not finished (still running, or stopped before its end): exporting the {n_done} of "
+              f"{meta.get('n_samples')} samples finished so far (export again once it has finished for the rest)", file=sys.stderr)
+    wanted_rounds = parse_int_list(rounds, "--rounds")
     limit = None if max_size is None else parse_size(max_size)
     with export_progress() as reporter:
         export_run(run_path, out, patterns, model=model, rows=parse_rows(samples, int(meta.get("n_samples", 0))),

@@ -34,6 +34,8 @@ from workbench.errors import WorkbenchError
 from workbench.store.activations import ActivationSlot, segments, write_slot_rows
 from workbench.store.durability import atomic_replace, libc_function
 from workbench.store.reader import decoded_attrs
+from workbench.printable import visible
+from workbench.store.trust import check_contained, refuse_special_file
 
 FORMAT = "self-correction-workbench-cache"
 SCHEMA_VERSION = 2  # 2: token strings as UTF-8 bytes + offsets (1: a variable-length string dataset, still read)
@@ -331,9 +333,10 @@ def write_cache_file(
 def is_cache_file(path: Path) -> bool:
     """Whether ``path`` is an HDF5 file with this module's ``format`` attribute."""
     try:
+        refuse_special_file(path)
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == FORMAT
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, WorkbenchError):
         return False
 
 
@@ -356,12 +359,18 @@ def recorded_run(path: Path) -> tuple[str | None, Path | None]:
 def open_cache_file(path: Path) -> h5py.File:
     """Open a cache file read-only, refusing anything else with one line."""
     path = Path(path)
+    refuse_special_file(path)
     try:
         f = h5py.File(path, "r")
     except FileNotFoundError:
         raise WorkbenchError(f"cache file not found: {path}") from None
     except (OSError, RuntimeError):
         raise WorkbenchError(f"{path} is not a readable HDF5 file") from None
+    try:
+        check_contained(f, path)
+    except BaseException:
+        f.close()
+        raise
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise WorkbenchError(f"{path} is not a workbench cache file (no format={FORMAT!r} attribute)")
@@ -398,16 +407,20 @@ def print_cache_info(path: Path, as_json: bool = False) -> None:
         print(json.dumps(s, indent=2, default=str))
         return
     m = s["meta"]
-    print(f"{s['path']}  cache schema {m.get('schema_version')}  model={m.get('model_name', '?')}  "
+
+    def show(line: str) -> None:  # every field comes from the file: its control characters shown, not obeyed
+        print(visible(line, newlines=False))
+
+    show(f"{s['path']}  cache schema {m.get('schema_version')}  model={m.get('model_name', '?')}  "
           f"samples={m.get('n_samples')}  tokens={m.get('n_tokens')}  dtype={m.get('activation_dtype')}")
     if "run_file" in m:
-        print(f"from run {m['run_file']} (digest {m.get('run_digest', '?')[:16]})  selection {json.dumps(m.get('selection'))}")
+        show(f"from run {m['run_file']} (digest {m.get('run_digest', '?')[:16]})  selection {json.dumps(m.get('selection'))}")
     if m.get("dtype_note"):
-        print(m["dtype_note"])
-    print("tokens per role: " + ", ".join(f"{r} {c}" for r, c in s["tokens_per_role"].items()))
+        show(m["dtype_note"])
+    show("tokens per role: " + ", ".join(f"{r} {c}" for r, c in s["tokens_per_role"].items()))
     width = max((len(h) for h in s["hooks"]), default=0)
     for name, h in s["hooks"].items():
-        print(f"  {name:<{width}}  {h['shape']}  {h['dtype']}  {h['mib']} MiB")
+        show(f"  {name:<{width}}  {h['shape']}  {h['dtype']}  {h['mib']} MiB")
 
 
 class _LazyTensors(dict):

@@ -26,13 +26,14 @@ def is_vision_hook(name: str) -> bool:
 
 
 def listing_pass(model: Any) -> tuple[Any, dict[str, Any], int]:
-    """``(ids [1, seq], forward keywords, seq)`` of the short pass that lists the hooks: a short
-    text, and for a VLM the processor's image placeholder with a grey picture before it."""
+    """``(ids [batch, seq], forward keywords, seq)`` of the short pass that lists the hooks: a short
+    text twice (batch 2, so a value the batch shares is told from a per-token one), and for a VLM the
+    processor's image placeholder with a grey picture before it (batch 1)."""
     import torch
 
     if not getattr(model, "vision", False):
         seq = 5
-        tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]], device=model.device)
+        tokens = torch.tensor([model.tokenizer("hooks are listed from one short pass")["input_ids"][:seq]] * 2, device=model.device)
         return tokens, {}, int(tokens.shape[1])
     from PIL import Image
 
@@ -67,6 +68,8 @@ def available_hooks(model: Any) -> dict[str, tuple[int, ...]]:
                 found[name] = (int(value.shape[1]), 0)
             elif value.ndim >= 3 and value.shape[0] == 1 and not is_attention_map(name):
                 found[name] = tuple(int(x) for x in value.shape[2:])
+            continue
+        if value.shape[0] != tokens.shape[0]:  # shared by the batch (rotary tables [1, pos, d]): not per token
             continue
         if is_attention_map(name):
             if value.ndim == 4 and value.shape[2] == value.shape[3] == seq:

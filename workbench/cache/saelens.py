@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from workbench.cache.file import HookLayout, TokenTable, is_attention_map
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, import_optional
 
 FORMAT = "self-correction-workbench-saelens"
 WRITER_BYTES = 64 << 20  # rows buffered by the Arrow writer
@@ -30,10 +30,7 @@ WRITER_BYTES = 64 << 20  # rows buffered by the Arrow writer
 
 def check_saelens_ready(context_size: int) -> None:
     """Refuse early: no ``datasets`` package, or a context size below 1."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise WorkbenchError("--format saelens needs the `datasets` package (pip install datasets)") from None
+    import_optional("datasets", "--format saelens")
     if context_size < 1:
         raise WorkbenchError("--context-size must be at least 1")
 

@@ -46,6 +46,7 @@ from workbench.store.durability import atomic_replace, fsync_path
 from workbench.store.activations import ActivationSlot, copy_raw, read_layout
 from workbench.store.durability import boot_id, libc_function, replace_durably, write_text_atomic
 from workbench.store.format import COMMIT_INTERVAL_S, LAYOUT
+from workbench.store.trust import open_contained
 
 DATA, FINISHING, REPAIR = "cache.h5", "finishing.h5", "repair"
 DONE = re.compile(r"^done-(\d+)-(\d+)(?:\.([0-9a-f]+))?$")
@@ -98,7 +99,7 @@ def start_writeback(fd: int) -> None:
 
 def _slots_of(path: Path) -> list[ActivationSlot]:
     """Where each hook's rows lie in an intact cache file (read only)."""
-    with h5py.File(path, "r", locking=False) as f:
+    with open_contained(path, locking=False) as f:
         return [activation_slot(f["activations"][h]) for h in json.loads(f.attrs["hooks"])]
 
 
@@ -235,7 +236,7 @@ class PartialCache:
 
     def blocks(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """``(first_token_row, {hook: [n, *per_token]})`` of every batch, in order, read back."""
-        with h5py.File(self.folder / DATA, "r", locking=False) as f:
+        with open_contained(self.folder / DATA, locking=False) as f:
             for k, n in enumerate(self.batch_tokens):
                 lo = int(self.starts[k])
                 yield lo, {s.hook: f["activations"][s.hook][lo : lo + n] for s in self.slots}

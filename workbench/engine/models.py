@@ -470,6 +470,8 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise failed("tokenizer", e) from None
+    if isinstance(device_map, dict):
+        check_device_map_modules(device_map, config, name)
     where = device if device_map is None else f"device map {device_map if isinstance(device_map, str) else 'from the JSON'}"
     status(f"loading the weights of {name} ({type(config).__name__.removesuffix('Config')}, {torch_dtype}, {where})")
     try:
@@ -515,6 +517,23 @@ def load_model(
         processor=processor,
         image_token_id=None if processor is None else int(config.image_token_id),
     )
+
+
+def check_device_map_modules(device_map: dict[str, Any], config: Any, name: str) -> None:
+    """Refuse a ``{module: device}`` map that names a module the model does not have (accelerate would
+    place the model anyway, ignoring it): the model is built on the meta device (no memory, no weights)
+    to list its modules. Raises WorkbenchError naming the first unknown key and the top-level modules."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    modules = {n for n, _ in skeleton.named_modules()}
+    unknown = [key for key in device_map if key and key not in modules]
+    if unknown:
+        top = sorted({n.split(".")[0] for n in modules if n})
+        raise WorkbenchError(f"--device-map names {unknown[0]!r}, not a module of {name} (its modules: {', '.join(top)}, and "
+                             "their children such as model.layers.0)")
 
 
 def _placement_kwargs(device_map: Any, max_memory: Any) -> dict[str, Any]:

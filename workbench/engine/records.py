@@ -48,28 +48,52 @@ class Row:
         return str(self.line or self.number)
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``[(line number, object)]`` of a JSONL file; one clean :class:`WorkbenchError` for a missing
-    file, a folder, bytes that are not UTF-8, a malformed line or a line that is not an object."""
+MAX_LINE_BYTES = 1 << 20  # one JSONL line (a BBQ item is ~1 KB): past this a file is refused before it is read whole
+
+
+def read_jsonl(path: Path, max_rows: int | None = None, cap_option: str = "") -> list[tuple[int, dict[str, Any]]]:
+    """``[(line number, object)]`` of a JSONL file, read line by line; one clean :class:`WorkbenchError`
+    for a missing file, a folder, a FIFO or device, bytes that are not UTF-8, a malformed line, a line
+    that is not an object, a line longer than :data:`MAX_LINE_BYTES` (refused as soon as it is met),
+    or more than ``max_rows`` objects (``cap_option`` names the option that raises the cap)."""
+    from workbench.store.trust import refuse_special_file
+
     path = Path(path)
-    data = _read_bytes(path, "a JSONL file")
+    if not path.exists():
+        raise WorkbenchError(f"data file not found: {path}")
+    if path.is_dir():
+        raise WorkbenchError(f"{path} is a folder, not a JSONL file")
+    refuse_special_file(path)
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        except RecursionError:
-            raise WorkbenchError(f"{path}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
-        rows.append((lineno, row))
+    try:
+        with open(path, "rb") as fh:
+            lineno = 0
+            while True:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise WorkbenchError(f"{path}:{lineno}: a line longer than {MAX_LINE_BYTES >> 20} MiB (not a JSONL data line)")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise WorkbenchError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise WorkbenchError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+                except RecursionError:
+                    raise WorkbenchError(f"{path}:{lineno}: JSON nested too deeply") from None
+                if not isinstance(row, dict):
+                    raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
+                rows.append((lineno, row))
+                if max_rows is not None and len(rows) > max_rows:
+                    raise WorkbenchError(f"{path}: more than {max_rows:,} lines" + (f" (raise the cap with {cap_option})" if cap_option else ""))
+    except OSError as e:
+        raise WorkbenchError(f"{path}: cannot read ({e.strerror})") from None
     return rows
 
 
@@ -78,6 +102,9 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise WorkbenchError(f"data file not found: {path}")
     if path.is_dir():
         raise WorkbenchError(f"{path} is a folder, not {what}")
+    from workbench.store.trust import refuse_special_file
+
+    refuse_special_file(path)
     try:
         return path.read_bytes()
     except OSError as e:

@@ -140,6 +140,10 @@ def load_samples(cfg: RunConfig) -> list[Any]:
     raise AssertionError(cfg.task)
 
 
+MAX_ROUNDS = 10_000  # far past any context window: a larger count is refused before the context check plans it
+MAX_COUNT = 10**9  # samples, batch size, new tokens: past what any machine runs
+
+
 def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     """Check everything about a run that needs no model: options, the task and its data, the
     protocol (and that it was written for this task, unless ``cfg.force``), the model folder, and
@@ -154,6 +158,15 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
 
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be ≥ 1, not {cfg.batch_size}")
+    for option, value, most in (("--batch-size", cfg.batch_size, MAX_COUNT), ("--limit", cfg.limit, MAX_COUNT),
+                                ("--offset", cfg.offset, MAX_COUNT), ("--rounds", cfg.rounds, MAX_ROUNDS),
+                                ("--max-new-tokens", cfg.max_new_tokens, MAX_COUNT)):
+        if value is not None and value > most:
+            raise WorkbenchError(f"{option} {value} is more than this workbench runs (at most {most:,})")
+    if cfg.rounds is not None and cfg.rounds < 1:
+        raise WorkbenchError(f"--rounds must be ≥ 1, not {cfg.rounds}")
+    if not 0 <= cfg.seed < 2**63:
+        raise WorkbenchError(f"--seed must be between 0 and 2**63 - 1, not {cfg.seed}")
     if cfg.limit is not None and cfg.limit < 1:
         raise WorkbenchError(f"--limit must be ≥ 1, not {cfg.limit}")
     if cfg.offset < 0:
@@ -175,6 +188,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError("--layers takes one or more comma-separated layer numbers (leave it out for all)")
         if min(cfg.layers) < 0:
             raise WorkbenchError(f"layer {min(cfg.layers)} is out of range (layers count from 0)")
+        if len(set(cfg.layers)) != len(cfg.layers):
+            raise WorkbenchError(f"--layers names layer {sorted(l for l in cfg.layers if cfg.layers.count(l) > 1)[0]} more than once")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise WorkbenchError(f"--max-new-tokens must be ≥ 1, not {cfg.max_new_tokens}")
     task = get_task(cfg.task, cfg.option_scoring or "letter")
@@ -208,6 +223,9 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         if model_given:
             raise WorkbenchError("--adapter with an already loaded model: apply it with workbench.engine.adapter.apply_adapter first")
         check_adapter(cfg.adapter, model_path if Path(model_path).is_dir() else None)
+    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
+        given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
+        raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     samples = load_samples(cfg)
     from workbench.engine.open_ended import check_open_ended
 

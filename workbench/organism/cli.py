@@ -28,7 +28,7 @@ console = Console()
 @app.command()
 def sample(
     n: int = typer.Option(3, "--n", help="How many dialogues to draw from the world."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the held-out dialogue stream (never used for training)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the held-out dialogue stream (never used for training)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Assistant turns per dialogue (default: drawn, 1..8 as in training)."),
 ) -> None:
     """Print dialogues of the synthetic world with the exact posterior p(fair) and answer predictive of every round."""
@@ -64,7 +64,7 @@ def sample(
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Folder to write the checkpoint to (artifacts/organism is the shipped one)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and of the training dialogues; one seed gives identical weights."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the initial weights and of the training dialogues; one seed gives identical weights."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: the shipped checkpoint's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Dialogues per step."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (linear warm-up, cosine decay)."),
@@ -123,7 +123,7 @@ def check(
     model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint folder to measure (default: the shipped organism)."),
     n: int = typer.Option(400, "--n", help="Held-out world dialogues for the fidelity table (teacher-forced)."),
     items: int = typer.Option(60, "--items", help="Held-out items the model answers for itself under each organism protocol."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the held-out stream (default: the one the tests use)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed of the held-out stream (default: the one the tests use)."),
 ) -> None:
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np

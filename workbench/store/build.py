@@ -17,6 +17,7 @@ from workbench.store.durability import boot_id, fsync_path, replace_durably
 from workbench.store.format import ACTIVATIONS, ASSEMBLING, BUILT, HEADER, LAYOUT, STANDARD_ARRAYS, STR, parts_dir, staging_dir
 from workbench.store.header import add_dimension_scales, create_array, fill_value
 from workbench.store.parts import all_batch_parts, batch_parts, consecutive, derived_parts, merged_ranges, part_name, read_part
+from workbench.store.trust import open_contained
 from workbench.store.ragged import FLAT, LENGTHS, TEXT, put_ragged, write_ragged_rows
 
 # --------------------------------------------------------------------------- building the file's groups
@@ -72,7 +73,7 @@ def fill_from_parts(dst: h5py.File, folder: Path, header: h5py.File) -> np.ndarr
 def copy_derived(dst: h5py.File, folder: Path) -> None:
     """Add the derived groups (``probe track`` …) written beside an unfinished run to ``dst``."""
     for derived in derived_parts(folder):
-        with h5py.File(derived, "r", locking=False) as d:
+        with open_contained(derived, locking=False) as d:
             group = d.attrs["group"]
             if group in dst:
                 del dst[group]

@@ -41,7 +41,8 @@ def write_h5_atomic(dest: Path, fill: Callable[[h5py.File], None]) -> None:
 
 def write_text_atomic(dest: Path, text: str) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
-    with open(tmp, "w") as fh:
+    tmp.unlink(missing_ok=True)  # a symlink placed there is removed, never written through
+    with open(tmp, "x") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())

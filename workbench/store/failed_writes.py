@@ -64,8 +64,21 @@ def skip_hdf5_teardown() -> None:
 
 
 @contextmanager
-def write_errors(path: Path, action: str = "writing") -> Iterator[None]:
-    """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line."""
+def quiet_failed_writes() -> Iterator[None]:
+    """While inside, drop the tracebacks h5py prints as it frees the objects of a failed write (see
+    :func:`_drop_failed_write_noise`); after a failure they stay dropped (those objects are freed
+    later), after success the previous hooks are back."""
+    previous = sys.unraisablehook, sys.excepthook
+    sys.unraisablehook, sys.excepthook = _drop_failed_write_noise, _drop_failed_write_traceback
+    yield
+    sys.unraisablehook, sys.excepthook = previous
+
+
+@contextmanager
+def write_errors(path: Path, action: str = "writing",
+                 then: str = "finished batches are kept: make room and continue with --resume") -> Iterator[None]:
+    """Turn any OSError while writing (a full disk, a file-size limit, a vanished folder) into one line
+    ending with ``then`` (what is kept and what to do)."""
     previous = sys.unraisablehook, sys.excepthook
     sys.unraisablehook, sys.excepthook = _drop_failed_write_noise, _drop_failed_write_traceback
     try:
@@ -75,6 +88,5 @@ def write_errors(path: Path, action: str = "writing") -> Iterator[None]:
             raise
         FAILED_WRITES.append(Path(path))
         skip_hdf5_teardown()
-        raise WorkbenchError(f"{action} {path} failed: {os_reason(e)} ({free_space(path)} free there); "
-                             "finished batches are kept: make room and continue with --resume") from None
+        raise WorkbenchError(f"{action} {path} failed: {os_reason(e)} ({free_space(path)} free there); {then}") from None
     sys.unraisablehook, sys.excepthook = previous  # kept after a failure: the failed file's objects are freed later

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 from workbench.errors import WorkbenchError
+from workbench.store.trust import refuse_symlinks
 from workbench.store.build import settle
 from workbench.store.durability import fsync_path, replace_durably, write_h5_atomic
 from workbench.store.failed_writes import write_errors
@@ -61,17 +62,22 @@ def replace_group(path: Path, group: str, datasets: dict[str, np.ndarray], attrs
 
     lock = RunLock.acquire(path)
     try:
-        with write_errors(path):
+        tmp = path.with_name(path.name + ".derived.tmp")
+        with write_errors(path, then="the run is unchanged: make room and run the command again"):
             settle(path)
             if path.exists():
-                tmp = path.with_name(path.name + ".derived.tmp")
+                refuse_symlinks(tmp)
                 tmp.unlink(missing_ok=True)
-                shutil.copyfile(path, tmp)
-                with h5py.File(tmp, "r+", locking=False) as f:
-                    check_run_attrs(path, f)
-                    write_group(f, group)
-                fsync_path(tmp)
-                replace_durably(tmp, path)
+                try:
+                    shutil.copyfile(path, tmp)
+                    with h5py.File(tmp, "r+", locking=False) as f:
+                        check_run_attrs(path, f)
+                        write_group(f, group)
+                    fsync_path(tmp)
+                    replace_durably(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # a full disk: its space back at once, nothing left behind
+                    raise
             elif (parts_dir(path) / HEADER).exists():
                 def fill(f: h5py.File) -> None:
                     f.attrs["group"] = group

@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 from workbench.errors import WorkbenchError
-from workbench.store.format import lock_path, run_exists
+from workbench.store.format import lock_path, parts_dir, run_exists, staging_dir
+from workbench.store.trust import open_nofollow, refuse_symlinks, refuse_symlinks_in
 
 # --------------------------------------------------------------------------- the writer's lock
 @dataclass
@@ -25,15 +26,18 @@ class RunLock:
     def acquire(cls, run_path: Path) -> "RunLock":
         """Take the lock or raise a WorkbenchError naming the process that holds it."""
         lock = lock_path(Path(run_path))
+        refuse_symlinks(lock)
+        refuse_symlinks_in(parts_dir(Path(run_path)))
+        refuse_symlinks_in(staging_dir(Path(run_path)))
         while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                raise WorkbenchError(f"{run_path} is being written by another process (pid {holder}); "
-                                     "wait for it to finish, or stop it first") from None
+                raise WorkbenchError(f"{run_path} is being written by another process (pid {holder}): it is running; "
+                                     f"wait for it to finish (`workbench info {run_path}` shows its progress), or stop it first") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
@@ -58,6 +62,9 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
     made and written, the path is not a folder, an existing run needs --resume or --overwrite, and
     no other process is writing it. Raises WorkbenchError with one line."""
     path = Path(path)
+    refuse_symlinks(lock_path(path))
+    refuse_symlinks_in(parts_dir(path))
+    refuse_symlinks_in(staging_dir(path))
     if path.is_dir():
         raise WorkbenchError(f"--out {path} is a folder; give a file name such as {path / 'run.h5'}")
     parent = path.parent
@@ -70,9 +77,9 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
             break
     if path.exists() and not os.access(path, os.R_OK):
         raise WorkbenchError(f"--out {path}: the existing file cannot be read (permission denied)")
-    if run_exists(path) and not resume and not overwrite:
-        raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")
     if resume and overwrite:
         raise WorkbenchError("--resume and --overwrite exclude each other")
     if parent.exists() and lock_path(path).exists():
-        RunLock.acquire(path).release()
+        RunLock.acquire(path).release()  # a running run is named as running, before "use --resume"
+    if run_exists(path) and not resume and not overwrite:
+        raise WorkbenchError(f"{path} already exists (use --resume to continue it, or --overwrite)")

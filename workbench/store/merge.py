@@ -32,6 +32,7 @@ from workbench.store.format import FORMAT, run_exists
 from workbench.store.header import add_dimension_scales
 from workbench.store.lock import RunLock
 from workbench.store.reader import decoded_attrs
+from workbench.store.trust import check_contained, open_contained
 
 # Root attributes that differ between the shards of one run; every other one must be equal.
 PER_SHARD = frozenset({"created", "finished", "run_id", "n_samples", "n_options", "device", "command_line", "shard", "status"})
@@ -195,6 +196,7 @@ def _open_shards(run: Path, states: list[ShardState]) -> list[_Shard]:
             except OSError as e:
                 raise WorkbenchError(f"cannot merge {run}: shard {s.index} ({s.path}) is not a readable HDF5 file "
                                      f"({str(e).splitlines()[0][:100]})") from None
+            check_contained(files[-1], s.path)
             shards.append(_check_shard(run, s, files[-1], len(states)))
         first = shards[0]
         for s in shards[1:]:
@@ -378,7 +380,7 @@ def _merge_locked(run: Path, count: int, copy: bool, overwrite: bool) -> MergeRe
                 _write_activations(f, run, shards, n, copy)
                 add_dimension_scales(f)
                 if run.exists():
-                    with h5py.File(run, "r", locking=False) as old:
+                    with open_contained(run, shards_folder=shards_dir(run), locking=False) as old:
                         for group in _derived_groups(old):
                             if same:
                                 old.copy(old[group], f, group)

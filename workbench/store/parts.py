@@ -18,6 +18,7 @@ from workbench.store.activations import pwrite_all
 from workbench.store.durability import boot_id, replace_durably
 from workbench.store.format import BATCH_PART
 from workbench.store.ragged import concat_batches
+from workbench.store.trust import open_nofollow
 
 PART_MAGIC = b"WBPART01"
 
@@ -36,7 +37,7 @@ def write_part(dest: Path, arrays: dict[str, np.ndarray], durable: bool) -> None
     data = b"".join(blobs)
     head = json.dumps({"arrays": index, "crc32": zlib.crc32(data)}).encode()
     tmp = dest.with_name(dest.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         pwrite_all(fd, memoryview(PART_MAGIC + len(head).to_bytes(8, "little") + head + data), 0)
         if durable:

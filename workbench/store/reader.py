@@ -13,14 +13,17 @@ from typing import Any, Iterable
 import h5py
 import numpy as np
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, import_optional
 from workbench.store.activations import activation_view, read_layout
 from workbench.store.build import copy_header, fill_from_parts
-from workbench.store.format import ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, parts_dir, staging_dir
+from workbench.store.format import (ACTIVATIONS, ASSEMBLING, FORMAT, HEADER, LAYOUT, POSITIONS, SCHEMA_VERSION, STANDARD_ARRAYS,
+                                    parts_dir, staging_dir)
 from workbench.store.header import add_dimension_scales
+from workbench.store.trust import check_contained, open_contained, refuse_special_file
 
 # --------------------------------------------------------------------------- reading
 def open_run(path: Path, mode: str) -> h5py.File:
+    refuse_special_file(path)
     try:
         f = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
     except FileNotFoundError:
@@ -35,7 +38,11 @@ def open_run(path: Path, mode: str) -> h5py.File:
             raise WorkbenchError(f"{path} is a folder, not a run file") from None
         raise WorkbenchError(f"{path} is not a readable HDF5 file ({'truncated' if 'truncated' in msg else 'corrupt or not HDF5'})") from None
     try:
+        check_contained(f, path, shards_folder=Path(path).with_name(Path(path).name + ".shards"))
         check_run_attrs(path, f)
+    except WorkbenchError:
+        f.close()
+        raise
     except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:  # HDF5's own objects are damaged
         f.close()
         raise WorkbenchError(f"{path} is a damaged HDF5 file ({str(e).splitlines()[0][:120] or type(e).__name__})") from None
@@ -63,6 +70,57 @@ def check_run_attrs(path: Path, f: h5py.File) -> None:
     done = f["progress/done"]
     if done.shape != (int(f.attrs["n_samples"]),):
         raise WorkbenchError(f"{path}: progress/done has shape {done.shape}, expected ({int(f.attrs['n_samples'])},)")
+    check_layout(path, f)
+
+
+def check_layout(path: Path, f: h5py.File) -> None:
+    """Refuse a run whose arrays disagree with its attributes (a lying ``n_rounds``, a damaged or
+    forged file): every array of ``samples/``, ``rounds/``, ``tokens/``, ``transcripts/`` and
+    ``activations/`` has one row per sample; those of ``rounds/``, ``tokens/`` and ``activations/``
+    one column per round; the standard arrays their documented shape and kind of dtype; activations
+    ``[N, R, P, L, d]`` of floats. Reads metadata only. Raises WorkbenchError naming the array."""
+    n, r = int(f.attrs["n_samples"]), int(f.attrs["n_rounds"])
+    k = f.attrs.get("n_options")
+    for group in ("samples", "rounds", "tokens", "transcripts", "activations"):
+        g = f.get(group)
+        if g is None:
+            continue
+        if not isinstance(g, h5py.Group):
+            raise WorkbenchError(f"{path}: {group} is not a group: the file is damaged")
+        for name, ds in g.items():
+            where = f"{group}/{name}"
+            if not isinstance(ds, h5py.Dataset):
+                continue
+            if h5py.h5ds.is_scale(ds.id):
+                continue
+            shape = ds.shape or ()
+            wanted: tuple[Any, ...] = (n,) + ((r,) if group in ("rounds", "tokens", "activations") else ())
+            if group == "activations":
+                wanted += (len(POSITIONS),)
+            if tuple(shape[: len(wanted)]) != wanted:
+                raise WorkbenchError(f"{path}: {where} has shape {tuple(shape)}, but the file says {n} samples and {r} rounds "
+                                     f"(expected {tuple(wanted)} first): the file is damaged")
+            if group == "activations" and (len(shape) != 5 or ds.dtype.kind != "f"):
+                raise WorkbenchError(f"{path}: {where} is {ds.dtype} {tuple(shape)}, not floats [samples, rounds, positions, layers, d_model]")
+            standard = STANDARD_ARRAYS.get(where)
+            if standard is not None:
+                tail, dtype = standard
+                expected = (n, *(r if d == "R" else int(k) if d == "K" and k is not None else d for d in tail))
+                if "K" in tail and k is None:
+                    expected = (*expected[:-1], shape[-1] if shape else None)
+                if tuple(shape) != expected or not _same_kind(ds.dtype, np.dtype(dtype)):
+                    raise WorkbenchError(f"{path}: {where} is {ds.dtype} {tuple(shape)}, expected {np.dtype(dtype)} "
+                                         f"{expected}: the file is damaged")
+
+
+def _same_kind(have: np.dtype, want: np.dtype) -> bool:
+    """Whether ``have`` can be read as ``want``: the same string or vlen kind, else the same numeric kind."""
+    if h5py.check_string_dtype(want) is not None or h5py.check_string_dtype(have) is not None:
+        return h5py.check_string_dtype(have) is not None and h5py.check_string_dtype(want) is not None
+    vlen_want, vlen_have = h5py.check_vlen_dtype(want), h5py.check_vlen_dtype(have)
+    if vlen_want is not None or vlen_have is not None:
+        return vlen_want is not None and vlen_have is not None and vlen_want.kind == vlen_have.kind
+    return have.kind == want.kind or (want.kind in "iu" and have.kind in "iu")
 
 
 def _running_view(path: Path, folder: Path) -> h5py.File:
@@ -82,13 +140,16 @@ def _running_view(path: Path, folder: Path) -> h5py.File:
 def _running_view_once(folder: Path) -> h5py.File:
     view = h5py.File(f"{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
     try:
-        with h5py.File(folder / HEADER, "r", locking=False) as header:
+        with open_contained(folder / HEADER, locking=False) as header:
             copy_header(header, view)
             fill_from_parts(view, folder, header)
             layers_json = header.attrs.get("layers", "[]")
         raw = folder / ACTIVATIONS if (folder / ACTIVATIONS).exists() else folder / ASSEMBLING
+        if raw.is_symlink():
+            raise WorkbenchError(f"{raw}: refused, a symlink where the run's own activations file should be")
         activation_view(view, raw, read_layout(folder), layers_json)
         add_dimension_scales(view)
+        check_contained(view, folder, external_files=[raw])  # exactly its own activations file, not a symlink
     except BaseException:
         view.close()
         raise
@@ -246,17 +307,18 @@ class RunFile:
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with one row per done sample and round: ``sample`` (the global sample
-        index), ``round`` (0-based), the task fields (``id``, ``category``, ``condition``, ``gold``,
-        ``context``, ``question``), every per-round value of ``rounds/`` (metrics, answers, the
-        instruction and the response) and the concept scores of tracked probes (``concept:{name}``,
-        as in ``workbench info``). Needs pandas."""
-        import pandas as pd
+        index), ``round`` (counted from 1, as the CLI and the TUI count), the task fields (``id``,
+        ``category``, ``condition``, ``gold``, ``context``, ``question``), every per-round value of
+        ``rounds/`` (metrics, answers, the instruction and the response) and the concept scores of
+        tracked probes (``concept:{name}``, as in ``workbench info``). Needs pandas (the ``[data]``
+        extra; one line naming it when missing)."""
+        pd = import_optional("pandas", "RunFile.to_dataframe")
 
         done = self.done
         n_done, r = int(done.sum()), self.n_rounds
         columns: dict[str, Any] = {
             "sample": np.repeat(self.array("samples/index"), r),
-            "round": np.tile(np.arange(r), n_done),
+            "round": np.tile(np.arange(1, r + 1), n_done),
         }
         for name in ("id", "category", "condition", "gold", "context", "question"):
             columns[name] = np.repeat(self.array(f"samples/{name}"), r)
@@ -268,16 +330,19 @@ class RunFile:
 
     def to_xarray(self, activations: bool = True) -> Any:
         """An xarray Dataset of the done samples, every axis named and labelled: ``sample`` (global
-        index), ``round`` (0-based), ``option``, ``position``, ``layer``, ``d_model``. Holds the
-        task fields of ``samples/``, every fixed-shape array of ``rounds/``, the tracked probes'
-        scores (``probes/{name}/{array}``, axes ``sample, round, {name}_layer``) and, unless
-        ``activations=False``, ``activations/{hook}``. Everything is read into memory: for a large
-        run open one group lazily with ``xarray.open_dataset(path, engine="h5netcdf", group=…)``.
-        Needs xarray."""
-        import xarray as xr
+        index), ``round`` (counted from 1), ``option``, ``position``, ``layer`` (the model's layer
+        numbers), ``d_model``. Holds the task fields of ``samples/``, every fixed-shape array of
+        ``rounds/``, the tracked probes' scores (``probe_{name}_{array}``, axes ``sample, round,
+        layer``; NaN at a captured layer the probe was not fitted on) and, unless
+        ``activations=False``, ``activations_{hook}`` ``[sample, round, position, layer, d_model]``.
+        Variable names hold no "/" (netCDF and ``ds.name`` attribute access need none). Everything
+        is read into memory: for a large run open one group lazily with
+        ``xarray.open_dataset(path, engine="h5netcdf", group=…)``. Needs xarray (the ``[data]`` extra)."""
+        xr = import_optional("xarray", "RunFile.to_xarray")
 
         k = int(self.f.attrs["n_options"])
-        coords: dict[str, Any] = {"sample": self.array("samples/index"), "round": np.arange(self.n_rounds),
+        sample = self.array("samples/index")
+        coords: dict[str, Any] = {"sample": sample, "round": np.arange(1, self.n_rounds + 1),
                                   "option": np.arange(k), "position": list(POSITIONS)}
         data: dict[str, Any] = {}
         for name in self.names("samples"):
@@ -293,23 +358,30 @@ class RunFile:
             data[name] = (tuple(dims), value)
         if self.names("rounds") and any(name.endswith("_span") for name in self.names("rounds")):
             coords["bound"] = ["start", "end"]
+        arrays: dict[str, Any] = {}  # on the "layer" axis: aligned on the union of their layers
         if activations:
             for hook in self.names("activations"):
                 ds = self.f[f"activations/{hook}"]
-                coords["layer"] = json.loads(ds.attrs["layers"])
-                coords["d_model"] = np.arange(ds.shape[-1])
-                data[f"activations/{hook}"] = (("sample", "round", "position", "layer", "d_model"), self.array(f"activations/{hook}"))
+                arrays[f"activations_{hook}"] = xr.DataArray(
+                    self.array(f"activations/{hook}"), dims=("sample", "round", "position", "layer", "d_model"),
+                    coords={"layer": json.loads(ds.attrs["layers"]), "d_model": np.arange(ds.shape[-1])})
         for name in self.names("probes"):
             group = self.f[f"probes/{name}"]
             layers = json.loads(group.attrs["layers"]) if "layers" in group.attrs else None
             for array in sorted(group.keys()):
                 value = self.array(f"probes/{name}/{array}")
-                dims = ("sample", "round", f"{name}_layer")[: value.ndim]
-                data[f"probes/{name}/{array}"] = (dims, value)
+                key = f"probe_{name}_{array}".replace("/", "_")
                 if value.ndim == 3 and layers is not None and len(layers) == value.shape[2]:
-                    coords[f"{name}_layer"] = layers
-        return xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
-                                                      for key, value in self.meta.items()})
+                    arrays[key] = xr.DataArray(value, dims=("sample", "round", "layer"), coords={"layer": layers})
+                else:
+                    data[key] = (("sample", "round", f"{key}_dim2")[: value.ndim], value)
+        out = xr.Dataset(data, coords=coords, attrs={key: value if isinstance(value, (str, int, float)) else json.dumps(value)
+                                                     for key, value in self.meta.items()})
+        if arrays:
+            aligned = xr.align(*arrays.values(), join="outer")
+            out = out.assign({key: value.assign_coords(sample=sample, round=coords["round"])
+                              for key, value in zip(arrays, aligned)})
+        return out
 
     def sample_round(self, index: int, round_: int) -> dict[str, Any]:
         """Everything about one sample (file row) and round (0-based): random access, no full reads."""
@@ -330,6 +402,9 @@ def _readable_parts(path: Path) -> Path | None:
     if path.exists():
         return None
     for folder in (parts_dir(path), staging_dir(path)):
+        if folder.is_symlink():
+            raise WorkbenchError(f"{folder}: refused, a symlink where the run's parts folder should be "
+                                 "(a workbench never reads or writes through one)")
         if (folder / HEADER).exists() and (folder / LAYOUT).exists():
             return folder
     return None

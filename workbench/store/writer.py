@@ -59,6 +59,7 @@ from workbench.store.lock import RunLock
 from workbench.store.parts import batch_parts, consecutive, covered, done_from_parts, merged_ranges, part_name, write_part
 from workbench.store.ragged import LENGTHS, concat_batches, flatten_batch
 from workbench.store.reader import open_run
+from workbench.store.trust import open_contained
 
 # Settings that must match for --resume to continue a file (everything that changes the numbers).
 RESUME_KEYS = ("n_samples", "n_rounds", "model_path", "model_revision", "model_dtype", "task", "seed", "batch_size",
@@ -188,7 +189,7 @@ class RunWriter:
             header = parts_dir(path) / HEADER
             if not header.exists():  # the creation was killed before the run existed
                 raise WorkbenchError(f"--resume: {path} does not exist")
-            with h5py.File(header, "r", locking=False) as h:
+            with open_contained(header, locking=False) as h:  # its samples/ are copied into the run: nothing from outside
                 _check_settings(path, h.attrs, settings)
                 _warn_if_moved(path, h.attrs, settings)
             return cls(path, parts_dir(path), lock, durable=durable)
