@@ -1,0 +1,172 @@
+"""Interventions inside the rounds (workbench.engine.interventions): α = 0 changes nothing, a carried
+cache equals a full recompute under the same per-token schedule on every architecture family,
+ablation and clamp do what they say at the hooked sites, and bad inputs are one line."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import ARCHS, BBQ_FIXTURE
+
+from workbench.engine.interventions import Ablate, Clamp, Steer, describe, parse_rounds, random_control
+from workbench.engine.protocol import load_protocol
+from workbench.engine.session import Session
+from workbench.errors import WorkbenchError
+
+ROUNDS = 3
+HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+def setting(name, loaded, organism):
+    """(model, task, protocol, samples): three rounds, rows of different lengths, cut-off answers."""
+    if name == "organism":
+        from workbench.organism.task import ORGANISM, load_organism_samples
+
+        protocol = load_protocol("organism-inject")
+        protocol = dataclasses.replace(protocol, rounds=ROUNDS, decoding=dataclasses.replace(protocol.decoding, max_new_tokens=5))
+        return organism, ORGANISM, protocol, load_organism_samples(3, offset=7)
+    from workbench.engine.tasks import BBQ, load_bbq
+
+    protocol = load_protocol("bbq-paper")
+    protocol = dataclasses.replace(protocol, rounds=ROUNDS, decoding=dataclasses.replace(protocol.decoding, max_new_tokens=4))
+    return loaded(name), BBQ, protocol, load_bbq([BBQ_FIXTURE], limit=3)
+
+
+def unit(d_model, seed=0):
+    v = np.random.default_rng(seed).standard_normal(d_model)
+    return v / np.linalg.norm(v)
+
+
+def run(model, task, protocol, samples, interventions, reuse=True, overrides=None):
+    """Every round stepped (``overrides``: round → that step's interventions); the session's result."""
+    s = Session(model, task, protocol, samples, hooks=HOOKS, interventions=interventions, reuse_cache=reuse, strict=True)
+    for t in range(1, protocol.rounds + 1):
+        s.step(interventions=(overrides or {}).get(t))
+    return s, s.result()
+
+
+def test_alpha_zero_is_bit_identical(organism):
+    model, task, protocol, samples = setting("organism", None, organism)
+    _, base = run(model, task, protocol, samples, [])
+    _, zero = run(model, task, protocol, samples, [Steer(unit(model.d_model), layers="all", alpha=0.0, hook="hook_resid_mid")])
+    assert zero.response_ids == base.response_ids
+    np.testing.assert_array_equal(zero.option_probs, base.option_probs)
+    np.testing.assert_array_equal(zero.mean_token_entropy, base.mean_token_entropy)
+    for h in base.activations:
+        np.testing.assert_array_equal(zero.activations[h], base.activations[h])
+
+
+@pytest.mark.parametrize("name", [*ARCHS, "organism"])
+def test_a_carried_cache_equals_a_full_recompute_under_the_same_schedule(name, loaded, organism):
+    """Steer (resid_mid, rounds 2-3, response tokens), ablate (resid_pre, prompt tokens), clamp
+    (attention output, every token of round 1) and a one-round override: the same tokens, and
+    activations and option probabilities within 1e-5, carried or recomputed — and not the
+    unsteered run's."""
+    model, task, protocol, samples = setting(name, loaded, organism)
+    d = model.d_model
+    top = model.n_layers - 1
+    ivs = [Steer(unit(d, 1), layer=1, alpha=6.0, hook="hook_resid_mid", rounds=(2, 3), positions="response"),
+           Ablate(np.stack([unit(d, 2), unit(d, 3)]), layer=top, hook="hook_resid_pre", positions="prompt"),
+           Clamp(unit(d, 4), layer=0, value=3.0, hook="hook_attn_out", rounds=[1])]
+    override = {2: [Steer(unit(d, 5), layers="all", alpha=-4.0, hook="hook_resid_post"), ivs[1]]}
+    carried, a = run(model, task, protocol, samples, ivs, True, override)
+    again, b = run(model, task, protocol, samples, ivs, False, override)
+    assert all(r.reused_cache for r in carried.rounds[1:]) and not any(r.reused_cache for r in again.rounds)
+    assert a.response_ids == b.response_ids and a.transcripts == b.transcripts
+    for h in b.activations:
+        scale = np.nanmax(np.abs(b.activations[h]))
+        np.testing.assert_allclose(a.activations[h], b.activations[h], rtol=0, atol=1e-5 * scale, err_msg=h)
+    np.testing.assert_allclose(a.option_probs, b.option_probs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(a.mean_token_entropy, b.mean_token_entropy, rtol=0, atol=1e-5)
+    _, base = run(model, task, protocol, samples, [])
+    assert not np.allclose(base.activations["hook_resid_post"], a.activations["hook_resid_post"], equal_nan=True, atol=1e-3)
+    assert [len(x) for x in carried.schedule] == [2, 2, 2]  # round 1: ablate, clamp; round 2: the override; round 3: steer, ablate
+
+
+@pytest.mark.parametrize("hook", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post"])
+def test_ablation_removes_the_projection_and_clamp_sets_it(hook, organism):
+    """Captured activations are after the intervention: ablated, their projection on d̂ is below
+    1e-5 of their norm (last prompt token and response mean, every round); clamped, it is the value."""
+    model, task, protocol, samples = setting("organism", None, organism)
+    d = unit(model.d_model, 7)
+    _, base = run(model, task, protocol, samples, [])
+    _, ablated = run(model, task, protocol, samples, [Ablate(3 * d, layer=2, hook=hook)])
+    acts = ablated.activations[hook][:, :, :, 2]  # [N, R, 2, d]
+    proj = np.abs(acts @ d)
+    assert (proj < 1e-5 * np.linalg.norm(acts, axis=-1)).all()
+    assert (np.abs(base.activations[hook][:, :, :, 2] @ d) > 1e-3).any()  # it had a component to remove
+    _, clamped = run(model, task, protocol, samples, [Clamp(d, layer=2, value=-2.5, hook=hook)])
+    np.testing.assert_allclose(clamped.activations[hook][:, :, :, 2] @ d, -2.5, atol=1e-4)
+
+
+def test_positions_and_rounds_pick_the_tokens(organism):
+    """A steer of round 2's prompt only changes nothing before round 2 and changes round 2's last
+    prompt token; one of responses only leaves round 2's last prompt token as it was."""
+    model, task, protocol, samples = setting("organism", None, organism)
+    d = unit(model.d_model, 8)
+    _, base = run(model, task, protocol, samples, [])
+    _, prompt = run(model, task, protocol, samples, [Steer(d, layer=1, alpha=5.0, rounds=[2], positions="prompt")])
+    _, response = run(model, task, protocol, samples, [Steer(d, layer=1, alpha=5.0, rounds=[2], positions="response")])
+    b, p, r = (x.activations["hook_resid_post"][:, :, :, 1] for x in (base, prompt, response))  # [N, R, 2, d]
+    np.testing.assert_array_equal(p[:, 0], b[:, 0])
+    np.testing.assert_array_equal(r[:, 0], b[:, 0])
+    np.testing.assert_allclose((p[:, 1, 0] - b[:, 1, 0]) @ d, 5.0, atol=1e-4)  # the last prompt token, steered at its layer
+    np.testing.assert_array_equal(r[:, 1, 0], b[:, 1, 0])
+    same = [i for i in range(len(samples)) if response.response_ids[i][1] == base.response_ids[i][1]]
+    assert same  # layer 1's own value is shifted by exactly α·d̂ on every response token it feeds back
+    np.testing.assert_allclose((r[same, 1, 1] - b[same, 1, 1]) @ d, 5.0, atol=1e-4)
+
+
+def test_bad_inputs_are_one_line(organism, tmp_path):
+    d = unit(organism.d_model)
+    with pytest.raises(WorkbenchError, match="alpha must be a finite number"):
+        Steer(d, layer=1, alpha=float("nan"))
+    with pytest.raises(WorkbenchError, match="alpha must be a finite number"):
+        Steer(d, layer=1, alpha="4")
+    with pytest.raises(WorkbenchError, match="rounds must be"):
+        Steer(d, layer=1, alpha=1.0, rounds=[0, 2])
+    with pytest.raises(WorkbenchError, match="interventions act at"):
+        Steer(d, layer=1, alpha=1.0, hook="hook_resid_side")
+    with pytest.raises(WorkbenchError, match="positions must be"):
+        Ablate(d, layer=1, positions="middle")
+    with pytest.raises(WorkbenchError, match="norm 0"):
+        Clamp(np.zeros(4), layer=1)
+    with pytest.raises(WorkbenchError, match="linearly dependent"):
+        Ablate(np.stack([d, 2 * d]), layer=1)
+    with pytest.raises(WorkbenchError, match="one of layer=N or layers"):
+        Steer(d, alpha=1.0)
+    with pytest.raises(WorkbenchError, match="width 5, but the model's d_model is"):
+        Session(organism, samples=1, interventions=[Steer(np.ones(5), layer=1, alpha=1.0)])
+    with pytest.raises(WorkbenchError, match="layer 9 is out of range"):
+        Session(organism, samples=1, interventions=[Steer(d, layer=9, alpha=1.0)])
+    with pytest.raises(WorkbenchError, match="--steer-rounds"):
+        parse_rounds("6-2")
+    with pytest.raises(WorkbenchError, match="--steer-rounds"):
+        parse_rounds("0-2")
+    assert parse_rounds("2-4,6") == (2, 3, 4, 6)
+
+
+def test_the_record_and_the_random_control(organism, tmp_path):
+    """A saved session records every intervention that acted, with the rounds it acted in; the
+    random control keeps the norm, draws the same direction for the same seed, another for another."""
+    from workbench.store.writer import RunFile
+
+    d = 3 * unit(organism.d_model)
+    steer = Steer(d, layer=1, alpha=2.0, rounds=[2, 5], label="x")
+    s = Session(organism, samples=2, interventions=[steer])
+    for _ in range(3):
+        s.step()
+    path = s.save(tmp_path / "steered.h5")
+    with RunFile(path) as f:
+        import json
+
+        raw = f.f.attrs["interventions"]
+        record = json.loads(raw)
+    assert record == [describe(steer, [2])]
+    assert record[0]["kind"] == "steer" and record[0]["alpha"] == 2.0 and record[0]["norm"] == [pytest.approx(3.0)]
+    c1, c2, c3 = random_control(steer, 1), random_control(steer, 1), random_control(steer, 2)
+    assert np.array_equal(c1.direction, c2.direction) and not np.array_equal(c1.direction, c3.direction)
+    assert np.linalg.norm(c1.direction) == pytest.approx(3.0, rel=1e-5) and c1.control_seed == 1
+    assert describe(c1)["sha256"] != describe(steer)["sha256"]
