@@ -248,3 +248,31 @@ def _clamp_value(spec: Spec, direction: Direction, where: Any, option: str) -> f
     return float(np.percentile(direction.contrast_projections[layer], q))
 
 
+
+
+def interventions_from_options(
+    steer: Sequence[str] = (), ablate: Sequence[str] = (), clamp: Sequence[str] = (), rounds: str | None = None,
+    positions: str = "all", control: str | None = None, control_seed: int = 0, alpha: float | None = None,
+) -> tuple[Intervention, ...]:
+    """The interventions ``workbench run``'s flags name, in the order steer, ablate, clamp
+    (``rounds``: ``--steer-rounds``; ``alpha`` replaces every steer's value, for a sweep).
+    ``control="random"``: each replaced by :func:`~workbench.engine.interventions.random_control`
+    with seed ``control_seed + i`` (i: its place in the list). Raises :class:`WorkbenchError`."""
+    from workbench.engine.interventions import parse_rounds, random_control
+
+    if positions not in ("all", "prompt", "response"):
+        raise WorkbenchError(f"--steer-positions must be prompt, response or all, not {positions!r}")
+    if control not in (None, "random"):
+        raise WorkbenchError(f"--control takes 'random', not {control!r}")
+    picked = parse_rounds(rounds)
+    made: list[Intervention] = []
+    for kind, specs in (("steer", steer), ("ablate", ablate), ("clamp", clamp)):
+        for text in specs:
+            made += from_spec(kind, text, rounds=picked, positions=positions, alpha=alpha if kind == "steer" else None)
+    if control == "random":
+        if not made:
+            raise WorkbenchError("--control random needs an intervention to control (--steer, --ablate or --clamp)")
+        made = [random_control(iv, control_seed + i) for i, iv in enumerate(made)]
+    elif rounds is not None and not made:
+        raise WorkbenchError("--steer-rounds needs --steer, --ablate or --clamp")
+    return tuple(made)

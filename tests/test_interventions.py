@@ -170,3 +170,121 @@ def test_the_record_and_the_random_control(organism, tmp_path):
     assert np.array_equal(c1.direction, c2.direction) and not np.array_equal(c1.direction, c3.direction)
     assert np.linalg.norm(c1.direction) == pytest.approx(3.0, rel=1e-5) and c1.control_seed == 1
     assert describe(c1)["sha256"] != describe(steer)["sha256"]
+
+
+# ------------------------------------------------------------------------------------------ the command line
+RUN = ["run", "--limit", "4", "--rounds", "3", "--batch-size", "2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """A probe file for the organism (4 layers, d_model 64): a random unit direction per layer."""
+    from probe_files import write_probe
+
+    rng = np.random.default_rng(11)
+    dirs = rng.standard_normal((4, 64)).astype(np.float32)
+    return write_probe(tmp_path_factory.mktemp("probe") / "fair.h5", n_layers=4, d_model=64,
+                       directions=dirs / np.linalg.norm(dirs, axis=1, keepdims=True))
+
+
+def test_run_steers_records_and_refuses_a_changed_resume(capsys, monkeypatch, tmp_path, probe):
+    import json
+
+    from cli_support import error_line, workbench
+
+    from workbench.store.writer import RunFile
+
+    out = tmp_path / "steered.h5"
+    code, stdout, err = workbench(capsys, monkeypatch, *RUN, "--out", str(out), "--steer", f"{probe}@1=+4",
+                                  "--ablate", f"{probe}@all", "--steer-rounds", "2-3", "--steer-positions", "response")
+    assert code == 0, err
+    assert "intervention: steer fair.h5@1 α=+4 at blocks.1.hook_resid_post, rounds 2-3, response tokens" in stdout
+    with RunFile(out) as run:
+        record = json.loads(run.f.attrs["interventions"])
+    assert [r["kind"] for r in record] == ["steer"] + ["ablate"] * 4  # @all: each fitted layer its own direction
+    assert [r["layers"] for r in record] == [[1], [0], [1], [2], [3]]
+    assert len({r["sha256"] for r in record[1:]}) == 4 and all(r["rounds"] == [2, 3] for r in record)
+    code, stdout, _ = workbench(capsys, monkeypatch, "info", str(out), "--json")
+    assert code == 0 and json.loads(stdout)["interventions"] == record
+    code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(out), "--steer", f"{probe}@1=+5",
+                             "--ablate", f"{probe}@all", "--steer-rounds", "2-3", "--steer-positions", "response", "--resume")
+    assert code == 2 and error_line(err, "--resume", "other interventions")
+    code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(out), "--resume")
+    assert code == 2 and error_line(err, "other interventions", "none now")
+    # the random control: the same norms, seeded directions, recorded
+    ctl = tmp_path / "control.h5"
+    code, stdout, err = workbench(capsys, monkeypatch, *RUN, "--out", str(ctl), "--steer", f"{probe}@1=+4", "--control", "random",
+                                  "--control-seed", "5")
+    assert code == 0, err and "random control, seed 5" in stdout
+    with RunFile(ctl) as run:
+        (c,) = json.loads(run.f.attrs["interventions"])
+    assert c["control_seed"] == 5 and c["norm"] == [pytest.approx(1.0)] and c["sha256"] != record[0]["sha256"]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--steer", "{probe}@1=+4"], ()),  # placeholder replaced below for the width case
+    (["--steer", "missing.h5@1=4"], ("direction file not found", "missing.h5")),
+    (["--steer", "{probe}@1=four"], ("--steer", "not a number")),
+    (["--steer", "{probe}@1=nan"], ("--steer", "not a finite number")),
+    (["--steer", "{probe}@7=1"], ("no direction for layer 7",)),
+    (["--steer", "{probe}@blocks.1.hook_q=1"], ("interventions act at",)),
+    (["--steer", "{probe}@1=1", "--steer-rounds", "0-2"], ("--steer-rounds", "count from 1")),
+    (["--steer", "{probe}@1=1", "--steer-rounds", "5"], ("rounds [5]", "3 rounds")),
+    (["--steer", "{probe}@1=1", "--steer-positions", "middle"], ("--steer-positions",)),
+    (["--clamp", "{probe}@1=p90"], ("contrast-set projections",)),
+    (["--steer-rounds", "2-3"], ("needs --steer",)),
+])
+def test_bad_intervention_options_are_one_line_before_the_model_loads(args, needles, capsys, monkeypatch, tmp_path, probe):
+    from cli_support import error_line, workbench
+
+    import workbench.engine.models as models
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    if not needles:  # a probe of another width
+        from probe_files import write_probe
+
+        args = ["--steer", f"{write_probe(tmp_path / 'narrow.h5', n_layers=4, d_model=5)}@1=4"]
+        needles = ("width 5", "d_model is 64")
+    args = [a.replace("{probe}", str(probe)) for a in args]
+    code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(tmp_path / "x.h5"), *args)
+    assert code == 2
+    error_line(err, *needles)
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.slow
+def test_a_steered_run_killed_and_resumed_is_identical(tmp_path, probe, capsys, monkeypatch):
+    """SIGKILL a steered `workbench run` (a subprocess) after its first batch is written; --resume
+    finishes it with the same interventions, bit for bit the uninterrupted steered run."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cli_support import workbench
+
+    sys.path.insert(0, str(Path(__file__).parent / "fault"))
+    import inject
+
+    root = Path(__file__).resolve().parents[1]
+    args = [*RUN, "--steer", f"{probe}@2=-3", "--steer-rounds", "2-3"]
+    out = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", *args, "--out", str(out)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, cwd=root)
+    try:
+        for line in proc.stderr:
+            if line.startswith("batch done: 2/4"):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    code, _, err = workbench(capsys, monkeypatch, *args, "--out", str(out), "--resume")
+    assert code == 0, err
+    code, _, err = workbench(capsys, monkeypatch, *args, "--out", str(tmp_path / "whole.h5"))
+    assert code == 0, err
+    assert inject.differences(inject.datasets(tmp_path / "whole.h5"), inject.datasets(out)) == []

@@ -154,6 +154,13 @@ def run(
     scorer_label: Optional[str] = typer.Option(None, metavar="LABEL", help="The classifier label --scorer scores (name or index). Default: the one named toxic, else positive."),
     samples_per_round: int = typer.Option(0, metavar="K", help="Also draw K seeded sampled answers per round from the same prompt (the conversation goes on with the protocol's own answer) and store semantic entropy over them (discrete, probability-weighted, and the study's estimator). 0: off."),
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match) or nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier)."),
+    steer: list[str] = typer.Option([], metavar="FILE@LAYER=ALPHA", help="Add ALPHA × the unit direction at a layer in every forward pass of the chosen rounds (repeatable). FILE: a probe file (its hook; LAYER a number, all: each fitted layer its own direction, or blocks.L.HOOK), a .npy or .safetensors vector. E.g. fair.h5@3=+4."),
+    ablate: list[str] = typer.Option([], metavar="FILE@LAYER", help="Project the direction out (repeatable), e.g. fair.h5@all."),
+    clamp: list[str] = typer.Option([], metavar="FILE@LAYER=VALUE|pNN", help="Set the projection on the direction to VALUE (or the NN-th percentile of the probe's contrast-set projections, when the probe file holds them) (repeatable)."),
+    steer_rounds: Optional[str] = typer.Option(None, metavar="A-B|N,...", help="Rounds the interventions act in (1-based, e.g. 2-6). Default: every round."),
+    steer_positions: str = typer.Option("all", metavar="prompt|response|all", help="Which tokens of those rounds: the round's new prompt tokens, its generated ones (option scoring included), or both."),
+    control: Optional[str] = typer.Option(None, metavar="random", help="random: the same interventions along seeded random directions of the same norms (a control run; the seeds are recorded)."),
+    control_seed: int = typer.Option(0, help="Seed of --control random's first direction (the i-th uses seed + i)."),
     shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
@@ -167,6 +174,9 @@ def run(
     from workbench.engine.protocol import parse_inject
     from workbench.engine.run import RunConfig, run_protocol
     from workbench.engine.tasks import default_protocol
+    from probes.directions import interventions_from_options
+
+    interventions = interventions_from_options(steer, ablate, clamp, steer_rounds, steer_positions, control, control_seed)
 
     if out_path is None:
         stem = Path(model).name if model != "organism" else "organism"
@@ -181,7 +191,7 @@ def run(
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
-        shard=shard,
+        shard=shard, interventions=interventions,
     )
     merge_notes: list[str] = []
     try:
@@ -340,6 +350,8 @@ def _print_summary(run_file: Any) -> None:
     s = summary(run_file)
     out.print(f"{s['path']}  model={s['model']}  protocol={s['protocol']}  task={s['task']}  "
               f"samples={s['n_done']}/{s['n_samples']}  status={s['status']}", markup=False, highlight=False)
+    for line in _intervention_lines(run_file):
+        out.print(Text(f"intervention: {line}"), highlight=False, soft_wrap=True)
     rows = s["rounds"]
     if not rows:
         return
@@ -371,6 +383,26 @@ def _print_summary(run_file: Any) -> None:
             f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
 
 
+def _interventions_record(run_file: Any) -> list[dict[str, Any]]:
+    """The run's recorded interventions (the ``interventions`` root attribute, JSON), or []."""
+    raw = run_file.f.attrs.get("interventions")
+    if raw is None:
+        return []
+    try:
+        record = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        raise WorkbenchError(f"{run_file.path}: attribute 'interventions' is not valid JSON") from None
+    if not isinstance(record, list) or not all(isinstance(r, dict) for r in record):
+        raise WorkbenchError(f"{run_file.path}: attribute 'interventions' is not a list of interventions")
+    return record
+
+
+def _intervention_lines(run_file: Any) -> list[str]:
+    from workbench.engine.interventions import summarize
+
+    return [summarize(r) for r in _interventions_record(run_file)]
+
+
 @app.command()
 def info(
     run_path: Path = typer.Argument(..., help="A run file written by `workbench run`, or a cache file from `workbench export`."),
@@ -387,6 +419,7 @@ def info(
     with RunFile(run_path) as run_file:
         if as_json:
             s = summary(run_file)
+            s["interventions"] = _interventions_record(run_file)
             print(json.dumps(_finite(s), indent=2, default=_json_default, allow_nan=False))
         else:
             _print_summary(run_file)

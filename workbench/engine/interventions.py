@@ -247,6 +247,26 @@ def settings_json(interventions: Sequence[Intervention]) -> list[dict[str, Any]]
     return json.loads(json.dumps([describe(iv) for iv in interventions]))
 
 
+def summarize(record: dict[str, Any]) -> str:
+    """One line for a recorded intervention (:func:`describe`'s dict), e.g.
+    ``steer fair.h5@3 α=+4 at blocks.3.hook_resid_post, rounds 2-6, response tokens``."""
+    kind = record.get("kind", "?")
+    amount = {"steer": f" α={record.get('alpha', 0):+g}", "clamp": f" to {record.get('value', 0):g}"}.get(kind, "")
+    layers = record.get("layers")
+    where = f"blocks.{layers[0]}.{record.get('hook')}" if isinstance(layers, list) and len(layers) == 1 else \
+        f"{record.get('hook')} of layers {'all' if layers == 'all' else ','.join(map(str, layers or []))}"
+    rounds = record.get("rounds")
+    if not rounds:
+        said = "every round"
+    elif rounds == list(range(rounds[0], rounds[-1] + 1)):
+        said = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]}"
+    else:
+        said = "rounds " + ",".join(map(str, rounds))
+    control = f" (random control, seed {record['control_seed']})" if record.get("control_seed") is not None else ""
+    label = f" {record['label']}" if record.get("label") else ""
+    return f"{kind}{label}{amount} at {where}, {said}, {record.get('positions', 'all')} tokens{control}"
+
+
 def random_control(iv: Intervention, seed: int) -> Intervention:
     """The same intervention along a seeded random direction (standard normal, then scaled to the
     original's norm; a subspace: as many random directions), recorded with ``control_seed``."""
