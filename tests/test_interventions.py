@@ -288,3 +288,56 @@ def test_a_steered_run_killed_and_resumed_is_identical(tmp_path, probe, capsys, 
     code, _, err = workbench(capsys, monkeypatch, *args, "--out", str(tmp_path / "whole.h5"))
     assert code == 0, err
     assert inject.differences(inject.datasets(tmp_path / "whole.h5"), inject.datasets(out)) == []
+
+
+# ------------------------------------------------------------------------------------------ analyze --against
+def test_implied_log_odds_recovers_the_mixture():
+    from workbench.analysis.paired import implied_log_odds, settling_round
+
+    rng = np.random.default_rng(0)
+    fair, biased = rng.dirichlet(np.ones(3), 5), rng.dirichlet(np.ones(3), 5)
+    lam = rng.uniform(-6, 6, (5, 4))
+    s = 1 / (1 + np.exp(-lam))
+    probs = s[..., None] * fair[:, None] + (1 - s[..., None]) * biased[:, None]
+    probs[2, 3] = np.nan
+    got, kl = implied_log_odds(probs, fair, biased)
+    ok = np.isfinite(probs).all(-1)
+    np.testing.assert_allclose(got[ok], lam[ok], atol=2e-3)
+    assert (kl[ok] < 1e-6).all() and np.isnan(got[2, 3])
+    # a distribution off the mixture's line: the fit is the closest point, with a positive KL
+    off, kl_off = implied_log_odds(np.array([[[0.2, 0.6, 0.2]]]), np.array([[0.8, 0.1, 0.1]]), np.array([[0.1, 0.1, 0.8]]))
+    assert abs(off[0, 0]) < 1e-2 and kl_off[0, 0] > 0.1
+    np.testing.assert_array_equal(settling_round(np.array([[0, 0, 0], [0, 1, 1], [1, 0, 1], [2, 2, 1]])), [1, 2, 3, 3])
+
+
+def test_analyze_against_pairs_the_samples(capsys, monkeypatch, tmp_path, probe):
+    import json
+
+    from cli_support import error_line, workbench
+
+    from workbench.store.writer import RunFile
+
+    base, steered, other = tmp_path / "base.h5", tmp_path / "steered.h5", tmp_path / "other.h5"
+    for path, extra in ((base, []), (steered, ["--steer", f"{probe}@all=+6", "--steer-rounds", "2-3"]),
+                        (other, ["--protocol", "organism-neutral"])):
+        code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(path), *extra)
+        assert code == 0, err
+    code, stdout, err = workbench(capsys, monkeypatch, "analyze", str(steered), "--against", str(base), "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["n_paired"] == 4 and r["interventions"]["base"] == [] and len(r["interventions"]["steered"]) == 4
+    with RunFile(steered) as s, RunFile(base) as b:
+        cs, cb = s.array("rounds/correct").astype(float), b.array("rounds/correct").astype(float)
+        es, eb = s.array("rounds/option_entropy"), b.array("rounds/option_entropy")
+        ps, pb = s.array("rounds/parsed_answer"), b.array("rounds/parsed_answer")
+    np.testing.assert_allclose(r["metrics"]["accuracy"]["value"], (cs - cb).mean(0))
+    np.testing.assert_allclose(r["metrics"]["option_entropy"]["value"], (es - eb).mean(0), rtol=1e-5, atol=1e-7)
+    assert all(m["low"][0] == m["value"][0] == m["high"][0] == 0 for m in r["metrics"].values())  # round 1 not steered
+    assert not np.allclose(r["metrics"]["option_entropy"]["value"][1:], 0)
+    assert [f["answer_changed"] for f in r["flips"]] == (ps != pb).sum(0).tolist()
+    il = r["implied_log_odds"]
+    assert len(il["value"]) == 3 and il["value"][0] == 0 and len(il["kl_steered"]) == 3
+    code, stdout, err = workbench(capsys, monkeypatch, "analyze", str(steered), "--against", str(base))
+    assert code == 0 and "paired samples" in stdout and "implied λ" in stdout
+    code, _, err = workbench(capsys, monkeypatch, "analyze", str(steered), "--against", str(other))
+    assert code == 2 and error_line(err, "differ in protocol")

@@ -39,12 +39,25 @@ def analyze(
     seed: int = typer.Option(0, help="Seed of the bootstrap and of the simulation task's folds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON on stdout."),
     write: bool = typer.Option(True, "--write/--no-write", help="Store the analysis in the run file under analysis/."),
+    against: Optional[Path] = typer.Option(None, "--against", metavar="BASE.h5", help="Compare with a run of the same samples without the intervention: per round, paired differences (this run − BASE) with paired bootstrap intervals, flips between the runs, and on the organism the implied log-odds. Nothing is written to either file."),
 ) -> None:
     """Per-round accuracy (parsed and option argmax), uncertainty, calibration and concept scores with
     95 % bootstrap intervals; convergence; flips; concept ↔ uncertainty correlations; the organism's
-    probe against the exact posterior; the simulation task."""
+    probe against the exact posterior; the simulation task. With --against BASE.h5: what an
+    intervention changed, sample by sample."""
     from workbench.analysis.analyze import _finite, analyze as run_analysis, write_analysis
     from workbench.store.writer import RunFile
+
+    if against is not None:
+        from workbench.analysis.paired import compare
+
+        with RunFile(run_path) as steered, RunFile(against) as base:
+            result = compare(steered, base, seed=seed)
+        if as_json:
+            print(json.dumps(_finite(result), indent=1, allow_nan=False))
+        else:
+            print_comparison(result)
+        return
 
     with RunFile(run_path) as run:
         result = run_analysis(run, probe=probe, eps=eps, k=k, seed=seed)
@@ -135,6 +148,57 @@ def print_analysis(result: dict[str, Any]) -> None:
                       f"{s['baseline_mean']:.4f}, n = {s['n']} transitions, {s['n_falls']} fall", markup=False, highlight=False)
     st = sim["study"]
     out.print(f"  the study reports {st['accuracy']:.2%} (variance {st['variance']}) on {st['data']}: {st['note']}", markup=False, highlight=False)
+
+
+def print_comparison(result: dict[str, Any]) -> None:
+    """``analyze --against``: the runs and their interventions, then per round each metric's paired
+    difference with its interval (and the two runs' means), the flips and the implied log-odds."""
+    from rich.text import Text
+
+    from workbench.engine.interventions import summarize
+
+    runs = result["runs"]
+    out.print(Text(f"{runs['steered']} against {runs['base']}: {result['n_paired']} paired samples, {result['n_rounds']} rounds"),
+              highlight=False, soft_wrap=True)
+    for which in ("steered", "base"):
+        for record in result["interventions"][which]:
+            out.print(Text(f"  {which}: {summarize(record)}"), highlight=False, soft_wrap=True)
+    blocks = dict(result["metrics"])
+    if "implied_log_odds" in result:
+        blocks["implied λ"] = result["implied_log_odds"]
+    names = list(blocks)
+    for chunk in (names[i : i + 4] for i in range(0, len(names), 4)):
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("round", justify="right")
+        for name in chunk:
+            table.add_column(Text(_short(name)), justify="right", overflow="fold")
+        for t in range(result["n_rounds"]):
+            cells = []
+            for name in chunk:
+                m = blocks[name]
+                cells.append(f"{_num(m['value'][t])}\n{_num(m['low'][t], 2)}–{_num(m['high'][t], 2)}\n"
+                             f"{_num(m['base'][t], 2)}→{_num(m['steered'][t], 2)}")
+            table.add_row(str(t + 1), *cells)
+        out.print(table)
+    out.print("each cell: the mean paired difference (this run − base), its 95 % paired bootstrap interval, "
+              "and base → this run", markup=False, highlight=False)
+    if "implied_log_odds" in result:
+        il = result["implied_log_odds"]
+        out.print("implied λ: the log-odds whose exact mixture is closest in KL to the answer distribution; best-fit KL "
+                  f"per round {' '.join(_num(x, 4) for x in il['kl_steered'])} (base {' '.join(_num(x, 4) for x in il['kl_base'])}); "
+                  f"variance of λ across samples {' '.join(_num(x, 2) for x in il['variance_steered'])} "
+                  f"(base {' '.join(_num(x, 2) for x in il['variance_base'])}); {il['at_bound']} fits at the grid's bound",
+                  markup=False, highlight=False, soft_wrap=True)
+    if "settling_round" in result:
+        sr = result["settling_round"]
+        out.print(f"answer settles at round {_num(sr['base'], 2)} → {_num(sr['steered'], 2)}: Δ {_num(sr['value'])} "
+                  f"[{_num(sr['low'], 2)}, {_num(sr['high'], 2)}]", markup=False, highlight=False)
+    if "flips" in result:
+        table = Table("round", "right→wrong", "wrong→right", "answer changed", title="flips between the runs (base → this run)",
+                      title_justify="left")
+        for f in result["flips"]:
+            table.add_row(str(f["round"]), str(f["right_to_wrong"]), str(f["wrong_to_right"]), str(f["answer_changed"]))
+        out.print(table)
 
 
 def _print_views(title: str, v: dict[str, Any]) -> None:

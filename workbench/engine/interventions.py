@@ -264,7 +264,8 @@ def summarize(record: dict[str, Any]) -> str:
         said = "rounds " + ",".join(map(str, rounds))
     control = f" (random control, seed {record['control_seed']})" if record.get("control_seed") is not None else ""
     label = f" {record['label']}" if record.get("label") else ""
-    return f"{kind}{label}{amount} at {where}, {said}, {record.get('positions', 'all')} tokens{control}"
+    line = f"{kind}{label}{amount} at {where}, {said}, {record.get('positions', 'all')} tokens{control}"
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", line)  # a file's text: no control character reaches a terminal
 
 
 def random_control(iv: Intervention, seed: int) -> Intervention:
