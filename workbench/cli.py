@@ -212,6 +212,97 @@ def run(
 
 
 @app.command()
+def sweep(
+    steer: str = typer.Option(..., metavar="FILE@LAYER", help="The direction and place to steer (as for run --steer, without =ALPHA), e.g. fair.h5@3."),
+    alphas: str = typer.Option("-8,-4,-2,0,2,4,8", metavar="A,B,...", help="The αs, one run each (0: the base run, no intervention)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the runs and sweep.json (`workbench report DIR` draws them)."),
+    control: str = typer.Option("random", metavar="random|none", help="random: at every α ≠ 0 also a run along a seeded random direction of the same norm."),
+    control_seed: int = typer.Option(0, help="Seed of the control's random direction (the same at every α)."),
+    steer_rounds: Optional[str] = typer.Option(None, metavar="A-B", help="Rounds steered (default: all)."),
+    steer_positions: str = typer.Option("all", metavar="prompt|response|all", help="Which tokens of those rounds."),
+    limit: Optional[int] = typer.Option(None, help="Number of samples (organism default: 64)."),
+    offset: int = typer.Option(0, help="Skip this many samples first."),
+    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="Protocol (default: the task's own)."),
+    rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
+    model: str = typer.Option("organism", help="Model (as for run)."),
+    task: Task = typer.Option("organism", help="Task (as for run)."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s) (as for run)."),
+    batch_size: int = typer.Option(16, help="Samples generated together."),
+    hooks: str = typer.Option("hook_resid_post", metavar="HOOK,...", help="Hooks captured (as for run)."),
+    device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
+    dtype: ModelDtype = typer.Option("auto", help="Model dtype."),
+    seed: int = typer.Option(0, help="Seed for sampled decoding."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the finished runs of an interrupted sweep and continue the rest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep's run files."),
+) -> None:
+    """A steering sweep: one run per α on the same samples (the model loaded once), plus the random
+    control at every α ≠ 0; sweep.json lists them. Then `workbench report DIR` draws the dose-response."""
+    import shlex
+
+    from probes.directions import interventions_from_options
+    from workbench.engine.run import RunConfig, run_protocol
+
+    try:
+        values = sorted({float(a) for a in alphas.split(",") if a.strip()})
+    except ValueError:
+        raise WorkbenchError(f"--alphas takes comma-separated numbers, not {alphas!r}") from None
+    if not values or not all(math.isfinite(a) for a in values):
+        raise WorkbenchError(f"--alphas takes finite numbers, not {alphas!r}")
+    if control not in ("random", "none"):
+        raise WorkbenchError(f"--control takes random or none, not {control!r}")
+    if "=" in steer:
+        raise WorkbenchError(f"--steer {steer}: a sweep takes the αs from --alphas; give FILE@LAYER without =VALUE")
+    values = sorted(set(values) | {0.0})
+    plan = []  # (alpha, kind, file, interventions)
+    for a in values:
+        if a == 0:
+            plan.append((a, "base", "alpha+0.h5", ()))
+            continue
+        ivs = interventions_from_options([f"{steer}={a}"], rounds=steer_rounds, positions=steer_positions)
+        plan.append((a, "steer", f"alpha{a:+g}.h5", ivs))
+        if control == "random":
+            ctl = interventions_from_options([f"{steer}={a}"], rounds=steer_rounds, positions=steer_positions,
+                                             control="random", control_seed=control_seed)
+            plan.append((a, "control", f"control-alpha{a:+g}.h5", ctl))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WorkbenchError(f"--out {out_dir} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"steer": steer, "alphas": values, "control": control, "control_seed": control_seed, "steer_rounds": steer_rounds,
+                "steer_positions": steer_positions, "command_line": shlex.join(["workbench", *sys.argv[1:]]),
+                "runs": [{"alpha": a, "kind": kind, "file": name} for a, kind, name, _ in plan]}
+    base = RunConfig(out=out_dir / "x.h5", model=model, task=task, data=tuple(str(p) for p in data), limit=limit, offset=offset,
+                     protocol=protocol, rounds=rounds, batch_size=batch_size, hooks=tuple(h.strip() for h in hooks.split(",")),
+                     device=device, dtype=dtype, seed=seed, overwrite=overwrite, command_line=manifest["command_line"])
+    from dataclasses import replace
+
+    from workbench.engine.run import validate_config
+    from workbench.store.writer import RunFile, run_exists
+
+    for a, kind, name, ivs in plan:  # every run's options checked before the model loads
+        path = out_dir / name
+        done = resume and run_exists(path) and not overwrite
+        validate_config(replace(base, out=path, interventions=ivs, resume=done))
+    (out_dir / "sweep.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    from workbench.engine.models import load_model
+
+    loaded = load_model(model, device, dtype)
+    for i, (a, kind, name, ivs) in enumerate(plan):
+        path = out_dir / name
+        if resume and run_exists(path) and not overwrite:
+            with RunFile(path) as existing:
+                complete = existing.meta.get("status") == "complete"
+            if complete:
+                err.print(f"[{i + 1}/{len(plan)}] {name}: already complete", highlight=False, markup=False)
+                continue
+        err.print(f"[{i + 1}/{len(plan)}] {kind} α={a:+g} → {path}", highlight=False, markup=False)
+        cfg = replace(base, out=path, interventions=ivs, resume=resume and run_exists(path))
+        with _ProgressReporter() as reporter:
+            run_protocol(cfg, model=loaded, on_batch=reporter.update).close()
+    out.print(f"wrote {len(plan)} runs and sweep.json to {out_dir}; draw them with: workbench report {out_dir}",
+              markup=False, highlight=False)
+
+
+@app.command()
 def merge(
     run_path: Path = typer.Argument(..., help="The --out of the sharded run; its shards are in RUN.h5.shards/."),
     copy: bool = typer.Option(False, "--copy", help="Copy the activations into RUN.h5 (a self-contained file) instead of virtual datasets that read the shard files."),

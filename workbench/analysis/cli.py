@@ -232,15 +232,24 @@ class _NamedArgument(typer.core.TyperArgument):
 
 
 def report(
-    run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
-    out_dir: Path = typer.Option(Path("artifacts/runs/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
+    run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject). Or one sweep folder (`workbench sweep --out DIR`): its dose-response curves."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures (PNG + SVG) and index.html. Default: artifacts/runs/reports/report, or DIR/report for a sweep folder."),
     seed: int = typer.Option(0, help="Seed of the bootstrap intervals."),
 ) -> None:
     """Figures a paper would use (per-round curves with intervals and convergence, reliability
     diagrams, layers × rounds concept heatmap, flips, the organism against its exact posterior) and
-    one index.html that ties them together."""
+    one index.html that ties them together. For a sweep folder: per round, each metric's paired
+    difference from the α = 0 run against α, the random control beside it."""
     from workbench.analysis.report import build_report
 
+    if len(run_paths) == 1 and run_paths[0].is_dir():
+        from workbench.analysis.sweep import build_sweep_report
+
+        out_dir = out_dir if out_dir is not None else run_paths[0] / "report"
+        index = build_sweep_report(run_paths[0], out_dir, seed=seed)
+        out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} dose-response figures (PNG + SVG)", markup=False, highlight=False)
+        return
+    out_dir = out_dir if out_dir is not None else Path("artifacts/runs/reports/report")
     index = build_report(list(run_paths), out_dir, seed=seed)
     out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} figures (PNG + SVG)", markup=False, highlight=False)
 
