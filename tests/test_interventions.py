@@ -341,3 +341,41 @@ def test_analyze_against_pairs_the_samples(capsys, monkeypatch, tmp_path, probe)
     assert code == 0 and "paired samples" in stdout and "implied λ" in stdout
     code, _, err = workbench(capsys, monkeypatch, "analyze", str(steered), "--against", str(other))
     assert code == 2 and error_line(err, "differ in protocol")
+
+
+@pytest.mark.slow
+def test_sweep_and_its_dose_response_report(capsys, monkeypatch, tmp_path, probe):
+    import json
+
+    from cli_support import error_line, workbench
+
+    from workbench.store.writer import RunFile
+
+    folder = tmp_path / "sweep"
+    args = ["sweep", "--steer", f"{probe}@2", "--alphas", "-6,6", "--limit", "3", "--rounds", "2", "--batch-size", "3",
+            "--device", "cpu", "--out", str(folder)]
+    code, stdout, err = workbench(capsys, monkeypatch, *args)
+    assert code == 0, err
+    manifest = json.loads((folder / "sweep.json").read_text())
+    assert [(r["alpha"], r["kind"]) for r in manifest["runs"]] == [(-6, "steer"), (-6, "control"), (0, "base"), (6, "steer"), (6, "control")]
+    records = {}
+    for r in manifest["runs"]:
+        with RunFile(folder / r["file"]) as run:
+            records[r["file"]] = json.loads(run.f.attrs.get("interventions", "[]"))
+    assert records["alpha+0.h5"] == [] and records["alpha+6.h5"][0]["alpha"] == 6
+    ctl, steer = records["control-alpha+6.h5"][0], records["alpha+6.h5"][0]
+    assert ctl["control_seed"] == 0 and ctl["sha256"] == records["control-alpha-6.h5"][0]["sha256"] != steer["sha256"]
+    code, stdout, err = workbench(capsys, monkeypatch, "report", str(folder))
+    assert code == 0, err
+    dr = json.loads((folder / "report" / "dose_response.json").read_text())
+    acc = dr["curves"]["accuracy"]
+    assert acc["steer"]["alpha"] == [-6, 0, 6] and acc["control"]["alpha"] == [-6, 0, 6]
+    assert dr["targets"]["n_alphas"] == 3 and set(dr["targets"]["control_over_steer"]) <= {"-6", "+6"}
+    assert (folder / "report" / "dose-implied-lambda.svg").exists() and (folder / "report" / "index.html").exists()
+    code, stdout, err = workbench(capsys, monkeypatch, *args, "--resume")  # every run complete: nothing recomputed
+    assert code == 0 and err.count("already complete") == 5
+    for bad, needle in ((["--alphas", "a,b"], "--alphas"), (["--steer", f"{probe}@2=3"], "without =VALUE"), (["--control", "maybe"], "--control")):
+        code, _, err = workbench(capsys, monkeypatch, *args, *bad)
+        assert code == 2 and error_line(err, needle)
+    code, _, err = workbench(capsys, monkeypatch, "report", str(tmp_path))
+    assert code == 2 and error_line(err, "not a sweep folder")

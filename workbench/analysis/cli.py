@@ -189,6 +189,10 @@ def print_comparison(result: dict[str, Any]) -> None:
                   f"variance of λ across samples {' '.join(_num(x, 2) for x in il['variance_steered'])} "
                   f"(base {' '.join(_num(x, 2) for x in il['variance_base'])}); {il['at_bound']} fits at the grid's bound",
                   markup=False, highlight=False, soft_wrap=True)
+    if "accuracy_gain" in result:
+        g = result["accuracy_gain"]
+        out.print(f"{g['what']}: {_num(g['base'])} → {_num(g['steered'])}: Δ {_num(g['value'])} [{_num(g['low'], 2)}, {_num(g['high'], 2)}]",
+                  markup=False, highlight=False)
     if "settling_round" in result:
         sr = result["settling_round"]
         out.print(f"answer settles at round {_num(sr['base'], 2)} → {_num(sr['steered'], 2)}: Δ {_num(sr['value'])} "

@@ -168,6 +168,10 @@ def compare(steered: RunFile, base: RunFile, seed: int = 0) -> dict[str, Any]:
                                     "steered": float(settle_s.mean()), "base": float(settle_b.mean()),
                                     "value": est[0], "low": est[1], "high": est[2]}
         del ans_s
+        gain_s, gain_b = cs[:, -1] - cs[:, 0], cb[:, -1] - cb[:, 0]
+        est = _diff_interval(gain_s, gain_b, seed)
+        result["accuracy_gain"] = {"what": f"accuracy gain round 1 → round {rounds}", "steered": float(gain_s.mean()),
+                                   "base": float(gain_b.mean()), "value": est[0], "low": est[1], "high": est[2]}
         result["flips"] = [{"round": t + 1, "right_to_wrong": int(((cb[:, t] == 1) & (cs[:, t] == 0)).sum()),
                             "wrong_to_right": int(((cb[:, t] == 0) & (cs[:, t] == 1)).sum()),
                             "answer_changed": int((answers_s[:, t] != answers_b[:, t]).sum())} for t in range(rounds)]
