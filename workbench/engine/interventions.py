@@ -381,19 +381,23 @@ def _edit(iv: Intervention, cache: dict[Any, Any]) -> Callable[[Any, Any], Any]:
 
     def tensors(device: Any) -> Any:
         key = (id(iv), device)
-        if key not in cache:
-            v = torch.as_tensor(iv.direction, dtype=torch.float64)
-            if isinstance(iv, Ablate):
-                q, _ = torch.linalg.qr(v.T)  # [d, k], orthonormal columns spanning the directions
-                cache[key] = q.T.contiguous().float().to(device)  # [k, d]
-            else:
-                unit = (v / v.norm()).float().to(device)
-                cache[key] = unit * iv.alpha if isinstance(iv, Steer) else unit
+        got = cache.get(key)
+        if got is not None:
+            return got
+        v = torch.as_tensor(iv.direction, dtype=torch.float64)
+        if isinstance(iv, Ablate):
+            q, _ = torch.linalg.qr(v.T)  # [d, k], orthonormal columns spanning the directions
+            cache[key] = q.T.contiguous().float().to(device)  # [k, d]
+        else:
+            unit = (v / v.norm()).float().to(device)
+            cache[key] = unit * iv.alpha if isinstance(iv, Steer) else unit
         return cache[key]
 
     if isinstance(iv, Steer):
         def edit(x: Any, w: Any) -> Any:
             step = tensors(x.device)
+            if w is None and x.dtype == torch.float32:
+                return x + step  # a decode step: one add (float32 already)
             delta = step if w is None else w[..., None] * step
             return (x.float() + delta).to(x.dtype)
     elif isinstance(iv, Ablate):
@@ -457,9 +461,13 @@ def intervening(hf: Any, plan: Plan | None, part: str) -> Iterator[None]:
 def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Callable, Any, bool]]) -> Any:
     """``act`` ``[batch, seq, d]`` after every entry: the prefill's weights on the module's first
     call of the round, every position on a later call."""
-    first = path not in plan.prefilled
-    if first:
-        plan.prefilled.add(path)
+    if path in plan.prefilled:  # a later call: the round's response tokens
+        for edit, _, later in entries:
+            if later:
+                act = edit(act, None)
+        return act
+    plan.prefilled.add(path)
+    first = True
     for edit, weight, later in entries:
         if first and weight is not None:
             if act.shape[:2] != tuple(weight.shape):
@@ -472,10 +480,12 @@ def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Callable, Any, b
 
 
 def _editor(plan: Plan, path: str, side: str, entries: list[tuple[Callable, Any, bool]]) -> Callable[[Any], Any]:
+    key = f"{path}:{side}"
+
     def change(act: Any) -> Any:
         if isinstance(act, tuple):
-            return (_apply(plan, f"{path}:{side}", act[0], entries), *act[1:])
-        return _apply(plan, f"{path}:{side}", act, entries)
+            return (_apply(plan, key, act[0], entries), *act[1:])
+        return _apply(plan, key, act, entries)
     return change
 
 
