@@ -379,3 +379,26 @@ def test_sweep_and_its_dose_response_report(capsys, monkeypatch, tmp_path, probe
         assert code == 2 and error_line(err, needle)
     code, _, err = workbench(capsys, monkeypatch, "report", str(tmp_path))
     assert code == 2 and error_line(err, "not a sweep folder")
+
+
+def test_the_projection_before_the_intervention_is_kept(organism, tmp_path):
+    """``intervention_projection_before`` ``[N, R, S, 2]``: the projection on d̂ before the steer, at
+    the last prompt token and over the response, is the captured (after) one minus α; NaN in rounds
+    it did not act in; written to a run file as rounds/intervention_projection_before."""
+    from workbench.engine.session import PROJECTION_BEFORE
+    from workbench.store.writer import RunFile
+
+    model, task, protocol, samples = setting("organism", None, organism)
+    d = unit(model.d_model, 9)
+    steer, clamp = Steer(d, layer=1, alpha=3.0, rounds=[1, 3]), Clamp(d, layers=[2, 3], value=0.5)
+    s, res = run(model, task, protocol, samples, [steer, clamp])
+    before = res.round_fields[PROJECTION_BEFORE]  # [N, R, 3 (steer@1, clamp@2, clamp@3), 2]
+    after = res.activations["hook_resid_post"] @ d  # [N, R, 2, L]
+    assert before.shape == (len(samples), ROUNDS, 3, 2)
+    np.testing.assert_allclose(before[:, [0, 2], 0], after[:, [0, 2]][..., 1] - 3.0, atol=1e-4)
+    assert np.isnan(before[:, 1, 0]).all()  # round 2: the steer did not act
+    np.testing.assert_allclose(after[:, :, :, 2:], 0.5, atol=1e-4)
+    assert np.abs(before[:, :, 1:] - 0.5).max() > 0.1  # the clamp's "before" is the model's own value
+    path = s.save(tmp_path / "before.h5")
+    with RunFile(path) as f:
+        np.testing.assert_array_equal(f.array(f"rounds/{PROJECTION_BEFORE}"), before)

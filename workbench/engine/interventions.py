@@ -321,6 +321,11 @@ class Plan:
     sites: dict[tuple[str, int], Any]  # (hook, layer) → HookSite
     n_layers: int
     prefilled: set[str] = field(default_factory=set)
+    # the projection before the intervention, at the last position of each call, for the
+    # (id(intervention), layer) in ``watch`` while ``recording``: {"last": [batch] (prefill), "steps": [[batch], …]}
+    watch: set[tuple[int, int]] = field(default_factory=set)
+    recording: bool = True
+    recorded: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.active)
@@ -374,9 +379,11 @@ def make_plan(model: Any, sites: dict[tuple[str, int], Any], active: list[tuple[
     return Plan([a for a in active if a[1] is not None or a[2]], sites, model.n_layers)
 
 
-def _edit(iv: Intervention, cache: dict[Any, Any]) -> Callable[[Any, Any], Any]:
-    """``edit(x, w)``: x ``[batch, seq, d]`` → the intervened x in x's dtype; ``w`` ``[batch, seq]``
-    weights or None (every position)."""
+def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
+    """``(edit, measure)``: ``edit(x, w)``: x ``[batch, seq, d]`` → the intervened x in x's dtype,
+    ``w`` ``[batch, seq]`` weights or None (every position); ``measure(x)``: x ``[batch, d]`` →
+    ``[batch]`` float32, its projection on d̂ (a subspace of k > 1 directions: the norm of its
+    component in it)."""
     import torch
 
     def tensors(device: Any) -> Any:
@@ -418,7 +425,26 @@ def _edit(iv: Intervention, cache: dict[Any, Any]) -> Callable[[Any, Any], Any]:
             if w is not None:
                 coef = coef * w
             return (xf + coef[..., None] * unit).to(x.dtype)
-    return edit
+
+    def measure(x: Any) -> Any:
+        t = tensors(x.device)
+        if isinstance(iv, Ablate):
+            coef = x.float() @ t.T  # [b, k]
+            return coef[:, 0] if t.shape[0] == 1 else coef.norm(dim=-1)
+        return x.float() @ _unit(iv, x.device, cache)
+
+    return edit, measure
+
+
+def _unit(iv: Intervention, device: Any, cache: dict[Any, Any]) -> Any:
+    """The unit direction of ``iv`` on ``device`` (float32, ``[d]``), cached."""
+    import torch
+
+    key = ("unit", id(iv), device)
+    if key not in cache:
+        v = torch.as_tensor(np.atleast_2d(iv.direction)[0], dtype=torch.float64)
+        cache[key] = (v / v.norm()).float().to(device)
+    return cache[key]
 
 
 @contextmanager
@@ -434,11 +460,12 @@ def intervening(hf: Any, plan: Plan | None, part: str) -> Iterator[None]:
         return
     cache: dict[Any, Any] = {}
     # per (module path, side): the edits in order, each (edit, prefill weight, later); resid_mid: per layer
-    edits: dict[tuple[str, str], list[tuple[Callable, Any, bool]]] = {}
-    mid: dict[int, list[tuple[Callable, Any, bool]]] = {}
+    edits: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    mid: dict[int, list[tuple[Any, ...]]] = {}
     for iv, weight, later in plan.active:
         for layer in layers_of(iv, plan.n_layers):
-            entry = (_edit(iv, cache), weight, later)
+            key = (id(iv), layer)
+            entry = (*_edit(iv, cache), weight, later, key if key in plan.watch else None)
             if iv.hook == "hook_resid_mid":
                 mid.setdefault(layer, []).append(entry)
                 continue
@@ -458,17 +485,21 @@ def intervening(hf: Any, plan: Plan | None, part: str) -> Iterator[None]:
             undo()
 
 
-def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Callable, Any, bool]]) -> Any:
+def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Any, ...]]) -> Any:
     """``act`` ``[batch, seq, d]`` after every entry: the prefill's weights on the module's first
     call of the round, every position on a later call."""
     if path in plan.prefilled:  # a later call: the round's response tokens
-        for edit, _, later in entries:
+        for edit, measure, _, later, record in entries:
+            if record is not None and plan.recording:
+                plan.recorded.setdefault(record, {"last": None, "steps": []})["steps"].append(measure(act[:, -1]))
             if later:
                 act = edit(act, None)
         return act
     plan.prefilled.add(path)
     first = True
-    for edit, weight, later in entries:
+    for edit, measure, weight, later, record in entries:
+        if record is not None and plan.recording:
+            plan.recorded.setdefault(record, {"last": None, "steps": []})["last"] = measure(act[:, -1])
         if first and weight is not None:
             if act.shape[:2] != tuple(weight.shape):
                 raise WorkbenchError(f"an intervention expected the prompt in one forward pass, but {path} saw "
@@ -479,7 +510,7 @@ def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Callable, Any, b
     return act
 
 
-def _editor(plan: Plan, path: str, side: str, entries: list[tuple[Callable, Any, bool]]) -> Callable[[Any], Any]:
+def _editor(plan: Plan, path: str, side: str, entries: list[tuple[Any, ...]]) -> Callable[[Any], Any]:
     key = f"{path}:{side}"
 
     def change(act: Any) -> Any:
@@ -489,7 +520,7 @@ def _editor(plan: Plan, path: str, side: str, entries: list[tuple[Callable, Any,
     return change
 
 
-def _install_mid(hf: Any, plan: Plan, layer: int, entries: list[tuple[Callable, Any, bool]]) -> list[Callable[[], None]]:
+def _install_mid(hf: Any, plan: Plan, layer: int, entries: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
     """resid_mid = block input + attention output: keep the block's input as it enters (inside any
     resid_pre edit), and replace the attention output ``a`` by ``f(pre + a) − pre``."""
     pre_site, attn_site = plan.sites[("hook_resid_pre", layer)], plan.sites[("hook_attn_out", layer)]

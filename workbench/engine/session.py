@@ -72,6 +72,9 @@ if TYPE_CHECKING:
     from workbench.engine.batch_result import BatchResult
 
 
+PROJECTION_BEFORE = "intervention_projection_before"  # the round field (``[B, S, 2]``) of the projection before each intervention
+
+
 class CacheFallbackWarning(UserWarning):
     """A round re-ran the whole conversation because the carried KV cache would not fit."""
 
@@ -166,6 +169,7 @@ class Session:
         self.interventions: list[Intervention] = list(interventions)
         self._intervention_sites: dict[tuple[str, int], HookSite] = {}
         self._schedule: list[tuple[Intervention, ...]] = []  # per round stepped: the interventions that acted
+        self._overridden = False  # a step was given its own interventions (the record below then stops)
         self._check_interventions(self.interventions)
         if self.protocol.decoding.do_sample:
             torch.manual_seed(seed + self.samples[0].index)  # per batch, so a resumed run draws the same tokens
@@ -236,11 +240,14 @@ class Session:
         weights[:, 0, -1] = 1.0  # left padding: every row's last prompt token is the last position
         steps: dict[HookSite, list[torch.Tensor]] = {}
         applied = self._round_schedule(interventions, t + 1)
+        self._overridden = self._overridden or interventions is not None
         plan = self._intervention_plan(applied, past is not None, new, prompt_spans, width) if applied else None
         with intervening(model.hf, plan, "inner"):  # module outputs: inside capture's wrappers, so it sees them
             with pooling(model.hf, self.sites, weights, steps) as pooled, intervening(model.hf, plan, "outer"):
                 out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens)
                 carried = carry(model.hf, out, tok.pad_token_id)
+            if plan is not None:
+                plan.recording = False  # option scoring's tokens are not the response's
             acts = self._round_activations(pooled, steps, out.response_ids)
             option_nll = torch.full((batch, self.n_options), float("nan"))
             if self.n_options:
@@ -250,6 +257,8 @@ class Session:
         response_ids, token_entropies = out.response_ids, out.token_entropies
         extras = {} if self.round_extras is None else self.round_extras(
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
+        if self.interventions:
+            extras[PROJECTION_BEFORE] = self._projection_before(plan, out.response_ids)
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -346,7 +355,35 @@ class Session:
                         w[i, offsets[i] + r_spans[i, 0]: offsets[i] + r_spans[i, 1]] = 1.0
             weight = torch.from_numpy(w).to(self.model.device) if w.any() else None
             active.append((iv, weight, any(iv is x for x in applied) and iv.positions in ("response", "all")))
-        return make_plan(self.model, self._intervention_sites, active)
+        plan = make_plan(self.model, self._intervention_sites, active)
+        plan.watch = {(id(iv), layer) for iv, layer in self._watched() if any(iv is x for x in applied)}
+        return plan
+
+    def _watched(self) -> list[tuple[Intervention, int]]:
+        """The session's interventions expanded per layer: the columns of ``PROJECTION_BEFORE``."""
+        return [(iv, layer) for iv in self.interventions for layer in layers_of(iv, self.model.n_layers)]
+
+    def _projection_before(self, plan: Plan | None, response_ids: list[list[int]]) -> np.ndarray:
+        """``[B, S, 2]`` float32: per (intervention, layer) of the session's interventions, the
+        projection on d̂ of the hooked activation *before* the intervention, at the round's last
+        prompt token and averaged over its response tokens (as capture pools them); NaN where it did
+        not act this round (or an empty response)."""
+        watched = self._watched()
+        out = np.full((len(self.samples), len(watched), 2), np.nan, dtype=np.float32)
+        recorded = plan.recorded if plan is not None else {}
+        lengths = np.array([len(ids) for ids in response_ids])
+        for s, (iv, layer) in enumerate(watched):
+            slot = recorded.get((id(iv), layer))
+            if slot is None:
+                continue
+            if slot["last"] is not None:
+                out[:, s, 0] = slot["last"].float().cpu().numpy()
+            if slot["steps"]:
+                steps = torch.stack(slot["steps"], 1).float().cpu().numpy()  # [B, T]: step j fed response token j
+                take = np.arange(steps.shape[1])[None, :] < lengths[:, None]
+                with np.errstate(invalid="ignore"):
+                    out[:, s, 1] = np.where(lengths > 0, (steps * take).sum(1) / np.maximum(lengths, 1), np.nan)
+        return out
 
     def interventions_record(self) -> list[dict[str, Any]]:
         """Every intervention that acted so far, described as a run file records it
@@ -427,7 +464,8 @@ class Session:
         per_sample = lambda f: [[f(r)[i] for r in rounds] for i in range(len(self.samples))]  # noqa: E731
         stack = lambda f: np.stack([f(r) for r in rounds], 1)  # noqa: E731
         fields = {} if self._fields_error is not None else self._checked_fields()
-        fields.update({name: np.stack([r.extras[name] for r in rounds], 1) for name in rounds[0].extras})
+        fields.update({name: np.stack([r.extras[name] for r in rounds], 1) for name in rounds[0].extras
+                       if not (name == PROJECTION_BEFORE and self._overridden)})
         return BatchResult(
             instructions=per_sample(lambda r: r.instructions),
             responses=per_sample(lambda r: r.responses),
