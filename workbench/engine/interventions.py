@@ -379,11 +379,12 @@ def make_plan(model: Any, sites: dict[tuple[str, int], Any], active: list[tuple[
     return Plan([a for a in active if a[1] is not None or a[2]], sites, model.n_layers)
 
 
-def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
-    """``(edit, measure)``: ``edit(x, w)``: x ``[batch, seq, d]`` → the intervened x in x's dtype,
-    ``w`` ``[batch, seq]`` weights or None (every position); ``measure(x)``: x ``[batch, d]`` →
-    ``[batch]`` float32, its projection on d̂ (a subspace of k > 1 directions: the norm of its
-    component in it)."""
+def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
+    """``(edit, measure)``: ``edit(x, w, keep=None)``: x ``[batch, seq, d]`` → the intervened x in
+    x's dtype, ``w`` ``[batch, seq]`` weights or None (every position); ``keep``, a list, gets the
+    last position's projection before the edit (``[batch]``, what ``measure`` gives) from the
+    edit's own product where it has one. ``measure(x)``: x ``[batch, d]`` → ``[batch]`` float32, its
+    projection on d̂ (a subspace of k > 1 directions: the norm of its component in it)."""
     import torch
 
     def tensors(device: Any) -> Any:
@@ -400,38 +401,44 @@ def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[[Any, Any],
             cache[key] = unit * iv.alpha if isinstance(iv, Steer) else unit
         return cache[key]
 
+    def measure(x: Any) -> Any:
+        if isinstance(iv, Ablate):
+            t = tensors(x.device)
+            coef = x.float() @ t.T  # [b, k]
+            return coef[:, 0] if t.shape[0] == 1 else coef.norm(dim=-1)
+        return x.float() @ _unit(iv, x.device, cache)
+
     if isinstance(iv, Steer):
-        def edit(x: Any, w: Any) -> Any:
+        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
+            if keep is not None:
+                keep.append(measure(x[:, -1]))
             step = tensors(x.device)
             if w is None and x.dtype == torch.float32:
                 return x + step  # a decode step: one add (float32 already)
             delta = step if w is None else w[..., None] * step
             return (x.float() + delta).to(x.dtype)
     elif isinstance(iv, Ablate):
-        def edit(x: Any, w: Any) -> Any:
+        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
             q = tensors(x.device)
             xf = x.float()
             coef = xf @ q.T  # [b, s, k]
+            if keep is not None:
+                keep.append(coef[:, -1, 0] if q.shape[0] == 1 else coef[:, -1].norm(dim=-1))
             if w is not None:
                 coef = coef * w[..., None]
             return (xf - coef @ q).to(x.dtype)
     else:
         value = float(iv.value)
 
-        def edit(x: Any, w: Any) -> Any:
+        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
             unit = tensors(x.device)
             xf = x.float()
             coef = value - xf @ unit  # [b, s]
+            if keep is not None:
+                keep.append(value - coef[:, -1])
             if w is not None:
                 coef = coef * w
             return (xf + coef[..., None] * unit).to(x.dtype)
-
-    def measure(x: Any) -> Any:
-        t = tensors(x.device)
-        if isinstance(iv, Ablate):
-            coef = x.float() @ t.T  # [b, k]
-            return coef[:, 0] if t.shape[0] == 1 else coef.norm(dim=-1)
-        return x.float() @ _unit(iv, x.device, cache)
 
     return edit, measure
 
@@ -490,10 +497,12 @@ def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Any, ...]]) -> A
     call of the round, every position on a later call."""
     if path in plan.prefilled:  # a later call: the round's response tokens
         for edit, measure, _, later, record in entries:
-            if record is not None and plan.recording:
-                plan.recorded.setdefault(record, {"last": None, "steps": []})["steps"].append(measure(act[:, -1]))
+            keep = plan.recorded.setdefault(record, {"last": None, "steps": []})["steps"] \
+                if record is not None and plan.recording else None
             if later:
-                act = edit(act, None)
+                act = edit(act, None, keep)
+            elif keep is not None:
+                keep.append(measure(act[:, -1]))
         return act
     plan.prefilled.add(path)
     first = True
