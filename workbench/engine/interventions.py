@@ -321,8 +321,8 @@ class Plan:
     sites: dict[tuple[str, int], Any]  # (hook, layer) → HookSite
     n_layers: int
     prefilled: set[str] = field(default_factory=set)
-    # the projection before the intervention, at the last position of each call, for the
-    # (id(intervention), layer) in ``watch`` while ``recording``: {"last": [batch] (prefill), "steps": [[batch], …]}
+    # the value before the intervention at the last position of each call, for the (id(intervention),
+    # layer) in ``watch`` while ``recording``: {"measure": its projection, "last": [batch, d] (prefill), "steps": [[batch, d], …]}
     watch: set[tuple[int, int]] = field(default_factory=set)
     recording: bool = True
     recorded: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
@@ -380,11 +380,10 @@ def make_plan(model: Any, sites: dict[tuple[str, int], Any], active: list[tuple[
 
 
 def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[..., Any], Callable[[Any], Any]]:
-    """``(edit, measure)``: ``edit(x, w, keep=None)``: x ``[batch, seq, d]`` → the intervened x in
-    x's dtype, ``w`` ``[batch, seq]`` weights or None (every position); ``keep``, a list, gets the
-    last position's projection before the edit (``[batch]``, what ``measure`` gives) from the
-    edit's own product where it has one. ``measure(x)``: x ``[batch, d]`` → ``[batch]`` float32, its
-    projection on d̂ (a subspace of k > 1 directions: the norm of its component in it)."""
+    """``(edit, measure)``: ``edit(x, w)``: x ``[batch, seq, d]`` → the intervened x in x's dtype,
+    ``w`` ``[batch, seq]`` weights or None (every position). ``measure(x)``: x ``[..., d]`` →
+    ``[...]`` float32, its projection on d̂ (a subspace of k > 1 directions: the norm of its
+    component in it)."""
     import torch
 
     def tensors(device: Any) -> Any:
@@ -404,38 +403,32 @@ def _edit(iv: Intervention, cache: dict[Any, Any]) -> tuple[Callable[..., Any], 
     def measure(x: Any) -> Any:
         if isinstance(iv, Ablate):
             t = tensors(x.device)
-            coef = x.float() @ t.T  # [b, k]
-            return coef[:, 0] if t.shape[0] == 1 else coef.norm(dim=-1)
+            coef = x.float() @ t.T  # [..., k]
+            return coef[..., 0] if t.shape[0] == 1 else coef.norm(dim=-1)
         return x.float() @ _unit(iv, x.device, cache)
 
     if isinstance(iv, Steer):
-        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
-            if keep is not None:
-                keep.append(measure(x[:, -1]))
+        def edit(x: Any, w: Any) -> Any:
             step = tensors(x.device)
             if w is None and x.dtype == torch.float32:
                 return x + step  # a decode step: one add (float32 already)
             delta = step if w is None else w[..., None] * step
             return (x.float() + delta).to(x.dtype)
     elif isinstance(iv, Ablate):
-        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
+        def edit(x: Any, w: Any) -> Any:
             q = tensors(x.device)
             xf = x.float()
             coef = xf @ q.T  # [b, s, k]
-            if keep is not None:
-                keep.append(coef[:, -1, 0] if q.shape[0] == 1 else coef[:, -1].norm(dim=-1))
             if w is not None:
                 coef = coef * w[..., None]
             return (xf - coef @ q).to(x.dtype)
     else:
         value = float(iv.value)
 
-        def edit(x: Any, w: Any, keep: list | None = None) -> Any:
+        def edit(x: Any, w: Any) -> Any:
             unit = tensors(x.device)
             xf = x.float()
             coef = value - xf @ unit  # [b, s]
-            if keep is not None:
-                keep.append(value - coef[:, -1])
             if w is not None:
                 coef = coef * w
             return (xf + coef[..., None] * unit).to(x.dtype)
@@ -497,18 +490,16 @@ def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Any, ...]]) -> A
     call of the round, every position on a later call."""
     if path in plan.prefilled:  # a later call: the round's response tokens
         for edit, measure, _, later, record in entries:
-            keep = plan.recorded.setdefault(record, {"last": None, "steps": []})["steps"] \
-                if record is not None and plan.recording else None
+            if record is not None and plan.recording:  # a reference to the value before the edit: measured after the round
+                plan.recorded.setdefault(record, {"measure": measure, "last": None, "steps": []})["steps"].append(act[:, -1])
             if later:
-                act = edit(act, None, keep)
-            elif keep is not None:
-                keep.append(measure(act[:, -1]))
+                act = edit(act, None)
         return act
     plan.prefilled.add(path)
     first = True
     for edit, measure, weight, later, record in entries:
         if record is not None and plan.recording:
-            plan.recorded.setdefault(record, {"last": None, "steps": []})["last"] = measure(act[:, -1])
+            plan.recorded.setdefault(record, {"measure": measure, "last": None, "steps": []})["last"] = act[:, -1]
         if first and weight is not None:
             if act.shape[:2] != tuple(weight.shape):
                 raise WorkbenchError(f"an intervention expected the prompt in one forward pass, but {path} saw "

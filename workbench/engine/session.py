@@ -377,9 +377,9 @@ class Session:
             if slot is None:
                 continue
             if slot["last"] is not None:
-                out[:, s, 0] = slot["last"].float().cpu().numpy()
+                out[:, s, 0] = slot["measure"](slot["last"]).cpu().numpy()
             if slot["steps"]:
-                steps = torch.stack(slot["steps"], 1).float().cpu().numpy()  # [B, T]: step j fed response token j
+                steps = slot["measure"](torch.stack(slot["steps"], 1)).cpu().numpy()  # [B, T]: step j fed response token j
                 take = np.arange(steps.shape[1])[None, :] < lengths[:, None]
                 with np.errstate(invalid="ignore"):
                     out[:, s, 1] = np.where(lengths > 0, (steps * take).sum(1) / np.maximum(lengths, 1), np.nan)
