@@ -302,6 +302,11 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
         for key in META_KEYS:
             if key in meta:
                 parts.append(f"<tr><th>{e(key)}</th><td>{e(str(meta[key]))}</td></tr>")
+        records = meta.get("interventions")
+        for record in records if isinstance(records, list) else []:
+            from workbench.engine.interventions import summarize
+
+            parts.append(f"<tr><th>intervention</th><td>{e(summarize(record))}</td></tr>")
         parts.append(f"<tr><th>samples analysed</th><td>{result['run']['n_done']}</td></tr></table>")
         parts.append("<table><tr><th>metric</th><th>convergence</th><th>ε</th><th>first round</th><th>last round</th></tr>")
         for name, c in result["convergence"].items():

@@ -249,7 +249,15 @@ def settings_json(interventions: Sequence[Intervention]) -> list[dict[str, Any]]
 
 def summarize(record: dict[str, Any]) -> str:
     """One line for a recorded intervention (:func:`describe`'s dict), e.g.
-    ``steer fair.h5@3 α=+4 at blocks.3.hook_resid_post, rounds 2-6, response tokens``."""
+    ``steer fair.h5@3 α=+4 at blocks.3.hook_resid_post, rounds 2-6, response tokens``; a record
+    that is not one (a file is a stranger's input) says so rather than failing."""
+    try:
+        return _summary(record)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        return "an unreadable intervention record"
+
+
+def _summary(record: dict[str, Any]) -> str:
     kind = record.get("kind", "?")
     amount = {"steer": f" α={record.get('alpha', 0):+g}", "clamp": f" to {record.get('value', 0):g}"}.get(kind, "")
     layers = record.get("layers")
