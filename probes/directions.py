@@ -2,6 +2,7 @@
 ``.npy`` and ``.safetensors`` vectors, and the CLI's ``FILE@WHERE=VALUE`` specs.
 
 - a probe file (``fair.h5``): its unit direction per fitted layer at the probe's own hook;
+  ``--ablate a.h5,b.h5@all``: at each layer the subspace several files' directions span;
   ``fair.h5@3`` the layer-3 direction, ``fair.h5@all`` every fitted layer (one intervention per
   layer, each its own direction), ``fair.h5@blocks.2.hook_resid_mid`` another hook at layer 2;
   with no place, the probe's best layer;
@@ -199,6 +200,8 @@ def from_spec(
     replaces a steer's value (a sweep). Raises :class:`WorkbenchError` in one line."""
     option = f"--{kind}"
     spec = parse_spec(text, option)
+    if kind == "ablate" and "," in spec.path and not Path(spec.path).exists():
+        return _subspace(spec, text, n_layers, rounds, positions)
     direction = read_direction(Path(spec.path))
     hook, layers = _where(spec, direction, option)
     if kind == "steer":
@@ -227,6 +230,32 @@ def from_spec(
         else:
             made.append(Clamp(vector, value=_clamp_value(spec, direction, where, option), **common))
     return made
+
+
+def _subspace(spec: Spec, text: str, n_layers: int | None, rounds: Sequence[int] | None, positions: str) -> list[Intervention]:
+    """``--ablate A.h5,B.h5,…@WHERE``: at each layer, one :class:`Ablate` of the subspace the files'
+    directions at that layer span (orthonormalised); the files must name the same hook, and ``all``
+    means the layers every file has."""
+    paths = [p.strip() for p in spec.path.split(",") if p.strip()]
+    if spec.value not in (None, ""):
+        raise WorkbenchError(f"--ablate takes FILES@LAYER with no value, not {text!r}")
+    directions = [read_direction(Path(p)) for p in paths]
+    places = [_where(Spec(p, spec.where, None), d, "--ablate") for p, d in zip(paths, directions)]
+    hooks = {hook for hook, _ in places}
+    if len(hooks) > 1:
+        raise WorkbenchError(f"--ablate {text}: the files' directions are at different hooks ({', '.join(sorted(hooks))}); "
+                             "name one with @blocks.L.HOOK")
+    layer_sets = [set(d.layers) - {None} if where == "all" else set(where) for d, (_, where) in zip(directions, places)]
+    if any(not s for s in layer_sets):  # a single vector at `all`
+        raise WorkbenchError(f"--ablate {text}: a subspace needs per-layer directions or a named layer")
+    layers = sorted(set.intersection(*layer_sets))
+    if not layers:
+        raise WorkbenchError(f"--ablate {text}: the files share no layer")
+    if n_layers is not None and layers[-1] >= n_layers:
+        raise WorkbenchError(f"--ablate {text}: layer {layers[-1]} is out of range (the model has layers 0..{n_layers - 1})")
+    label, hook = "+".join(Path(p).name for p in paths), hooks.pop()
+    return [Ablate(np.stack([d.at(layer) for d in directions]), layers=(layer,), hook=hook, rounds=rounds, positions=positions,
+                   label=f"{label}@{layer}") for layer in layers]
 
 
 def _clamp_value(spec: Spec, direction: Direction, where: Any, option: str) -> float:

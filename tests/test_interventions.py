@@ -402,3 +402,33 @@ def test_the_projection_before_the_intervention_is_kept(organism, tmp_path):
     path = s.save(tmp_path / "before.h5")
     with RunFile(path) as f:
         np.testing.assert_array_equal(f.array(f"rounds/{PROJECTION_BEFORE}"), before)
+
+
+def test_ablating_the_subspace_several_probes_span(capsys, monkeypatch, tmp_path, probe):
+    """``--ablate A.h5,B.h5@all``: one Ablate per layer of the two files' directions; after it, the
+    captured activations have no component along either."""
+    import json
+
+    from cli_support import workbench
+    from probe_files import write_probe
+
+    from probes.directions import from_spec
+    from workbench.store.writer import RunFile
+
+    rng = np.random.default_rng(12)
+    dirs = rng.standard_normal((4, 64)).astype(np.float32)
+    other = write_probe(tmp_path / "other.h5", n_layers=4, d_model=64, directions=dirs / np.linalg.norm(dirs, axis=1, keepdims=True))
+    made = from_spec("ablate", f"{probe},{other}@all")
+    assert [iv.layers for iv in made] == [(0,), (1,), (2,), (3,)] and all(iv.direction.shape == (2, 64) for iv in made)
+    out = tmp_path / "subspace.h5"
+    code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(out), "--ablate", f"{probe},{other}@2")
+    assert code == 0, err
+    with RunFile(out) as run:
+        (record,) = json.loads(run.f.attrs["interventions"])
+        acts = run.array("activations/hook_resid_post")[:, :, :, 2]  # [N, R, 2, d]
+    assert record["n_directions"] == 2 and record["label"] == "fair.h5+other.h5@2"
+    from probes.directions import read_direction
+
+    for path in (probe, other):
+        d = read_direction(path).at(2)
+        assert (np.abs(acts @ d) < 1e-5 * np.linalg.norm(acts, axis=-1)).all()
