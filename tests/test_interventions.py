@@ -432,3 +432,33 @@ def test_ablating_the_subspace_several_probes_span(capsys, monkeypatch, tmp_path
     for path in (probe, other):
         d = read_direction(path).at(2)
         assert (np.abs(acts @ d) < 1e-5 * np.linalg.norm(acts, axis=-1)).all()
+
+
+def test_clamp_from_the_command_line_and_a_percentile(capsys, monkeypatch, tmp_path, probe):
+    """``--clamp FILE@L=VALUE`` sets the captured projection; ``=pNN`` takes the NN-th percentile of
+    the probe file's ``contrast_projections`` at that layer when it has them."""
+    import json
+    import shutil
+
+    import h5py
+    from cli_support import workbench
+
+    from probes.directions import from_spec, read_direction
+    from workbench.store.writer import RunFile
+
+    out = tmp_path / "clamped.h5"
+    code, _, err = workbench(capsys, monkeypatch, *RUN, "--out", str(out), "--clamp", f"{probe}@1=0.5", "--steer-rounds", "2")
+    assert code == 0, err
+    d = read_direction(probe).at(1)
+    with RunFile(out) as run:
+        (record,) = json.loads(run.f.attrs["interventions"])
+        proj = run.array("activations/hook_resid_post")[:, :, :, 1] @ d  # [N, R, 2]
+    assert record["kind"] == "clamp" and record["value"] == 0.5 and record["rounds"] == [2]
+    np.testing.assert_allclose(proj[:, 1], 0.5, atol=1e-4)
+    assert np.abs(proj[:, 0] - 0.5).max() > 1e-2  # round 1 was not clamped
+    with_projections = shutil.copy(probe, tmp_path / "with.h5")
+    values = np.arange(40, dtype=np.float32).reshape(4, 10)
+    with h5py.File(with_projections, "a") as f:
+        f["contrast_projections"] = values
+    (clamp,) = from_spec("clamp", f"{with_projections}@2=p50")
+    assert clamp.value == pytest.approx(np.percentile(values[2], 50))
