@@ -39,9 +39,9 @@ def unit(d_model, seed=0):
     return v / np.linalg.norm(v)
 
 
-def run(model, task, protocol, samples, interventions, reuse=True, overrides=None):
+def run(model, task, protocol, samples, interventions, reuse=True, overrides=None, hooks=HOOKS):
     """Every round stepped (``overrides``: round → that step's interventions); the session's result."""
-    s = Session(model, task, protocol, samples, hooks=HOOKS, interventions=interventions, reuse_cache=reuse, strict=True)
+    s = Session(model, task, protocol, samples, hooks=hooks, interventions=interventions, reuse_cache=reuse, strict=True)
     for t in range(1, protocol.rounds + 1):
         s.step(interventions=(overrides or {}).get(t))
     return s, s.result()
@@ -61,7 +61,8 @@ def test_alpha_zero_is_bit_identical(organism):
 @pytest.mark.parametrize("name", [*ARCHS, "organism"])
 def test_a_carried_cache_equals_a_full_recompute_under_the_same_schedule(name, loaded, organism):
     """Steer (resid_mid, rounds 2-3, response tokens), ablate (resid_pre, prompt tokens), clamp
-    (attention output, every token of round 1) and a one-round override: the same tokens, and
+    (attention output, every token of round 1), steer (MLP output, rounds 1 and 3) and a one-round
+    override: the same tokens, and
     activations and option probabilities within 1e-5, carried or recomputed — and not the
     unsteered run's."""
     model, task, protocol, samples = setting(name, loaded, organism)
@@ -69,7 +70,8 @@ def test_a_carried_cache_equals_a_full_recompute_under_the_same_schedule(name, l
     top = model.n_layers - 1
     ivs = [Steer(unit(d, 1), layer=1, alpha=6.0, hook="hook_resid_mid", rounds=(2, 3), positions="response"),
            Ablate(np.stack([unit(d, 2), unit(d, 3)]), layer=top, hook="hook_resid_pre", positions="prompt"),
-           Clamp(unit(d, 4), layer=0, value=3.0, hook="hook_attn_out", rounds=[1])]
+           Clamp(unit(d, 4), layer=0, value=3.0, hook="hook_attn_out", rounds=[1]),
+           Steer(unit(d, 6), layer=top, alpha=2.0, hook="hook_mlp_out", rounds=[1, 3])]
     override = {2: [Steer(unit(d, 5), layers="all", alpha=-4.0, hook="hook_resid_post"), ivs[1]]}
     carried, a = run(model, task, protocol, samples, ivs, True, override)
     again, b = run(model, task, protocol, samples, ivs, False, override)
@@ -82,22 +84,22 @@ def test_a_carried_cache_equals_a_full_recompute_under_the_same_schedule(name, l
     np.testing.assert_allclose(a.mean_token_entropy, b.mean_token_entropy, rtol=0, atol=1e-5)
     _, base = run(model, task, protocol, samples, [])
     assert not np.allclose(base.activations["hook_resid_post"], a.activations["hook_resid_post"], equal_nan=True, atol=1e-3)
-    assert [len(x) for x in carried.schedule] == [2, 2, 2]  # round 1: ablate, clamp; round 2: the override; round 3: steer, ablate
+    assert [len(x) for x in carried.schedule] == [3, 2, 3]  # round 1: ablate, clamp, mlp; round 2: the override; round 3: steer, ablate, mlp
 
 
-@pytest.mark.parametrize("hook", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post"])
+@pytest.mark.parametrize("hook", ["hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"])
 def test_ablation_removes_the_projection_and_clamp_sets_it(hook, organism):
     """Captured activations are after the intervention: ablated, their projection on d̂ is below
     1e-5 of their norm (last prompt token and response mean, every round); clamped, it is the value."""
     model, task, protocol, samples = setting("organism", None, organism)
     d = unit(model.d_model, 7)
-    _, base = run(model, task, protocol, samples, [])
-    _, ablated = run(model, task, protocol, samples, [Ablate(3 * d, layer=2, hook=hook)])
+    _, base = run(model, task, protocol, samples, [], hooks=(hook,))
+    _, ablated = run(model, task, protocol, samples, [Ablate(3 * d, layer=2, hook=hook)], hooks=(hook,))
     acts = ablated.activations[hook][:, :, :, 2]  # [N, R, 2, d]
     proj = np.abs(acts @ d)
     assert (proj < 1e-5 * np.linalg.norm(acts, axis=-1)).all()
     assert (np.abs(base.activations[hook][:, :, :, 2] @ d) > 1e-3).any()  # it had a component to remove
-    _, clamped = run(model, task, protocol, samples, [Clamp(d, layer=2, value=-2.5, hook=hook)])
+    _, clamped = run(model, task, protocol, samples, [Clamp(d, layer=2, value=-2.5, hook=hook)], hooks=(hook,))
     np.testing.assert_allclose(clamped.activations[hook][:, :, :, 2] @ d, -2.5, atol=1e-4)
 
 
