@@ -350,3 +350,27 @@ print("torch" in sys.modules)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False", "the run screen imported torch (workbench.analysis.summary → workbench.engine.uncertainty)"
+
+
+def test_the_status_line_says_what_acted_in_the_round_shown(tmp_path):
+    import json
+
+    import h5py
+
+    path = build_run(tmp_path / "steered.h5", n_samples=3, n_rounds=R, n_layers=L)
+    record = [{"kind": "steer", "label": "fair.h5@2", "alpha": 4.0, "rounds": [2, 3], "hook": "hook_resid_post", "layers": [2],
+               "positions": "all"}]
+    with h5py.File(path, "a") as f:
+        f.attrs["interventions"] = json.dumps(record)
+
+    async def body(app, pilot, messages):
+        assert "steered –" in screen_text(app)  # round 1: nothing acted
+        await press(app, pilot, "n")
+        assert "steered steer fair.h5@2 α=+4" in screen_text(app)
+
+    drive(path, body, size=(140, 30))
+    drive(build_run(tmp_path / "plain.h5", n_samples=3, n_rounds=R, n_layers=L), _no_steered_part)  # no interventions: no part
+
+
+async def _no_steered_part(app, pilot, messages):
+    assert "steered" not in screen_text(app)

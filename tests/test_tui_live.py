@@ -219,3 +219,26 @@ def test_live_options_are_checked_before_loading(tmp_path):
         LiveConfig.from_options("organism", None, None, None, tmp_path / "missing.h5")
     config = LiveConfig.from_options("organism", None, None, None, None)
     assert (config.task, config.protocol) == ("organism", "organism")
+
+
+def test_live_steering_along_the_probe(probe_path):
+    """``a`` toggles steering along the loaded probe at the layer shown, ``+``/``-`` move α; the
+    round header shows what acted in the round shown; the session's schedule holds it."""
+    async def body(app, pilot, s, messages):
+        assert "steer next off" in screen_text(app)
+        await pilot.press("a", "plus", "plus", "minus", "plus")
+        assert s.steer_on and s.alpha == 6.0 and "steer next α=+6 @L" in screen_text(app)
+        layer = s.steer_layer()
+        await pilot.press("n")
+        await settle(pilot, s)
+        header = screen_text(app)
+        assert f"steered α=+6 @L{layer}" in header, header
+        (steer,) = s.live.session.schedule[0]
+        assert steer.alpha == 6.0 and steer.layers == (layer,) and steer.hook == "hook_resid_post"
+        await pilot.press("a", "n")  # off: the next round is not steered
+        await settle(pilot, s)
+        assert "steered no" in screen_text(app) and s.live.session.schedule[1] == ()
+        await pilot.press("left_square_bracket")  # back to round 1: its header says what acted then
+        assert f"steered α=+6 @L{layer}" in screen_text(app)
+
+    live_app(LiveConfig(probe=probe_path), body, size=(140, 30))

@@ -59,6 +59,9 @@ LIVE_BINDINGS = [
     Binding("l", "next_layer", "next layer", id="live.layer.next", show=False),
     Binding("h", "previous_layer", "previous layer", id="live.layer.previous", show=False),
     Binding("t", "toggle_colours", "colours", id="live.tokens.toggle", show=False),
+    Binding("a", "toggle_steer", "steer", id="live.steer"),
+    Binding("plus", "alpha_up", "α up", id="live.alpha.up", key_display="+", show=False),
+    Binding("minus", "alpha_down", "α down", id="live.alpha.down", key_display="-", show=False),
 ]
 
 # everywhere

@@ -213,12 +213,43 @@ class TokenStream:
             self.show(tuple(self.ids), tuple(token_pieces(self.decoder, self.ids)))
 
 
-def step(live: LiveModel, instruction: str | None, on_tokens: Callable[[int, list[list[int]]], None] | None = None) -> None:
+def step(live: LiveModel, instruction: str | None, on_tokens: Callable[[int, list[list[int]]], None] | None = None,
+         interventions: list[Any] | None = None) -> None:
     """Blocking: run the next round (the protocol's instruction when ``instruction`` is None);
-    ``on_tokens`` sees its tokens as they are generated (:class:`TokenStream`)."""
+    ``on_tokens`` sees its tokens as they are generated (:class:`TokenStream`); ``interventions``:
+    this round's (:func:`steering`; None or [] for none)."""
     if live.session is None:
         raise WorkbenchError("no item yet: press o to pick one")
-    live.session.step(instruction, on_tokens=on_tokens)
+    if interventions:
+        live.session.step(instruction, on_tokens=on_tokens, interventions=list(interventions))
+    else:  # the session has none of its own: an unsteered round
+        live.session.step(instruction, on_tokens=on_tokens)
+
+
+def steering(live: LiveModel, layer: int, alpha: float) -> list[Any]:
+    """One :class:`~workbench.engine.interventions.Steer` along the loaded probe's unit direction
+    at ``layer`` (a fitted layer) and the probe's hook, on every token of the round."""
+    if live.probe is None:
+        raise WorkbenchError("steering needs a probe: start live mode with --probe FILE.h5")
+    from workbench.engine.interventions import Steer
+
+    layers = [int(x) for x in live.probe.arrays["layers"]]
+    if layer not in layers:
+        raise WorkbenchError(f"the probe has no direction at layer {layer}")
+    direction = live.probe.arrays["directions"][layers.index(layer)]
+    return [Steer(direction, layer=layer, alpha=alpha, hook=str(live.probe.meta["hook"]), label=f"{live.probe.name}@{layer}")]
+
+
+def applied(live: LiveModel, round_index: int) -> str:
+    """What acted in round ``round_index`` (0-based), in short (``α=+4 @L3``), or ``""``."""
+    if live.session is None or not 0 <= round_index < len(live.session.schedule):
+        return ""
+    parts = []
+    for iv in live.session.schedule[round_index]:
+        layers = "all" if iv.layers == "all" else ",".join(map(str, iv.layers))
+        amount = f"α={iv.alpha:+g}" if hasattr(iv, "alpha") else type(iv).__name__.lower()
+        parts.append(f"{amount} @L{layers}")
+    return " ".join(parts)
 
 
 def save(live: LiveModel, path: Path | None = None) -> Path:

@@ -81,6 +81,23 @@ class RunOverview:
     def probe(self, name: str | None) -> ProbeInfo | None:
         return next((p for p in self.probes if p.name == name), None)
 
+    def interventions_at(self, round_: int) -> str | None:
+        """What acted in ``round_`` (1-based), in short (``steer fair.h5@3 α=+4``; ``–`` for
+        nothing), or None for a run without interventions (its ``interventions`` setting)."""
+        records = self.meta.get("interventions")
+        if not isinstance(records, list) or not records:
+            return None
+        said = []
+        for r in records:
+            if not isinstance(r, dict):
+                continue
+            rounds = r.get("rounds")
+            if rounds is None or (isinstance(rounds, list) and round_ in rounds):
+                amount = f" α={r['alpha']:+g}" if isinstance(r.get("alpha"), (int, float)) else \
+                    f" ={r['value']:g}" if isinstance(r.get("value"), (int, float)) else ""
+                said.append(f"{r.get('kind', '?')} {r.get('label', '')}{amount}".replace("  ", " "))
+        return "; ".join(said) or "–"
+
 
 @dataclass(frozen=True)
 class SampleRounds:

@@ -175,6 +175,13 @@ def run(
     equivalence: str = typer.Option("exact", metavar="exact|nli:MODEL|nli-nocontra:MODEL", help="How --samples-per-round answers are clustered: exact (normalised exact match), nli:MODEL (bidirectional entailment with a Hugging Face NLI classifier, Kuhn/Farquhar) or nli-nocontra:MODEL (the study's: merged unless either direction is contradiction)."),
     likelihood: str = typer.Option("no-stop", metavar="no-stop|with-stop", help="The sampled answers' mean token log-likelihood (the weighted semantic entropy's): no-stop, Farquhar et al.'s (the stop token excluded), or with-stop (it included)."),
     adapter: Optional[Path] = typer.Option(None, metavar="DIR", help="A LoRA adapter folder (peft's format, e.g. from `workbench finetune`), merged into the model's weights after it loads; its path and sha256 are recorded, and --resume refuses another."),
+    steer: list[str] = typer.Option([], metavar="FILE@LAYER=ALPHA", help="Add ALPHA × the unit direction at a layer in every forward pass of the chosen rounds (repeatable). FILE: a probe file (its hook; LAYER a number, all: each fitted layer its own direction, or blocks.L.HOOK), a .npy or .safetensors vector. E.g. fair.h5@3=+4."),
+    ablate: list[str] = typer.Option([], metavar="FILE@LAYER", help="Project the direction out (repeatable), e.g. fair.h5@all."),
+    clamp: list[str] = typer.Option([], metavar="FILE@LAYER=VALUE|pNN", help="Set the projection on the direction to VALUE (or the NN-th percentile of the probe's contrast-set projections, when the probe file holds them) (repeatable)."),
+    steer_rounds: Optional[str] = typer.Option(None, metavar="A-B|N,...", help="Rounds the interventions act in (1-based, e.g. 2-6). Default: every round."),
+    steer_positions: str = typer.Option("all", metavar="prompt|response|all", help="Which tokens of those rounds: the round's new prompt tokens, its generated ones (option scoring included), or both."),
+    control: Optional[str] = typer.Option(None, metavar="random", help="random: the same interventions along seeded random directions of the same norms (a control run; the seeds are recorded)."),
+    control_seed: int = typer.Option(0, help="Seed of --control random's first direction (the i-th uses seed + i)."),
     shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
@@ -188,6 +195,9 @@ def run(
     from workbench.engine.protocol import parse_inject
     from workbench.engine.run import RunConfig, run_protocol
     from workbench.engine.tasks import default_protocol
+    from probes.directions import interventions_from_options
+
+    interventions = interventions_from_options(steer, ablate, clamp, steer_rounds, steer_positions, control, control_seed)
 
     if out_path is None:
         stem = Path(model).name if model != "organism" else "organism"
@@ -202,7 +212,7 @@ def run(
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
-        likelihood=likelihood, shard=shard, adapter=str(adapter) if adapter is not None else None,
+        likelihood=likelihood, shard=shard, adapter=str(adapter) if adapter is not None else None, interventions=interventions,
     )
     merge_notes: list[str] = []
     try:
@@ -220,6 +230,98 @@ def run(
             err.print(Text(" ".join(merge_notes)), highlight=False, soft_wrap=True)
         if "shard" not in run_file.f.attrs:
             _print_summary(run_file)
+
+
+@app.command()
+def sweep(
+    steer: str = typer.Option(..., metavar="FILE@LAYER", help="The direction and place to steer (as for run --steer, without =ALPHA), e.g. fair.h5@3."),
+    alphas: str = typer.Option("-8,-4,-2,0,2,4,8", metavar="A,B,...", help="The αs, one run each (0: the base run, no intervention)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the runs and sweep.json (`workbench report DIR` draws them)."),
+    control: str = typer.Option("random", metavar="random|none", help="random: at every α ≠ 0 also a run along a seeded random direction of the same norm."),
+    control_seed: int = typer.Option(0, help="Seed of the control's random direction (the same at every α)."),
+    steer_rounds: Optional[str] = typer.Option(None, metavar="A-B", help="Rounds steered (default: all)."),
+    steer_positions: str = typer.Option("all", metavar="prompt|response|all", help="Which tokens of those rounds."),
+    limit: Optional[int] = typer.Option(None, help="Number of samples (organism default: 64)."),
+    offset: int = typer.Option(0, help="Skip this many samples first."),
+    protocol: Optional[str] = typer.Option(None, metavar="NAME|FILE", help="Protocol (default: the task's own)."),
+    rounds: Optional[int] = typer.Option(None, help="Number of rounds (overrides the protocol)."),
+    model: str = typer.Option("organism", help="Model (as for run)."),
+    task: Task = typer.Option("organism", help="Task (as for run)."),
+    data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s) (as for run)."),
+    batch_size: int = typer.Option(16, help="Samples generated together."),
+    hooks: str = typer.Option("hook_resid_post", metavar="HOOK,...", help="Hooks captured (as for run)."),
+    device: Device = typer.Option("auto", help="auto: cuda, else mps, else cpu."),
+    dtype: ModelDtype = typer.Option("auto", help="Model dtype."),
+    seed: int = typer.Option(0, help="Seed for sampled decoding."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the finished runs of an interrupted sweep and continue the rest."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the sweep's run files."),
+) -> None:
+    """A steering sweep: one run per α on the same samples (the model loaded once), plus the random
+    control at every α ≠ 0; sweep.json lists them. Then `workbench report DIR` draws the dose-response."""
+    import shlex
+
+    from probes.directions import interventions_from_options
+    from workbench.engine.run import RunConfig, run_protocol
+
+    try:
+        values = sorted({float(a) for a in alphas.split(",") if a.strip()})
+    except ValueError:
+        raise WorkbenchError(f"--alphas takes comma-separated numbers, not {alphas!r}") from None
+    if not values or not all(math.isfinite(a) for a in values):
+        raise WorkbenchError(f"--alphas takes finite numbers, not {alphas!r}")
+    if control not in ("random", "none"):
+        raise WorkbenchError(f"--control takes random or none, not {control!r}")
+    if "=" in steer:
+        raise WorkbenchError(f"--steer {steer}: a sweep takes the αs from --alphas; give FILE@LAYER without =VALUE")
+    values = sorted(set(values) | {0.0})
+    plan = []  # (alpha, kind, file, interventions)
+    for a in values:
+        if a == 0:
+            plan.append((a, "base", "alpha+0.h5", ()))
+            continue
+        ivs = interventions_from_options([f"{steer}={a}"], rounds=steer_rounds, positions=steer_positions)
+        plan.append((a, "steer", f"alpha{a:+g}.h5", ivs))
+        if control == "random":
+            ctl = interventions_from_options([f"{steer}={a}"], rounds=steer_rounds, positions=steer_positions,
+                                             control="random", control_seed=control_seed)
+            plan.append((a, "control", f"control-alpha{a:+g}.h5", ctl))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WorkbenchError(f"--out {out_dir} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {"steer": steer, "alphas": values, "control": control, "control_seed": control_seed, "steer_rounds": steer_rounds,
+                "steer_positions": steer_positions, "command_line": shlex.join(["workbench", *sys.argv[1:]]),
+                "runs": [{"alpha": a, "kind": kind, "file": name} for a, kind, name, _ in plan]}
+    base = RunConfig(out=out_dir / "x.h5", model=model, task=task, data=tuple(str(p) for p in data), limit=limit, offset=offset,
+                     protocol=protocol, rounds=rounds, batch_size=batch_size, hooks=tuple(h.strip() for h in hooks.split(",")),
+                     device=device, dtype=dtype, seed=seed, overwrite=overwrite, command_line=manifest["command_line"])
+    from dataclasses import replace
+
+    from workbench.engine.run import validate_config
+    from workbench.store.format import run_exists
+    from workbench.store.reader import RunFile
+
+    for a, kind, name, ivs in plan:  # every run's options checked before the model loads
+        path = out_dir / name
+        done = resume and run_exists(path) and not overwrite
+        validate_config(replace(base, out=path, interventions=ivs, resume=done))
+    (out_dir / "sweep.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    from workbench.engine.models import load_model
+
+    loaded = load_model(model, device, dtype)
+    for i, (a, kind, name, ivs) in enumerate(plan):
+        path = out_dir / name
+        if resume and run_exists(path) and not overwrite:
+            with RunFile(path) as existing:
+                complete = existing.meta.get("status") == "complete"
+            if complete:
+                err.print(f"[{i + 1}/{len(plan)}] {name}: already complete", highlight=False, markup=False)
+                continue
+        err.print(f"[{i + 1}/{len(plan)}] {kind} α={a:+g} → {path}", highlight=False, markup=False)
+        cfg = replace(base, out=path, interventions=ivs, resume=resume and run_exists(path))
+        with _ProgressReporter() as reporter:
+            run_protocol(cfg, model=loaded, on_batch=reporter.update).close()
+    out.print(f"wrote {len(plan)} runs and sweep.json to {out_dir}; draw them with: workbench report {out_dir}",
+              markup=False, highlight=False)
 
 
 @app.command()
@@ -349,6 +451,8 @@ def _print_summary(run_file: Any) -> None:
     if isinstance(adapter, dict) and adapter.get("path"):
         out.print(visible(f"adapter={adapter['path']}  sha256={str(adapter.get('sha256', ''))[:16]}…", newlines=False),
                   markup=False, highlight=False, soft_wrap=True)
+    for line in _intervention_lines(run_file):
+        out.print(Text(visible(f"intervention: {line}", newlines=False)), highlight=False, soft_wrap=True)
     rows = s["rounds"]
     if not rows:
         return
@@ -381,6 +485,26 @@ def _print_summary(run_file: Any) -> None:
             markup=False, highlight=False)
 
 
+def _interventions_record(run_file: Any) -> list[dict[str, Any]]:
+    """The run's recorded interventions (the ``interventions`` root attribute, JSON), or []."""
+    raw = run_file.f.attrs.get("interventions")
+    if raw is None:
+        return []
+    try:
+        record = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        raise WorkbenchError(f"{run_file.path}: attribute 'interventions' is not valid JSON") from None
+    if not isinstance(record, list) or not all(isinstance(r, dict) for r in record):
+        raise WorkbenchError(f"{run_file.path}: attribute 'interventions' is not a list of interventions")
+    return record
+
+
+def _intervention_lines(run_file: Any) -> list[str]:
+    from workbench.engine.interventions import summarize
+
+    return [summarize(r) for r in _interventions_record(run_file)]
+
+
 @app.command()
 def info(
     run_path: Path = typer.Argument(..., help="A run file written by `workbench run`, or a cache file from `workbench export`."),
@@ -399,6 +523,7 @@ def info(
             s = summary(run_file)
             from workbench.json_values import finite
 
+            s["interventions"] = _interventions_record(run_file)
             print(json.dumps(finite(s), indent=2, default=_json_default, allow_nan=False))
         else:
             _print_summary(run_file)

@@ -293,6 +293,9 @@ class SampleScreen(LayerKeys, Screen):
         probe = self.probe
         if probe is not None:
             parts.append(("", f"{probe.name} {self.score[:3]} L{probe.layers[self.layer_index]}"))
+        steered = o.interventions_at(self.round + 1)
+        if steered is not None:
+            parts.append(("steered", steered))
         self.query_one(StatusLine).show(parts, self.error)
 
     def show_sample(self) -> None:

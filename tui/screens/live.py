@@ -4,7 +4,9 @@ instruction, ``i`` one typed now, ``x`` the immoral one), through :class:`workbe
 The model works in one thread worker at a time; the screen stays responsive and says what the
 model is doing; a failure is shown in the app (``tui.work``) and the session stays as it was.
 State (what tests look at): ``live`` (the model side), ``sample`` (every round so far), ``round``
-(the one shown, 0-based), ``busy`` (what the model is doing, or None), ``worked`` (everything it
+(the one shown, 0-based), ``busy`` (what the model is doing, or None), ``steer_on``/``alpha``
+(``a`` steers the next rounds along the loaded probe at the layer shown, ``+``/``-`` change α; the
+status line shows what acted in the round shown and what the next round will get), ``worked`` (everything it
 was asked to do, in order), ``streamed`` (the round being generated, as last shown: a
 :class:`tui.messages.LiveTokens`, or None). While a round is generated its text grows on screen
 (:class:`tui.live.TokenStream`, at most 20 redraws a second).
@@ -38,6 +40,9 @@ def probe_label(live: model_side.LiveModel) -> str:
     return f"{live.probe_path}{' (found)' if live.probe_found else ''}"
 
 
+ALPHA_STEP = 1.0
+
+
 class LiveScreen(LayerKeys, Screen):
     BINDINGS = LIVE_BINDINGS
 
@@ -54,6 +59,8 @@ class LiveScreen(LayerKeys, Screen):
         self.saved: list[str] = []
         self.worked: list[str] = []  # what the model was asked to do, in order
         self.streamed: LiveTokens | None = None
+        self.steer_on = False  # `a`: steer the next rounds along the loaded probe at the layer shown
+        self.alpha = 4.0  # `+`/`-` raise and lower it by ALPHA_STEP
 
     def compose(self) -> ComposeResult:
         yield StatusLine(id="status")
@@ -87,13 +94,13 @@ class LiveScreen(LayerKeys, Screen):
         self.live = live
         return LiveReady()
 
-    def _round(self, instruction: str | None) -> LiveRoundDone:
+    def _round(self, instruction: str | None, interventions: list[Any] | None = None) -> LiveRoundDone:
         live = self.live
         number, text = len(live.session.rounds) + 1, model_side.next_instruction(live, instruction)
         stream = model_side.TokenStream(live.decoder, lambda ids, pieces: self.post_message(LiveTokens(number, text, ids, pieces)))
         with warnings.catch_warnings(record=True) as caught:  # shown in the app, not printed over it
             warnings.simplefilter("always")
-            model_side.step(live, instruction, on_tokens=stream)
+            model_side.step(live, instruction, on_tokens=stream, interventions=interventions)
         for warning in caught:
             self.app.call_from_thread(self.notify, str(warning.message), severity="warning", timeout=8, markup=False)
         return LiveRoundDone(*model_side.sample_rounds(self.live))
@@ -171,13 +178,18 @@ class LiveScreen(LayerKeys, Screen):
             parts.append(("round", f"{self.round + 1}/{self.sample.n_rounds}"))
         if live is not None and live.session is not None:
             parts.append(("item", f"{live.item_index + 1}"))
+            if self.sample is not None:
+                parts.append(("steered", model_side.applied(live, self.round) or "no"))
+            if live.probe is not None:
+                parts.append(("steer next", f"α={self.alpha:+g} @L{self.steer_layer()}" if self.steer_on else "off"))
         if live is not None:
             parts.append(("probe", probe_label(live)))
         self.query_one(StatusLine).show(parts)
         progress = self.query_one("#live-progress", Static)
         progress.set_class(self.busy is not None, "busy")
         progress.update(f"working: {self.busy} …" if self.busy else
-                        "ready · next round: n protocol's, i typed, x immoral · o item · s save")
+                        "ready · next round: n protocol's, i typed, x immoral · o item · s save" +
+                        (" · a steer, +/- α" if self.live is not None and self.live.probe is not None else ""))
 
     def show_round(self) -> None:
         self.show_status()
@@ -194,7 +206,36 @@ class LiveScreen(LayerKeys, Screen):
     # ------------------------------------------------------------------ keys
     def action_step(self) -> None:
         if self.live is not None:
-            self.work(f"generating round {self._next_round()}", lambda: self._round(None))
+            ivs = self.interventions()
+            self.work(f"generating round {self._next_round()}", lambda: self._round(None, ivs))
+
+    def steer_layer(self) -> int:
+        """The probe layer shown (``h``/``l``), where steering acts."""
+        info = self.live.probe_info
+        return info.layers[min(self.layer_index, len(info.layers) - 1)]
+
+    def interventions(self) -> list[Any]:
+        """The next round's interventions: the probe's direction at the layer shown, ×α, when on."""
+        if not self.steer_on or self.live is None or self.live.probe is None:
+            return []
+        return model_side.steering(self.live, self.steer_layer(), self.alpha)
+
+    def action_toggle_steer(self) -> None:
+        if self.live is None:
+            return
+        if self.live.probe is None:
+            self.notify("steering needs a probe: start live mode with --probe FILE.h5", severity="warning", markup=False)
+            return
+        self.steer_on = not self.steer_on
+        self.show_status()
+
+    def action_alpha_up(self) -> None:
+        self.alpha += ALPHA_STEP
+        self.show_status()
+
+    def action_alpha_down(self) -> None:
+        self.alpha -= ALPHA_STEP
+        self.show_status()
 
     def _next_round(self) -> int:
         return (self.sample.n_rounds if self.sample is not None else 0) + 1
@@ -206,14 +247,15 @@ class LiveScreen(LayerKeys, Screen):
 
         def given(text: str | None) -> None:
             if text:
-                self.work(f"generating round {self._next_round()} (typed instruction)", lambda: self._round(text))
+                ivs = self.interventions()
+                self.work(f"generating round {self._next_round()} (typed instruction)", lambda: self._round(text, ivs))
 
         self.app.push_screen(InstructionScreen(f"Instruction for round {self._next_round()} (enter runs it, escape cancels)"), given)
 
     def action_inject(self) -> None:
         if self.live is not None:
-            text = model_side.immoral_instruction(self.live)
-            self.work(f"generating round {self._next_round()} (immoral instruction)", lambda: self._round(text))
+            text, ivs = model_side.immoral_instruction(self.live), self.interventions()
+            self.work(f"generating round {self._next_round()} (immoral instruction)", lambda: self._round(text, ivs))
 
     def action_new_item(self) -> None:
         if self.live is None or self.busy is not None:

@@ -39,13 +39,26 @@ def analyze(
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the bootstrap and of the simulation task's folds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON on stdout."),
     write: bool = typer.Option(True, "--write/--no-write", help="Store the analysis in the run file under analysis/."),
+    against: Optional[Path] = typer.Option(None, "--against", metavar="BASE.h5", help="Compare with a run of the same samples without the intervention: per round, paired differences (this run − BASE) with paired bootstrap intervals, flips between the runs, and on the organism the implied log-odds. Nothing is written to either file."),
 ) -> None:
     """Per-round accuracy (parsed and option argmax), uncertainty, calibration and concept scores with
     95 % bootstrap intervals; convergence; flips; concept ↔ uncertainty correlations; the organism's
-    probe against the exact posterior; the simulation task."""
+    probe against the exact posterior; the simulation task. With --against BASE.h5: what an
+    intervention changed, sample by sample."""
     from workbench.analysis.analyze import analyze as run_analysis, write_analysis
     from workbench.json_values import finite
     from workbench.store.reader import RunFile
+
+    if against is not None:
+        from workbench.analysis.paired import compare
+
+        with RunFile(run_path) as steered, RunFile(against) as base:
+            result = compare(steered, base, seed=seed)
+        if as_json:
+            print(json.dumps(finite(result), indent=1, allow_nan=False))
+        else:
+            print_comparison(result)
+        return
 
     with RunFile(run_path) as run:
         result = run_analysis(run, probe=probe, eps=eps, k=k, seed=seed)
@@ -146,6 +159,61 @@ def _pearson(c: dict[str, Any]) -> str:
     return f"{_num(p.get('r'), 2)} [{_num(p.get('low'), 2)}, {_num(p.get('high'), 2)}]"
 
 
+def print_comparison(result: dict[str, Any]) -> None:
+    """``analyze --against``: the runs and their interventions, then per round each metric's paired
+    difference with its interval (and the two runs' means), the flips and the implied log-odds."""
+    from rich.text import Text
+
+    from workbench.engine.interventions import summarize
+
+    runs = result["runs"]
+    out.print(Text(f"{runs['steered']} against {runs['base']}: {result['n_paired']} paired samples, {result['n_rounds']} rounds"),
+              highlight=False, soft_wrap=True)
+    for which in ("steered", "base"):
+        for record in result["interventions"][which]:
+            out.print(Text(f"  {which}: {summarize(record)}"), highlight=False, soft_wrap=True)
+    blocks = dict(result["metrics"])
+    if "implied_log_odds" in result:
+        blocks["implied λ"] = result["implied_log_odds"]
+    names = list(blocks)
+    for chunk in (names[i : i + 4] for i in range(0, len(names), 4)):
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("round", justify="right")
+        for name in chunk:
+            table.add_column(Text(_short(name)), justify="right", overflow="fold")
+        for t in range(result["n_rounds"]):
+            cells = []
+            for name in chunk:
+                m = blocks[name]
+                cells.append(f"{_num(m['value'][t])}\n{_num(m['low'][t], 2)}–{_num(m['high'][t], 2)}\n"
+                             f"{_num(m['base'][t], 2)}→{_num(m['steered'][t], 2)}")
+            table.add_row(str(t + 1), *cells)
+        out.print(table)
+    out.print("each cell: the mean paired difference (this run − base), its 95 % paired bootstrap interval, "
+              "and base → this run", markup=False, highlight=False)
+    if "implied_log_odds" in result:
+        il = result["implied_log_odds"]
+        out.print("implied λ: the log-odds whose exact mixture is closest in KL to the answer distribution; best-fit KL "
+                  f"per round {' '.join(_num(x, 4) for x in il['kl_steered'])} (base {' '.join(_num(x, 4) for x in il['kl_base'])}); "
+                  f"variance of λ across samples {' '.join(_num(x, 2) for x in il['variance_steered'])} "
+                  f"(base {' '.join(_num(x, 2) for x in il['variance_base'])}); {il['at_bound']} fits at the grid's bound",
+                  markup=False, highlight=False, soft_wrap=True)
+    if "accuracy_gain" in result:
+        g = result["accuracy_gain"]
+        out.print(f"{g['what']}: {_num(g['base'])} → {_num(g['steered'])}: Δ {_num(g['value'])} [{_num(g['low'], 2)}, {_num(g['high'], 2)}]",
+                  markup=False, highlight=False)
+    if "settling_round" in result:
+        sr = result["settling_round"]
+        out.print(f"answer settles at round {_num(sr['base'], 2)} → {_num(sr['steered'], 2)}: Δ {_num(sr['value'])} "
+                  f"[{_num(sr['low'], 2)}, {_num(sr['high'], 2)}]", markup=False, highlight=False)
+    if "flips" in result:
+        table = Table("round", "right→wrong", "wrong→right", "answer changed", title="flips between the runs (base → this run)",
+                      title_justify="left")
+        for f in result["flips"]:
+            table.add_row(str(f["round"]), str(f["right_to_wrong"]), str(f["wrong_to_right"]), str(f["answer_changed"]))
+        out.print(table)
+
+
 def _print_views(title: str, v: dict[str, Any]) -> None:
     within = " ".join(_num(x["rho"], 2) for x in v["within_round"])
     changes = " ".join(_num(x["rho"], 2) for x in v["changes"])
@@ -180,15 +248,24 @@ class _NamedArgument(typer.core.TyperArgument):
 
 
 def report(
-    run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject)."),
-    out_dir: Path = typer.Option(Path("artifacts/runs/reports/report"), "--out", help="Folder for the figures (PNG + SVG) and index.html."),
+    run_paths: list[Path] = typer.Argument(..., metavar="RUN", help="One or more run files; several are overlaid (e.g. moral vs neutral vs inject). Or one sweep folder (`workbench sweep --out DIR`): its dose-response curves."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the figures (PNG + SVG) and index.html. Default: artifacts/runs/reports/report, or DIR/report for a sweep folder."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the bootstrap intervals."),
 ) -> None:
     """Figures a paper would use (per-round curves with intervals and convergence, reliability
     diagrams, layers × rounds concept heatmap, flips, the organism against its exact posterior) and
-    one index.html that ties them together."""
+    one index.html that ties them together. For a sweep folder: per round, each metric's paired
+    difference from the α = 0 run against α, the random control beside it."""
     from workbench.analysis.report import build_report
 
+    if len(run_paths) == 1 and run_paths[0].is_dir():
+        from workbench.analysis.sweep import build_sweep_report
+
+        out_dir = out_dir if out_dir is not None else run_paths[0] / "report"
+        index = build_sweep_report(run_paths[0], out_dir, seed=seed)
+        out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} dose-response figures (PNG + SVG)", markup=False, highlight=False)
+        return
+    out_dir = out_dir if out_dir is not None else Path("artifacts/runs/reports/report")
     index = build_report(list(run_paths), out_dir, seed=seed)
     out.print(f"wrote {index} and {len(list(out_dir.glob('*.png')))} figures (PNG + SVG)", markup=False, highlight=False)
 

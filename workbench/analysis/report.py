@@ -33,13 +33,14 @@ class Figure:
 
 def figure_text(text: str) -> str:
     """A name from the run file made safe for a figure: control characters written as escapes
-    (:func:`workbench.printable.visible`); ``$`` stays text, as mathtext is off (:func:`_pyplot`)."""
+    (:func:`workbench.printable.visible`); ``$`` stays text, as mathtext is off (:func:`pyplot`)."""
     from workbench.printable import visible
 
     return visible(text, newlines=False, pictures=False)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, with the report's style (shared with the sweep report)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +52,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, out: Path, stem: str) -> None:
+def save_figure(fig: Any, out: Path, stem: str) -> None:
+    """Write ``fig`` as ``out/stem.png`` and ``.svg`` (reproducible SVG) and close it."""
     for suffix in ("png", "svg"):
         fig.savefig(out / f"{stem}.{suffix}", bbox_inches="tight", metadata={"Date": None} if suffix == "svg" else None)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 PANELS = (
@@ -74,7 +76,7 @@ LABELS = {"accuracy_parsed": "parsed answer", "accuracy_option": "option argmax"
 def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) -> Figure:
     """Per-round curves, one panel per kind of metric (and one for concept scores), every run overlaid;
     shaded: 95 % bootstrap interval; a dotted vertical line marks each curve's convergence round."""
-    plt = _pyplot()
+    plt = pyplot()
     concept_names = sorted({m for r in results for m in r["metrics"] if m.startswith("concept:")})
     panels = [*PANELS, *((("concept", tuple(concept_names), "concept score (projection)"),) if concept_names else ())]
     cols = 2
@@ -113,7 +115,7 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
         else:
             ax.text(0.5, 0.5, "not measured\n(no options)", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()
-    _save(fig, out, "curves")
+    save_figure(fig, out, "curves")
     return Figure("curves", "Per-round metrics", "Means over samples per round; shaded: 95 % percentile bootstrap interval; "
                   "thin vertical line (same colour and style as its curve): the round from which the metric stays within ε of its value "
                   "to the end (convergence; ε = 0.05 × the metric's range over the rounds).")
@@ -124,7 +126,7 @@ def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
     [0, 1]) against the diagonal, with the bin counts; None for runs without options."""
     if int(run.meta.get("n_options", 0)) == 0:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     conf = run.array("rounds/chosen_confidence").astype(float)
     correct = run.array("rounds/correct").astype(float)
     rounds = conf.shape[1]
@@ -153,7 +155,7 @@ def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
         if t % cols == 0:
             ax.set_ylabel("accuracy")
     fig.tight_layout()
-    _save(fig, out, stem)
+    save_figure(fig, out, stem)
     return Figure(stem, "Reliability diagrams", "Accuracy of the answer per bin of its option confidence (10 equal-width bins "
                   "over [0, 1]); dashed: perfect calibration; numbers: samples per bin.")
 
@@ -163,7 +165,7 @@ def heatmap_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
     names = [n for n in run.names("probes") if run.f[f"probes/{n}"].attrs.get("kind") == "probe"]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         g = run.f[f"probes/{name}"]
@@ -179,7 +181,7 @@ def heatmap_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
         ax.set_title(figure_text(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})"))
         fig.colorbar(im, ax=ax, label="mean projection")
     fig.tight_layout()
-    _save(fig, out, stem)
+    save_figure(fig, out, stem)
     return Figure(stem, "Concept score by layer and round", "Mean projection of the pooled residual on each probe's direction, "
                   "per layer and round.")
 
@@ -188,7 +190,7 @@ def flips_figure(result: dict[str, Any], out: Path, stem: str) -> Figure | None:
     """Stacked bars per transition: how the parsed answers of round t fared in round t+1."""
     if "flips" not in result:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     transitions = result["flips"]["transitions"]
     kinds = [("right → right", 0, 0, "#55a868"), ("wrong → right", 1, 0, "#8ecf9b"), ("right → wrong", 0, 1, "#c44e52"),
              ("wrong → wrong", 1, 1, "#e8a0a2"), ("→ unparsed", None, 2, "#999999"), ("unparsed →", 2, None, "#cccccc")]
@@ -213,7 +215,7 @@ def flips_figure(result: dict[str, Any], out: Path, stem: str) -> Figure | None:
     ax.set_ylabel("samples")
     ax.legend(fontsize=7, frameon=False, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     fig.tight_layout()
-    _save(fig, out, stem)
+    save_figure(fig, out, stem)
     return Figure(stem, "Flips between rounds", "Parsed answers of round t against round t+1: kept right, corrected "
                   "(wrong → right), broken (right → wrong), kept wrong, and unparseable answers.")
 
@@ -223,7 +225,7 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
     every tracked probe's best-layer score against the exact log-odds, coloured by round."""
     if "exact_option_probs" not in run.names("rounds"):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     gold = run.array("samples/gold").astype(int)
     model = run.array("rounds/option_probs").astype(float)
     exact = run.array("rounds/exact_option_probs").astype(float)
@@ -252,7 +254,7 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
         ax.set_xlabel("exact log-odds of fair")
         ax.set_ylabel("probe score (projection)")
     fig.colorbar(sc, ax=axes[0].tolist(), label="round", ticks=range(1, rounds + 1))
-    _save(fig, out, stem)
+    save_figure(fig, out, stem)
     return Figure(stem, "The organism against its exact posterior", "Left: the model's option confidence of the fair (correct) "
                   "option against the exact predictive given the dialogue it had. Right: each probe's score at its best layer against "
                   "the exact log-odds; colour: round. A pooled cloud can look tight only because rounds separate; the titles give "
@@ -341,7 +343,7 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
              "figure{margin:1.5em 0} figcaption{font-size:13px;color:#555} h2{border-bottom:1px solid #ddd}</style></head><body>",
              "<h1>Self-correction report</h1>",
              f"<p>{len(sections)} run(s): {', '.join(e(s[0]) for s in sections)}. Every interval is a 95 % percentile bootstrap "
-             "over samples (seeded); entropies are in nats.</p>", _figure_html(curves)]
+             "over samples (seeded); entropies are in nats.</p>", figure_html(curves)]
     for stem, meta, result, figures in sections:
         protocol = meta.get("protocol")
         protocol = protocol.get("name") if isinstance(protocol, dict) else protocol
@@ -350,6 +352,11 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
         for key in META_KEYS:
             if key in meta:
                 parts.append(f"<tr><th>{e(key)}</th><td>{e(str(meta[key]))}</td></tr>")
+        records = meta.get("interventions")
+        for record in records if isinstance(records, list) else []:
+            from workbench.engine.interventions import summarize
+
+            parts.append(f"<tr><th>intervention</th><td>{e(summarize(record))}</td></tr>")
         parts.append(f"<tr><th>samples analysed</th><td>{result['run']['n_done']}</td></tr></table>")
         parts.append("<table><tr><th>metric</th><th>convergence</th><th>ε</th><th>first round</th><th>last round</th></tr>")
         for name, c in result["convergence"].items():
@@ -365,7 +372,7 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
                 parts.append(f"<p>Simulation task (reconstruction), {e(feature)}: accuracy {s['accuracy_mean']:.3f} "
                              f"(variance {s['accuracy_variance']:.5f}) vs majority baseline {s['baseline_mean']:.3f}, "
                              f"{s['n']} transitions. The study reports 83.18 % on RealToxicityPrompts.</p>")
-        parts += [_figure_html(f) for f in figures]
+        parts += [figure_html(f) for f in figures]
         parts.append((pictures or {}).get(stem, ""))
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -408,7 +415,8 @@ def _cell(m: dict[str, Any], t: int) -> str:
     return f"{fmt(v)} [{fmt(lo)}, {fmt(hi)}]"
 
 
-def _figure_html(f: Figure) -> str:
+def figure_html(f: Figure) -> str:
+    """One figure of a report page: its SVG, title, caption and links to both files."""
     e = html.escape
     return (f"<figure id='{e(f.stem)}'><h3>{e(f.title)}</h3><img src='{e(f.stem)}.svg' alt='{e(f.title)}'>"
             f"<figcaption>{e(f.caption)} (<a href='{e(f.stem)}.png'>PNG</a>, <a href='{e(f.stem)}.svg'>SVG</a>)</figcaption></figure>")

@@ -42,16 +42,18 @@ def run_batch(
     reuse_cache: bool = True,
     on_round: Callable[[RoundResult], None] | None = None,
     round_extras: Callable | None = None,
+    interventions: tuple = (),
 ) -> BatchResult:
     """Run ``samples`` through every round of ``protocol``, capturing ``sites`` (from
     :func:`workbench.engine.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
     (sample, 1-based round) → user message overrides the protocol's (see :class:`Session`);
     ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
     ``on_round`` is called with each round's result as it finishes; ``round_extras`` adds per-round
-    arrays (a scorer, sampled answers: :func:`workbench.engine.open_ended.round_extras`)."""
+    arrays (a scorer, sampled answers: :func:`workbench.engine.open_ended.round_extras`);
+    ``interventions`` act in the rounds they name (:mod:`workbench.engine.interventions`)."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
                       reuse_cache=reuse_cache, strict=True, fields_every_round=False,
-                      round_extras=round_extras)
+                      round_extras=round_extras, interventions=interventions)
     for _ in range(protocol.rounds):
         result = session.step()
         if on_round is not None:

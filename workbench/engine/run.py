@@ -69,6 +69,7 @@ class RunConfig:
     max_memory: str | None = None  # "0=70GiB,1=70GiB,cpu=200GiB" (models.parse_max_memory); needs device_map
     adapter: str | None = None  # a LoRA adapter folder merged into the model after it loads (workbench.engine.adapter)
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
+    interventions: tuple[Any, ...] = ()  # Steer/Ablate/Clamp (workbench.engine.interventions), in every batch's rounds
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,16 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         )
         protocol = replace(protocol, decoding=decoding)
     spec, out = _shard_spec(cfg)
+    if cfg.interventions:
+        from workbench.engine.interventions import check_against
+
+        if cfg.scorer is not None or cfg.samples_per_round:
+            raise WorkbenchError("interventions cannot be combined with --scorer or --samples-per-round yet "
+                                 "(those passes would run without them)")
+        late = [iv for iv in cfg.interventions if iv.rounds is not None and min(iv.rounds) > protocol.rounds]
+        if late:
+            raise WorkbenchError(f"an intervention acts in rounds {list(late[0].rounds)}, but the protocol has "
+                                 f"{protocol.rounds} rounds")
     check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
     model_path = ""
     if not model_given:
@@ -217,6 +228,9 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
         check_vision_model(cfg.task, cfg.model, takes_images(model_path))
+        shape = model_shape(model_path)
+        if cfg.interventions and shape is not None:
+            check_against(cfg.interventions, *shape)  # width and layers, before the model loads
     if cfg.adapter is not None:
         from workbench.engine.adapter import check_adapter
 
@@ -237,6 +251,38 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         plan = make_plan(spec, len(samples), cfg.batch_size, data_fingerprint(samples))
     return CheckedRun(task, protocol, samples, model_path, open_ended=open_ended, shard=plan,
                       local_rank=spec.local_rank if spec else None, out=out)
+
+
+def model_shape(model_path: str) -> tuple[int, int] | None:
+    """``(d_model, n_layers)`` from a local model folder's ``config.json`` (the usual key names),
+    without loading it; None for a hub name or keys it does not know."""
+    import json
+
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
+    depth = next((config[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
+    return None if width is None or depth is None else (width, depth)
+
+
+def check_resume_interventions(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse ``--resume`` with other interventions than the file records (or with some where it
+    has none, or none where it has some): the batches still to run would be another experiment."""
+    import json
+
+    with RunFile(path) as run:
+        have = run.f.attrs.get("interventions")
+    have = json.loads(have.decode() if isinstance(have, bytes) else have) if have is not None else []
+    want = json.loads(json.dumps(settings.get("interventions", [])))
+    if have != want:
+        from workbench.engine.interventions import summarize
+
+        said = lambda x: "; ".join(summarize(r) for r in x) or "none"  # noqa: E731
+        raise WorkbenchError(f"--resume: {path} was made with other interventions ({said(have)[:120]} in the file, "
+                             f"{said(want)[:120]} now)")
 
 
 def _shard_spec(cfg: RunConfig) -> tuple[Any, Path]:
@@ -375,6 +421,10 @@ def run_protocol(
                             cfg.activation_dtype, cfg.seed, cfg.command_line)
     if rank_device is not None:
         settings["device"] = rank_device
+    if cfg.interventions:
+        from workbench.engine.interventions import settings_json
+
+        settings["interventions"] = settings_json(cfg.interventions)
     if plan is not None:
         settings["data"]["fingerprint"] = plan.fingerprint  # the whole dataset's, as a single-process run records
         settings["shard"] = plan.to_json()
@@ -391,6 +441,7 @@ def run_protocol(
         from workbench.engine.adapter import check_resume_adapter
 
         check_resume_adapter(out, settings)
+        check_resume_interventions(out, settings)
         writer = RunWriter.resume(out, settings, durable=cfg.fsync)
     else:
         writer = RunWriter.create(out, settings, sample_table(samples), protocol.rounds,
@@ -412,7 +463,8 @@ def run_protocol(
                 if on_batch is not None:
                     on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
 
-            res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done, round_extras=extras)
+            res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done, round_extras=extras,
+                            interventions=cfg.interventions)
             arrays = batch_arrays(res, gold[start:stop], writer.n_options)
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)

@@ -70,6 +70,8 @@ import torch
 from workbench.engine.capture import DEFAULT_HOOKS, HookSite, check_layers, hook_sites, pooling, round_pools, stack_sites
 from workbench.engine.chat import check_generation_prompt, encode, next_round_inputs, styled_model
 from workbench.errors import WorkbenchError
+from workbench.engine.interventions import (Ablate, Clamp, Intervention, Plan, Steer, acts_in, describe, intervening, layers_of,
+                                             make_plan, resolve_sites)
 from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
 from workbench.engine.protocol import Protocol
 from workbench.engine.task import Sample, Task
@@ -77,6 +79,9 @@ from workbench.engine.uncertainty import option_confidence
 
 if TYPE_CHECKING:
     from workbench.engine.batch_result import BatchResult
+
+
+PROJECTION_BEFORE = "intervention_projection_before"  # the round field (``[B, S, 2]``) of the projection before each intervention
 
 
 class CacheFallbackWarning(UserWarning):
@@ -164,6 +169,7 @@ class Session:
         strict: bool = False,
         fields_every_round: bool = True,
         round_extras: Callable[[Any, list[list[int]], list[Sample], int], dict[str, np.ndarray]] | None = None,
+        interventions: Sequence[Intervention] = (),
     ) -> None:
         from workbench.engine.models import load_model
         from workbench.engine.protocol import load_protocol
@@ -188,6 +194,11 @@ class Session:
         self.strict = strict
         self.fields_every_round = fields_every_round
         self.round_extras = round_extras
+        self.interventions: list[Intervention] = list(interventions)
+        self._intervention_sites: dict[tuple[str, int], HookSite] = {}
+        self._schedule: list[tuple[Intervention, ...]] = []  # per round stepped: the interventions that acted
+        self._overridden = False  # a step was given its own interventions (the record below then stops)
+        self._check_interventions(self.interventions)
         if self.protocol.decoding.do_sample:
             torch.manual_seed(seed + self.samples[0].index)  # per batch, so a resumed run draws the same tokens
         tok = self.model.tokenizer
@@ -231,9 +242,14 @@ class Session:
 
     # ------------------------------------------------------------------ one round
     @torch.inference_mode()
-    def step(self, instruction: str | Sequence[str] | None = None, on_tokens: TokensCallback | None = None) -> RoundResult:
+    def step(
+        self, instruction: str | Sequence[str] | None = None, on_tokens: TokensCallback | None = None,
+        interventions: Sequence[Intervention] | None = None,
+    ) -> RoundResult:
         """Run the next round for every sample and return it (see the module docstring for where the
-        instruction comes from when ``instruction`` is None). ``on_tokens(step, new_ids)``, when
+        instruction comes from when ``instruction`` is None). ``interventions``: this round's, in
+        place of the session's (``[]``: none this round); each acts if its ``rounds`` include this
+        one (:mod:`workbench.engine.interventions`). ``on_tokens(step, new_ids)``, when
         given, is called from the generation loop after each decoding step with each sample's new
         response tokens (``[token]``, or ``[]`` once it stopped; see
         :class:`workbench.engine.generation.ResponseStream`): the TUI shows a response growing with it."""
@@ -261,22 +277,31 @@ class Session:
         if with_image:  # row 1: the mean over the image tokens
             weights[:, 1] = _image_rows(new, width, model.image_token_id).to(model.device)
         steps: dict[HookSite, list[torch.Tensor]] = {}
-        with pooling(model.hf, self.sites, weights, steps) as pooled:
-            out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens,
-                                 model_kwargs=self._image_kwargs if with_image else None)
-            carried = carry(model.hf, out, tok.pad_token_id)
-        if with_image and self.sites:
-            self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
-            pooled = {k: v[:, :1] for k, v in pooled.items()}
-        acts = self._round_activations(pooled, steps, out.response_ids)
-        option_nll = torch.full((batch, self.n_options), float("nan"))
-        if self.n_options:
-            leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
-            option_nll = score_options(model.hf, out, leads, self._option_tokens, tok.pad_token_id)
+        applied = self._round_schedule(interventions, t + 1)
+        self._overridden = self._overridden or interventions is not None
+        plan = self._intervention_plan(applied, past is not None, new, prompt_spans, width) if applied else None
+        with intervening(model.hf, plan, "inner"):  # module outputs: inside capture's wrappers, so it sees them
+            with pooling(model.hf, self.sites, weights, steps) as pooled, intervening(model.hf, plan, "outer"):
+                out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens,
+                                     model_kwargs=self._image_kwargs if with_image else None)
+                carried = carry(model.hf, out, tok.pad_token_id)
+            if plan is not None:
+                plan.recording = False  # option scoring's tokens are not the response's
+            if with_image and self.sites:
+                self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
+                pooled = {k: v[:, :1] for k, v in pooled.items()}
+            acts = self._round_activations(pooled, steps, out.response_ids)
+            option_nll = torch.full((batch, self.n_options), float("nan"))
+            if self.n_options:
+                leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
+                with intervening(model.hf, plan, "outer"):  # option tokens: the round's response tokens
+                    option_nll = score_options(model.hf, out, leads, self._option_tokens, tok.pad_token_id)
         response_ids, token_entropies = out.response_ids, out.token_entropies
         extras = {} if self.round_extras is None else self.round_extras(
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
         extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
+        if self.interventions:
+            extras[PROJECTION_BEFORE] = self._projection_before(plan, out.response_ids)
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -290,6 +315,7 @@ class Session:
             response_spans[i] = (start, start + len(response_ids[i]))
             self._transcripts[i] = self._transcripts[i] + piece_ids[i] + response_ids[i]
         self._prefixes = prefixes
+        self._schedule.append(applied)
 
         responses = [tok.decode(ids) for ids in response_ids]
         if list(self._rows_by_option_count) == [self.n_options] and len(self._rows_by_option_count[self.n_options]) == batch:
@@ -350,6 +376,102 @@ class Session:
         if "token_type_ids" in getattr(self.model.processor, "model_input_names", ()):
             kwargs["token_type_ids"] = (ids == self.model.image_token_id).long()
         return kwargs
+
+    def _check_interventions(self, interventions: Sequence[Intervention]) -> None:
+        """Resolve where ``interventions`` act (width, layers, hooks, checked once per place);
+        refuse them beside ``round_extras`` (sampled answers would run unsteered)."""
+        if not interventions:
+            return
+        if self.round_extras is not None:
+            raise WorkbenchError("interventions cannot be combined with a scorer or sampled answers yet "
+                                 "(--scorer, --samples-per-round): those passes would run without them")
+        bad = [iv for iv in interventions if not isinstance(iv, (Steer, Ablate, Clamp))]
+        if bad:
+            raise WorkbenchError(f"an intervention is a Steer, Ablate or Clamp, not {type(bad[0]).__name__}")
+        new = [iv for iv in interventions if any((iv.hook, layer) not in self._intervention_sites
+                                                   for layer in layers_of(iv, self.model.n_layers))]
+        if new:
+            self._intervention_sites.update(resolve_sites(self.model, new))
+
+    def _round_schedule(self, interventions: Sequence[Intervention] | None, round_: int) -> tuple[Intervention, ...]:
+        """The interventions that act in ``round_`` (1-based): the step's own, else the session's."""
+        chosen = self.interventions if interventions is None else list(interventions)
+        if interventions is not None:
+            self._check_interventions(chosen)
+        return tuple(iv for iv in chosen if acts_in(iv, round_))
+
+    def _intervention_plan(
+        self, applied: tuple[Intervention, ...], carried: bool, new: list[list[int]], prompt_spans: np.ndarray, width: int,
+    ) -> Plan:
+        """This round's interventions with their prefill weights ``[B, width]``: on a carried cache
+        the prefill is this round's prompt tokens; on a full recompute it is the whole conversation,
+        each earlier round's tokens weighted by the interventions that acted in that round (so the
+        cache holds what a carried run holds)."""
+        batch = len(new)
+        offsets = [width - len(n) for n in new]  # left padding
+        schedule = ([] if carried else list(self._schedule)) + [applied]
+        first = len(self._rounds) + 1 - len(schedule)  # 0-based round of schedule[0]
+        spans_of = [(r.prompt_spans, r.response_spans) for r in self._rounds[first:]] + [(prompt_spans, None)]
+        if carried:
+            spans_of = [(np.stack([prompt_spans[:, 0] - prompt_spans[:, 0], prompt_spans[:, 1] - prompt_spans[:, 0]], 1), None)]
+        unique: list[Intervention] = []
+        for ivs in schedule:
+            unique += [iv for iv in ivs if not any(iv is u for u in unique)]
+        active = []
+        for iv in unique:
+            w = np.zeros((batch, width), dtype=np.float32)
+            for ivs, (p_spans, r_spans) in zip(schedule, spans_of):
+                if not any(iv is x for x in ivs):
+                    continue
+                for i in range(batch):
+                    if iv.positions in ("prompt", "all"):
+                        w[i, offsets[i] + p_spans[i, 0]: offsets[i] + p_spans[i, 1]] = 1.0
+                    if iv.positions in ("response", "all") and r_spans is not None:
+                        w[i, offsets[i] + r_spans[i, 0]: offsets[i] + r_spans[i, 1]] = 1.0
+            weight = torch.from_numpy(w).to(self.model.device) if w.any() else None
+            active.append((iv, weight, any(iv is x for x in applied) and iv.positions in ("response", "all")))
+        plan = make_plan(self.model, self._intervention_sites, active)
+        plan.watch = {(id(iv), layer) for iv, layer in self._watched() if any(iv is x for x in applied)}
+        return plan
+
+    def _watched(self) -> list[tuple[Intervention, int]]:
+        """The session's interventions expanded per layer: the columns of ``PROJECTION_BEFORE``."""
+        return [(iv, layer) for iv in self.interventions for layer in layers_of(iv, self.model.n_layers)]
+
+    def _projection_before(self, plan: Plan | None, response_ids: list[list[int]]) -> np.ndarray:
+        """``[B, S, 2]`` float32: per (intervention, layer) of the session's interventions, the
+        projection on d̂ of the hooked activation *before* the intervention, at the round's last
+        prompt token and averaged over its response tokens (as capture pools them); NaN where it did
+        not act this round (or an empty response)."""
+        watched = self._watched()
+        out = np.full((len(self.samples), len(watched), 2), np.nan, dtype=np.float32)
+        recorded = plan.recorded if plan is not None else {}
+        lengths = np.array([len(ids) for ids in response_ids])
+        for s, (iv, layer) in enumerate(watched):
+            slot = recorded.get((id(iv), layer))
+            if slot is None:
+                continue
+            if slot["last"] is not None:
+                out[:, s, 0] = slot["measure"](slot["last"]).cpu().numpy()
+            if slot["steps"]:
+                steps = slot["measure"](torch.stack(slot["steps"], 1)).cpu().numpy()  # [B, T]: step j fed response token j
+                take = np.arange(steps.shape[1])[None, :] < lengths[:, None]
+                with np.errstate(invalid="ignore"):
+                    out[:, s, 1] = np.where(lengths > 0, (steps * take).sum(1) / np.maximum(lengths, 1), np.nan)
+        return out
+
+    def interventions_record(self) -> list[dict[str, Any]]:
+        """Every intervention that acted so far, described as a run file records it
+        (:func:`workbench.engine.interventions.describe`), with the rounds it actually acted in."""
+        unique: list[Intervention] = []
+        for ivs in self._schedule:
+            unique += [iv for iv in ivs if not any(iv is u for u in unique)]
+        return [describe(iv, [k + 1 for k, ivs in enumerate(self._schedule) if any(iv is x for x in ivs)]) for iv in unique]
+
+    @property
+    def schedule(self) -> list[tuple[Intervention, ...]]:
+        """Per round stepped, the interventions that acted in it."""
+        return list(self._schedule)
 
     def _carried_cache(self, piece_ids: list[list[int]]) -> CarriedCache | None:
         """The cache to run this round on, or None to re-run the whole conversation (no cache yet,
@@ -417,7 +539,8 @@ class Session:
         per_sample = lambda f: [[f(r)[i] for r in rounds] for i in range(len(self.samples))]  # noqa: E731
         stack = lambda f: np.stack([f(r) for r in rounds], 1)  # noqa: E731
         fields = {} if self._fields_error is not None else self._checked_fields()
-        fields.update({name: np.stack([r.extras[name] for r in rounds], 1) for name in rounds[0].extras})
+        fields.update({name: np.stack([r.extras[name] for r in rounds], 1) for name in rounds[0].extras
+                       if not (name == PROJECTION_BEFORE and self._overridden)})
         return BatchResult(
             instructions=per_sample(lambda r: r.instructions),
             responses=per_sample(lambda r: r.responses),
@@ -454,6 +577,8 @@ class Session:
         settings = run_settings(self.model, self.task, protocol, self.samples, data, hooks, layers, len(self.samples),
                                 activation_dtype, self.seed, command_line)
         settings.update(getattr(self.round_extras, "settings", {}))  # open_ended.round_extras: the scorer and sampling
+        if any(self._schedule):
+            settings["interventions"] = self.interventions_record()
         path = Path(path)
         hook_shapes = {h: (len(layers), self.model.d_model) for h in hooks}
         with RunWriter.create(path, settings, sample_table(self.samples), n_rounds, hook_shapes, activation_dtype) as writer:
