@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_support import error_line, workbench
 from test_analysis import _write_run
 
 
@@ -51,25 +52,22 @@ def test_report_writes_every_figure_and_an_index_that_links_them(report):
     assert "run0" in html and "run1" in html and "convergence" in html and "Spearman" in html
 
 
-def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path):
+def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path, capsys, monkeypatch):
     import h5py
-    from typer.testing import CliRunner
 
-    from workbench.cli import _mount_subcommands, app
-    from workbench.errors import WorkbenchError
-
-    _mount_subcommands()
     path = tmp_path / "run.h5"
     path.write_bytes(report[0][0].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["model_name"] = "<script>alert(1)</script>"
-    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")])
-    assert result.exit_code == 0, result.output
+    code, out, err = workbench(capsys, monkeypatch, "report", str(path), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    assert "wrote" in out and "index.html" in out
     html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;" in html
     (tmp_path / "file").write_text("x")
-    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "file")])
-    assert isinstance(result.exception, WorkbenchError)
+    code, _, err = workbench(capsys, monkeypatch, "report", str(path), "--out", str(tmp_path / "file"))
+    assert code == 2
+    error_line(err, "file")
 
 
 def test_analysis_and_report_do_not_import_torch():

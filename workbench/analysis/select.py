@@ -49,10 +49,10 @@ class Scored:
 
 def read_candidates(path: Path, text_field: str) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file, each with a string ``text_field``."""
-    from workbench.engine.tasks import _read_jsonl
+    from workbench.engine.tasks import read_jsonl
 
     rows = []
-    for lineno, row in _read_jsonl(Path(path)):
+    for lineno, row in read_jsonl(Path(path)):
         if not isinstance(row.get(text_field), str) or not row[text_field].strip():
             raise WorkbenchError(f"{path}:{lineno}: no text in field {text_field!r} (set --text-field)")
         rows.append(row)
