@@ -367,8 +367,10 @@ def _print_summary(run_file: Any) -> None:
         out.print(fields)
     conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
-            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), markup=False, highlight=False)
+        out.print("convergence round (|Δ| < ε every step to the end; flat: the whole range < ε): " + ", ".join(
+            f"{k} {c['round'] if c['status'] == 'converged' else c['status']} (ε {c['eps']:.2g})" for k, c in conv.items()),
+            markup=False, highlight=False)
+        out.print(Text(s["convergence_settings"]["rule"], style="dim"), highlight=False)
 
 
 @app.command()

@@ -119,7 +119,8 @@ class RunScreen(Screen):
         convergence = {label: self.summary["convergence"].get(k) for k, label in columns if k != "round"}
         reached = ", ".join(f"{label} r{t}" for label, t in convergence.items() if t is not None) or "none"
         settings = self.summary.get("convergence_settings", {})
-        eps = f"{settings['eps']:g}" if settings.get("eps") is not None else f"{settings.get('rel_eps', 0.05):g} × range"
+        eps = (f"{settings['eps']:g}" if settings.get("eps") is not None
+               else f"max({settings.get('rel_eps', 0.05):g} × range, {settings.get('floor', 0.01):g} × scale)")
         self.query_one("#notes", Static).update(
             f"{self.summary['n_done']} samples · ▲ converged (|Δ| < {eps} to the end, ≥ {settings.get('k', 2)} steps): {reached}")
 

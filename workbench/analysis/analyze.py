@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from workbench.analysis.summary import REL_EPS, answer_correctness, convergence
+from workbench.analysis.summary import FLOOR, REL_EPS, answer_correctness, convergence, epsilon_rule, metric_scale
 from workbench.errors import WorkbenchError
 from workbench.store.writer import RunFile, replace_group
 from workbench.engine.uncertainty import expected_calibration_error
@@ -259,10 +259,12 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
     result["run"] = {"path": str(run.path), "model": meta.get("model_name"), "task": meta.get("task"),
                      "protocol": (meta.get("protocol") or {}).get("name") if isinstance(meta.get("protocol"), dict) else meta.get("protocol"),
                      "n_done": done, "n_samples": int(meta.get("n_samples", 0)), "n_rounds": rounds}
-    result["settings"] = {"eps": eps, "rel_eps": REL_EPS if eps is None else None, "k": k, "seed": seed,
+    result["settings"] = {"eps": eps, "rel_eps": REL_EPS if eps is None else None, "floor": FLOOR if eps is None else None,
+                          "eps_rule": epsilon_rule(eps), "k": k, "seed": seed,
                           "bootstrap": f"percentile, {N_RESAMPLES} paired resamples of the samples, {CONFIDENCE:.0%}"}
     result["metrics"] = metrics
-    result["convergence"] = {name: asdict(convergence(m["value"], eps, k)) for name, m in metrics.items()}
+    result["convergence"] = {name: asdict(convergence(m["value"], eps, k, scale=metric_scale(name, m["value"])))
+                             for name, m in metrics.items()}
     if multiple_choice:
         result["flips"] = {"states": FLIP_STATES, "transitions": flip_matrices(named["parsed_correct"], named["unparsed"], named["option_correct"])}
     uncertainty = {"option_entropy": opt} if multiple_choice else {}

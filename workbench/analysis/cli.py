@@ -34,7 +34,7 @@ def _short(name: str) -> str:
 def analyze(
     run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
     probe: Optional[str] = typer.Option(None, help="Analyse only this tracked probe (default: every probe in the run)."),
-    eps: Optional[float] = typer.Option(None, help="Absolute convergence threshold ε (default: 0.05 × each metric's range over the rounds)."),
+    eps: Optional[float] = typer.Option(None, help="Absolute convergence threshold ε (default per metric: the larger of 0.05 × its range over the rounds and 0.01 × its scale — 1 for rates and probabilities, else its largest |value|; a metric whose range is below ε is 'flat')."),
     k: int = typer.Option(2, help="Convergence needs |Δ| < ε for at least this many steps after t*, and to the end."),
     seed: int = typer.Option(0, help="Seed of the bootstrap and of the simulation task's folds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON on stdout."),
@@ -82,11 +82,14 @@ def print_analysis(result: dict[str, Any]) -> None:
         f"{_short(n)}: {metrics[n]['what']}" for n in names), markup=False, highlight=False)
 
     conv = result["convergence"]
-    table = Table("metric", "converged at", "ε", title="convergence: |Δ| < ε every step from t* to the end (≥ k steps)", title_justify="left")
+    table = Table("metric", "converged at", "ε", title="convergence: |Δ| < ε every step from t* to the end (≥ k steps); flat: range < ε",
+                  title_justify="left")
     for name, c in conv.items():
-        table.add_row(_short(name), c["status"] if c["round"] is None else f"round {c['round']}",
-                      f"{c['eps']:.3g}{' (rel)' if c['relative'] else ''}")
+        how = "" if not c["relative"] else " (floor)" if c["eps"] == c.get("floor") else " (range)"
+        table.add_row(_short(name), f"round {c['round']}" if c["status"] == "converged" else c["status"], f"{c['eps']:.3g}{how}")
     out.print(table)
+    out.print(result["settings"].get("eps_rule", "") + "; (range): 0.05 × the range set ε, (floor): the scale did",
+              markup=False, highlight=False)
 
     if "flips" in result:
         table = Table("t→t+1", "parsed R→W", "parsed W→R", "→unparsed", "option R→W", "option W→R", title="flips between rounds", title_justify="left")

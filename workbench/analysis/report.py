@@ -89,7 +89,7 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
                 ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label)
                 ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
                 conv = result["convergence"].get(metric, {})
-                if conv.get("round"):
+                if conv.get("status") == "converged":
                     ax.axvline(conv["round"], color=color, ls=styles[j % len(styles)], lw=0.8, alpha=0.6)
                 drawn = True
         ax.set_title(title)
@@ -104,7 +104,8 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
     _save(fig, out, "curves")
     return Figure("curves", "Per-round metrics", "Means over samples per round; shaded: 95 % percentile bootstrap interval; "
                   "thin vertical line (same colour and style as its curve): the round from which the metric stays within ε of its value "
-                  "to the end (convergence; ε = 0.05 × the metric's range over the rounds).")
+                  "to the end (convergence; ε = max(0.05 × the metric's range over the rounds, 0.01 × its scale): 1 for rates and "
+                  "probabilities, else its largest |value|; no line for a flat metric, whose whole range is below ε).")
 
 
 def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
@@ -304,10 +305,11 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
         parts.append("<table><tr><th>metric</th><th>convergence</th><th>ε</th><th>first round</th><th>last round</th></tr>")
         for name, c in result["convergence"].items():
             m = result["metrics"][name]
-            when = f"round {c['round']}" if c["round"] is not None else c["status"]
+            when = f"round {c['round']}" if c["status"] == "converged" else c["status"]
             parts.append(f"<tr><td title='{e(m['what'])}'>{e(name)}</td><td>{e(when)}</td><td>{c['eps']:.3g}</td>"
                          f"<td>{_cell(m, 0)}</td><td>{_cell(m, -1)}</td></tr>")
-        parts.append("</table>")
+        parts.append(f"</table><p style='font-size:13px;color:#555'>{e(result['settings'].get('eps_rule', ''))}; "
+                     "flat: the whole range is below ε (converged from round 1).</p>")
         parts.append(_correlations_html(result))
         sim = result["simulation_task"]
         for feature, s in sim.get("features", {}).items():
