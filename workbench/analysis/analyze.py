@@ -320,20 +320,45 @@ def open_ended_metrics(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+MIN_LEVELS = 5  # a within-round (or per-change) ρ needs the exact log-odds to take at least this many values there
+
+
+def exact_levels(exact: np.ndarray) -> dict[str, Any]:
+    """How much the exact log-odds ``[n, R]`` vary where within-round and per-change ρ are measured:
+    the number of distinct values (to 1e-6) in each round (``within_round`` ``[R]``) and of each
+    round-to-round change (``changes`` ``[R − 1]``); ``within_ok``/``changes_ok`` mark those with at
+    least :data:`MIN_LEVELS`, and ``note`` says why the others are left out of the minima (empty
+    when none is). Under the built-in organism protocols every sample gets the same follow-ups, so
+    the posterior takes one or two values per round and a ρ there ranks ties, not a posterior."""
+    within = [int(np.unique(np.round(exact[:, t], 6)).size) for t in range(exact.shape[1])]
+    changes = [int(np.unique(np.round(d, 6)).size) for d in np.diff(exact, axis=1).T]
+    within_ok, changes_ok = [v >= MIN_LEVELS for v in within], [v >= MIN_LEVELS for v in changes]
+    note = ""
+    if not all(within_ok[1:]) or not all(changes_ok):
+        bad = [t + 1 for t, ok in enumerate(within_ok) if not ok and t > 0]
+        note = (f"the exact posterior takes fewer than {MIN_LEVELS} values within round(s) {', '.join(map(str, bad)) or '–'} "
+                f"(at most {max([within[t - 1] for t in bad] or [0])}: every sample got the same follow-ups), so the "
+                "within-round and change ρ there rank ties, not a posterior, and are left out of the minima; "
+                "measure a probe under the organism-world protocol (follow-ups drawn per sample)")
+    return {"within_round": within, "changes": changes, "within_ok": within_ok, "changes_ok": changes_ok, "note": note}
+
+
 def _probe_vs_exact(run: RunFile, concepts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per probe and layer: Spearman of the concept score with the exact log-odds within each round,
-    on round-to-round changes, and pooled; and, for reference, of the round number alone with the
-    exact log-odds pooled (what a pooled figure can owe to the round number)."""
+    on round-to-round changes, and pooled (the minima over the rounds and changes where the exact
+    log-odds vary enough, :func:`exact_levels`); and, for reference, of the round number alone with
+    the exact log-odds pooled (what a pooled figure can owe to the round number)."""
     exact = run.array("rounds/exact_log_odds").astype(np.float64)
     round_number = np.broadcast_to(np.arange(1, exact.shape[1] + 1, dtype=np.float64), exact.shape)
-    out: dict[str, Any] = {"round_number_pooled": spearman(round_number, exact), "probes": {}}
+    levels = exact_levels(exact)
+    out: dict[str, Any] = {"round_number_pooled": spearman(round_number, exact), "exact_levels": levels, "probes": {}}
     for name, c in concepts.items():
         if c["kind"] != "probe":
             continue
         layers = {}
         for column, layer in enumerate(c["layers"]):
             views = correlation_views(c["scores"][:, :, column], exact)
-            layers[str(layer)] = {**views, **_minima(views)}
+            layers[str(layer)] = {**views, **_minima(views, levels)}
         out["probes"][name] = {"best_layer": c["layers"][c["best"]], "method": c["method"], "hook": c["hook"],
                                "position": c["position"], "layers": layers}
     return out
@@ -359,6 +384,7 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
     if n < folds:
         out["skipped"] = f"fewer than {folds} samples"
         return out
+    levels = exact_levels(exact)
     fold_of_sample = np.random.default_rng(seed).permutation(n) % folds
     fold = np.repeat(fold_of_sample, rounds)
     for hook in run.names("activations"):
@@ -376,7 +402,7 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
             for f in range(folds):
                 pred[fold == f] = ridge_gcv(x[fold != f], y[fold != f], x[fold == f])
             views = correlation_views(pred.reshape(n, rounds), exact)
-            per_layer[str(layer)] = {**views, **_minima(views)}
+            per_layer[str(layer)] = {**views, **_minima(views, levels)}
         out["hooks"][hook] = per_layer
     return out
 
@@ -403,11 +429,15 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alphas: np.ndarra
     return (x_new - mean_x) @ coef + mean_y
 
 
-def _minima(views: dict[str, Any]) -> dict[str, float]:
+def _minima(views: dict[str, Any], levels: dict[str, Any] | None = None) -> dict[str, float]:
     """The smallest finite within-round and per-transition ρ (rounds where ρ is undefined — e.g. round 1,
-    where every sample has the prior — are left out)."""
+    where every sample has the prior — are left out, and with ``levels`` (:func:`exact_levels`) the
+    rounds and changes where the exact log-odds take too few values); NaN when none is left."""
     within = np.array([v["rho"] for v in views["within_round"]], dtype=float)
     changes = np.array([v["rho"] for v in views["changes"]], dtype=float)
+    if levels is not None:
+        within = np.where(levels["within_ok"], within, np.nan)
+        changes = np.where(levels["changes_ok"], changes, np.nan)
     return {"min_within_round": float(np.nanmin(within)) if np.isfinite(within).any() else float("nan"),
             "min_changes": float(np.nanmin(changes)) if np.isfinite(changes).any() else float("nan")}
 

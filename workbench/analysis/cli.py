@@ -121,6 +121,8 @@ def print_analysis(result: dict[str, Any]) -> None:
             out.print(table)
         out.print("within: across samples in each round (round 1: every sample has the prior, so ρ is undefined); "
                   "Δ: across samples, of the change from round t to t+1", markup=False, highlight=False)
+        if pve.get("exact_levels", {}).get("note"):
+            out.print(f"note: {pve['exact_levels']['note']}; min columns: – when no round is left", markup=False, highlight=False)
         if "world_sign" in result:
             ws = result["world_sign"]
             out.print(f"the world's own sign: exact log-odds vs exact option entropy, ρ pooled {_num(ws['pooled']['rho'])}, "

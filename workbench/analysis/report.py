@@ -237,7 +237,15 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
         ax.scatter(log_odds.ravel(), score.ravel(), c=round_index.ravel() + 1, cmap=cmap, s=8, alpha=0.7, vmin=0.5, vmax=rounds + 0.5)
         v = result.get("probe_vs_exact", {}).get("probes", {}).get(name, {}).get("layers", {}).get(str(layers[best]), {})
         rho = v.get("min_within_round")
-        ax.set_title(f"{name}, layer {layers[best]}" + (f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}" if rho is not None and np.isfinite(rho) else ""), fontsize=8)
+        levels = result.get("probe_vs_exact", {}).get("exact_levels", {})
+        if rho is not None and np.isfinite(rho):
+            detail = f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}"
+        elif levels.get("note"):
+            detail = (f"\nwithin-round ρ not measurable: the exact posterior takes ≤ {max(levels['within_round'])} values"
+                      "\nper round here (same follow-ups for all); see organism-world")
+        else:
+            detail = ""
+        ax.set_title(f"{name}, layer {layers[best]}" + detail, fontsize=8)
         ax.set_xlabel("exact log-odds of fair")
         ax.set_ylabel("probe score (projection)")
     fig.colorbar(sc, ax=axes[0].tolist(), label="round", ticks=range(1, rounds + 1))
@@ -245,7 +253,9 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
     return Figure(stem, "The organism against its exact posterior", "Left: the model's option confidence of the fair (correct) "
                   "option against the exact predictive given the dialogue it had. Right: each probe's score at its best layer against "
                   "the exact log-odds; colour: round. A pooled cloud can look tight only because rounds separate; the titles give "
-                  "the smallest within-round Spearman ρ.")
+                  "the smallest within-round Spearman ρ, measurable only where the exact posterior varies within a round "
+                  "(the organism-world protocol draws each sample's follow-ups; under a protocol that gives every sample the "
+                  "same follow-ups it takes one or two values per round).")
 
 
 def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
