@@ -367,3 +367,45 @@ def test_info_and_analyze_print_flat_and_what_epsilon_is(tmp_path, capsys, monke
     assert code == 0, err
     row = next(line for line in out.splitlines() if "tok H" in line and "1e-06" in line)
     assert "not converged" in row and "ε = 1e-06 (--eps)" in out
+
+
+def test_exact_levels_flags_rounds_where_the_posterior_hardly_varies():
+    """Under the `organism` protocol every sample gets the same follow-ups: the exact log-odds take
+    two values per round, and a within-round ρ there ranks ties. Such rounds leave the minima."""
+    from workbench.analysis.analyze import MIN_LEVELS, exact_levels
+
+    rng = np.random.default_rng(0)
+    two = np.where(rng.random((40, 1)) < 0.5, 0.5, 1.9) + np.arange(4) * 5.0  # two groups, every round
+    two[:, 0] = -0.85  # round 1: the prior
+    levels = exact_levels(two)
+    assert levels["within_round"] == [1, 2, 2, 2] and not any(levels["within_ok"])
+    assert "round(s) 2, 3, 4" in levels["note"] and "organism-world" in levels["note"]
+    varied = np.c_[np.full(40, -0.85), rng.normal(size=(40, 3)).cumsum(1)]
+    levels = exact_levels(varied)
+    assert levels["within_ok"] == [False, True, True, True] and all(levels["changes_ok"]) and levels["note"] == ""
+    assert MIN_LEVELS == 5
+
+
+def test_bootstrap_interval_contains_the_estimate_without_widening():
+    """ECE on a small sample: its bootstrap distribution sits above the plug-in estimate, so the plain
+    percentile interval misses the estimate. The interval keeps the percentile interval's distances
+    from the bootstrap median, around the estimate, and so contains it by construction."""
+    from scipy import stats
+
+    from workbench.analysis.analyze import ece_batched
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.4, 1.0, 30)
+    correct = (rng.random(30) < conf).astype(float)
+    statistic = lambda c, y, axis=-1: ece_batched(c, y, "unit", axis=axis)  # noqa: E731
+    est, low, high = bootstrap_interval((conf, correct), statistic, seed=0, vectorized=True, bounds=(0.0, 1.0))
+    plain = stats.bootstrap((conf, correct), statistic, n_resamples=2000, method="percentile", paired=True, vectorized=True,
+                            rng=np.random.default_rng(0))
+    boot = plain.bootstrap_distribution
+    assert plain.confidence_interval.low > est  # the percentile interval misses the estimate here
+    median, q_low, q_high = np.median(boot), *np.quantile(boot, [0.025, 0.975])
+    assert low <= est <= high
+    assert (low, high) == (pytest.approx(max(0.0, est - (median - q_low))), pytest.approx(est + (q_high - median)))
+    assert low >= 0.0  # kept within the values the statistic can take
+    _, low, high = ece_interval(conf, correct, "unit", seed=0)
+    assert low <= est <= high
