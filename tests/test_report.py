@@ -89,3 +89,42 @@ def test_index_renders_in_headless_chromium(report, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3].reshape(-1, 3)
     assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 50
     assert Path(shot).stat().st_size > 20_000
+
+
+def test_heatmap_colours_follow_the_data():
+    from workbench.analysis.report import heatmap_colors
+
+    assert heatmap_colors(np.array([[0.2, 0.9], [0.4, 0.5]])) == {"cmap": "viridis", "vmin": 0.2, "vmax": 0.9}
+    assert heatmap_colors(np.array([-0.5, 1.5])) == {"cmap": "RdBu_r", "vmin": -1.5, "vmax": 1.5}
+    assert heatmap_colors(np.array([-3.0, -1.0]))["cmap"] == "viridis"
+    assert heatmap_colors(np.array([np.nan]))["cmap"] == "viridis"
+
+
+def test_overlaying_runs_of_different_sizes_warns(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (n, rounds) in enumerate(((12, 3), (20, 3))):
+        gold = rng.integers(0, 3, n)
+        answers = rng.integers(0, 3, (n, rounds))
+        paths.append(_write_run(tmp_path / f"size{i}.h5", answers, answers, gold))  # parsed = argmax: identical curves
+    code, out, err = workbench(capsys, monkeypatch, "report", *map(str, paths), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert warning.startswith("warning: the overlaid runs differ in size") and "size0 12 samples × 3 rounds" in warning
+    html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert "Warning:" in html and "differ in size" in html
+    svg = (tmp_path / "rep" / "curves.svg").read_text(encoding="utf-8")
+    assert "option argmax (identical to parsed answer)" in svg and "ECE [min, max]" in svg
+    # token and option entropy on panels of their own
+    assert "option entropy (nats)" in svg and "mean token entropy (nats)" in svg
+    code, _, err = workbench(capsys, monkeypatch, "report", str(paths[0]), "--out", str(tmp_path / "one"))
+    assert code == 0 and "warning" not in err
+
+
+def test_pngs_are_drawn_at_200_dpi(report):
+    import matplotlib.image
+
+    out = report[1].parent
+    height, width = matplotlib.image.imread(out / "curves.png").shape[:2]
+    # the curves figure is 10 inches wide before the tight bounding box trims its margins
+    assert width > 9 * 200 and height > 3 * 200

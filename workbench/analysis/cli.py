@@ -78,7 +78,8 @@ def print_analysis(result: dict[str, Any]) -> None:
                 cells.append(f"{_num(m['value'][t], digits)}\n{_num(m['low'][t], 2)}–{_num(m['high'][t], 2)}")
             table.add_row(str(t + 1), *cells)
         out.print(table)
-    out.print("each cell: the estimate, then its 95 % bootstrap interval; entropies in nats. " + "; ".join(
+    out.print("each cell: the estimate, then its 95 % bootstrap interval (percentile distances from the bootstrap median, "
+              "around the estimate); entropies in nats. " + "; ".join(
         f"{_short(n)}: {metrics[n]['what']}" for n in names), markup=False, highlight=False)
 
     conv = result["convergence"]
@@ -112,17 +113,25 @@ def print_analysis(result: dict[str, Any]) -> None:
                   for name, p in pve["probes"].items()]
         readout = result.get("readout_vs_exact", {})
         blocks += [(f"{readout['what']} ({hook}) vs exact log-odds (Spearman ρ)", layers) for hook, layers in readout.get("hooks", {}).items()]
+        levels = pve.get("exact_levels", {})
+        within_ok, changes_ok = levels.get("within_ok"), levels.get("changes_ok")
+
+        def shown(values: list[dict[str, Any]], ok: list[bool] | None) -> str:  # (ρ): left out of the minimum
+            return " ".join(_num(x["rho"], 2) if ok is None or ok[t] or x["rho"] is None or not math.isfinite(x["rho"])
+                            else f"({_num(x['rho'], 2)})" for t, x in enumerate(values))
+
         for title, layers in blocks:
             table = Table("layer", "min within", "within each round", "min Δ", "Δ each transition", "pooled", title=title, title_justify="left")
             for layer, v in layers.items():
-                within = " ".join(_num(x["rho"], 2) for x in v["within_round"])
-                changes = " ".join(_num(x["rho"], 2) for x in v["changes"])
+                within = shown(v["within_round"], within_ok)
+                changes = shown(v["changes"], changes_ok)
                 table.add_row(layer, _num(v["min_within_round"]), within, _num(v["min_changes"]), changes, _num(v["pooled"]["rho"]))
             out.print(table)
         out.print("within: across samples in each round (round 1: every sample has the prior, so ρ is undefined); "
                   "Δ: across samples, of the change from round t to t+1", markup=False, highlight=False)
         if pve.get("exact_levels", {}).get("note"):
-            out.print(f"note: {pve['exact_levels']['note']}; min columns: – when no round is left", markup=False, highlight=False)
+            out.print(f"note: {pve['exact_levels']['note']}; (ρ): left out; min columns: – when no round is left",
+                      markup=False, highlight=False)
         if "world_sign" in result:
             ws = result["world_sign"]
             out.print(f"the world's own sign: exact log-odds vs exact option entropy, ρ pooled {_num(ws['pooled']['rho'])}, "
