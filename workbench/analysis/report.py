@@ -106,6 +106,8 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
                     and np.allclose(np.array(result["metrics"][other]["value"], dtype=float), value, equal_nan=True)]
             if same:
                 label += f" (identical to {same[0]})"
+            if result["convergence"].get(metric, {}).get("status") == "flat":
+                label += " (flat)"
             label = f"{run_name}: {label}" if len(results) > 1 else label
             ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label,
                     mfc="white" if j % 2 else color)
@@ -133,7 +135,7 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
                   "two are identical; "
                   "thin vertical line (same colour and style as its curve): the round from which the metric stays within ε of its value "
                   "to the end (convergence; ε = max(0.05 × the metric's range over the rounds, 0.01 × its scale): 1 for rates and "
-                  "probabilities, else its largest |value|; no line for a flat metric, whose whole range is below ε).")
+                  "probabilities, else its largest |value|; no line for a flat metric, whose whole range is below ε: its legend says flat).")
 
 
 def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
