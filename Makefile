@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 #   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 DEMO   ?= artifacts/runs/demo.h5
+DEMO_WORLD ?= artifacts/runs/demo-world.h5
 
 .PHONY: setup demo test test-quick bench clean-runs system-tools
 
@@ -33,15 +34,22 @@ system-tools:
 
 PROBE  ?= artifacts/probes/organism-fair.h5
 
-# A self-correction run on the shipped organism, a concept probe fitted on every layer, its scores
-# tracked through the run, the per-round table (accuracy, uncertainty, concept score), then the
-# TUI on the run when stdout is a terminal (else the command that opens it).
+# A self-correction run on the shipped organism (moral follow-ups, `organism`), a concept probe
+# fitted on every layer, its scores tracked through the run, the per-round table (accuracy,
+# uncertainty, concept score); then the same items under `organism-world` (follow-ups drawn per
+# sample from the world), the only protocol where the exact posterior varies within a round, so
+# that the probe's within-round and per-change Spearman ρ can be measured (the README's figures);
+# a report overlaying both; then the TUI on the first run when stdout is a terminal (else the
+# command that opens it).
 demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
+	$(BIN)/workbench run --model organism --task organism --protocol organism-world --limit 64 --out $(DEMO_WORLD) --overwrite
 	$(BIN)/workbench probe fit --model organism --contrast organism --method ridge --out $(PROBE) --overwrite
 	$(BIN)/workbench probe track $(DEMO) $(PROBE) --name fair
+	$(BIN)/workbench probe track $(DEMO_WORLD) $(PROBE) --name fair
 	$(BIN)/workbench analyze $(DEMO)
-	$(BIN)/workbench report $(DEMO) --out artifacts/runs/reports/demo
+	$(BIN)/workbench analyze $(DEMO_WORLD)
+	$(BIN)/workbench report $(DEMO) $(DEMO_WORLD) --out artifacts/runs/reports/demo
 	$(BIN)/workbench info $(DEMO)
 	@if [ -t 1 ]; then $(BIN)/workbench tui $(DEMO); \
 	else echo "open the run in the terminal UI:  $(BIN)/workbench tui $(DEMO)   (? lists the keys)"; fi

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from workbench.analysis.summary import answer_correctness, convergence, round_table, summary
+from workbench.analysis.summary import answer_correctness, convergence, metric_scale, round_table, summary
 from workbench.analysis.analyze import (
     analyze,
     bootstrap_interval,
@@ -43,7 +43,8 @@ from workbench.engine.uncertainty import expected_calibration_error
         ([0.5, 0.5, 0.5, 0.5, 0.9, 0.9], 0.01, 2, "not converged", None),  # … but not with k = 2
         ([0.3, 0.9, 0.9], 0.01, 2, "converged", 1 + 1),  # 3 rounds: only round 1 has 2 steps after it → round 2 has 1
         ([0.3, 0.9], 0.01, 2, "too few rounds", None),
-        ([0.3, 0.3, 0.3, 0.3], 0.01, 2, "never changed", None),
+        ([0.3, 0.3, 0.3, 0.3], 0.01, 2, "flat", 1),
+        ([0.3, 0.305, 0.3, 0.302], 0.01, 2, "flat", 1),  # the whole range is below ε: converged from round 1
         ([0.0, 0.008, 0.016, 0.024, 0.032, 0.040], 0.01, 2, "not converged", None),  # steps < ε but drifts away
         ([0.1, float("nan"), 0.3, 0.3], 0.01, 2, "no values", None),
     ],
@@ -56,8 +57,34 @@ def test_convergence_on_constructed_sequences(values, eps, k, status, round_):
 
 
 def test_convergence_three_rounds_can_report_round_one_only():
-    assert convergence([0.9, 0.9, 0.905], eps=0.01, k=2).round == 1
-    assert convergence([0.9, 0.9, 0.905], eps=0.01, k=2).status == "converged"
+    assert convergence([0.9, 0.9, 0.93], eps=0.01, k=2).status == "not converged"
+    assert convergence([0.9, 0.92, 0.925], eps=0.01, k=1).round == 2
+    assert (convergence([0.9, 0.9, 0.905], eps=0.01, k=2).status, convergence([0.9, 0.9, 0.905], eps=0.01, k=2).round) == ("flat", 1)
+
+
+def test_a_metric_that_barely_moves_is_flat_not_unconverged():
+    """The issue's case: token entropy 7.58185 → 7.58165 over 5 rounds. ε = 0.05 × its own range
+    (1e-5) called it "not converged"; the floor (1 % of its scale, 0.076 nats) calls it flat."""
+    entropy = [7.58185, 7.58170, 7.58180, 7.58165, 7.58175]
+    c = convergence(entropy)
+    assert (c.status, c.round) == ("flat", 1) and c.relative
+    assert c.eps == pytest.approx(0.01 * 7.58185) and c.floor == c.eps
+    assert convergence(entropy, rel_eps=0.05, floor=0.0).status == "not converged"  # the old rule, for contrast
+    # a rate is scaled by 1, not by its own size: 0.020 → 0.024 moves less than 1 percentage point
+    assert convergence([0.020, 0.024, 0.021, 0.022], scale=metric_scale("accuracy_parsed", [0.020, 0.024])).status == "flat"
+    assert convergence([0.020, 0.024, 0.021, 0.022]).status != "flat"  # scaled by its own size (0.024) it moves
+    # a metric that moves a lot is judged by its range as before, the floor below it
+    moving = [1.0, 0.6, 0.42, 0.41, 0.41, 0.41]
+    c = convergence(moving)
+    assert (c.status, c.round, c.eps) == ("converged", 3, pytest.approx(0.05 * 0.59)) and c.floor == pytest.approx(0.01)
+    # all zeros: flat, with a zero floor
+    assert convergence([0.0, 0.0, 0.0, 0.0]).status == "flat"
+
+
+def test_metric_scale():
+    assert metric_scale("accuracy", [0.1]) == metric_scale("ece_range", [0.01]) == metric_scale("stereotype_cos_L2", [0.3]) == 1.0
+    assert metric_scale("mean_token_entropy", [7.5, float("nan"), -8.0]) == 8.0
+    assert metric_scale("concept:fair", [float("nan")]) == 0.0
 
 
 def test_convergence_epsilon_is_relative_to_the_range_unless_given():
@@ -279,7 +306,7 @@ def test_analyze_cli_json_and_errors(tmp_path, capsys):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["metrics"]["accuracy_parsed"]["value"] == pytest.approx([2 / 6, 2 / 6, 2 / 6])
-    assert data["convergence"]["accuracy_parsed"]["status"] == "never changed"
+    assert data["convergence"]["accuracy_parsed"]["status"] == "flat"
     with RunFile(path) as run:
         assert "analysis" not in run.f
     result = CliRunner().invoke(app, ["analyze", str(path), "--probe", "nope"])
@@ -314,3 +341,73 @@ def test_ridge_gcv_agrees_with_scikit_learn_ridgecv():
     alphas = np.logspace(-3, 3, 13)
     want = RidgeCV(alphas=alphas).fit(x, y).predict(x_new)
     np.testing.assert_allclose(ridge_gcv(x, y, x_new, alphas), want, rtol=1e-6, atol=1e-6)
+
+
+def test_info_and_analyze_print_flat_and_what_epsilon_is(tmp_path, capsys, monkeypatch):
+    """A token entropy that moves by 2e-4 nats over 5 rounds is "flat" in `info` and `analyze`, and
+    both say how ε was chosen."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cli_support import workbench
+
+    gold = np.array([0, 1, 2, 0, 1, 2])
+    parsed = np.tile(np.array([[0, 1, 1, 2, 2]]), (6, 1))
+    flat = (7.58185 - 5e-5 * np.arange(5))[None, :].repeat(6, 0).astype(np.float32)
+    path = _write_run(tmp_path / "r.h5", parsed, parsed, gold, rounds_fields={"mean_token_entropy": flat})
+    code, out, err = workbench(capsys, monkeypatch, "info", str(path))
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "tok H flat (ε 0.076)" in text and "ε = max(0.05 × the metric's range over the rounds, 0.01 × its scale" in text
+    code, out, err = workbench(capsys, monkeypatch, "analyze", str(path), "--no-write")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "tok H" in line and "flat" in line)
+    assert "0.0758 (floor)" in row
+    assert "ε = max(" in out
+    code, out, err = workbench(capsys, monkeypatch, "analyze", str(path), "--no-write", "--eps", "1e-6")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "tok H" in line and "1e-06" in line)
+    assert "not converged" in row and "ε = 1e-06 (--eps)" in out
+
+
+def test_exact_levels_flags_rounds_where_the_posterior_hardly_varies():
+    """Under the `organism` protocol every sample gets the same follow-ups: the exact log-odds take
+    two values per round, and a within-round ρ there ranks ties. Such rounds leave the minima."""
+    from workbench.analysis.analyze import MIN_LEVELS, exact_levels
+
+    rng = np.random.default_rng(0)
+    two = np.where(rng.random((40, 1)) < 0.5, 0.5, 1.9) + np.arange(4) * 5.0  # two groups, every round
+    two[:, 0] = -0.85  # round 1: the prior
+    levels = exact_levels(two)
+    assert levels["within_round"] == [1, 2, 2, 2] and not any(levels["within_ok"])
+    assert "round(s) 2, 3, 4" in levels["note"] and "organism-world" in levels["note"]
+    varied = np.c_[np.full(40, -0.85), rng.normal(size=(40, 3)).cumsum(1)]
+    levels = exact_levels(varied)
+    assert levels["within_ok"] == [False, True, True, True] and all(levels["changes_ok"]) and levels["note"] == ""
+    assert MIN_LEVELS == 5
+
+
+def test_bootstrap_interval_contains_the_estimate_without_widening():
+    """ECE on a small sample: its bootstrap distribution sits above the plug-in estimate, so the plain
+    percentile interval misses the estimate. The interval keeps the percentile interval's distances
+    from the bootstrap median, around the estimate, and so contains it by construction."""
+    from scipy import stats
+
+    from workbench.analysis.analyze import ece_batched
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.4, 1.0, 30)
+    correct = (rng.random(30) < conf).astype(float)
+    statistic = lambda c, y, axis=-1: ece_batched(c, y, "unit", axis=axis)  # noqa: E731
+    est, low, high = bootstrap_interval((conf, correct), statistic, seed=0, vectorized=True, bounds=(0.0, 1.0))
+    plain = stats.bootstrap((conf, correct), statistic, n_resamples=2000, method="percentile", paired=True, vectorized=True,
+                            rng=np.random.default_rng(0))
+    boot = plain.bootstrap_distribution
+    assert plain.confidence_interval.low > est  # the percentile interval misses the estimate here
+    median, q_low, q_high = np.median(boot), *np.quantile(boot, [0.025, 0.975])
+    assert low <= est <= high
+    assert (low, high) == (pytest.approx(max(0.0, est - (median - q_low))), pytest.approx(est + (q_high - median)))
+    assert low >= 0.0  # kept within the values the statistic can take
+    _, low, high = ece_interval(conf, correct, "unit", seed=0)
+    assert low <= est <= high

@@ -128,9 +128,11 @@ def test_a_running_run_can_be_read_and_a_second_writer_is_refused(reference, tmp
 
 
 def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_path):
-    """Batch 2 lands within COMMIT_INTERVAL_S of batch 1's durable commit, so its part is
-    provisional (not fsynced); a SIGKILL the moment write_batch returned keeps it, a reader sees
-    it, and --resume computes only batch 3."""
+    """A SIGKILL the moment write_batch returned for batch 2 keeps both finished batches: a reader
+    sees exactly the reference's rows 0-7, --resume computes only batch 3, and the result equals the
+    uninterrupted run. What the parts folder holds at the kill depends on timing (batch 1's durable
+    commit runs in a thread, batch 2 is usually provisional, a slow machine may have built both into
+    the run), so the test asserts the guarantee, never the files."""
     out = tmp_path / "run.h5"
     writer = subprocess.Popen([*inject.REPLAY, str(reference), str(out), "--pause-after", "2"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -138,18 +140,15 @@ def test_a_kill_right_after_write_batch_returns_loses_nothing(reference, tmp_pat
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-    names = {p.name for p in parts_dir(out).glob("batch-*")}
-    first = {"batch-00000000-00000004.part", f"batch-00000000-00000004.{durability.boot_id()}.part"}
-    assert names - first == {f"batch-00000004-00000008.{durability.boot_id()}.part"} and names & first, names
-    # (batch 1's durable commit runs in a thread: the kill may come before it replaced the provisional part)
-    with RunFile(out) as run:
-        assert run.done.tolist() == [True] * 8 + [False] * 4
-        np.testing.assert_array_equal(run.array("activations/hook_resid_post"), h5py.File(reference)["activations/hook_resid_post"][:8])
-        assert inject.differences({"t": run.array("transcripts/token_ids")}, {"t": h5py.File(reference)["transcripts/token_ids"][:8]}) == []
+    with h5py.File(reference, "r") as ref, RunFile(out) as run:
+        assert run.running and run.done.tolist() == [True] * 8 + [False] * 4
+        np.testing.assert_array_equal(run.array("activations/hook_resid_post"), ref["activations/hook_resid_post"][:8])
+        assert inject.differences({"t": run.array("transcripts/token_ids")}, {"t": ref["transcripts/token_ids"][:8]}) == []
     resumed = inject.run([*inject.REPLAY, str(reference), str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert [line for line in resumed.stdout.splitlines() if line.startswith("wrote")] == ["wrote 8 12"]
     assert inject.differences(inject.datasets(reference), inject.datasets(out)) == []
+    assert not parts_dir(out).exists()
 
 
 def test_the_built_record_is_trusted_only_when_whole(tmp_path, monkeypatch):

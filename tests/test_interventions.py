@@ -356,9 +356,9 @@ def test_sweep_and_its_dose_response_report(capsys, monkeypatch, tmp_path, probe
     from workbench.store.reader import RunFile
 
     folder = tmp_path / "sweep"
-    args = ["sweep", "--steer", f"{probe}@2", "--alphas", "-6,6", "--limit", "3", "--rounds", "2", "--batch-size", "3",
+    args = ["--steer", f"{probe}@2", "--alphas", "-6,6", "--limit", "3", "--rounds", "2", "--batch-size", "3",
             "--device", "cpu", "--out", str(folder)]
-    code, stdout, err = workbench(capsys, monkeypatch, *args)
+    code, stdout, err = workbench(capsys, monkeypatch, "sweep", *args)
     assert code == 0, err
     manifest = json.loads((folder / "sweep.json").read_text())
     assert [(r["alpha"], r["kind"]) for r in manifest["runs"]] == [(-6, "steer"), (-6, "control"), (0, "base"), (6, "steer"), (6, "control")]
@@ -376,10 +376,10 @@ def test_sweep_and_its_dose_response_report(capsys, monkeypatch, tmp_path, probe
     assert acc["steer"]["alpha"] == [-6, 0, 6] and acc["control"]["alpha"] == [-6, 0, 6]
     assert dr["targets"]["n_alphas"] == 3 and set(dr["targets"]["control_over_steer"]) <= {"-6", "+6"}
     assert (folder / "report" / "dose-implied-lambda.svg").exists() and (folder / "report" / "index.html").exists()
-    code, stdout, err = workbench(capsys, monkeypatch, *args, "--resume")  # every run complete: nothing recomputed
+    code, stdout, err = workbench(capsys, monkeypatch, "sweep", *args, "--resume")  # every run complete: nothing recomputed
     assert code == 0 and err.count("already complete") == 5
     for bad, needle in ((["--alphas", "a,b"], "--alphas"), (["--steer", f"{probe}@2=3"], "without =VALUE"), (["--control", "maybe"], "--control")):
-        code, _, err = workbench(capsys, monkeypatch, *args, *bad)
+        code, _, err = workbench(capsys, monkeypatch, "sweep", *args, *bad)
         assert code == 2 and error_line(err, needle)
     code, _, err = workbench(capsys, monkeypatch, "report", str(tmp_path))
     assert code == 2 and error_line(err, "not a sweep folder")

@@ -5,10 +5,18 @@ One module-scoped run per protocol (the same held-out items), reused by every te
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import h5py
 import numpy as np
 import pytest
 
-from workbench.engine.run import RunConfig, run_protocol
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cli_support import error_line, workbench  # noqa: E402
+from workbench.engine.run import RunConfig, run_protocol  # noqa: E402
 
 N_SAMPLES = 96
 ROUNDS = 6
@@ -151,3 +159,41 @@ def test_track_refuses_a_probe_of_another_model(organism_runs, tmp_path, loaded)
     path = save_fitted(tmp_path / "tiny.h5", tiny, contrast, "diffmean", "hook_resid_post", "last", 0.25, 0, ev, arrays)
     with pytest.raises(WorkbenchError, match="was fitted on"):
         track(organism_runs["organism"], load_probe(path))
+
+
+def test_world_seed_draws_other_items_and_follow_ups_and_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    """`--seed` seeds decoding only; `--world-seed` draws the organism's items and organism-world
+    follow-ups, is recorded in the run file's `data`, and a resume with another one is refused."""
+    base = ["run", "--protocol", "organism-world", "--limit", "4", "--rounds", "3", "--batch-size", "4", "--device", "cpu"]
+    runs = {}
+    for name, extra in (("default", []), ("seed", ["--seed", "5"]), ("world", ["--world-seed", "7"])):
+        out = tmp_path / f"{name}.h5"
+        code, _, err = workbench(capsys, monkeypatch, *base, *extra, "--out", str(out))
+        assert code == 0, err
+        with h5py.File(out, "r") as f:
+            runs[name] = {"context": f["samples/context"].asstr()[...].tolist(),
+                          "instruction": f["rounds/instruction"].asstr()[...].tolist(),
+                          "world_seed": json.loads(f.attrs["data"])["world_seed"], "seed": int(f.attrs["seed"])}
+    assert runs["default"]["world_seed"] == runs["seed"]["world_seed"] == 1234 and runs["world"]["world_seed"] == 7
+    assert runs["seed"]["seed"] == 5
+    # greedy decoding: --seed changes nothing here; --world-seed changes the items and the follow-ups
+    assert runs["seed"]["context"] == runs["default"]["context"] and runs["seed"]["instruction"] == runs["default"]["instruction"]
+    assert runs["world"]["context"] != runs["default"]["context"]
+    assert [r[1:] for r in runs["world"]["instruction"]] != [r[1:] for r in runs["default"]["instruction"]]
+    code, _, err = workbench(capsys, monkeypatch, *base, "--out", str(tmp_path / "world.h5"), "--resume")
+    assert code == 2
+    error_line(err, "--world-seed 7, not 1234")
+    code, _, err = workbench(capsys, monkeypatch, *base, "--world-seed", "7", "--out", str(tmp_path / "world.h5"), "--resume")
+    assert code == 0, err
+    code, _, err = workbench(capsys, monkeypatch, "run", "--task", "bbq", "--world-seed", "3", "--out", str(tmp_path / "b.h5"))
+    assert code == 2
+    error_line(err, "--world-seed", "--task organism")
+    code, _, err = workbench(capsys, monkeypatch, *base, "--world-seed", "-1", "--out", str(tmp_path / "neg.h5"))
+    assert code == 2
+    error_line(err, "--world-seed must be in")
+
+
+def test_run_help_says_which_seed_does_what(capsys, monkeypatch):
+    code, out, _ = workbench(capsys, monkeypatch, "run", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "--world-seed" in text and "does not change the organism's items" in text

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_support import error_line, workbench
 from test_analysis import _write_run
 
 
@@ -51,25 +52,22 @@ def test_report_writes_every_figure_and_an_index_that_links_them(report):
     assert "run0" in html and "run1" in html and "convergence" in html and "Spearman" in html
 
 
-def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path):
+def test_report_cli_escapes_what_the_run_file_says_and_refuses_a_file_as_out(report, tmp_path, capsys, monkeypatch):
     import h5py
-    from typer.testing import CliRunner
 
-    from workbench.cli import _mount_subcommands, app
-    from workbench.errors import WorkbenchError
-
-    _mount_subcommands()
     path = tmp_path / "run.h5"
     path.write_bytes(report[0][0].read_bytes())
     with h5py.File(path, "r+") as f:
         f.attrs["model_name"] = "<script>alert(1)</script>"
-    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "rep")])
-    assert result.exit_code == 0, result.output
+    code, out, err = workbench(capsys, monkeypatch, "report", str(path), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    assert "wrote" in out and "index.html" in out
     html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
     assert "<script>" not in html and "&lt;script&gt;" in html
     (tmp_path / "file").write_text("x")
-    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "file")])
-    assert isinstance(result.exception, WorkbenchError)
+    code, _, err = workbench(capsys, monkeypatch, "report", str(path), "--out", str(tmp_path / "file"))
+    assert code == 2
+    error_line(err, "file")
 
 
 def test_analysis_and_report_do_not_import_torch():
@@ -91,3 +89,42 @@ def test_index_renders_in_headless_chromium(report, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3].reshape(-1, 3)
     assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 50
     assert Path(shot).stat().st_size > 20_000
+
+
+def test_heatmap_colours_follow_the_data():
+    from workbench.analysis.report import heatmap_colors
+
+    assert heatmap_colors(np.array([[0.2, 0.9], [0.4, 0.5]])) == {"cmap": "viridis", "vmin": 0.2, "vmax": 0.9}
+    assert heatmap_colors(np.array([-0.5, 1.5])) == {"cmap": "RdBu_r", "vmin": -1.5, "vmax": 1.5}
+    assert heatmap_colors(np.array([-3.0, -1.0]))["cmap"] == "viridis"
+    assert heatmap_colors(np.array([np.nan]))["cmap"] == "viridis"
+
+
+def test_overlaying_runs_of_different_sizes_warns(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (n, rounds) in enumerate(((12, 3), (20, 3))):
+        gold = rng.integers(0, 3, n)
+        answers = rng.integers(0, 3, (n, rounds))
+        paths.append(_write_run(tmp_path / f"size{i}.h5", answers, answers, gold))  # parsed = argmax: identical curves
+    code, out, err = workbench(capsys, monkeypatch, "report", *map(str, paths), "--out", str(tmp_path / "rep"))
+    assert code == 0, err
+    warning = " ".join(err.split())
+    assert warning.startswith("warning: the overlaid runs differ in size") and "size0 12 samples × 3 rounds" in warning
+    html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert "Warning:" in html and "differ in size" in html
+    svg = (tmp_path / "rep" / "curves.svg").read_text(encoding="utf-8")
+    assert "option argmax (identical to parsed answer)" in svg and "ECE [min, max]" in svg
+    # token and option entropy on panels of their own
+    assert "option entropy (nats)" in svg and "mean token entropy (nats)" in svg
+    code, _, err = workbench(capsys, monkeypatch, "report", str(paths[0]), "--out", str(tmp_path / "one"))
+    assert code == 0 and "warning" not in err
+
+
+def test_pngs_are_drawn_at_200_dpi(report):
+    import matplotlib.image
+
+    out = report[1].parent
+    height, width = matplotlib.image.imread(out / "curves.png").shape[:2]
+    # the curves figure is 10 inches wide before the tight bounding box trims its margins
+    assert width > 9 * 200 and height > 3 * 200

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cli_support import error_line, workbench  # noqa: E402
 from workbench.errors import WorkbenchError
 from workbench.analysis.theory import TheoryParams, enumerate_posterior, organism_exact, organism_params, posterior, study_expression
 
@@ -47,17 +53,14 @@ def test_organism_parameters_reproduce_the_worlds_exact_posterior():
     assert params.c_p == params.c_x == 0.3 and params.c_i > 0.9
 
 
-def test_theory_cli(tmp_path):
-    from typer.testing import CliRunner
-
-    from workbench.cli import _mount_subcommands, app
-
-    _mount_subcommands()
+def test_theory_cli(tmp_path, capsys, monkeypatch):
     plot = tmp_path / "theory.svg"
-    result = CliRunner().invoke(app, ["theory", "--c-x", "0.5", "--c-i", "0.7", "--c-y", "0.6", "--c-p", "0.5", "--rounds", "4", "--plot", str(plot)])
-    assert result.exit_code == 0, result.output
-    assert "0.7778" in result.output and "0.2100" in result.output and plot.read_text().lstrip().startswith("<?xml")
-    result = CliRunner().invoke(app, ["theory", "--organism", "--rounds", "3"])
-    assert result.exit_code == 0 and "0.9848" in result.output
-    result = CliRunner().invoke(app, ["theory", "--c-x", "0.5"])
-    assert isinstance(result.exception, WorkbenchError) and "--c-i" in str(result.exception)
+    code, out, err = workbench(capsys, monkeypatch, "theory", "--c-x", "0.5", "--c-i", "0.7", "--c-y", "0.6", "--c-p", "0.5",
+                               "--rounds", "4", "--plot", str(plot))
+    assert code == 0, err
+    assert "0.7778" in out and "0.2100" in out and plot.read_text().lstrip().startswith("<?xml")
+    code, out, err = workbench(capsys, monkeypatch, "theory", "--organism", "--rounds", "3")
+    assert code == 0 and "0.9848" in out
+    code, _, err = workbench(capsys, monkeypatch, "theory", "--c-x", "0.5")
+    assert code == 2
+    error_line(err, "--c-i")

@@ -163,7 +163,8 @@ def run(
     max_memory: Optional[str] = typer.Option(None, metavar="DEV=SIZE,...", help="With --device-map: the memory budget per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB."),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own Python code from the hub."),
-    seed: int = typer.Option(0, help="Seed for sampled decoding."),
+    seed: int = typer.Option(0, help="Seed for sampled decoding (--sample, --samples-per-round). It does not change the organism's items: --world-seed does."),
+    world_seed: Optional[int] = typer.Option(None, help="--task organism: seed of the world draw — the held-out items and, under organism-world, each sample's follow-ups (default 1234, the stream the docs' figures use). Recorded in the run file; --resume refuses another."),
     sample: Optional[bool] = typer.Option(None, "--sample/--greedy", show_default=False, help="Sample or decode greedily (default: the protocol's)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer per round (default: the protocol's)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in the same --out file."),
@@ -208,7 +209,7 @@ def run(
         rounds=rounds, inject=parse_inject(inject), batch_size=batch_size,
         hooks=tuple(h.strip() for h in hooks.split(",")),
         layers=parse_int_list(layers, "--layers"), activation_dtype=activation_dtype, device=device,
-        dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, do_sample=sample,
+        dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed, world_seed=world_seed, do_sample=sample,
         max_new_tokens=max_new_tokens, resume=resume, overwrite=overwrite, fsync=fsync, option_scoring=option_scoring,
         force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
@@ -480,9 +481,10 @@ def _print_summary(run_file: Any) -> None:
         out.print(fields)
     conv = {COLUMN_LABELS.get(k, k.removeprefix("mean_")): c for k, c in s["convergence_detail"].items()}
     if conv:
-        out.print(visible("convergence (|Δ| < ε every step to the end, ε = 0.05 × the metric's range): " + ", ".join(
-            f"{k} {c['round'] if c['round'] is not None else c['status']}" for k, c in conv.items()), newlines=False),
-            markup=False, highlight=False)
+        out.print(visible("convergence round (|Δ| < ε every step to the end; flat: the whole range < ε): " + ", ".join(
+            f"{k} {c['round'] if c['status'] == 'converged' else c['status']} (ε {c['eps']:.2g})" for k, c in conv.items()),
+            newlines=False), markup=False, highlight=False)
+        out.print(Text(s["convergence_settings"]["rule"], style="dim"), highlight=False)
 
 
 def _interventions_record(run_file: Any) -> list[dict[str, Any]]:

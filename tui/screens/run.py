@@ -118,11 +118,13 @@ class RunScreen(Screen):
         if rows:
             table.move_cursor(row=min(self.browse.round, len(rows) - 1), animate=False)
         convergence = {label: self.summary["convergence"].get(k) for k, label in columns if k != "round"}
-        reached = ", ".join(f"{label} r{t}" for label, t in convergence.items() if t is not None) or "none"
+        flat = {label for k, label in columns if self.summary.get("convergence_detail", {}).get(k, {}).get("status") == "flat"}
+        reached = ", ".join(f"{label} {'flat' if label in flat else f'r{t}'}" for label, t in convergence.items() if t is not None) or "none"
         settings = self.summary.get("convergence_settings", {})
-        eps = f"{settings['eps']:g}" if settings.get("eps") is not None else f"{settings.get('rel_eps', 0.05):g} × range"
+        eps = (f"{settings['eps']:g}" if settings.get("eps") is not None
+               else f"max({settings.get('rel_eps', 0.05):.0%} range, {settings.get('floor', 0.01):.0%} scale)")
         self.query_one("#notes", Static).update(
-            f"{self.summary['n_done']} samples · ▲ converged (|Δ| < {eps} to the end, ≥ {settings.get('k', 2)} steps): {reached}")
+            f"{self.summary['n_done']} samples · ▲ converged (|Δ| < ε = {eps} to the end, ≥ {settings.get('k', 2)} steps): {reached}")
 
     def show_curves(self) -> None:
         if self.summary is None:

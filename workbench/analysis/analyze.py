@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from workbench.analysis.summary import REL_EPS, answer_correctness, convergence
+from workbench.analysis.summary import FLOOR, REL_EPS, answer_correctness, convergence, epsilon_rule, metric_scale
 from workbench.errors import WorkbenchError
 from workbench.json_values import finite
 from workbench.store.groups import replace_group
@@ -42,11 +42,17 @@ STUDY_SIMULATION = {"accuracy": 0.8318, "variance": 0.00024, "data": "RealToxici
 def bootstrap_interval(
     data: tuple[np.ndarray, ...], statistic: Callable[..., float], seed: int,
     n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, vectorized: bool = False,
+    bounds: tuple[float, float] = (-np.inf, np.inf),
 ) -> tuple[float, float, float]:
-    """``(estimate, low, high)``: ``statistic(*data)`` and its percentile bootstrap interval
-    (``scipy.stats.bootstrap``, paired resampling of the samples, seeded). Non-finite entries of
-    any array drop that sample. Fewer than two samples: NaN bounds; identical resamples: the
-    estimate itself as both bounds."""
+    """``(estimate, low, high)``: ``statistic(*data)`` (the plug-in estimate θ̂) and its 95 % bootstrap
+    interval (``scipy.stats.bootstrap``'s resamples: paired resampling of the samples, seeded),
+    centred on the estimate: ``θ̂ − (m − q_low)`` to ``θ̂ + (q_high − m)``, with m the median and
+    q_low, q_high the 2.5 % and 97.5 % quantiles of the bootstrap distribution θ*, kept within
+    ``bounds`` (the values the statistic can take: [0, 1] for ECE). It keeps the bootstrap distribution's
+    width and skew, and contains the estimate by construction — a plain percentile interval can miss
+    it (ECE's bootstrap distribution sits above the estimate) and would need widening. For a mean,
+    m ≈ θ̂ and it is the percentile interval. Non-finite entries of any array drop that sample.
+    Fewer than two samples: NaN bounds; identical resamples: the estimate itself as both bounds."""
     arrays = [np.asarray(a, dtype=np.float64) for a in data]
     keep = np.logical_and.reduce([np.isfinite(a) for a in arrays])
     arrays = [a[keep] for a in arrays]
@@ -61,8 +67,14 @@ def bootstrap_interval(
         warnings.simplefilter("ignore")  # degenerate resamples are expected on small binary data
         res = stats.bootstrap(tuple(arrays), statistic, n_resamples=n_resamples, confidence_level=confidence,
                               method="percentile", paired=True, vectorized=vectorized, rng=np.random.default_rng(seed))
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return estimate, min(low, estimate), max(high, estimate)
+    boot = np.asarray(res.bootstrap_distribution, dtype=np.float64).ravel()
+    boot = boot[np.isfinite(boot)]
+    if boot.size == 0:
+        return estimate, float("nan"), float("nan")
+    q_low, median, q_high = np.quantile(boot, [(1 - confidence) / 2, 0.5, (1 + confidence) / 2])
+    low = max(estimate - (median - q_low), bounds[0])
+    high = min(estimate + (q_high - median), bounds[1])
+    return estimate, float(low), float(high)
 
 
 def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -70,8 +82,12 @@ def _mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def mean_interval(x: np.ndarray, seed: int, n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
-    """Mean of ``x`` ``[n]`` with its 95 % percentile bootstrap interval (NaNs dropped)."""
-    return bootstrap_interval((x,), _mean, seed, n_resamples, vectorized=True)
+    """Mean of ``x`` ``[n]`` with its 95 % bootstrap interval (:func:`bootstrap_interval`, within
+    [min x, max x]; NaNs dropped)."""
+    finite = np.asarray(x, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    bounds = (float(finite.min()), float(finite.max())) if finite.size else (-np.inf, np.inf)
+    return bootstrap_interval((x,), _mean, seed, n_resamples, vectorized=True, bounds=bounds)
 
 
 def ece_batched(confidence: np.ndarray, correct: np.ndarray, span: str = "unit", n_bins: int = 10, axis: int = -1) -> np.ndarray:
@@ -91,7 +107,8 @@ def ece_batched(confidence: np.ndarray, correct: np.ndarray, span: str = "unit",
 def ece_interval(confidence: np.ndarray, correct: np.ndarray, span: str, seed: int, n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
     """ECE (10 equal-width bins over [0, 1] or over [min, max], ``span`` = ``unit``/``range``) with its
     95 % bootstrap interval over samples."""
-    return bootstrap_interval((confidence, correct), lambda c, y, axis=-1: ece_batched(c, y, span, axis=axis), seed, n_resamples, vectorized=True)
+    return bootstrap_interval((confidence, correct), lambda c, y, axis=-1: ece_batched(c, y, span, axis=axis), seed, n_resamples,
+                              vectorized=True, bounds=(0.0, 1.0))
 
 
 def pearson(x: np.ndarray, y: np.ndarray, confidence: float = CONFIDENCE) -> dict[str, float]:
@@ -275,7 +292,8 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
     for name, c in concepts.items():
         layer = c["layers"][c["best"]]
         label = "projection on the probe direction" if c["kind"] == "probe" else "cosine with the stereotyped statement"
-        metrics[f"concept:{name}"] = _per_round(c["scores"][:, :, c["best"]], seed, f"mean {label}, layer {layer}")
+        metrics[f"concept:{name}"] = {**_per_round(c["scores"][:, :, c["best"]], seed, f"mean {label}, layer {layer}"),
+                                      "kind": "projection" if c["kind"] == "probe" else "cosine"}
     if multiple_choice:
         metrics["first_choice_probability"] = _per_round(
             first_choice_probability(run), seed,
@@ -287,10 +305,13 @@ def analyze(run: RunFile, probe: str | None = None, eps: float | None = None, k:
     result["run"] = {"path": str(run.path), "model": meta.get("model_name"), "task": meta.get("task"),
                      "protocol": (meta.get("protocol") or {}).get("name") if isinstance(meta.get("protocol"), dict) else meta.get("protocol"),
                      "n_done": done, "n_samples": int(meta.get("n_samples", 0)), "n_rounds": rounds}
-    result["settings"] = {"eps": eps, "rel_eps": REL_EPS if eps is None else None, "k": k, "seed": seed,
-                          "bootstrap": f"percentile, {N_RESAMPLES} paired resamples of the samples, {CONFIDENCE:.0%}"}
+    result["settings"] = {"eps": eps, "rel_eps": REL_EPS if eps is None else None, "floor": FLOOR if eps is None else None,
+                          "eps_rule": epsilon_rule(eps), "k": k, "seed": seed,
+                          "bootstrap": f"{CONFIDENCE:.0%}, {N_RESAMPLES} paired resamples of the samples; the percentile interval's "
+                                       "distances from the bootstrap median, laid around the estimate (contains it; no widening)"}
     result["metrics"] = metrics
-    result["convergence"] = {name: asdict(convergence(m["value"], eps, k)) for name, m in metrics.items()}
+    result["convergence"] = {name: asdict(convergence(m["value"], eps, k, scale=metric_scale(name, m["value"])))
+                             for name, m in metrics.items()}
     if multiple_choice:
         result["flips"] = {"states": FLIP_STATES, "transitions": flip_matrices(named["parsed_correct"], named["unparsed"], named["option_correct"])}
     uncertainty = {"option_entropy": opt} if multiple_choice else {}
@@ -407,20 +428,45 @@ def open_ended_metrics(run: RunFile, seed: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+MIN_LEVELS = 5  # a within-round (or per-change) ρ needs the exact log-odds to take at least this many values there
+
+
+def exact_levels(exact: np.ndarray) -> dict[str, Any]:
+    """How much the exact log-odds ``[n, R]`` vary where within-round and per-change ρ are measured:
+    the number of distinct values (to 1e-6) in each round (``within_round`` ``[R]``) and of each
+    round-to-round change (``changes`` ``[R − 1]``); ``within_ok``/``changes_ok`` mark those with at
+    least :data:`MIN_LEVELS`, and ``note`` says why the others are left out of the minima (empty
+    when none is). Under the built-in organism protocols every sample gets the same follow-ups, so
+    the posterior takes one or two values per round and a ρ there ranks ties, not a posterior."""
+    within = [int(np.unique(np.round(exact[:, t], 6)).size) for t in range(exact.shape[1])]
+    changes = [int(np.unique(np.round(d, 6)).size) for d in np.diff(exact, axis=1).T]
+    within_ok, changes_ok = [v >= MIN_LEVELS for v in within], [v >= MIN_LEVELS for v in changes]
+    note = ""
+    if not all(within_ok[1:]) or not all(changes_ok):
+        bad = [t + 1 for t, ok in enumerate(within_ok) if not ok and t > 0]
+        note = (f"the exact posterior takes fewer than {MIN_LEVELS} values within round(s) {', '.join(map(str, bad)) or '–'} "
+                f"(at most {max([within[t - 1] for t in bad] or [0])}: every sample got the same follow-ups), so the "
+                "within-round and change ρ there rank ties, not a posterior, and are left out of the minima; "
+                "measure a probe under the organism-world protocol (follow-ups drawn per sample)")
+    return {"within_round": within, "changes": changes, "within_ok": within_ok, "changes_ok": changes_ok, "note": note}
+
+
 def _probe_vs_exact(run: RunFile, concepts: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per probe and layer: Spearman of the concept score with the exact log-odds within each round,
-    on round-to-round changes, and pooled; and, for reference, of the round number alone with the
-    exact log-odds pooled (what a pooled figure can owe to the round number)."""
+    on round-to-round changes, and pooled (the minima over the rounds and changes where the exact
+    log-odds vary enough, :func:`exact_levels`); and, for reference, of the round number alone with
+    the exact log-odds pooled (what a pooled figure can owe to the round number)."""
     exact = run.array("rounds/exact_log_odds").astype(np.float64)
     round_number = np.broadcast_to(np.arange(1, exact.shape[1] + 1, dtype=np.float64), exact.shape)
-    out: dict[str, Any] = {"round_number_pooled": spearman(round_number, exact), "probes": {}}
+    levels = exact_levels(exact)
+    out: dict[str, Any] = {"round_number_pooled": spearman(round_number, exact), "exact_levels": levels, "probes": {}}
     for name, c in concepts.items():
         if c["kind"] != "probe":
             continue
         layers = {}
         for column, layer in enumerate(c["layers"]):
             views = correlation_views(c["scores"][:, :, column], exact)
-            layers[str(layer)] = {**views, **_minima(views)}
+            layers[str(layer)] = {**views, **_minima(views, levels)}
         out["probes"][name] = {"best_layer": c["layers"][c["best"]], "method": c["method"], "hook": c["hook"],
                                "position": c["position"], "layers": layers}
     return out
@@ -446,6 +492,7 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
     if n < folds:
         out["skipped"] = f"fewer than {folds} samples"
         return out
+    levels = exact_levels(exact)
     fold_of_sample = np.random.default_rng(seed).permutation(n) % folds
     fold = np.repeat(fold_of_sample, rounds)
     for hook in run.names("activations"):
@@ -463,7 +510,7 @@ def readout_vs_exact(run: RunFile, seed: int = 0, folds: int = 5) -> dict[str, A
             for f in range(folds):
                 pred[fold == f] = ridge_gcv(x[fold != f], y[fold != f], x[fold == f])
             views = correlation_views(pred.reshape(n, rounds), exact)
-            per_layer[str(layer)] = {**views, **_minima(views)}
+            per_layer[str(layer)] = {**views, **_minima(views, levels)}
         out["hooks"][hook] = per_layer
     return out
 
@@ -490,11 +537,15 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, alphas: np.ndarra
     return (x_new - mean_x) @ coef + mean_y
 
 
-def _minima(views: dict[str, Any]) -> dict[str, float]:
+def _minima(views: dict[str, Any], levels: dict[str, Any] | None = None) -> dict[str, float]:
     """The smallest finite within-round and per-transition ρ (rounds where ρ is undefined — e.g. round 1,
-    where every sample has the prior — are left out)."""
+    where every sample has the prior — are left out, and with ``levels`` (:func:`exact_levels`) the
+    rounds and changes where the exact log-odds take too few values); NaN when none is left."""
     within = np.array([v["rho"] for v in views["within_round"]], dtype=float)
     changes = np.array([v["rho"] for v in views["changes"]], dtype=float)
+    if levels is not None:
+        within = np.where(levels["within_ok"], within, np.nan)
+        changes = np.where(levels["changes_ok"], changes, np.nan)
     return {"min_within_round": float(np.nanmin(within)) if np.isfinite(within).any() else float("nan"),
             "min_changes": float(np.nanmin(changes)) if np.isfinite(changes).any() else float("nan")}
 

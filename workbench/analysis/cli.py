@@ -34,7 +34,7 @@ def _short(name: str) -> str:
 def analyze(
     run_path: Path = typer.Argument(..., help="A run file written by `workbench run`."),
     probe: Optional[str] = typer.Option(None, help="Analyse only this tracked probe (default: every probe in the run)."),
-    eps: Optional[float] = typer.Option(None, help="Absolute convergence threshold ε (default: 0.05 × each metric's range over the rounds)."),
+    eps: Optional[float] = typer.Option(None, help="Absolute convergence threshold ε (default per metric: the larger of 0.05 × its range over the rounds and 0.01 × its scale — 1 for rates and probabilities, else its largest |value|; a metric whose range is below ε is 'flat')."),
     k: int = typer.Option(2, help="Convergence needs |Δ| < ε for at least this many steps after t*, and to the end."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1, help="Seed of the bootstrap and of the simulation task's folds."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole analysis as JSON on stdout."),
@@ -94,15 +94,19 @@ def print_analysis(result: dict[str, Any]) -> None:
                 cells.append(f"{_num(m['value'][t], digits)}\n{_num(m['low'][t], 2)}–{_num(m['high'][t], 2)}")
             table.add_row(str(t + 1), *cells)
         out.print(table)
-    out.print("each cell: the estimate, then its 95 % bootstrap interval; entropies in nats. " + "; ".join(
+    out.print("each cell: the estimate, then its 95 % bootstrap interval (percentile distances from the bootstrap median, "
+              "around the estimate); entropies in nats. " + "; ".join(
         f"{_short(n)}: {metrics[n]['what']}" for n in names), markup=False, highlight=False)
 
     conv = result["convergence"]
-    table = Table("metric", "converged at", "ε", title="convergence: |Δ| < ε every step from t* to the end (≥ k steps)", title_justify="left")
+    table = Table("metric", "converged at", "ε", title="convergence: |Δ| < ε every step from t* to the end (≥ k steps); flat: range < ε",
+                  title_justify="left")
     for name, c in conv.items():
-        table.add_row(_short(name), c["status"] if c["round"] is None else f"round {c['round']}",
-                      f"{c['eps']:.3g}{' (rel)' if c['relative'] else ''}")
+        how = "" if not c["relative"] else " (floor)" if c["eps"] == c.get("floor") else " (range)"
+        table.add_row(_short(name), f"round {c['round']}" if c["status"] == "converged" else c["status"], f"{c['eps']:.3g}{how}")
     out.print(table)
+    out.print(result["settings"].get("eps_rule", "") + "; (range): 0.05 × the range set ε, (floor): the scale did",
+              markup=False, highlight=False)
 
     if "flips" in result:
         table = Table("t→t+1", "parsed R→W", "parsed W→R", "→unparsed", "option R→W", "option W→R", title="flips between rounds", title_justify="left")
@@ -125,15 +129,25 @@ def print_analysis(result: dict[str, Any]) -> None:
                   for name, p in pve["probes"].items()]
         readout = result.get("readout_vs_exact", {})
         blocks += [(f"{readout['what']} ({hook}) vs exact log-odds (Spearman ρ)", layers) for hook, layers in readout.get("hooks", {}).items()]
+        levels = pve.get("exact_levels", {})
+        within_ok, changes_ok = levels.get("within_ok"), levels.get("changes_ok")
+
+        def shown(values: list[dict[str, Any]], ok: list[bool] | None) -> str:  # (ρ): left out of the minimum
+            return " ".join(_num(x["rho"], 2) if ok is None or ok[t] or x["rho"] is None or not math.isfinite(x["rho"])
+                            else f"({_num(x['rho'], 2)})" for t, x in enumerate(values))
+
         for title, layers in blocks:
             table = Table("layer", "min within", "within each round", "min Δ", "Δ each transition", "pooled", title=title, title_justify="left")
             for layer, v in layers.items():
-                within = " ".join(_num(x["rho"], 2) for x in v["within_round"])
-                changes = " ".join(_num(x["rho"], 2) for x in v["changes"])
+                within = shown(v["within_round"], within_ok)
+                changes = shown(v["changes"], changes_ok)
                 table.add_row(layer, _num(v["min_within_round"]), within, _num(v["min_changes"]), changes, _num(v["pooled"]["rho"]))
             out.print(table)
         out.print("within: across samples in each round (round 1: every sample has the prior, so ρ is undefined); "
                   "Δ: across samples, of the change from round t to t+1", markup=False, highlight=False)
+        if pve.get("exact_levels", {}).get("note"):
+            out.print(f"note: {pve['exact_levels']['note']}; (ρ): left out; min columns: – when no round is left",
+                      markup=False, highlight=False)
         if "world_sign" in result:
             ws = result["world_sign"]
             out.print(f"the world's own sign: exact log-odds vs exact option entropy, ρ pooled {_num(ws['pooled']['rho'])}, "

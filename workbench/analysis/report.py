@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ class Figure:
     caption: str
 
 
+DPI = 200  # PNG resolution: sharp in a paper or on a high-density screen
+
+
 def figure_text(text: str) -> str:
     """A name from the run file made safe for a figure: control characters written as escapes
     (:func:`workbench.printable.visible`); ``$`` stays text, as mathtext is off (:func:`pyplot`)."""
@@ -46,7 +50,7 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 130, "font.size": 9, "axes.spines.top": False,
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": DPI, "font.size": 9, "axes.spines.top": False,
                          "axes.spines.right": False, "svg.fonttype": "none", "svg.hashsalt": "workbench"})
     plt.rcParams["text.parse_math"] = False  # names from a run file are text: "$…$" in one never fails a figure
     return plt
@@ -59,12 +63,17 @@ def save_figure(fig: Any, out: Path, stem: str) -> None:
     pyplot().close(fig)
 
 
+# one panel per quantity and scale: token entropy (≈ log vocabulary) and option entropy (≤ log 3) on one
+# axis would flatten the second
 PANELS = (
     ("performance", ("accuracy_parsed", "accuracy_option", "score", "first_choice_probability"), "accuracy / score / p̂"),
-    ("uncertainty", ("mean_option_entropy", "mean_token_entropy", "semantic_entropy_discrete", "semantic_entropy_weighted"), "entropy (nats)"),
+    ("option uncertainty", ("mean_option_entropy",), "option entropy (nats)"),
+    ("token uncertainty", ("mean_token_entropy",), "mean token entropy (nats)"),
+    ("semantic uncertainty", ("semantic_entropy_discrete", "semantic_entropy_weighted"), "semantic entropy (nats)"),
     ("calibration", ("ece", "ece_range", "rce:mean_token_entropy", "rce:semantic_entropy_discrete", "rce:semantic_entropy_weighted"),
      "calibration error (ECE; RCE)"),
 )
+OFFSET = 0.06  # rounds: the curves of one panel are drawn this far apart on x, so one never hides another
 LABELS = {"accuracy_parsed": "parsed answer", "accuracy_option": "option argmax", "mean_option_entropy": "option entropy",
           "mean_token_entropy": "token entropy", "ece": "ECE [0, 1]", "ece_range": "ECE [min, max]",
           "score": "scorer's score", "semantic_entropy_discrete": "semantic entropy (discrete)",
@@ -77,8 +86,16 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
     """Per-round curves, one panel per kind of metric (and one for concept scores), every run overlaid;
     shaded: 95 % bootstrap interval; a dotted vertical line marks each curve's convergence round."""
     plt = pyplot()
-    concept_names = sorted({m for r in results for m in r["metrics"] if m.startswith("concept:")})
-    panels = [*PANELS, *((("concept", tuple(concept_names), "concept score (projection)"),) if concept_names else ())]
+    concept_panels = []
+    for kind, title, ylabel in (("projection", "concept", "concept score (projection on the probe direction)"),
+                                ("cosine", "stereotype statement", "cosine with the stereotyped statement")):
+        chosen = sorted({m for r in results for m, v in r["metrics"].items()
+                         if m.startswith("concept:") and v.get("kind", "projection") == kind})
+        if chosen:
+            concept_panels.append((title, tuple(chosen), ylabel))
+    present = {m for r in results for m in r["metrics"]}
+    panels = [p for p in PANELS if p[0] in ("performance", "calibration", "token uncertainty") or set(p[1]) & present]
+    panels += concept_panels
     cols = 2
     rows = (len(panels) + 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(10, 3.6 * rows), squeeze=False)
@@ -89,36 +106,50 @@ def curves_figure(results: list[dict[str, Any]], names: list[str], out: Path) ->
     markers = ("o", "s", "^", "D")
     for ax, (title, metrics, ylabel) in zip(axes.ravel(), panels):
         drawn = False
-        for i, (result, run_name) in enumerate(zip(results, names)):
-            for j, metric in enumerate(metrics):
-                m = result["metrics"].get(metric)
-                if m is None:
-                    continue
-                x = np.arange(1, len(m["value"]) + 1)
-                value, low, high = (np.array(m[key], dtype=float) for key in ("value", "low", "high"))
-                # one colour per run (per metric when there is one run), one line style per metric
-                color = colors[i % len(colors)] if len(results) > 1 else colors[j % len(colors)]
-                label = figure_text(LABELS.get(metric, metric.removeprefix("concept:")))
-                label = f"{run_name}: {label}" if len(results) > 1 else label
-                ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label)
-                ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
-                conv = result["convergence"].get(metric, {})
-                if conv.get("round"):
-                    ax.axvline(conv["round"], color=color, ls=styles[j % len(styles)], lw=0.8, alpha=0.6)
-                drawn = True
+        curves = [(i, j, metric) for i in range(len(results)) for j, metric in enumerate(metrics) if metric in results[i]["metrics"]]
+        for n_drawn, (i, j, metric) in enumerate(curves):
+            result, run_name = results[i], names[i]
+            m = result["metrics"][metric]
+            value, low, high = (np.array(m[key], dtype=float) for key in ("value", "low", "high"))
+            # side by side on x (the same round), so that identical curves stay visible
+            x = np.arange(1, len(value) + 1) + (n_drawn - (len(curves) - 1) / 2) * OFFSET
+            # one colour per run (per metric when there is one run), one line style and marker per metric
+            color = colors[i % len(colors)] if len(results) > 1 else colors[j % len(colors)]
+            label = figure_text(LABELS.get(metric, metric.removeprefix("concept:")))
+            same = [LABELS.get(other, other) for other in metrics[:j] if other in result["metrics"]
+                    and np.allclose(np.array(result["metrics"][other]["value"], dtype=float), value, equal_nan=True)]
+            if same:
+                label += f" (identical to {same[0]})"
+            if result["convergence"].get(metric, {}).get("status") == "flat":
+                label += " (flat)"
+            label = f"{run_name}: {label}" if len(results) > 1 else label
+            ax.plot(x, value, styles[j % len(styles)], color=color, marker=markers[j % len(markers)], ms=3.5, label=label,
+                    mfc="white" if j % 2 else color)
+            ax.fill_between(x, low, high, color=color, alpha=0.12, lw=0)
+            conv = result["convergence"].get(metric, {})
+            if conv.get("status") == "converged":
+                ax.axvline(conv["round"], color=color, ls=styles[j % len(styles)], lw=0.8, alpha=0.6)
+            drawn = True
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
-        if drawn:
+        if drawn and len(curves) > 2:  # below the panel, where it hides no curve
+            ax.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
+        elif drawn:
             ax.legend(fontsize=7, frameon=False, loc="best")
+        if drawn:
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         else:
             ax.text(0.5, 0.5, "not measured\n(no options)", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.tight_layout()
     save_figure(fig, out, "curves")
-    return Figure("curves", "Per-round metrics", "Means over samples per round; shaded: 95 % percentile bootstrap interval; "
+    return Figure("curves", "Per-round metrics", "Means over samples per round; shaded: 95 % bootstrap interval (the percentile interval's distances from the "
+                  "bootstrap median, laid around the estimate); "
+                  f"the curves of a panel are drawn {OFFSET} round apart so that none hides another, and a legend entry says when "
+                  "two are identical; "
                   "thin vertical line (same colour and style as its curve): the round from which the metric stays within ε of its value "
-                  "to the end (convergence; ε = 0.05 × the metric's range over the rounds).")
+                  "to the end (convergence; ε = max(0.05 × the metric's range over the rounds, 0.01 × its scale): 1 for rates and "
+                  "probabilities, else its largest |value|; no line for a flat metric, whose whole range is below ε: its legend says flat).")
 
 
 def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
@@ -160,30 +191,52 @@ def reliability_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
                   "over [0, 1]); dashed: perfect calibration; numbers: samples per bin.")
 
 
+def heatmap_colors(values: np.ndarray) -> dict[str, Any]:
+    """The colour map of a heatmap chosen from its values: a diverging map centred on 0 (``RdBu_r``,
+    ±max |v|) when they have both signs, else a sequential one over [min, max] (``viridis``), so
+    that an all-positive map is not drawn in half a diverging scale. Returns imshow's ``cmap``,
+    ``vmin`` and ``vmax``."""
+    finite = np.asarray(values, dtype=float)[np.isfinite(values)]
+    if finite.size == 0:
+        return {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0}
+    lo, hi = float(finite.min()), float(finite.max())
+    if lo < 0 < hi:
+        top = max(-lo, hi)
+        return {"cmap": "RdBu_r", "vmin": -top, "vmax": top}
+    return {"cmap": "viridis", "vmin": lo, "vmax": hi if hi > lo else lo + 1e-12}
+
+
 def heatmap_figure(run: RunFile, out: Path, stem: str) -> Figure | None:
-    """Layers × rounds heatmap of the mean concept score of every tracked probe; None when none is tracked."""
-    names = [n for n in run.names("probes") if run.f[f"probes/{n}"].attrs.get("kind") == "probe"]
-    if not names:
+    """Layers × rounds heatmap of the mean concept score of every tracked probe (its projection) and
+    stereotype-statement group (its cosine); None when none is tracked."""
+    groups = [(n, run.f[f"probes/{n}"].attrs.get("kind")) for n in run.names("probes")]
+    groups = [(n, "projection" if kind == "probe" else "cosine") for n, kind in groups if kind in ("probe", "stereotype-statement")]
+    if not groups:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 2.9), squeeze=False)
+    for ax, (name, measure) in zip(axes[0], groups):
         g = run.f[f"probes/{name}"]
         layers = json.loads(g.attrs["layers"])
-        scores = run.array(f"probes/{name}/projection").astype(float)  # [n, R, L]
+        scores = run.array(f"probes/{name}/{measure}").astype(float)  # [n, R, L]
         mean = np.nanmean(scores, 0).T  # [L, R]
-        im = ax.imshow(mean, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-np.nanmax(np.abs(mean)), vmax=np.nanmax(np.abs(mean)),
-                       extent=(0.5, mean.shape[1] + 0.5, -0.5, len(layers) - 0.5))
+        im = ax.imshow(mean, aspect="auto", origin="lower", extent=(0.5, mean.shape[1] + 0.5, -0.5, len(layers) - 0.5),
+                       **heatmap_colors(mean))
         ax.set_yticks(range(len(layers)), [str(l) for l in layers])
         ax.set_xticks(range(1, mean.shape[1] + 1))
         ax.set_xlabel("round")
         ax.set_ylabel("layer")
-        ax.set_title(figure_text(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})"))
-        fig.colorbar(im, ax=ax, label="mean projection")
+        if measure == "projection":
+            ax.set_title(figure_text(f"{name} ({g.attrs.get('method', '')}, best layer {g.attrs.get('best_layer')})"), fontsize=8)
+        else:
+            ax.set_title(figure_text(f"{name} (stereotyped statement)"), fontsize=8)
+        fig.colorbar(im, ax=ax, label=f"mean {'projection' if measure == 'projection' else 'cosine'}")
     fig.tight_layout()
     save_figure(fig, out, stem)
-    return Figure(stem, "Concept score by layer and round", "Mean projection of the pooled residual on each probe's direction, "
-                  "per layer and round.")
+    return Figure(stem, "Concept score by layer and round", "Per layer and round, the mean over samples of the projection of "
+                  "the pooled residual on each probe's direction, and of its cosine with the stereotyped statement's state "
+                  "(`probe stereotype`). Colours: a diverging map centred on 0 when the values have both signs, else a "
+                  "sequential one over their range.")
 
 
 def flips_figure(result: dict[str, Any], out: Path, stem: str) -> Figure | None:
@@ -232,7 +285,7 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
     rounds = model.shape[1]
     take = lambda p: np.take_along_axis(p, gold[:, None, None].repeat(rounds, 1), -1)[..., 0]  # noqa: E731
     probes = [n for n in run.names("probes") if run.f[f"probes/{n}"].attrs.get("kind") == "probe"]
-    fig, axes = plt.subplots(1, 1 + len(probes), figsize=(3.4 * (1 + len(probes)), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, 1 + len(probes), figsize=(4.0 * (1 + len(probes)), 3.2), squeeze=False)
     cmap = plt.get_cmap("viridis", rounds)
     round_index = np.broadcast_to(np.arange(rounds), (gold.size, rounds))
     ax = axes[0][0]
@@ -240,7 +293,7 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     ax.set_xlabel("exact p(fair option)")
     ax.set_ylabel("model p̂(fair option)")
-    ax.set_title("answer vs the exact predictive")
+    ax.set_title("answer vs the exact predictive", fontsize=8)
     log_odds = run.array("rounds/exact_log_odds").astype(float)
     for ax, name in zip(axes[0][1:], probes):
         g = run.f[f"probes/{name}"]
@@ -250,7 +303,15 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
         ax.scatter(log_odds.ravel(), score.ravel(), c=round_index.ravel() + 1, cmap=cmap, s=8, alpha=0.7, vmin=0.5, vmax=rounds + 0.5)
         v = result.get("probe_vs_exact", {}).get("probes", {}).get(name, {}).get("layers", {}).get(str(layers[best]), {})
         rho = v.get("min_within_round")
-        ax.set_title(figure_text(f"{name}, layer {layers[best]}") + (f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}" if rho is not None and np.isfinite(rho) else ""), fontsize=8)
+        levels = result.get("probe_vs_exact", {}).get("exact_levels", {})
+        if rho is not None and np.isfinite(rho):
+            detail = f"\nmin within-round ρ {rho:.2f}, pooled {v['pooled']['rho']:.2f}"
+        elif levels.get("note"):
+            detail = (f"\nwithin-round ρ not measurable here: the exact\nposterior takes ≤ {max(levels['within_round'])} values "
+                      "per round\n(the same follow-ups for every sample;\nsee the organism-world protocol)")
+        else:
+            detail = ""
+        ax.set_title(figure_text(f"{name}, layer {layers[best]}") + detail, fontsize=8)
         ax.set_xlabel("exact log-odds of fair")
         ax.set_ylabel("probe score (projection)")
     fig.colorbar(sc, ax=axes[0].tolist(), label="round", ticks=range(1, rounds + 1))
@@ -258,7 +319,9 @@ def organism_figure(run: RunFile, result: dict[str, Any], out: Path, stem: str) 
     return Figure(stem, "The organism against its exact posterior", "Left: the model's option confidence of the fair (correct) "
                   "option against the exact predictive given the dialogue it had. Right: each probe's score at its best layer against "
                   "the exact log-odds; colour: round. A pooled cloud can look tight only because rounds separate; the titles give "
-                  "the smallest within-round Spearman ρ.")
+                  "the smallest within-round Spearman ρ, measurable only where the exact posterior varies within a round "
+                  "(the organism-world protocol draws each sample's follow-ups; under a protocol that gives every sample the "
+                  "same follow-ups it takes one or two values per round).")
 
 
 def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
@@ -286,9 +349,23 @@ def build_report(paths: list[Path], out: Path, seed: int = 0) -> Path:
         results.append(result)
         names.append(stem)
     curves = curves_figure(results, names, out)
+    warning = size_warning(results, names)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     index = out / "index.html"
-    index.write_text(_html(curves, sections, pictures), encoding="utf-8")
+    index.write_text(_html(curves, sections, pictures, warning), encoding="utf-8")
     return index
+
+
+def size_warning(results: list[dict[str, Any]], names: list[str]) -> str:
+    """A sentence when overlaid runs differ in samples analysed or rounds (their intervals and
+    convergence rounds are then not like for like); empty otherwise."""
+    sizes = [(r["run"]["n_done"], r["run"]["n_rounds"]) for r in results]
+    if len(set(sizes)) <= 1:
+        return ""
+    listed = ", ".join(f"{name} {n} samples × {rounds} rounds" for name, (n, rounds) in zip(names, sizes))
+    return (f"the overlaid runs differ in size ({listed}): their intervals differ in width for that reason alone, "
+            "and convergence rounds over different numbers of rounds are not comparable")
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -335,15 +412,17 @@ def pictures_html(run: RunFile) -> str:
 
 
 def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, Any], list[Figure]]],
-          pictures: dict[str, str] | None = None) -> str:
+          pictures: dict[str, str] | None = None, warning: str = "") -> str:
     e = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>workbench report</title><style>",
              "body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222} img{max-width:100%}",
              "table{border-collapse:collapse;font-size:13px;margin:0.5em 0} td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}",
              "figure{margin:1.5em 0} figcaption{font-size:13px;color:#555} h2{border-bottom:1px solid #ddd}</style></head><body>",
              "<h1>Self-correction report</h1>",
-             f"<p>{len(sections)} run(s): {', '.join(e(s[0]) for s in sections)}. Every interval is a 95 % percentile bootstrap "
-             "over samples (seeded); entropies are in nats.</p>", figure_html(curves)]
+             f"<p>{len(sections)} run(s): {', '.join(e(s[0]) for s in sections)}. Every interval is a 95 % bootstrap "
+             "over samples (seeded): the percentile interval's distances from the bootstrap median, laid around the "
+             "estimate, so it contains the estimate without widening; entropies are in nats.</p>",
+             f"<p style='color:#a40'><b>Warning:</b> {e(warning)}.</p>" if warning else "", figure_html(curves)]
     for stem, meta, result, figures in sections:
         protocol = meta.get("protocol")
         protocol = protocol.get("name") if isinstance(protocol, dict) else protocol
@@ -361,10 +440,11 @@ def _html(curves: Figure, sections: list[tuple[str, dict[str, Any], dict[str, An
         parts.append("<table><tr><th>metric</th><th>convergence</th><th>ε</th><th>first round</th><th>last round</th></tr>")
         for name, c in result["convergence"].items():
             m = result["metrics"][name]
-            when = f"round {c['round']}" if c["round"] is not None else c["status"]
+            when = f"round {c['round']}" if c["status"] == "converged" else c["status"]
             parts.append(f"<tr><td title='{e(m['what'])}'>{e(name)}</td><td>{e(when)}</td><td>{c['eps']:.3g}</td>"
                          f"<td>{_cell(m, 0)}</td><td>{_cell(m, -1)}</td></tr>")
-        parts.append("</table>")
+        parts.append(f"</table><p style='font-size:13px;color:#555'>{e(result['settings'].get('eps_rule', ''))}; "
+                     "flat: the whole range is below ε (converged from round 1).</p>")
         parts.append(_correlations_html(result))
         sim = result["simulation_task"]
         for feature, s in sim.get("features", {}).items():

@@ -20,36 +20,63 @@ def _nanmean(x: np.ndarray) -> float:
     return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
 
 
-REL_EPS = 0.05  # default ε: this fraction of the metric's range over the rounds
+REL_EPS = 0.05  # default ε: at least this fraction of the metric's range over the rounds …
+FLOOR = 0.01  # … and at least this fraction of the metric's scale (a change under 1 % of the scale is no change)
+# metrics bounded by 1 in magnitude (accuracies, rates, confidences, ECE, probabilities, cosines): their scale is 1
+UNIT_SCALE = ("accuracy", "unparse", "confidence", "ece", "p_fair", "cos")
+
+
+def metric_scale(name: str, values: list[float] | np.ndarray) -> float:
+    """The scale ε's floor is a fraction of: 1 for a metric bounded by 1 (its name holds one of
+    :data:`UNIT_SCALE`), else the metric's largest magnitude over the rounds (NaN ignored; 0 when none)."""
+    if any(word in name for word in UNIT_SCALE):
+        return 1.0
+    m = np.abs(np.asarray(values, dtype=np.float64))
+    return float(m[np.isfinite(m)].max()) if np.isfinite(m).any() else 0.0
+
+
+def epsilon_rule(eps: float | None) -> str:
+    """How ε was chosen, in words, for tables and figures."""
+    if eps is not None:
+        return f"ε = {eps:g} (--eps)"
+    return f"ε = max({REL_EPS:g} × the metric's range over the rounds, {FLOOR:g} × its scale: 1 for rates and probabilities, else its largest |value|)"
 
 
 @dataclass(frozen=True)
 class Convergence:
     """Whether and where one per-round metric converged.
 
-    ``status`` is one of ``converged`` (``round`` is t*, 1-based), ``not converged`` (it kept
-    moving by ε or more up to the last round), ``too few rounds`` (R ≤ k: k steps cannot follow any
-    round), ``never changed`` (the same value every round: nothing to converge), ``no values`` (a
-    round without a finite value). ``eps`` is the threshold used, ``relative`` whether it was
-    derived from the metric's range (``eps = REL_EPS × (max − min)``) rather than given.
+    ``status`` is one of ``converged`` (``round`` is t*, 1-based), ``flat`` (every value within ε
+    of every other, the metric never moved by ε: converged from round 1, ``round`` is 1), ``not
+    converged`` (it kept moving by ε or more up to the last round), ``too few rounds`` (R ≤ k: k
+    steps cannot follow any round), ``no values`` (a round without a finite value). ``eps`` is the
+    threshold used; ``relative`` whether it was derived from the metric (``eps = max(REL_EPS ×
+    (max − min), floor)``) rather than given; ``floor`` the part owed to the metric's scale
+    (``FLOOR × scale``; 0 when ε was given).
     """
 
     status: str
     round: int | None
     eps: float
     relative: bool
+    floor: float = 0.0
 
     def label(self) -> str:
-        """``"3"`` when converged, else the status."""
-        return str(self.round) if self.round is not None else self.status
+        """``"3"`` when converged, else the status (``"flat"`` for a flat metric)."""
+        return str(self.round) if self.status == "converged" else self.status
 
 
-def convergence(values: list[float] | np.ndarray, eps: float | None = None, k: int = 2, rel_eps: float = REL_EPS) -> Convergence:
+def convergence(values: list[float] | np.ndarray, eps: float | None = None, k: int = 2, rel_eps: float = REL_EPS,
+                scale: float | None = None, floor: float = FLOOR) -> Convergence:
     """The convergence round t* of a per-round metric ``values`` ``[R]``: the first round from
     which every step to the end is smaller than ε (|m(s+1) − m(s)| < ε for s ≥ t*), every later
-    value stays within ε of m(t*) (no slow drift), and at least ``k`` steps follow it.
+    value stays within ε of m(t*) (no slow drift), and at least ``k`` steps follow it. A metric
+    whose whole range is below ε is ``flat`` (t* = 1).
 
-    ``eps`` is absolute when given; otherwise ``rel_eps`` × the metric's range over the rounds.
+    ``eps`` is absolute when given; otherwise ε = max(``rel_eps`` × the metric's range over the
+    rounds, ``floor`` × ``scale``), ``scale`` defaulting to the metric's largest magnitude (see
+    :func:`metric_scale`): a relative ε alone would call a metric that barely moves "not converged",
+    since its own tiny range sets the bar.
     """
     if k < 1:
         raise WorkbenchError(f"--k must be ≥ 1, not {k}")
@@ -59,18 +86,24 @@ def convergence(values: list[float] | np.ndarray, eps: float | None = None, k: i
     relative = eps is None
     finite = np.isfinite(m)
     spread = float(m[finite].max() - m[finite].min()) if finite.any() else float("nan")
-    threshold = float(eps) if eps is not None else rel_eps * spread
+    if eps is not None:
+        threshold, lowest = float(eps), 0.0
+    else:
+        if scale is None:
+            scale = float(np.abs(m[finite]).max()) if finite.any() else 0.0
+        lowest = floor * scale
+        threshold = max(rel_eps * spread, lowest) if finite.any() else float("nan")
     if m.size <= k:
-        return Convergence("too few rounds", None, threshold, relative)
+        return Convergence("too few rounds", None, threshold, relative, lowest)
     if not finite.all():
-        return Convergence("no values", None, threshold, relative)
-    if spread == 0.0:
-        return Convergence("never changed", None, threshold, relative)
+        return Convergence("no values", None, threshold, relative, lowest)
+    if spread < threshold or spread == 0.0:
+        return Convergence("flat", 1, threshold, relative, lowest)
     steps = np.abs(np.diff(m))
     for t in range(m.size - k):  # t is 0-based; k steps must follow
         if np.all(steps[t:] < threshold) and np.all(np.abs(m[t + 1 :] - m[t]) < threshold):
-            return Convergence("converged", t + 1, threshold, relative)
-    return Convergence("not converged", None, threshold, relative)
+            return Convergence("converged", t + 1, threshold, relative, lowest)
+    return Convergence("not converged", None, threshold, relative, lowest)
 
 
 def convergence_round(values: list[float], eps: float | None = None, k: int = 2) -> int | None:
@@ -162,11 +195,11 @@ def round_table(run: RunFile) -> list[dict[str, Any]]:
 def summary(run: RunFile, eps: float | None = None, k: int = 2) -> dict[str, Any]:
     """The run's metadata, per-round table, and the convergence of each per-round metric:
     ``convergence`` maps metric → t* (1-based) or None; ``convergence_detail`` maps metric → the
-    :class:`Convergence` as a dict (status, round, eps, relative); ``convergence_settings`` says
-    which ε and k were used."""
+    :class:`Convergence` as a dict (status, round, eps, relative, floor); ``convergence_settings``
+    says which ε and k were used (``rule``: the same in words)."""
     rows = round_table(run)
     metrics = [m for m in (rows[0] if rows else {}) if m not in ("round", "n") and not m.endswith(("right_to_wrong", "wrong_to_right"))]
-    detail = {m: convergence([r[m] for r in rows], eps, k) for m in metrics}
+    detail = {m: convergence([r[m] for r in rows], eps, k, scale=metric_scale(m, [r[m] for r in rows])) for m in metrics}
     converged = {m: c.round for m, c in detail.items()}
     meta = run.meta
     return {
@@ -182,5 +215,6 @@ def summary(run: RunFile, eps: float | None = None, k: int = 2) -> dict[str, Any
         "rounds": rows,
         "convergence": converged,
         "convergence_detail": {m: asdict(c) for m, c in detail.items()},
-        "convergence_settings": {"eps": eps, "k": k, "rel_eps": REL_EPS if eps is None else None},
+        "convergence_settings": {"eps": eps, "k": k, "rel_eps": REL_EPS if eps is None else None,
+                                 "floor": FLOOR if eps is None else None, "rule": epsilon_rule(eps)},
     }

@@ -50,7 +50,8 @@ class RunConfig:
     dtype: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
-    seed: int = 0
+    seed: int = 0  # sampled decoding (and --samples-per-round); not the organism's items
+    world_seed: int | None = None  # organism: the world draw (items and organism-world follow-ups); None: WORLD_SEED
     do_sample: bool | None = None
     max_new_tokens: int | None = None
     resume: bool = False
@@ -134,9 +135,10 @@ def load_samples(cfg: RunConfig) -> list[Any]:
                                  '(lines {"image": "imgs/001.png", "question": ..., "options": [...], "label": 0})')
         return tasks.load_vqa(Path(cfg.data[0]), cfg.task == "vqa-open", cfg.offset, cfg.limit)
     if cfg.task == "organism":
-        from workbench.organism.task import load_organism_samples
+        from workbench.organism.task import WORLD_SEED, load_organism_samples
 
-        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, offset=cfg.offset)
+        world_seed = WORLD_SEED if cfg.world_seed is None else cfg.world_seed
+        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, seed=world_seed, offset=cfg.offset)
     tasks.get_task(cfg.task)  # raises the clean error for unknown tasks
     raise AssertionError(cfg.task)
 
@@ -208,6 +210,11 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
+    if cfg.world_seed is not None and cfg.task != "organism":
+        raise WorkbenchError("--world-seed draws the organism's items and follow-ups: it needs --task organism "
+                             "(--seed seeds sampled decoding)")
+    if cfg.world_seed is not None and not 0 <= cfg.world_seed < 2**63:
+        raise WorkbenchError(f"--world-seed must be in [0, 2^63), not {cfg.world_seed}")
     spec, out = _shard_spec(cfg)
     if cfg.interventions:
         from workbench.engine.interventions import check_against
@@ -220,6 +227,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"an intervention acts in rounds {list(late[0].rounds)}, but the protocol has "
                                  f"{protocol.rounds} rounds")
     check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
+    if cfg.resume and cfg.task == "organism":
+        _check_world_seed(out, cfg.world_seed)
     model_path = ""
     if not model_given:
         model_path = resolve_model_path(cfg.model)
@@ -283,6 +292,34 @@ def check_resume_interventions(path: Path, settings: dict[str, Any]) -> None:
         said = lambda x: "; ".join(summarize(r) for r in x) or "none"  # noqa: E731
         raise WorkbenchError(f"--resume: {path} was made with other interventions ({said(have)[:120]} in the file, "
                              f"{said(want)[:120]} now)")
+
+
+def world_seed_of(data: dict[str, Any]) -> int:
+    """The world seed an organism run file's ``data`` setting records (files from before it was
+    recorded: the default, the only one they could have)."""
+    from workbench.organism.task import WORLD_SEED
+
+    return int(data.get("world_seed", WORLD_SEED))
+
+
+def _check_world_seed(out: Path, world_seed: int | None) -> None:
+    """Refuse ``--resume`` of an organism run made with another ``--world-seed`` (before any model loads)."""
+    import json
+
+    from workbench.organism.task import WORLD_SEED
+
+    if not run_exists(out):
+        return
+    with RunFile(out) as run:
+        data = run.f.attrs.get("data")
+    try:
+        have = world_seed_of(json.loads(data)) if data is not None else WORLD_SEED
+    except (ValueError, TypeError, AttributeError):
+        return  # an unreadable setting: the writer's own resume check refuses it
+    want = WORLD_SEED if world_seed is None else world_seed
+    if have != want:
+        raise WorkbenchError(f"--resume: {out} was made with --world-seed {have}, not {want}: its items and "
+                             f"follow-ups differ; give --world-seed {have} to continue it")
 
 
 def _shard_spec(cfg: RunConfig) -> tuple[Any, Path]:
@@ -417,6 +454,8 @@ def run_protocol(
             "offset": cfg.offset, "limit": cfg.limit}
     if cfg.fields or cfg.options:
         data.update(fields=cfg.fields, options=cfg.options)
+    if cfg.task == "organism":
+        data["world_seed"] = int(all_samples[0].extra["world_seed"]) if all_samples else None
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
                             cfg.activation_dtype, cfg.seed, cfg.command_line)
     if rank_device is not None:

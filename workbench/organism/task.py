@@ -29,10 +29,14 @@ from workbench.organism.world import DEFAULT_PARAMS, KINDS, LETTER_TOKENS, forma
 from workbench.engine.task import WORLD_FOLLOWUP, Sample, Task
 
 
-def load_organism_samples(limit: int, seed: int = 1234, offset: int = 0) -> list[Sample]:
+WORLD_SEED = 1234  # the default world seed of runs (`workbench run --world-seed`): the held-out items and follow-ups
+
+
+def load_organism_samples(limit: int, seed: int = WORLD_SEED, offset: int = 0) -> list[Sample]:
     """``limit`` held-out items of the shipped world, indices ``offset .. offset+limit-1``.
 
-    Item ``i`` depends only on ``(seed, i)`` (a stream disjoint from training), so slices agree.
+    Item ``i`` depends only on ``(seed, i)`` (a stream disjoint from training), so slices agree;
+    the ``organism-world`` protocol's follow-ups of a sample depend on the same ``seed``.
     ``gold`` is the fair (correct) option; ``extra`` holds ``stereotyped`` (the biased option's index),
     ``unknown`` (the index of "unknown"), ``act`` and ``polarity``.
     """
@@ -108,7 +112,7 @@ def world_instructions(sample: Sample, rounds: int) -> tuple[bool, list[str], li
     ``rounds − 1``). Depends only on the sample's index and world seed (a stream disjoint from the
     items' and from training), so every round, batch and resumed run draws the same."""
     params = DEFAULT_PARAMS
-    seed = int(sample.extra.get("world_seed", 1234))
+    seed = int(sample.extra.get("world_seed", WORLD_SEED))
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, sample.index)))
     fair = bool(rng.random() < params.prior_fair)
     p_kind = instruction_probs(fair, params)
