@@ -20,7 +20,7 @@ where every candidate's latent concept z is known.
    stereotyped answers on ambiguous items) at rounds 1 and R, the option probability of the stereotyped
    answer at round 1 (bias before greedy decoding hides it), option entropy and concept score at round R,
    each as the subset's value and its paired difference from the base model with a 95 % paired
-   bootstrap interval over items (:func:`paired_difference`); ``debias.json`` and ``debias.png``.
+   bootstrap interval over items (:func:`paired_difference`, the interval of ``analyze --against``); ``debias.json`` and ``debias.png``.
 """
 
 from __future__ import annotations
@@ -95,21 +95,20 @@ def draw_candidates(n: int, seed: int, max_rounds: int) -> list[Candidate]:
     return out
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
     """The mean of ``a`` − ``b`` over paired items (``a[i]`` and ``b[i]`` measured on the same item;
-    NaN pairs dropped) with a percentile bootstrap interval that resamples items:
-    ``{"a", "b", "diff", "lo", "hi", "n"}``. A small stand-in for ``workbench analyze --against``'s paired
-    effects (to be folded into it)."""
+    NaN pairs dropped) with the 95 % bootstrap interval every paired effect of the workbench uses
+    (:func:`workbench.analysis.analyze.mean_interval`, as ``analyze --against`` does):
+    ``{"a", "b", "diff", "lo", "hi", "n"}``."""
+    from workbench.analysis.analyze import mean_interval
+
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
     if not len(a):
         return {"a": float("nan"), "b": float("nan"), "diff": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    d = a - b
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(d))}
+    diff, lo, hi = mean_interval(a - b, seed, n_boot)
+    return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(diff), "lo": float(lo), "hi": float(hi), "n": int(len(a))}
 
 
 # --------------------------------------------------------------------------- scoring candidates
