@@ -160,3 +160,37 @@ def test_every_forward_of_a_round_goes_through_the_models_own_modules(organism):
     width = max(map(len, first))
     assert seen[0] == (3, width) and all(s == (3, 1) for s in seen[1:])
     assert len(seen) == out.step_logits.shape[1]
+
+
+def test_a_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """Updates, crops, regrowth past the reserved room, and a batch selection that replaces the
+    tensors: the growing layer's keys and values equal a plain ``DynamicLayer``'s every time."""
+    from transformers.cache_utils import DynamicLayer
+
+    from workbench.engine.generation import growing_layer_class
+
+    torch.manual_seed(0)
+    ours, plain = growing_layer_class()(), DynamicLayer()
+    ours.reserve = 6
+
+    def step(n):
+        k, v = torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 5)
+        got, want = ours.update(k, v), plain.update(k, v)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+    with torch.inference_mode():
+        step(4)
+        step(1)
+        room = ours._buffers[0].data_ptr()
+        ours.crop(-2), plain.crop(-2)
+        step(2)  # over the cropped positions, in the same buffer
+        assert ours._buffers[0].data_ptr() == room
+        step(9)  # beyond the room: one new buffer
+        assert ours._buffers[0].data_ptr() != room
+        for layer in (ours, plain):
+            layer.batch_select_indices(torch.tensor([1]))
+        step_one = (torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 5))
+        for a, b in zip(ours.update(*step_one), plain.update(*step_one)):
+            assert torch.equal(a, b)
+        assert ours.get_seq_length() == plain.get_seq_length() == 15

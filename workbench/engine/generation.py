@@ -1,7 +1,17 @@
 """One round of batched, KV-cached generation and option scoring on the plain Hugging Face model.
 
-Generation uses ``hf.generate`` (left padding, attention mask, the KV cache); the logits of every
-generated step come back with it, so token entropies cost nothing extra. A round may start from
+Generation runs the workbench's own decode loop (:func:`decode_round`): the model's forward called
+directly, one prefill forward over the round's new tokens ``[batch, seq]`` (left padding, attention
+mask, the KV cache), then one forward of one token per step, with ``generate``'s arithmetic step for
+step (same greedy tokens; sampling through ``generate``'s own logits processors and
+``torch.multinomial``, so the same draws from the same seed) and none of its per-call set-up. The
+cache it fills keeps its keys and values in a buffer grown once per round (:func:`growing_layer_class`),
+not by a ``torch.cat`` of the whole cache per step, and decode steps over a cache with holes take a
+4-D boolean mask sliced from one built per round. What the loop cannot serve (a sliding-window or
+other non-plain cache, a forward without ``cache=``/``position_ids``, a generation config with logits
+processors of its own: :func:`decode_loop_problem`) goes through ``hf.generate``
+(:func:`hf_generate_round`) with a :class:`DecodeFallbackWarning`. The logits of every generated
+step are kept, so token entropies cost nothing extra. A round may start from
 the cache an earlier round left (:class:`CarriedCache`): then only the round's new tokens are run,
 and the attention mask says which cached positions hold the conversation (the rest are holes:
 padding and the steps after a row stopped). Position ids come from that mask, so a token's
@@ -169,10 +179,70 @@ def _warn_fallback(hf: Any, why: str) -> None:
 
 
 def new_cache(hf: Any) -> Any:
-    """An empty KV cache of the kind ``generate`` would make for ``hf``: ``DynamicCache(config=...)``."""
+    """An empty KV cache for ``hf``: the ``DynamicCache(config=...)`` ``generate`` would make, its
+    plain layers made :func:`growing_layer_class` ones (views of a buffer grown once per round, not
+    a ``torch.cat`` of the whole cache per step). Other layer kinds (sliding windows) are left as
+    they are (:func:`decode_loop_problem` sends them to ``generate``)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    return DynamicCache(config=hf.config)
+    cache = DynamicCache(config=hf.config)
+    growing = growing_layer_class()
+    cache.layers = [growing() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+_GROWING: list[type] = []
+
+
+def growing_layer_class() -> type:
+    """The ``DynamicLayer`` whose keys and values are views ``[batch, heads, :length, head_dim]`` of
+    a preallocated buffer: ``update`` writes the new positions in place and returns longer views;
+    the buffer is reallocated (one copy) only when a round needs more room than it has, sized by
+    the layer's ``reserve`` (positions the round will reach, set by :func:`decode_round`). Crops
+    shorten the views (the next update writes over what was cropped); anything else that replaces
+    ``keys``/``values`` (``batch_select_indices``, …) is noticed and copied into a new buffer.
+    Numerically a plain ``DynamicLayer``: the same keys and values at the same positions."""
+    if _GROWING:
+        return _GROWING[0]
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        reserve = 0
+        _buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [batch, heads, room, head_dim] each
+        _views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values this layer last set
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            keys, values = self.keys, self.values
+            held = keys.shape[-2] if keys.dim() == 4 else 0
+            add = key_states.shape[-2]
+            buffers, views = self._buffers, self._views
+            if (held and (views is None or keys is not views[0] or values is not views[1])) or buffers is None \
+                    or held + add > buffers[0].shape[-2] or buffers[0].shape[0] != key_states.shape[0]:
+                room = max(held + add, self.reserve)
+                b, h, _, d = key_states.shape
+                bk = key_states.new_empty(b, h, room, d)
+                bv = value_states.new_empty(b, value_states.shape[1], room, value_states.shape[-1])
+                if held:
+                    bk[:, :, :held] = keys
+                    bv[:, :, :held] = values
+                buffers = self._buffers = (bk, bv)
+            bk, bv = buffers
+            bk[:, :, held : held + add] = key_states
+            bv[:, :, held : held + add] = value_states
+            self.keys, self.values = bk[:, :, : held + add], bv[:, :, : held + add]
+            self._views = (self.keys, self.values)
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            super().crop(tokens_to_remove)
+            if self._views is not None:
+                self._views = (self.keys, self.values)  # shorter views of the same buffers
+
+    _GROWING.append(GrowingLayer)
+    return GrowingLayer
 
 
 def logits_processors(decoding: Decoding) -> Any:
@@ -237,7 +307,13 @@ def decode_round(
         cache = new_cache(hf)
     prompt_len = mask.shape[1]
     steps = decoding.max_new_tokens
+    for layer in getattr(cache, "layers", []):  # room for the round, the cut-off pass and option scoring
+        layer.reserve = prompt_len + steps + _SLACK
     full_mask = torch.cat([mask, mask.new_ones(batch, steps)], 1)  # every step's mask is a prefix of it
+    # a decode step's query sees every held position: the 4-D boolean mask sdpa would be given,
+    # sliced per step instead of built per step (only where there are holes: with none, the model
+    # skips the mask, and so do we)
+    step_mask = full_mask.bool()[:, None, None, :] if _takes_bool_mask(hf) and not bool(mask.all()) else full_mask
     positions = mask.cumsum(-1) - 1
     positions.masked_fill_(mask == 0, 1)
     keep = {"logits_to_keep": 1} if _forward_takes(hf)[1] else {}
@@ -268,11 +344,19 @@ def decode_round(
         if step == steps - 1 or not bool(unfinished.any()):
             break
         position = position + 1
-        logits = hf(input_ids=chosen[:, None], attention_mask=full_mask[:, : prompt_len + step + 1], position_ids=position,
+        logits = hf(input_ids=chosen[:, None], attention_mask=step_mask[..., : prompt_len + step + 1], position_ids=position,
                     cache=cache, use_cache=True, **keep).logits
     generated = torch.stack(tokens, 1).tolist()  # [batch, n_steps]
     step_logits_t = torch.stack(step_logits, 1)  # [batch, n_steps, vocab]
     return _round_output(generated, step_logits_t, stops, cache, mask)
+
+
+_SLACK = 32  # cache positions kept free beyond a round's own (the cut-off pass, option tokens)
+
+
+def _takes_bool_mask(hf: Any) -> bool:
+    """Whether the model's attention is PyTorch's sdpa, which takes a 4-D boolean mask as given."""
+    return getattr(hf.config, "_attn_implementation", None) == "sdpa"
 
 
 def _round_output(generated: list[list[int]], step_logits: torch.Tensor, stops: list[int], cache: Any, mask: torch.Tensor) -> RoundOutput:
@@ -446,12 +530,15 @@ def forward_after_prompt(
     cached = rnd.cache.get_seq_length()
     after_prompt = torch.zeros(len(conts), n, cached - rnd.prompt_mask.shape[1], dtype=torch.bool, device=device)
     allowed = torch.cat([rnd.prompt_mask.bool()[:, None, :].expand(-1, n, -1), after_prompt, sees], dim=-1)
-    dtype = next(hf.parameters()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    if _takes_bool_mask(hf):  # sdpa takes the block mask as it is: no float copy of it
+        mask = allowed
+    else:  # eager attention adds its mask
+        dtype = next(hf.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     prompt_len = rnd.prompt_mask.sum(-1, keepdim=True)
     logits = hf(
         input_ids=cont_ids,
-        attention_mask=mask[:, None],  # [batch, 1, query, cache + continuation], additive
+        attention_mask=mask[:, None],  # [batch, 1, query, cache + continuation]: boolean (sdpa) or additive
         position_ids=prompt_len + pos,
         cache=rnd.cache,
         use_cache=True,
@@ -466,4 +553,5 @@ def plain_cache(cache: Any) -> bool:
     from transformers.cache_utils import DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    kinds = (DynamicLayer, growing_layer_class())
+    return bool(layers) and all(type(layer) in kinds for layer in layers)
