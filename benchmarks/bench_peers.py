@@ -7,6 +7,7 @@ workbench's greedy tokens on every (sample, round) (and its activations, where t
   round continuing on the KV cache the round before left (the new tokens appended to the last
   round's sequences; the mask hides left padding and the steps after a row stopped). Tokens only:
   no capture, no entropies, no option scores — the strongest baseline a person writes by hand.
+  ``hand loop no_grad``: the same under ``generate``'s own ``no_grad``, as most people call it.
 - ``HF re-prefill``: the same, every round's whole conversation generated from scratch.
 - ``nnsight`` / ``nnsight cached``: nnsight 0.8's ``LanguageModel.generate`` on the same
   model, saving every layer's residual stream (the prefill's last token and each decode step's
@@ -23,8 +24,9 @@ batch flushed, finished). The peers get each round's new prompt tokens precomput
 untimed workbench run; the study's way renders its own), so their tokenizing is free: that
 favours them. Timing: all peers interleaved in one process, ``--repeats`` rounds of them in a
 rotating order, wall time and this process's CPU time (one torch thread), the median of the
-per-repeat ratios peer ÷ workbench. The slow peers (TL bridge, the study's way) run on the first
-``--slow-samples`` samples in the first ``--slow-repeats`` repeats and are scaled to the whole set.
+per-repeat ratios peer ÷ workbench. The slow peers (TL bridge, the study's way) go one sample at a
+time: they run on the first ``--slow-samples`` samples in the first ``--slow-repeats`` repeats, and
+their time, scaled to the whole set, is divided by the workbench's median (a throughput ratio).
 
 Settings: the organism, 64 samples, R = 5/10/20; the BBQ setting (a tiny random Llama as in
 ``tests/tiny_models.py``, Religion.jsonl, ``bbq-paper``, 32 samples, 10 new tokens), R = 5/10/20;
@@ -72,7 +74,7 @@ for _up in ROOT.parents:
         SHARED_BBQ = _up / "shared" / "data" / "bbq" / "Religion.jsonl"
         break
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"
-PEERS = ("hand loop", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
+PEERS = ("hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
 SLOW = ("TL bridge", "study's way")
 TOLERANCE = 1e-4  # activations, relative to each array's scale (float32)
 
@@ -131,8 +133,10 @@ def _cut(generated: list[list[int]], stops: set[int]) -> list[int]:
     return [next((j for j, tok in enumerate(g) if tok in stops), len(g)) for g in generated]
 
 
-def hf_loop(s: Setting, n: int, carry: bool) -> tuple[list, None]:
-    """Hugging Face ``generate``, batch by batch, the cache carried across rounds or not."""
+def hf_loop(s: Setting, n: int, carry: bool, inference: bool = True) -> tuple[list, None]:
+    """Hugging Face ``generate``, batch by batch, the cache carried across rounds or not; in
+    ``torch.inference_mode()`` (the fastest a person can call it) or, ``inference=False``, under
+    ``generate``'s own ``no_grad`` as most people call it."""
     model, tok = s.model, s.model.tokenizer
     stops = stop_ids(model.hf, tok)
     stop_set, out_all = set(stops), []
@@ -147,7 +151,7 @@ def hf_loop(s: Setting, n: int, carry: bool) -> tuple[list, None]:
             else:
                 conv = [c + p for c, p in zip(conv, new)]
                 ids, mask = pad(conv, tok.pad_token_id, model.device, "left")
-            with torch.inference_mode():
+            with torch.inference_mode(inference):
                 out = model.hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=s.protocol.decoding.max_new_tokens,
                                         eos_token_id=stops, pad_token_id=tok.pad_token_id, top_k=None, return_dict_in_generate=True,
                                         **({"cache": cache} if carry and cache is not None else {}))
@@ -353,8 +357,8 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     small = min(n, slow_samples)
     runs: dict[str, Callable[[], tuple]] = {
         "workbench": lambda: workbench(s, n, tmp / f"{s.name}.h5"),
-        "workbench (slow subset)": lambda: workbench(s, small, tmp / f"{s.name}-small.h5"),
         "hand loop": lambda: hf_loop(s, n, carry=True),
+        "hand loop no_grad": lambda: hf_loop(s, n, carry=True, inference=False),
         "HF re-prefill": lambda: hf_loop(s, n, carry=False),
         "nnsight": lambda: nnsight_loop(s, n, carry=False, lm=lm),
         "nnsight cached": lambda: nnsight_loop(s, n, carry=True, lm=lm),
@@ -371,8 +375,8 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     fast = [p for p in ("workbench", *peers) if p not in SLOW]
     for rep in range(repeats):
         order = fast[rep % len(fast):] + fast[: rep % len(fast)]
-        if rep < slow_repeats and any(p in SLOW for p in peers):
-            order += ["workbench (slow subset)"] + [p for p in peers if p in SLOW]
+        if rep < slow_repeats:
+            order += [p for p in peers if p in SLOW]
         for name in order:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -380,15 +384,27 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
                 runs[name]()
                 times.setdefault(name, []).append((time.perf_counter() - t0, time.process_time() - c0))
     result["seconds"] = {k: {"wall": [w for w, _ in v], "cpu": [c for _, c in v]} for k, v in times.items()}
-    ratios = {}
-    for name in peers:
-        base = "workbench (slow subset)" if name in SLOW else "workbench"
-        pairs = list(zip(times[name], times[base]))
-        ratios[name] = {"wall": _median([p[0] / w[0] for p, w in pairs]), "cpu": _median([p[1] / w[1] for p, w in pairs]),
-                        "wall_all": [p[0] / w[0] for p, w in pairs], "cpu_all": [p[1] / w[1] for p, w in pairs]}
-    result["peer_over_workbench"] = ratios
+    result["peer_over_workbench"] = peer_ratios(result["seconds"], peers, n / small)
     result["workbench_s"] = {"wall": _median([w for w, _ in times["workbench"]]), "cpu": _median([c for _, c in times["workbench"]])}
     return result
+
+
+def peer_ratios(seconds: dict, peers: tuple[str, ...] | list[str], scale: float) -> dict:
+    """Peer time ÷ workbench time per repeat and their medians, wall and CPU. A fast peer is paired
+    with the workbench run of its own repeat; a slow one (run on a subset) is scaled by ``scale``
+    (samples ÷ subset: it goes one sample at a time) and divided by the workbench's median time
+    over the whole set, as a throughput."""
+    ratios = {}
+    for name in peers:
+        got = {}
+        for kind in ("wall", "cpu"):
+            if name in SLOW:
+                values = [t * scale / _median(seconds["workbench"][kind]) for t in seconds[name][kind]]
+            else:
+                values = [t / w for t, w in zip(seconds[name][kind], seconds["workbench"][kind])]
+            got[kind], got[f"{kind}_all"] = _median(values), values
+        ratios[name] = got
+    return ratios
 
 
 def _median(values: list[float]) -> float:
@@ -439,6 +455,8 @@ def main() -> None:
             from tiny_models import build_model
 
             path = build_model("llama", tmp / "llama")
+            config = json.loads((path / "config.json").read_text())  # 20 rounds of BBQ outgrow 1024 positions
+            (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
             llama = load_model(str(path), device="cpu", dtype="float32")
             plans += [(f"BBQ tiny Llama {bbq_n} × {r}", llama,
                        RunConfig(out=tmp / "x.h5", model=str(path), task="bbq", data=(args.bbq,), protocol="bbq-paper", rounds=r,
@@ -448,8 +466,10 @@ def main() -> None:
         for name, model, cfg, every in plans:
             print(f"{name} …", file=sys.stderr)
             setting = make_setting(name, model, cfg)
-            chosen = peers if every else tuple(x for x in peers if x == "hand loop")
+            chosen = peers if every else tuple(x for x in peers if x.startswith("hand loop"))
             results["settings"].append(measure(setting, args.repeats, args.slow_samples, args.slow_repeats, chosen, tmp))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # what is measured so far
     results["load_average_after"] = os.getloadavg()
     _report(results)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
