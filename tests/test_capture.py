@@ -126,3 +126,17 @@ def test_a_site_at_the_wrong_boundary_is_caught(loaded):
     wrong = dataclasses.replace(site, module="model.layers.0.mlp")
     problem = site_disagreement(model, [wrong])
     assert problem is not None and problem[0] == "hook_resid_post" and "differs from the bridge" in problem[1]
+
+
+def test_the_site_check_runs_once_per_loaded_model(loaded, monkeypatch):
+    """A run's batches, its sessions and later runs on the same loaded model skip the check pass
+    once it passed; another choice of hooks and layers is checked."""
+    import workbench.engine.capture as capture
+
+    model = loaded("gpt2")
+    first = hook_sites(model, ["hook_resid_post"], [1, 2])
+    calls = []
+    monkeypatch.setattr(capture, "site_disagreement", lambda *args: calls.append(args))
+    assert hook_sites(model, ["hook_resid_post"], [1, 2]) == first and calls == []
+    hook_sites(model, ["hook_resid_pre", "hook_resid_post"], [2, 0])
+    assert len(calls) == 1

@@ -21,6 +21,7 @@ of a round is a one-hot row, the mean over a round's response is a row of 1/len 
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -59,10 +60,16 @@ def hook_sites(model: Any, hooks: list[str], layers: list[int]) -> list[HookSite
     """Each ``(hook, layer)`` of a :class:`~workbench.engine.models.LoadedModel` resolved to its HF module
     boundary, hooks outer and layers inner.
 
-    Every site is checked once on a short text: the HF boundary must give the bridge's own hook
-    value, ``[batch, pos, d_model]``. Raises :class:`WorkbenchError` for a hook the model does not
-    have, or one that cannot be captured this way, naming the block-0 hooks that can.
+    Every site is checked once per loaded model on a short text: the HF boundary must give the
+    bridge's own hook value, ``[batch, pos, d_model]`` (a check passed is remembered for that model
+    object, so the batches of a run, its sessions and later runs in one process skip the pass).
+    Raises :class:`WorkbenchError` for a hook the model does not have, or one that cannot be
+    captured this way, naming the block-0 hooks that can.
     """
+    key = (tuple(hooks), tuple(layers))
+    checked = _CHECKED.get(model.hf)
+    if checked is not None and key in checked:
+        return list(checked[key])
     bridge = model.bridge
     boundaries = _boundaries(bridge, model.hf)
     sites = []
@@ -78,7 +85,12 @@ def hook_sites(model: Any, hooks: list[str], layers: list[int]) -> list[HookSite
     if problem:
         hook, why = problem
         raise _not_capturable(model, hook, why)
+    _CHECKED.setdefault(model.hf, {})[key] = tuple(sites)
     return sites
+
+
+# HF model object → {(hooks, layers): its checked sites}; dropped with the model
+_CHECKED: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple[HookSite, ...]]]" = weakref.WeakKeyDictionary()
 
 
 def _boundaries(bridge: Any, hf: Any) -> dict[str, tuple[str, str]]:

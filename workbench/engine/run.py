@@ -473,6 +473,7 @@ def run_protocol(
 
         extras = round_extras(checked.open_ended, model, protocol.decoding, cfg.seed)
         settings.update(extras.settings)
+    writer, creating = None, None
     if cfg.resume and run_exists(out):
         from workbench.engine.open_ended import check_resume
 
@@ -482,13 +483,17 @@ def run_protocol(
         check_resume_adapter(out, settings)
         check_resume_interventions(out, settings)
         writer = RunWriter.resume(out, settings, durable=cfg.fsync)
-    else:
-        writer = RunWriter.create(out, settings, sample_table(samples), protocol.rounds,
-                                  {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
-                                  overwrite=cfg.overwrite, durable=cfg.fsync)
+    else:  # a new file is created on a thread while the first batch runs (its fsyncs wait off the critical path)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="workbench-create")
+        creating = pool.submit(RunWriter.create, out, settings, sample_table(samples), protocol.rounds,
+                               {h: (len(layers), model.d_model) for h in cfg.hooks}, cfg.activation_dtype,
+                               overwrite=cfg.overwrite, durable=cfg.fsync)
+        pool.shutdown(wait=False)
     gold = np.asarray([s.gold for s in samples])
-    with writer:
-        done = writer.done_mask()
+    try:
+        done = writer.done_mask() if writer is not None else np.zeros(len(samples), dtype=bool)
         n_done = int(done.sum())
         if on_batch is not None:
             on_batch(Progress(n_done, len(samples), protocol.rounds, 0))
@@ -504,13 +509,25 @@ def run_protocol(
 
             res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done, round_extras=extras,
                             interventions=cfg.interventions)
+            if writer is None:
+                writer = creating.result()  # raises what creating it raised
             arrays = batch_arrays(res, gold[start:stop], writer.n_options)
             writer.write_batch(start, arrays, res.activations, res.transcripts)
             n_done += len(batch)
             if on_batch is not None:
                 new_tokens = sum(len(ids) for per in res.response_ids for ids in per)
                 on_batch(Progress(n_done, len(samples), protocol.rounds, new_tokens))
+        if writer is None:
+            writer = creating.result()
         writer.finish()
+    finally:
+        if writer is None and creating is not None:  # a batch failed while the file was being created
+            try:
+                writer = creating.result()
+            except Exception:  # the batch's error is the one to report
+                writer = None
+        if writer is not None:
+            writer.close()
     if plan is not None and out.exists():
         from workbench.store.merge import merge_when_complete
 

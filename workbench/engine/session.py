@@ -20,7 +20,8 @@ only place a round's instructions come from.
 
 **Each round** renders the chat template over the conversation so far plus the new user turn
 (:func:`workbench.engine.chat.next_round_inputs`; the template must render earlier turns unchanged),
-generates for the whole batch with ``hf.generate``, scores the options on the prompt's cache, and
+generates for the whole batch (:func:`workbench.engine.generation.generate_round`: the workbench's own
+decode loop, ``hf.generate`` where it cannot serve), scores the options on the prompt's cache, and
 pools the chosen hook sites (:mod:`workbench.engine.capture`) from the passes generation makes: the last
 prompt token from the prefill, the mean over the response from the decode steps, which feed each
 response token back (plus one one-token pass for the last token of an answer cut off by
