@@ -233,7 +233,7 @@ def test_run_help_says_what_a_python_scorer_is(capsys, monkeypatch):
     flat = " ".join(stdout.split())
     assert "--scorer" in flat and "FUNCTION(texts), given the round's answers as a list of strings, returns a list of floats" in flat
     assert "--samples-per-round" in flat and "nli:MODEL" in flat
-    assert "imports MODULE and runs its code in this process, with your permissions: use only code you trust" in flat
+    assert "it is imported and run with your permissions, so name only code you trust" in flat  # python: runs your code
 
 
 def test_report_help_names_its_argument_run(capsys, monkeypatch):
