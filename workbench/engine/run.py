@@ -126,15 +126,16 @@ def load_samples(cfg: RunConfig) -> list[Any]:
             raise WorkbenchError("--task mc needs --data FILE (JSONL, CSV or a saved dataset folder) and --fields")
         fields = parse_fields(cfg.fields, tasks.MC_FIELDS)
         return tasks.load_mc([Path(p) for p in cfg.data], fields, cfg.options, cfg.offset, cfg.limit)
+    if cfg.task in ("organism", "organism-visual"):
+        from workbench.organism.task import load_organism_samples
+
+        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, offset=cfg.offset,
+                                     visual=cfg.task == "organism-visual")
     if cfg.task in tasks.VISION_TASKS:
         if len(cfg.data) != 1:
             raise WorkbenchError(f"--task {cfg.task} needs one --data FILE.jsonl "
                                  '(lines {"image": "imgs/001.png", "question": ..., "options": [...], "label": 0})')
         return tasks.load_vqa(Path(cfg.data[0]), cfg.task == "vqa-open", cfg.offset, cfg.limit)
-    if cfg.task == "organism":
-        from workbench.organism.task import load_organism_samples
-
-        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, offset=cfg.offset)
     tasks.get_task(cfg.task)  # raises the clean error for unknown tasks
     raise AssertionError(cfg.task)
 
@@ -149,7 +150,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
 
     from workbench.engine.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path, takes_images
     from workbench.engine.protocol import load_protocol
-    from workbench.engine.tasks import default_protocol, get_task
+    from workbench.engine.tasks import PROTOCOL_TASK, default_protocol, get_task
 
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be ≥ 1, not {cfg.batch_size}")
@@ -179,7 +180,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     task = get_task(cfg.task, cfg.option_scoring or "letter")
     protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring,
                              cfg.chat_template)
-    if protocol.task and protocol.task != cfg.task and not cfg.force:
+    if protocol.task and protocol.task not in (cfg.task, PROTOCOL_TASK.get(cfg.task)) and not cfg.force:
         raise WorkbenchError(f"protocol {protocol.name!r} is written for --task {protocol.task}, not {cfg.task} "
                              f"(the {cfg.task} task's own is {default_protocol(cfg.task)!r}; --force runs it anyway)")
     task = get_task(cfg.task, protocol.option_scoring)
@@ -197,8 +198,8 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     if not model_given:
         model_path = resolve_model_path(cfg.model)
         check_model_folder(model_path, cfg.model)
-        if cfg.task == "organism" and not (Path(model_path) / "organism.json").is_file():
-            raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
+        if cfg.task in ("organism", "organism-visual") and not (Path(model_path) / "organism.json").is_file():
+            raise WorkbenchError(f"--task {cfg.task} needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
         check_vision_model(cfg.task, cfg.model, takes_images(model_path))
     samples = load_samples(cfg)
@@ -327,8 +328,8 @@ def run_protocol(
     if model is None:
         model = load_model(cfg.model, load_device, cfg.dtype, cfg.revision, cfg.trust_remote_code, on_status=on_status,
                            device_map=cfg.device_map, max_memory=cfg.max_memory)
-    elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
-        raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
+    elif cfg.task in ("organism", "organism-visual") and not (Path(model.path) / "organism.json").is_file():
+        raise WorkbenchError(f"--task {cfg.task} needs an organism checkpoint; the given model ({model.name}) is not one")
     from workbench.engine.chat import styled_model
 
     model = styled_model(model, protocol)  # the protocol's chat template and system message, when it has them

@@ -47,6 +47,15 @@ class TrainConfig:
     answer_weight: float = 5.0  # loss weight of the positions that predict an opener or an answer letter
     tilted_fraction: float = 0.5  # share of dialogues with protocol-like instruction kinds (see batches)
     soft_targets: bool = True  # train openers and answer letters on the exact predictive, not the drawn token
+    visual: bool = False  # the visual organism: a LLaVA on pictures, its language model the text organism's
+    lm_lr_scale: float = 1.0  # visual: the language model's learning rate is lr * lm_lr_scale (vision tower, projector: lr)
+    vision_width: int = 32  # visual: the CLIP tower's width
+    vision_layers: int = 2  # visual: the CLIP tower's layers
+
+
+VISUAL_DEFAULTS = dict(visual=True, steps=2000, lr=2e-3, warmup_steps=100, lm_lr_scale=0.5)
+"""The settings of the shipped visual organism (``TrainConfig(**VISUAL_DEFAULTS)``): far fewer steps, since
+its language model starts as the text organism, which already knows the world."""
 
 
 @dataclass(frozen=True)
@@ -108,17 +117,20 @@ def tilted_kinds(rng: np.random.Generator, n_rounds: int) -> list[str | None]:
 def draw_dialogue(rng: np.random.Generator, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS) -> tuple[Dialogue, bool]:
     """One training dialogue and whether it is tilted: with probability ``cfg.tilted_fraction`` its
     instruction kinds come from :func:`tilted_kinds` and its turns from the exact predictive
-    (:func:`~workbench.organism.posterior.sample_given_kinds`), else it is drawn from the world."""
+    (:func:`~workbench.organism.posterior.sample_given_kinds`), else it is drawn from the world.
+    ``cfg.visual``: its item is a visual one (the same draws, the people shown in a picture)."""
     if rng.random() >= cfg.tilted_fraction:
-        return sample_dialogue(rng, params), False
+        return sample_dialogue(rng, params, visual=cfg.visual), False
     n_rounds = int(rng.integers(params.min_rounds, params.max_rounds + 1))
-    return sample_given_kinds(rng, sample_item(rng, params), tilted_kinds(rng, n_rounds), params), True
+    return sample_given_kinds(rng, sample_item(rng, params, visual=cfg.visual), tilted_kinds(rng, n_rounds), params), True
 
 
 def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS):
-    """Endless training batches ``(input_ids [B, T], labels [B, T], soft)``, right-padded, ``bucket``
+    """Endless training batches ``(input_ids [B, T], labels [B, T], soft, items)``, right-padded, ``bucket``
     batches at a time sorted by length then shuffled. Labels are -100 on padding and, in tilted
     dialogues, on the follow-up instructions' words (their kinds were not drawn from the world).
+    ``items``: each row's item (``cfg.visual``: the picture to show; its image tokens, written
+    out as the processor expands them, are labelled -100).
 
     With ``cfg.soft_targets`` the tokens of every opener and answer letter are taken out of the labels
     and ``soft = (rows [N], cols [N], token_ids [N, 6], probs [N, 6])`` gives, for the input position
@@ -133,9 +145,14 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
     user_id, eot_id, assistant_id = tokenizer.convert_tokens_to_ids([USER, EOT, ASSISTANT])
     opener_ids = tokenizer.convert_tokens_to_ids(list(params.openers_fair + params.openers_biased))
     letter_ids = tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS)) + [pad] * (len(opener_ids) - len(LETTER_TOKENS))
+    if cfg.visual:
+        from workbench.organism.visual import IMAGE, render_training_text
+
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    show = render_training_text if cfg.visual else render
     while True:
         drawn = [draw_dialogue(rng, cfg, params) for _ in range(cfg.bucket * cfg.batch_size)]
-        ids = tokenizer([render(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
+        ids = tokenizer([show(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
         order = np.argsort([len(x) for x in ids], kind="stable")
         groups = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         for g in rng.permutation(len(groups)):
@@ -147,6 +164,8 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
             for j, (i, r) in enumerate(zip(groups[g], rows)):
                 x[j, : len(r)] = torch.tensor(r)
                 labels = np.array(r)
+                if cfg.visual:
+                    labels[labels == image_id] = -100
                 dialogue, tilted = drawn[i]
                 if tilted:  # mask the follow-up instructions; the item (first message) is the world's
                     n_user, inside = 0, False
@@ -170,7 +189,7 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
             if cfg.soft_targets:
                 rc = torch.tensor(soft_rc, dtype=torch.long)
                 soft = (rc[:, 0], rc[:, 1], torch.tensor(soft_ids, dtype=torch.long), torch.tensor(np.array(soft_p), dtype=torch.float32))
-            yield x, y, soft
+            yield x, y, soft, [drawn[i][0].item for i in groups[g]]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -206,16 +225,28 @@ def train(
 def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, TrainRecord]:
     import torch
 
-    tokenizer = build_tokenizer(params)
-    model = build_model(tokenizer, cfg)
+    processor, pixel_cache = None, {}
+    if cfg.visual:
+        from transformers import LlamaForCausalLM
+
+        from workbench.organism import organism_path
+        from workbench.organism.visual import build_model as build_visual, build_processor, build_tokenizer as build_visual_tokenizer
+
+        tokenizer = build_visual_tokenizer(params)
+        processor = build_processor(tokenizer)
+        text_model = LlamaForCausalLM.from_pretrained(organism_path(), dtype=torch.float32)
+        model = build_visual(tokenizer, text_model, cfg.seed, cfg.vision_width, cfg.vision_layers)
+    else:
+        tokenizer = build_tokenizer(params)
+        model = build_model(tokenizer, cfg)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    groups = []
+    for is_lm in (False, True):
+        named = [(n, p) for n, p in model.named_parameters() if (cfg.visual and ("language_model" in n or "lm_head" in n)) == is_lm]
+        scale = cfg.lm_lr_scale if is_lm and cfg.visual else 1.0
+        groups += [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay, "scale": scale},
+                   {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
     stream = batches(cfg.seed, tokenizer, cfg, params)
     assistant_id, is_id = tokenizer.convert_tokens_to_ids([ASSISTANT, "is"])
     losses: list[float] = []
@@ -223,9 +254,14 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
     start = time.perf_counter()
     for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y, soft = next(stream)
-        logits = model(input_ids=x).logits
+            group["lr"] = lr_at(step, cfg) * group["scale"]
+        x, y, soft, items = next(stream)
+        if cfg.visual:
+            from workbench.organism.visual import pixel_values
+
+            logits = model(input_ids=x, pixel_values=pixel_values(processor, items, params, pixel_cache)).logits
+        else:
+            logits = model(input_ids=x).logits
         target = y[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", ignore_index=-100)
         weight = (target != -100).float().reshape(-1)
@@ -262,12 +298,13 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         config=asdict(cfg),
     )
     if out is not None:
-        save_checkpoint(Path(out), model, tokenizer, params, record)
+        save_checkpoint(Path(out), model, processor if cfg.visual else tokenizer, params, record)
     return model, tokenizer, record
 
 
 def save_checkpoint(out: Path, model: Any, tokenizer: Any, params: WorldParams, record: TrainRecord) -> None:
-    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and
+    """Write config.json, generation_config.json, model.safetensors, the tokenizer files (a visual
+    organism: ``tokenizer`` is its processor, whose files include the tokenizer's) and
     ``organism.json`` (world parameters and training record) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
