@@ -320,7 +320,11 @@ def resolve_model_path(name: str) -> str:
     if name == "organism-visual":
         from workbench.organism import organism_visual_path
 
-        return str(organism_visual_path())
+        path = organism_visual_path()
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(f"--model organism-visual: no visual organism checkpoint at {path} (train one: "
+                                 f"workbench organism train --visual --out {path})")
+        return str(path)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

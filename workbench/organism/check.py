@@ -257,7 +257,7 @@ class PictureControls:
 
     n_biased: int  # answer turns whose exact predictive is confidently biased (the stereotyped side, p ≥ 0.6)
     agree_item: float  # of those, the model's top option is the stereotyped side (its own picture)
-    switch: float  # of those, with the figures swapped the model's top option is the other side
+    switch: float  # of those, with the figures swapped the model puts more mass on the other side than on the first one
     swapped_kl: float  # mean KL(exact ‖ model) over all turns, figures swapped (exact of the swapped item)
     n_blank: int  # answer turns of ambiguous items (the text says nothing about sides)
     blank_left: float  # of those, blank picture: share whose more likely side is the left one
@@ -267,7 +267,9 @@ class PictureControls:
 def picture_controls(item_scores: Scored, swapped: Scored, blank: Scored, dialogues: list[Dialogue],
                      confident: float = 0.6) -> PictureControls:
     """The picture-swap and blank-picture controls from the three :func:`score_visual` passes over the
-    same ``dialogues`` (``"item"``, ``"swapped"``, ``"blank"``)."""
+    same ``dialogues`` (``"item"``, ``"swapped"``, ``"blank"``). The swap is judged by the choice between
+    the two sides, not the top option: with the figures swapped the earlier answers of a dialogue count
+    as other evidence, so even the exact predictive may then put ``unknown`` on top."""
     items = [d.item for d in dialogues for _ in d.openers]
     stereo = np.array([it.stereotyped for it in items])
     correct = np.array([it.correct for it in items])
@@ -282,7 +284,7 @@ def picture_controls(item_scores: Scored, swapped: Scored, blank: Scored, dialog
     return PictureControls(
         n_biased=int(biased.sum()),
         agree_item=float((item_scores.model_options.argmax(-1) == stereo)[biased].mean()) if biased.any() else float("nan"),
-        switch=float((swapped.model_options.argmax(-1) == other)[biased].mean()) if biased.any() else float("nan"),
+        switch=float((swapped.model_options[rows, other] > swapped.model_options[rows, stereo])[biased].mean()) if biased.any() else float("nan"),
         swapped_kl=float(kl(swapped.exact_options, swapped.model_options).mean()),
         n_blank=int(ambiguous.sum()),
         blank_left=float((share > 0.5)[ambiguous].mean()) if ambiguous.any() else float("nan"),

@@ -189,7 +189,7 @@ def check(
         t.add_column("turns", justify="right")
         t.add_column("measured", justify="right")
         t.add_row("own picture: top option is the stereotyped side (exact p ≥ 0.6)", str(controls.n_biased), f"{controls.agree_item:.3f}")
-        t.add_row("figures swapped: top option switches to the other side", str(controls.n_biased), f"{controls.switch:.3f}")
+        t.add_row("figures swapped: the other side now preferred to the first", str(controls.n_biased), f"{controls.switch:.3f}")
         t.add_row("figures swapped: mean KL(exact of the swapped item ‖ model)", str(len(scored.round_index)), f"{controls.swapped_kl:.5f}")
         t.add_row("blank picture, ambiguous items: share preferring the left side", str(controls.n_blank), f"{controls.blank_left:.3f}")
         t.add_row("blank picture, ambiguous items: mean p(left) / (p(left) + p(right))", str(controls.n_blank), f"{controls.blank_share:.3f}")

@@ -51,9 +51,10 @@ class TrainConfig:
     lm_lr_scale: float = 1.0  # visual: the language model's learning rate is lr * lm_lr_scale (vision tower, projector: lr)
     vision_width: int = 32  # visual: the CLIP tower's width
     vision_layers: int = 2  # visual: the CLIP tower's layers
+    align_weight: float = 0.0  # visual: weight of the alignment loss (see :func:`alignment_targets`)
 
 
-VISUAL_DEFAULTS = dict(visual=True, steps=2000, lr=2e-3, warmup_steps=100, lm_lr_scale=0.5)
+VISUAL_DEFAULTS = dict(visual=True, steps=1600, lr=2e-3, warmup_steps=100, lm_lr_scale=1.0, align_weight=1.0)
 """The settings of the shipped visual organism (``TrainConfig(**VISUAL_DEFAULTS)``): far fewer steps, since
 its language model starts as the text organism, which already knows the world."""
 
@@ -192,6 +193,29 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
             yield x, y, soft, [drawn[i][0].item for i in groups[g]]
 
 
+def alignment_targets(model: Any, tokenizer: Any, items: list[Any], params: WorldParams = DEFAULT_PARAMS) -> Any:
+    """What the visual organism's image tokens are pulled towards (LLaVA's feature alignment, in
+    miniature): for each picture's ``IMAGE_TOKENS`` patches (row-major, 2×2: left, right, left,
+    right), the language model's input embedding of the group shown on that side plus that of the
+    side's word (``left``/``right``), detached; shape ``[B, IMAGE_TOKENS, d_model]``. With it the
+    picture reads to the language model as the words the text organism already understands."""
+    import torch
+
+    from workbench.organism.visual import IMAGE_TOKENS, PATCH
+    from workbench.organism.picture import SIZE
+    from workbench.organism.world import SIDES
+
+    embed = model.get_input_embeddings().weight.detach()
+    per_row = SIZE // PATCH
+    sides = [(k % per_row) * 2 // per_row for k in range(IMAGE_TOKENS)]  # 0: left half, 1: right half
+    side_ids = tokenizer.convert_tokens_to_ids(list(SIDES))
+    rows = []
+    for item in items:
+        groups = tokenizer.convert_tokens_to_ids(list(item.pair))
+        rows.append(torch.stack([embed[groups[h]] + embed[side_ids[h]] for h in sides]))
+    return torch.stack(rows)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of ``step`` (0-based): linear warm-up, then cosine decay to ``lr*min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -225,7 +249,7 @@ def train(
 def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, TrainRecord]:
     import torch
 
-    processor, pixel_cache = None, {}
+    processor, pixel_cache, align = None, {}, None
     if cfg.visual:
         from transformers import LlamaForCausalLM
 
@@ -259,7 +283,13 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         if cfg.visual:
             from workbench.organism.visual import pixel_values
 
-            logits = model(input_ids=x, pixel_values=pixel_values(processor, items, params, pixel_cache)).logits
+            pixels = pixel_values(processor, items, params, pixel_cache)
+            forward = model(input_ids=x, pixel_values=pixels)
+            logits = forward.logits
+            align = None
+            if cfg.align_weight:  # the projected patches [B, IMAGE_TOKENS, d_model] the language model read
+                feats = torch.stack(list(forward.image_outputs.pooler_output))
+                align = ((feats - alignment_targets(model, tokenizer, items, params)) ** 2).sum(-1).mean()
         else:
             logits = model(input_ids=x).logits
         target = y[:, 1:]
@@ -279,6 +309,8 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
             norm = norm + cfg.answer_weight * len(rows)
             plain, n_tok = plain + soft_ce.detach().sum(), n_tok + len(rows)
         loss = total / norm
+        if cfg.visual and align is not None:
+            loss = loss + cfg.align_weight * align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
