@@ -181,6 +181,18 @@ def test_run_with_a_visual_organism_through_the_cli(micro, capsys, monkeypatch, 
     error_line(err, "organism-visual", "text-only")
 
 
+def test_organism_visual_name_says_no_checkpoint_is_shipped_yet(capsys, monkeypatch, tmp_path):
+    from workbench.organism import organism_visual_path
+
+    assert organism_visual_path().name == "organism-visual"
+    if (organism_visual_path() / "config.json").is_file():
+        pytest.skip("a visual organism checkpoint is in place")
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", "organism-visual", "--task", "organism-visual", "--limit", "1",
+                             "--out", str(tmp_path / "v.h5"))
+    assert code != 0 and not (tmp_path / "v.h5").exists()
+    error_line(err, "--model organism-visual", "no visual organism checkpoint", "organism train --visual")
+
+
 def test_check_visual_through_the_cli(micro, capsys, monkeypatch):
     code, out, err = workbench(capsys, monkeypatch, "organism", "check", "--visual", "--model", str(micro), "--n", "12", "--items", "2")
     assert code == 0, err

@@ -111,8 +111,8 @@ def build_model(tokenizer: Any, text_model: Any, seed: int, vision_width: int = 
     with torch.no_grad():
         embed = model.model.language_model.embed_tokens.weight
         head = model.lm_head.weight
-        embed.normal_(0.0, 0.02)
-        head.normal_(0.0, 0.02)
+        embed.normal_(0.0, float(text_model.model.embed_tokens.weight.std()))
+        head.normal_(0.0, float(text_model.lm_head.weight.std()))
         embed[:n_old] = state.pop("embed_tokens.weight")
         head[:n_old] = text_model.lm_head.weight
         model.model.language_model.load_state_dict({**state, "embed_tokens.weight": embed.clone()}, strict=True)
