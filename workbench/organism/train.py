@@ -52,9 +52,12 @@ class TrainConfig:
     vision_width: int = 32  # visual: the CLIP tower's width
     vision_layers: int = 2  # visual: the CLIP tower's layers
     align_weight: float = 0.0  # visual: weight of the alignment loss (see :func:`alignment_targets`)
+    side_weight: float = 0.0  # visual: weight of the side loss (a linear read-out of the residual after layer
+    side_layer: int = 2  # side_layer at each option word left/right must name the group shown on that side)
 
 
-VISUAL_DEFAULTS = dict(visual=True, steps=2400, lr=3e-3, warmup_steps=100, lm_lr_scale=1.0, align_weight=1.0, answer_weight=20.0)
+VISUAL_DEFAULTS = dict(visual=True, steps=2000, lr=3e-3, warmup_steps=100, lm_lr_scale=1.0, align_weight=1.0, answer_weight=20.0,
+                       side_weight=1.0)
 """The visual organism's settings (``TrainConfig(**VISUAL_DEFAULTS)``, what ``organism train --visual`` runs):
 fewer steps than the text organism's, since its language model starts as the text organism, which
 already knows the world. No checkpoint is shipped yet: with these (and the earlier settings listed in
@@ -272,6 +275,14 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         scale = cfg.lm_lr_scale if is_lm and cfg.visual else 1.0
         groups += [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay, "scale": scale},
                    {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "scale": scale}]
+    side_head = None
+    if cfg.visual and cfg.side_weight:
+        from workbench.organism.world import SIDES
+
+        side_head = torch.nn.Linear(model.config.text_config.hidden_size, len(params.groups))
+        groups.append({"params": list(side_head.parameters()), "weight_decay": 0.0, "scale": 1.0})
+        side_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SIDES)))
+        letter_tok = torch.tensor(tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS)))
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
     stream = batches(cfg.seed, tokenizer, cfg, params)
     assistant_id, is_id = tokenizer.convert_tokens_to_ids([ASSISTANT, "is"])
@@ -286,8 +297,17 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
             from workbench.organism.visual import pixel_values
 
             pixels = pixel_values(processor, items, params, pixel_cache)
-            forward = model(input_ids=x, pixel_values=pixels)
+            forward = model(input_ids=x, pixel_values=pixels, output_hidden_states=side_head is not None)
             logits = forward.logits
+            side_loss = None
+            if side_head is not None:  # each option word left/right: which group is shown on that side (the
+                # read-out side_head trains beside the model and is not saved: it only shapes the residual)
+                is_side = torch.isin(x[:, 1:], side_ids) & torch.isin(x[:, :-1], letter_tok)
+                rows, cols = is_side.nonzero(as_tuple=True)
+                cols = cols + 1
+                target = torch.tensor([params.groups.index(items[r].pair[int(x[r, c] == side_ids[1])]) for r, c in zip(rows.tolist(), cols.tolist())])
+                h = forward.hidden_states[cfg.side_layer][rows, cols]
+                side_loss = torch.nn.functional.cross_entropy(side_head(h), target)
             align = None
             if cfg.align_weight:  # the projected patches [B, IMAGE_TOKENS, d_model] the language model read
                 feats = torch.stack(list(forward.image_outputs.pooler_output))
@@ -313,6 +333,9 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         loss = total / norm
         if cfg.visual and align is not None:
             loss = loss + cfg.align_weight * align
+        if cfg.visual and side_head is not None and side_loss is not None:
+            loss = loss + cfg.side_weight * side_loss
+
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
