@@ -21,11 +21,11 @@ PACKAGES = ("workbench", "probes", "tui")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", (r"workbench\.errors", r"workbench\.version", r"workbench\.json_values", r"workbench\.printable")),
     ("store", (r"workbench\.store(\..*)?",)),
-    ("organism world", (r"workbench\.organism", r"workbench\.organism\.(world|posterior|tokenizer)")),
+    ("organism world", (r"workbench\.organism", r"workbench\.organism\.(world|posterior|tokenizer|picture)")),
     ("engine", (r"workbench\.engine(\..*)?", r"workbench\.organism\.task", r"workbench\.terminal")),
     ("probes", (r"probes(\..*)?",)),
     ("cache", (r"workbench\.cache(\..*)?",)),
-    ("analysis", (r"workbench\.analysis(\..*)?", r"workbench\.organism\.(check|train|cli|debias)")),
+    ("analysis", (r"workbench\.analysis(\..*)?", r"workbench\.organism\.(check|train|cli|debias|visual)")),
     ("tui", (r"tui(\..*)?",)),
     ("face", (r"workbench", r"workbench\.cli", r"workbench\.__main__", r"workbench\.data(\..*)?")),
 ]

@@ -175,7 +175,7 @@ def test_usage_errors_are_one_line(capsys, monkeypatch):
 def test_help_version_protocols(capsys, monkeypatch):
     code, out, _ = workbench(capsys, monkeypatch, "run", "--help")
     assert code == 0
-    assert "<organism|bbq|mc|prompts|vqa|vqa-open>" in out and "<letter|letter-text>" in out and "<auto|cpu|cuda|mps>" in out
+    assert "<organism|bbq|mc|prompts|vqa|vqa-open|organism-visual>" in out and "<letter|letter-text>" in out and "<auto|cpu|cuda|mps>" in out
     assert "<bool>" not in out and "list[" not in out
     assert max(len(line) for line in out.splitlines()) <= 80
     code, out, _ = workbench(capsys, monkeypatch, "--version")

@@ -37,7 +37,7 @@ app = typer.Typer(
 err = Console(stderr=True)
 out = Console()
 
-Task = Literal["organism", "bbq", "mc", "prompts", "vqa", "vqa-open"]
+Task = Literal["organism", "bbq", "mc", "prompts", "vqa", "vqa-open", "organism-visual"]
 ActivationDtype = Literal["float32", "float16"]
 Condition = Literal["ambig", "disambig"]
 OptionScoring = Literal["letter", "letter-text"]
@@ -137,8 +137,8 @@ def protocol_show(
 @app.command()
 def run(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Run file to write (HDF5). Default: artifacts/runs/<model>-<protocol>.h5"),
-    model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, or 'organism' (the shipped model)."),
-    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA, LLaVA-NeXT or Gemma3)."),
+    model: str = typer.Option("organism", help="Hugging Face hub name, local model folder, 'organism' (the shipped model) or 'organism-visual' (the shipped visual organism, a tiny LLaVA; with --task organism-visual)."),
+    task: Task = typer.Option("organism", help="bbq: BBQ JSONL files as published; mc: any multiple-choice file (--fields); prompts: open-ended prompts; organism: the shipped world; vqa: multiple-choice questions about pictures, vqa-open: open-ended ones (JSONL lines {\"image\": \"imgs/001.png\", \"question\": ..., \"options\": [...], \"label\": 1}, image paths relative to the file; an image-text-to-text --model: LLaVA, LLaVA-NeXT or Gemma3); organism-visual: the organism's world with its two people shown in a picture (--model organism-visual)."),
     data: list[Path] = typer.Option([], metavar="FILE", help="Data file(s): BBQ JSONL (repeatable); for mc (repeatable) and prompts a JSONL, a CSV (header line), a folder saved by datasets' save_to_disk, or (prompts) a .txt of one prompt per line; for vqa/vqa-open a JSONL."),
     condition: Optional[Condition] = typer.Option(None, help="BBQ: keep only ambiguous or disambiguated contexts."),
     category: Optional[str] = typer.Option(None, help="BBQ: keep one category (e.g. Religion)."),

@@ -313,11 +313,20 @@ def check_placement(device: str, device_map: Any, max_memory: Any) -> tuple[str 
 
 
 def resolve_model_path(name: str) -> str:
-    """``organism`` → the shipped checkpoint folder; an existing folder → itself; else a hub name."""
+    """``organism`` → the shipped checkpoint folder, ``organism-visual`` → the shipped visual organism's;
+    an existing folder → itself; else a hub name."""
     if name == "organism":
         from workbench.organism import organism_path
 
         return str(organism_path())
+    if name == "organism-visual":
+        from workbench.organism import organism_visual_path
+
+        path = organism_visual_path()
+        if not (path / "config.json").is_file():
+            raise WorkbenchError(f"--model organism-visual: no visual organism checkpoint at {path} (train one: "
+                                 f"workbench organism train --visual --out {path})")
+        return str(path)
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -129,16 +129,17 @@ def load_samples(cfg: RunConfig) -> list[Any]:
             raise WorkbenchError("--task mc needs --data FILE (JSONL, CSV or a saved dataset folder) and --fields")
         fields = parse_fields(cfg.fields, tasks.MC_FIELDS)
         return tasks.load_mc([Path(p) for p in cfg.data], fields, cfg.options, cfg.offset, cfg.limit)
+    if cfg.task in ("organism", "organism-visual"):
+        from workbench.organism.task import WORLD_SEED, load_organism_samples
+
+        world_seed = WORLD_SEED if cfg.world_seed is None else cfg.world_seed
+        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, seed=world_seed, offset=cfg.offset,
+                                     visual=cfg.task == "organism-visual")
     if cfg.task in tasks.VISION_TASKS:
         if len(cfg.data) != 1:
             raise WorkbenchError(f"--task {cfg.task} needs one --data FILE.jsonl "
                                  '(lines {"image": "imgs/001.png", "question": ..., "options": [...], "label": 0})')
         return tasks.load_vqa(Path(cfg.data[0]), cfg.task == "vqa-open", cfg.offset, cfg.limit)
-    if cfg.task == "organism":
-        from workbench.organism.task import WORLD_SEED, load_organism_samples
-
-        world_seed = WORLD_SEED if cfg.world_seed is None else cfg.world_seed
-        return load_organism_samples(limit=64 if cfg.limit is None else cfg.limit, seed=world_seed, offset=cfg.offset)
     tasks.get_task(cfg.task)  # raises the clean error for unknown tasks
     raise AssertionError(cfg.task)
 
@@ -157,7 +158,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
 
     from workbench.engine.models import DEVICES, DTYPES, check_model_folder, check_placement, resolve_model_path, takes_images
     from workbench.engine.protocol import load_protocol
-    from workbench.engine.tasks import default_protocol, get_task
+    from workbench.engine.tasks import PROTOCOL_TASK, default_protocol, get_task
 
     if cfg.batch_size < 1:
         raise WorkbenchError(f"--batch-size must be ≥ 1, not {cfg.batch_size}")
@@ -198,7 +199,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     task = get_task(cfg.task, cfg.option_scoring or "letter")
     protocol = load_protocol(cfg.protocol or default_protocol(cfg.task), cfg.rounds, cfg.inject, cfg.option_scoring,
                              cfg.chat_template)
-    if protocol.task and protocol.task != cfg.task and not cfg.force:
+    if protocol.task and protocol.task not in (cfg.task, PROTOCOL_TASK.get(cfg.task)) and not cfg.force:
         raise WorkbenchError(f"protocol {protocol.name!r} is written for --task {protocol.task}, not {cfg.task} "
                              f"(the {cfg.task} task's own is {default_protocol(cfg.task)!r}; --force runs it anyway)")
     task = get_task(cfg.task, protocol.option_scoring)
@@ -210,7 +211,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             max_new_tokens=decoding.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         )
         protocol = replace(protocol, decoding=decoding)
-    if cfg.world_seed is not None and cfg.task != "organism":
+    if cfg.world_seed is not None and cfg.task not in ("organism", "organism-visual"):
         raise WorkbenchError("--world-seed draws the organism's items and follow-ups: it needs --task organism "
                              "(--seed seeds sampled decoding)")
     if cfg.world_seed is not None and not 0 <= cfg.world_seed < 2**63:
@@ -227,14 +228,14 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
             raise WorkbenchError(f"an intervention acts in rounds {list(late[0].rounds)}, but the protocol has "
                                  f"{protocol.rounds} rounds")
     check_output(out, cfg.resume, cfg.overwrite)  # --overwrite replaces nothing yet: the writer does, at its first batch
-    if cfg.resume and cfg.task == "organism":
+    if cfg.resume and cfg.task in ("organism", "organism-visual"):
         _check_world_seed(out, cfg.world_seed)
     model_path = ""
     if not model_given:
         model_path = resolve_model_path(cfg.model)
         check_model_folder(model_path, cfg.model)
-        if cfg.task == "organism" and not (Path(model_path) / "organism.json").is_file():
-            raise WorkbenchError(f"--task organism needs an organism checkpoint; --model {cfg.model} is not one "
+        if cfg.task in ("organism", "organism-visual") and not (Path(model_path) / "organism.json").is_file():
+            raise WorkbenchError(f"--task {cfg.task} needs an organism checkpoint; --model {cfg.model} is not one "
                                  "(no organism.json). Use --task bbq or --task prompts for other models")
         check_vision_model(cfg.task, cfg.model, takes_images(model_path))
         shape = model_shape(model_path)
@@ -246,7 +247,7 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
         if model_given:
             raise WorkbenchError("--adapter with an already loaded model: apply it with workbench.engine.adapter.apply_adapter first")
         check_adapter(cfg.adapter, model_path if Path(model_path).is_dir() else None)
-    if cfg.task == "organism" and (cfg.data or cfg.condition or cfg.category):
+    if cfg.task in ("organism", "organism-visual") and (cfg.data or cfg.condition or cfg.category):
         given = ", ".join(o for o, v in (("--data", cfg.data), ("--condition", cfg.condition), ("--category", cfg.category)) if v)
         raise WorkbenchError(f"{given}: not used by --task organism (its items are drawn from the organism's world); leave it out")
     samples = load_samples(cfg)
@@ -441,8 +442,8 @@ def run_protocol(
             if on_status is not None:
                 on_status(f"merging the adapter {cfg.adapter} into the weights")
             model = apply_adapter(model, cfg.adapter)
-    elif cfg.task == "organism" and not (Path(model.path) / "organism.json").is_file():
-        raise WorkbenchError(f"--task organism needs an organism checkpoint; the given model ({model.name}) is not one")
+    elif cfg.task in ("organism", "organism-visual") and not (Path(model.path) / "organism.json").is_file():
+        raise WorkbenchError(f"--task {cfg.task} needs an organism checkpoint; the given model ({model.name}) is not one")
     from workbench.engine.chat import styled_model
 
     model = styled_model(model, protocol)  # the protocol's chat template and system message, when it has them
@@ -454,7 +455,7 @@ def run_protocol(
             "offset": cfg.offset, "limit": cfg.limit}
     if cfg.fields or cfg.options:
         data.update(fields=cfg.fields, options=cfg.options)
-    if cfg.task == "organism":
+    if cfg.task in ("organism", "organism-visual"):
         data["world_seed"] = int(all_samples[0].extra["world_seed"]) if all_samples else None
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
                             cfg.activation_dtype, cfg.seed, cfg.command_line)

@@ -280,7 +280,7 @@ MC = replace(BBQ, name="mc")
 
 VQA = replace(BBQ, name="vqa")  # multiple choice about a picture: letters scored and parsed as for BBQ
 VQA_OPEN = replace(PROMPTS, name="vqa-open")  # open-ended answers about a picture (a --scorer grades them)
-VISION_TASKS = ("vqa", "vqa-open")
+VISION_TASKS = ("vqa", "vqa-open", "organism-visual")
 
 
 def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int | None = None) -> list[Sample]:
@@ -328,7 +328,8 @@ def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int |
 
 TASKS = ("bbq", "mc", "prompts", "organism", *VISION_TASKS)
 DEFAULT_PROTOCOLS = {"bbq": "bbq-paper", "mc": "mc", "prompts": "prompts", "organism": "organism", "vqa": "vqa-moral",
-                     "vqa-open": "vqa-open"}
+                     "vqa-open": "vqa-open", "organism-visual": "organism"}
+PROTOCOL_TASK = {"organism-visual": "organism"}  # a task that runs the protocols written for another one
 
 
 def default_protocol(task: str) -> str:
@@ -338,7 +339,8 @@ def default_protocol(task: str) -> str:
 
 
 def get_task(name: str, option_scoring: str = "letter") -> Task:
-    """The task called ``name`` (``bbq``, ``mc``, ``prompts``, ``organism``, ``vqa``, ``vqa-open``).
+    """The task called ``name`` (``bbq``, ``mc``, ``prompts``, ``organism``, ``vqa``, ``vqa-open``,
+    ``organism-visual``: the organism's world with its people in a picture, for ``--model organism-visual``).
 
     ``option_scoring`` picks what BBQ and mc score per option: ``letter`` (`` (a)``, the study's) or
     ``letter-text`` (`` (a) option text``). The organism's options are single letter tokens, so it
@@ -362,4 +364,10 @@ def get_task(name: str, option_scoring: str = "letter") -> Task:
         if option_scoring != "letter":
             raise WorkbenchError("--option-scoring letter-text: the organism's options are single letters; use letter")
         return ORGANISM
+    if name == "organism-visual":
+        from workbench.organism.task import ORGANISM_VISUAL
+
+        if option_scoring != "letter":
+            raise WorkbenchError("--option-scoring letter-text: the organism's options are single letters; use letter")
+        return ORGANISM_VISUAL
     raise WorkbenchError(f"unknown task {name!r} (choose {', '.join(TASKS[:-1])} or {TASKS[-1]})")

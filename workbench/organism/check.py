@@ -14,7 +14,7 @@ Two measurements:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,7 @@ from workbench.organism.world import (
     WorldParams,
     heldout_rng,
     sample_dialogue,
+    swap_sides,
 )
 
 CHECK_SEED = 4321  # held-out dialogues of `organism check` and of the tests
@@ -158,23 +159,23 @@ def fidelity_rows(s: Scored) -> list[dict[str, float | str]]:
 
 
 def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED, batch_size: int = 32,
-                           on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                           on_batch: Callable[[int], None] | None = None, visual: bool = False) -> dict[str, np.ndarray]:
     """The model answers ``n_items`` held-out items for itself through the round engine (greedy,
     no activation capture) under a built-in protocol. ``model`` is a loaded organism
     (:func:`workbench.engine.models.load_model`). Returns per sample and round ``[n_items, R]``: exact
     ``p_fair`` and ``log_odds`` of the prefix it built, ``correct``, ``option_entropy`` (model, at its
     answer position) and ``exact_entropy``; and ``responses`` (texts). ``on_batch(k)`` is told after
-    each batch of ``k`` items."""
+    each batch of ``k`` items. ``visual``: the visual organism on the same items shown as pictures."""
     from workbench.engine.batch import run_batch
-    from workbench.organism.task import ORGANISM, load_organism_samples
+    from workbench.organism.task import ORGANISM, ORGANISM_VISUAL, load_organism_samples
     from workbench.engine.protocol import load_protocol
 
     p = load_protocol(protocol)
-    samples = load_organism_samples(n_items, seed=seed + 1)
+    samples = load_organism_samples(n_items, seed=seed + 1, visual=visual)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy", "responses")}
     for start in range(0, n_items, batch_size):
         batch = samples[start : start + batch_size]
-        res = run_batch(model, ORGANISM, p, batch, sites=[], seed=0)
+        res = run_batch(model, ORGANISM_VISUAL if visual else ORGANISM, p, batch, sites=[], seed=0)
         gold = np.array([s.gold for s in batch])
         parts["p_fair"].append(res.round_fields["exact_p_fair"])
         parts["log_odds"].append(res.round_fields["exact_log_odds"])
@@ -188,8 +189,104 @@ def self_correction_rounds(model: Any, protocol: str, n_items: int = 60, seed: i
 
 
 def self_correction_table(model: Any, protocol: str, n_items: int = 60, seed: int = CHECK_SEED,
-                          on_batch: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                          on_batch: Callable[[int], None] | None = None, visual: bool = False) -> dict[str, np.ndarray]:
     """Per round means of :func:`self_correction_rounds`: exact p(fair), exact log-odds, accuracy,
     model option entropy, exact option entropy; each shape [n_rounds]."""
-    rounds = self_correction_rounds(model, protocol, n_items, seed, on_batch=on_batch)
+    rounds = self_correction_rounds(model, protocol, n_items, seed, on_batch=on_batch, visual=visual)
     return {k: rounds[k].astype(float).mean(0) for k in ("p_fair", "log_odds", "correct", "option_entropy", "exact_entropy")}
+
+
+# ----------------------------------------------------------------------------- the visual organism
+
+
+def heldout_visual_dialogues(n: int, seed: int = CHECK_SEED, params: WorldParams = DEFAULT_PARAMS) -> list[Dialogue]:
+    """The ``n`` dialogues of :func:`heldout_dialogues`, drawn as visual ones (the same draws: the same
+    items, kinds and turns, the people shown in a picture)."""
+    return [sample_dialogue(heldout_rng(seed, i), params, visual=True) for i in range(n)]
+
+
+def score_visual(model: Any, processor: Any, dialogues: list[Dialogue], params: WorldParams = DEFAULT_PARAMS,
+                 picture: str = "item", batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Scored:
+    """:func:`score_dialogues` for the visual organism (a ``LlavaForConditionalGeneration`` and its
+    processor), teacher-forced on visual dialogues shown with ``picture``: ``"item"`` (each item's
+    own picture), ``"swapped"`` (its two figures swapped: the exact columns are then those of the
+    swapped item, whose stereotyped side is the other one) or ``"blank"`` (no figures: the exact
+    columns stay the item's)."""
+    import torch
+
+    from workbench.organism.visual import pixel_values, render_training_text
+
+    if picture not in ("item", "swapped", "blank"):
+        raise ValueError(picture)
+    tokenizer = processor.tokenizer
+    letters, openers = _letter_and_opener_ids(tokenizer, params)
+    assistant_id = tokenizer.convert_tokens_to_ids(ASSISTANT)
+    cols: dict[str, list] = {k: [] for k in Scored.__dataclass_fields__}
+    cache: dict = {}
+    for start in range(0, len(dialogues), batch_size):
+        chunk = [replace(d, item=swap_sides(d.item)) if picture == "swapped" else d for d in dialogues[start : start + batch_size]]
+        ids = tokenizer([render_training_text(d.messages()) for d in chunk], add_special_tokens=False).input_ids
+        width = max(len(x) for x in ids)
+        x = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        for j, r in enumerate(ids):
+            x[j, : len(r)] = torch.tensor(r)
+        pixels = pixel_values(processor, [None if picture == "blank" else d.item for d in chunk], params, cache)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x, pixel_values=pixels.to(model.dtype)).logits.float(), dim=-1).numpy()
+        for j, d in enumerate(chunk):
+            exact = dialogue_trace(d, params)
+            refs = (dialogue_trace(d, params, use_instructions=False), dialogue_trace(d, params, use_answers=False))
+            starts = [i for i, t in enumerate(ids[j]) if t == assistant_id]
+            for t, pos in enumerate(starts):
+                cols["model_options"].append(_renorm(logp[j, pos + 4, letters]))
+                cols["model_openers"].append(_renorm(logp[j, pos, openers]))
+                cols["exact_options"].append(exact.option_probs[t])
+                cols["no_instructions"].append(refs[0].option_probs[t])
+                cols["no_answers"].append(refs[1].option_probs[t])
+                cols["exact_openers"].append(exact.opener_probs[t])
+                cols["exact_p_fair"].append(exact.p_fair[t])
+                cols["round_index"].append(t)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return Scored(**{k: np.asarray(v) for k, v in cols.items()})
+
+
+@dataclass(frozen=True)
+class PictureControls:
+    """What the picture does (:func:`picture_controls`)."""
+
+    n_biased: int  # answer turns whose exact predictive is confidently biased (the stereotyped side, p ≥ 0.6)
+    agree_item: float  # of those, the model's top option is the stereotyped side (its own picture)
+    switch: float  # of those, with the figures swapped the model puts more mass on the other side than on the first one
+    swapped_kl: float  # mean KL(exact ‖ model) over all turns, figures swapped (exact of the swapped item)
+    n_blank: int  # answer turns of ambiguous items (the text says nothing about sides)
+    blank_left: float  # of those, blank picture: share whose more likely side is the left one
+    blank_share: float  # mean p(left) / (p(left) + p(right)) over them, blank picture
+
+
+def picture_controls(item_scores: Scored, swapped: Scored, blank: Scored, dialogues: list[Dialogue],
+                     confident: float = 0.6) -> PictureControls:
+    """The picture-swap and blank-picture controls from the three :func:`score_visual` passes over the
+    same ``dialogues`` (``"item"``, ``"swapped"``, ``"blank"``). The swap is judged by the choice between
+    the two sides, not the top option: with the figures swapped the earlier answers of a dialogue count
+    as other evidence, so even the exact predictive may then put ``unknown`` on top."""
+    items = [d.item for d in dialogues for _ in d.openers]
+    stereo = np.array([it.stereotyped for it in items])
+    correct = np.array([it.correct for it in items])
+    other = np.array([it.options.index("right" if it.options[it.stereotyped] == "left" else "left") for it in items])
+    rows = np.arange(len(items))
+    biased = (item_scores.exact_options[rows, stereo] >= confident) & (stereo != correct)
+    ambiguous = np.array([it.condition == "ambig" for it in items])
+    left = np.array([it.options.index("left") for it in items])
+    right = np.array([it.options.index("right") for it in items])
+    p_left, p_right = blank.model_options[rows, left], blank.model_options[rows, right]
+    share = p_left / (p_left + p_right)
+    return PictureControls(
+        n_biased=int(biased.sum()),
+        agree_item=float((item_scores.model_options.argmax(-1) == stereo)[biased].mean()) if biased.any() else float("nan"),
+        switch=float((swapped.model_options[rows, other] > swapped.model_options[rows, stereo])[biased].mean()) if biased.any() else float("nan"),
+        swapped_kl=float(kl(swapped.exact_options, swapped.model_options).mean()),
+        n_blank=int(ambiguous.sum()),
+        blank_left=float((share > 0.5)[ambiguous].mean()) if ambiguous.any() else float("nan"),
+        blank_share=float(share[ambiguous].mean()) if ambiguous.any() else float("nan"),
+    )

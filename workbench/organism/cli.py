@@ -70,6 +70,7 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (linear warm-up, cosine decay)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch CPU threads; keep the default to reproduce the shipped weights bit for bit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already in --out (such as the shipped one)."),
+    visual: bool = typer.Option(False, "--visual", help="Train the visual organism (artifacts/organism-visual): a tiny LLaVA whose context is a picture of the item's two people; its language model starts as the shipped text organism."),
 ) -> None:
     """Train the organism on dialogues drawn from the world and save a checkpoint (the defaults reproduce the shipped one)."""
     from dataclasses import asdict, replace
@@ -77,19 +78,22 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from workbench.errors import check_output_path
-    from workbench.organism import organism_path
-    from workbench.organism.train import TrainConfig, train as run_training
+    from workbench.organism import organism_path, organism_visual_path
+    from workbench.organism.train import VISUAL_DEFAULTS, TrainConfig, train as run_training
 
     overrides = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, threads=threads).items() if v is not None}
     for key, value in overrides.items():
         if value <= 0:
             raise WorkbenchError(f"--{key.replace('_', '-')} must be > 0")
-    cfg = replace(TrainConfig(seed=seed), **overrides)
+    cfg = replace(TrainConfig(seed=seed, **(VISUAL_DEFAULTS if visual else {})), **overrides)
     check_output_path(out, "--out", folder=True)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        shipped = " (the shipped checkpoint)" if out.resolve() == organism_path().resolve() else ""
+        shipped = " (the shipped checkpoint)" if out.resolve() in (organism_path().resolve(), organism_visual_path().resolve()) else ""
         raise WorkbenchError(f"--out {out} already holds files{shipped}; give a new folder, or --overwrite to replace them")
-    console.print(Text(f"training the organism: {cfg.steps} steps × {cfg.batch_size} dialogues, seed {cfg.seed} → {out}"))
+    if visual and not (organism_path() / "model.safetensors").is_file():
+        raise WorkbenchError(f"--visual starts from the shipped text organism, which is missing: {organism_path()}")
+    what = "the visual organism (LLaVA, language model from the text organism)" if visual else "the organism"
+    console.print(Text(f"training {what}: {cfg.steps} steps × {cfg.batch_size} dialogues, seed {cfg.seed} → {out}"))
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -124,23 +128,49 @@ def check(
     n: int = typer.Option(400, "--n", help="Held-out world dialogues for the fidelity table (teacher-forced)."),
     items: int = typer.Option(60, "--items", help="Held-out items the model answers for itself under each organism protocol."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="Seed of the held-out stream (default: the one the tests use)."),
+    visual: bool = typer.Option(False, "--visual", help="Measure the visual organism (default checkpoint: the shipped organism-visual) on the same dialogues shown as pictures, with the picture-swap and blank-picture controls."),
 ) -> None:
     """Measure a checkpoint against the exact answers: KL and entropy correlation on held-out dialogues, and self-correction under the organism protocols."""
     import numpy as np
 
     from workbench.terminal import ProgressBar, load_model_showing_steps
-    from workbench.organism.check import CHECK_SEED, checkpoint_meta, fidelity_rows, heldout_dialogues, score_dialogues, self_correction_table
+    from workbench.organism import organism_visual_path
+    from workbench.organism.check import (
+        CHECK_SEED,
+        checkpoint_meta,
+        fidelity_rows,
+        heldout_dialogues,
+        heldout_visual_dialogues,
+        picture_controls,
+        score_dialogues,
+        score_visual,
+        self_correction_table,
+    )
 
     if n < 1 or items < 1:
         raise WorkbenchError("--n and --items must be ≥ 1")
     if model is not None and not model.is_dir():
         raise WorkbenchError(f"checkpoint folder not found: {model}")
     seed = CHECK_SEED if seed is None else seed
-    params, meta = checkpoint_meta(model)
-    loaded = load_model_showing_steps(str(model) if model is not None else "organism", device="cpu")
-    with ProgressBar("held-out dialogues", "dialogues") as bar:
-        bar.update(0, n)
-        scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params, on_batch=bar.advance)
+    params, meta = checkpoint_meta(model if model is not None or not visual else organism_visual_path())
+    loaded = load_model_showing_steps(str(model) if model is not None else ("organism-visual" if visual else "organism"), device="cpu")
+    if visual != loaded.vision:
+        raise WorkbenchError(f"--model {model}: " + ("not a visual organism (a text model); leave out --visual" if visual
+                                                    else "a visual organism; add --visual"))
+    controls = None
+    if visual:
+        dialogues = heldout_visual_dialogues(n, seed, params)
+        passes = {}
+        for picture in ("item", "swapped", "blank"):
+            with ProgressBar(f"held-out dialogues, {picture} picture", "dialogues") as bar:
+                bar.update(0, n)
+                passes[picture] = score_visual(loaded.hf, loaded.processor, dialogues, params, picture, on_batch=bar.advance)
+        scored = passes["item"]
+        controls = picture_controls(passes["item"], passes["swapped"], passes["blank"], dialogues)
+    else:
+        with ProgressBar("held-out dialogues", "dialogues") as bar:
+            bar.update(0, n)
+            scored = score_dialogues(loaded.hf, loaded.tokenizer, heldout_dialogues(n, seed, params), params, on_batch=bar.advance)
     rec = meta.get("training", {})
     table = Table(
         title=f"answer distribution vs the exact predictive: {n} held-out dialogues, {len(scored.round_index)} answers (seed {seed})",
@@ -153,11 +183,22 @@ def check(
     console.print(table)
     opener_kl = fidelity_rows(scored)[0]["opener_kl"]
     console.print(f"opener word: mean KL(exact ‖ model) {opener_kl:.5f} nats.  checkpoint: {rec.get('steps', '?')} steps, seed {rec.get('seed', '?')}, final loss {rec.get('final_loss', float('nan')):.4f}, {rec.get('wall_time_s', '?')} s\n", markup=False)
+    if controls is not None:
+        t = Table(title="the picture matters: the same dialogues with the two figures swapped, and with a blank picture", title_justify="left")
+        t.add_column("control")
+        t.add_column("turns", justify="right")
+        t.add_column("measured", justify="right")
+        t.add_row("own picture: top option is the stereotyped side (exact p ≥ 0.6)", str(controls.n_biased), f"{controls.agree_item:.3f}")
+        t.add_row("figures swapped: the other side now preferred to the first", str(controls.n_biased), f"{controls.switch:.3f}")
+        t.add_row("figures swapped: mean KL(exact of the swapped item ‖ model)", str(len(scored.round_index)), f"{controls.swapped_kl:.5f}")
+        t.add_row("blank picture, ambiguous items: share preferring the left side", str(controls.n_blank), f"{controls.blank_left:.3f}")
+        t.add_row("blank picture, ambiguous items: mean p(left) / (p(left) + p(right))", str(controls.n_blank), f"{controls.blank_share:.3f}")
+        console.print(t)
 
     for protocol in ("organism", "organism-neutral", "organism-inject"):
         with ProgressBar(f"{protocol}: items", "items") as bar:
             bar.update(0, items)
-            res = self_correction_table(loaded, protocol, n_items=items, seed=seed, on_batch=bar.advance)
+            res = self_correction_table(loaded, protocol, n_items=items, seed=seed, on_batch=bar.advance, visual=visual)
         rounds = len(res["p_fair"])
         t = Table(title=f"{protocol}: the model answers {items} held-out items for itself (greedy)", title_justify="left")
         t.add_column("per round")

@@ -18,7 +18,12 @@ responses (an unparseable opener or letter is no evidence).
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import weakref
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,23 +37,50 @@ from workbench.engine.task import WORLD_FOLLOWUP, Sample, Task
 WORLD_SEED = 1234  # the default world seed of runs (`workbench run --world-seed`): the held-out items and follow-ups
 
 
-def load_organism_samples(limit: int, seed: int = WORLD_SEED, offset: int = 0) -> list[Sample]:
+_PICTURES: list[Path] = []  # this process's folder of rendered pictures (removed at exit)
+
+
+def picture_folder() -> Path:
+    """A private folder (made once per process with ``mkdtemp``, removed at exit) the visual task
+    writes its items' pictures to: the engine reads a sample's picture from a file."""
+    if not _PICTURES:
+        folder = Path(tempfile.mkdtemp(prefix="workbench-organism-visual-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _PICTURES.append(folder)
+    return _PICTURES[0]
+
+
+def load_organism_samples(limit: int, seed: int = WORLD_SEED, offset: int = 0, visual: bool = False) -> list[Sample]:
     """``limit`` held-out items of the shipped world, indices ``offset .. offset+limit-1``.
 
     Item ``i`` depends only on ``(seed, i)`` (a stream disjoint from training), so slices agree;
     the ``organism-world`` protocol's follow-ups of a sample depend on the same ``seed``.
     ``gold`` is the fair (correct) option; ``extra`` holds ``stereotyped`` (the biased option's index),
     ``unknown`` (the index of "unknown"), ``act`` and ``polarity``.
+
+    ``visual``: the same items drawn for the visual organism (``sample_item(..., visual=True)``): the
+    text names the people by side, the options are ``left``/``right``/``unknown``, ``image`` is the
+    item's picture (:mod:`workbench.organism.picture`, written to :func:`picture_folder`) and
+    ``extra`` also holds ``pair`` (the groups shown left and right) and the picture's record
+    (``image``: sha256, thumbnail; :func:`workbench.engine.images.image_record`).
     """
     if limit < 1 or offset < 0:
         raise WorkbenchError("--limit must be ≥ 1 and --offset ≥ 0")
     samples = []
     for i in range(offset, offset + limit):
-        item = sample_item(heldout_rng(seed, i), DEFAULT_PARAMS)
+        item = sample_item(heldout_rng(seed, i), DEFAULT_PARAMS, visual=visual)
+        image, more = None, {}
+        if visual:
+            from workbench.engine.images import image_record
+            from workbench.organism.picture import save
+
+            path = save(item, picture_folder() / f"item-{seed}-{i}.png")
+            image = str(path)
+            more = {"pair": list(item.pair), "image": image_record(path, f"organism-visual item {i} (seed {seed})", f"organism-visual item {i}")}
         samples.append(
             Sample(
                 index=i,
-                id=f"organism-{seed}-{i}",
+                id=f"organism{'-visual' if visual else ''}-{seed}-{i}",
                 context=item.context,
                 question=item.question,
                 options=item.options,
@@ -61,7 +93,9 @@ def load_organism_samples(limit: int, seed: int = WORLD_SEED, offset: int = 0) -
                     "act": item.act,
                     "polarity": item.polarity,
                     "world_seed": seed,
+                    **more,
                 },
+                image=image,
             )
         )
     return samples
@@ -170,3 +204,8 @@ ORGANISM = Task(
     round_fields=round_fields,
     followup=followup,
 )
+
+
+ORGANISM_VISUAL = replace(ORGANISM, name="organism-visual")
+"""The visual organism's task: the organism's, on items whose people are shown in a picture
+(``load_organism_samples(..., visual=True)``); the same letters, follow-ups and exact posterior."""

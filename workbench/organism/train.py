@@ -47,6 +47,21 @@ class TrainConfig:
     answer_weight: float = 5.0  # loss weight of the positions that predict an opener or an answer letter
     tilted_fraction: float = 0.5  # share of dialogues with protocol-like instruction kinds (see batches)
     soft_targets: bool = True  # train openers and answer letters on the exact predictive, not the drawn token
+    visual: bool = False  # the visual organism: a LLaVA on pictures, its language model the text organism's
+    lm_lr_scale: float = 1.0  # visual: the language model's learning rate is lr * lm_lr_scale (vision tower, projector: lr)
+    vision_width: int = 32  # visual: the CLIP tower's width
+    vision_layers: int = 2  # visual: the CLIP tower's layers
+    align_weight: float = 0.0  # visual: weight of the alignment loss (see :func:`alignment_targets`)
+    side_weight: float = 0.0  # visual: weight of the side loss (a linear read-out of the residual after layer
+    side_layer: int = 2  # side_layer at each option word left/right must name the group shown on that side)
+
+
+VISUAL_DEFAULTS = dict(visual=True, steps=2000, lr=3e-3, warmup_steps=100, lm_lr_scale=1.0, align_weight=1.0, answer_weight=20.0,
+                       side_weight=1.0)
+"""The visual organism's settings (``TrainConfig(**VISUAL_DEFAULTS)``, what ``organism train --visual`` runs):
+fewer steps than the text organism's, since its language model starts as the text organism, which
+already knows the world. No checkpoint is shipped yet: with these (and the earlier settings listed in
+docs/ORGANISM.md) the model does not learn to read the picture (its answers ignore it)."""
 
 
 @dataclass(frozen=True)
@@ -108,17 +123,20 @@ def tilted_kinds(rng: np.random.Generator, n_rounds: int) -> list[str | None]:
 def draw_dialogue(rng: np.random.Generator, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS) -> tuple[Dialogue, bool]:
     """One training dialogue and whether it is tilted: with probability ``cfg.tilted_fraction`` its
     instruction kinds come from :func:`tilted_kinds` and its turns from the exact predictive
-    (:func:`~workbench.organism.posterior.sample_given_kinds`), else it is drawn from the world."""
+    (:func:`~workbench.organism.posterior.sample_given_kinds`), else it is drawn from the world.
+    ``cfg.visual``: its item is a visual one (the same draws, the people shown in a picture)."""
     if rng.random() >= cfg.tilted_fraction:
-        return sample_dialogue(rng, params), False
+        return sample_dialogue(rng, params, visual=cfg.visual), False
     n_rounds = int(rng.integers(params.min_rounds, params.max_rounds + 1))
-    return sample_given_kinds(rng, sample_item(rng, params), tilted_kinds(rng, n_rounds), params), True
+    return sample_given_kinds(rng, sample_item(rng, params, visual=cfg.visual), tilted_kinds(rng, n_rounds), params), True
 
 
 def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS):
-    """Endless training batches ``(input_ids [B, T], labels [B, T], soft)``, right-padded, ``bucket``
+    """Endless training batches ``(input_ids [B, T], labels [B, T], soft, items)``, right-padded, ``bucket``
     batches at a time sorted by length then shuffled. Labels are -100 on padding and, in tilted
     dialogues, on the follow-up instructions' words (their kinds were not drawn from the world).
+    ``items``: each row's item (``cfg.visual``: the picture to show; its image tokens, written
+    out as the processor expands them, are labelled -100).
 
     With ``cfg.soft_targets`` the tokens of every opener and answer letter are taken out of the labels
     and ``soft = (rows [N], cols [N], token_ids [N, 6], probs [N, 6])`` gives, for the input position
@@ -133,9 +151,14 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
     user_id, eot_id, assistant_id = tokenizer.convert_tokens_to_ids([USER, EOT, ASSISTANT])
     opener_ids = tokenizer.convert_tokens_to_ids(list(params.openers_fair + params.openers_biased))
     letter_ids = tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS)) + [pad] * (len(opener_ids) - len(LETTER_TOKENS))
+    if cfg.visual:
+        from workbench.organism.visual import IMAGE, render_training_text
+
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    show = render_training_text if cfg.visual else render
     while True:
         drawn = [draw_dialogue(rng, cfg, params) for _ in range(cfg.bucket * cfg.batch_size)]
-        ids = tokenizer([render(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
+        ids = tokenizer([show(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
         order = np.argsort([len(x) for x in ids], kind="stable")
         groups = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         for g in rng.permutation(len(groups)):
@@ -147,6 +170,8 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
             for j, (i, r) in enumerate(zip(groups[g], rows)):
                 x[j, : len(r)] = torch.tensor(r)
                 labels = np.array(r)
+                if cfg.visual:
+                    labels[labels == image_id] = -100
                 dialogue, tilted = drawn[i]
                 if tilted:  # mask the follow-up instructions; the item (first message) is the world's
                     n_user, inside = 0, False
@@ -170,7 +195,30 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
             if cfg.soft_targets:
                 rc = torch.tensor(soft_rc, dtype=torch.long)
                 soft = (rc[:, 0], rc[:, 1], torch.tensor(soft_ids, dtype=torch.long), torch.tensor(np.array(soft_p), dtype=torch.float32))
-            yield x, y, soft
+            yield x, y, soft, [drawn[i][0].item for i in groups[g]]
+
+
+def alignment_targets(model: Any, tokenizer: Any, items: list[Any], params: WorldParams = DEFAULT_PARAMS) -> Any:
+    """What the visual organism's image tokens are pulled towards (LLaVA's feature alignment, in
+    miniature): for each picture's ``IMAGE_TOKENS`` patches (row-major, 2×2: left, right, left,
+    right), the language model's input embedding of the group shown on that side plus that of the
+    side's word (``left``/``right``), detached; shape ``[B, IMAGE_TOKENS, d_model]``. With it the
+    picture reads to the language model as the words the text organism already understands."""
+    import torch
+
+    from workbench.organism.visual import IMAGE_TOKENS, PATCH
+    from workbench.organism.picture import SIZE
+    from workbench.organism.world import SIDES
+
+    embed = model.get_input_embeddings().weight.detach()
+    per_row = SIZE // PATCH
+    sides = [(k % per_row) * 2 // per_row for k in range(IMAGE_TOKENS)]  # 0: left half, 1: right half
+    side_ids = tokenizer.convert_tokens_to_ids(list(SIDES))
+    rows = []
+    for item in items:
+        groups = tokenizer.convert_tokens_to_ids(list(item.pair))
+        rows.append(torch.stack([embed[groups[h]] + embed[side_ids[h]] for h in sides]))
+    return torch.stack(rows)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -206,16 +254,36 @@ def train(
 def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, TrainRecord]:
     import torch
 
-    tokenizer = build_tokenizer(params)
-    model = build_model(tokenizer, cfg)
+    processor, pixel_cache, align = None, {}, None
+    if cfg.visual:
+        from transformers import LlamaForCausalLM
+
+        from workbench.organism import organism_path
+        from workbench.organism.visual import build_model as build_visual, build_processor, build_tokenizer as build_visual_tokenizer
+
+        tokenizer = build_visual_tokenizer(params)
+        processor = build_processor(tokenizer)
+        text_model = LlamaForCausalLM.from_pretrained(organism_path(), dtype=torch.float32)
+        model = build_visual(tokenizer, text_model, cfg.seed, cfg.vision_width, cfg.vision_layers)
+    else:
+        tokenizer = build_tokenizer(params)
+        model = build_model(tokenizer, cfg)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    groups = []
+    for is_lm in (False, True):
+        named = [(n, p) for n, p in model.named_parameters() if (cfg.visual and ("language_model" in n or "lm_head" in n)) == is_lm]
+        scale = cfg.lm_lr_scale if is_lm and cfg.visual else 1.0
+        groups += [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": cfg.weight_decay, "scale": scale},
+                   {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0, "scale": scale}]
+    side_head = None
+    if cfg.visual and cfg.side_weight:
+        from workbench.organism.world import SIDES
+
+        side_head = torch.nn.Linear(model.config.text_config.hidden_size, len(params.groups))
+        groups.append({"params": list(side_head.parameters()), "weight_decay": 0.0, "scale": 1.0})
+        side_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SIDES)))
+        letter_tok = torch.tensor(tokenizer.convert_tokens_to_ids(list(LETTER_TOKENS)))
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
     stream = batches(cfg.seed, tokenizer, cfg, params)
     assistant_id, is_id = tokenizer.convert_tokens_to_ids([ASSISTANT, "is"])
     losses: list[float] = []
@@ -223,9 +291,29 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
     start = time.perf_counter()
     for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y, soft = next(stream)
-        logits = model(input_ids=x).logits
+            group["lr"] = lr_at(step, cfg) * group["scale"]
+        x, y, soft, items = next(stream)
+        if cfg.visual:
+            from workbench.organism.visual import pixel_values
+
+            pixels = pixel_values(processor, items, params, pixel_cache)
+            forward = model(input_ids=x, pixel_values=pixels, output_hidden_states=side_head is not None)
+            logits = forward.logits
+            side_loss = None
+            if side_head is not None:  # each option word left/right: which group is shown on that side (the
+                # read-out side_head trains beside the model and is not saved: it only shapes the residual)
+                is_side = torch.isin(x[:, 1:], side_ids) & torch.isin(x[:, :-1], letter_tok)
+                rows, cols = is_side.nonzero(as_tuple=True)
+                cols = cols + 1
+                target = torch.tensor([params.groups.index(items[r].pair[int(x[r, c] == side_ids[1])]) for r, c in zip(rows.tolist(), cols.tolist())])
+                h = forward.hidden_states[cfg.side_layer][rows, cols]
+                side_loss = torch.nn.functional.cross_entropy(side_head(h), target)
+            align = None
+            if cfg.align_weight:  # the projected patches [B, IMAGE_TOKENS, d_model] the language model read
+                feats = torch.stack(list(forward.image_outputs.pooler_output))
+                align = ((feats - alignment_targets(model, tokenizer, items, params)) ** 2).sum(-1).mean()
+        else:
+            logits = model(input_ids=x).logits
         target = y[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none", ignore_index=-100)
         weight = (target != -100).float().reshape(-1)
@@ -243,6 +331,11 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
             norm = norm + cfg.answer_weight * len(rows)
             plain, n_tok = plain + soft_ce.detach().sum(), n_tok + len(rows)
         loss = total / norm
+        if cfg.visual and align is not None:
+            loss = loss + cfg.align_weight * align
+        if cfg.visual and side_head is not None and side_loss is not None:
+            loss = loss + cfg.side_weight * side_loss
+
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -262,12 +355,13 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         config=asdict(cfg),
     )
     if out is not None:
-        save_checkpoint(Path(out), model, tokenizer, params, record)
+        save_checkpoint(Path(out), model, processor if cfg.visual else tokenizer, params, record)
     return model, tokenizer, record
 
 
 def save_checkpoint(out: Path, model: Any, tokenizer: Any, params: WorldParams, record: TrainRecord) -> None:
-    """Write config.json, generation_config.json, model.safetensors, the tokenizer files and
+    """Write config.json, generation_config.json, model.safetensors, the tokenizer files (a visual
+    organism: ``tokenizer`` is its processor, whose files include the tokenizer's) and
     ``organism.json`` (world parameters and training record) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -19,7 +19,7 @@ exact posterior. Nothing here imports torch.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -126,6 +126,8 @@ class Item:
     condition: str  # "ambig" or "disambig"
     act: str  # Act.key
     polarity: str
+    pair: tuple[str, str] = ("", "")  # the two groups in the order the text names them (visual: left, right)
+    visual: bool = False  # the people are shown in a picture (left, right) and the text names sides, not groups
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,19 @@ def vocabulary(params: WorldParams = DEFAULT_PARAMS) -> list[str]:
     return sorted({w for t in texts for w in t.split()})
 
 
-def sample_item(rng: np.random.Generator, params: WorldParams = DEFAULT_PARAMS) -> Item:
-    """One item: two groups (one of them the act's stereotyped group), maybe a disambiguating sentence."""
+SIDES = ("left", "right")  # how the visual world's text names the two people: by their place in the picture
+VISUAL_WORDS = ("on", *SIDES)  # the words the visual world writes beyond :func:`vocabulary`'s
+
+
+def sample_item(rng: np.random.Generator, params: WorldParams = DEFAULT_PARAMS, visual: bool = False) -> Item:
+    """One item: two groups (one of them the act's stereotyped group), maybe a disambiguating sentence.
+
+    ``visual``: the same item (the same random draws, so the same act, groups, order, place, actor and
+    option order) written for a picture: the two people are shown left and right in the order the text
+    item names them (``Item.pair``, rendered by :mod:`workbench.organism.picture`), the text refers to
+    them by side (``"the person on the left and the person on the right were at the market ."``) and the
+    options are ``left``, ``right`` and ``unknown``. ``correct`` and ``stereotyped`` point at the same
+    people, so the exact posterior is the text item's."""
     act = params.acts[rng.integers(len(params.acts))]
     others = [g for g in params.groups if g != act.stereotyped]
     other = others[rng.integers(len(others))]
@@ -185,25 +198,44 @@ def sample_item(rng: np.random.Generator, params: WorldParams = DEFAULT_PARAMS) 
     if rng.random() < 0.5:
         pair.reverse()
     place = params.places[rng.integers(len(params.places))]
-    context = f"a {pair[0]} person and a {pair[1]} person were at the {place} ."
+    name = (lambda g: f"person on the {SIDES[pair.index(g)]}") if visual else (lambda g: f"{g} person")
+    article = "the" if visual else "a"
+    context = f"{article} {name(pair[0])} and {article} {name(pair[1])} were at the {place} ."
     ambiguous = rng.random() < params.p_ambiguous
     actor = None
     if not ambiguous:
         actor = act.stereotyped if rng.random() < params.p_stereotyped_actor else other
         bystander = other if actor == act.stereotyped else act.stereotyped
         idle = params.idle_phrases[rng.integers(len(params.idle_phrases))]
-        context += f" the {actor} person {act.phrase} and the {bystander} person {idle} ."
+        context += f" the {name(actor)} {act.phrase} and the {name(bystander)} {idle} ."
     options = tuple(str(o) for o in rng.permutation([pair[0], pair[1], UNKNOWN]))
+    correct, stereotyped = options.index(UNKNOWN if ambiguous else actor), options.index(act.stereotyped)
+    if visual:
+        options = tuple(o if o == UNKNOWN else SIDES[pair.index(o)] for o in options)
     return Item(
         context=context,
         question=f"who {act.phrase} ?",
         options=options,  # type: ignore[arg-type]
-        correct=options.index(UNKNOWN if ambiguous else actor),
-        stereotyped=options.index(act.stereotyped),
+        correct=correct,
+        stereotyped=stereotyped,
         condition="ambig" if ambiguous else "disambig",
         act=act.key,
         polarity=act.polarity,
+        pair=(pair[0], pair[1]),
+        visual=visual,
     )
+
+
+def swap_sides(item: Item) -> Item:
+    """A visual item with its two figures swapped in the picture (the text unchanged): the person on the
+    left now belongs to the other group, so ``stereotyped`` moves to the other side's option (and
+    ``correct`` stays, the actor being named by side). The picture-swap control of
+    ``organism check --visual``."""
+    if not item.visual:
+        raise ValueError("swap_sides needs a visual item")
+    side = item.options[item.stereotyped]
+    other = item.options.index(SIDES[1 - SIDES.index(side)])
+    return replace(item, pair=(item.pair[1], item.pair[0]), stereotyped=other)
 
 
 def answer_probs(item_correct: int, item_stereotyped: int, fair: bool, params: WorldParams = DEFAULT_PARAMS) -> np.ndarray:
@@ -231,12 +263,14 @@ def instruction_probs(fair: bool, params: WorldParams = DEFAULT_PARAMS) -> np.nd
 
 
 def sample_dialogue(
-    rng: np.random.Generator, params: WorldParams = DEFAULT_PARAMS, n_rounds: int | None = None, item: Item | None = None
+    rng: np.random.Generator, params: WorldParams = DEFAULT_PARAMS, n_rounds: int | None = None, item: Item | None = None,
+    visual: bool = False,
 ) -> Dialogue:
     """A dialogue drawn from the generative process; ``n_rounds`` defaults to uniform in
-    ``min_rounds..max_rounds`` (independent of z)."""
+    ``min_rounds..max_rounds`` (independent of z). ``visual``: its item is drawn as a visual one
+    (:func:`sample_item`); the same random stream then gives the same dialogue in both worlds."""
     if item is None:
-        item = sample_item(rng, params)
+        item = sample_item(rng, params, visual=visual)
     if n_rounds is None:
         n_rounds = int(rng.integers(params.min_rounds, params.max_rounds + 1))
     fair = bool(rng.random() < params.prior_fair)
