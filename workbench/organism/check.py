@@ -88,6 +88,27 @@ def _letter_and_opener_ids(tokenizer: Any, params: WorldParams) -> tuple[list[in
     return letters, openers
 
 
+def add_answer_rows(cols: dict[str, list], logp: np.ndarray, chunk: list[Dialogue], ids: list[list[int]], assistant_id: int,
+                    letters: list[int], openers: list[int], params: WorldParams) -> None:
+    """Append to ``cols`` one row per assistant turn of each dialogue in ``chunk``: the model's answer
+    and opener distributions read from ``logp`` ``[batch, pos, vocab]`` (the letter is predicted at the
+    assistant token + 4: ``<assistant> opener the answer is (x)``) beside the exact ones, the two
+    ablated references, the exact p(fair) and the round index."""
+    for j, d in enumerate(chunk):
+        exact = dialogue_trace(d, params)
+        refs = (dialogue_trace(d, params, use_instructions=False), dialogue_trace(d, params, use_answers=False))
+        starts = [i for i, t in enumerate(ids[j]) if t == assistant_id]
+        for t, pos in enumerate(starts):
+            cols["model_options"].append(_renorm(logp[j, pos + 4, letters]))
+            cols["model_openers"].append(_renorm(logp[j, pos, openers]))
+            cols["exact_options"].append(exact.option_probs[t])
+            cols["no_instructions"].append(refs[0].option_probs[t])
+            cols["no_answers"].append(refs[1].option_probs[t])
+            cols["exact_openers"].append(exact.opener_probs[t])
+            cols["exact_p_fair"].append(exact.p_fair[t])
+            cols["round_index"].append(t)
+
+
 def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], params: WorldParams = DEFAULT_PARAMS, batch_size: int = 64,
                     on_batch: Callable[[int], None] | None = None) -> Scored:
     """Teacher-forced forward passes over ``dialogues``; the distributions of every assistant turn.
@@ -106,20 +127,7 @@ def score_dialogues(model: Any, tokenizer: Any, dialogues: list[Dialogue], param
             x[j, : len(r)] = torch.tensor(r)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=x).logits.float(), dim=-1).numpy()
-        for j, d in enumerate(chunk):
-            exact = dialogue_trace(d, params)
-            refs = (dialogue_trace(d, params, use_instructions=False), dialogue_trace(d, params, use_answers=False))
-            starts = [i for i, t in enumerate(ids[j]) if t == assistant_id]
-            for t, pos in enumerate(starts):
-                # <assistant> opener the answer is (x): the letter is predicted at pos + 4
-                cols["model_options"].append(_renorm(logp[j, pos + 4, letters]))
-                cols["model_openers"].append(_renorm(logp[j, pos, openers]))
-                cols["exact_options"].append(exact.option_probs[t])
-                cols["no_instructions"].append(refs[0].option_probs[t])
-                cols["no_answers"].append(refs[1].option_probs[t])
-                cols["exact_openers"].append(exact.opener_probs[t])
-                cols["exact_p_fair"].append(exact.p_fair[t])
-                cols["round_index"].append(t)
+        add_answer_rows(cols, logp, chunk, ids, assistant_id, letters, openers, params)
         if on_batch is not None:
             on_batch(len(chunk))
     return Scored(**{k: np.asarray(v) for k, v in cols.items()})
@@ -233,19 +241,7 @@ def score_visual(model: Any, processor: Any, dialogues: list[Dialogue], params: 
         pixels = pixel_values(processor, [None if picture == "blank" else d.item for d in chunk], params, cache)
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=x, pixel_values=pixels.to(model.dtype)).logits.float(), dim=-1).numpy()
-        for j, d in enumerate(chunk):
-            exact = dialogue_trace(d, params)
-            refs = (dialogue_trace(d, params, use_instructions=False), dialogue_trace(d, params, use_answers=False))
-            starts = [i for i, t in enumerate(ids[j]) if t == assistant_id]
-            for t, pos in enumerate(starts):
-                cols["model_options"].append(_renorm(logp[j, pos + 4, letters]))
-                cols["model_openers"].append(_renorm(logp[j, pos, openers]))
-                cols["exact_options"].append(exact.option_probs[t])
-                cols["no_instructions"].append(refs[0].option_probs[t])
-                cols["no_answers"].append(refs[1].option_probs[t])
-                cols["exact_openers"].append(exact.opener_probs[t])
-                cols["exact_p_fair"].append(exact.p_fair[t])
-                cols["round_index"].append(t)
+        add_answer_rows(cols, logp, chunk, ids, assistant_id, letters, openers, params)
         if on_batch is not None:
             on_batch(len(chunk))
     return Scored(**{k: np.asarray(v) for k, v in cols.items()})
