@@ -247,25 +247,25 @@ def pooling(
 _NOT_SET = object()
 
 
-def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], None]]) -> Callable[[], None]:
-    """Wrap ``module.forward`` so that each call hands its first input (``side == "input"``) or its
-    output to every observer; returns the function that puts the module's own ``forward`` back (an
-    instance attribute another library set, e.g. accelerate's device hooks, included)."""
+def replace_forward(module: Any, side: str, change: Callable[[Any], Any]) -> Callable[[], None]:
+    """Wrap ``module.forward`` so that its first input (``side == "input"``: the first positional
+    argument or ``hidden_states``) or its output goes through ``change`` (which returns the value to
+    use); returns the function that puts the module's own ``forward`` back (an instance attribute
+    another library set, e.g. accelerate's device hooks, included). Capture's observers and the
+    interventions (:mod:`workbench.engine.interventions`) are both wrappers made by it."""
     saved = module.__dict__.get("forward", _NOT_SET)
     inner = module.forward
 
     if side == "input":
         def forward(*args: Any, **kwargs: Any) -> Any:
-            act = args[0] if args else kwargs["hidden_states"]
-            for observe in observers:
-                observe(act)
+            if args:
+                args = (change(args[0]), *args[1:])
+            else:
+                kwargs["hidden_states"] = change(kwargs["hidden_states"])
             return inner(*args, **kwargs)
     else:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            out = inner(*args, **kwargs)
-            for observe in observers:
-                observe(out)
-            return out
+            return change(inner(*args, **kwargs))
 
     module.forward = functools.wraps(inner)(forward)
 
@@ -276,6 +276,17 @@ def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], Non
             module.forward = saved
 
     return undo
+
+
+def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], None]]) -> Callable[[], None]:
+    """Wrap ``module.forward`` (:func:`replace_forward`) so that each call hands its first input
+    (``side == "input"``) or its output to every observer, unchanged; returns the undo."""
+    def see(act: Any) -> Any:
+        for observe in observers:
+            observe(act)
+        return act
+
+    return replace_forward(module, side, see)
 
 
 def round_pools(

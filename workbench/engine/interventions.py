@@ -466,6 +466,8 @@ def intervening(hf: Any, plan: Plan | None, part: str) -> Iterator[None]:
     if not plan:
         yield
         return
+    from workbench.engine.capture import replace_forward  # torch: not at import (info reads interventions)
+
     cache: dict[Any, Any] = {}
     # per (module path, side): the edits in order, each (edit, prefill weight, later); resid_mid: per layer
     edits: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
@@ -531,6 +533,8 @@ def _editor(plan: Plan, path: str, side: str, entries: list[tuple[Any, ...]]) ->
 def _install_mid(hf: Any, plan: Plan, layer: int, entries: list[tuple[Any, ...]]) -> list[Callable[[], None]]:
     """resid_mid = block input + attention output: keep the block's input as it enters (inside any
     resid_pre edit), and replace the attention output ``a`` by ``f(pre + a) − pre``."""
+    from workbench.engine.capture import replace_forward
+
     pre_site, attn_site = plan.sites[("hook_resid_pre", layer)], plan.sites[("hook_attn_out", layer)]
     kept: list[Any] = [None]
 
@@ -549,35 +553,3 @@ def _install_mid(hf: Any, plan: Plan, layer: int, entries: list[tuple[Any, ...]]
             replace_forward(hf.get_submodule(attn_site.module), "output", change)]
 
 
-_NOT_SET = object()
-
-
-def replace_forward(module: Any, side: str, change: Callable[[Any], Any]) -> Callable[[], None]:
-    """Wrap ``module.forward`` so that its first input (``side == "input"``: the first positional
-    argument or ``hidden_states``) or its output goes through ``change`` (which returns the value to
-    use); returns the function that puts the module's own ``forward`` back (an instance attribute
-    another library set included). The same mechanism as capture's observers
-    (:mod:`workbench.engine.capture`)."""
-    saved = module.__dict__.get("forward", _NOT_SET)
-    inner = module.forward
-
-    if side == "input":
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if args:
-                args = (change(args[0]), *args[1:])
-            else:
-                kwargs["hidden_states"] = change(kwargs["hidden_states"])
-            return inner(*args, **kwargs)
-    else:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return change(inner(*args, **kwargs))
-
-    module.forward = functools.wraps(inner)(forward)
-
-    def undo() -> None:
-        if saved is _NOT_SET:
-            del module.forward
-        else:
-            module.forward = saved
-
-    return undo
