@@ -43,13 +43,15 @@ def render(messages: list[dict[str, str]], add_generation_prompt: bool = False) 
     return "".join(parts)
 
 
-def build_tokenizer(params: WorldParams = DEFAULT_PARAMS) -> Any:
-    """A ``transformers.PreTrainedTokenizerFast`` over the world's words, with the chat template set."""
+def word_level_tokenizer(tokens: list[str], chat_template: str, extra_special: tuple[str, ...] = (),
+                         named: dict[str, str] | None = None) -> Any:
+    """A ``transformers.PreTrainedTokenizerFast`` splitting on whitespace, each of ``tokens`` its own id
+    (in order), the organism's special tokens and ``extra_special`` never split, ``named`` extra special
+    tokens by role (``{"image_token": "<image>"}``), and ``chat_template`` set."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate([*SPECIAL_TOKENS, *vocabulary(params)])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(tokens)}, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -57,8 +59,14 @@ def build_tokenizer(params: WorldParams = DEFAULT_PARAMS) -> Any:
         eos_token=EOT,
         pad_token=PAD,
         unk_token=UNK,
-        additional_special_tokens=[USER, ASSISTANT],
+        additional_special_tokens=[USER, ASSISTANT, *extra_special],
+        **({"extra_special_tokens": named} if named else {}),
         clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=1024,
     )
+
+
+def build_tokenizer(params: WorldParams = DEFAULT_PARAMS) -> Any:
+    """A ``transformers.PreTrainedTokenizerFast`` over the world's words, with the chat template set."""
+    return word_level_tokenizer([*SPECIAL_TOKENS, *vocabulary(params)], CHAT_TEMPLATE)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.organism.picture import SIZE, render
-from workbench.organism.tokenizer import ASSISTANT, BOS, EOT, PAD, SPECIAL_TOKENS, UNK, USER
+from workbench.organism.tokenizer import ASSISTANT, BOS, EOT, SPECIAL_TOKENS, USER, word_level_tokenizer
 from workbench.organism.world import DEFAULT_PARAMS, VISUAL_WORDS, Item, WorldParams, vocabulary
 
 IMAGE = "<image>"
@@ -56,24 +56,7 @@ def visual_vocabulary(params: WorldParams = DEFAULT_PARAMS) -> list[str]:
 def build_tokenizer(params: WorldParams = DEFAULT_PARAMS) -> Any:
     """A ``PreTrainedTokenizerFast`` over :func:`visual_vocabulary` with the visual chat template;
     ``<image>`` is a special token (so the processor's ``<image><image>…`` splits into one token each)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(visual_vocabulary(params))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOT,
-        pad_token=PAD,
-        unk_token=UNK,
-        additional_special_tokens=[USER, ASSISTANT, IMAGE],
-        extra_special_tokens={"image_token": IMAGE},
-        clean_up_tokenization_spaces=False,
-        chat_template=VISUAL_CHAT_TEMPLATE,
-        model_max_length=1024,
-    )
+    return word_level_tokenizer(visual_vocabulary(params), VISUAL_CHAT_TEMPLATE, (IMAGE,), {"image_token": IMAGE})
 
 
 def build_processor(tokenizer: Any) -> Any:
