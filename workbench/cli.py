@@ -457,7 +457,6 @@ def _print_summary(run_file: Any) -> None:
     rows = s["rounds"]
     if not rows:
         return
-    metrics = [k for k in rows[0] if k in COLUMN_LABELS]
     for names in TABLES:
         columns = [c for c in names if c in rows[0]]
         if len(columns) < 2:

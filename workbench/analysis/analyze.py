@@ -28,7 +28,7 @@ from workbench.errors import WorkbenchError
 from workbench.json_values import finite
 from workbench.store.groups import replace_group
 from workbench.store.reader import RunFile
-from workbench.engine.uncertainty import expected_calibration_error, rank_calibration_error
+from workbench.engine.uncertainty import rank_calibration_error
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000

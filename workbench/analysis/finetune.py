@@ -337,7 +337,7 @@ def finetune(cfg: FinetuneConfig, on_step: Callable[[int, int, float], None] | N
              on_status: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.data`` into ``cfg.out`` (see the module docstring) and return the
     record written to ``finetune.json``. Every bad input fails before training starts."""
-    from workbench.engine.adapter import RECORD, model_shape
+    from workbench.engine.adapter import model_shape
     from workbench.engine.models import check_model_folder, resolve_model_path
     from workbench.version import __version__
 

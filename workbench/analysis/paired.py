@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from workbench.analysis.analyze import CONFIDENCE, N_RESAMPLES, bootstrap_interval, ece_batched, mean_interval
-from workbench.analysis.summary import answer_correctness
 from workbench.errors import WorkbenchError
 from workbench.store.reader import RunFile
 
@@ -160,14 +159,12 @@ def compare(steered: RunFile, base: RunFile, seed: int = 0) -> dict[str, Any]:
         metrics[name] = _per_round(concepts_s[name][rs], concepts_b[name][rb], seed, f"mean {name} (tracked probe projection)")
     result["metrics"] = metrics
     if multiple_choice:
-        ans_s = answer_correctness(steered)
         answers_s, answers_b = get(steered, rs, "rounds/parsed_answer"), get(base, rb, "rounds/parsed_answer")
         settle_s, settle_b = settling_round(answers_s), settling_round(answers_b)
         est = _diff_interval(settle_s, settle_b, seed)
         result["settling_round"] = {"what": "the round from which a sample's parsed answer never changes",
                                     "steered": float(settle_s.mean()), "base": float(settle_b.mean()),
                                     "value": est[0], "low": est[1], "high": est[2]}
-        del ans_s
         gain_s, gain_b = cs[:, -1] - cs[:, 0], cb[:, -1] - cb[:, 0]
         est = _diff_interval(gain_s, gain_b, seed)
         result["accuracy_gain"] = {"what": f"accuracy gain round 1 → round {rounds}", "steered": float(gain_s.mean()),

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from workbench.engine.records import get_path, json_safe, parse_fields, read_jsonl, read_rows, text_value
+from workbench.engine.records import get_path, json_safe, read_jsonl, read_rows, text_value
 from workbench.engine.task import LETTERS, Sample, Task
 from workbench.errors import WorkbenchError
 
