@@ -31,7 +31,7 @@ def _range(values: np.ndarray) -> tuple[float, float] | None:
     if not finite.size:
         return None
     lo, hi = float(finite.min()), float(finite.max())
-    return (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo, hi)
+    return (max(0.0, lo - 0.5), hi + 0.5) if hi - lo < 1e-12 else (lo, hi)  # an entropy is never below 0
 
 
 class EntropyCurve(BaseStyleCache, Widget):
