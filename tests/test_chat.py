@@ -103,3 +103,14 @@ def test_encode_gives_the_tokenizers_own_ids(tmp_path, organism):
         for batch in (texts, texts[::-1], [organism.tokenizer.bos_token + " <user> hello <eot>"]):
             assert encode(tok, batch) == [tok(t, add_special_tokens=False)["input_ids"] for t in batch]
         assert _BACKEND_AGREES[tok]  # the direct way was taken after the first call
+
+
+def test_encode_is_not_padded_by_an_earlier_padded_call(tmp_path):
+    """A processor's call with ``padding=True`` (a VLM's first round) leaves the Rust backend padding
+    every batch; the texts of later rounds must still come back as the ordinary call gives them."""
+    tok = build_tokenizer(tmp_path)
+    texts = ["<|im_start|>user\nWho was forgetful, the one on the left?<|im_end|>\n", "<|im_end|>\n"]
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encode(tok, texts) == want and _BACKEND_AGREES[tok]
+    tok(texts, padding=True)
+    assert encode(tok, texts) == want

@@ -103,6 +103,9 @@ def test_carried_rounds_equal_a_full_recompute_with_the_image(arch, vlm, tmp_pat
         handle.remove()
     assert n_kept == 1 and len(calls) - n_kept == 3  # once for the batch; re-running: once per round
     assert [r.reused_cache for r in kept.rounds] == [False, True, True]
+    # round 1's processor call pads its batch; later rounds' texts must not come back padded
+    pad = model.tokenizer.pad_token_id
+    assert all(pad not in row for s in (kept, again) for row in s.transcripts)
     if arch == "llava_next":
         counts = [sum(t == model.image_token_id for t in row) for row in kept.transcripts]
         assert counts[0] != counts[1]

@@ -300,6 +300,10 @@ _BACKEND_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # toke
 def _encode_distinct(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens added (see :func:`encode`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.padding is not None or backend.truncation is not None):
+        # a call with padding=True (a processor's, on a VLM's first round) leaves the backend padding
+        # every batch to its longest text: the ordinary call resets that, the backend would pad
+        backend = None
     agrees = _BACKEND_AGREES.get(tokenizer) if backend is not None else False
     if agrees:
         return _backend_ids(backend, texts)
