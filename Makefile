@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEMO   ?= artifacts/runs/demo.h5
 DEMO_WORLD ?= artifacts/runs/demo-world.h5
+DEMO_VISUAL ?= artifacts/runs/demo-visual.h5
 
 .PHONY: setup demo test test-quick bench clean-runs system-tools
 
@@ -33,14 +34,16 @@ system-tools:
 	fi
 
 PROBE  ?= artifacts/probes/organism-fair.h5
+PROBE_VISUAL ?= artifacts/probes/organism-visual-fair.h5
 
 # A self-correction run on the shipped organism (moral follow-ups, `organism`), a concept probe
 # fitted on every layer, its scores tracked through the run, the per-round table (accuracy,
 # uncertainty, concept score); then the same items under `organism-world` (follow-ups drawn per
 # sample from the world), the only protocol where the exact posterior varies within a round, so
 # that the probe's within-round and per-change Spearman ρ can be measured (the README's figures);
-# a report overlaying both; then the TUI on the first run when stdout is a terminal (else the
-# command that opens it).
+# a report overlaying both; then the visual organism (a tiny LLaVA that must read a picture to
+# know who is who): its picture controls, and the same probe check on its own `organism-world` run;
+# then the TUI on the first run when stdout is a terminal (else the command that opens it).
 demo: setup
 	$(BIN)/workbench run --model organism --task organism --protocol organism --limit 64 --out $(DEMO) --overwrite
 	$(BIN)/workbench run --model organism --task organism --protocol organism-world --limit 64 --out $(DEMO_WORLD) --overwrite
@@ -51,6 +54,11 @@ demo: setup
 	$(BIN)/workbench analyze $(DEMO_WORLD)
 	$(BIN)/workbench report $(DEMO) $(DEMO_WORLD) --out artifacts/runs/reports/demo
 	$(BIN)/workbench info $(DEMO)
+	$(BIN)/workbench organism check --visual --n 200 --items 20
+	$(BIN)/workbench run --model organism-visual --task organism-visual --protocol organism-world --limit 64 --out $(DEMO_VISUAL) --overwrite
+	$(BIN)/workbench probe fit --model organism-visual --contrast organism --method ridge --out $(PROBE_VISUAL) --overwrite
+	$(BIN)/workbench probe track $(DEMO_VISUAL) $(PROBE_VISUAL) --name fair
+	$(BIN)/workbench analyze $(DEMO_VISUAL)
 	@if [ -t 1 ]; then $(BIN)/workbench tui $(DEMO); \
 	else echo "open the run in the terminal UI:  $(BIN)/workbench tui $(DEMO)   (? lists the keys)"; fi
 

@@ -7,7 +7,9 @@ Sources (``--contrast``):
   ambiguous middle is left out), each with its exact log-odds as ``target``; for a regression
   method (``ridge``) nothing is left out (``margin`` 0: label fair when p ≥ ½), since the middle is
   where the target is most informative; or, for the paired methods, pairs that share a dialogue
-  prefix and differ only in the last instruction (a moral vs an immoral phrasing);
+  prefix and differ only in the last instruction (a moral vs an immoral phrasing); for the visual
+  organism (a vision-language model's processor given) the same prefixes drawn as visual dialogues,
+  each with its item's picture in the first user message, as ``organism-visual`` runs show it;
 * a pair JSONL file – ``{"positive": ..., "negative": ...}`` per line;
 * a labelled JSONL file – ``{"text": ..., "label": 0|1}`` per line (e.g. toxic comments).
 
@@ -167,12 +169,24 @@ ORGANISM_CONTRAST_SEED = 777  # disjoint from training, `organism check` and the
 ORGANISM_MARGIN = 0.3  # the classifiers' organism contrast: p(fair) ≥ 0.8 or ≤ 0.2
 
 
-def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed: int = ORGANISM_CONTRAST_SEED, margin: float = ORGANISM_MARGIN) -> ContrastSet:
+def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed: int = ORGANISM_CONTRAST_SEED, margin: float = ORGANISM_MARGIN,
+                      processor: Any = None) -> ContrastSet:
     """The organism's concept contrast (see the module docstring): ``n`` texts drawn from world
     dialogues, each prefix kept unless ``|p(fair) − ½| < margin``; ``target`` ``[n]`` is its exact
-    log-odds (NaN for the pairs)."""
+    log-odds (NaN for the pairs). ``processor`` (the visual organism's): the same draws as visual
+    dialogues, the item's picture before the first message's text (``images``: one picture path per
+    text, written once per pair of groups to the task's private picture folder); the digest covers
+    which picture each text shows."""
     from workbench.organism.posterior import dialogue_trace
     from workbench.organism.world import DEFAULT_PARAMS, sample_dialogue
+
+    visual = processor is not None
+    pictures: list[str] = []
+    if visual:
+        from workbench.organism.picture import save
+        from workbench.organism.task import picture_folder
+
+        folder = picture_folder()
 
     rng = np.random.default_rng(seed)
     params = DEFAULT_PARAMS
@@ -180,15 +194,26 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
     labels: list[int] = []
     target: list[float] = []
     pairs: list[tuple[int, int]] = []
-    encode = lambda messages: list(  # noqa: E731
-        tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    )
+    def encode(messages: list[dict[str, Any]], item: Any) -> list[int]:
+        if not visual:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        path = folder / f"contrast-{item.pair[0]}-{item.pair[1]}.png"
+        if not path.exists():
+            save(item, path, params)
+        pictures.append(str(path))
+        first = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[0]["content"]}]}
+        rendered = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=False, add_generation_prompt=True)
+        from workbench.engine.images import load_image
+
+        return list(processor(text=[rendered], images=[[load_image(path)]], add_special_tokens=False)["input_ids"][0])
+
     attempts = 0
     while len(token_ids) < n:
         attempts += 1
         if attempts > 50 * n:
             raise WorkbenchError("could not draw enough organism contrast prefixes")
-        d = sample_dialogue(rng, params)
+        d = sample_dialogue(rng, params, visual=visual)
         t = int(rng.integers(0, len(d.instructions)))
         messages = d.messages()[: 2 * t + 1]
         if paired:
@@ -199,7 +224,7 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
             base = messages[:-1]
             pairs.append((len(token_ids), len(token_ids) + 1))
             for text, label in ((moral, 1), (immoral, 0)):
-                token_ids.append(encode(base + [{"role": "user", "content": text}]))
+                token_ids.append(encode(base + [{"role": "user", "content": text}], d.item))
                 labels.append(label)
                 target.append(float("nan"))
             continue
@@ -207,18 +232,22 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
         p = float(trace.p_fair[t])
         if 0.5 - margin < p < 0.5 + margin:
             continue
-        token_ids.append(encode(messages))
+        token_ids.append(encode(messages, d.item))
         labels.append(int(p >= 0.5))
         target.append(float(trace.log_odds[t]))
     labels_arr = np.asarray(labels, dtype=np.int64)
+    digest = _digest(token_ids, labels_arr)
+    if visual:
+        digest = hashlib.sha256((digest + "".join(Path(p).name for p in pictures)).encode()).hexdigest()[:16]
     return ContrastSet(
-        name="organism-pairs" if paired else "organism",
+        name=("organism-visual" if visual else "organism") + ("-pairs" if paired else ""),
         token_ids=token_ids,
         labels=labels_arr,
         pairs=np.asarray(pairs, dtype=np.int64) if paired else None,
         target=np.asarray(target, dtype=np.float64),
-        digest=_digest(token_ids, labels_arr),
+        digest=digest,
         margin=None if paired else margin,
+        images=pictures if visual else None,
     )
 
 
@@ -228,7 +257,7 @@ def load_contrast(spec: str, tokenizer: Any, paired: bool, n: int = 2000, fmt: s
     the organism's left-out band around p(fair) = ½, see :func:`organism_contrast`; ``processor``: a
     vision-language model's, for lines with pictures; ``max_lines``: see :func:`read_contrast_file`)."""
     if spec == "organism":
-        return organism_contrast(tokenizer, n=n, paired=paired, seed=seed, margin=margin)
+        return organism_contrast(tokenizer, n=n, paired=paired, seed=seed, margin=margin, processor=processor)
     path = Path(spec)
     if not path.exists():
         raise WorkbenchError(f"--contrast: {spec} is neither 'organism' nor an existing JSONL file")

@@ -181,12 +181,11 @@ def test_run_with_a_visual_organism_through_the_cli(micro, capsys, monkeypatch, 
     error_line(err, "organism-visual", "text-only")
 
 
-def test_organism_visual_name_says_no_checkpoint_is_shipped_yet(capsys, monkeypatch, tmp_path):
-    from workbench.organism import organism_visual_path
+def test_organism_visual_name_without_a_checkpoint_is_one_line(capsys, monkeypatch, tmp_path):
+    import workbench.organism as organism
 
-    assert organism_visual_path().name == "organism-visual"
-    if (organism_visual_path() / "config.json").is_file():
-        pytest.skip("a visual organism checkpoint is in place")
+    assert organism.organism_visual_path().name == "organism-visual"
+    monkeypatch.setattr(organism, "organism_visual_path", lambda: tmp_path / "organism-visual")
     code, _, err = workbench(capsys, monkeypatch, "run", "--model", "organism-visual", "--task", "organism-visual", "--limit", "1",
                              "--out", str(tmp_path / "v.h5"))
     assert code != 0 and not (tmp_path / "v.h5").exists()
@@ -231,3 +230,137 @@ def test_picture_controls_tell_a_reader_of_the_picture_from_one_that_ignores_it(
     # a model that ignores the picture answers the same whatever it shows: the swap switches nothing
     c = picture_controls(scored(own, None), scored(swapped, exact_own), scored(own, exact_own), dialogues)
     assert c.switch == 0.0 and c.swapped_kl > 0.1
+
+
+# ----------------------------------------------------------------------------- the teacher: the text organism reading the same item
+
+
+def test_a_visual_item_written_as_text_is_the_text_item():
+    from workbench.organism.world import as_text
+
+    for i in range(300):
+        assert as_text(sample_item(heldout_rng(21, i), visual=True)) == sample_item(heldout_rng(21, i))
+    with pytest.raises(ValueError):
+        as_text(sample_item(heldout_rng(21, 0)))
+
+
+def test_teacher_positions_start_once_both_texts_have_named_the_people():
+    """The aligned suffix of a visual dialogue and its text twin starts at the first token after the
+    people are named (``were`` in an ambiguous item), covers every later turn, and is the same tokens
+    once each side word is read as the group shown there."""
+    from workbench.organism.tokenizer import ASSISTANT, render
+    from workbench.organism.train import aligned_suffix, text_twin
+    from workbench.organism.visual import build_tokenizer, render_training_text
+
+    tok = build_tokenizer()
+    sides = tuple(tok.convert_tokens_to_ids(list(SIDES)))
+    seen_conditions = set()
+    for i in range(40):
+        d = sample_dialogue(heldout_rng(22, i), visual=True)
+        seen = tok(render_training_text(d.messages()), add_special_tokens=False).input_ids
+        text = tok(render(text_twin(d).messages()), add_special_tokens=False).input_ids
+        n = aligned_suffix(seen, text, sides, tuple(tok.convert_tokens_to_ids(list(d.item.pair))))
+        first = tok.convert_ids_to_tokens(seen[len(seen) - n])
+        seen_conditions.add(d.item.condition)
+        if d.item.condition == "ambig":
+            assert first == "were"
+        else:  # after the bystander's name: the idle phrase's first word
+            assert first not in ("person", "left", "right", *DEFAULT_PARAMS.groups)
+        assert seen.count(tok.convert_tokens_to_ids(ASSISTANT)) == seen[-n:].count(tok.convert_tokens_to_ids(ASSISTANT))
+        assert seen[-n:].count(sides[0]) >= 1 and text[-n:].count(sides[0]) == 0  # the options: sides in one, groups in the other
+    assert seen_conditions == {"ambig", "disambig"}
+
+
+# ----------------------------------------------------------------------------- the shipped checkpoint
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from workbench.organism import organism_visual_path
+
+    path = organism_visual_path()
+    assert (path / "model.safetensors").is_file(), f"the visual organism is not in {path}"
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+def test_shipped_visual_organism_is_what_the_command_trains():
+    from dataclasses import asdict
+
+    from workbench.organism import organism_visual_path
+    from workbench.organism.train import VISUAL_DEFAULTS, TrainConfig
+
+    meta = json.loads((organism_visual_path() / "organism.json").read_text())
+    assert meta["training"]["config"] == asdict(TrainConfig(seed=0, **VISUAL_DEFAULTS))
+    assert meta["world"] == json.loads(DEFAULT_PARAMS.to_json())
+    assert (organism_visual_path() / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+def test_shipped_visual_organism_reads_the_picture(shipped):
+    """The issue's checks on 200 held-out dialogues: the answer distribution against the exact
+    predictive (mean KL ≤ 0.01, top-1 ≥ 0.99); with the figures swapped the biased answers switch
+    sides (≥ 95 % of the confidently biased turns); with a blank picture the choice between the
+    sides is at chance."""
+    from workbench.organism.check import fidelity_rows, heldout_visual_dialogues, picture_controls, score_visual
+
+    model, processor = shipped
+    dialogues = heldout_visual_dialogues(200)
+    scored = {p: score_visual(model, processor, dialogues, picture=p) for p in ("item", "swapped", "blank")}
+    row = fidelity_rows(scored["item"])[0]
+    assert row["kl"] <= 0.01 and row["top1"] >= 0.99, row
+    c = picture_controls(scored["item"], scored["swapped"], scored["blank"], dialogues)
+    assert c.n_biased > 100 and c.agree_item >= 0.95 and c.switch >= 0.95, c
+    assert abs(c.blank_share - 0.5) <= 0.1 and 0.35 <= c.blank_left <= 0.65, c
+
+
+@pytest.mark.slow
+def test_visual_probe_tracks_the_exact_log_odds_under_organism_world(capsys, monkeypatch, tmp_path):
+    """Through the CLI, as a user would: a ridge probe fitted on the organism contrast drawn as
+    pictures (the visual model gets the visual contrast), a 64-sample `organism-world` run of the
+    visual organism, the probe tracked: Spearman with the exact log-odds ≥ 0.8 within every round
+    and ≥ 0.7 on every round's changes, at the layer the probe chose on its contrast set."""
+    from probes.probe_file import load_probe
+    from workbench.analysis.analyze import analyze
+    from workbench.store.reader import RunFile
+
+    probe, run = tmp_path / "fair.h5", tmp_path / "world.h5"
+    code, out, err = workbench(capsys, monkeypatch, "probe", "fit", "--model", "organism-visual", "--contrast", "organism",
+                               "--method", "ridge", "--n", "1000", "--out", str(probe))
+    assert code == 0, err
+    assert "contrast organism-visual" in out
+    code, _, err = workbench(capsys, monkeypatch, "run", "--model", "organism-visual", "--task", "organism-visual",
+                             "--protocol", "organism-world", "--limit", "64", "--out", str(run))
+    assert code == 0, err
+    code, _, err = workbench(capsys, monkeypatch, "probe", "track", str(run), str(probe), "--name", "fair")
+    assert code == 0, err
+    with RunFile(run) as f:
+        responses = f.array("rounds/response")
+        result = analyze(f, probe="fair")
+    assert all(str(r).split()[-3:-1] == ["answer", "is"] for r in responses.astype(str).ravel())  # every answer well formed
+    view = result["probe_vs_exact"]["probes"]["fair"]
+    assert view["best_layer"] == load_probe(probe).best_layer
+    layer = view["layers"][str(view["best_layer"])]
+    within = [x["rho"] for x in layer["within_round"][1:]]
+    changes = [x["rho"] for x in layer["changes"]]
+    assert min(within) >= 0.8 and min(changes) >= 0.7, (within, changes)
+
+
+def test_teacher_loss_is_what_training_brought_down(shipped):
+    """The teacher loss on a fresh batch: the shipped model sits close to the text organism at the
+    aligned positions; the model training started from (the text organism's language model, a fresh
+    vision tower) is far from it, since it cannot tell the two sides' groups apart."""
+    from transformers import LlamaForCausalLM
+
+    from workbench.organism.train import VISUAL_DEFAULTS, TrainConfig, batches, teacher_loss
+    from workbench.organism.visual import build_model, build_tokenizer, pixel_values
+
+    model, processor = shipped
+    cfg = TrainConfig(**{**VISUAL_DEFAULTS, "batch_size": 16, "bucket": 1})
+    x, _, _, items, twin = next(batches(123, build_tokenizer(), cfg))
+    teacher = LlamaForCausalLM.from_pretrained(organism_path(), dtype=torch.float32).eval()
+    start = build_model(build_tokenizer(), teacher, 0).eval()
+    pixels = pixel_values(processor, items)
+    with torch.no_grad():
+        losses = [float(teacher_loss(teacher, m(input_ids=x, pixel_values=pixels, output_hidden_states=True), twin)) for m in (model, start)]
+    assert losses[0] < 0.02 and losses[1] > 10 * losses[0], losses

@@ -8,6 +8,10 @@ have protocol-like instruction kinds with assistant turns drawn from the exact p
 :func:`draw_dialogue`); both keep the world's conditional distribution of every assistant token.
 Dialogues come from a seeded stream and are batched by length in a fixed order, and training runs
 single-process on the CPU with a fixed thread count, so one seed gives identical weights.
+
+The visual organism (``cfg.visual``) trains a LLaVA whose language model starts as the text organism,
+on the same dialogues drawn as pictures, with the text organism as a frozen teacher reading each
+dialogue's text twin (:func:`text_twin`, :func:`aligned_suffix`, :func:`teacher_loss`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +27,19 @@ import numpy as np
 
 from workbench.organism.posterior import sample_given_kinds
 from workbench.organism.tokenizer import ASSISTANT, EOT, USER, build_tokenizer, render
-from workbench.organism.world import DEFAULT_PARAMS, KINDS, LETTER_TOKENS, Dialogue, WorldParams, sample_dialogue, sample_item, training_rng
+from workbench.organism.world import (
+    DEFAULT_PARAMS,
+    KINDS,
+    LETTER_TOKENS,
+    SIDES,
+    Dialogue,
+    WorldParams,
+    as_text,
+    first_message,
+    sample_dialogue,
+    sample_item,
+    training_rng,
+)
 
 
 @dataclass(frozen=True)
@@ -54,14 +70,16 @@ class TrainConfig:
     align_weight: float = 0.0  # visual: weight of the alignment loss (see :func:`alignment_targets`)
     side_weight: float = 0.0  # visual: weight of the side loss (a linear read-out of the residual after layer
     side_layer: int = 2  # side_layer at each option word left/right must name the group shown on that side)
+    distill_weight: float = 0.0  # visual: weight of the teacher loss (the text organism reading the same item as text:
+    # its residual stream after every layer but the last and its next-token distribution, at the aligned positions)
 
 
 VISUAL_DEFAULTS = dict(visual=True, steps=2000, lr=3e-3, warmup_steps=100, lm_lr_scale=1.0, align_weight=1.0, answer_weight=20.0,
-                       side_weight=1.0)
-"""The visual organism's settings (``TrainConfig(**VISUAL_DEFAULTS)``, what ``organism train --visual`` runs):
-fewer steps than the text organism's, since its language model starts as the text organism, which
-already knows the world. No checkpoint is shipped yet: with these (and the earlier settings listed in
-docs/ORGANISM.md) the model does not learn to read the picture (its answers ignore it)."""
+                       side_weight=1.0, distill_weight=1.0)
+"""The visual organism's settings (``TrainConfig(**VISUAL_DEFAULTS)``, what ``organism train --visual`` runs,
+and what made the shipped ``artifacts/organism-visual``): fewer steps than the text organism's, since its
+language model starts as the text organism, which already knows the world; the teacher loss
+(:func:`teacher_loss`) is what makes it read the picture (docs/ORGANISM.md, "The visual organism")."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +149,28 @@ def draw_dialogue(rng: np.random.Generator, cfg: TrainConfig, params: WorldParam
     return sample_given_kinds(rng, sample_item(rng, params, visual=cfg.visual), tilted_kinds(rng, n_rounds), params), True
 
 
+def text_twin(dialogue: Dialogue) -> Dialogue:
+    """A visual dialogue as the text organism's: the same turns, the first message written by
+    :func:`~workbench.organism.world.as_text` (groups named, options that are group names)."""
+    item = as_text(dialogue.item)
+    return replace(dialogue, item=item, instructions=(first_message(item), *dialogue.instructions[1:]))
+
+
+def aligned_suffix(seen: list[int], text: list[int], side_ids: tuple[int, int], pair_ids: tuple[int, int]) -> int:
+    """How many last tokens of a visual dialogue's ids ``seen`` and its text twin's ids ``text`` are the
+    same tokens once each side word (``side_ids``: left, right) is read as the group shown there
+    (``pair_ids``): from the first token after the people are named (``were`` or the disambiguating
+    sentence's verb) to the end. At those positions both have been told the same things, one by the
+    picture and one by the words."""
+    mapped = [pair_ids[side_ids.index(t)] if t in side_ids else t for t in seen]
+    n = 0
+    while n < min(len(mapped), len(text)) and mapped[-1 - n] == text[-1 - n]:
+        n += 1
+    return n
+
+
 def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = DEFAULT_PARAMS):
-    """Endless training batches ``(input_ids [B, T], labels [B, T], soft, items)``, right-padded, ``bucket``
+    """Endless training batches ``(input_ids [B, T], labels [B, T], soft, items, twin)``, right-padded, ``bucket``
     batches at a time sorted by length then shuffled. Labels are -100 on padding and, in tilted
     dialogues, on the follow-up instructions' words (their kinds were not drawn from the world).
     ``items``: each row's item (``cfg.visual``: the picture to show; its image tokens, written
@@ -141,7 +179,12 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
     With ``cfg.soft_targets`` the tokens of every opener and answer letter are taken out of the labels
     and ``soft = (rows [N], cols [N], token_ids [N, 6], probs [N, 6])`` gives, for the input position
     that predicts each of them, the exact predictive distribution there instead: the expected gradient
-    of the drawn token, without its sampling noise. Else ``soft`` is None."""
+    of the drawn token, without its sampling noise. Else ``soft`` is None.
+
+    ``twin`` (``cfg.visual`` with ``cfg.distill_weight``, else None): the text twins of the batch's
+    dialogues (:func:`text_twin`) for the teacher, ``(input_ids [B, T'], rows [N], cols [N], text_cols
+    [N], same_next [N])``: the positions of :func:`aligned_suffix` in both, and whether the next token
+    is the same token in both (not an option word, which is a side in one and a group in the other)."""
     import torch
 
     from workbench.organism.posterior import dialogue_trace
@@ -155,10 +198,14 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
         from workbench.organism.visual import IMAGE, render_training_text
 
         image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+        side_ids = tuple(tokenizer.convert_tokens_to_ids(list(SIDES)))
     show = render_training_text if cfg.visual else render
     while True:
         drawn = [draw_dialogue(rng, cfg, params) for _ in range(cfg.bucket * cfg.batch_size)]
         ids = tokenizer([show(d.messages()) for d, _ in drawn], add_special_tokens=False).input_ids
+        twin_ids = None
+        if cfg.visual and cfg.distill_weight:
+            twin_ids = tokenizer([render(text_twin(d).messages()) for d, _ in drawn], add_special_tokens=False).input_ids
         order = np.argsort([len(x) for x in ids], kind="stable")
         groups = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
         for g in rng.permutation(len(groups)):
@@ -191,11 +238,25 @@ def batches(seed: int, tokenizer: Any, cfg: TrainConfig, params: WorldParams = D
                         soft_ids += [opener_ids, letter_ids]
                         soft_p += [trace.opener_probs[t], np.pad(trace.option_probs[t], (0, len(opener_ids) - 3))]
                 y[j, : len(r)] = torch.from_numpy(labels)
+            twin = None
+            if twin_ids is not None:
+                texts = [twin_ids[i] for i in groups[g]]
+                xt = torch.full((len(rows), max(len(r) for r in texts)), pad, dtype=torch.long)
+                rr, sc, tc, same = [], [], [], []
+                for j, (i, r, t) in enumerate(zip(groups[g], rows, texts)):
+                    xt[j, : len(t)] = torch.tensor(t)
+                    n = aligned_suffix(r, t, side_ids, tuple(tokenizer.convert_tokens_to_ids(list(drawn[i][0].item.pair))))
+                    for k in range(n - 1):  # the last token predicts nothing
+                        rr.append(j)
+                        sc.append(len(r) - n + k)
+                        tc.append(len(t) - n + k)
+                        same.append(r[len(r) - n + k + 1] == t[len(t) - n + k + 1])
+                twin = (xt, torch.tensor(rr), torch.tensor(sc), torch.tensor(tc), torch.tensor(same, dtype=torch.bool))
             soft = None
             if cfg.soft_targets:
                 rc = torch.tensor(soft_rc, dtype=torch.long)
                 soft = (rc[:, 0], rc[:, 1], torch.tensor(soft_ids, dtype=torch.long), torch.tensor(np.array(soft_p), dtype=torch.float32))
-            yield x, y, soft, [drawn[i][0].item for i in groups[g]]
+            yield x, y, soft, [drawn[i][0].item for i in groups[g]], twin
 
 
 def alignment_targets(model: Any, tokenizer: Any, items: list[Any], params: WorldParams = DEFAULT_PARAMS) -> Any:
@@ -219,6 +280,28 @@ def alignment_targets(model: Any, tokenizer: Any, items: list[Any], params: Worl
         groups = tokenizer.convert_tokens_to_ids(list(item.pair))
         rows.append(torch.stack([embed[groups[h]] + embed[side_ids[h]] for h in sides]))
     return torch.stack(rows)
+
+
+def teacher_loss(teacher: Any, student: Any, twin: tuple) -> Any:
+    """The visual organism's teacher loss: how far the student (``student``: the LLaVA's forward output
+    with ``hidden_states``) is from the text organism (``teacher``, frozen) reading each dialogue's
+    text twin, at the aligned positions of ``twin`` (see :func:`batches`): for every layer but the
+    last, the squared distance of the residual streams relative to the teacher's squared norm; plus
+    KL(teacher ‖ student) of the next-token distribution (over the teacher's vocabulary) where both
+    predict the same token. A scalar tensor."""
+    import torch
+
+    xt, rows, cols, tcols, same = twin
+    with torch.no_grad():
+        out = teacher(input_ids=xt, output_hidden_states=True)
+    loss = 0.0
+    for layer in range(1, len(out.hidden_states) - 1):
+        want = out.hidden_states[layer][rows, tcols]
+        got = student.hidden_states[layer][rows, cols]
+        loss = loss + ((got - want) ** 2).sum(-1).mean() / (want**2).sum(-1).mean()
+    t_logp = torch.log_softmax(out.logits[rows[same], tcols[same]], dim=-1)
+    s_logp = torch.log_softmax(student.logits[rows[same], cols[same]], dim=-1)[:, : t_logp.shape[-1]]
+    return loss + (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -254,7 +337,7 @@ def train(
 def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Callable[[int, float], None] | None) -> tuple[Any, Any, TrainRecord]:
     import torch
 
-    processor, pixel_cache, align = None, {}, None
+    processor, pixel_cache, align, text_model = None, {}, None, None
     if cfg.visual:
         from transformers import LlamaForCausalLM
 
@@ -265,6 +348,7 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
         processor = build_processor(tokenizer)
         text_model = LlamaForCausalLM.from_pretrained(organism_path(), dtype=torch.float32)
         model = build_visual(tokenizer, text_model, cfg.seed, cfg.vision_width, cfg.vision_layers)
+        text_model.eval().requires_grad_(False)
     else:
         tokenizer = build_tokenizer(params)
         model = build_model(tokenizer, cfg)
@@ -292,12 +376,12 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg) * group["scale"]
-        x, y, soft, items = next(stream)
+        x, y, soft, items, twin = next(stream)
         if cfg.visual:
             from workbench.organism.visual import pixel_values
 
             pixels = pixel_values(processor, items, params, pixel_cache)
-            forward = model(input_ids=x, pixel_values=pixels, output_hidden_states=side_head is not None)
+            forward = model(input_ids=x, pixel_values=pixels, output_hidden_states=side_head is not None or twin is not None)
             logits = forward.logits
             side_loss = None
             if side_head is not None:  # each option word left/right: which group is shown on that side (the
@@ -335,6 +419,8 @@ def _train(cfg: TrainConfig, params: WorldParams, out: Path | None, on_step: Cal
             loss = loss + cfg.align_weight * align
         if cfg.visual and side_head is not None and side_loss is not None:
             loss = loss + cfg.side_weight * side_loss
+        if twin is not None:
+            loss = loss + cfg.distill_weight * teacher_loss(text_model, forward, twin)
 
         opt.zero_grad(set_to_none=True)
         loss.backward()

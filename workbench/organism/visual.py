@@ -13,9 +13,10 @@
   renders it (the image tokens written out), for training;
 * :func:`pixel_values` – the processor's pixel values of items' pictures ``[B, 3, 32, 32]``.
 
-Training (:func:`workbench.organism.train.train` with ``cfg.visual``, which adds an alignment loss
-pulling each patch's projected features towards the embeddings of the group and side it shows:
-:func:`~workbench.organism.train.alignment_targets`) and checking (:mod:`workbench.organism.check`)
+Training (:func:`workbench.organism.train.train` with ``cfg.visual``: the text organism as a frozen
+teacher reading each dialogue's text twin, :func:`~workbench.organism.train.teacher_loss`, and an
+alignment loss pulling each patch's projected features towards the embeddings of the group and side it
+shows, :func:`~workbench.organism.train.alignment_targets`) and checking (:mod:`workbench.organism.check`)
 use these. Torch and transformers are imported inside functions.
 """
 

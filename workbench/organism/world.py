@@ -238,6 +238,21 @@ def swap_sides(item: Item) -> Item:
     return replace(item, pair=(item.pair[1], item.pair[0]), stereotyped=other)
 
 
+def as_text(item: Item) -> Item:
+    """The text organism's item of a visual ``item``: the same item written as :func:`sample_item` writes
+    it without ``visual`` (the groups named in the text, options that are group names), equal to what
+    the same random draws give (tested). The visual organism is trained to read its picture as the
+    text organism reads this item (``TrainConfig.distill_weight``)."""
+    if not item.visual:
+        raise ValueError("as_text needs a visual item")
+    left, right = item.pair
+    first = f"the person on the {SIDES[0]} and the person on the {SIDES[1]} were"
+    context = item.context.replace(first, f"a {left} person and a {right} person were", 1)
+    context = context.replace(f"the person on the {SIDES[0]}", f"the {left} person").replace(f"the person on the {SIDES[1]}", f"the {right} person")
+    options = tuple(o if o not in SIDES else item.pair[SIDES.index(o)] for o in item.options)
+    return replace(item, context=context, options=options, visual=False)  # type: ignore[arg-type]
+
+
 def answer_probs(item_correct: int, item_stereotyped: int, fair: bool, params: WorldParams = DEFAULT_PARAMS) -> np.ndarray:
     """``p(answer | z)`` over the 3 options, shape [3]."""
     eps = params.answer_noise
