@@ -364,3 +364,28 @@ def test_teacher_loss_is_what_training_brought_down(shipped):
     with torch.no_grad():
         losses = [float(teacher_loss(teacher, m(input_ids=x, pixel_values=pixels, output_hidden_states=True), twin)) for m in (model, start)]
     assert losses[0] < 0.02 and losses[1] > 10 * losses[0], losses
+
+
+def test_interventions_act_on_a_vision_language_run(capsys, monkeypatch, tmp_path):
+    """Steering the visual organism through the CLI (the picture in round 1's prefill, the cache
+    carried): α = 0 gives the unsteered run's numbers exactly; a large α moves the steered layer's
+    residual stream in the steered rounds only."""
+    from workbench.store.reader import RunFile
+
+    direction = tmp_path / "d.npy"
+    np.save(direction, np.random.default_rng(0).normal(size=64).astype(np.float32))
+    runs = {}
+    for name, steer in (("plain", []), ("zero", ["--steer", f"{direction}@2=0", "--steer-rounds", "2-3"]),
+                        ("big", ["--steer", f"{direction}@2=20", "--steer-rounds", "2-3"])):
+        out = tmp_path / f"{name}.h5"
+        code, _, err = workbench(capsys, monkeypatch, "run", "--model", "organism-visual", "--task", "organism-visual",
+                                 "--protocol", "organism-world", "--limit", "4", "--rounds", "3", *steer, "--out", str(out))
+        assert code == 0, err
+        with RunFile(out) as run:
+            runs[name] = {k: run.array(f"rounds/{k}") for k in ("option_probs", "answer", "image_hook_resid_post")}
+            runs[name]["resid"] = run.array("activations/hook_resid_post")  # [sample, round, position, layer, d]
+    for k in ("option_probs", "answer", "image_hook_resid_post", "resid"):
+        np.testing.assert_array_equal(runs["plain"][k], runs["zero"][k], err_msg=k)
+    moved = np.abs(runs["big"]["resid"] - runs["plain"]["resid"])
+    assert moved[:, 0].max() == 0  # round 1 (and its picture) is not steered
+    assert moved[:, 1:, :, 2:].max() > 1
