@@ -47,7 +47,7 @@ def test_checkpoint_records_world_and_training(shipped):
     rec = meta["training"]
     # the fields TrainConfig gained for the visual organism (issue 29) after this checkpoint was trained leave the text one unchanged
     later = {"visual": False, "lm_lr_scale": 1.0, "vision_width": 32, "vision_layers": 2, "align_weight": 0.0,
-             "side_weight": 0.0, "side_layer": 2}
+             "side_weight": 0.0, "side_layer": 2, "distill_weight": 0.0}
     assert rec["seed"] == 0 and rec["steps"] == TrainConfig().steps and {**rec["config"], **later} == json.loads(json.dumps(TrainConfig().__dict__))
     assert 0 < rec["final_loss"] < 1 and rec["wall_time_s"] > 0
     fresh = build_tokenizer(params)

@@ -351,7 +351,8 @@ def test_training_batches_mask_and_soft_targets(tok):
     from workbench.organism.train import TrainConfig, batches
 
     cfg = TrainConfig(batch_size=8, bucket=2, tilted_fraction=0.5)
-    x, y, (rows, cols, ids, probs), _ = next(batches(0, tok, cfg))
+    x, y, (rows, cols, ids, probs), _, twin = next(batches(0, tok, cfg))
+    assert twin is None  # the text organism has no teacher
     assert x.shape == y.shape and (y[x == tok.pad_token_id] == -100).all()
     torch_words = lambda j: tok.convert_ids_to_tokens(x[j].tolist())
     np.testing.assert_allclose(probs.sum(-1).numpy(), 1.0, rtol=1e-5)
