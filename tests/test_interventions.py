@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_line(organism, tmp_path):
         Session(organism, samples=1, interventions=[Steer(np.ones(5), layer=1, alpha=1.0)])
     with pytest.raises(WorkbenchError, match="layer 9 is out of range"):
         Session(organism, samples=1, interventions=[Steer(d, layer=9, alpha=1.0)])
-    with pytest.raises(WorkbenchError, match="cannot be combined with a scorer or sampled answers"):
+    with pytest.raises(WorkbenchError, match="cannot be combined with sampled answers"):
         Session(organism, samples=1, interventions=[Steer(d, layer=1, alpha=1.0)], round_extras=lambda *a: {})
     with pytest.raises(WorkbenchError, match="--steer-rounds"):
         parse_rounds("6-2")

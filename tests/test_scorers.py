@@ -302,3 +302,23 @@ def test_label_match_from_the_command_line(capsys, monkeypatch, tmp_path, model_
         assert scores.shape == (1, 2)
         for t in range(2):
             assert scores[0, t] == float(bool(__import__("re").search(r"(?<!\w)he(?!\w)", str(responses[0, t]).lower())))
+
+
+def test_a_scorer_reads_a_steered_runs_texts(capsys, monkeypatch, tmp_path, model_dirs, user_module):
+    """A scorer only reads the responses, so it goes with interventions; sampled answers (which run
+    the model) do not yet, and say so in one line."""
+    d_model = json.loads((model_dirs["llama"] / "config.json").read_text())["hidden_size"]
+    direction = tmp_path / "d.npy"
+    np.save(direction, np.random.default_rng(0).normal(size=d_model).astype(np.float32))
+    data, out = prompts_file(tmp_path), tmp_path / "steered.h5"
+    code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, out, "--scorer", f"python:{user_module}:words",
+                                                            "--steer", f"{direction}@1=8"))
+    assert code == 0, err
+    with RunFile(out) as run:
+        responses, scores = run.array("rounds/response"), run.array("rounds/score")
+        assert run.meta["scorer"]["kind"] == "python" and run.meta["interventions"]
+    np.testing.assert_array_equal(scores, [[len(r.split()) for r in row] for row in responses])
+    code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, tmp_path / "s.h5", "--samples-per-round", "2",
+                                                            "--steer", f"{direction}@1=8"))
+    assert code != 0
+    error_line(err, "--samples-per-round", "a --scorer is fine")

@@ -147,4 +147,5 @@ def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> Ro
         return result
 
     extras.settings = checked.settings(decoding)  # type: ignore[attr-defined]  # what Session.save records
+    extras.runs_model = bool(k)  # type: ignore[attr-defined]  # sampled answers run the model; a scorer only reads the texts
     return extras

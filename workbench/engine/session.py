@@ -380,12 +380,13 @@ class Session:
 
     def _check_interventions(self, interventions: Sequence[Intervention]) -> None:
         """Resolve where ``interventions`` act (width, layers, hooks, checked once per place);
-        refuse them beside ``round_extras`` (sampled answers would run unsteered)."""
+        refuse them beside ``round_extras`` that run the model (sampled answers would run unsteered;
+        a callback says it does not with ``runs_model = False``, as a scorer's does: it reads the texts)."""
         if not interventions:
             return
-        if self.round_extras is not None:
-            raise WorkbenchError("interventions cannot be combined with a scorer or sampled answers yet "
-                                 "(--scorer, --samples-per-round): those passes would run without them")
+        if self.round_extras is not None and getattr(self.round_extras, "runs_model", True):
+            raise WorkbenchError("interventions cannot be combined with sampled answers yet (--samples-per-round): "
+                                 "those passes would run without them (a --scorer is fine: it reads the texts)")
         bad = [iv for iv in interventions if not isinstance(iv, (Steer, Ablate, Clamp))]
         if bad:
             raise WorkbenchError(f"an intervention is a Steer, Ablate or Clamp, not {type(bad[0]).__name__}")
