@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from workbench.engine.lean import lean_logits, pass_plan, sliding_window_layers
 from workbench.engine.protocol import Decoding
 from workbench.engine.uncertainty import token_entropy
 
@@ -169,17 +170,6 @@ def decode_loop_problem(hf: Any, cache: Any) -> str | None:
         if getattr(config, name, None) not in neutral:
             return f"its generation config sets {name}={getattr(config, name)!r}"
     return None
-
-
-def sliding_window_layers(config: Any) -> bool:
-    """Whether any attention layer of the model (its text model's, for an image-text-to-text one) sees
-    only a sliding window: ``layer_types`` naming a sliding layer, or, without ``layer_types``, a
-    ``sliding_window`` that ``use_sliding_window`` does not turn off."""
-    text = getattr(config, "text_config", None) or config
-    types = getattr(text, "layer_types", None)
-    if types:
-        return any("sliding" in str(t) for t in types)
-    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
 
 
 def _warn_fallback(hf: Any, why: str) -> None:
@@ -333,18 +323,25 @@ def decode_round(
     # a decode step's query sees every held position: the 4-D boolean mask sdpa would be given,
     # sliced per step instead of built per step (only where there are holes: with none, the model
     # skips the mask, and so do we)
-    step_mask = full_mask.bool()[:, None, None, :] if _takes_bool_mask(hf) and not bool(mask.all()) else full_mask
+    holes = not bool(mask.all())
+    step_mask = full_mask.bool()[:, None, None, :] if _takes_bool_mask(hf) and holes else full_mask
     positions = mask.cumsum(-1) - 1
     positions.masked_fill_(mask == 0, 1)
     keep = {"logits_to_keep": 1} if _forward_takes(hf)[1] else {}
+    lean = pass_plan(hf)  # the lean forward (same numbers, less Python), or None: hf(...)
+    if lean is not None and not holes:
+        step_mask = None  # a one-token pass over a cache without holes attends everything: no mask, as hf's own skips it
     stops = stop_ids(hf, tokenizer)
     stop_tensor = torch.tensor(stops, device=device)
     processors = logits_processors(decoding)
     stream = ResponseStream(on_tokens, stops) if on_tokens is not None else None
     if stream is not None:
         stream.put(new_ids)
-    logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
-                use_cache=True, **keep).logits
+    if lean is not None:
+        logits = lean_logits(hf, new_ids, mask, positions[:, -new_ids.shape[1]:], cache, 1, lean)
+    else:
+        logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
+                    use_cache=True, **keep).logits
     position = positions[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     pad_token = torch.tensor(pad_id, device=device)
@@ -364,8 +361,12 @@ def decode_round(
         if step == steps - 1 or not bool(unfinished.any()):
             break
         position = position + 1
-        logits = hf(input_ids=chosen[:, None], attention_mask=step_mask[..., : prompt_len + step + 1], position_ids=position,
-                    cache=cache, use_cache=True, **keep).logits
+        if lean is not None:
+            logits = lean_logits(hf, chosen[:, None], None if step_mask is None else step_mask[..., : prompt_len + step + 1],
+                                 position, cache, 1, lean)
+        else:
+            logits = hf(input_ids=chosen[:, None], attention_mask=step_mask[..., : prompt_len + step + 1], position_ids=position,
+                        cache=cache, use_cache=True, **keep).logits
     generated = torch.stack(tokens, 1).tolist()  # [batch, n_steps]
     step_logits_t = torch.stack(step_logits, 1)  # [batch, n_steps, vocab]
     return _round_output(generated, step_logits_t, stops, cache, mask)
@@ -447,8 +448,8 @@ def carry(hf: Any, rnd: RoundOutput, pad_id: int) -> CarriedCache:
         last = torch.tensor([ids[-1] if m else pad_id for ids, m in zip(rnd.response_ids, missing.tolist())])
         mask = torch.cat([mask, missing.long()[:, None]], 1)
         device = rnd.prompt_mask.device
-        hf(input_ids=last[:, None].to(device), attention_mask=mask.to(device),
-           position_ids=(mask.sum(-1, keepdim=True) - 1).to(device), cache=rnd.cache, use_cache=True, logits_to_keep=1)
+        lean_logits(hf, last[:, None].to(device), mask.to(device), (mask.sum(-1, keepdim=True) - 1).to(device), rnd.cache, 1,
+                    pass_plan(hf))
     return CarriedCache(rnd.cache, mask.to(rnd.prompt_mask.device))
 
 
@@ -558,14 +559,8 @@ def forward_after_prompt(
         dtype = next(hf.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     prompt_len = rnd.prompt_mask.sum(-1, keepdim=True)
-    logits = hf(
-        input_ids=cont_ids,
-        attention_mask=mask[:, None],  # [batch, 1, query, cache + continuation]: boolean (sdpa) or additive
-        position_ids=prompt_len + pos,
-        cache=rnd.cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    ).logits
+    # mask [batch, 1, query, cache + continuation]: boolean (sdpa) or additive
+    logits = lean_logits(hf, cont_ids, mask[:, None], prompt_len + pos, rnd.cache, logits_to_keep, pass_plan(hf))
     crop_cache(rnd.cache, cached)
     return logits
 

@@ -1,0 +1,370 @@
+"""A lean forward for Llama-like decoder models: the model's own arithmetic without ``transformers``'
+per-call Python.
+
+On a small model (the organism: 4 layers, d = 64) most of a decode step's time is not arithmetic
+but Python around it: ``nn.Module.__call__`` of ~60 modules, ``deprecate_kwarg``/output-capturing
+decorators, the mask utilities, keyword plumbing. :func:`lean_logits` computes what
+``hf(input_ids=…, attention_mask=…, position_ids=…, cache=…, logits_to_keep=…).logits`` computes,
+op for op in the same order (the same numbers, bit for bit on the families tested), with the same
+parameters and the same KV cache, from one function per family:
+
+- embeddings, the model's own rotary module once per pass, the mask given (or HF's
+  ``create_causal_mask`` for a 2-D one), each decoder layer's norms, projections, rotary,
+  ``cache.update``, HF's own ``sdpa_attention_forward``, MLP, the final norm, ``lm_head`` only at the
+  positions kept.
+
+**The seam with capture and interventions holds.** They are wrappers of modules' ``forward`` made
+by :func:`workbench.engine.capture.replace_forward`, which records on each wrapper which side it
+changes and how. The lean pass applies those changes at the same module boundaries, to the same
+values, in the same nesting order (input changes outermost first, output changes innermost first),
+so a capture or an intervention sees and edits exactly what it would on ``hf.forward``. Anything
+else on a module (a ``forward`` another library set, a PyTorch hook) is not understood: a decoder
+layer with such a module anywhere in it is run by calling the real layer (``layer(...)``, as
+``transformers`` calls it), and such a thing on the model, its base model, its embeddings, final
+norm, rotary module or ``lm_head`` (or a global module hook) sends the whole pass through
+``hf(...)``.
+
+What has no lean forward (:func:`lean_problem`: another family, e.g. GPT-2; attention other than
+sdpa; a RoPE type other than the default; sliding windows; q/k norms; a model split over devices)
+goes through ``hf(...)``, with a :class:`LeanForwardFallbackWarning` once per model and reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workbench.engine.capture import wrapper_changes
+
+# Llama-like families whose decoder layer is exactly: x + o(attn(rope(q, k), v)) of an RMS-normed x,
+# then x + down(act(gate(h)) * up(h)) of an RMS-normed x (biases allowed on q/k/v: Qwen2)
+FAMILIES = ("llama", "qwen2", "mistral")
+_LAYER_PARTS = ("", "input_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "post_attention_layernorm", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.act_fn")
+
+
+class LeanForwardFallbackWarning(UserWarning):
+    """A pass goes through ``hf(...)`` instead of the lean forward (the message says why: no lean
+    forward for the model's family or configuration, or a module carries a hook or ``forward``
+    another library set). The numbers are the same; only the speed differs."""
+
+
+_PROBLEMS: dict[int, str | None] = {}  # id(hf) → lean_problem's answer
+_WARNED: dict[int, set[str]] = {}
+
+
+def lean_problem(hf: Any) -> str | None:
+    """Why :func:`lean_logits` cannot serve ``hf`` (its family or configuration), or None; looked
+    up once per model object."""
+    key = id(hf)
+    if key not in _PROBLEMS:
+        _PROBLEMS[key] = _problem(hf)
+    return _PROBLEMS[key]
+
+
+def _problem(hf: Any) -> str | None:
+    config = hf.config
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        return f"no lean forward for the {kind!r} family (only {', '.join(FAMILIES)})"
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return f"attention {getattr(config, '_attn_implementation', None)!r} (the lean forward runs sdpa)"
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        return f"RoPE type {rope.get('rope_type')!r}"
+    if sliding_window_layers(config):
+        return "sliding-window attention"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    base = getattr(hf, "model", None)
+    if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) \
+            or not hasattr(hf, "lm_head"):
+        return f"{type(hf).__name__} is not laid out as model.embed_tokens/layers/norm/rotary_emb + lm_head"
+    if len(base.layers) != config.num_hidden_layers:
+        return "the model runs a different number of layers than it has"
+    for layer in base.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = {n for n, _ in layer.named_children()}
+        if names != {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"} or attn is None or mlp is None:
+            return f"a decoder layer of {type(layer).__name__} has parts {sorted(names)}"
+        if {n for n, _ in attn.named_children()} != {"q_proj", "k_proj", "v_proj", "o_proj"}:
+            return "its attention has parts other than q/k/v/o projections (q/k norms?)"
+        if {n for n, _ in mlp.named_children()} != {"gate_proj", "up_proj", "down_proj", "act_fn"}:
+            return "its MLP is not gate/up/down"
+        if getattr(attn, "sliding_window", None):
+            return "sliding-window attention"
+    devices = {p.device for p in hf.parameters()}
+    if len(devices) > 1:
+        return "the model is split over devices"
+    return None
+
+
+def sliding_window_layers(config: Any) -> bool:
+    """Whether any attention layer of the model (its text model's, for an image-text-to-text one) sees
+    only a sliding window: ``layer_types`` naming a sliding layer, or, without ``layer_types``, a
+    ``sliding_window`` that ``use_sliding_window`` does not turn off."""
+    text = getattr(config, "text_config", None) or config
+    types = getattr(text, "layer_types", None)
+    if types:
+        return any("sliding" in str(t) for t in types)
+    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
+
+
+def warn_lean_fallback(hf: Any, why: str) -> None:
+    """A :class:`LeanForwardFallbackWarning` for ``why``, once per model and reason."""
+    seen = _WARNED.setdefault(id(hf), set())
+    if why not in seen:
+        seen.add(why)
+        warnings.warn(f"the forward goes through transformers' (slower, same numbers): {why}", LeanForwardFallbackWarning, stacklevel=3)
+
+
+def _module_changes(module: Any) -> list[tuple[str, Any]] | None:
+    """The workbench's wrappers of ``module.forward``, outermost first, as ``(side, change)``
+    (:func:`~workbench.engine.capture.wrapper_changes`); None when the module carries anything
+    else (a ``forward`` another library set, a PyTorch hook)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return wrapper_changes(module)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_forward_hooks_always_called)
+
+
+class Plan:
+    """Per pass: the changes to apply at each module boundary, and how each layer runs."""
+
+    __slots__ = ("top", "layers", "rotary")
+
+    def __init__(self, top: dict[str, list[tuple[str, Any]]], layers: list[tuple[Any, ...] | None], rotary: tuple[Any, ...]) -> None:
+        self.top = top  # "embed_tokens"/"norm"/"lm_head" → changes (only those with some)
+        # per layer: (its changes of its own boundary, of its parts or None, its weights: _weights) or None: call the real layer
+        self.layers = layers
+        self.rotary = rotary  # (inv_freq, attention_scaling)
+
+
+def _weights(layer: Any) -> tuple[Any, ...]:
+    """What the lean layer reads of a decoder layer, looked up once per pass plan."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # not at import: --help stays light
+
+    attn, mlp = layer.self_attn, layer.mlp
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    return (n1.weight, n1.variance_epsilon, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+            attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias, n2.weight, n2.variance_epsilon,
+            mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight,
+            mlp.down_proj.bias, mlp.act_fn.forward, attn.head_dim, attn, attn.layer_idx, sdpa_attention_forward)
+
+
+def plan(hf: Any) -> tuple[Plan | None, str | None]:
+    """The :class:`Plan` of a lean pass of ``hf`` as its modules are wrapped now, or ``(None, why)``
+    when the pass must go through ``hf(...)``."""
+    why = lean_problem(hf)
+    if why is not None:
+        return None, why
+    if _global_hooks():
+        return None, "a global module hook is registered"
+    base = hf.model
+    if hf._forward_hooks or hf._forward_pre_hooks or "forward" in hf.__dict__ \
+            or base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+        return None, "the model's forward is wrapped or hooked by another library"
+    rotary = base.rotary_emb
+    if rotary._forward_hooks or rotary._forward_pre_hooks or "forward" in rotary.__dict__:
+        return None, "the rotary embedding module is wrapped or hooked"
+    top = {}
+    for name in ("embed_tokens", "norm"):
+        got = _module_changes(getattr(base, name))
+        if got is None:
+            return None, f"model.{name} carries a hook or forward of another library"
+        if got:
+            top[name] = got
+    got = _module_changes(hf.lm_head)
+    if got is None:
+        return None, "lm_head carries a hook or forward of another library"
+    if got:
+        top["lm_head"] = got
+    layers: list[tuple[Any, ...] | None] = []
+    for layer in base.layers:
+        parts: dict[str, list[tuple[str, Any]]] | None = {}
+        for part in _LAYER_PARTS:
+            got = _module_changes(layer.get_submodule(part) if part else layer)
+            if got is None:
+                parts = None
+                break
+            if got:
+                parts[part] = got
+        if parts is None:
+            layers.append(None)
+        else:
+            outer = parts.pop("", [])
+            layers.append((outer, parts or None, _weights(layer)))
+    return Plan(top, layers, (rotary.inv_freq, rotary.attention_scaling)), None
+
+
+def _inp(changes: dict[str, list[tuple[str, Any]]], part: str, x: Any) -> Any:
+    for side, change in changes.get(part, ()):  # outermost first: each wrapper changes the input then calls inside
+        if side == "input":
+            x = change(x)
+    return x
+
+
+def _out(changes: dict[str, list[tuple[str, Any]]], part: str, y: Any) -> Any:
+    for side, change in reversed(changes.get(part, ())):  # innermost first: each wrapper changes what inside returned
+        if side == "output":
+            y = change(y)
+    return y
+
+
+def _rms(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` (Qwen2's and Mistral's are the same), op for op."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, module.weight, module.bias)
+
+
+def _plain_layer(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cos: torch.Tensor, sin: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One Llama-like decoder layer ``[batch, q, d_model]`` → ``[batch, q, d_model]`` with nothing
+    wrapped inside it: ``LlamaDecoderLayer.forward``'s operations, in its order, on the weights
+    ``w`` (:func:`_weights`)."""
+    (n1, e1, qw, qb, kw, kb, vw, vb, ow, ob, n2, e2, gw, gb, uw, ub, dw, db, act, head_dim, attn, index, sdpa_attention_forward) = w
+    residual = x
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = n1 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e1)).to(dtype)
+    shape = h.shape[:-1]
+    heads = (*shape, -1, head_dim)
+    q = F.linear(h, qw, qb).view(heads).transpose(1, 2)
+    k = F.linear(h, kw, kb).view(heads).transpose(1, 2)
+    v = F.linear(h, vw, vb).view(heads).transpose(1, 2)
+    q = (q * cos) + (_rotate_half(q) * sin)
+    k = (k * cos) + (_rotate_half(k) * sin)
+    if cache is not None:
+        k, v = cache.update(k, v, index)
+    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    x = residual + F.linear(o.reshape(*shape, -1).contiguous(), ow, ob)
+    h = x.to(torch.float32)
+    h = n2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e2)).to(dtype)
+    return x + F.linear(act(F.linear(h, gw, gb)) * F.linear(h, uw, ub), dw, db)
+
+
+def _layer(layer: Any, ch: dict[str, list[tuple[str, Any]]], x: torch.Tensor, mask: Any, cos: torch.Tensor, sin: torch.Tensor,
+           cache: Any) -> torch.Tensor:
+    """:func:`_plain_layer` for a layer with the workbench's wrappers on parts inside it (``ch``:
+    part → changes): each part's computation between its input and output changes."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attn, mlp = layer.self_attn, layer.mlp
+    residual = x
+    h = _out(ch, "input_layernorm", _rms(layer.input_layernorm, _inp(ch, "input_layernorm", x)))
+    h = _inp(ch, "self_attn", h)
+    shape = h.shape[:-1]
+    heads = (*shape, -1, attn.head_dim)
+    q = _out(ch, "self_attn.q_proj", _linear(attn.q_proj, _inp(ch, "self_attn.q_proj", h)))
+    k = _out(ch, "self_attn.k_proj", _linear(attn.k_proj, _inp(ch, "self_attn.k_proj", h)))
+    v = _out(ch, "self_attn.v_proj", _linear(attn.v_proj, _inp(ch, "self_attn.v_proj", h)))
+    q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
+    q = (q * cos) + (_rotate_half(q) * sin)
+    k = (k * cos) + (_rotate_half(k) * sin)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
+    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    o = o.reshape(*shape, -1).contiguous()
+    o = _out(ch, "self_attn.o_proj", _linear(attn.o_proj, _inp(ch, "self_attn.o_proj", o)))
+    if "self_attn" in ch:
+        o = _out(ch, "self_attn", (o, None))[0]  # attention returns (output, weights); sdpa has no weights
+    x = residual + o
+    residual = x
+    h = _out(ch, "post_attention_layernorm", _rms(layer.post_attention_layernorm, _inp(ch, "post_attention_layernorm", x)))
+    h = _inp(ch, "mlp", h)
+    gate = _out(ch, "mlp.gate_proj", _linear(mlp.gate_proj, _inp(ch, "mlp.gate_proj", h)))
+    up = _out(ch, "mlp.up_proj", _linear(mlp.up_proj, _inp(ch, "mlp.up_proj", h)))
+    act = _out(ch, "mlp.act_fn", mlp.act_fn.forward(_inp(ch, "mlp.act_fn", gate)))
+    down = _out(ch, "mlp.down_proj", _linear(mlp.down_proj, _inp(ch, "mlp.down_proj", act * up)))
+    return residual + _out(ch, "mlp", down)
+
+
+def pass_plan(hf: Any) -> Plan | None:
+    """:func:`plan` for a pass of ``hf`` now, or None (after a :class:`LeanForwardFallbackWarning`,
+    once per model and reason) when it must go through ``hf(...)``."""
+    lean, why = plan(hf)
+    if lean is None:
+        warn_lean_fallback(hf, why or "")
+    return lean
+
+
+def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any,
+                logits_to_keep: int, lean: Plan | None) -> torch.Tensor:
+    """``hf(input_ids=…, attention_mask=…, position_ids=…, cache=…, use_cache=True,
+    logits_to_keep=…).logits`` ``[batch, kept, vocab]``: by the lean forward following ``lean`` (a
+    :func:`pass_plan` made while the modules were wrapped as they are now), or by ``hf(...)`` when
+    ``lean`` is None.
+
+    ``input_ids`` ``[batch, q]``; ``position_ids`` ``[batch, q]``; ``attention_mask``: 2-D
+    ``[batch, cache + q]`` (1 where a position is attended), a 4-D mask as the attention takes it, or
+    None for no holes (a one-token pass then attends every cached position)."""
+    if lean is None:
+        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        return hf(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
+                  **kwargs).logits
+    base = hf.model
+    top = lean.top
+    if top:
+        x = _out(top, "embed_tokens", base.embed_tokens.forward(_inp(top, "embed_tokens", input_ids)))
+    else:
+        x = base.embed_tokens.forward(input_ids)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask
+    elif attention_mask is None and input_ids.shape[1] == 1:
+        mask = None
+    else:
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)
+    inv_freq, scaling = lean.rotary  # the rotary module's forward (default RoPE), op for op
+    freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if scaling != 1.0:  # × 1.0 changes nothing
+        cos, sin = cos * scaling, sin * scaling
+    cos, sin = cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)  # [batch, q, head_dim]
+    cos4, sin4 = cos.unsqueeze(1), sin.unsqueeze(1)  # as apply_rotary_pos_emb unsqueezes them
+    for layer, how in zip(base.layers, lean.layers):
+        if how is None:  # something we do not know wraps part of it: the real layer, as transformers calls it
+            x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids, cache=cache, use_cache=True)
+            continue
+        outer, inner, weights = how
+        for side, change in outer:  # outermost first
+            if side == "input":
+                x = change(x)
+        if inner is None:
+            x = _plain_layer(weights, x, mask, cos4, sin4, cache)
+        else:
+            x = _layer(layer, inner, x, mask, cos4, sin4, cache)
+        for side, change in reversed(outer):  # innermost first
+            if side == "output":
+                x = change(x)
+    if top:
+        x = _out(top, "norm", _rms(base.norm, _inp(top, "norm", x)))
+    else:
+        x = _rms(base.norm, x)
+    if logits_to_keep:
+        x = x[:, -logits_to_keep:, :]
+    if top:
+        return _out(top, "lm_head", _linear(hf.lm_head, _inp(top, "lm_head", x)))
+    return _linear(hf.lm_head, x)
