@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from workbench.engine.lean import lean_logits, pass_plan, sliding_window_layers
+from workbench.engine.lean import attention_bias, lean_logits, pass_plan, sliding_window_layers
 from workbench.engine.protocol import Decoding
 from workbench.engine.uncertainty import token_entropy
 
@@ -331,6 +331,8 @@ def decode_round(
     lean = pass_plan(hf)  # the lean forward (same numbers, less Python), or None: hf(...)
     if lean is not None and not holes:
         step_mask = None  # a one-token pass over a cache without holes attends everything: no mask, as hf's own skips it
+    elif lean is not None and step_mask.dtype == torch.bool:
+        step_mask = attention_bias(step_mask, next(hf.parameters()).dtype)  # once per round, not per step and layer
     stops = stop_ids(hf, tokenizer)
     stop_tensor = torch.tensor(stops, device=device)
     processors = logits_processors(decoding)

@@ -32,6 +32,7 @@ goes through ``hf(...)``, with a :class:`LeanForwardFallbackWarning` once per mo
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -42,8 +43,6 @@ from workbench.engine.capture import wrapper_changes
 # Llama-like families whose decoder layer is exactly: x + o(attn(rope(q, k), v)) of an RMS-normed x,
 # then x + down(act(gate(h)) * up(h)) of an RMS-normed x (biases allowed on q/k/v: Qwen2)
 FAMILIES = ("llama", "qwen2", "mistral")
-_LAYER_PARTS = ("", "input_layernorm", "self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "post_attention_layernorm", "mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp.act_fn")
 
 
 class LeanForwardFallbackWarning(UserWarning):
@@ -52,17 +51,17 @@ class LeanForwardFallbackWarning(UserWarning):
     another library set). The numbers are the same; only the speed differs."""
 
 
-_PROBLEMS: dict[int, str | None] = {}  # id(hf) → lean_problem's answer
-_WARNED: dict[int, set[str]] = {}
+_PROBLEMS: "weakref.WeakKeyDictionary[Any, tuple[str | None]]" = weakref.WeakKeyDictionary()  # hf → (lean_problem's answer,)
+_WARNED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()  # hf → fallback reasons warned about
 
 
 def lean_problem(hf: Any) -> str | None:
     """Why :func:`lean_logits` cannot serve ``hf`` (its family or configuration), or None; looked
     up once per model object."""
-    key = id(hf)
-    if key not in _PROBLEMS:
-        _PROBLEMS[key] = _problem(hf)
-    return _PROBLEMS[key]
+    got = _PROBLEMS.get(hf)
+    if got is None:
+        got = _PROBLEMS[hf] = (_problem(hf),)
+    return got[0]
 
 
 def _problem(hf: Any) -> str | None:
@@ -115,7 +114,7 @@ def sliding_window_layers(config: Any) -> bool:
 
 def warn_lean_fallback(hf: Any, why: str) -> None:
     """A :class:`LeanForwardFallbackWarning` for ``why``, once per model and reason."""
-    seen = _WARNED.setdefault(id(hf), set())
+    seen = _WARNED.setdefault(hf, set())
     if why not in seen:
         seen.add(why)
         warnings.warn(f"the forward goes through transformers' (slower, same numbers): {why}", LeanForwardFallbackWarning, stacklevel=3)
@@ -125,9 +124,10 @@ def _module_changes(module: Any) -> list[tuple[str, Any]] | None:
     """The workbench's wrappers of ``module.forward``, outermost first, as ``(side, change)``
     (:func:`~workbench.engine.capture.wrapper_changes`); None when the module carries anything
     else (a ``forward`` another library set, a PyTorch hook)."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    state = module.__dict__  # nn.Module keeps its hook dicts there: no __getattr__ per look
+    if state["_forward_hooks"] or state["_forward_pre_hooks"]:
         return None
-    return wrapper_changes(module)
+    return wrapper_changes(module) if "forward" in state else []
 
 
 def _global_hooks() -> bool:
@@ -148,16 +148,34 @@ class Plan:
         self.rotary = rotary  # (inv_freq, attention_scaling)
 
 
+def _parts(layer: Any) -> list[tuple[str, Any]]:
+    """``(part, module)`` for the layer (part ``""``) and each module inside it the lean layer
+    computes (through the modules' own child dicts: a fraction of ``get_submodule``'s cost)."""
+    children = layer._modules
+    attn, mlp = children["self_attn"]._modules, children["mlp"]._modules
+    return [("", layer), ("input_layernorm", children["input_layernorm"]), ("self_attn", children["self_attn"]),
+            ("self_attn.q_proj", attn["q_proj"]), ("self_attn.k_proj", attn["k_proj"]), ("self_attn.v_proj", attn["v_proj"]),
+            ("self_attn.o_proj", attn["o_proj"]), ("post_attention_layernorm", children["post_attention_layernorm"]),
+            ("mlp", children["mlp"]), ("mlp.gate_proj", mlp["gate_proj"]), ("mlp.up_proj", mlp["up_proj"]),
+            ("mlp.down_proj", mlp["down_proj"]), ("mlp.act_fn", mlp["act_fn"])]
+
+
 def _weights(layer: Any) -> tuple[Any, ...]:
     """What the lean layer reads of a decoder layer, looked up once per pass plan."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # not at import: --help stays light
 
-    attn, mlp = layer.self_attn, layer.mlp
-    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-    return (n1.weight, n1.variance_epsilon, attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
-            attn.v_proj.weight, attn.v_proj.bias, attn.o_proj.weight, attn.o_proj.bias, n2.weight, n2.variance_epsilon,
-            mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias, mlp.down_proj.weight,
-            mlp.down_proj.bias, mlp.act_fn.forward, attn.head_dim, attn, attn.layer_idx, sdpa_attention_forward)
+    children = layer._modules  # the modules' own dicts: no nn.Module.__getattr__ per look
+    attn, mlp = children["self_attn"], children["mlp"]
+    a, m = attn._modules, mlp._modules
+    n1, n2 = children["input_layernorm"], children["post_attention_layernorm"]
+
+    def wb(linear: Any) -> tuple[Any, Any]:
+        params = linear._parameters
+        return params["weight"], params.get("bias")
+
+    return (n1._parameters["weight"], n1.variance_epsilon, *wb(a["q_proj"]), *wb(a["k_proj"]), *wb(a["v_proj"]), *wb(a["o_proj"]),
+            n2._parameters["weight"], n2.variance_epsilon, *wb(m["gate_proj"]), *wb(m["up_proj"]), *wb(m["down_proj"]),
+            m["act_fn"].forward, attn.head_dim, attn, attn.layer_idx, sdpa_attention_forward)
 
 
 def plan(hf: Any) -> tuple[Plan | None, str | None]:
@@ -188,10 +206,10 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
     if got:
         top["lm_head"] = got
     layers: list[tuple[Any, ...] | None] = []
-    for layer in base.layers:
+    for layer in base.layers:  # looked up anew every pass plan: a module may have been replaced (an adapter merged)
         parts: dict[str, list[tuple[str, Any]]] | None = {}
-        for part in _LAYER_PARTS:
-            got = _module_changes(layer.get_submodule(part) if part else layer)
+        for part, module in _parts(layer):
+            got = _module_changes(module)
             if got is None:
                 parts = None
                 break
@@ -298,6 +316,17 @@ def _layer(layer: Any, ch: dict[str, list[tuple[str, Any]]], x: torch.Tensor, ma
     return residual + _out(ch, "mlp", down)
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask ``[batch, 1, q, kv]`` as the additive one PyTorch's CPU sdpa turns it
+    into before attending (``where(mask, 0, -inf)``, ``convert_boolean_attn_mask``): made once per
+    pass instead of once per layer, the same numbers. Only on the CPU (elsewhere sdpa may pick a
+    kernel that treats a fully masked row of an additive mask differently): there the mask is
+    returned as it is."""
+    if mask.device.type != "cpu":
+        return mask
+    return torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=dtype))
+
+
 def pass_plan(hf: Any) -> Plan | None:
     """:func:`plan` for a pass of ``hf`` now, or None (after a :class:`LeanForwardFallbackWarning`,
     once per model and reason) when it must go through ``hf(...)``."""
@@ -336,6 +365,8 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
         mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = attention_bias(mask, x.dtype)
     inv_freq, scaling = lean.rotary  # the rotary module's forward (default RoPE), op for op
     freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
