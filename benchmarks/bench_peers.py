@@ -41,6 +41,7 @@ Prints a table and writes ``benchmarks/results/peers.json``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -352,7 +353,10 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lm = LanguageModel(s.model.hf, tokenizer=s.model.tokenizer)
+            # its own copy of the model: nnsight wraps every module's forward for good, and on the shared
+            # model those wrappers would slow every other peer's passes and send the workbench's through
+            # hf(...) (its lean forward steps aside for wrappers it does not know)
+            lm = LanguageModel(copy.deepcopy(s.model.hf), tokenizer=s.model.tokenizer)
     n = len(s.samples)
     small = min(n, slow_samples)
     runs: dict[str, Callable[[], tuple]] = {
@@ -365,6 +369,8 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
         "TL bridge": lambda: bridge_loop(s, small),
         "study's way": lambda: study(s, small),
     }
+    from workbench.engine.lean import plan
+
     result: dict = {"setting": s.name, "samples": n, "rounds": s.cfg.rounds, "slow_samples": small, "checks": {}}
     for name in ("workbench", *peers):
         with warnings.catch_warnings():
@@ -386,6 +392,10 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     result["seconds"] = {k: {"wall": [w for w, _ in v], "cpu": [c for _, c in v]} for k, v in times.items()}
     result["peer_over_workbench"] = peer_ratios(result["seconds"], peers, n / small)
     result["workbench_s"] = {"wall": _median([w for w, _ in times["workbench"]]), "cpu": _median([c for _, c in times["workbench"]])}
+    # "lean", or why the workbench's passes went through hf(...) (e.g. another library's wrappers left on the model)
+    result["workbench_forward"] = plan(s.model.hf)[1] or "lean"
+    if result["workbench_forward"] != "lean":
+        print(f"  {s.name}: the workbench's forward was hf(...)'s: {result['workbench_forward']}", file=sys.stderr)
     return result
 
 

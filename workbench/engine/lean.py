@@ -69,6 +69,13 @@ def _problem(hf: Any) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
         return f"no lean forward for the {kind!r} family (only {', '.join(FAMILIES)})"
+    import transformers
+
+    if transformers.__version__.split(".")[0] != "5":  # the modeling code it follows op for op is transformers 5's
+        return f"transformers {transformers.__version__} (the lean forward follows transformers 5's modeling code)"
+    module = f"transformers.models.{kind}.modeling_{kind}"
+    if type(hf).__module__ != module or any(type(layer).__module__ != module for layer in getattr(getattr(hf, "model", None), "layers", [])):
+        return f"{type(hf).__name__} is not transformers' own {kind} implementation (remote code?)"
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return f"attention {getattr(config, '_attn_implementation', None)!r} (the lean forward runs sdpa)"
     rope = getattr(config, "rope_parameters", None) or {}
