@@ -5,13 +5,13 @@ On a small model (the organism: 4 layers, d = 64) most of a decode step's time i
 but Python around it: ``nn.Module.__call__`` of ~60 modules, ``deprecate_kwarg``/output-capturing
 decorators, the mask utilities, keyword plumbing. :func:`lean_logits` computes what
 ``hf(input_ids=…, attention_mask=…, position_ids=…, cache=…, logits_to_keep=…).logits`` computes,
-op for op in the same order (the same numbers, bit for bit on the families tested), with the same
-parameters and the same KV cache, from one function per family:
+op for op in the same order (the same numbers, bit for bit on the families tested:
+``tests/test_lean.py``), with the same parameters and the same KV cache:
 
-- embeddings, the model's own rotary module once per pass, the mask given (or HF's
-  ``create_causal_mask`` for a 2-D one), each decoder layer's norms, projections, rotary,
-  ``cache.update``, HF's own ``sdpa_attention_forward``, MLP, the final norm, ``lm_head`` only at the
-  positions kept.
+- embeddings; the rotary module's cos/sin once per pass (its own operations); the mask given (or
+  HF's ``create_causal_mask`` for a 2-D one), a boolean one made additive once per pass as PyTorch's
+  CPU sdpa would in every layer; each decoder layer's norms, projections, rotary, ``cache.update``,
+  HF's own ``sdpa_attention_forward``, MLP; the final norm; ``lm_head`` only at the positions kept.
 
 **The seam with capture and interventions holds.** They are wrappers of modules' ``forward`` made
 by :func:`workbench.engine.capture.replace_forward`, which records on each wrapper which side it
@@ -76,8 +76,6 @@ def _problem(hf: Any) -> str | None:
     module = f"transformers.models.{kind}.modeling_{kind}"
     if type(hf).__module__ != module or any(type(layer).__module__ != module for layer in getattr(getattr(hf, "model", None), "layers", [])):
         return f"{type(hf).__name__} is not transformers' own {kind} implementation (remote code?)"
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return f"attention {getattr(config, '_attn_implementation', None)!r} (the lean forward runs sdpa)"
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"RoPE type {rope.get('rope_type')!r}"
@@ -191,6 +189,9 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
     why = lean_problem(hf)
     if why is not None:
         return None, why
+    attention = getattr(hf.config, "_attn_implementation", None)  # asked every time: it can be switched on a loaded model
+    if attention != "sdpa":
+        return None, f"attention {attention!r} (the lean forward runs sdpa)"
     if _global_hooks():
         return None, "a global module hook is registered"
     base = hf.model
