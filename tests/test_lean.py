@@ -29,6 +29,10 @@ def _hf(name, loaded, organism):
         return organism.hf
     if name == "mistral":
         return _mistral()
+    if name == "organism-bf16":  # half precision: the norms' float32 round trip and the mask's dtype
+        import copy
+
+        return copy.deepcopy(organism.hf).to(torch.bfloat16)
     return loaded(name).hf
 
 
@@ -98,7 +102,7 @@ def _observed(hf, run):
             u()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "organism"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "organism", "organism-bf16"])
 def test_the_lean_forward_equals_the_models_forward(name, loaded, organism):
     """Logits of every pass kind, and every layer's residual stream on every pass, within 1e-5 of
     ``hf.forward``'s (a capture wrapper on each layer sees the same values either way)."""
