@@ -300,10 +300,12 @@ def decode_round(
     hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
     on_tokens: TokensCallback | None = None, cache: Any = None,
 ) -> RoundOutput:
-    """:func:`generate_round` by the workbench's own loop: the model's forward called directly, no
-    ``generate`` set-up per call. One prefill forward over every new token ``[batch, seq]``, then
-    one forward of one token per decoding step, each through the model's own modules (so wrappers
-    of their ``forward``, capture and interventions, see every pass). It computes what ``generate``
+    """:func:`generate_round` by the workbench's own loop: the model's forward called directly (its
+    lean forward where :mod:`workbench.engine.lean` has one), no ``generate`` set-up per call. One
+    prefill forward over every new token ``[batch, seq]``, then one forward of one token per
+    decoding step, each with the model's own modules and parameters (so wrappers of their
+    ``forward``, capture and interventions, see every pass; the lean forward applies the
+    workbench's wrappers itself and calls the real module for any other). It computes what ``generate``
     computes, in the same order: position ids from the attention mask, float32 logits of the last
     position, greedy ``argmax`` or, sampling, :func:`logits_processors` then ``softmax`` and
     ``torch.multinomial`` (the same draws from the same seed), finished rows fed the pad token,
