@@ -92,9 +92,10 @@ def _lean_forward(hf):
 def _observed(hf, run):
     """``run()`` with every layer's output (the residual stream) observed → (its result, per layer
     the list of values seen)."""
-    seen = [[] for _ in hf.model.layers]
+    layers = hf.transformer.h if hf.config.model_type == "gpt2" else hf.model.layers
+    seen = [[] for _ in layers]
     undo = [replace_forward(layer, "output", lambda act, box=box: (box.append(act.clone()), act)[1])
-            for layer, box in zip(hf.model.layers, seen)]
+            for layer, box in zip(layers, seen)]
     try:
         return run(), seen
     finally:
@@ -102,7 +103,7 @@ def _observed(hf, run):
             u()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "organism", "organism-bf16"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gpt2", "organism", "organism-bf16"])
 def test_the_lean_forward_equals_the_models_forward(name, loaded, organism):
     """Logits of every pass kind, and every layer's residual stream on every pass, within 1e-5 of
     ``hf.forward``'s (a capture wrapper on each layer sees the same values either way)."""
@@ -121,14 +122,27 @@ def test_the_lean_forward_equals_the_models_forward(name, loaded, organism):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_wrappers_inside_a_layer_see_and_change_the_same_values(loaded):
-    """Input and output wrappers on parts inside a layer (attention's tuple output, the MLP's
-    input, a norm's input, a projection), stacked two deep, editing what they see: the lean pass
-    calls each change with the values ``hf.forward`` gives it, in the same order."""
-    hf = loaded("llama").hf
+def _boundaries(hf):
+    """Module boundaries to wrap, inside and outside a layer (GPT-2: a block's own, one inside
+    block 1, the embeddings and the final norm)."""
+    if hf.config.model_type == "gpt2":
+        base = hf.transformer
+        return [(base.h[0], "output"), (base.h[0], "input"), (base.h[1].ln_2, "input"), (base.h[1].attn, "output"),
+                (base.wte, "output"), (base.wpe, "output"), (base.ln_f, "output")]
     layer = hf.model.layers[1]
-    parts = [(layer.self_attn, "output"), (layer.mlp, "input"), (layer.post_attention_layernorm, "input"),
-             (layer.self_attn.v_proj, "output"), (layer.mlp.down_proj, "output"), (layer, "input"), (hf.model.norm, "output")]
+    return [(layer.self_attn, "output"), (layer.mlp, "input"), (layer.post_attention_layernorm, "input"),
+            (layer.self_attn.v_proj, "output"), (layer.mlp.down_proj, "output"), (layer.mlp.act_fn, "output"), (layer, "input"),
+            (hf.model.embed_tokens, "output"), (hf.model.norm, "output")]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_wrappers_inside_a_layer_see_and_change_the_same_values(name, loaded):
+    """Input and output wrappers on parts inside a layer (attention's tuple output, the MLP's
+    input, a norm's input, a projection), on a layer's own boundary and outside the layers, stacked
+    two deep, editing what they see: the lean pass calls each change with the values
+    ``hf.forward`` gives it, in the same order."""
+    hf = loaded(name).hf
+    parts = _boundaries(hf)
 
     def run(forward):
         log = []
@@ -149,7 +163,7 @@ def test_wrappers_inside_a_layer_see_and_change_the_same_values(loaded):
                 u()
 
     lean = plan(hf)[0]
-    assert lean is not None and lean.layers[1] is not None  # nothing foreign: the layer runs lean
+    assert lean is not None and lean.layers[1] is not None  # nothing foreign: the layer runs lean (GPT-2: for real once wrapped inside)
     got, got_log = run(_lean_forward(hf))
     want, want_log = run(_hf_forward(hf))
     assert [(k, d) for k, d, _ in got_log] == [(k, d) for k, d, _ in want_log]
@@ -186,21 +200,22 @@ def test_a_foreign_wrapper_inside_a_layer_runs_the_real_layer(loaded):
 
 
 def test_what_the_lean_forward_cannot_serve_goes_through_the_model_with_a_warning(loaded):
-    """GPT-2 (no lean forward for its family), a wrapped ``hf.forward`` and eager attention: the
-    pass is ``hf(...)``'s, warned once per model and reason."""
-    from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A family without a lean forward (GPT-NeoX), a wrapped ``hf.forward`` and eager attention:
+    the pass is ``hf(...)``'s, warned once per model and reason."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)  # fresh model objects: the warning comes once per model, and other tests ran these models
-    gpt2 = GPT2LMHeadModel(loaded("gpt2").hf.config).eval()
-    assert "gpt2" in lean_problem(gpt2)
-    with pytest.warns(LeanForwardFallbackWarning, match="gpt2"):
-        assert pass_plan(gpt2) is None
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, attn_implementation="sdpa")).eval()
+    assert "gpt_neox" in lean_problem(neox)
+    with pytest.warns(LeanForwardFallbackWarning, match="gpt_neox"):
+        assert pass_plan(neox) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error", LeanForwardFallbackWarning)
-        assert pass_plan(gpt2) is None  # once per model and reason
+        assert pass_plan(neox) is None  # once per model and reason
     with torch.inference_mode():
-        got = _passes(gpt2, lambda ids, mask, pos, cache, keep: lean_logits(gpt2, ids, mask, pos, cache, keep, None))
-        want = _passes(gpt2, _hf_forward(gpt2))
+        got = _passes(neox, lambda ids, mask, pos, cache, keep: lean_logits(neox, ids, mask, pos, cache, keep, None))
+        want = _passes(neox, _hf_forward(neox))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

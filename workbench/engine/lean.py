@@ -31,6 +31,7 @@ goes through ``hf(...)``, with a :class:`LeanForwardFallbackWarning` once per mo
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Any
@@ -42,7 +43,8 @@ from workbench.engine.capture import wrapper_changes
 
 # Llama-like families whose decoder layer is exactly: x + o(attn(rope(q, k), v)) of an RMS-normed x,
 # then x + down(act(gate(h)) * up(h)) of an RMS-normed x (biases allowed on q/k/v: Qwen2)
-FAMILIES = ("llama", "qwen2", "mistral")
+LLAMA_LIKE = ("llama", "qwen2", "mistral")
+FAMILIES = (*LLAMA_LIKE, "gpt2")  # GPT-2: learned positions, LayerNorm, fused qkv (Conv1D)
 
 
 class LeanForwardFallbackWarning(UserWarning):
@@ -76,6 +78,11 @@ def _problem(hf: Any) -> str | None:
     module = f"transformers.models.{kind}.modeling_{kind}"
     if type(hf).__module__ != module or any(type(layer).__module__ != module for layer in getattr(getattr(hf, "model", None), "layers", [])):
         return f"{type(hf).__name__} is not transformers' own {kind} implementation (remote code?)"
+    devices = {p.device for p in hf.parameters()}
+    if len(devices) > 1:
+        return "the model is split over devices"
+    if kind == "gpt2":
+        return _gpt2_problem(hf)
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         return f"RoPE type {rope.get('rope_type')!r}"
@@ -100,9 +107,26 @@ def _problem(hf: Any) -> str | None:
             return "its MLP is not gate/up/down"
         if getattr(attn, "sliding_window", None):
             return "sliding-window attention"
-    devices = {p.device for p in hf.parameters()}
-    if len(devices) > 1:
-        return "the model is split over devices"
+    return None
+
+
+def _gpt2_problem(hf: Any) -> str | None:
+    """Why the GPT-2 lean forward cannot serve ``hf``, or None."""
+    config = hf.config
+    if getattr(config, "add_cross_attention", False):
+        return "GPT-2 with cross-attention"
+    if getattr(config, "reorder_and_upcast_attn", False):
+        return "GPT-2 with reorder_and_upcast_attn"
+    base = getattr(hf, "transformer", None)
+    if base is None or not all(hasattr(base, n) for n in ("wte", "wpe", "h", "ln_f", "drop")) or not hasattr(hf, "lm_head"):
+        return f"{type(hf).__name__} is not laid out as transformer.wte/wpe/h/ln_f + lm_head"
+    if len(base.h) != config.num_hidden_layers:
+        return "the model runs a different number of layers than it has"
+    for block in base.h:
+        if {n for n, _ in block.named_children()} != {"ln_1", "attn", "ln_2", "mlp"} \
+                or {n for n, _ in block.attn.named_children()} != {"c_attn", "c_proj", "attn_dropout", "resid_dropout"} \
+                or {n for n, _ in block.mlp.named_children()} != {"c_fc", "c_proj", "act", "dropout"}:
+            return f"a block of {type(hf).__name__} has other parts than GPT-2's"
     return None
 
 
@@ -180,7 +204,7 @@ def _weights(layer: Any) -> tuple[Any, ...]:
 
     return (n1._parameters["weight"], n1.variance_epsilon, *wb(a["q_proj"]), *wb(a["k_proj"]), *wb(a["v_proj"]), *wb(a["o_proj"]),
             n2._parameters["weight"], n2.variance_epsilon, *wb(m["gate_proj"]), *wb(m["up_proj"]), *wb(m["down_proj"]),
-            m["act_fn"].forward, attn.head_dim, attn, attn.layer_idx, sdpa_attention_forward)
+            functools.partial(type(m["act_fn"]).forward, m["act_fn"]), attn.head_dim, attn, attn.layer_idx, sdpa_attention_forward)
 
 
 def plan(hf: Any) -> tuple[Plan | None, str | None]:
@@ -192,8 +216,12 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
     attention = getattr(hf.config, "_attn_implementation", None)  # asked every time: it can be switched on a loaded model
     if attention != "sdpa":
         return None, f"attention {attention!r} (the lean forward runs sdpa)"
+    if hf.training:
+        return None, "the model is in training mode (dropout)"
     if _global_hooks():
         return None, "a global module hook is registered"
+    if hf.config.model_type == "gpt2":
+        return _gpt2_plan(hf)
     base = hf.model
     if hf._forward_hooks or hf._forward_pre_hooks or "forward" in hf.__dict__ \
             or base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
@@ -231,6 +259,121 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
     return Plan(top, layers, (rotary.inv_freq, rotary.attention_scaling)), None
 
 
+def _gpt2_plan(hf: Any) -> tuple[Plan | None, str | None]:
+    """:func:`plan` for GPT-2: changes on ``wte``/``wpe``/``ln_f``/``lm_head`` and on each block's
+    own boundary are applied; a block with anything wrapped inside it (or foreign) runs for real."""
+    base = hf.transformer
+    for module in (hf, base, base.drop):
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            return None, "the model's forward is wrapped or hooked by another library"
+    top = {}
+    for name, module in (("wte", base.wte), ("wpe", base.wpe), ("ln_f", base.ln_f), ("lm_head", hf.lm_head)):
+        got = _module_changes(module)
+        if got is None:
+            return None, f"{name} carries a hook or forward of another library"
+        if got:
+            top[name] = got
+    layers: list[tuple[Any, ...] | None] = []
+    for block in base.h:
+        outer = _module_changes(block)
+        inside = outer is not None and all(_module_changes(m) == [] for m in block.modules() if m is not block)
+        layers.append((outer, None, _gpt2_weights(block)) if inside else None)
+    return Plan(top, layers, ()), None
+
+
+def _gpt2_weights(block: Any) -> tuple[Any, ...]:
+    """What the lean GPT-2 block reads, looked up once per pass plan."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    children = block._modules
+    attn, mlp = children["attn"], children["mlp"]
+    a, m = attn._modules, mlp._modules
+    ln_1, ln_2 = children["ln_1"], children["ln_2"]
+    return (ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps, a["c_attn"].weight, a["c_attn"].bias, a["c_attn"].nf,
+            a["c_proj"].weight, a["c_proj"].bias, a["c_proj"].nf, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps,
+            m["c_fc"].weight, m["c_fc"].bias, m["c_fc"].nf, m["c_proj"].weight, m["c_proj"].bias, m["c_proj"].nf,
+            functools.partial(type(m["act"]).forward, m["act"]), attn, attn.split_size, attn.head_dim, attn.layer_idx, sdpa_attention_forward)
+
+
+def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nf: int) -> torch.Tensor:
+    """``transformers.pytorch_utils.Conv1D.forward``, op for op."""
+    size = x.size()[:-1] + (nf,)
+    return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size)
+
+
+def _gpt2_block(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cache: Any) -> torch.Tensor:
+    """One GPT-2 block ``[batch, q, d_model]`` → ``[batch, q, d_model]`` as ``GPT2Block.forward``
+    computes it in eval mode (dropout is the identity), with nothing wrapped inside it."""
+    (s1, w1, b1, e1, aw, ab, anf, pw, pb, pnf, s2, w2, b2, e2, fw, fb, fnf, cw, cb, cnf, act, attn, split, head_dim, index,
+     sdpa_attention_forward) = w
+    residual = x
+    h = F.layer_norm(x, s1, w1, b1, e1)
+    q, k, v = _conv1d(h, aw, ab, anf).split(split, dim=2)
+    shape = (*k.shape[:-1], -1, head_dim)
+    k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+    q = q.view((*q.shape[:-1], -1, head_dim)).transpose(1, 2)
+    if cache is not None:
+        k, v = cache.update(k, v, index)
+    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    o = o.reshape(*o.shape[:-2], -1).contiguous()
+    x = _conv1d(o, pw, pb, pnf) + residual
+    residual = x
+    h = F.layer_norm(x, s2, w2, b2, e2)
+    return residual + _conv1d(act(_conv1d(h, fw, fb, fnf)), cw, cb, cnf)
+
+
+def _gpt2_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any,
+                 logits_to_keep: int, lean: Plan) -> torch.Tensor:
+    """:func:`lean_logits` for GPT-2: ``GPT2LMHeadModel.forward``'s operations (eval mode)."""
+    base, top = hf.transformer, lean.top
+    if top:
+        x = _out(top, "wte", _own(base.wte, _inp(top, "wte", input_ids)))
+        pos = _out(top, "wpe", _own(base.wpe, _inp(top, "wpe", position_ids)))
+    else:
+        x, pos = _own(base.wte, input_ids), _own(base.wpe, position_ids)
+    h = x + pos.to(x.device)
+    mask = _mask(hf, x, attention_mask, position_ids, cache, input_ids.shape[1])
+    for block, how in zip(base.h, lean.layers):
+        if how is None:  # something wraps a part of it: the real block, as transformers calls it
+            h = block(h, cache=cache, attention_mask=mask, use_cache=True, position_ids=position_ids)
+            continue
+        outer, _, weights = how
+        for side, change in outer:
+            if side == "input":
+                h = change(h)
+        h = _gpt2_block(weights, h, mask, cache)
+        for side, change in reversed(outer):
+            if side == "output":
+                h = change(h)
+    ln_f = base.ln_f
+    if top:
+        h = _out(top, "ln_f", _own(ln_f, _inp(top, "ln_f", h)))
+    else:
+        h = F.layer_norm(h, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
+    if logits_to_keep:
+        h = h[:, -logits_to_keep:, :]
+    if top:
+        return _out(top, "lm_head", _linear(hf.lm_head, _inp(top, "lm_head", h)))
+    return _linear(hf.lm_head, h)
+
+
+def _mask(hf: Any, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any, q: int) -> Any:
+    """The mask the attention gets: a 4-D one as given, none for a one-token pass without holes,
+    else HF's ``create_causal_mask`` of the 2-D one; boolean made additive (:func:`attention_bias`)."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask
+    elif attention_mask is None and q == 1:
+        mask = None
+    else:
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = attention_bias(mask, x.dtype)
+    return mask
+
+
 def _inp(changes: dict[str, list[tuple[str, Any]]], part: str, x: Any) -> Any:
     for side, change in changes.get(part, ()):  # outermost first: each wrapper changes the input then calls inside
         if side == "input":
@@ -243,6 +386,12 @@ def _out(changes: dict[str, list[tuple[str, Any]]], part: str, y: Any) -> Any:
         if side == "output":
             y = change(y)
     return y
+
+
+def _own(module: Any, x: Any) -> Any:
+    """``module``'s class ``forward`` on ``x``: never an instance ``forward`` (a wrapper, whose
+    change the lean pass applies itself)."""
+    return type(module).forward(module, x)
 
 
 def _rms(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +468,7 @@ def _layer(layer: Any, ch: dict[str, list[tuple[str, Any]]], x: torch.Tensor, ma
     h = _inp(ch, "mlp", h)
     gate = _out(ch, "mlp.gate_proj", _linear(mlp.gate_proj, _inp(ch, "mlp.gate_proj", h)))
     up = _out(ch, "mlp.up_proj", _linear(mlp.up_proj, _inp(ch, "mlp.up_proj", h)))
-    act = _out(ch, "mlp.act_fn", mlp.act_fn.forward(_inp(ch, "mlp.act_fn", gate)))
+    act = _out(ch, "mlp.act_fn", _own(mlp.act_fn, _inp(ch, "mlp.act_fn", gate)))
     down = _out(ch, "mlp.down_proj", _linear(mlp.down_proj, _inp(ch, "mlp.down_proj", act * up)))
     return residual + _out(ch, "mlp", down)
 
@@ -358,23 +507,15 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         return hf(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
                   **kwargs).logits
+    if not lean.rotary:
+        return _gpt2_logits(hf, input_ids, attention_mask, position_ids, cache, logits_to_keep, lean)
     base = hf.model
     top = lean.top
     if top:
-        x = _out(top, "embed_tokens", base.embed_tokens.forward(_inp(top, "embed_tokens", input_ids)))
+        x = _out(top, "embed_tokens", _own(base.embed_tokens, _inp(top, "embed_tokens", input_ids)))
     else:
-        x = base.embed_tokens.forward(input_ids)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        mask = attention_mask
-    elif attention_mask is None and input_ids.shape[1] == 1:
-        mask = None
-    else:
-        from transformers.masking_utils import create_causal_mask
-
-        mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
-                                  position_ids=position_ids)
-    if mask is not None and mask.dtype == torch.bool:
-        mask = attention_bias(mask, x.dtype)
+        x = _own(base.embed_tokens, input_ids)
+    mask = _mask(hf, x, attention_mask, position_ids, cache, input_ids.shape[1])
     inv_freq, scaling = lean.rotary  # the rotary module's forward (default RoPE), op for op
     freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
     emb = torch.cat((freqs, freqs), dim=-1)
