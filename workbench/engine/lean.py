@@ -1,5 +1,5 @@
-"""A lean forward for Llama-like decoder models: the model's own arithmetic without ``transformers``'
-per-call Python.
+"""A lean forward for Llama-like decoder models (llama, qwen2, mistral: the organism is a llama) and
+GPT-2: the model's own arithmetic without ``transformers``' per-call Python.
 
 On a small model (the organism: 4 layers, d = 64) most of a decode step's time is not arithmetic
 but Python around it: ``nn.Module.__call__`` of ~60 modules, ``deprecate_kwarg``/output-capturing
@@ -12,6 +12,8 @@ op for op in the same order (the same numbers, bit for bit on the families teste
   HF's ``create_causal_mask`` for a 2-D one), a boolean one made additive once per pass as PyTorch's
   CPU sdpa would in every layer; each decoder layer's norms, projections, rotary, ``cache.update``,
   HF's own ``sdpa_attention_forward``, MLP; the final norm; ``lm_head`` only at the positions kept.
+- GPT-2 the same way: token and learned position embeddings, per block LayerNorm, the fused
+  ``c_attn`` (``Conv1D``'s ``addmm``), sdpa, ``c_proj``, the MLP, ``ln_f``, ``lm_head``.
 
 **The seam with capture and interventions holds.** They are wrappers of modules' ``forward`` made
 by :func:`workbench.engine.capture.replace_forward`, which records on each wrapper which side it
@@ -20,13 +22,14 @@ values, in the same nesting order (input changes outermost first, output changes
 so a capture or an intervention sees and edits exactly what it would on ``hf.forward``. Anything
 else on a module (a ``forward`` another library set, a PyTorch hook) is not understood: a decoder
 layer with such a module anywhere in it is run by calling the real layer (``layer(...)``, as
-``transformers`` calls it), and such a thing on the model, its base model, its embeddings, final
-norm, rotary module or ``lm_head`` (or a global module hook) sends the whole pass through
-``hf(...)``.
+``transformers`` calls it; a GPT-2 block also when a wrapper of the workbench sits inside it), and
+such a thing on the model, its base model, its embeddings, final norm, rotary module or ``lm_head``
+(or a global module hook) sends the whole pass through ``hf(...)``.
 
-What has no lean forward (:func:`lean_problem`: another family, e.g. GPT-2; attention other than
-sdpa; a RoPE type other than the default; sliding windows; q/k norms; a model split over devices)
-goes through ``hf(...)``, with a :class:`LeanForwardFallbackWarning` once per model and reason.
+What has no lean forward (:func:`lean_problem`, :func:`plan`: another family, e.g. GPT-NeoX, a VLM;
+attention other than sdpa; a RoPE type other than the default; sliding windows; q/k norms; GPT-2
+with cross-attention; remote code; a model split over devices or in training mode) goes through
+``hf(...)``, with a :class:`LeanForwardFallbackWarning` once per model and reason.
 """
 
 from __future__ import annotations
