@@ -9,9 +9,11 @@ workbench's greedy tokens on every (sample, round) (and its activations, where t
   no capture, no entropies, no option scores — the strongest baseline a person writes by hand.
   ``hand loop no_grad``: the same under ``generate``'s own ``no_grad``, as most people call it.
 - ``HF re-prefill``: the same, every round's whole conversation generated from scratch.
-- ``nnsight`` / ``nnsight cached``: nnsight 0.8's ``LanguageModel.generate`` on the same
-  model, saving every layer's residual stream (the prefill's last token and each decode step's
-  input), re-prefilling or carrying a ``DynamicCache`` across rounds.
+- ``nnsight`` / ``nnsight cached``: nnsight 0.8's ``LanguageModel.generate`` on a copy of the
+  model (nnsight wraps every module's ``forward`` for good; on the shared model that would slow the
+  other peers and send the workbench's passes through ``hf(...)``), saving every layer's residual
+  stream (the prefill's last token and each decode step's input), re-prefilling or carrying a
+  ``DynamicCache`` across rounds.
 - ``TL bridge``: TransformerLens 4.3's bridge, one sample at a time, ``generate`` without its KV
   cache (its cached generate gives other greedy tokens, DESIGN §9), then ``run_with_cache`` over the
   prompt and answer for the residual stream of every layer.
@@ -35,7 +37,8 @@ and a small run, the organism 16 samples × 2 rounds (fixed costs). Batch 16 thr
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick
 
-Prints a table and writes ``benchmarks/results/peers.json``.
+Prints a table and writes ``benchmarks/results/peers.json`` (per setting, ``workbench_forward``:
+"lean", or why the workbench's passes went through ``hf(...)``).
 """
 
 from __future__ import annotations
