@@ -232,3 +232,27 @@ def test_what_the_lean_forward_cannot_serve_goes_through_the_model_with_a_warnin
     eager = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, attn_implementation="eager")).eval()
     assert lean_problem(eager) is None and "attention 'eager'" in plan(eager)[1]
+
+
+def test_a_replaced_projection_runs_the_real_layer(loaded):
+    """A module swapped in after loading (a LoRA layer, a quantized linear: here an ``nn.Linear``
+    subclass that doubles its output) is not read as a plain projection: its layer runs for real,
+    and the logits are the model's own."""
+    import copy
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hf = copy.deepcopy(loaded("llama").hf)
+    old = hf.model.layers[1].self_attn.q_proj
+    new = Doubled(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    hf.model.layers[1].self_attn.q_proj = new
+    lean = plan(hf)[0]
+    assert lean.layers[1] is None and lean.layers[0] is not None
+    with torch.inference_mode():
+        got = _passes(hf, _lean_forward(hf))
+        want = _passes(hf, _hf_forward(hf))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -180,6 +180,22 @@ class Plan:
         self.rotary = rotary  # (inv_freq, attention_scaling)
 
 
+_LINEAR_PARTS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                 "mlp.down_proj"}
+
+
+def _plain_modules(parts: list[tuple[str, Any]]) -> bool:
+    """Whether the layer's projections are plain ``nn.Linear`` and its norms the family's RMSNorm:
+    not replaced since the model loaded (a LoRA layer, a quantized linear would compute
+    something else from what the lean layer reads)."""
+    for part, module in parts:
+        if part in _LINEAR_PARTS and type(module) is not torch.nn.Linear:
+            return False
+        if part.endswith("layernorm") and not type(module).__name__.endswith("RMSNorm"):
+            return False
+    return True
+
+
 def _parts(layer: Any) -> list[tuple[str, Any]]:
     """``(part, module)`` for the layer (part ``""``) and each module inside it the lean layer
     computes (through the modules' own child dicts: a fraction of ``get_submodule``'s cost)."""
@@ -232,6 +248,9 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
     rotary = base.rotary_emb
     if rotary._forward_hooks or rotary._forward_pre_hooks or "forward" in rotary.__dict__:
         return None, "the rotary embedding module is wrapped or hooked"
+    if type(base.embed_tokens) is not torch.nn.Embedding or type(hf.lm_head) is not torch.nn.Linear \
+            or not type(base.norm).__name__.endswith("RMSNorm"):
+        return None, "its embeddings, final norm or lm_head were replaced by other modules"
     top = {}
     for name in ("embed_tokens", "norm"):
         got = _module_changes(getattr(base, name))
@@ -246,8 +265,9 @@ def plan(hf: Any) -> tuple[Plan | None, str | None]:
         top["lm_head"] = got
     layers: list[tuple[Any, ...] | None] = []
     for layer in base.layers:  # looked up anew every pass plan: a module may have been replaced (an adapter merged)
-        parts: dict[str, list[tuple[str, Any]]] | None = {}
-        for part, module in _parts(layer):
+        named = _parts(layer)
+        parts: dict[str, list[tuple[str, Any]]] | None = {} if _plain_modules(named) else None  # None: the real layer
+        for part, module in named if parts is not None else ():
             got = _module_changes(module)
             if got is None:
                 parts = None
@@ -269,6 +289,9 @@ def _gpt2_plan(hf: Any) -> tuple[Plan | None, str | None]:
     for module in (hf, base, base.drop):
         if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
             return None, "the model's forward is wrapped or hooked by another library"
+    if type(base.wte) is not torch.nn.Embedding or type(base.wpe) is not torch.nn.Embedding \
+            or type(base.ln_f) is not torch.nn.LayerNorm or type(hf.lm_head) is not torch.nn.Linear:
+        return None, "its embeddings, final norm or lm_head were replaced by other modules"
     top = {}
     for name, module in (("wte", base.wte), ("wpe", base.wpe), ("ln_f", base.ln_f), ("lm_head", hf.lm_head)):
         got = _module_changes(module)
@@ -279,7 +302,9 @@ def _gpt2_plan(hf: Any) -> tuple[Plan | None, str | None]:
     layers: list[tuple[Any, ...] | None] = []
     for block in base.h:
         outer = _module_changes(block)
-        inside = outer is not None and all(_module_changes(m) == [] for m in block.modules() if m is not block)
+        inside = outer is not None and all(_module_changes(m) == [] for m in block.modules() if m is not block) \
+            and all(type(m).__name__ == "Conv1D" for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)) \
+            and type(block.ln_1) is torch.nn.LayerNorm and type(block.ln_2) is torch.nn.LayerNorm
         layers.append((outer, None, _gpt2_weights(block)) if inside else None)
     return Plan(top, layers, ()), None
 
