@@ -1,7 +1,7 @@
 """One round of batched, KV-cached generation and option scoring on the plain Hugging Face model.
 
 Generation runs the workbench's own decode loop (:func:`decode_round`): the model's forward called
-directly (for a Llama-like model, its lean forward, :mod:`workbench.engine.lean`: the same numbers
+directly (for Llama-like models and GPT-2, its lean forward, :mod:`workbench.engine.lean`: the same numbers
 without ``transformers``' per-call Python; the cut-off pass and option scoring use it too), one
 prefill forward over the round's new tokens ``[batch, seq]`` (left padding, attention
 mask, the KV cache), then one forward of one token per step, with ``generate``'s arithmetic step for
