@@ -9,9 +9,11 @@ workbench's greedy tokens on every (sample, round) (and its activations, where t
   no capture, no entropies, no option scores — the strongest baseline a person writes by hand.
   ``hand loop no_grad``: the same under ``generate``'s own ``no_grad``, as most people call it.
 - ``HF re-prefill``: the same, every round's whole conversation generated from scratch.
-- ``nnsight`` / ``nnsight cached``: nnsight 0.8's ``LanguageModel.generate`` on the same
-  model, saving every layer's residual stream (the prefill's last token and each decode step's
-  input), re-prefilling or carrying a ``DynamicCache`` across rounds.
+- ``nnsight`` / ``nnsight cached``: nnsight 0.8's ``LanguageModel.generate`` on a copy of the
+  model (nnsight wraps every module's ``forward`` for good; on the shared model that would slow the
+  other peers and send the workbench's passes through ``hf(...)``), saving every layer's residual
+  stream (the prefill's last token and each decode step's input), re-prefilling or carrying a
+  ``DynamicCache`` across rounds.
 - ``TL bridge``: TransformerLens 4.3's bridge, one sample at a time, ``generate`` without its KV
   cache (its cached generate gives other greedy tokens, DESIGN §9), then ``run_with_cache`` over the
   prompt and answer for the residual stream of every layer.
@@ -35,12 +37,14 @@ and a small run, the organism 16 samples × 2 rounds (fixed costs). Batch 16 thr
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --quick
 
-Prints a table and writes ``benchmarks/results/peers.json``.
+Prints a table and writes ``benchmarks/results/peers.json`` (per setting, ``workbench_forward``:
+"lean", or why the workbench's passes went through ``hf(...)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -352,7 +356,10 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            lm = LanguageModel(s.model.hf, tokenizer=s.model.tokenizer)
+            # its own copy of the model: nnsight wraps every module's forward for good, and on the shared
+            # model those wrappers would slow every other peer's passes and send the workbench's through
+            # hf(...) (its lean forward steps aside for wrappers it does not know)
+            lm = LanguageModel(copy.deepcopy(s.model.hf), tokenizer=s.model.tokenizer)
     n = len(s.samples)
     small = min(n, slow_samples)
     runs: dict[str, Callable[[], tuple]] = {
@@ -365,6 +372,8 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
         "TL bridge": lambda: bridge_loop(s, small),
         "study's way": lambda: study(s, small),
     }
+    from workbench.engine.lean import plan
+
     result: dict = {"setting": s.name, "samples": n, "rounds": s.cfg.rounds, "slow_samples": small, "checks": {}}
     for name in ("workbench", *peers):
         with warnings.catch_warnings():
@@ -386,6 +395,10 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     result["seconds"] = {k: {"wall": [w for w, _ in v], "cpu": [c for _, c in v]} for k, v in times.items()}
     result["peer_over_workbench"] = peer_ratios(result["seconds"], peers, n / small)
     result["workbench_s"] = {"wall": _median([w for w, _ in times["workbench"]]), "cpu": _median([c for _, c in times["workbench"]])}
+    # "lean", or why the workbench's passes went through hf(...) (e.g. another library's wrappers left on the model)
+    result["workbench_forward"] = plan(s.model.hf)[1] or "lean"
+    if result["workbench_forward"] != "lean":
+        print(f"  {s.name}: the workbench's forward was hf(...)'s: {result['workbench_forward']}", file=sys.stderr)
     return result
 
 

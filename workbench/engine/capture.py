@@ -267,7 +267,11 @@ def replace_forward(module: Any, side: str, change: Callable[[Any], Any]) -> Cal
         def forward(*args: Any, **kwargs: Any) -> Any:
             return change(inner(*args, **kwargs))
 
-    module.forward = functools.wraps(inner)(forward)
+    wrapped = functools.wraps(inner)(forward)
+    # read by wrapper_changes (the lean forward applies the change itself); the wrapper itself first, so
+    # that a foreign wrapper that copied this attribute (functools.wraps of this one) is not taken for it
+    wrapped.workbench_change = (wrapped, side, change, inner)
+    module.forward = wrapped
 
     def undo() -> None:
         if saved is _NOT_SET:
@@ -276,6 +280,25 @@ def replace_forward(module: Any, side: str, change: Callable[[Any], Any]) -> Cal
             module.forward = saved
 
     return undo
+
+
+def wrapper_changes(module: Any) -> list[tuple[str, Callable[[Any], Any]]] | None:
+    """The :func:`replace_forward` wrappers on ``module``, outermost first, as ``(side, change)``:
+    ``[]`` when its ``forward`` is its class's own, None when something else sits in the chain (a
+    ``forward`` another library set). A forward that does not call the module's (the lean forward,
+    :mod:`workbench.engine.lean`) applies these changes at the same boundary, in the same order."""
+    forward = module.__dict__.get("forward", _NOT_SET)
+    if forward is _NOT_SET:
+        return []
+    changes = []
+    while True:
+        mark = getattr(forward, "workbench_change", None)
+        if mark is None or mark[0] is not forward:
+            break
+        _, side, change, forward = mark
+        changes.append((side, change))
+    own = getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module
+    return changes if own else None
 
 
 def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], None]]) -> Callable[[], None]:

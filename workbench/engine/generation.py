@@ -1,7 +1,9 @@
 """One round of batched, KV-cached generation and option scoring on the plain Hugging Face model.
 
 Generation runs the workbench's own decode loop (:func:`decode_round`): the model's forward called
-directly, one prefill forward over the round's new tokens ``[batch, seq]`` (left padding, attention
+directly (for Llama-like models and GPT-2, its lean forward, :mod:`workbench.engine.lean`: the same numbers
+without ``transformers``' per-call Python; the cut-off pass and option scoring use it too), one
+prefill forward over the round's new tokens ``[batch, seq]`` (left padding, attention
 mask, the KV cache), then one forward of one token per step, with ``generate``'s arithmetic step for
 step (same greedy tokens; sampling through ``generate``'s own logits processors and
 ``torch.multinomial``, so the same draws from the same seed) and none of its per-call set-up. The
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from workbench.engine.lean import attention_bias, lean_logits, pass_plan, sliding_window_layers
 from workbench.engine.protocol import Decoding
 from workbench.engine.uncertainty import token_entropy
 
@@ -171,17 +174,6 @@ def decode_loop_problem(hf: Any, cache: Any) -> str | None:
     return None
 
 
-def sliding_window_layers(config: Any) -> bool:
-    """Whether any attention layer of the model (its text model's, for an image-text-to-text one) sees
-    only a sliding window: ``layer_types`` naming a sliding layer, or, without ``layer_types``, a
-    ``sliding_window`` that ``use_sliding_window`` does not turn off."""
-    text = getattr(config, "text_config", None) or config
-    types = getattr(text, "layer_types", None)
-    if types:
-        return any("sliding" in str(t) for t in types)
-    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
-
-
 def _warn_fallback(hf: Any, why: str) -> None:
     seen = _WARNED.setdefault(id(hf), set())
     if why not in seen:
@@ -243,9 +235,9 @@ def growing_layer_class() -> type:
                     bv[:, :, :held] = values
                 buffers = self._buffers = (bk, bv)
             bk, bv = buffers
-            bk[:, :, held : held + add] = key_states
-            bv[:, :, held : held + add] = value_states
-            self.keys, self.values = bk[:, :, : held + add], bv[:, :, : held + add]
+            bk.narrow(2, held, add).copy_(key_states)  # narrow: the views slicing makes, at half its cost per step
+            bv.narrow(2, held, add).copy_(value_states)
+            self.keys, self.values = bk.narrow(2, 0, held + add), bv.narrow(2, 0, held + add)
             self._views = (self.keys, self.values)
             return self.keys, self.values
 
@@ -308,10 +300,12 @@ def decode_round(
     hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
     on_tokens: TokensCallback | None = None, cache: Any = None,
 ) -> RoundOutput:
-    """:func:`generate_round` by the workbench's own loop: the model's forward called directly, no
-    ``generate`` set-up per call. One prefill forward over every new token ``[batch, seq]``, then
-    one forward of one token per decoding step, each through the model's own modules (so wrappers
-    of their ``forward``, capture and interventions, see every pass). It computes what ``generate``
+    """:func:`generate_round` by the workbench's own loop: the model's forward called directly (its
+    lean forward where :mod:`workbench.engine.lean` has one), no ``generate`` set-up per call. One
+    prefill forward over every new token ``[batch, seq]``, then one forward of one token per
+    decoding step, each with the model's own modules and parameters (so wrappers of their
+    ``forward``, capture and interventions, see every pass; the lean forward applies the
+    workbench's wrappers itself and calls the real module for any other). It computes what ``generate``
     computes, in the same order: position ids from the attention mask, float32 logits of the last
     position, greedy ``argmax`` or, sampling, :func:`logits_processors` then ``softmax`` and
     ``torch.multinomial`` (the same draws from the same seed), finished rows fed the pad token,
@@ -333,18 +327,27 @@ def decode_round(
     # a decode step's query sees every held position: the 4-D boolean mask sdpa would be given,
     # sliced per step instead of built per step (only where there are holes: with none, the model
     # skips the mask, and so do we)
-    step_mask = full_mask.bool()[:, None, None, :] if _takes_bool_mask(hf) and not bool(mask.all()) else full_mask
+    holes = not bool(mask.all())
+    step_mask = full_mask.bool()[:, None, None, :] if _takes_bool_mask(hf) and holes else full_mask
     positions = mask.cumsum(-1) - 1
     positions.masked_fill_(mask == 0, 1)
     keep = {"logits_to_keep": 1} if _forward_takes(hf)[1] else {}
+    lean = pass_plan(hf)  # the lean forward (same numbers, less Python), or None: hf(...)
+    if lean is not None and not holes:
+        step_mask = None  # a one-token pass over a cache without holes attends everything: no mask, as hf's own skips it
+    elif lean is not None and step_mask.dtype == torch.bool:
+        step_mask = attention_bias(step_mask, next(hf.parameters()).dtype)  # once per round, not per step and layer
     stops = stop_ids(hf, tokenizer)
     stop_tensor = torch.tensor(stops, device=device)
     processors = logits_processors(decoding)
     stream = ResponseStream(on_tokens, stops) if on_tokens is not None else None
     if stream is not None:
         stream.put(new_ids)
-    logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
-                use_cache=True, **keep).logits
+    if lean is not None:
+        logits = lean_logits(hf, new_ids, mask, positions[:, -new_ids.shape[1]:], cache, 1, lean)
+    else:
+        logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
+                    use_cache=True, **keep).logits
     position = positions[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     pad_token = torch.tensor(pad_id, device=device)
@@ -364,8 +367,12 @@ def decode_round(
         if step == steps - 1 or not bool(unfinished.any()):
             break
         position = position + 1
-        logits = hf(input_ids=chosen[:, None], attention_mask=step_mask[..., : prompt_len + step + 1], position_ids=position,
-                    cache=cache, use_cache=True, **keep).logits
+        if lean is not None:
+            logits = lean_logits(hf, chosen[:, None], None if step_mask is None else step_mask[..., : prompt_len + step + 1],
+                                 position, cache, 1, lean)
+        else:
+            logits = hf(input_ids=chosen[:, None], attention_mask=step_mask[..., : prompt_len + step + 1], position_ids=position,
+                        cache=cache, use_cache=True, **keep).logits
     generated = torch.stack(tokens, 1).tolist()  # [batch, n_steps]
     step_logits_t = torch.stack(step_logits, 1)  # [batch, n_steps, vocab]
     return _round_output(generated, step_logits_t, stops, cache, mask)
@@ -447,8 +454,8 @@ def carry(hf: Any, rnd: RoundOutput, pad_id: int) -> CarriedCache:
         last = torch.tensor([ids[-1] if m else pad_id for ids, m in zip(rnd.response_ids, missing.tolist())])
         mask = torch.cat([mask, missing.long()[:, None]], 1)
         device = rnd.prompt_mask.device
-        hf(input_ids=last[:, None].to(device), attention_mask=mask.to(device),
-           position_ids=(mask.sum(-1, keepdim=True) - 1).to(device), cache=rnd.cache, use_cache=True, logits_to_keep=1)
+        lean_logits(hf, last[:, None].to(device), mask.to(device), (mask.sum(-1, keepdim=True) - 1).to(device), rnd.cache, 1,
+                    pass_plan(hf))
     return CarriedCache(rnd.cache, mask.to(rnd.prompt_mask.device))
 
 
@@ -558,14 +565,8 @@ def forward_after_prompt(
         dtype = next(hf.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     prompt_len = rnd.prompt_mask.sum(-1, keepdim=True)
-    logits = hf(
-        input_ids=cont_ids,
-        attention_mask=mask[:, None],  # [batch, 1, query, cache + continuation]: boolean (sdpa) or additive
-        position_ids=prompt_len + pos,
-        cache=rnd.cache,
-        use_cache=True,
-        logits_to_keep=logits_to_keep,
-    ).logits
+    # mask [batch, 1, query, cache + continuation]: boolean (sdpa) or additive
+    logits = lean_logits(hf, cont_ids, mask[:, None], prompt_len + pos, rnd.cache, logits_to_keep, pass_plan(hf))
     crop_cache(rnd.cache, cached)
     return logits
 
