@@ -12,7 +12,7 @@ import torch
 
 from workbench.engine.capture import replace_forward
 from workbench.engine.generation import new_cache, pad
-from workbench.engine.lean import LeanForwardFallbackWarning, lean_logits, lean_problem, pass_plan, plan
+from workbench.engine.lean import NOT_CHECKED, LeanForwardFallbackWarning, lean_logits, lean_problem, pass_plan, plan
 
 
 def _mistral():
@@ -220,6 +220,13 @@ def test_what_the_lean_forward_cannot_serve_goes_through_the_model_with_a_warnin
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
     hf = LlamaForCausalLM(loaded("llama").hf.config).eval()
+    first = LlamaForCausalLM(loaded("llama").hf.config).eval()
+    first.forward = lambda *a, **k: LlamaForCausalLM.forward(first, *a, **k)
+    with pytest.warns(LeanForwardFallbackWarning, match="not yet checked"):  # first used while wrapped: not checked yet
+        assert pass_plan(first) is None
+    del first.forward
+    assert pass_plan(first) is not None  # checked at the next pass nothing wraps
+    assert lean_problem(hf) is None  # checked before anything wraps it, as load_model does
     real = hf.forward
     hf.forward = lambda *a, **k: real(*a, **k)  # e.g. a test counting passes, or another library's wrapper
     try:
@@ -231,7 +238,7 @@ def test_what_the_lean_forward_cannot_serve_goes_through_the_model_with_a_warnin
 
     eager = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, attn_implementation="eager")).eval()
-    assert lean_problem(eager) is None and "attention 'eager'" in plan(eager)[1]
+    assert "attention 'eager'" in plan(eager)[1] and lean_problem(eager) == NOT_CHECKED  # checked once it is sdpa
 
 
 def test_a_replaced_projection_runs_the_real_layer(loaded):
@@ -256,3 +263,21 @@ def test_a_replaced_projection_runs_the_real_layer(loaded):
         want = _passes(hf, _hf_forward(hf))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lean_forward_that_disagrees_with_the_model_is_not_used(loaded, monkeypatch):
+    """The check every model gets before its first lean pass (``load_model`` runs it): were the lean
+    forward to compute something else than the installed ``transformers`` (its modeling code changed),
+    the model keeps ``hf(...)`` with a warning that says by how much, and the numbers are the model's."""
+    from transformers import LlamaForCausalLM
+
+    import workbench.engine.lean as lean
+
+    plain = lean._plain_layer
+    monkeypatch.setattr(lean, "_plain_layer", lambda *a: plain(*a) * 1.01)
+    hf = LlamaForCausalLM(loaded("llama").hf.config).eval()
+    assert "disagrees with the model's own" in lean_problem(hf)
+    with pytest.warns(LeanForwardFallbackWarning, match="disagrees"):
+        assert pass_plan(hf) is None
+    monkeypatch.setattr(lean, "_plain_layer", plain)
+    assert lean_problem(LlamaForCausalLM(loaded("llama").hf.config).eval()) is None

@@ -509,6 +509,9 @@ def load_model(
         device = _input_device(placed)
         placement = {"requested": device_map, "max_memory": {str(k): v for k, v in (max_memory or {}).items()}, "placed": placed}
     hf = hf.eval()
+    from workbench.engine.lean import lean_problem
+
+    lean_problem(hf)  # checks the lean forward against hf's own now, before anything wraps its modules
     template_source = "model"
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
