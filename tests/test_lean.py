@@ -281,3 +281,28 @@ def test_a_lean_forward_that_disagrees_with_the_model_is_not_used(loaded, monkey
         assert pass_plan(hf) is None
     monkeypatch.setattr(lean, "_plain_layer", plain)
     assert lean_problem(LlamaForCausalLM(loaded("llama").hf.config).eval()) is None
+
+
+def test_transformers_own_output_capturing_hooks_leave_the_lean_forward_on(loaded):
+    """A forward that asks for ``output_hidden_states`` makes ``transformers`` install hooks on the
+    model's layers for good; they record only inside such a forward, so the lean pass (and its check)
+    still serve the model, with the same numbers; any other hook still sends the layer to its real forward."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(loaded("llama").hf.config).eval()
+    with torch.inference_mode():
+        hf(input_ids=torch.tensor([[1, 2, 3]]), output_hidden_states=True)
+    assert hf.model.layers[0]._forward_hooks  # installed by transformers, and left on
+    assert lean_problem(hf) is None
+    lean = pass_plan(hf)
+    assert lean is not None and all(how is not None for how in lean.layers)
+    with torch.inference_mode():
+        got = _passes(hf, lambda ids, mask, pos, cache, keep: lean_logits(hf, ids, mask, pos, cache, keep, lean))
+        want = _passes(hf, _hf_forward(hf))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    handle = hf.model.layers[1].register_forward_hook(lambda *a: None)
+    try:
+        assert pass_plan(hf).layers[1] is None
+    finally:
+        handle.remove()

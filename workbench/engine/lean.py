@@ -87,7 +87,7 @@ def disagreement(hf: Any) -> str | None:
     extra passes would reach the wrappers): then :data:`NOT_CHECKED`, and that pass goes through
     ``hf(...)``."""
     if _global_hooks() or hf.training or getattr(hf.config, "_attn_implementation", None) != "sdpa" \
-            or any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in hf.modules()):
+            or any(_touched(m) for m in hf.modules()):
         return NOT_CHECKED
     from transformers import DynamicCache
 
@@ -206,9 +206,22 @@ def _module_changes(module: Any) -> list[tuple[str, Any]] | None:
     (:func:`~workbench.engine.capture.wrapper_changes`); None when the module carries anything
     else (a ``forward`` another library set, a PyTorch hook)."""
     state = module.__dict__  # nn.Module keeps its hook dicts there: no __getattr__ per look
-    if state["_forward_hooks"] or state["_forward_pre_hooks"]:
+    if state["_forward_pre_hooks"] or (state["_forward_hooks"] and not _inactive_hooks(state["_forward_hooks"])):
         return None
     return wrapper_changes(module) if "forward" in state else []
+
+
+def _inactive_hooks(hooks: dict[int, Any]) -> bool:
+    """Whether every forward hook in ``hooks`` is one of ``transformers``' output-capturing hooks: it
+    installs them on a model's layers the first time a forward asks for ``output_hidden_states`` or
+    attentions, leaves them on, and they record only inside such a forward (none runs in a lean pass)."""
+    return all(getattr(h, "__module__", None) == "transformers.utils.output_capturing" for h in hooks.values())
+
+
+def _touched(module: Any) -> bool:
+    """Whether ``module`` carries an instance ``forward`` or a hook other than an inactive one."""
+    state = module.__dict__
+    return bool(state["_forward_pre_hooks"]) or "forward" in state or not _inactive_hooks(state["_forward_hooks"])
 
 
 def _global_hooks() -> bool:
@@ -297,11 +310,10 @@ def _build(hf: Any) -> tuple[Plan | None, str | None]:
     if hf.config.model_type == "gpt2":
         return _gpt2_plan(hf)
     base = hf.model
-    if hf._forward_hooks or hf._forward_pre_hooks or "forward" in hf.__dict__ \
-            or base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__:
+    if _touched(hf) or _touched(base):
         return None, "the model's forward is wrapped or hooked by another library"
     rotary = base.rotary_emb
-    if rotary._forward_hooks or rotary._forward_pre_hooks or "forward" in rotary.__dict__:
+    if _touched(rotary):
         return None, "the rotary embedding module is wrapped or hooked"
     if type(base.embed_tokens) is not torch.nn.Embedding or type(hf.lm_head) is not torch.nn.Linear \
             or not type(base.norm).__name__.endswith("RMSNorm"):
@@ -342,7 +354,7 @@ def _gpt2_plan(hf: Any) -> tuple[Plan | None, str | None]:
     own boundary are applied; a block with anything wrapped inside it (or foreign) runs for real."""
     base = hf.transformer
     for module in (hf, base, base.drop):
-        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+        if _touched(module):
             return None, "the model's forward is wrapped or hooked by another library"
     if type(base.wte) is not torch.nn.Embedding or type(base.wpe) is not torch.nn.Embedding \
             or type(base.ln_f) is not torch.nn.LayerNorm or type(hf.lm_head) is not torch.nn.Linear:
