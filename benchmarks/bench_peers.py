@@ -396,7 +396,9 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     result["peer_over_workbench"] = peer_ratios(result["seconds"], peers, n / small)
     result["workbench_s"] = {"wall": _median([w for w, _ in times["workbench"]]), "cpu": _median([c for _, c in times["workbench"]])}
     # "lean", or why the workbench's passes went through hf(...) (e.g. another library's wrappers left on the model)
-    result["workbench_forward"] = plan(s.model.hf)[1] or "lean"
+    lean, why = plan(s.model.hf)
+    real = 0 if lean is None else sum(how is None for how in lean.layers)  # layers that ran their real forward
+    result["workbench_forward"] = why or ("lean" if not real else f"lean, {real} of {len(lean.layers)} layers through their own forward")
     if result["workbench_forward"] != "lean":
         print(f"  {s.name}: the workbench's forward was hf(...)'s: {result['workbench_forward']}", file=sys.stderr)
     return result
