@@ -143,7 +143,7 @@ def test_bad_inputs_are_one_line(organism, tmp_path):
         Session(organism, samples=1, interventions=[Steer(np.ones(5), layer=1, alpha=1.0)])
     with pytest.raises(WorkbenchError, match="layer 9 is out of range"):
         Session(organism, samples=1, interventions=[Steer(d, layer=9, alpha=1.0)])
-    with pytest.raises(WorkbenchError, match="cannot be combined with sampled answers"):
+    with pytest.raises(WorkbenchError, match="cannot be combined with a round_extras callback that runs the model"):
         Session(organism, samples=1, interventions=[Steer(d, layer=1, alpha=1.0)], round_extras=lambda *a: {})
     with pytest.raises(WorkbenchError, match="--steer-rounds"):
         parse_rounds("6-2")
@@ -466,3 +466,37 @@ def test_clamp_from_the_command_line_and_a_percentile(capsys, monkeypatch, tmp_p
         f["contrast_projections"] = values
     (clamp,) = from_spec("clamp", f"{with_projections}@2=p50")
     assert clamp.value == pytest.approx(np.percentile(values[2], 50))
+
+
+def test_sampled_answers_are_steered_as_the_rounds_own_answer(loaded, organism):
+    """``--samples-per-round`` under an intervention: the sampled answers continue the round's cache
+    with the round's interventions installed (the last prompt token a prompt position, every sampled
+    token a response one). Drawn at a temperature that leaves no choice (1e-4; a random tiny Llama:
+    no tied logits), every sample is the round's own steered answer, token for token, in every round,
+    also where steering changed that answer; with α = 0 they are the unsteered run's samples exactly."""
+    from workbench.engine.open_ended import OpenEnded, round_extras
+    from workbench.engine.sampling import EquivalenceSpec
+
+    model, task, protocol, samples = setting("llama", loaded, organism)
+    protocol = dataclasses.replace(protocol, decoding=dataclasses.replace(protocol.decoding, do_sample=True, temperature=1e-4))
+    d = unit(model.d_model)
+
+    def steered(alpha):
+        extras = round_extras(OpenEnded(None, 2, EquivalenceSpec("exact")), model, protocol.decoding, 0)
+        ivs = [Steer(d, layer=1, alpha=alpha, rounds=range(2, ROUNDS + 1))] if alpha is not None else []
+        s = Session(model, task, protocol, samples, interventions=ivs, round_extras=extras, seed=0, strict=True)
+        for _ in range(ROUNDS):
+            s.step()
+        return s.result()
+
+    plain, zero, big = steered(None), steered(0.0), steered(40.0)
+    assert big.response_ids != plain.response_ids  # the steering changed some answers
+    for res in (plain, big):
+        ids = res.round_fields["sampled_token_ids"]  # [B, R, k, width], -1 after an answer
+        for i, row in enumerate(res.response_ids):
+            for t, answer in enumerate(row):
+                for k in range(2):
+                    got = [int(x) for x in ids[i, t, k] if x >= 0]
+                    assert got == answer, (i, t, k)
+    for key in ("sampled_response", "sampled_mean_log_likelihood", "sampled_token_ids"):
+        np.testing.assert_array_equal(plain.round_fields[key], zero.round_fields[key])

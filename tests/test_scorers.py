@@ -305,8 +305,8 @@ def test_label_match_from_the_command_line(capsys, monkeypatch, tmp_path, model_
 
 
 def test_a_scorer_reads_a_steered_runs_texts(capsys, monkeypatch, tmp_path, model_dirs, user_module):
-    """A scorer only reads the responses, so it goes with interventions; sampled answers (which run
-    the model) do not yet, and say so in one line."""
+    """A scorer only reads the responses, so it goes with interventions; so do sampled answers,
+    which run the model with the round's interventions installed."""
     d_model = json.loads((model_dirs["llama"] / "config.json").read_text())["hidden_size"]
     direction = tmp_path / "d.npy"
     np.save(direction, np.random.default_rng(0).normal(size=d_model).astype(np.float32))
@@ -320,5 +320,6 @@ def test_a_scorer_reads_a_steered_runs_texts(capsys, monkeypatch, tmp_path, mode
     np.testing.assert_array_equal(scores, [[len(r.split()) for r in row] for row in responses])
     code, _, err = workbench(capsys, monkeypatch, *run_args(model_dirs["llama"], data, tmp_path / "s.h5", "--samples-per-round", "2",
                                                             "--steer", f"{direction}@1=8"))
-    assert code != 0
-    error_line(err, "--samples-per-round", "a --scorer is fine")
+    assert code == 0, err  # sampled answers are steered too (tests/test_interventions.py checks how)
+    with RunFile(tmp_path / "s.h5") as run:
+        assert run.array("rounds/sampled_response").shape[-1] == 2 and run.meta["interventions"]

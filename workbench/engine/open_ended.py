@@ -130,13 +130,13 @@ def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> Ro
     sampling = sampled_decoding(decoding)
     k = checked.samples_per_round
 
-    def extras(out: Any, prompts: list[list[int]], samples: list[Any], round_: int) -> dict[str, np.ndarray]:
+    def extras(out: Any, prompts: list[list[int]], samples: list[Any], round_: int, intervene: Any = None) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = {}
         if scorer is not None:
             result["score"] = scorer([model.tokenizer.decode(ids) for ids in out.response_ids], samples)
         if k:
             answers = sample_round(model.hf, model.tokenizer, out, prompts, k, sampling, model.device,
-                                   round_seed(seed, samples[0].index, round_), likelihood=checked.likelihood)
+                                   round_seed(seed, samples[0].index, round_), likelihood=checked.likelihood, intervene=intervene)
             texts = np.empty((len(samples), k), dtype=object)
             for i, row in enumerate(answers.texts):
                 texts[i] = [t.replace("\0", NUL_STAND_IN) for t in row]
@@ -148,4 +148,5 @@ def round_extras(checked: OpenEnded, model: Any, decoding: Any, seed: int) -> Ro
 
     extras.settings = checked.settings(decoding)  # type: ignore[attr-defined]  # what Session.save records
     extras.runs_model = bool(k)  # type: ignore[attr-defined]  # sampled answers run the model; a scorer only reads the texts
+    extras.takes_interventions = True  # type: ignore[attr-defined]  # the session's intervene=… steers the sampled answers too
     return extras

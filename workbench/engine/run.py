@@ -220,9 +220,6 @@ def validate_config(cfg: RunConfig, model_given: bool = False) -> CheckedRun:
     if cfg.interventions:
         from workbench.engine.interventions import check_against
 
-        if cfg.samples_per_round:
-            raise WorkbenchError("interventions cannot be combined with --samples-per-round yet (the sampled answers "
-                                 "would run without them); a --scorer is fine: it reads the texts")
         late = [iv for iv in cfg.interventions if iv.rounds is not None and min(iv.rounds) > protocol.rounds]
         if late:
             raise WorkbenchError(f"an intervention acts in rounds {list(late[0].rounds)}, but the protocol has "

@@ -40,7 +40,7 @@ every likelihood can be recomputed from the run file.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
 
@@ -217,12 +217,18 @@ def decode_samples(tokenizer: Any, rnd: RoundOutput, k: int, stops: list[int], l
 def sample_round(
     hf: Any, tokenizer: Any, rnd: RoundOutput, prompts: list[list[int]], k: int, decoding: Decoding,
     device: str, seed: int, reuse_cache: bool = True, likelihood: str = "no-stop",
+    intervene: Callable[[int], ContextManager[None]] | None = None,
 ) -> SampledAnswers:
     """k sampled answers to each row's round prompt (see the module docstring; ``likelihood``: how
     their mean log-likelihoods are taken, :func:`mean_log_likelihoods`). ``rnd`` is the
     round's own output (its cache holds the prompt at its first ``prompt_mask.shape[1]`` positions);
     ``prompts[b]`` is row b's whole round prompt (transcript so far + the new tokens), used for the
-    last token and when the cache cannot be reused. ``decoding``: sampled, as the samples are drawn."""
+    last token and when the cache cannot be reused. ``decoding``: sampled, as the samples are drawn.
+    ``intervene(n)``: the round's interventions installed around each pass of ``n`` sampled rows
+    (:meth:`workbench.engine.session.Session.step` gives it when interventions act this round); it
+    needs the round's cache (the samples then see what the round's own answer saw)."""
+    import contextlib
+
     import torch
 
     from workbench.engine.generation import generate_round, stop_ids
@@ -230,6 +236,9 @@ def sample_round(
 
     batch = len(prompts)
     reuse = reuse_cache and plain_cache(rnd.cache)
+    if intervene is not None and not reuse:
+        raise WorkbenchError("sampled answers under interventions continue the round's own KV cache, which this model's "
+                             "cache kind (or reuse_cache=False) does not allow")
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     texts: list[list[str]] = []
     ids: list[list[list[int]]] = []
@@ -242,7 +251,8 @@ def sample_round(
             rows = list(range(start, min(start + per_chunk, batch)))
             if reuse:
                 past = _repeated_prefix(rnd, rows, k)
-                out = generate_round(hf, tokenizer, [[prompts[r][-1]] for r in rows for _ in range(k)], decoding, device, past)
+                with intervene(len(rows) * k) if intervene is not None else contextlib.nullcontext():
+                    out = generate_round(hf, tokenizer, [[prompts[r][-1]] for r in rows for _ in range(k)], decoding, device, past)
             else:
                 out = generate_round(hf, tokenizer, [prompts[r] for r in rows for _ in range(k)], decoding, device)
             got = decode_samples(tokenizer, out, k, stops, likelihood)

@@ -60,10 +60,11 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -298,8 +299,9 @@ class Session:
                 with intervening(model.hf, plan, "outer"):  # option tokens: the round's response tokens
                     option_nll = score_options(model.hf, out, leads, self._option_tokens, tok.pad_token_id)
         response_ids, token_entropies = out.response_ids, out.token_entropies
+        steer = {"intervene": functools.partial(self._steering_samples, applied)} if applied else {}
         extras = {} if self.round_extras is None else self.round_extras(
-            out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1)
+            out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1, **steer)
         extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
         if self.interventions:
             extras[PROJECTION_BEFORE] = self._projection_before(plan, out.response_ids)
@@ -384,9 +386,10 @@ class Session:
         a callback says it does not with ``runs_model = False``, as a scorer's does: it reads the texts)."""
         if not interventions:
             return
-        if self.round_extras is not None and getattr(self.round_extras, "runs_model", True):
-            raise WorkbenchError("interventions cannot be combined with sampled answers yet (--samples-per-round): "
-                                 "those passes would run without them (a --scorer is fine: it reads the texts)")
+        if self.round_extras is not None and getattr(self.round_extras, "runs_model", True) \
+                and not getattr(self.round_extras, "takes_interventions", False):
+            raise WorkbenchError("interventions cannot be combined with a round_extras callback that runs the model "
+                                 "unless it takes them (intervene=…, as the sampled answers' does)")
         bad = [iv for iv in interventions if not isinstance(iv, (Steer, Ablate, Clamp))]
         if bad:
             raise WorkbenchError(f"an intervention is a Steer, Ablate or Clamp, not {type(bad[0]).__name__}")
@@ -435,6 +438,19 @@ class Session:
         plan = make_plan(self.model, self._intervention_sites, active)
         plan.watch = {(id(iv), layer) for iv, layer in self._watched() if any(iv is x for x in applied)}
         return plan
+
+    @contextmanager
+    def _steering_samples(self, applied: tuple[Intervention, ...], rows: int) -> Iterator[None]:
+        """This round's interventions installed for a pass of ``rows`` sampled answers that continue
+        the round's prompt cache (``sampling.sample_round``: its prompt but the last token, each row
+        repeated): the last prompt token is a prompt position, every sampled token a response one,
+        as in the round's own pass; nothing is recorded (the projections are the round's)."""
+        active = [(iv, torch.ones(rows, 1, device=self.model.device) if iv.positions in ("prompt", "all") else None,
+                   iv.positions in ("response", "all")) for iv in applied]
+        plan = make_plan(self.model, self._intervention_sites, active)
+        plan.recording = False
+        with intervening(self.model.hf, plan, "inner"), intervening(self.model.hf, plan, "outer"):
+            yield
 
     def _watched(self) -> list[tuple[Intervention, int]]:
         """The session's interventions expanded per layer: the columns of ``PROJECTION_BEFORE``."""
