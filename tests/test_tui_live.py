@@ -225,9 +225,9 @@ def test_live_steering_along_the_probe(probe_path):
     """``a`` toggles steering along the loaded probe at the layer shown, ``+``/``-`` move α; the
     round header shows what acted in the round shown; the session's schedule holds it."""
     async def body(app, pilot, s, messages):
-        assert "steer next off" in screen_text(app)
+        assert "next unsteered" in screen_text(app)
         await pilot.press("a", "plus", "plus", "minus", "plus")
-        assert s.steer_on and s.alpha == 6.0 and "steer next α=+6 @L" in screen_text(app)
+        assert s.steer_on and s.alpha == 6.0 and "next α=+6 @L" in screen_text(app)
         layer = s.steer_layer()
         await pilot.press("n")
         await settle(pilot, s)

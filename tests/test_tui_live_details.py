@@ -91,7 +91,7 @@ def test_the_probe_at_the_default_place_is_used_and_named(monkeypatch, tmp_path,
     async def body(app, pilot, s):
         assert app.failures == []
         assert s.live.probe is not None and s.live.probe_found and s.live.probe_path == Path("artifacts/probes") / DEMO_PROBE
-        assert f"probe artifacts/probes/{DEMO_PROBE} (found)" in screen_text(app)
+        assert f"probe {DEMO_PROBE} (found)" in screen_text(app)
         await pilot.press("n")
         await wait_until(pilot, lambda: s.busy is None and s.sample is not None, timeout=60, what="round 1")
         heatmap = s.query_one(ConceptHeatmap)

@@ -15,6 +15,7 @@ was asked to do, in order), ``streamed`` (the round being generated, as last sho
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 from textual.app import ComposeResult
@@ -37,7 +38,7 @@ def probe_label(live: model_side.LiveModel) -> str:
     place (:data:`tui.live.DEFAULT_PROBES`) rather than given with --probe, or how to give one."""
     if live.probe is None:
         return "none (--probe FILE)"
-    return f"{live.probe_path}{' (found)' if live.probe_found else ''}"
+    return f"{Path(live.probe_path).name if live.probe_found else live.probe_path}{' (found)' if live.probe_found else ''}"
 
 
 ALPHA_STEP = 1.0
@@ -173,7 +174,9 @@ class LiveScreen(LayerKeys, Screen):
     # ------------------------------------------------------------------ drawing
     def show_status(self) -> None:
         live = self.live
-        parts = [("", self.config.model), ("protocol", self.config.protocol), ("", "live")]
+        # most telling first: the line is cut with an ellipsis where the terminal ends (80 columns
+        # keep everything up to the steering; the probe's file is last, its name is on the concept panel)
+        parts = [("live", f"{self.config.model} · {self.config.protocol}")]
         if self.sample is not None:
             parts.append(("round", f"{self.round + 1}/{self.sample.n_rounds}"))
         if live is not None and live.session is not None:
@@ -181,7 +184,7 @@ class LiveScreen(LayerKeys, Screen):
             if self.sample is not None:
                 parts.append(("steered", model_side.applied(live, self.round) or "no"))
             if live.probe is not None:
-                parts.append(("steer next", f"α={self.alpha:+g} @L{self.steer_layer()}" if self.steer_on else "off"))
+                parts.append(("next", f"α={self.alpha:+g} @L{self.steer_layer()}" if self.steer_on else "unsteered"))
         if live is not None:
             parts.append(("probe", probe_label(live)))
         self.query_one(StatusLine).show(parts)
