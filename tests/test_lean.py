@@ -36,13 +36,13 @@ def _hf(name, loaded, organism):
     return loaded(name).hf
 
 
-def _passes(hf, forward):
+def _passes(hf, forward, vocab=None):
     """The round engine's pass kinds, each by ``forward(ids, mask, positions, cache, keep)``, on
     one cache: a left-padded prefill (2-D mask), a chunk of new tokens after it (2-D mask with
     holes), one-token steps (4-D boolean mask; no mask), and option rows with a 4-D block mask.
-    → every pass's logits."""
+    Token ids below ``vocab`` (default: the model's vocabulary). → every pass's logits."""
     g = torch.Generator().manual_seed(1)
-    vocab = hf.config.vocab_size
+    vocab = vocab or hf.config.vocab_size
     rows = [torch.randint(4, vocab, (n,), generator=g).tolist() for n in (9, 5, 7)]
     ids, mask = pad(rows, 0, "cpu", "left")
     cache = new_cache(hf)
@@ -306,3 +306,21 @@ def test_transformers_own_output_capturing_hooks_leave_the_lean_forward_on(loade
         assert pass_plan(hf).layers[1] is None
     finally:
         handle.remove()
+
+
+def test_a_llava_text_pass_is_its_language_models_lean_pass():
+    """A LLaVA's passes without pixel values (every round after the picture's, the cut-off pass,
+    option scoring) are its language model's plus ``lm_head``: the lean forward serves them, checked
+    at load like any model, bit-identical to the LLaVA's own forward (the visual organism: a Llama
+    inside); wrappers on its language model's layers are applied as on a plain Llama."""
+    from workbench.engine.models import load_model
+
+    model = load_model("organism-visual", device="cpu")
+    hf = model.hf
+    assert lean_problem(hf) is None and pass_plan(hf) is not None
+    text_vocab = model.image_token_id  # the image token is the vocabulary's last id: text passes stay below it
+    with torch.inference_mode():
+        got = _passes(hf, _lean_forward(hf), vocab=text_vocab)
+        want = _passes(hf, _hf_forward(hf), vocab=text_vocab)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -93,11 +93,12 @@ def disagreement(hf: Any) -> str | None:
 
     device = next(hf.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 6), generator=generator).to(device)
+    vocab = text_stack(hf)[1].vocab_size
+    ids = torch.randint(0, vocab, (2, 6), generator=generator).to(device)
     mask = torch.ones(2, 6, dtype=torch.long, device=device)
     mask[0, 0] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    step = torch.randint(0, hf.config.vocab_size, (2, 1), generator=generator).to(device)
+    step = torch.randint(0, vocab, (2, 1), generator=generator).to(device)
     step_mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
     lean, why = _build(hf)
     if lean is None:
@@ -118,18 +119,35 @@ def disagreement(hf: Any) -> str | None:
     return None
 
 
+VISION_WRAPPERS = ("llava",)  # image-text-to-text families whose text passes are their language model's plus lm_head
+
+
+def text_stack(hf: Any) -> tuple[Any, Any]:
+    """``(decoder model, its config)`` of ``hf``: ``hf.model`` for a causal LM; for a LLaVA, its
+    language model (``hf.model.language_model``, ``text_config``): a pass without pixel values is
+    that model's forward and ``hf.lm_head``, so the lean forward serves every round but the image's."""
+    if getattr(hf.config, "model_type", None) in VISION_WRAPPERS:
+        return hf.model.language_model, hf.config.text_config
+    return getattr(hf, "model", None), hf.config
+
+
 def _problem(hf: Any) -> str | None:
-    config = hf.config
+    wrapper = getattr(hf.config, "model_type", None) if getattr(hf.config, "model_type", None) in VISION_WRAPPERS else None
+    if wrapper and not hasattr(getattr(hf, "model", None), "language_model"):
+        return f"{type(hf).__name__} is not laid out as model.language_model + lm_head"
+    base, config = text_stack(hf)
     kind = getattr(config, "model_type", None)
-    if kind not in FAMILIES:
-        return f"no lean forward for the {kind!r} family (only {', '.join(FAMILIES)})"
+    if kind not in FAMILIES or (wrapper and kind not in LLAMA_LIKE):
+        return f"no lean forward for the {(wrapper + ' with a ' if wrapper else '')}{kind!r} family (only {', '.join(FAMILIES)}" \
+               f"{', and llava around a llama-like one' if wrapper else ''})"
     import transformers
 
     if transformers.__version__.split(".")[0] != "5":  # the modeling code it follows op for op is transformers 5's
         return f"transformers {transformers.__version__} (the lean forward follows transformers 5's modeling code)"
     module = f"transformers.models.{kind}.modeling_{kind}"
-    if type(hf).__module__ != module or any(type(layer).__module__ != module for layer in getattr(getattr(hf, "model", None), "layers", [])):
-        return f"{type(hf).__name__} is not transformers' own {kind} implementation (remote code?)"
+    outer = f"transformers.models.{wrapper}.modeling_{wrapper}" if wrapper else module
+    if type(hf).__module__ != outer or any(type(layer).__module__ != module for layer in getattr(base, "layers", [])):
+        return f"{type(hf).__name__} is not transformers' own {wrapper or kind} implementation (remote code?)"
     devices = {p.device for p in hf.parameters()}
     if len(devices) > 1:
         return "the model is split over devices"
@@ -142,7 +160,6 @@ def _problem(hf: Any) -> str | None:
         return "sliding-window attention"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
-    base = getattr(hf, "model", None)
     if base is None or not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) \
             or not hasattr(hf, "lm_head"):
         return f"{type(hf).__name__} is not laid out as model.embed_tokens/layers/norm/rotary_emb + lm_head"
@@ -309,7 +326,9 @@ def _build(hf: Any) -> tuple[Plan | None, str | None]:
     module is wrapped or hooked by another library."""
     if hf.config.model_type == "gpt2":
         return _gpt2_plan(hf)
-    base = hf.model
+    base = text_stack(hf)[0]
+    if base is not hf.model and _touched(hf.model):  # a LLaVA's own model around its language model
+        return None, "the model's forward is wrapped or hooked by another library"
     if _touched(hf) or _touched(base):
         return None, "the model's forward is wrapped or hooked by another library"
     rotary = base.rotary_emb
@@ -462,7 +481,7 @@ def _mask(hf: Any, x: torch.Tensor, attention_mask: torch.Tensor | None, positio
     else:
         from transformers.masking_utils import create_causal_mask
 
-        mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=attention_mask, cache=cache,
+        mask = create_causal_mask(config=text_stack(hf)[1], inputs_embeds=x, attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
     if mask is not None and mask.dtype == torch.bool:
         mask = attention_bias(mask, x.dtype)
@@ -604,7 +623,7 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                   **kwargs).logits
     if not lean.rotary:
         return _gpt2_logits(hf, input_ids, attention_mask, position_ids, cache, logits_to_keep, lean)
-    base = hf.model
+    base = text_stack(hf)[0]
     top = lean.top
     if top:
         x = _out(top, "embed_tokens", _own(base.embed_tokens, _inp(top, "embed_tokens", input_ids)))
