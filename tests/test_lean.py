@@ -279,6 +279,9 @@ def test_a_lean_forward_that_disagrees_with_the_model_is_not_used(loaded, monkey
     assert "disagrees with the model's own" in lean_problem(hf)
     with pytest.warns(LeanForwardFallbackWarning, match="disagrees"):
         assert pass_plan(hf) is None
+    monkeypatch.setattr(lean, "_plain_layer", lambda *a: (_ for _ in ()).throw(RuntimeError("shapes differ")))
+    assert "check against the model's own forward failed (RuntimeError: shapes differ)" in lean_problem(
+        LlamaForCausalLM(loaded("llama").hf.config).eval())  # a failing check: hf(...), never a failed load
     monkeypatch.setattr(lean, "_plain_layer", plain)
     assert lean_problem(LlamaForCausalLM(loaded("llama").hf.config).eval()) is None
 
