@@ -125,12 +125,12 @@ def disagreement(hf: Any) -> str | None:
     return None
 
 
-VISION_WRAPPERS = ("llava",)  # image-text-to-text families whose text passes are their language model's plus lm_head
+VISION_WRAPPERS = ("llava", "llava_next")  # image-text-to-text families whose text passes are their language model's plus lm_head
 
 
 def text_stack(hf: Any) -> tuple[Any, Any]:
-    """``(decoder model, its config)`` of ``hf``: ``hf.model`` for a causal LM; for a LLaVA, its
-    language model (``hf.model.language_model``, ``text_config``): a pass without pixel values is
+    """``(decoder model, its config)`` of ``hf``: ``hf.model`` for a causal LM; for a LLaVA (or
+    LLaVA-NeXT), its language model (``hf.model.language_model``, ``text_config``): a pass without pixel values is
     that model's forward and ``hf.lm_head``, so the lean forward serves every round but the image's."""
     if getattr(hf.config, "model_type", None) in VISION_WRAPPERS:
         return hf.model.language_model, hf.config.text_config
@@ -145,7 +145,7 @@ def _problem(hf: Any) -> str | None:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES or (wrapper and kind not in LLAMA_LIKE):
         return f"no lean forward for the {(wrapper + ' with a ' if wrapper else '')}{kind!r} family (only {', '.join(FAMILIES)}" \
-               f"{', and llava around a llama-like one' if wrapper else ''})"
+               f"{', and llava or llava_next around a llama-like one' if wrapper else ''})"
     import transformers
 
     if transformers.__version__.split(".")[0] != "5":  # the modeling code it follows op for op is transformers 5's
