@@ -290,12 +290,12 @@ class SampleScreen(LayerKeys, Screen):
             parts.append(("sample", f"{samples.cursor + 1}/{len(samples.shown)}"))
         if o.status == "running" or o.n_done < o.n_samples:
             parts.append(("done", f"{o.n_done}/{o.n_samples}"))
+        steered = o.interventions_at(self.round + 1)
+        if steered is not None:  # before the probe: the line is cut where the terminal ends, and the probe is on its panel
+            parts.append(("steered", steered))
         probe = self.probe
         if probe is not None:
             parts.append(("", f"{probe.name} {self.score[:3]} L{probe.layers[self.layer_index]}"))
-        steered = o.interventions_at(self.round + 1)
-        if steered is not None:
-            parts.append(("steered", steered))
         self.query_one(StatusLine).show(parts, self.error)
 
     def show_sample(self) -> None:
