@@ -16,12 +16,15 @@ class WorkbenchError(Exception):
     """A user-facing error: its message is one line that names what went wrong and where."""
 
 
-def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folder: bool = False) -> None:
+def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folder: bool = False, overwrite: bool | None = None,
+                      what: str = "") -> None:
     """Refuse, before any work, an output path that cannot be written: a file where a folder is
     wanted (or the reverse), a parent that is a file, or a directory without write permission.
 
-    ``folder`` says the output is a folder (``organism train --out``) rather than a file. Returns
-    nothing; raises :class:`WorkbenchError` naming ``option`` and the path.
+    ``folder`` says the output is a folder (``organism train --out``) rather than a file; with
+    ``overwrite=False`` a folder that already holds files is refused too (``what``: said of it, e.g.
+    " (the shipped checkpoint)"). Returns nothing; raises :class:`WorkbenchError` naming ``option``
+    and the path.
     """
     path = Path(path)
     if path.exists():
@@ -29,6 +32,8 @@ def check_output_path(path: os.PathLike[str] | str, option: str = "--out", folde
             raise WorkbenchError(f"{option} {path}: exists and is not a folder")
         if not folder and path.is_dir():
             raise WorkbenchError(f"{option} {path}: is a folder; give a file path")
+        if folder and overwrite is False and any(path.iterdir()):
+            raise WorkbenchError(f"{option} {path} already holds files{what}; give a new folder, or --overwrite to replace them")
     parent = path.parent if not path.exists() else path if folder else path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -111,9 +111,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.max_length is not None and cfg.max_length < 2:
         raise WorkbenchError(f"--max-length must be ≥ 2, not {cfg.max_length}")
     out = Path(cfg.out)
-    check_output_path(out, "--out", folder=True)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise WorkbenchError(f"--out {out} already holds files; give a new folder, or --overwrite to replace them")
+    check_output_path(out, "--out", folder=True, overwrite=cfg.overwrite)
 
 
 def read_records(path: Path, text_field: str | None = None) -> Records:

@@ -86,10 +86,8 @@ def train(
         if value <= 0:
             raise WorkbenchError(f"--{key.replace('_', '-')} must be > 0")
     cfg = replace(TrainConfig(seed=seed, **(VISUAL_DEFAULTS if visual else {})), **overrides)
-    check_output_path(out, "--out", folder=True)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        shipped = " (the shipped checkpoint)" if out.resolve() in (organism_path().resolve(), organism_visual_path().resolve()) else ""
-        raise WorkbenchError(f"--out {out} already holds files{shipped}; give a new folder, or --overwrite to replace them")
+    shipped = " (the shipped checkpoint)" if out.resolve() in (organism_path().resolve(), organism_visual_path().resolve()) else ""
+    check_output_path(out, "--out", folder=True, overwrite=overwrite, what=shipped)
     if visual and not (organism_path() / "model.safetensors").is_file():
         raise WorkbenchError(f"--visual starts from the shipped text organism, which is missing: {organism_path()}")
     what = "the visual organism (LLaVA, language model from the text organism)" if visual else "the organism"

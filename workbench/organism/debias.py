@@ -216,9 +216,7 @@ def debias(cfg: DebiasConfig, on_status: Callable[[str], None] | None = None,
     if cfg.rounds is not None and cfg.rounds < 1:
         raise WorkbenchError(f"--rounds must be ≥ 1, not {cfg.rounds}")
     out = Path(cfg.out)
-    check_output_path(out, "--out", folder=True)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise WorkbenchError(f"--out {out} already holds files; give a new folder, or --overwrite to replace them")
+    check_output_path(out, "--out", folder=True, overwrite=cfg.overwrite)
     probe = None
     if cfg.probe is not None:
         from probes.probe_file import load_probe
