@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from cli_support import error_line, workbench
+from cli_support import error_line, interrupt_at_batch, workbench
 from probe_files import write_probe
 from tui_support import build_run
 
@@ -269,15 +269,7 @@ def test_exporting_a_run_that_is_not_finished_says_what_it_holds(capsys, monkeyp
     only the samples finished so far."""
     from workbench.engine import batch as engine
 
-    real, calls = engine.run_batch, []
-
-    def interrupt_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "run_batch", interrupt_second)
+    real = interrupt_at_batch(monkeypatch, 2)
     run = tmp_path / "run.h5"
     code, _, err = workbench(capsys, monkeypatch, *ORGANISM_RUN, "--batch-size", "1", "--device", "cpu", "--out", str(run))
     assert code == 130 and not run.exists(), err

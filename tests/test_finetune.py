@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_support import error_line, workbench
+from cli_support import error_line, kill_at_line, workbench
 
 pytest.importorskip("peft")
 
@@ -205,17 +204,7 @@ def test_a_killed_finetune_leaves_no_adapter_that_looks_complete(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
     cmd = [sys.executable, "-m", "workbench", "finetune", "--data", str(data), "--out", str(out), "--epochs", "500",
            "--batch-size", "4", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    try:
-        for line in proc.stderr:  # a plain line at every tenth of the steps: training has started
-            if line.startswith("step "):
-                break
-        else:
-            pytest.fail(f"no progress line; exit {proc.wait()}")
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_at_line(cmd, "step ", env=env)  # a plain line at every tenth of the steps: training has started
     assert not out.exists()
     assert all(p.name.startswith(".adapter.partial-") for p in tmp_path.iterdir() if p.name.startswith(".adapter"))
     # a later fine-tune to the same folder completes, and clears what the killed one left

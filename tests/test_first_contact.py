@@ -19,7 +19,7 @@ from conftest import BBQ_FIXTURE
 from probe_files import write_probe
 
 from workbench import cli
-from cli_support import error_line, workbench  # noqa: E402
+from cli_support import error_line, interrupt_at_batch, workbench  # noqa: E402
 
 
 @pytest.fixture
@@ -297,16 +297,7 @@ def test_a_conversation_longer_than_the_context_is_refused(capsys, monkeypatch, 
 def test_ctrl_c_prints_how_to_resume(capsys, monkeypatch, tmp_path):
     from workbench.engine import batch as engine
 
-    real = engine.run_batch
-    calls = []
-
-    def interrupt_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "run_batch", interrupt_second)
+    real = interrupt_at_batch(monkeypatch, 2)
     out = tmp_path / "run.h5"
     code, _, err = workbench(capsys, monkeypatch, "run", "--limit", "2", "--rounds", "2", "--batch-size", "1",
                              "--device", "cpu", "--out", str(out))

@@ -264,11 +264,10 @@ def test_a_steered_run_killed_and_resumed_is_identical(tmp_path, probe, capsys, 
     """SIGKILL a steered `workbench run` (a subprocess) after its first batch is written; --resume
     finishes it with the same interventions, bit for bit the uninterrupted steered run."""
     import signal
-    import subprocess
     import sys
     from pathlib import Path
 
-    from cli_support import workbench
+    from cli_support import kill_at_line, workbench
 
     sys.path.insert(0, str(Path(__file__).parent / "fault"))
     import inject
@@ -276,16 +275,7 @@ def test_a_steered_run_killed_and_resumed_is_identical(tmp_path, probe, capsys, 
     root = Path(__file__).resolve().parents[1]
     args = [*RUN, "--steer", f"{probe}@2=-3", "--steer-rounds", "2-3"]
     out = tmp_path / "killed.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", *args, "--out", str(out)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd=root)
-    try:
-        for line in proc.stderr:
-            if line.startswith("batch done: 2/4"):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait()
+    proc = kill_at_line([sys.executable, "-m", "workbench", *args, "--out", str(out)], "batch done: 2/4", cwd=root)
     assert proc.returncode == -signal.SIGKILL
     code, _, err = workbench(capsys, monkeypatch, *args, "--out", str(out), "--resume")
     assert code == 0, err

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_support import error_line, workbench
+from cli_support import error_line, kill_at_line, workbench
 from tiny_models import build_model, build_vlm, write_images
 
 from workbench.engine.capture import hook_sites
@@ -369,16 +369,7 @@ def test_resume_after_sigkill_is_identical(vlm, vlm_dirs, tmp_path):
     run_protocol(model=vlm("gemma3"), out=str(reference), task="vqa", data=(str(items),), rounds=2, max_new_tokens=3, batch_size=1)
     out = tmp_path / "killed.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "workbench", "run", *args, "--out", str(out)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
-    try:
-        for line in proc.stderr:
-            if line.startswith("batch done: 1/"):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait()
+    proc = kill_at_line([sys.executable, "-m", "workbench", "run", *args, "--out", str(out)], "batch done: 1/", cwd=ROOT, env=env)
     assert proc.returncode == -signal.SIGKILL and not out.exists()  # killed before the last batch: no run file yet
     done = subprocess.run([sys.executable, "-m", "workbench", "run", *args, "--out", str(out), "--resume"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
