@@ -183,6 +183,7 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
     visual = processor is not None
     pictures: list[str] = []
     if visual:
+        from workbench.engine.images import load_image
         from workbench.organism.picture import save
         from workbench.organism.task import picture_folder
 
@@ -204,8 +205,6 @@ def organism_contrast(tokenizer: Any, n: int = 2000, paired: bool = False, seed:
         pictures.append(str(path))
         first = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": messages[0]["content"]}]}
         rendered = tokenizer.apply_chat_template([first, *messages[1:]], tokenize=False, add_generation_prompt=True)
-        from workbench.engine.images import load_image
-
         return list(processor(text=[rendered], images=[[load_image(path)]], add_special_tokens=False)["input_ids"][0])
 
     attempts = 0

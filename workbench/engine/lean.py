@@ -228,23 +228,24 @@ def _module_changes(module: Any) -> list[tuple[str, Any]] | None:
     """The workbench's wrappers of ``module.forward``, outermost first, as ``(side, change)``
     (:func:`~workbench.engine.capture.wrapper_changes`); None when the module carries anything
     else (a ``forward`` another library set, a PyTorch hook)."""
-    state = module.__dict__  # nn.Module keeps its hook dicts there: no __getattr__ per look
-    if state["_forward_pre_hooks"] or (state["_forward_hooks"] and not _inactive_hooks(state["_forward_hooks"])):
+    if _hooked(module):
         return None
-    return wrapper_changes(module) if "forward" in state else []
+    return wrapper_changes(module) if "forward" in module.__dict__ else []
 
 
-def _inactive_hooks(hooks: dict[int, Any]) -> bool:
-    """Whether every forward hook in ``hooks`` is one of ``transformers``' output-capturing hooks: it
-    installs them on a model's layers the first time a forward asks for ``output_hidden_states`` or
-    attentions, leaves them on, and they record only inside such a forward (none runs in a lean pass)."""
-    return all(getattr(h, "__module__", None) == "transformers.utils.output_capturing" for h in hooks.values())
+def _hooked(module: Any) -> bool:
+    """Whether ``module`` carries a PyTorch hook other than ``transformers``' output-capturing ones:
+    it installs those on a model's layers the first time a forward asks for ``output_hidden_states``
+    or attentions, leaves them on, and they record only inside such a forward (none runs in a lean
+    pass)."""
+    state = module.__dict__  # nn.Module keeps its hook dicts there: no __getattr__ per look
+    return bool(state["_forward_pre_hooks"]) or not all(
+        getattr(h, "__module__", None) == "transformers.utils.output_capturing" for h in state["_forward_hooks"].values())
 
 
 def _touched(module: Any) -> bool:
-    """Whether ``module`` carries an instance ``forward`` or a hook other than an inactive one."""
-    state = module.__dict__
-    return bool(state["_forward_pre_hooks"]) or "forward" in state or not _inactive_hooks(state["_forward_hooks"])
+    """Whether ``module`` carries an instance ``forward`` or a hook :func:`_hooked` counts."""
+    return "forward" in module.__dict__ or _hooked(module)
 
 
 def _global_hooks() -> bool:
