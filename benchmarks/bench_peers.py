@@ -3,6 +3,10 @@
 Each peer is written as its users would write it and is checked, before it is timed, to give the
 workbench's greedy tokens on every (sample, round) (and its activations, where the peer captures):
 
+- ``workbench no lookup``: the workbench itself with ``--no-lookup`` (one pass per generated
+  token, no drafts from earlier answers: ``workbench/engine/lookup.py``), to show what lookup
+  decoding gives on each setting.
+
 - ``hand loop``: Hugging Face ``generate`` in ``torch.inference_mode()``, batch by batch, each
   round continuing on the KV cache the round before left (the new tokens appended to the last
   round's sequences; the mask hides left padding and the steps after a row stopped). Tokens only:
@@ -78,7 +82,7 @@ for _up in ROOT.parents:
         SHARED_BBQ = _up / "shared" / "data" / "bbq" / "Religion.jsonl"
         break
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"
-PEERS = ("hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
+PEERS = ("workbench no lookup", "hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
 SLOW = ("TL bridge", "study's way")
 TOLERANCE = 1e-4  # activations, relative to each array's scale (float32)
 
@@ -123,9 +127,10 @@ def make_setting(name: str, model: Any, cfg: RunConfig) -> Setting:
 # {(batch, round): (last prompt token [rows, L, d], response-mean [rows, L, d] or None)} or None).
 
 
-def workbench(s: Setting, n: int, out: Path) -> tuple[list, None]:
-    """``run_protocol`` into a run file, as ``workbench run`` calls it."""
-    cfg = replace(s.cfg, out=out, limit=n, overwrite=True)
+def workbench(s: Setting, n: int, out: Path, lookup: bool = True) -> tuple[list, None]:
+    """``run_protocol`` into a run file, as ``workbench run`` calls it (``lookup=False``: as
+    ``workbench run --no-lookup``, one pass per generated token)."""
+    cfg = replace(s.cfg, out=out, limit=n, overwrite=True, lookup=lookup)
     run = run_protocol(cfg, model=s.model)
     ids = run.array("tokens/response_token_ids")
     run.close()
@@ -364,6 +369,7 @@ def measure(s: Setting, repeats: int, slow_samples: int, slow_repeats: int, peer
     small = min(n, slow_samples)
     runs: dict[str, Callable[[], tuple]] = {
         "workbench": lambda: workbench(s, n, tmp / f"{s.name}.h5"),
+        "workbench no lookup": lambda: workbench(s, n, tmp / f"{s.name}-no-lookup.h5", lookup=False),
         "hand loop": lambda: hf_loop(s, n, carry=True),
         "hand loop no_grad": lambda: hf_loop(s, n, carry=True, inference=False),
         "HF re-prefill": lambda: hf_loop(s, n, carry=False),
@@ -481,7 +487,7 @@ def main() -> None:
         for name, model, cfg, every in plans:
             print(f"{name} …", file=sys.stderr)
             setting = make_setting(name, model, cfg)
-            chosen = peers if every else tuple(x for x in peers if x.startswith("hand loop"))
+            chosen = peers if every else tuple(x for x in peers if x.startswith(("hand loop", "workbench")))
             results["settings"].append(measure(setting, args.repeats, args.slow_samples, args.slow_repeats, chosen, tmp))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2))  # what is measured so far

@@ -183,6 +183,7 @@ def run(
     steer_positions: str = typer.Option("all", metavar="prompt|response|all", help="Which tokens of those rounds: the round's new prompt tokens, its generated ones (option scoring included), or both."),
     control: Optional[str] = typer.Option(None, metavar="random", help="random: the same interventions along seeded random directions of the same norms (a control run; the seeds are recorded)."),
     control_seed: int = typer.Option(0, help="Seed of --control random's first direction (the i-th uses seed + i)."),
+    lookup: bool = typer.Option(True, "--lookup/--no-lookup", help="Greedy rounds: draft each answer's next tokens from the row's earlier answers (a self-correcting model mostly repeats itself) and verify the draft in one pass, keeping what greedy decoding chooses anyway: the same tokens in fewer passes; logits, entropies and activations agree with one-token steps to float rounding (about 1e-6), not bit for bit. --no-lookup: one pass per token, as generate. Off under interventions and sampling."),
     shard: Optional[str] = typer.Option(None, metavar="K/N", help="Run shard K of N, K counted from 0 (0/8 … 7/8): contiguous, batch-aligned samples into OUT.shards/shard-KKK-of-NNN.h5; the last shard to finish merges all into --out. Under torchrun or accelerate launch, RANK/WORLD_SIZE choose the shard and LOCAL_RANK the device (cuda:LOCAL_RANK, else cpu)."),
 ) -> None:
     """Run a model through rounds of self-correction and store every round in one HDF5 run file.
@@ -214,6 +215,7 @@ def run(
         force=force, chat_template=None if chat_template is None else str(chat_template), command_line=shlex.join(["workbench", *sys.argv[1:]]), device_map=device_map, max_memory=max_memory,
         scorer=scorer, scorer_label=scorer_label, samples_per_round=samples_per_round, equivalence=equivalence,
         likelihood=likelihood, shard=shard, adapter=str(adapter) if adapter is not None else None, interventions=interventions,
+        lookup=lookup,
     )
     merge_notes: list[str] = []
     try:

@@ -43,6 +43,7 @@ def run_batch(
     on_round: Callable[[RoundResult], None] | None = None,
     round_extras: Callable | None = None,
     interventions: tuple = (),
+    lookup: bool = True,
 ) -> BatchResult:
     """Run ``samples`` through every round of ``protocol``, capturing ``sites`` (from
     :func:`workbench.engine.capture.hook_sites`; none: answers and uncertainty only). ``instruction_for``
@@ -50,10 +51,11 @@ def run_batch(
     ``reuse_cache=False`` re-runs every round's whole conversation (the reference for the tests);
     ``on_round`` is called with each round's result as it finishes; ``round_extras`` adds per-round
     arrays (a scorer, sampled answers: :func:`workbench.engine.open_ended.round_extras`);
-    ``interventions`` act in the rounds they name (:mod:`workbench.engine.interventions`)."""
+    ``interventions`` act in the rounds they name (:mod:`workbench.engine.interventions`); ``lookup``:
+    greedy rounds verify drafts from each row's earlier answers (:mod:`workbench.engine.lookup`)."""
     session = Session(model, task, protocol, samples, sites=sites, seed=seed, instruction_for=instruction_for,
                       reuse_cache=reuse_cache, strict=True, fields_every_round=False,
-                      round_extras=round_extras, interventions=interventions)
+                      round_extras=round_extras, interventions=interventions, lookup=lookup)
     for _ in range(protocol.rounds):
         result = session.step()
         if on_round is not None:

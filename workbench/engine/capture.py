@@ -189,10 +189,10 @@ def pooling(
 
     weights ``[batch, n_pools, seq]`` → yields a dict, filled as that call runs, of site →
     ``[batch, n_pools, d_model]`` float32. Raises WorkbenchError if the first call's input is not ``[batch, seq]``
-    (e.g. a chunked prefill). Later calls (the decode steps of ``generate``, each fed the token the
-    step before chose) pass untouched, unless ``steps`` is given: then each later call appends its
-    last position, ``[batch, 1, d_model]`` in the model's dtype (no work per step beyond keeping a
-    reference: :func:`round_pools` joins them), to ``steps[site]``.
+    (e.g. a chunked prefill). Later calls (the decode passes, each fed the token the step before
+    chose, or a lookup draft's chunk of them) pass untouched, unless ``steps`` is given: then each
+    later call appends what it saw, ``[batch, positions, d_model]`` in the model's dtype (no work
+    per step beyond keeping a reference: :func:`round_pools` joins them), to ``steps[site]``.
 
     The sites are observed by wrapping their modules' ``forward`` for the duration of the block,
     not with PyTorch hooks: a module with a hook takes PyTorch's slower call path on every call,
@@ -227,7 +227,7 @@ def pooling(
                 first = False
                 first_call(site, act)
             elif kept is not None:
-                kept.append(act if act.shape[1] == 1 else act[:, -1:])
+                kept.append(act)
 
         return observe
 
@@ -313,26 +313,28 @@ def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], Non
 
 
 def round_pools(
-    pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], sites: list[HookSite], lengths: list[int]
+    pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], sites: list[HookSite], fed: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """A round's two positions per hook from what :func:`pooling` kept over generation: the
     prefill's pool (``pooled``, one row per sample: the last prompt token) and the mean over each
-    response of the decode steps (``steps``: step j feeds response token j back; ``lengths[i]``:
-    row i's response tokens) → ``{hook: [batch, 2, n_layers, d_model]}`` float32 on the CPU, layers
-    in the order of ``sites``, NaN in the mean of an empty response. Every site in one product."""
+    response of the later passes' positions (``steps``, joined: the positions after the prompt, in
+    the order the passes fed them) that hold a response token (``fed`` ``[batch, T]``, 1 there: the
+    carried cache's mask after the prompt) → ``{hook: [batch, 2, n_layers, d_model]}`` float32 on
+    the CPU, layers in the order of ``sites``, NaN in the mean of an empty response. Every site in
+    one product."""
     device = pooled[sites[0]].device  # a model placed over several devices pools each layer where it runs
     last = torch.cat([pooled[s].to(device) for s in sites], 1)  # [B, S, d]
-    n_steps = len(steps.get(sites[0], []))
-    if n_steps:
-        fed = torch.cat([torch.cat(steps[s], 1).to(device) for s in sites], 2).float()  # [B, T, S·d]
-        count = np.asarray(lengths)
-        w = (np.arange(n_steps)[None, :] < count[:, None]) / np.maximum(count, 1)[:, None]  # [B, T]: 1/n over a response
-        w = torch.from_numpy(w.astype(np.float32)[:, None, :]).to(device)
-        mean = torch.bmm(w, fed).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
+    count = fed.sum(1).cpu()
+    if steps.get(sites[0]):
+        joined = torch.cat([torch.cat(steps[s], 1).to(device) for s in sites], 2).float()  # [B, T, S·d]
+        if joined.shape[1] != fed.shape[1]:
+            raise RuntimeError(f"the passes after the prompt fed {joined.shape[1]} positions, the cache's mask has {fed.shape[1]}")
+        w = (fed.float() / count.clamp(min=1)[:, None].float())[:, None, :].to(device)  # [B, 1, T]: 1/n over a response
+        mean = torch.bmm(w, joined).view(last.shape)  # [B, 1, T] @ [B, T, S·d]
     else:
         mean = torch.zeros_like(last)
     acts = torch.stack([last, mean], 1).cpu()  # [B, 2, S, d]
-    empty = [i for i, n in enumerate(lengths) if n == 0]
+    empty = [i for i, n in enumerate(count.tolist()) if n == 0]
     if empty:
         acts[empty, 1] = float("nan")
     hooks = list(dict.fromkeys(s.hook for s in sites))

@@ -34,13 +34,14 @@ them in place only inside inference mode (a :class:`~workbench.engine.session.Se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from workbench.engine.lean import attention_bias, lean_logits, pass_plan, sliding_window_layers
+from workbench.engine.lookup import MAX_DRAFT, Drafts, draft
 from workbench.engine.protocol import Decoding
 from workbench.engine.uncertainty import token_entropy
 
@@ -52,8 +53,22 @@ class RoundOutput:
     response_ids: list[list[int]]  # generated tokens, without the stop token
     token_entropies: list[list[float]]  # entropy of each generated step (stop token's step included)
     step_logits: torch.Tensor  # [batch, n_steps, vocab] raw logits of every step
-    cache: Any  # the KV cache: prompt_len positions of the prompt, then n_steps − 1 decode steps
+    cache: Any  # the KV cache: prompt_len positions of the prompt, then the positions the decode passes fed
     prompt_mask: torch.Tensor  # [batch, prompt_len]: 1 where the cache holds a prompt token
+    # [batch, cached − prompt_len] long: 1 where the cache after the prompt holds a response token fed back
+    # (token j of a row at its j-th such position); None: one decode step per position, step j feeding
+    # token j (``generate``'s layout: :meth:`fed_mask`)
+    response_mask: torch.Tensor | None = None
+    lookup_cap: int | None = None  # lookup decoding: the widest draft the next round's first pass should run
+
+    def fed_mask(self) -> torch.Tensor:
+        """``[batch, cached − prompt_len]`` long, on the CPU: 1 where the cache after the prompt holds
+        a response token (every generated token but the last of an answer cut off by ``max_new_tokens``)."""
+        if self.response_mask is not None:
+            return self.response_mask.cpu()
+        steps = self.step_logits.shape[1] - 1  # decode steps in the cache after the prompt
+        lengths = torch.tensor([len(ids) for ids in self.response_ids])
+        return (torch.arange(steps)[None, :] < lengths[:, None]).long()
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,21 @@ class ResponseStream:
         for i, token in enumerate(value.reshape(len(self.stopped), -1)[:, -1].tolist()):
             self.stopped[i] = self.stopped[i] or token in self.stops
             new.append([] if self.stopped[i] else [token])
+        self.on_tokens(self.step, new)
+        self.step += 1
+
+    def put_many(self, chosen: list[list[int]]) -> None:
+        """A pass that chose several tokens per row (lookup decoding): ``on_tokens`` gets each row's
+        new tokens up to its stop token, as one step."""
+        new = []
+        for i, tokens in enumerate(chosen):
+            kept = []
+            for token in tokens:
+                if self.stopped[i] or token in self.stops:
+                    self.stopped[i] = True
+                    break
+                kept.append(token)
+            new.append(kept)
         self.on_tokens(self.step, new)
         self.step += 1
 
@@ -271,6 +301,7 @@ def logits_processors(decoding: Decoding) -> Any:
 def generate_round(
     hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
     on_tokens: TokensCallback | None = None, model_kwargs: Callable[[torch.Tensor], dict[str, Any]] | None = None,
+    drafts: Drafts | None = None,
 ) -> RoundOutput:
     """Generate one assistant turn for every prompt of the batch (see the module docstring).
 
@@ -284,13 +315,14 @@ def generate_round(
     The workbench's own loop (:func:`decode_round`) runs the round; what it cannot serve
     (:func:`decode_loop_problem`) goes through ``hf.generate`` with a :class:`DecodeFallbackWarning`; so does a prefill
     with ``model_kwargs`` (the image round: ``generate`` prepares a VLM's image inputs), with no warning.
+    ``drafts``: each row's earlier answers, for lookup decoding in the workbench's loop (:func:`decode_round`).
     """
     if model_kwargs is not None:
         return hf_generate_round(hf, tokenizer, prompts, decoding, device, past, on_tokens, model_kwargs)
     cache = past.cache if past is not None else new_cache(hf)
     why = decode_loop_problem(hf, cache)
     if why is None:
-        return decode_round(hf, tokenizer, prompts, decoding, device, past, on_tokens, cache)
+        return decode_round(hf, tokenizer, prompts, decoding, device, past, on_tokens, cache, drafts)
     _warn_fallback(hf, why)
     return hf_generate_round(hf, tokenizer, prompts, decoding, device, past, on_tokens)
 
@@ -298,7 +330,7 @@ def generate_round(
 @torch.inference_mode()
 def decode_round(
     hf: Any, tokenizer: Any, prompts: list[list[int]], decoding: Decoding, device: str, past: CarriedCache | None = None,
-    on_tokens: TokensCallback | None = None, cache: Any = None,
+    on_tokens: TokensCallback | None = None, cache: Any = None, drafts: Drafts | None = None,
 ) -> RoundOutput:
     """:func:`generate_round` by the workbench's own loop: the model's forward called directly (its
     lean forward where :mod:`workbench.engine.lean` has one), no ``generate`` set-up per call. One
@@ -310,7 +342,13 @@ def decode_round(
     position, greedy ``argmax`` or, sampling, :func:`logits_processors` then ``softmax`` and
     ``torch.multinomial`` (the same draws from the same seed), finished rows fed the pad token,
     stop when every row met a stop token or after ``max_new_tokens`` steps. ``cache``: the one to
-    fill when ``past`` is None (default: a new :func:`new_cache`)."""
+    fill when ``past`` is None (default: a new :func:`new_cache`).
+
+    ``drafts`` (greedy decoding only): each row's earlier answers, oldest first (each with the token
+    that closed it), to draft from (:class:`workbench.engine.lookup.Drafts`): after the prefill, each
+    pass feeds every row's last chosen token and its draft as one chunk and keeps the drafted tokens
+    greedy decoding chooses too (:func:`_lookup_steps`): the same tokens in fewer passes; logits
+    within float rounding of one-token steps' (another pass shape), not bit for bit."""
     batch = len(prompts)
     pad_id = tokenizer.pad_token_id
     new_ids, mask = pad(prompts, pad_id, device, "left")
@@ -348,6 +386,8 @@ def decode_round(
     else:
         logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
                     use_cache=True, **keep).logits
+    if drafts is not None and not decoding.do_sample and steps > 1:
+        return _lookup_steps(hf, logits[:, -1], drafts, stops, steps, stream, cache, mask, lean, pad_id)
     position = positions[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     pad_token = torch.tensor(pad_id, device=device)
@@ -379,6 +419,113 @@ def decode_round(
 
 
 _SLACK = 32  # cache positions kept free beyond a round's own (the cut-off pass, option tokens)
+
+
+def _lookup_steps(
+    hf: Any, first: torch.Tensor, drafts: Drafts, stops: list[int], steps: int, stream: ResponseStream | None,
+    cache: Any, prompt_mask: torch.Tensor, lean: Any, pad_id: int,
+) -> RoundOutput:
+    """Greedy decoding after the prefill by verifying lookup drafts (:mod:`workbench.engine.lookup`).
+
+    ``first`` ``[batch, vocab]``: the prefill's last logits. Each pass feeds, per unfinished row, the
+    last chosen token and a draft of what follows, ``[batch, 1 + widest draft]`` (pads after a short
+    draft and for finished rows), attending the held cache and, causally, the chunk. The argmax at
+    chunk position j is greedy decoding's next token if the tokens before it in the chunk were; so a
+    row keeps its argmaxes up to and including the first one that differs from its draft (or is a
+    stop token, or reaches ``steps`` tokens). Kept tokens' positions stay in the cache, the rest
+    become holes (the response mask), and position ids count only what is held, so every chosen
+    token, its logits and the cache's keys and values are those of one-token steps, up to float
+    rounding. → the round's :class:`RoundOutput`; ``step_logits`` beyond a row's last step are 0.
+
+    The widest draft a pass runs (``cap``): the slowest row sets how many passes a round takes, and
+    on a CPU a wider pass costs more (its attention grows with the queries). So after a pass it is
+    twice the fewest drafted tokens an unfinished row kept, plus one; 0 (one-token passes) once a row
+    kept none, until every row's one-token draft would have been right. The round starts where the
+    round before stood after its first pass (``drafts.cap``) and reports where it stands after its
+    own (``RoundOutput.lookup_cap``)."""
+    device = first.device
+    batch = first.shape[0]
+    stop_set = set(stops)
+    dtype = next(hf.parameters()).dtype
+    never = torch.tensor(float("-inf"), dtype=dtype, device=device)
+    scores = first.to(dtype=torch.float32, copy=True)
+    chosen = scores.argmax(-1).tolist()
+    tokens = [[c] for c in chosen]  # per row: every chosen token (the stop token included)
+    where = [[0] for _ in range(batch)]  # per row: where each token's logits are in the joined passes (0: the prefill's)
+    passes = [scores[:, None]]  # every pass's logits [batch, width, vocab], float32
+    done = [c in stop_set or steps == 1 for c in chosen]
+    if stream is not None:
+        stream.put(torch.tensor(chosen)[:, None])
+    held = prompt_mask.sum(-1).tolist()  # per row: positions held, so the next token's position id
+    # [batch, 1, 1, room]: over the cache's positions, 0 where held, −inf at a hole; 0 beyond (a one-token
+    # pass's own position: every unfinished row keeps it, and what a finished row sees matters to no one)
+    width_now = prompt_mask.shape[1]
+    bias = torch.zeros(batch, 1, 1, width_now + 2 * steps + MAX_DRAFT, dtype=dtype, device=device)
+    bias[..., :width_now] = torch.where(prompt_mask.bool(), 0.0, never)[:, None, None, :]
+    fed: list[list[int]] = [[] for _ in range(batch)]  # per row: 1 where a position after the prompt holds a fed token
+    answers, cap, next_cap, joined = drafts.answers, drafts.cap, None, 1
+    while not all(done):
+        proposals = [[] if done[i] or cap == 0 else draft(answers[i], tokens[i], min(cap, steps - len(tokens[i]) - 1))
+                     for i in range(batch)]
+        width = 1 + max(len(p) for p in proposals)
+        ids = torch.tensor([([tokens[i][-1]] if not done[i] else [pad_id]) + p + [pad_id] * (width - 1 - len(p))
+                            for i, p in enumerate(proposals)], device=device)  # [batch, width]
+        if width_now + width > bias.shape[-1]:
+            bias = torch.cat([bias, torch.zeros_like(bias)], -1)
+        if width == 1:  # a one-token pass: the held cache and itself
+            mask = bias[..., : width_now + 1]
+        else:  # and, causally, the chunk's real tokens
+            real = torch.tensor([[j <= len(p) for j in range(width)] for p in proposals], device=device)
+            sees = torch.ones(width, width, dtype=torch.bool, device=device).tril()[None] & real[:, None, :]
+            mask = torch.cat([bias[..., :width_now].expand(-1, -1, width, -1), torch.where(sees, 0.0, never)[:, None]], -1)
+        positions = torch.tensor(held, device=device)[:, None] + torch.arange(width, device=device)[None]
+        for layer in getattr(cache, "layers", []):  # room for this pass, the cut-off pass and option scoring
+            layer.reserve = max(getattr(layer, "reserve", 0), width_now + width + 2 * steps + _SLACK)
+        out = lean_logits(hf, ids, mask, positions, cache, 0, lean).to(torch.float32)  # [batch, width, vocab]
+        passes.append(out)
+        best = out.argmax(-1).tolist()  # [batch][width]
+        kept = [[0] * width for _ in range(batch)]
+        new_tokens: list[list[int]] = [[] for _ in range(batch)]
+        for i in range(batch):
+            if done[i]:
+                continue
+            proposal = proposals[i]
+            for j in range(width):  # chunk token j (fed) is in the cache: row i's tokens so far are greedy's
+                kept[i][j] = 1
+                token = best[i][j]
+                tokens[i].append(token)
+                where[i].append(joined + j)
+                new_tokens[i].append(token)
+                if token in stop_set or len(tokens[i]) >= steps:
+                    done[i] = True
+                    break
+                if j >= len(proposal) or proposal[j] != token:
+                    break  # the draft's next token is not greedy's: its position and the rest are holes
+        joined += width
+        if stream is not None:
+            stream.put_many(new_tokens)
+        going = [i for i in range(batch) if not done[i]]
+        if going and cap:
+            fewest = min(sum(kept[i]) - 1 for i in going)  # kept counts the fed token too
+            cap = min(MAX_DRAFT, 2 * fewest + 1) if fewest else 0
+        elif going:  # would a one-token draft, made before this pass, have been right for every row?
+            cap = int(all(draft(answers[i], tokens[i][:-1], 1) == tokens[i][-1:] for i in going))
+        next_cap = cap if next_cap is None else next_cap
+        for i in range(batch):
+            fed[i] += kept[i]
+            held[i] += sum(kept[i])
+        if width > 1:
+            bias[..., width_now: width_now + width] = torch.where(torch.tensor(kept, dtype=torch.bool, device=device), 0.0, never)[:, None, None, :]
+        width_now += width
+    n_steps = max(len(t) for t in tokens)
+    index = torch.tensor([w + [w[-1]] * (n_steps - len(w)) for w in where], device=device)  # [batch, n_steps]
+    step_logits = torch.cat(passes, 1).gather(1, index[..., None].expand(-1, -1, scores.shape[-1]))  # [batch, n_steps, vocab]
+    short = torch.tensor([[k >= len(w) for k in range(n_steps)] for w in where], device=device)
+    step_logits.masked_fill_(short[..., None], 0.0)
+    generated = [t + [stops[0]] * (n_steps - len(t)) for t in tokens]  # a row shorter than the longest has stopped
+    out = _round_output(generated, step_logits, stops, cache, prompt_mask)
+    return replace(out, response_mask=torch.tensor(fed, dtype=torch.long, device=device),
+                   lookup_cap=cap if next_cap is None else next_cap)
 
 
 def _takes_bool_mask(hf: Any) -> bool:
@@ -439,17 +586,16 @@ def hf_generate_round(
 def carry(hf: Any, rnd: RoundOutput, pad_id: int) -> CarriedCache:
     """The round's cache with every response token in it, for the next round to continue.
 
-    ``generate`` feeds response token j back at decode step j+1, so the cache holds each response
-    but a cut-off one's last token (it hit ``max_new_tokens``, nothing was generated after it).
-    Those last tokens get one forward of one token per row (rows that need none run a masked pad).
-    The decode steps after a row's stop token become holes in the mask.
+    The decode passes fed every response token back but a cut-off one's last (it hit
+    ``max_new_tokens``, nothing was generated after it; :meth:`RoundOutput.fed_mask` says where each
+    fed token is). Those last tokens get one forward of one token per row (rows that need none run
+    a masked pad). Positions that hold no response token (the steps after a row's stop token, a
+    lookup draft's rejected tokens) become holes in the mask.
     """
-    batch, prompt_len = rnd.prompt_mask.shape
-    steps = rnd.step_logits.shape[1] - 1  # decode steps in the cache after the prompt
+    held = rnd.fed_mask()  # [batch, positions after the prompt]
     lengths = torch.tensor([len(ids) for ids in rnd.response_ids])
-    held = (torch.arange(steps)[None, :] < lengths[:, None]).long()  # [batch, steps]
     mask = torch.cat([rnd.prompt_mask.cpu(), held], 1)
-    missing = lengths > steps  # only a row that ran every step can be missing its last token
+    missing = lengths > held.sum(1)  # an answer cut off by max_new_tokens: its last token was never fed
     if missing.any():
         last = torch.tensor([ids[-1] if m else pad_id for ids, m in zip(rnd.response_ids, missing.tolist())])
         mask = torch.cat([mask, missing.long()[:, None]], 1)

@@ -497,11 +497,12 @@ def intervening(hf: Any, plan: Plan | None, part: str) -> Iterator[None]:
 
 def _apply(plan: Plan, path: str, act: Any, entries: list[tuple[Any, ...]]) -> Any:
     """``act`` ``[batch, seq, d]`` after every entry: the prefill's weights on the module's first
-    call of the round, every position on a later call."""
+    call of the round, every position on a later call (a decode step's token, or a lookup draft's
+    chunk of them: :mod:`workbench.engine.lookup`)."""
     if path in plan.prefilled:  # a later call: the round's response tokens
         for edit, measure, _, later, record in entries:
             if record is not None and plan.recording:  # a reference to the value before the edit: measured after the round
-                plan.recorded.setdefault(record, {"measure": measure, "last": None, "steps": []})["steps"].append(act[:, -1])
+                plan.recorded.setdefault(record, {"measure": measure, "last": None, "steps": []})["steps"].append(act)
             if later:
                 act = edit(act, None)
         return act

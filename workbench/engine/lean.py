@@ -551,11 +551,23 @@ def _plain_layer(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cos: torch.Tens
     k = (k * cos) + (_rotate_half(k) * sin)
     if cache is not None:
         k, v = cache.update(k, v, index)
-    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+    o = _attend(attn, q, k, v, mask, sdpa_attention_forward)
     x = residual + F.linear(o.reshape(*shape, -1).contiguous(), ow, ob)
     h = x.to(torch.float32)
     h = n2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e2)).to(dtype)
     return x + F.linear(act(F.linear(h, gw, gb)) * F.linear(h, uw, ub), dw, db)
+
+
+def _attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, sdpa_attention_forward: Any) -> torch.Tensor:
+    """HF's ``sdpa_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)[0]`` ``[batch, q, heads, head_dim]``,
+    except where it would repeat grouped keys and values for a masked pass of several queries (a copy
+    of the whole cache per layer and pass): on the CPU, PyTorch's sdpa takes them grouped
+    (``enable_gqa``), with the same numbers bit for bit (``tests/test_lean.py``)."""
+    groups = getattr(attn, "num_key_value_groups", 1)
+    if groups > 1 and mask is not None and q.shape[2] > 1 and q.device.type == "cpu":
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=attn.scaling, enable_gqa=True)
+        return o.transpose(1, 2).contiguous()
+    return sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
 
 
 def _layer(layer: Any, ch: dict[str, list[tuple[str, Any]]], x: torch.Tensor, mask: Any, cos: torch.Tensor, sin: torch.Tensor,

@@ -71,6 +71,7 @@ class RunConfig:
     adapter: str | None = None  # a LoRA adapter folder merged into the model after it loads (workbench.engine.adapter)
     shard: str | None = None  # "K/N": shard K (from 0) of N, into OUT.shards/; None: RANK/WORLD_SIZE under torchrun, else all
     interventions: tuple[Any, ...] = ()  # Steer/Ablate/Clamp (workbench.engine.interventions), in every batch's rounds
+    lookup: bool = True  # greedy rounds verify drafts read off each row's earlier answers (workbench.engine.lookup)
 
 
 @dataclass(frozen=True)
@@ -455,7 +456,7 @@ def run_protocol(
     if cfg.task in ("organism", "organism-visual"):
         data["world_seed"] = int(all_samples[0].extra["world_seed"]) if all_samples else None
     settings = run_settings(model, task, protocol, samples, data, list(cfg.hooks), layers, cfg.batch_size,
-                            cfg.activation_dtype, cfg.seed, cfg.command_line)
+                            cfg.activation_dtype, cfg.seed, cfg.command_line, lookup=cfg.lookup)
     if rank_device is not None:
         settings["device"] = rank_device
     if cfg.interventions:
@@ -506,7 +507,7 @@ def run_protocol(
                     on_batch(Progress(n_done, len(samples), protocol.rounds, sum(map(len, r.response_ids)), size, r.round))
 
             res = run_batch(model, task, protocol, batch, sites, cfg.seed, on_round=round_done, round_extras=extras,
-                            interventions=cfg.interventions)
+                            interventions=cfg.interventions, lookup=cfg.lookup)
             if writer is None:
                 writer = creating.result()  # raises what creating it raised
             arrays = batch_arrays(res, gold[start:stop], writer.n_options)

@@ -75,6 +75,7 @@ from workbench.errors import WorkbenchError
 from workbench.engine.interventions import (Ablate, Clamp, Intervention, Plan, Steer, acts_in, describe, intervening, layers_of,
                                              make_plan, resolve_sites)
 from workbench.engine.generation import CarriedCache, TokensCallback, carry, generate_round, plain_cache, score_options
+from workbench.engine.lookup import Drafts
 from workbench.engine.protocol import Protocol
 from workbench.engine.task import Sample, Task
 from workbench.engine.uncertainty import option_confidence
@@ -172,6 +173,7 @@ class Session:
         fields_every_round: bool = True,
         round_extras: Callable[[Any, list[list[int]], list[Sample], int], dict[str, np.ndarray]] | None = None,
         interventions: Sequence[Intervention] = (),
+        lookup: bool = True,
     ) -> None:
         from workbench.engine.models import load_model
         from workbench.engine.protocol import load_protocol
@@ -191,6 +193,8 @@ class Session:
         self.sites = sites
         self.seed = seed
         self.reuse_cache = reuse_cache
+        self.lookup = lookup
+        self._lookup_cap: int | None = None  # lookup decoding: the round before's report (RoundOutput.lookup_cap)
         self.max_cache_bytes = max_cache_bytes if max_cache_bytes is not None else _default_cache_budget(self.model.device)
         self.instruction_for = instruction_for or functools.partial(protocol_instruction, self.protocol, self.task)
         self.strict = strict
@@ -285,14 +289,16 @@ class Session:
         with intervening(model.hf, plan, "inner"):  # module outputs: inside capture's wrappers, so it sees them
             with pooling(model.hf, self.sites, weights, steps) as pooled, intervening(model.hf, plan, "outer"):
                 out = generate_round(model.hf, tok, new, self.protocol.decoding, model.device, past, on_tokens=on_tokens,
-                                     model_kwargs=self._image_kwargs if with_image else None)
+                                     model_kwargs=self._image_kwargs if with_image else None,
+                                     drafts=self._drafts() if self.lookup else None)
+                self._lookup_cap = out.lookup_cap
                 carried = carry(model.hf, out, tok.pad_token_id)
             if plan is not None:
                 plan.recording = False  # option scoring's tokens are not the response's
             if with_image and self.sites:
                 self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
                 pooled = {k: v[:, :1] for k, v in pooled.items()}
-            acts = self._round_activations(pooled, steps, out.response_ids)
+            acts = self._round_activations(pooled, steps, carried.mask[:, out.prompt_mask.shape[1]:])
             option_nll = torch.full((batch, self.n_options), float("nan"))
             if self.n_options:
                 leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
@@ -304,7 +310,7 @@ class Session:
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1, **steer)
         extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
         if self.interventions:
-            extras[PROJECTION_BEFORE] = self._projection_before(plan, out.response_ids)
+            extras[PROJECTION_BEFORE] = self._projection_before(plan, carried.mask[:, out.prompt_mask.shape[1]:])
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
@@ -347,6 +353,16 @@ class Session:
         result = replace(result, round_fields=self._last_round_fields(responses))
         self._rounds.append(result)
         return result
+
+    def _drafts(self) -> Drafts:
+        """Each row's earlier answers, oldest first, each closed by the template's first closing token
+        (what ends a turn): what lookup decoding drafts from (:mod:`workbench.engine.lookup`); the
+        widest first draft as the round before left it, from the second round with an answer to
+        draft from on (before it, nothing said how well drafts do)."""
+        answers = [[list(r.response_ids[i]) + self._closing[i][:1] for r in self._rounds] for i in range(len(self.samples))]
+        if len(self._rounds) >= 2 and self._lookup_cap is not None:
+            return Drafts(answers, self._lookup_cap)
+        return Drafts(answers)
 
     def _encode_images(self, pieces: list[str]) -> list[list[int]]:
         """Round 1 of a vision session: each row's first piece through the processor with its image
@@ -456,15 +472,17 @@ class Session:
         """The session's interventions expanded per layer: the columns of ``PROJECTION_BEFORE``."""
         return [(iv, layer) for iv in self.interventions for layer in layers_of(iv, self.model.n_layers)]
 
-    def _projection_before(self, plan: Plan | None, response_ids: list[list[int]]) -> np.ndarray:
+    def _projection_before(self, plan: Plan | None, fed: torch.Tensor) -> np.ndarray:
         """``[B, S, 2]`` float32: per (intervention, layer) of the session's interventions, the
         projection on d̂ of the hooked activation *before* the intervention, at the round's last
-        prompt token and averaged over its response tokens (as capture pools them); NaN where it did
-        not act this round (or an empty response)."""
+        prompt token and averaged over its response tokens (as capture pools them: ``fed`` ``[B, T]``,
+        the carried mask after the prompt, 1 where a later pass fed a response token); NaN where it
+        did not act this round (or an empty response)."""
         watched = self._watched()
         out = np.full((len(self.samples), len(watched), 2), np.nan, dtype=np.float32)
         recorded = plan.recorded if plan is not None else {}
-        lengths = np.array([len(ids) for ids in response_ids])
+        take = fed.cpu().numpy().astype(bool)
+        lengths = take.sum(1)
         for s, (iv, layer) in enumerate(watched):
             slot = recorded.get((id(iv), layer))
             if slot is None:
@@ -472,8 +490,7 @@ class Session:
             if slot["last"] is not None:
                 out[:, s, 0] = slot["measure"](slot["last"]).cpu().numpy()
             if slot["steps"]:
-                steps = slot["measure"](torch.stack(slot["steps"], 1)).cpu().numpy()  # [B, T]: step j fed response token j
-                take = np.arange(steps.shape[1])[None, :] < lengths[:, None]
+                steps = slot["measure"](torch.cat(slot["steps"], 1)).cpu().numpy()  # [B, T]: the later passes' positions
                 with np.errstate(invalid="ignore"):
                     out[:, s, 1] = np.where(lengths > 0, (steps * take).sum(1) / np.maximum(lengths, 1), np.nan)
         return out
@@ -510,13 +527,14 @@ class Session:
         return past
 
     def _round_activations(
-        self, pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], response_ids: list[list[int]]
+        self, pooled: dict[HookSite, torch.Tensor], steps: dict[HookSite, list[torch.Tensor]], fed: torch.Tensor
     ) -> dict[str, np.ndarray]:
         """``{hook: [B, 2, L, d]}``: the prefill's last position and the mean over each response's
-        decode steps (step j feeds response token j back; NaN for an empty response)."""
+        tokens where the later passes fed them (``fed`` ``[B, T]``: the carried mask after the
+        prompt; NaN for an empty response)."""
         if not self.sites:
             return {}
-        return {h: a.numpy() for h, a in round_pools(pooled, steps, self.sites, [len(ids) for ids in response_ids]).items()}
+        return {h: a.numpy() for h, a in round_pools(pooled, steps, self.sites, fed).items()}
 
     def _last_round_fields(self, responses: list[str]) -> dict[str, np.ndarray]:
         """This round's task fields, each ``[B, ...]``, from the dialogue so far (this round's
@@ -593,7 +611,7 @@ class Session:
         hooks = list(dict.fromkeys(s.hook for s in self.sites))
         data = {"files": [], "condition": None, "category": None, "offset": 0, "limit": None, "session": True}
         settings = run_settings(self.model, self.task, protocol, self.samples, data, hooks, layers, len(self.samples),
-                                activation_dtype, self.seed, command_line)
+                                activation_dtype, self.seed, command_line, lookup=self.lookup)
         settings.update(getattr(self.round_extras, "settings", {}))  # open_ended.round_extras: the scorer and sampling
         if any(self._schedule):
             settings["interventions"] = self.interventions_record()

@@ -40,7 +40,7 @@ def data_fingerprint(samples: list[Any]) -> str:
 
 def run_settings(
     model: Any, task: Any, protocol: Any, samples: list[Any], data: dict[str, Any], hooks: list[str], layers: list[int],
-    batch_size: int, activation_dtype: str, seed: int, command_line: str = "",
+    batch_size: int, activation_dtype: str, seed: int, command_line: str = "", lookup: bool = True,
 ) -> dict[str, Any]:
     """The root attributes a run file records (docs/FORMAT.md): the model's metadata (library
     versions, weight hashes, placement …), the task, ``data`` (with the samples' fingerprint
@@ -54,6 +54,7 @@ def run_settings(
         "option_scoring": protocol.option_scoring if task.multiple_choice else "none",
         "command_line": command_line,
         "decoding": json.loads(json.dumps(protocol.decoding.__dict__)),
+        "lookup_decoding": bool(lookup and not protocol.decoding.do_sample),  # greedy rounds verified lookup drafts
         "seed": seed,
         "hooks": list(hooks),
         "layers": list(layers),

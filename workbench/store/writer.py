@@ -66,11 +66,11 @@ RESUME_KEYS = ("n_samples", "n_rounds", "model_path", "model_revision", "model_d
                "activation_dtype", "hooks", "layers", "data", "protocol")
 
 # Settings a resume may change with a warning: the batches agree to float rounding, not bit for bit.
-PLACEMENT_KEYS = ("device", "device_map")
+PLACEMENT_KEYS = ("device", "device_map", "lookup_decoding")
 
 
 class PlacementChangedWarning(UserWarning):
-    """A run resumed on another device or device map than it started on."""
+    """A run resumed on another device, device map or decoding path (lookup on or off) than it started on."""
 
 
 # --------------------------------------------------------------------------- the writer
@@ -423,6 +423,6 @@ def _warn_if_moved(path: Path, attrs: Any, settings: dict[str, Any]) -> None:
             if have != want:
                 moved.append(f"{key} {have} → {want}" if len(str(have)) + len(str(want)) < 60 else f"another {key}")
     if moved:
-        warnings.warn(f"--resume: {path} started with another placement and continues with {', '.join(moved)}: "
+        warnings.warn(f"--resume: {path} started with another placement or decoding path and continues with {', '.join(moved)}: "
                       "the batches from before and after agree to float rounding, not bit for bit (a greedy "
                       "near-tie can go the other way)", PlacementChangedWarning, stacklevel=3)
