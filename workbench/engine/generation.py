@@ -6,7 +6,11 @@ without ``transformers``' per-call Python; the cut-off pass and option scoring u
 prefill forward over the round's new tokens ``[batch, seq]`` (left padding, attention
 mask, the KV cache), then one forward of one token per step, with ``generate``'s arithmetic step for
 step (same greedy tokens; sampling through ``generate``'s own logits processors and
-``torch.multinomial``, so the same draws from the same seed) and none of its per-call set-up. The
+``torch.multinomial``, so the same draws from the same seed) and none of its per-call set-up. A greedy
+round given each row's earlier answers (:class:`~workbench.engine.lookup.Drafts`, what a
+:class:`~workbench.engine.session.Session` gives unless ``lookup=False``) verifies drafts instead of
+stepping one token at a time (:func:`_lookup_steps`): the same tokens in fewer passes, the numbers
+those of one-token steps to float rounding. The
 cache it fills keeps its keys and values in a buffer grown once per round (:func:`growing_layer_class`),
 not by a ``torch.cat`` of the whole cache per step, and decode steps over a cache with holes take a
 4-D boolean mask sliced from one built per round. What the loop cannot serve (a sliding-window or
@@ -439,10 +443,11 @@ def _lookup_steps(
 
     The widest draft a pass runs (``cap``): the slowest row sets how many passes a round takes, and
     on a CPU a wider pass costs more (its attention grows with the queries). So after a pass it is
-    twice the fewest drafted tokens an unfinished row kept, plus one; 0 (one-token passes) once a row
-    kept none, until every row's one-token draft would have been right. The round starts where the
-    round before stood after its first pass (``drafts.cap``) and reports where it stands after its
-    own (``RoundOutput.lookup_cap``)."""
+    twice the fewest drafted tokens an unfinished row kept, plus one; 0 (one-token passes, for the
+    rest of the round) once a row kept none. The round starts where the round before stood after its
+    first pass (``drafts.cap``) and reports where it stands after its own (``RoundOutput.lookup_cap``);
+    a first pass without drafts reports 1 if every row's one-token draft would have been right, else 0;
+    a round whose wide passes saved fewer passes than they were reports 0."""
     device = first.device
     batch = first.shape[0]
     stop_set = set(stops)
@@ -508,7 +513,7 @@ def _lookup_steps(
         if going and cap:
             fewest = min(sum(kept[i]) - 1 for i in going)  # kept counts the fed token too
             cap = min(MAX_DRAFT, 2 * fewest + 1) if fewest else 0
-        elif going:  # would a one-token draft, made before this pass, have been right for every row?
+        elif going and next_cap is None:  # the round's first pass: would a one-token draft have been right for every row?
             cap = int(all(draft(answers[i], tokens[i][:-1], 1) == tokens[i][-1:] for i in going))
         next_cap = cap if next_cap is None else next_cap
         for i in range(batch):
@@ -524,6 +529,9 @@ def _lookup_steps(
     step_logits.masked_fill_(short[..., None], 0.0)
     generated = [t + [stops[0]] * (n_steps - len(t)) for t in tokens]  # a row shorter than the longest has stopped
     out = _round_output(generated, step_logits, stops, cache, prompt_mask)
+    wide = sum(p.shape[1] > 1 for p in passes[1:])
+    if (n_steps - 1) - (len(passes) - 1) < wide:  # drafts did not pay here: each wide pass saved less than a pass
+        next_cap = 0
     return replace(out, response_mask=torch.tensor(fed, dtype=torch.long, device=device),
                    lookup_cap=cap if next_cap is None else next_cap)
 

@@ -152,7 +152,10 @@ class Session:
     ``round_extras`` (:func:`workbench.engine.open_ended.round_extras`: a scorer, sampled answers) is called
     after each round's generation with (its output, the round prompts, the samples, the round) and
     returns more per-round arrays ``[B, ...]``, kept in ``RoundResult.extras`` and in :meth:`result`'s
-    round fields.
+    round fields. ``lookup`` (greedy decoding): each round drafts its answers' next tokens from the
+    rows' earlier answers and verifies them in one pass (:mod:`workbench.engine.lookup`): the same
+    tokens in fewer passes, the numbers those of one-token steps to float rounding; False: one pass
+    per token, as ``generate``.
     """
 
     def __init__(
