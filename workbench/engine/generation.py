@@ -448,7 +448,7 @@ def _lookup_steps(
     first pass (``drafts.cap``) and reports where it stands after its own (``RoundOutput.lookup_cap``);
     a first pass without drafts reports 1 if every row's one-token draft would have been right, else 0;
     a round whose wide passes saved fewer passes than they were reports 0."""
-    device = first.device
+    device = prompt_mask.device  # where the inputs go (decode_round's device); the logits stay where the model left them
     batch = first.shape[0]
     stop_set = set(stops)
     dtype = next(hf.parameters()).dtype
@@ -523,9 +523,9 @@ def _lookup_steps(
             bias[..., width_now: width_now + width] = torch.where(torch.tensor(kept, dtype=torch.bool, device=device), 0.0, never)[:, None, None, :]
         width_now += width
     n_steps = max(len(t) for t in tokens)
-    index = torch.tensor([w + [w[-1]] * (n_steps - len(w)) for w in where], device=device)  # [batch, n_steps]
+    index = torch.tensor([w + [w[-1]] * (n_steps - len(w)) for w in where], device=first.device)  # [batch, n_steps]
     step_logits = torch.cat(passes, 1).gather(1, index[..., None].expand(-1, -1, scores.shape[-1]))  # [batch, n_steps, vocab]
-    short = torch.tensor([[k >= len(w) for k in range(n_steps)] for w in where], device=device)
+    short = torch.tensor([[k >= len(w) for k in range(n_steps)] for w in where], device=first.device)
     step_logits.masked_fill_(short[..., None], 0.0)
     generated = [t + [stops[0]] * (n_steps - len(t)) for t in tokens]  # a row shorter than the longest has stopped
     out = _round_output(generated, step_logits, stops, cache, prompt_mask)
