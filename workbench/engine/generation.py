@@ -457,7 +457,7 @@ def _lookup_steps(
     chosen = scores.argmax(-1).tolist()
     tokens = [[c] for c in chosen]  # per row: every chosen token (the stop token included)
     where = [[0] for _ in range(batch)]  # per row: where each token's logits are in the joined passes (0: the prefill's)
-    passes = [scores[:, None]]  # every pass's logits [batch, width, vocab], float32
+    passes = [scores[:, None]]  # every pass's logits [batch, positions chosen at, vocab], float32
     done = [c in stop_set or steps == 1 for c in chosen]
     if stream is not None:
         stream.put(torch.tensor(chosen)[:, None])
@@ -468,7 +468,7 @@ def _lookup_steps(
     bias = torch.zeros(batch, 1, 1, width_now + 2 * steps + MAX_DRAFT, dtype=dtype, device=device)
     bias[..., :width_now] = torch.where(prompt_mask.bool(), 0.0, never)[:, None, None, :]
     fed: list[list[int]] = [[] for _ in range(batch)]  # per row: 1 where a position after the prompt holds a fed token
-    answers, cap, next_cap, joined = drafts.answers, drafts.cap, None, 1
+    answers, cap, next_cap, joined, wide_passes = drafts.answers, drafts.cap, None, 1, 0
     while not all(done):
         proposals = [[] if done[i] or cap == 0 else draft(answers[i], tokens[i], min(cap, steps - len(tokens[i]) - 1))
                      for i in range(batch)]
@@ -487,7 +487,6 @@ def _lookup_steps(
         for layer in getattr(cache, "layers", []):  # room for this pass, the cut-off pass and option scoring
             layer.reserve = max(getattr(layer, "reserve", 0), width_now + width + 2 * steps + _SLACK)
         out = lean_logits(hf, ids, mask, positions, cache, 0, lean).to(torch.float32)  # [batch, width, vocab]
-        passes.append(out)
         best = out.argmax(-1).tolist()  # [batch][width]
         kept = [[0] * width for _ in range(batch)]
         new_tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -506,7 +505,9 @@ def _lookup_steps(
                     break
                 if j >= len(proposal) or proposal[j] != token:
                     break  # the draft's next token is not greedy's: its position and the rest are holes
-        joined += width
+        used = max(len(t) for t in new_tokens)  # chunk positions any row chose a token at: the only logits kept
+        passes.append(out if used == width else out[:, :used].contiguous())  # (a slice's copy: the wide logits are freed)
+        joined += used
         if stream is not None:
             stream.put_many(new_tokens)
         going = [i for i in range(batch) if not done[i]]
@@ -519,6 +520,7 @@ def _lookup_steps(
         for i in range(batch):
             fed[i] += kept[i]
             held[i] += sum(kept[i])
+        wide_passes += width > 1
         if width > 1:
             bias[..., width_now: width_now + width] = torch.where(torch.tensor(kept, dtype=torch.bool, device=device), 0.0, never)[:, None, None, :]
         width_now += width
@@ -529,8 +531,7 @@ def _lookup_steps(
     step_logits.masked_fill_(short[..., None], 0.0)
     generated = [t + [stops[0]] * (n_steps - len(t)) for t in tokens]  # a row shorter than the longest has stopped
     out = _round_output(generated, step_logits, stops, cache, prompt_mask)
-    wide = sum(p.shape[1] > 1 for p in passes[1:])
-    if (n_steps - 1) - (len(passes) - 1) < wide:  # drafts did not pay here: each wide pass saved less than a pass
+    if (n_steps - 1) - (len(passes) - 1) < wide_passes:  # drafts did not pay here: each wide pass saved less than a pass
         next_cap = 0
     return replace(out, response_mask=torch.tensor(fed, dtype=torch.long, device=device),
                    lookup_cap=cap if next_cap is None else next_cap)
