@@ -123,6 +123,12 @@ def test_a_right_draft_takes_one_pass_and_a_wrong_one_a_pass_per_token(organism,
     assert out.response_ids == ref.response_ids
     assert len(widths) == 1 + longest  # every draft wrong: one token a pass, as generate
     assert widths[2:] == [1] * (longest - 1)  # after a pass whose drafts all failed, one-token passes
+    assert out.lookup_cap == 0  # and the next round drafts nothing
+    for answers, cap in (([[ids + [stop]] for ids in ref.response_ids], 1), ([[[never] * 8] for _ in ref.response_ids], 0)):
+        widths.clear()  # a round told to draft nothing runs one token a pass, and says whether the next should draft
+        out = decode_round(hf, tok, first, GREEDY, "cpu", drafts=Drafts(answers, 0))
+        assert out.response_ids == ref.response_ids and widths == [widths[0]] + [1] * longest
+        assert out.lookup_cap == cap
 
 
 def _run(model, lookup, interventions=(), rounds=5, samples=8):

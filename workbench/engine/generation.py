@@ -390,7 +390,8 @@ def decode_round(
     else:
         logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
                     use_cache=True, **keep).logits
-    if drafts is not None and not decoding.do_sample and steps > 1:
+    drafting = drafts is not None and not decoding.do_sample and steps > 1
+    if drafting and drafts.cap > 0:
         return _lookup_steps(hf, logits[:, -1], drafts, stops, steps, stream, cache, mask, lean, pad_id)
     position = positions[:, -1:]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -419,7 +420,19 @@ def decode_round(
                         cache=cache, use_cache=True, **keep).logits
     generated = torch.stack(tokens, 1).tolist()  # [batch, n_steps]
     step_logits_t = torch.stack(step_logits, 1)  # [batch, n_steps, vocab]
-    return _round_output(generated, step_logits_t, stops, cache, mask)
+    out = _round_output(generated, step_logits_t, stops, cache, mask)
+    if drafting:  # a round that drafts nothing (cap 0) runs one token a pass here, and says whether the next should
+        out = replace(out, lookup_cap=_probe(drafts, generated, stops, steps))
+    return out
+
+
+def _probe(drafts: Drafts, generated: list[list[int]], stops: list[int], steps: int) -> int:
+    """The next round's draft width after a round that drafted nothing: 1 if, at its second token,
+    every row still answering would have had a right one-token draft, else 0 (as :func:`_lookup_steps`
+    decides after a first pass without drafts). ``generated``: ``[batch][steps]`` chosen tokens."""
+    stop_set = set(stops)
+    going = [i for i, g in enumerate(generated) if steps > 2 and len(g) > 1 and g[0] not in stop_set and g[1] not in stop_set]
+    return int(bool(going) and all(draft(drafts.answers[i], generated[i][:1], 1) == generated[i][1:2] for i in going))
 
 
 _SLACK = 32  # cache positions kept free beyond a round's own (the cut-off pass, option tokens)
@@ -446,8 +459,9 @@ def _lookup_steps(
     twice the fewest drafted tokens an unfinished row kept, plus one; 0 (one-token passes, for the
     rest of the round) once a row kept none. The round starts where the round before stood after its
     first pass (``drafts.cap``) and reports where it stands after its own (``RoundOutput.lookup_cap``);
-    a first pass without drafts reports 1 if every row's one-token draft would have been right, else 0;
-    a round whose wide passes saved fewer passes than they were reports 0."""
+    a round whose wide passes saved fewer passes than they were reports 0. A round told to draft
+    nothing (cap 0) does not come here: :func:`decode_round` runs it one token a pass and reports 1
+    if every row's one-token draft would have been right at its second token, else 0 (:func:`_probe`)."""
     device = prompt_mask.device  # where the inputs go (decode_round's device); the logits stay where the model left them
     batch = first.shape[0]
     stop_set = set(stops)
@@ -514,8 +528,6 @@ def _lookup_steps(
         if going and cap:
             fewest = min(sum(kept[i]) - 1 for i in going)  # kept counts the fed token too
             cap = min(MAX_DRAFT, 2 * fewest + 1) if fewest else 0
-        elif going and next_cap is None:  # the round's first pass: would a one-token draft have been right for every row?
-            cap = int(all(draft(answers[i], tokens[i][:-1], 1) == tokens[i][-1:] for i in going))
         next_cap = cap if next_cap is None else next_cap
         for i in range(batch):
             fed[i] += kept[i]
