@@ -27,7 +27,7 @@ def test_a_draft_follows_the_last_answer_then_the_rows_own_repeats_then_the_same
     assert draft([[5, 1, 2, 1, 3, 0]], [1]) == [3, 0]
     # 2. a repeat of an earlier answer's or this round's own tokens
     assert draft([], [7, 8, 7, 8]) == [7, 8]
-    assert draft([[4, 5, 6, 2], [1]], [4, 5]) == [6, 2, 1, 4, 5][:5]
+    assert draft([[4, 5, 6, 2], [1]], [4, 5]) == [6, 2, 1, 4, 5]  # after the match: the rest of the earlier answers, then this round
     # 3. the last answer at the same offset: a changed first word, then as before
     assert draft([[1, 2, 3, 0]], [5]) == [2, 3, 0]
     # never more than asked, nothing when nothing is known
