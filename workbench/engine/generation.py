@@ -428,8 +428,8 @@ def decode_round(
 
 def _probe(drafts: Drafts, generated: list[list[int]], stops: list[int], steps: int) -> int:
     """The next round's draft width after a round that drafted nothing: 1 if, at its second token,
-    every row still answering would have had a right one-token draft, else 0 (as :func:`_lookup_steps`
-    decides after a first pass without drafts). ``generated``: ``[batch][steps]`` chosen tokens."""
+    every row still answering would have had a right one-token draft, else 0. ``generated``:
+    ``[batch][steps]`` chosen tokens."""
     stop_set = set(stops)
     going = [i for i, g in enumerate(generated) if steps > 2 and len(g) > 1 and g[0] not in stop_set and g[1] not in stop_set]
     return int(bool(going) and all(draft(drafts.answers[i], generated[i][:1], 1) == generated[i][1:2] for i in going))
@@ -472,7 +472,7 @@ def _lookup_steps(
     tokens = [[c] for c in chosen]  # per row: every chosen token (the stop token included)
     where = [[0] for _ in range(batch)]  # per row: where each token's logits are in the joined passes (0: the prefill's)
     passes = [scores[:, None]]  # every pass's logits [batch, positions chosen at, vocab], float32
-    done = [c in stop_set or steps == 1 for c in chosen]
+    done = [c in stop_set for c in chosen]  # (steps > 1 here: decode_round stops a one-token round itself)
     if stream is not None:
         stream.put(torch.tensor(chosen)[:, None])
     held = prompt_mask.sum(-1).tolist()  # per row: positions held, so the next token's position id

@@ -590,8 +590,7 @@ def _layer(layer: Any, ch: dict[str, list[tuple[str, Any]]], x: torch.Tensor, ma
     k = (k * cos) + (_rotate_half(k) * sin)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-    o = o.reshape(*shape, -1).contiguous()
+    o = _attend(attn, q, k, v, mask, sdpa_attention_forward).reshape(*shape, -1).contiguous()
     o = _out(ch, "self_attn.o_proj", _linear(attn.o_proj, _inp(ch, "self_attn.o_proj", o)))
     if "self_attn" in ch:
         o = _out(ch, "self_attn", (o, None))[0]  # attention returns (output, weights); sdpa has no weights

@@ -301,7 +301,8 @@ class Session:
             if with_image and self.sites:
                 self._image_pool = {h: a[:, 0].numpy() for h, a in _cpu(stack_sites({k: v[:, 1:] for k, v in pooled.items()}, self.sites)).items()}
                 pooled = {k: v[:, :1] for k, v in pooled.items()}
-            acts = self._round_activations(pooled, steps, carried.mask[:, out.prompt_mask.shape[1]:])
+            fed = carried.mask[:, out.prompt_mask.shape[1]:]  # [B, T]: 1 where a pass after the prompt fed a response token
+            acts = self._round_activations(pooled, steps, fed)
             option_nll = torch.full((batch, self.n_options), float("nan"))
             if self.n_options:
                 leads = [self.task.lead_length(ids, tok) for ids in out.response_ids]
@@ -313,7 +314,7 @@ class Session:
             out, [tr + p for tr, p in zip(self._transcripts, piece_ids)], self.samples, t + 1, **steer)
         extras.update({f"image_{h}": a for h, a in self._image_pool.items()})  # the same every round (causal)
         if self.interventions:
-            extras[PROJECTION_BEFORE] = self._projection_before(plan, carried.mask[:, out.prompt_mask.shape[1]:])
+            extras[PROJECTION_BEFORE] = self._projection_before(plan, fed)
         self._past = carried if self.reuse_cache and plain_cache(carried.cache) else None
         del out, carried  # the cache lives on only in self._past
 
