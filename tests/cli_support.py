@@ -55,6 +55,22 @@ def kill_at_line(cmd: list[str], prefix: str, **popen) -> subprocess.Popen:
     return proc
 
 
+def stop_at_line(cmd: list[str], prefix: str, **popen) -> subprocess.Popen:
+    """Run ``cmd`` and SIGSTOP it at the first line of its stderr that starts with ``prefix``; the
+    stopped (still living) process, for the caller to SIGKILL and wait for. A stopped process holds
+    its place: what it has written stays as it was at that line, however loaded the machine is.
+    Fails the test (killing the program) when it ends without printing such a line."""
+    import pytest
+
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, **popen)
+    for line in proc.stderr:
+        if line.startswith(prefix):
+            proc.send_signal(signal.SIGSTOP)
+            return proc
+    proc.kill()
+    pytest.fail(f"{' '.join(map(str, cmd[:4]))} … ended (exit {proc.wait()}) before a line starting {prefix!r}")
+
+
 def interrupt_at_batch(monkeypatch, n: int = 2):
     """Make the engine's ``run_batch`` raise ``KeyboardInterrupt`` (a Ctrl-C) at its ``n``-th call;
     returns the real ``run_batch`` (to put back with ``monkeypatch.setattr``)."""

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -24,7 +23,7 @@ import inject  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.store.shard import parse_shard, plan_rows, resolve_shard, shard_path  # noqa: E402
 from workbench.store.reader import RunFile  # noqa: E402
-from cli_support import error_line, workbench  # noqa: E402
+from cli_support import error_line, stop_at_line, workbench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -242,20 +241,19 @@ def test_shard_by_hand_killed_resumed_and_merged(capsys, monkeypatch, tmp_path, 
     assert code == 2
     error_line(err, "is not merged yet", "h.h5.shards")
 
+    # stopped at its first batch's progress line (read from the program, never timed): still running
+    # for merge, then killed there, unfinished
     parts = shard_path(out, 1, 2).with_name("shard-001-of-002.h5.parts")
-    second = subprocess.Popen(shard_cmd(out, "1/2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=clean_env())
+    second = stop_at_line(shard_cmd(out, "1/2"), "batch done: 4/12", cwd=ROOT, env=clean_env())
     try:
-        deadline = time.monotonic() + 300
-        while not list(parts.glob("batch-*.part")) and second.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
         code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
         assert code == 2
         error_line(err, f"1 (pid {second.pid}) is still running")
-        second.send_signal(signal.SIGKILL)
     finally:
+        second.send_signal(signal.SIGKILL)
         second.wait(60)
-    assert second.returncode == -signal.SIGKILL, "the shard finished before it could be killed"
-    assert not shard_path(out, 1, 2).exists() and len(list(parts.glob("batch-*.part"))) < 3
+    assert second.returncode == -signal.SIGKILL
+    assert not shard_path(out, 1, 2).exists() and list(parts.glob("batch-*.part"))
     code, _, err = workbench(capsys, monkeypatch, "merge", str(out))
     assert code == 2
     error_line(err, "1 is unfinished", "--resume")
