@@ -45,6 +45,23 @@ def test_real_bbq_files_load():
     assert len(religion) == 200 and {s.category for s in religion} == {"Religion"}
 
 
+def test_bbq_with_a_limit_reads_only_as_far_as_its_last_sample(tmp_path):
+    """--limit N reads the first N kept lines (a large BBQ file is not parsed whole for a short run):
+    a broken line after them is never reached, one among them is still refused."""
+    lines = BBQ_FIXTURE.read_text().splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(lines[:4] + ["{not json"] + lines[4:]) + "\n")
+    assert [s.id for s in load_bbq([broken], limit=4)] == [s.id for s in load_bbq([BBQ_FIXTURE], limit=4)]
+    assert [s.id for s in load_bbq([broken], offset=1, limit=3)] == [s.id for s in load_bbq([BBQ_FIXTURE], limit=4)][1:]
+    for limit in (5, None):
+        with pytest.raises(WorkbenchError, match="broken.jsonl:5: malformed JSON"):
+            load_bbq([broken], limit=limit)
+    # a filter first: the limit counts the samples kept, read across files
+    every = load_bbq([BBQ_FIXTURE, BBQ_FIXTURE], condition="disambig")
+    assert len(every) > 3
+    assert [s.id for s in load_bbq([BBQ_FIXTURE, BBQ_FIXTURE], condition="disambig", limit=len(every) - 1)] == [s.id for s in every[:-1]]
+
+
 def test_prompts_jsonl(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"text": "Say hi", "id": "a"}\n\n{"text": "Say bye"}\n')

@@ -24,7 +24,7 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from workbench.errors import WorkbenchError
 
@@ -56,6 +56,13 @@ def read_jsonl(path: Path, max_rows: int | None = None, cap_option: str = "") ->
     for a missing file, a folder, a FIFO or device, bytes that are not UTF-8, a malformed line, a line
     that is not an object, a line longer than :data:`MAX_LINE_BYTES` (refused as soon as it is met),
     or more than ``max_rows`` objects (``cap_option`` names the option that raises the cap)."""
+    return list(iter_jsonl(path, max_rows, cap_option))
+
+
+def iter_jsonl(path: Path, max_rows: int | None = None, cap_option: str = "") -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl`'s ``(line number, object)`` pairs one at a time, with its errors, each
+    raised when its line is reached: a reader that needs only the first lines (``--limit``) stops
+    there and never reads the rest of a large file."""
     from workbench.store.trust import refuse_special_file
 
     path = Path(path)
@@ -64,7 +71,7 @@ def read_jsonl(path: Path, max_rows: int | None = None, cap_option: str = "") ->
     if path.is_dir():
         raise WorkbenchError(f"{path} is a folder, not a JSONL file")
     refuse_special_file(path)
-    rows = []
+    n_rows = 0
     try:
         with open(path, "rb") as fh:
             lineno = 0
@@ -89,12 +96,12 @@ def read_jsonl(path: Path, max_rows: int | None = None, cap_option: str = "") ->
                     raise WorkbenchError(f"{path}:{lineno}: JSON nested too deeply") from None
                 if not isinstance(row, dict):
                     raise WorkbenchError(f"{path}:{lineno}: expected a JSON object per line")
-                rows.append((lineno, row))
-                if max_rows is not None and len(rows) > max_rows:
+                n_rows += 1
+                if max_rows is not None and n_rows > max_rows:
                     raise WorkbenchError(f"{path}: more than {max_rows:,} lines" + (f" (raise the cap with {cap_option})" if cap_option else ""))
+                yield lineno, row
     except OSError as e:
         raise WorkbenchError(f"{path}: cannot read ({e.strerror})") from None
-    return rows
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from workbench.engine.records import get_path, json_safe, read_jsonl, read_rows, text_value
+from workbench.engine.records import get_path, iter_jsonl, json_safe, read_jsonl, read_rows, text_value
 from workbench.engine.task import LETTERS, Sample, Task
 from workbench.errors import WorkbenchError
 
@@ -79,12 +79,17 @@ def load_bbq(
 
     ``condition`` keeps ``ambig`` or ``disambig`` items; ``category`` keeps one category
     (case-insensitive); ``offset``/``limit`` then slice. Indices are positions after filtering.
+    With a ``limit`` the files are read only as far as the last sample kept (a line past it is
+    never read, so never refused).
     """
     if condition not in (None, "ambig", "disambig"):
         raise WorkbenchError(f"--condition must be ambig or disambig, not {condition!r}")
     kept: list[Sample] = []
+    wanted = None if limit is None else offset + limit
     for path in paths:
-        for lineno, row in read_jsonl(Path(path)):
+        if wanted is not None and len(kept) >= wanted:
+            break
+        for lineno, row in iter_jsonl(Path(path)):
             missing = [k for k in BBQ_FIELDS if k not in row]
             if missing:
                 raise WorkbenchError(f"{path}:{lineno}: not a BBQ line (missing {', '.join(missing)})")
@@ -106,6 +111,8 @@ def load_bbq(
                     extra={k: row[k] for k in ("question_polarity", "answer_info", "additional_metadata") if k in row},
                 )
             )
+            if wanted is not None and len(kept) >= wanted:
+                break
     return _slice(kept, offset, limit)
 
 
