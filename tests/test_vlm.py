@@ -495,6 +495,23 @@ def test_a_picture_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path
         load_vqa(write_items(tmp_path, 1))
 
 
+def test_vqa_opens_only_the_pictures_of_the_samples_it_keeps(tmp_path):
+    """--offset/--limit: a picture before the offset or after the last kept sample is never opened
+    (gone here), the file is read no further, and the kept samples are those of the whole file."""
+    items = write_items(tmp_path, 3)
+    whole = load_vqa(items)
+    lines = items.read_text().splitlines()
+    items.write_text("\n".join(lines + ["{not json"]) + "\n")
+    (tmp_path / "imgs" / "000.png").unlink()
+    (tmp_path / "imgs" / "002.png").unlink()
+    kept = load_vqa(items, offset=1, limit=1)
+    assert [(s.index, s.id, s.image, s.extra["image"]) for s in kept] == [(1, "q1", whole[1].image, whole[1].extra["image"])]
+    with pytest.raises(WorkbenchError, match=r"items.jsonl:3: .*002.png"):
+        load_vqa(items, offset=1, limit=2)
+    with pytest.raises(WorkbenchError, match=r"items.jsonl:1: .*000.png"):
+        load_vqa(items)
+
+
 @pytest.mark.parametrize("data, needle", [((), "needs one --data"), (("a.jsonl", "b.jsonl"), "needs one --data"),
                                           (("missing.jsonl",), "data file not found")])
 def test_vqa_data_is_checked_in_one_line(data, needle, tmp_path, capsys, monkeypatch, vlm_dirs):

@@ -295,14 +295,19 @@ def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int |
     ``{"image": "imgs/001.png", "question": "...", "options": ["...", "..."], "label": 1}``
     (``options`` and ``label`` for ``vqa``; ``vqa-open`` needs only ``image`` and ``question``;
     optional ``id`` and ``category``; other fields are kept in ``extra``). The image path is
-    relative to the JSONL file. Every image is opened before anything else happens
-    (:func:`workbench.engine.images.image_record`): a missing, unreadable or non-image file is one
-    line naming it. Its record (path, sha256, a thumbnail) goes into ``extra["image"]``."""
+    relative to the JSONL file. Every image of the samples ``offset``/``limit`` keep is opened before
+    anything else happens (:func:`workbench.engine.images.image_record`): a missing, unreadable or
+    non-image file is one line naming it. Its record (path, sha256, a thumbnail) goes into
+    ``extra["image"]``. Lines before ``offset`` are checked but their images are not opened, and
+    the file is read no further than the last sample kept."""
     from workbench.engine.images import image_record
 
     path = Path(path)
     samples = []
-    for lineno, row in read_jsonl(path):
+    wanted = None if limit is None else offset + limit
+    for lineno, row in iter_jsonl(path):
+        if wanted is not None and len(samples) >= wanted:
+            break
         where = f"{path}:{lineno}"
         for key in ("image", "question"):
             if not isinstance(row.get(key), str) or not row[key].strip():
@@ -323,7 +328,7 @@ def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int |
         if "\x00" in given:
             raise WorkbenchError(f"{where}: the image path holds a NUL character")
         image = (path.parent / given) if not Path(given).is_absolute() else Path(given)
-        record = image_record(image, given, where)
+        record = image_record(image, given, where) if len(samples) >= offset else None  # None: sliced off below
         extra = {k: v for k, v in row.items() if k not in ("image", "question", "options", "label", "id", "category")}
         extra["image"] = record
         samples.append(Sample(index=len(samples), id=str(row.get("id", lineno)), context="", question=row["question"],
