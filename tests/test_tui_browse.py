@@ -371,6 +371,21 @@ def test_the_status_line_says_what_acted_in_the_round_shown(tmp_path):
     drive(path, body, size=(140, 30))
     drive(build_run(tmp_path / "plain.h5", n_samples=3, n_rounds=R, n_layers=L), _no_steered_part)  # no interventions: no part
 
+    # 80 columns and a long probe file: the model and protocol give way, what acted stays whole
+    record[0]["label"] = "organism-fair-probe-v2.h5@2"
+    with h5py.File(path, "a") as f:
+        f.attrs["interventions"] = json.dumps(record)
+
+    async def narrow(app, pilot, messages):
+        header = screen_text(app).splitlines()[0]
+        assert "synthetic · synthetic" in header and "steered –" in header  # it fits: everything shown
+        await press(app, pilot, "n")
+        header = screen_text(app).splitlines()[0]
+        assert "steered steer organism-fair-probe-v2.h5@2 α=+4" in header and "round 2/" in header, header
+        assert "synthetic" not in header and "complete" not in header
+
+    drive(path, narrow, size=(80, 24))
+
 
 async def _no_steered_part(app, pilot, messages):
     assert "steered" not in screen_text(app)

@@ -293,10 +293,12 @@ class SampleScreen(LayerKeys, Screen):
         steered = o.interventions_at(self.round + 1)
         if steered is not None:  # before the probe: the line is cut where the terminal ends, and the probe is on its panel
             parts.append(("steered", steered))
+        fit = len(parts)  # what acted shows whole: on a narrow terminal the model and protocol give way (r shows the run), then "complete"
         probe = self.probe
         if probe is not None:
             parts.append(("", f"{probe.name} {self.score[:3]} L{probe.layers[self.layer_index]}"))
-        self.query_one(StatusLine).show(parts, self.error)
+        spare = ((0, 1) if o.status == "complete" else (0,)) if steered is not None else ()
+        self.query_one(StatusLine).show(parts, self.error, spare=spare, fit=fit)
 
     def show_sample(self) -> None:
         """Redraw everything that depends on the sample, round, probe, layer or colouring."""

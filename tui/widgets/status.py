@@ -16,11 +16,21 @@ class StatusLine(Static):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__("", id=id, markup=False)
 
-    def show(self, parts: list[tuple[str, str]], alert: str = "") -> None:
+    def show(self, parts: list[tuple[str, str]], alert: str = "", spare: tuple[int, ...] = (), fit: int | None = None) -> None:
+        """Show ``parts`` (and ``alert`` last). The line is cut with an ellipsis where the widget
+        ends; before that, the parts at the indices ``spare`` are left out, in that order, while
+        the first ``fit`` parts (default: all) and the alert are wider than the widget."""
+        width = self.size.width or self.app.size.width
+        fit = len(parts) if fit is None else fit
+        shown = list(range(len(parts)))
+        for index in spare:
+            if _length([parts[k] for k in shown if k < fit], alert) <= width:
+                break
+            shown.remove(index)
         text = Text(end="", no_wrap=True, overflow="ellipsis")
         label_style = self.get_component_rich_style("status--label")
         value_style = self.get_component_rich_style("status--value")
-        for k, (label, value) in enumerate(parts):
+        for k, (label, value) in enumerate(parts[i] for i in shown):
             if k:
                 text.append(" │ ", label_style)
             if label:
@@ -30,3 +40,9 @@ class StatusLine(Static):
             text.append(" │ ", label_style)
             text.append(visible(alert).replace("\n", " "), self.get_component_rich_style("status--alert"))
         self.update(text, layout=False)  # one line high whatever it says
+
+
+def _length(parts: list[tuple[str, str]], alert: str) -> int:
+    """The cells :meth:`StatusLine.show` takes for ``parts`` and ``alert``."""
+    cells = sum(Text(f"{label} " if label else "").cell_len + Text(visible(value).replace("\n", " ")).cell_len for label, value in parts)
+    return cells + 3 * max(0, len(parts) - 1) + (3 + Text(visible(alert)).cell_len if alert else 0)
