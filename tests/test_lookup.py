@@ -95,9 +95,9 @@ def _passes(monkeypatch) -> list[int]:
     widths: list[int] = []
     real = generation.lean_logits
 
-    def counted(hf, ids, *args):
+    def counted(hf, ids, *args, **kwargs):
         widths.append(int(ids.shape[1]))
-        return real(hf, ids, *args)
+        return real(hf, ids, *args, **kwargs)
 
     monkeypatch.setattr(generation, "lean_logits", counted)
     return widths

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
@@ -229,6 +228,8 @@ def pooling(
             elif kept is not None:
                 kept.append(act)
 
+        # the first position the next call reads (None: none), for a pass that computes only what is read
+        observe.reads_from = lambda: start if first else (0 if kept is not None else None)  # type: ignore[attr-defined]
         return observe
 
     by_module: dict[tuple[str, str], list[Callable[[Any], None]]] = {}
@@ -309,6 +310,8 @@ def _observe_forward(module: Any, side: str, observers: list[Callable[[Any], Non
             observe(act)
         return act
 
+    if all(hasattr(o, "reads_from") for o in observers):  # it only reads: where from, for lean.read_tail
+        see.reads_from = lambda: min((r for r in (o.reads_from() for o in observers) if r is not None), default=None)  # type: ignore[attr-defined]
     return replace_forward(module, side, see)
 
 

@@ -385,12 +385,12 @@ def decode_round(
     stream = ResponseStream(on_tokens, stops) if on_tokens is not None else None
     if stream is not None:
         stream.put(new_ids)
-    if lean is not None:
-        logits = lean_logits(hf, new_ids, mask, positions[:, -new_ids.shape[1]:], cache, 1, lean)
+    drafting = drafts is not None and not decoding.do_sample and steps > 1
+    if lean is not None:  # drafting: numbers to float rounding, so the last layer works only where it is read
+        logits = lean_logits(hf, new_ids, mask, positions[:, -new_ids.shape[1]:], cache, 1, lean, tail=drafting)
     else:
         logits = hf(input_ids=new_ids, attention_mask=mask, position_ids=positions[:, -new_ids.shape[1]:], cache=cache,
                     use_cache=True, **keep).logits
-    drafting = drafts is not None and not decoding.do_sample and steps > 1
     if drafting and drafts.cap > 0:
         return _lookup_steps(hf, logits[:, -1], drafts, stops, steps, stream, cache, mask, lean, pad_id)
     position = positions[:, -1:]

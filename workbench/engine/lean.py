@@ -533,29 +533,47 @@ def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
-def _plain_layer(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cos: torch.Tensor, sin: torch.Tensor, cache: Any) -> torch.Tensor:
+def _plain_layer(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cos: torch.Tensor, sin: torch.Tensor, cache: Any,
+                 tail: int = 0) -> torch.Tensor:
     """One Llama-like decoder layer ``[batch, q, d_model]`` → ``[batch, q, d_model]`` with nothing
     wrapped inside it: ``LlamaDecoderLayer.forward``'s operations, in its order, on the weights
-    ``w`` (:func:`_weights`)."""
+    ``w`` (:func:`_weights`). ``tail`` > 0: keys and values at every position (for the cache), but
+    queries, attention, MLP and residual only at the last ``tail`` positions → ``[batch, tail,
+    d_model]`` (float rounding from the full layer's, another matrix shape: :func:`lean_logits`)."""
     (n1, e1, qw, qb, kw, kb, vw, vb, ow, ob, n2, e2, gw, gb, uw, ub, dw, db, act, head_dim, attn, index, sdpa_attention_forward) = w
     residual = x
     dtype = x.dtype
     h = x.to(torch.float32)
     h = n1 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e1)).to(dtype)
-    shape = h.shape[:-1]
-    heads = (*shape, -1, head_dim)
-    q = F.linear(h, qw, qb).view(heads).transpose(1, 2)
+    heads = (*h.shape[:-1], -1, head_dim)
     k = F.linear(h, kw, kb).view(heads).transpose(1, 2)
     v = F.linear(h, vw, vb).view(heads).transpose(1, 2)
-    q = (q * cos) + (_rotate_half(q) * sin)
     k = (k * cos) + (_rotate_half(k) * sin)
+    if tail:
+        h, residual, cos, sin = h[:, -tail:], residual[:, -tail:], cos[..., -tail:, :], sin[..., -tail:, :]
+    shape = h.shape[:-1]
+    q = F.linear(h, qw, qb).view(*shape, -1, head_dim).transpose(1, 2)
+    q = (q * cos) + (_rotate_half(q) * sin)
     if cache is not None:
         k, v = cache.update(k, v, index)
+    if tail:
+        mask = _tail_mask(mask, tail, k.shape[2], dtype)
     o = _attend(attn, q, k, v, mask, sdpa_attention_forward)
     x = residual + F.linear(o.reshape(*shape, -1).contiguous(), ow, ob)
     h = x.to(torch.float32)
     h = n2 * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + e2)).to(dtype)
     return x + F.linear(act(F.linear(h, gw, gb)) * F.linear(h, uw, ub), dw, db)
+
+
+def _tail_mask(mask: Any, tail: int, keys: int, dtype: torch.dtype) -> Any:
+    """The attention mask of a pass's last ``tail`` queries over ``keys`` keys: the 4-D mask's last
+    rows; with no mask (a causal pass over a cache without holes) None for one query (it sees
+    every key) or the causal rows as an additive mask (sdpa's ``is_causal`` would align them top-left)."""
+    if mask is not None:
+        return mask[:, :, -tail:]
+    if tail == 1:
+        return None
+    return attention_bias(torch.ones(tail, keys, dtype=torch.bool).tril(keys - tail)[None, None], dtype)
 
 
 def _attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, sdpa_attention_forward: Any) -> torch.Tensor:
@@ -616,6 +634,27 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=dtype))
 
 
+def read_tail(outer: list[tuple[str, Any]], q: int, logits_to_keep: int) -> int:
+    """How many last positions of a pass's last layer output are read: the ``logits_to_keep`` last
+    and every position an observer on the output (a change with ``reads_from()``, the first
+    position it reads this call, None for none: :func:`workbench.engine.capture.pooling`) reads;
+    0 when that is every position, when all logits are kept, or when a change on the output may
+    do anything else (an intervention)."""
+    if logits_to_keep < 1 or q <= logits_to_keep:
+        return 0
+    first = q - logits_to_keep
+    for side, change in outer:
+        if side != "output":
+            continue
+        reads_from = getattr(change, "reads_from", None)
+        if reads_from is None:
+            return 0
+        start = reads_from()
+        if start is not None:
+            first = min(first, start)
+    return q - first if first > 0 else 0
+
+
 def pass_plan(hf: Any) -> Plan | None:
     """:func:`plan` for a pass of ``hf`` now, or None (after a :class:`LeanForwardFallbackWarning`,
     once per model and reason) when it must go through ``hf(...)``."""
@@ -626,7 +665,7 @@ def pass_plan(hf: Any) -> Plan | None:
 
 
 def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any,
-                logits_to_keep: int, lean: Plan | None) -> torch.Tensor:
+                logits_to_keep: int, lean: Plan | None, tail: bool = False) -> torch.Tensor:
     """``hf(input_ids=…, attention_mask=…, position_ids=…, cache=…, use_cache=True,
     logits_to_keep=…).logits`` ``[batch, kept, vocab]``: by the lean forward following ``lean`` (a
     :func:`pass_plan` made while the modules were wrapped as they are now), or by ``hf(...)`` when
@@ -634,7 +673,15 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
     ``input_ids`` ``[batch, q]``; ``position_ids`` ``[batch, q]``; ``attention_mask``: 2-D
     ``[batch, cache + q]`` (1 where a position is attended), a 4-D mask as the attention takes it, or
-    None for no holes (a one-token pass then attends every cached position)."""
+    None for no holes (a one-token pass then attends every cached position).
+
+    ``tail`` (a prefill of the lookup-decoding rounds, whose numbers are one-token steps' to float
+    rounding anyway): the last layer computes its queries, attention, MLP and residual only at the
+    positions read after it, the last ``logits_to_keep`` and those the workbench's capture observes
+    on its output (:func:`read_tail`); its keys and values, and every earlier layer, at every
+    position. The logits and the observed activations then differ from the full layer's by float
+    rounding (another matrix shape), the cache not at all. Only where nothing else reads the last
+    layer: no wrapper inside it or on the final norm or ``lm_head``, and only observers on its output."""
     if lean is None:
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         return hf(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
@@ -656,7 +703,8 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         cos, sin = cos * scaling, sin * scaling
     cos, sin = cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)  # [batch, q, head_dim]
     cos4, sin4 = cos.unsqueeze(1), sin.unsqueeze(1)  # as apply_rotary_pos_emb unsqueezes them
-    for layer, how in zip(base.layers, lean.layers):
+    last = len(lean.layers) - 1
+    for i, (layer, how) in enumerate(zip(base.layers, lean.layers)):
         if how is None:  # something we do not know wraps part of it: the real layer, as transformers calls it
             x = layer(x, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids, cache=cache, use_cache=True)
             continue
@@ -664,13 +712,18 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         for side, change in outer:  # outermost first
             if side == "input":
                 x = change(x)
+        cut = read_tail(outer, x.shape[1], logits_to_keep) if tail and i == last and inner is None and not top else 0
         if inner is None:
-            x = _plain_layer(weights, x, mask, cos4, sin4, cache)
+            x = _plain_layer(weights, x, mask, cos4, sin4, cache, cut)
         else:
             x = _layer(layer, inner, x, mask, cos4, sin4, cache)
+        if cut:  # the observers get the layer's shape; they read only the computed positions
+            x = torch.cat([x.new_zeros(x.shape[0], input_ids.shape[1] - cut, x.shape[2]), x], 1)
         for side, change in reversed(outer):  # innermost first
             if side == "output":
                 x = change(x)
+        if cut:
+            x = x[:, -cut:]
     if top:
         x = _out(top, "norm", _rms(base.norm, _inp(top, "norm", x)))
     else:
