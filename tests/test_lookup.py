@@ -212,3 +212,91 @@ def test_drafted_rounds_through_the_models_own_forward_are_generates(loaded, mon
     out2 = decode_round(hf, tok, second, GREEDY, "cpu", carry(hf, out1, tok.pad_token_id), drafts=Drafts(answers, MAX_DRAFT))
     _same_round(out1, ref1)
     _same_round(out2, ref2)
+
+
+# ------------------------------------------------------------------ the prefill's last layer, cut to what is read
+def _prefill(model, tail: bool, changes=()):
+    """One lean prefill of a batch with holes (left padding) of 16 rows × 43 tokens, with
+    ``changes`` ``[(module, side, change)]`` wrapped around modules for the pass (the way capture and
+    interventions wrap them) → (logits ``[16, 1, vocab]``, every layer's keys and values)."""
+    from workbench.engine import lean
+    from workbench.engine.capture import replace_forward
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.hf.config.vocab_size, (16, 43))
+    mask = torch.ones(16, 43, dtype=torch.long)
+    for i in range(16):
+        mask[i, : (3 * i) % 21] = 0
+    undo = [replace_forward(module, side, change) for module, side, change in changes]
+    try:
+        with torch.inference_mode():
+            cache = generation.new_cache(model.hf)
+            logits = lean.lean_logits(model.hf, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, 1, lean.pass_plan(model.hf),
+                                      tail=tail)
+    finally:
+        for u in reversed(undo):
+            u()
+    return logits, [t for layer in cache.layers for t in (layer.keys.clone(), layer.values.clone())]
+
+
+def _reading(start: int, seen: list):
+    """An observer of a module's output that reads from position ``start`` on (as capture's do)."""
+    def observe(act):
+        seen.append(act.clone())
+        return act
+
+    observe.reads_from = lambda: start
+    return observe
+
+
+@pytest.mark.parametrize("name", [*ARCHS, "organism"])
+def test_a_lookup_prefill_computes_the_last_layer_only_where_it_is_read(name, loaded, organism):
+    """The cache is the full pass's bit for bit; the logits and what an observer of the last layer
+    reads are within float rounding of it; the positions before what is read are never computed."""
+    model = organism if name == "organism" else loaded(name)
+    if model.hf.config.model_type == "gpt2":
+        pytest.skip("GPT-2's lean forward computes every position")
+    last = model.hf.model.layers[-1]
+    full_seen, cut_seen = [], []
+    full, full_cache = _prefill(model, False, [(last, "output", _reading(40, full_seen))])
+    cut, cut_cache = _prefill(model, True, [(last, "output", _reading(40, cut_seen))])
+    assert all(torch.equal(a, b) for a, b in zip(full_cache, cut_cache))
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut_seen[0][:, 40:], full_seen[0][:, 40:], rtol=1e-5, atol=1e-5)
+    assert not cut_seen[0][:, :40].any() and full_seen[0][:, :40].abs().sum() > 0
+    # without the observer only the last position is computed; without tail every position, as hf(...)
+    assert torch.equal(_prefill(model, False)[0], full)
+    torch.testing.assert_close(_prefill(model, True)[0], full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_last_layer_something_else_changes_is_computed_whole(organism):
+    """A change on the last layer's output that is not an observer (an intervention), one inside
+    it, or one on the final norm: the cut would change what it sees, so the pass is the full one."""
+    hf = organism.hf
+    last = hf.model.layers[-1]
+    full = _prefill(organism, False)[0]
+    for module in (last, last.mlp, hf.model.norm):
+        edit = [(module, "output", lambda act: act * 1.0)]
+        assert torch.equal(_prefill(organism, True, edit)[0], _prefill(organism, False, edit)[0])
+        torch.testing.assert_close(_prefill(organism, True, edit)[0], full)
+    seen = []
+    both = [(last, "output", _reading(30, seen)), (last, "output", lambda act: act + 0.0)]
+    assert torch.equal(_prefill(organism, True, both)[0], _prefill(organism, False, both)[0])
+    assert seen[0][:, :30].abs().sum() > 0
+
+
+def test_read_tail_counts_the_last_positions_anything_reads():
+    from workbench.engine.lean import read_tail
+
+    def reads(start):
+        def observe(act):
+            return act
+        observe.reads_from = lambda: start
+        return observe
+
+    assert read_tail([], 43, 1) == 1  # the logits' position only
+    assert read_tail([("output", reads(40))], 43, 1) == 3
+    assert read_tail([("output", reads(None)), ("input", lambda a: a)], 43, 1) == 1  # an observer reading nothing; input changes do not matter
+    assert read_tail([("output", reads(0))], 43, 1) == 0  # reads everything: nothing to cut
+    assert read_tail([("output", lambda a: a)], 43, 1) == 0  # may do anything
+    assert read_tail([], 43, 0) == 0 and read_tail([], 1, 1) == 0  # every logit kept; a one-token pass
