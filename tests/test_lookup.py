@@ -249,12 +249,12 @@ def _reading(start: int, seen: list):
     return observe
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "organism"])  # GPT-2's lean forward computes every position
+@pytest.mark.parametrize("name", [*ARCHS, "organism"])
 def test_a_lookup_prefill_computes_the_last_layer_only_where_it_is_read(name, loaded, organism):
     """The cache is the full pass's bit for bit; the logits and what an observer of the last layer
     reads are within float rounding of it; the positions before what is read are never computed."""
     model = organism if name == "organism" else loaded(name)
-    last = model.hf.model.layers[-1]
+    last = model.hf.transformer.h[-1] if name == "gpt2" else model.hf.model.layers[-1]
     full_seen, cut_seen = [], []
     full, full_cache = _prefill(model, False, [(last, "output", _reading(40, full_seen))])
     cut, cut_cache = _prefill(model, True, [(last, "output", _reading(40, cut_seen))])

@@ -422,9 +422,10 @@ def _conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nf: int) 
     return torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(size)
 
 
-def _gpt2_block(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cache: Any) -> torch.Tensor:
+def _gpt2_block(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cache: Any, tail: int = 0) -> torch.Tensor:
     """One GPT-2 block ``[batch, q, d_model]`` → ``[batch, q, d_model]`` as ``GPT2Block.forward``
-    computes it in eval mode (dropout is the identity), with nothing wrapped inside it."""
+    computes it in eval mode (dropout is the identity), with nothing wrapped inside it; ``tail`` as
+    for :func:`_plain_layer` (→ ``[batch, tail, d_model]``)."""
     (s1, w1, b1, e1, aw, ab, anf, pw, pb, pnf, s2, w2, b2, e2, fw, fb, fnf, cw, cb, cnf, act, attn, split, head_dim, index,
      sdpa_attention_forward) = w
     residual = x
@@ -432,9 +433,13 @@ def _gpt2_block(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cache: Any) -> t
     q, k, v = _conv1d(h, aw, ab, anf).split(split, dim=2)
     shape = (*k.shape[:-1], -1, head_dim)
     k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+    if tail:
+        q, residual = q[:, -tail:], residual[:, -tail:]
     q = q.view((*q.shape[:-1], -1, head_dim)).transpose(1, 2)
     if cache is not None:
         k, v = cache.update(k, v, index)
+    if tail:
+        mask = _tail_mask(mask, tail, k.shape[2], x.dtype)
     o, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
     o = o.reshape(*o.shape[:-2], -1).contiguous()
     x = _conv1d(o, pw, pb, pnf) + residual
@@ -444,7 +449,7 @@ def _gpt2_block(w: tuple[Any, ...], x: torch.Tensor, mask: Any, cache: Any) -> t
 
 
 def _gpt2_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, cache: Any,
-                 logits_to_keep: int, lean: Plan) -> torch.Tensor:
+                 logits_to_keep: int, lean: Plan, tail: bool = False) -> torch.Tensor:
     """:func:`lean_logits` for GPT-2: ``GPT2LMHeadModel.forward``'s operations (eval mode)."""
     base, top = hf.transformer, lean.top
     if top:
@@ -454,7 +459,8 @@ def _gpt2_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         x, pos = _own(base.wte, input_ids), _own(base.wpe, position_ids)
     h = x + pos.to(x.device)
     mask = _mask(hf, x, attention_mask, position_ids, cache, input_ids.shape[1])
-    for block, how in zip(base.h, lean.layers):
+    last = len(lean.layers) - 1
+    for i, (block, how) in enumerate(zip(base.h, lean.layers)):
         if how is None:  # something wraps a part of it: the real block, as transformers calls it
             h = block(h, cache=cache, attention_mask=mask, use_cache=True, position_ids=position_ids)
             continue
@@ -462,10 +468,8 @@ def _gpt2_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         for side, change in outer:
             if side == "input":
                 h = change(h)
-        h = _gpt2_block(weights, h, mask, cache)
-        for side, change in reversed(outer):
-            if side == "output":
-                h = change(h)
+        cut = read_tail(outer, h.shape[1], logits_to_keep) if tail and i == last and not top else 0
+        h = _output_changes(outer, _gpt2_block(weights, h, mask, cache, cut), input_ids.shape[1], cut)
     ln_f = base.ln_f
     if top:
         h = _out(top, "ln_f", _own(ln_f, _inp(top, "ln_f", h)))
@@ -634,6 +638,19 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=dtype))
 
 
+def _output_changes(outer: list[tuple[str, Any]], x: torch.Tensor, q: int, cut: int) -> torch.Tensor:
+    """A layer's output ``x`` through the changes of its own boundary, innermost first. A layer
+    computed only at its last ``cut`` positions (``[batch, cut, d_model]``) is handed to them at its
+    ``q`` positions, zeros where nothing was computed (observers read only the computed ones:
+    :func:`read_tail`), and cut again after."""
+    if cut:
+        x = torch.cat([x.new_zeros(x.shape[0], q - cut, x.shape[2]), x], 1)
+    for side, change in reversed(outer):
+        if side == "output":
+            x = change(x)
+    return x[:, -cut:] if cut else x
+
+
 def read_tail(outer: list[tuple[str, Any]], q: int, logits_to_keep: int) -> int:
     """How many last positions of a pass's last layer output are read: the ``logits_to_keep`` last
     and every position an observer on the output (a change with ``reads_from()``, the first
@@ -687,7 +704,7 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         return hf(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep,
                   **kwargs).logits
     if not lean.rotary:
-        return _gpt2_logits(hf, input_ids, attention_mask, position_ids, cache, logits_to_keep, lean)
+        return _gpt2_logits(hf, input_ids, attention_mask, position_ids, cache, logits_to_keep, lean, tail)
     base = text_stack(hf)[0]
     top = lean.top
     if top:
@@ -717,13 +734,7 @@ def lean_logits(hf: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             x = _plain_layer(weights, x, mask, cos4, sin4, cache, cut)
         else:
             x = _layer(layer, inner, x, mask, cos4, sin4, cache)
-        if cut:  # the observers get the layer's shape; they read only the computed positions
-            x = torch.cat([x.new_zeros(x.shape[0], input_ids.shape[1] - cut, x.shape[2]), x], 1)
-        for side, change in reversed(outer):  # innermost first
-            if side == "output":
-                x = change(x)
-        if cut:
-            x = x[:, -cut:]
+        x = _output_changes(outer, x, input_ids.shape[1], cut)
     if top:
         x = _out(top, "norm", _rms(base.norm, _inp(top, "norm", x)))
     else:
