@@ -24,13 +24,16 @@ class StatusLine(Static):
         fit = len(parts) if fit is None else fit
         shown = list(range(len(parts)))
         for index in spare:
-            if _length([parts[k] for k in shown if k < fit], alert) <= width:
+            if self._line([parts[k] for k in shown if k < fit], alert).cell_len <= width:
                 break
             shown.remove(index)
+        self.update(self._line([parts[k] for k in shown], alert), layout=False)  # one line high whatever it says
+
+    def _line(self, parts: list[tuple[str, str]], alert: str) -> Text:
         text = Text(end="", no_wrap=True, overflow="ellipsis")
         label_style = self.get_component_rich_style("status--label")
         value_style = self.get_component_rich_style("status--value")
-        for k, (label, value) in enumerate(parts[i] for i in shown):
+        for k, (label, value) in enumerate(parts):
             if k:
                 text.append(" │ ", label_style)
             if label:
@@ -39,10 +42,4 @@ class StatusLine(Static):
         if alert:
             text.append(" │ ", label_style)
             text.append(visible(alert).replace("\n", " "), self.get_component_rich_style("status--alert"))
-        self.update(text, layout=False)  # one line high whatever it says
-
-
-def _length(parts: list[tuple[str, str]], alert: str) -> int:
-    """The cells :meth:`StatusLine.show` takes for ``parts`` and ``alert``."""
-    cells = sum(Text(f"{label} " if label else "").cell_len + Text(visible(value).replace("\n", " ")).cell_len for label, value in parts)
-    return cells + 3 * max(0, len(parts) - 1) + (3 + Text(visible(alert)).cell_len if alert else 0)
+        return text

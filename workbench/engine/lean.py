@@ -643,11 +643,13 @@ def _output_changes(outer: list[tuple[str, Any]], x: torch.Tensor, q: int, cut: 
     computed only at its last ``cut`` positions (``[batch, cut, d_model]``) is handed to them at its
     ``q`` positions, zeros where nothing was computed (observers read only the computed ones:
     :func:`read_tail`), and cut again after."""
+    changes = [change for side, change in reversed(outer) if side == "output"]
+    if not changes:
+        return x
     if cut:
         x = torch.cat([x.new_zeros(x.shape[0], q - cut, x.shape[2]), x], 1)
-    for side, change in reversed(outer):
-        if side == "output":
-            x = change(x)
+    for change in changes:
+        x = change(x)
     return x[:, -cut:] if cut else x
 
 

@@ -306,8 +306,6 @@ def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int |
     samples = []
     wanted = None if limit is None else offset + limit
     for lineno, row in iter_jsonl(path):
-        if wanted is not None and len(samples) >= wanted:
-            break
         where = f"{path}:{lineno}"
         for key in ("image", "question"):
             if not isinstance(row.get(key), str) or not row[key].strip():
@@ -334,6 +332,8 @@ def load_vqa(path: Path, open_ended: bool = False, offset: int = 0, limit: int |
         samples.append(Sample(index=len(samples), id=str(row.get("id", lineno)), context="", question=row["question"],
                               options=options, gold=gold, category=str(row.get("category", "")), extra=extra,
                               image=str(image)))
+        if wanted is not None and len(samples) >= wanted:
+            break  # before the next line is read
     return _slice(samples, offset, limit)
 
 
