@@ -79,6 +79,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_tui.py
 	$(BIN)/python benchmarks/bench_gpu.py   # the 1B grid on a GPU; on the CPU a tiny config (under a minute)
 	$(BIN)/python benchmarks/bench_merge.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_decode_step.py --padding --breakdown   # what a leaner decode pass could still give
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_peers.py   # nnsight columns need the bench extra (pip install -e ".[bench]" with the torch pin)
 
 clean-runs:

@@ -82,6 +82,22 @@ for _up in ROOT.parents:
         SHARED_BBQ = _up / "shared" / "data" / "bbq" / "Religion.jsonl"
         break
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"
+
+
+def default_bbq() -> Path:
+    """The BBQ file the BBQ setting reads: the real Religion.jsonl where ../shared has it, else the tests' fixture."""
+    return SHARED_BBQ if SHARED_BBQ.is_file() else FIXTURE_BBQ
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    """The BBQ setting's model, saved under ``folder``: a tiny random Llama as in ``tests/tiny_models.py``,
+    with room for 20 rounds of BBQ (which outgrow its 1024 positions)."""
+    from tiny_models import build_model
+
+    path = build_model("llama", folder / "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    return path
 PEERS = ("workbench no lookup", "hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
 SLOW = ("TL bridge", "study's way")
 TOLERANCE = 1e-4  # activations, relative to each array's scale (float32)
@@ -441,7 +457,7 @@ def main() -> None:
     p.add_argument("--settings", default="organism,bbq,small", help="comma-separated: organism, bbq, small")
     p.add_argument("--rounds", default="5,10,20", help="R for the organism and BBQ settings")
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of: " + ", ".join(PEERS))
-    p.add_argument("--bbq", default=str(SHARED_BBQ if SHARED_BBQ.is_file() else FIXTURE_BBQ))
+    p.add_argument("--bbq", default=str(default_bbq()))
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the issue's setting; on a shared machine)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers.json"))
@@ -473,11 +489,7 @@ def main() -> None:
             plans += [(f"organism {org_n} × {r}", organism, RunConfig(out=tmp / "x.h5", rounds=r, limit=org_n, protocol="organism"), True)
                       for r in rounds]
         if "bbq" in wanted:
-            from tiny_models import build_model
-
-            path = build_model("llama", tmp / "llama")
-            config = json.loads((path / "config.json").read_text())  # 20 rounds of BBQ outgrow 1024 positions
-            (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+            path = build_tiny_llama(tmp)
             llama = load_model(str(path), device="cpu", dtype="float32")
             plans += [(f"BBQ tiny Llama {bbq_n} × {r}", llama,
                        RunConfig(out=tmp / "x.h5", model=str(path), task="bbq", data=(args.bbq,), protocol="bbq-paper", rounds=r,
