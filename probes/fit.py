@@ -10,7 +10,7 @@ import torch
 
 from probes.activations import text_activations
 from probes.contrast import ContrastSet, describe
-from probes.evaluate import Evaluation, fit_and_evaluate, ranks, spearman  # noqa: F401 (ranks, spearman: imported from here too)
+from probes.evaluate import Evaluation, fit_and_evaluate
 from probes.methods import PAIRED_METHODS, REGRESSION_METHODS
 from probes.probe_file import save_probe
 

@@ -18,7 +18,6 @@ from workbench.errors import WorkbenchError
 from workbench.engine.models import check_placement, load_model, parse_device_map, parse_max_memory
 from workbench.engine.protocol import load_protocol
 from workbench.engine.session import Session
-from workbench.store.reader import RunFile
 from workbench.engine.tasks import load_bbq
 
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",

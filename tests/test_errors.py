@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import pytest
 from conftest import BBQ_FIXTURE
 
 from cli_support import error_line, workbench  # noqa: E402

@@ -5,7 +5,6 @@ dataset), fields picked by dotted paths, the gold label as an index or an option
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from cli_support import error_line, workbench

@@ -104,7 +104,7 @@ def test_probe_finds_the_concept(organism_probe):
 
 
 def test_concept_score_tracks_exact_log_odds_and_rounds(organism_runs, organism_probe):
-    from probes.fit import spearman
+    from probes.evaluate import spearman
     from probes.track import track
 
     scores = track(organism_runs["organism"], organism_probe)
