@@ -31,7 +31,7 @@ Settings: the organism (4 layers, d 64, vocab 124) over a 100-position cache (a 
 Interleaved ``--repeats`` times, the median per pass (process CPU time).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_decode_step.py
-    OMP_NUM_THREADS=1 python benchmarks/bench_decode_step.py --compile
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode_step.py --padding --breakdown --compile
 
 Prints a table and writes ``benchmarks/results/decode_step.json``.
 """
@@ -203,34 +203,37 @@ def measure(name: str, hf: Any, width: int, q: int, repeats: int, calls: int, co
             "max_logit_difference": diff, "compile_s": None if compile_s is None else round(compile_s, 1)}
 
 
-def padding() -> list[dict]:
-    """Round 1's left padding on the peers benchmark's settings (organism 64, BBQ tiny Llama 32, batch
-    16): padded positions ÷ all positions of the round-1 prefills."""
+def peer_settings(tmp: Path, organism: Any, llama: Any, llama_path: Path) -> list[Any]:
+    """The peers benchmark's organism 64 × 5 and BBQ tiny Llama 32 × 5 settings (``bench_peers.Setting``:
+    the workbench run once on each, its prompts kept)."""
     import bench_peers
     from workbench.engine.run import RunConfig
 
+    return [
+        bench_peers.make_setting("organism 64 × 5", organism, RunConfig(out=tmp / "x.h5", rounds=5, limit=64, protocol="organism")),
+        bench_peers.make_setting("BBQ tiny Llama 32 × 5", llama, RunConfig(
+            out=tmp / "x.h5", model=str(llama_path), task="bbq", data=(str(bench_peers.default_bbq()),), protocol="bbq-paper",
+            rounds=5, limit=32, max_new_tokens=10)),
+    ]
+
+
+def padding(settings: list[Any]) -> list[dict]:
+    """Round 1's left padding on each setting (batch 16): padded positions ÷ all positions of its
+    round-1 prefills."""
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = bench_peers.build_tiny_llama(Path(tmp))
-        for name, model, cfg in (
-            ("organism 64", load_model("organism", device="cpu"), RunConfig(out=Path(tmp) / "x.h5", rounds=1, limit=64, protocol="organism")),
-            ("BBQ tiny Llama 32", load_model(str(path), device="cpu", dtype="float32"),
-             RunConfig(out=Path(tmp) / "x.h5", model=str(path), task="bbq", data=(str(bench_peers.default_bbq()),), protocol="bbq-paper",
-                       rounds=1, limit=32, max_new_tokens=10)),
-        ):
-            setting = bench_peers.make_setting(name, model, cfg)
-            lengths = [[len(row) for row in batch[0]] for batch in setting.pieces]  # [batch][row]: round 1's prompt
-            held, padded = sum(map(sum, lengths)), sum(len(b) * max(b) for b in lengths)
-            out.append({"setting": name, "round1_positions": padded, "round1_padding_share": round(1 - held / padded, 3)})
+    for setting in settings:
+        lengths = [[len(row) for row in batch[0]] for batch in setting.pieces]  # [batch][row]: round 1's prompt
+        held, padded = sum(map(sum, lengths)), sum(len(b) * max(b) for b in lengths)
+        out.append({"setting": setting.name, "round1_positions": padded, "round1_padding_share": round(1 - held / padded, 3)})
     return out
 
 
-def breakdown(repeats: int) -> list[dict]:
-    """Process CPU time of whole runs and of their forward passes by kind (``lean_logits`` timed where
-    the decode loop calls it), the median over ``repeats`` runs after a warm-up."""
+def breakdown(settings: list[Any], repeats: int, tmp: Path) -> list[dict]:
+    """Process CPU time of each setting's whole run and of its forward passes by kind
+    (``lean_logits`` timed where the decode loop calls it), the median over ``repeats`` runs after
+    a warm-up."""
     import bench_peers
     from workbench.engine import generation
-    from workbench.engine.run import RunConfig
 
     timed: dict[str, float] = {}
     counted: dict[str, int] = {}
@@ -245,33 +248,24 @@ def breakdown(repeats: int) -> list[dict]:
         return out
 
     out = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        path = bench_peers.build_tiny_llama(tmp)
-        for name, model, cfg in (
-            ("organism 64 × 5", load_model("organism", device="cpu"), RunConfig(out=tmp / "x.h5", rounds=5, limit=64, protocol="organism")),
-            ("BBQ tiny Llama 32 × 5", load_model(str(path), device="cpu", dtype="float32"),
-             RunConfig(out=tmp / "x.h5", model=str(path), task="bbq", data=(str(bench_peers.default_bbq()),), protocol="bbq-paper",
-                       rounds=5, limit=32, max_new_tokens=10)),
-        ):
-            setting = bench_peers.make_setting(name, model, cfg)
-            runs = []
-            generation.lean_logits = timing
-            try:
-                for k in range(repeats + 1):
-                    timed.clear()
-                    counted.clear()
-                    start = time.process_time()
-                    bench_peers.workbench(setting, cfg.limit, tmp / "x.h5")
-                    if k:  # the first is a warm-up
-                        runs.append((time.process_time() - start, dict(timed), dict(counted)))
-            finally:
-                generation.lean_logits = real
-            runs.sort(key=lambda r: r[0])
-            total, kinds, counts = runs[len(runs) // 2]
-            out.append({"setting": name, "run_ms": round(total * 1e3, 1),
-                        "passes_ms": {k: round(v * 1e3, 1) for k, v in kinds.items()}, "passes": counts,
-                        "other_ms": round((total - sum(kinds.values())) * 1e3, 1)})
+    for setting in settings:
+        runs = []
+        generation.lean_logits = timing
+        try:
+            for k in range(repeats + 1):
+                timed.clear()
+                counted.clear()
+                start = time.process_time()
+                bench_peers.workbench(setting, setting.cfg.limit, tmp / "x.h5")
+                if k:  # the first is a warm-up
+                    runs.append((time.process_time() - start, dict(timed), dict(counted)))
+        finally:
+            generation.lean_logits = real
+        runs.sort(key=lambda r: r[0])
+        total, kinds, counts = runs[len(runs) // 2]
+        out.append({"setting": setting.name, "run_ms": round(total * 1e3, 1),
+                    "passes_ms": {k: round(v * 1e3, 1) for k, v in kinds.items()}, "passes": counts,
+                    "other_ms": round((total - sum(kinds.values())) * 1e3, 1)})
     return out
 
 
@@ -286,22 +280,24 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode_step.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from tiny_models import build_model
+    import bench_peers
 
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
                      "torch": torch.__version__, "load_average_before": os.getloadavg(), "settings": []}
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_model("llama", Path(tmp) / "llama")
-        models = [("organism", load_model("organism", device="cpu").hf, 100),
-                  ("tiny Llama (BBQ)", load_model(str(path), device="cpu", dtype="float32").hf, 600)]
-        for name, hf, width in models:
+        tmp = Path(tmp)
+        path = bench_peers.build_tiny_llama(tmp)
+        organism, llama = load_model("organism", device="cpu"), load_model(str(path), device="cpu", dtype="float32")
+        for name, hf, width in (("organism", organism.hf, 100), ("tiny Llama (BBQ)", llama.hf, 600)):
             for q in (1, 6):
                 print(f"{name}, {q}-token passes …", file=sys.stderr)
                 results["settings"].append(measure(name, hf, width, q, args.repeats, args.calls, args.compile))
-    if args.breakdown:
-        results["breakdown"] = breakdown(args.repeats)
-    if args.padding:
-        results["padding"] = padding()
+        if args.breakdown or args.padding:
+            settings = peer_settings(tmp, organism, llama, path)
+            if args.breakdown:
+                results["breakdown"] = breakdown(settings, args.repeats, tmp)
+            if args.padding:
+                results["padding"] = padding(settings)
     results["load_average_after"] = os.getloadavg()
     print(f"\n{'setting':<18} {'cache':>5} {'tokens':>6}  {'lean µs':>8}  {'fused µs':>8}  {'lean ÷ fused':>12}  "
           f"{'compiled µs':>11}  {'lean ÷ compiled':>15}  max |Δlogit|")

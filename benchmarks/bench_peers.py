@@ -82,6 +82,9 @@ for _up in ROOT.parents:
         SHARED_BBQ = _up / "shared" / "data" / "bbq" / "Religion.jsonl"
         break
 FIXTURE_BBQ = ROOT / "tests" / "fixtures" / "bbq_fixture.jsonl"
+PEERS = ("workbench no lookup", "hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
+SLOW = ("TL bridge", "study's way")
+TOLERANCE = 1e-4  # activations, relative to each array's scale (float32)
 
 
 def default_bbq() -> Path:
@@ -98,9 +101,6 @@ def build_tiny_llama(folder: Path) -> Path:
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     return path
-PEERS = ("workbench no lookup", "hand loop", "hand loop no_grad", "HF re-prefill", "nnsight", "nnsight cached", "TL bridge", "study's way")
-SLOW = ("TL bridge", "study's way")
-TOLERANCE = 1e-4  # activations, relative to each array's scale (float32)
 
 
 @dataclass(frozen=True)
