@@ -519,15 +519,18 @@ def _report(r: dict) -> None:
     table.add_column("workbench (s, CPU)", justify="right")
     for peer in r["peers"]:
         table.add_column(peer, justify="right")
+    marked = False
     for row in r["settings"]:
         cells = []
         for peer in r["peers"]:
             ratio = row["peer_over_workbench"].get(peer)
-            bad = row["checks"].get(peer, {}).get("token_mismatches")
+            bad = bool(row["checks"].get(peer, {}).get("token_mismatches")) and ratio is not None
+            marked |= bad
             cells.append("" if ratio is None else f"{ratio['cpu']:.2f} / {ratio['wall']:.2f}" + (" ✗" if bad else ""))
         table.add_row(row["setting"], f"{row['workbench_s']['cpu']:.2f}", *cells)
     Console(width=200).print(table)
-    print("✗: the peer's tokens differ from the workbench's (see the checks in the JSON)")
+    if marked:
+        print("✗: the peer's tokens differ from the workbench's (see the checks in the JSON)")
 
 
 if __name__ == "__main__":
